@@ -1,0 +1,1 @@
+"""Run DeepSeek-V2(-Lite) on one GPU with routed experts offloaded to pinned CPU memory."""

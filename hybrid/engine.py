@@ -1,0 +1,158 @@
+"""The engine: loads a checkpoint onto a device with an expert runtime, then prefills and decodes batches."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint
+from .config import RunConfig
+from .layout import model_specs
+from .model import DeepseekV2, LatentCache, StepState
+from .runtime import build_backend
+from .sampling import Sampler, SamplingParams
+from .stats import RunStats
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+NEG = -1e30
+
+
+class EngineError(RuntimeError):
+    """A request or setting the engine cannot honour, with the reason."""
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]      # new tokens per prompt, up to and including EOS
+    stats: RunStats
+
+
+def resolve_device(name: str) -> torch.device:
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"device {name!r} asked for, but no CUDA GPU is visible: use --device cpu")
+    return dev
+
+
+class Engine:
+    def __init__(self, model_dir: str, run: RunConfig | None = None, progress: bool = True):
+        self.run = run or RunConfig()
+        self.device = resolve_device(self.run.device)
+        if self.run.dtype not in DTYPES:
+            raise EngineError(f"dtype {self.run.dtype!r} is not one of {sorted(DTYPES)}")
+        self.dtype = DTYPES[self.run.dtype]
+        self.ckpt = Checkpoint(model_dir)
+        self.cfg = self.ckpt.config
+        self.ckpt.check_shapes(model_specs(self.cfg))
+        self.backend = build_backend(self.cfg, self.ckpt, self.run, self.device, self.dtype, progress)
+        names = model_specs(self.cfg, experts=False)
+        weights = {n: self.ckpt.get(n).to(self.device, self.dtype)
+                   for n in tqdm(names, desc="weights -> device", disable=not progress)}
+        self.model = DeepseekV2(self.cfg, weights.__getitem__, self.backend, self.device)
+        if hasattr(self.backend, "attach"):
+            self.backend.attach(self.model)
+
+    @property
+    def context_len(self) -> int:
+        return min(self.run.max_seq_len, self.cfg.max_position_embeddings)
+
+    def _check(self, prompts: list[list[int]], max_new: int) -> None:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise EngineError("every prompt needs at least one token")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new > self.context_len:
+            raise EngineError(f"prompt of {longest} tokens + {max_new} new tokens exceeds the context of "
+                              f"{self.context_len} tokens (max_seq_len / max_position_embeddings)")
+        if len(prompts) > self.run.max_batch_size:
+            raise EngineError(f"batch of {len(prompts)} exceeds max_batch_size {self.run.max_batch_size} "
+                              "that the memory budget was planned for")
+        bad = [t for p in prompts for t in p if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise EngineError(f"token id {bad[0]} is outside the vocabulary of {self.cfg.vocab_size}")
+
+    def _state(self, valid: torch.Tensor, pad: torch.Tensor, start: int, T: int) -> StepState:
+        """valid [B, cap] bool on the host; pad [B] left-padding per row (host)."""
+        t = torch.arange(start, start + T)
+        positions = (t[None, :] - pad[:, None]).clamp(min=0)                           # [B, T]
+        keys = valid[:, :start + T]                                                      # [B, S]
+        causal = torch.arange(start + T)[None, :] <= t[:, None]                         # [T, S]
+        allowed = keys[:, None, :] & causal[None]                                       # [B, T, S]
+        mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, NEG).unsqueeze(1)
+        real = valid[:, start:start + T].reshape(-1)
+        rows = None if bool(real.all()) else real.nonzero().squeeze(1).to(self.device)
+        return StepState(start, positions.to(self.device), mask.to(self.device), rows)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None,
+                 on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
+        """Greedy or sampled generation for a batch of token-id prompts (left-padded together)."""
+        params = params or SamplingParams()
+        self._check(prompts, params.max_new_tokens)
+        B, L = len(prompts), max(len(p) for p in prompts)
+        cap = L + params.max_new_tokens
+        pad = torch.tensor([L - len(p) for p in prompts])
+        valid = torch.ones(B, cap, dtype=torch.bool)
+        ids = torch.zeros(B, L, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            valid[b, :pad[b]] = False
+            ids[b, pad[b]:] = torch.tensor(p)
+        ids = ids.to(self.device)
+        cache = LatentCache(self.cfg, B, cap, self.dtype, self.device)
+        sampler, stats = Sampler(params, self.device), RunStats(self.run.mode, B, L)
+        self._reset_peak()
+        hooks = getattr(self.backend, "begin", None)
+        if hooks:
+            hooks(stats)
+        t0 = time.perf_counter()
+        chunk = max(1, self.run.prefill_chunk_tokens // B)
+        for s in range(0, L, chunk):
+            T = min(chunk, L - s)
+            logits = self.model.forward(ids[:, s:s + T], cache, self._state(valid, pad, s, T))
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        for step in range(params.max_new_tokens):
+            tok = sampler(logits)
+            host = tok.tolist()
+            now = time.perf_counter()
+            if step == 0:
+                stats.ttft_s = now - t0
+            else:
+                stats.step_s.append(now - t0)
+            t0 = now
+            for b, t in enumerate(host):
+                if not done[b]:
+                    out[b].append(t)
+                    done[b] = params.stop_on_eos and t == self.cfg.eos_token_id
+            stats.new_tokens = step + 1
+            if on_tokens:
+                on_tokens(host)
+            if all(done) or step == params.max_new_tokens - 1:
+                break
+            logits = self.model.forward(tok[:, None], cache, self._state(valid, pad, L + step, 1))
+        self._finish(stats)
+        return Generation(out, stats)
+
+    def _reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _finish(self, stats: RunStats) -> None:
+        end = getattr(self.backend, "end", None)
+        if end:
+            end(stats)
+        if self.device.type == "cuda":
+            stats.peak_gpu_bytes = torch.cuda.max_memory_reserved(self.device)
+
+    @torch.no_grad()
+    def logits(self, prompt: list[int]) -> torch.Tensor:
+        """Full-sequence logits [T, V] for one prompt (a single prefill; used by tests and checks)."""
+        self._check([prompt], 0)
+        T = len(prompt)
+        cache = LatentCache(self.cfg, 1, T, self.dtype, self.device)
+        st = self._state(torch.ones(1, T, dtype=torch.bool), torch.zeros(1, dtype=torch.long), 0, T)
+        ids = torch.tensor([prompt], device=self.device)
+        return self.model.forward(ids, cache, st, last_only=False)[0]

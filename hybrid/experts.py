@@ -1,0 +1,56 @@
+"""Routed-expert computation shared by every runtime, and the resident backend (mode `gpu`)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint
+from .config import ModelConfig
+
+
+def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One expert: x [N, Hd], w13 [2I, Hd] (gate rows, then up rows), w2 [Hd, I] -> [N, Hd]."""
+    g, u = F.linear(x, w13).chunk(2, dim=-1)
+    return F.linear(F.silu(g) * u, w2)
+
+
+def read_expert(ckpt: Checkpoint, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(ckpt.get(n) for n in ckpt.expert_names(layer, expert))
+
+
+def grouped_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                    w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """All routed experts of a layer in two grouped GEMMs, with no host synchronisation.
+
+    x [T, Hd], idx/w [T, K], w13 [E, 2I, Hd], w2 [E, Hd, I] -> [T, Hd]."""
+    T, K = idx.shape
+    flat = idx.reshape(-1)                                                   # [T*K]
+    order = torch.argsort(flat, stable=True)                                 # [T*K]
+    offs = torch.bincount(flat, minlength=w13.shape[0]).cumsum(0).to(torch.int32)  # [E]
+    tok = order // K
+    gu = torch._grouped_mm(x.index_select(0, tok), w13.transpose(1, 2), offs=offs)  # [T*K, 2I]
+    g, u = gu.chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(g) * u, w2.transpose(1, 2), offs=offs)     # [T*K, Hd]
+    y = (y * w.reshape(-1)[order, None]).to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, tok, y)
+
+
+class ResidentExperts:
+    """Every routed expert stacked on the compute device: the `gpu` mode and the speed ceiling."""
+
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, device, dtype: torch.dtype, progress: bool = True):
+        E, I, Hd = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.w13, self.w2 = {}, {}
+        for layer in tqdm(cfg.moe_layers, desc="experts -> device", disable=not progress):
+            w13 = torch.empty(E, 2 * I, Hd, dtype=dtype, device=device)
+            w2 = torch.empty(E, Hd, I, dtype=dtype, device=device)
+            for e in range(E):
+                g, u, d = read_expert(ckpt, layer, e)
+                w13[e, :I].copy_(g)
+                w13[e, I:].copy_(u)
+                w2[e].copy_(d)
+            self.w13[layer], self.w2[layer] = w13, w2
+
+    def forward(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return grouped_experts(x, idx, w, self.w13[layer], self.w2[layer])

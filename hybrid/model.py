@@ -1,0 +1,181 @@
+"""DeepSeek-V2 forward pass: RMSNorm, MLA attention on a latent KV cache, dense MLP and MoE layers.
+
+The model imports no runtime: routed experts are computed by an `ExpertBackend` passed in (see experts.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .rope import Rope
+
+Weights = Callable[[str], torch.Tensor]
+
+
+class ExpertBackend(Protocol):
+    """Computes the routed experts of one MoE layer: sum_k w[t, k] * expert_{idx[t, k]}(x[t])."""
+
+    def forward(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [T, H] (compute dtype), idx [T, K] int64, w [T, K] float32 -> [T, H] in x's dtype."""
+        ...
+
+
+class RMSNorm:
+    def __init__(self, weight: torch.Tensor, eps: float):
+        self.weight, self.eps = weight, eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLP:
+    """SiLU-gated feed-forward with gate and up fused in one matrix [2I, H]."""
+
+    def __init__(self, w: Weights, prefix: str):
+        self.w13 = torch.cat([w(f"{prefix}.gate_proj.weight"), w(f"{prefix}.up_proj.weight")])   # [2I, H]
+        self.w2 = w(f"{prefix}.down_proj.weight")                                                  # [H, I]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = F.linear(x, self.w13).chunk(2, dim=-1)
+        return F.linear(F.silu(g) * u, self.w2)
+
+
+@dataclass
+class StepState:
+    """Where a forward writes in the cache and what it may attend to."""
+    start: int                   # first cache slot written by this forward
+    positions: torch.Tensor      # [B, T] rope positions
+    mask: torch.Tensor           # [B, 1, T, start+T] additive (0 or -inf-like), float32
+    rows: torch.Tensor | None    # flat indices of real (non-padding) tokens, None if all are real
+
+
+class LatentCache:
+    """MLA's compressed cache: per layer and token, the normalised latent [C] and the roped key part [R]."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, length: int, dtype: torch.dtype, device):
+        L = cfg.num_hidden_layers
+        self.c = torch.zeros(L, batch, length, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.pe = torch.zeros(L, batch, length, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.c.shape[2]
+
+    @staticmethod
+    def nbytes(cfg: ModelConfig, batch: int, length: int, itemsize: int) -> int:
+        return cfg.num_hidden_layers * batch * length * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * itemsize
+
+
+class MLAttention:
+    """Multi-head latent attention computed on the latent cache: kv_b_proj is absorbed into q and the output."""
+
+    def __init__(self, cfg: ModelConfig, w: Weights, i: int):
+        p = f"model.layers.{i}.self_attn"
+        self.cfg, self.i = cfg, i
+        H, C = cfg.num_attention_heads, cfg.kv_lora_rank
+        if cfg.q_lora_rank is None:
+            self.q_proj = w(f"{p}.q_proj.weight")
+        else:
+            self.q_a = w(f"{p}.q_a_proj.weight")
+            self.q_a_norm = RMSNorm(w(f"{p}.q_a_layernorm.weight"), 1e-6)
+            self.q_b = w(f"{p}.q_b_proj.weight")
+        self.kv_a = w(f"{p}.kv_a_proj_with_mqa.weight")                                 # [C+R, Hd]
+        self.kv_norm = RMSNorm(w(f"{p}.kv_a_layernorm.weight"), 1e-6)
+        kv_b = w(f"{p}.kv_b_proj.weight").view(H, cfg.qk_nope_head_dim + cfg.v_head_dim, C)
+        self.w_uk = kv_b[:, :cfg.qk_nope_head_dim].contiguous()                          # [H, Dn, C]
+        self.w_uv = kv_b[:, cfg.qk_nope_head_dim:].contiguous()                          # [H, Dv, C]
+        self.o_proj = w(f"{p}.o_proj.weight")                                           # [Hd, H*Dv]
+
+    def _q(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.q_lora_rank is None:
+            return F.linear(x, self.q_proj)
+        return F.linear(self.q_a_norm(F.linear(x, self.q_a)), self.q_b)
+
+    def __call__(self, x: torch.Tensor, cache: LatentCache, st: StepState, cos, sin) -> torch.Tensor:
+        cfg, (B, T, _) = self.cfg, x.shape
+        H, Dn, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
+        q = self._q(x).view(B, T, H, cfg.qk_head_dim)
+        q_nope, q_pe = q[..., :Dn], Rope.apply(q[..., Dn:], cos, sin)                # [B, T, H, Dn], [B, T, H, R]
+        c, k_pe = F.linear(x, self.kv_a).split([C, cfg.qk_rope_head_dim], dim=-1)
+        end = st.start + T
+        cache.c[self.i, :, st.start:end] = self.kv_norm(c)
+        cache.pe[self.i, :, st.start:end] = Rope.apply(k_pe, cos, sin)
+        kc, kpe = cache.c[self.i, :, :end].unsqueeze(1), cache.pe[self.i, :, :end].unsqueeze(1)  # [B, 1, S, C|R]
+        q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, self.w_uk)                         # [B, H, T, C]
+        scores = q_lat @ kc.transpose(-1, -2) + q_pe.transpose(1, 2) @ kpe.transpose(-1, -2)  # [B, H, T, S]
+        probs = torch.softmax(scores.float() * cfg.softmax_scale + st.mask, dim=-1).to(x.dtype)
+        o_lat = probs @ kc                                                                # [B, H, T, C]
+        o = torch.einsum("bhtc,hvc->bthv", o_lat, self.w_uv).reshape(B, T, -1)          # [B, T, H*Dv]
+        return F.linear(o, self.o_proj)
+
+
+class MoE:
+    """Softmax router with greedy top-k, routed experts through the backend, plus the shared experts."""
+
+    def __init__(self, cfg: ModelConfig, w: Weights, i: int, experts: ExpertBackend):
+        p = f"model.layers.{i}.mlp"
+        self.cfg, self.i, self.experts = cfg, i, experts
+        self.gate = w(f"{p}.gate.weight").float()                                       # [E, Hd]
+        self.shared = MLP(w, f"{p}.shared_experts")
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [T, Hd] -> (idx [T, K] int64, weights [T, K] float32)."""
+        cfg = self.cfg
+        scores = F.linear(h.float(), self.gate).softmax(dim=-1)                           # [T, E]
+        if cfg.topk_method == "group_limited_greedy":
+            grouped = scores.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+            keep = grouped.max(-1).values.topk(cfg.topk_group, dim=-1).indices         # [T, G']
+            gmask = torch.zeros_like(grouped[..., 0]).scatter_(1, keep, 1.0).bool()
+            scores = (grouped * gmask.unsqueeze(-1)).view_as(scores)
+        w, idx = scores.topk(cfg.num_experts_per_tok, dim=-1, sorted=False)
+        if cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return idx, w * cfg.routed_scaling_factor
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        B, T, Hd = x.shape
+        h = x.reshape(-1, Hd)
+        hr = h if rows is None else h.index_select(0, rows)
+        idx, w = self.route(hr)
+        routed = self.experts.forward(self.i, hr, idx, w)
+        if rows is not None:
+            routed = torch.zeros_like(h).index_copy_(0, rows, routed)
+        return (routed + self.shared(h)).view(B, T, Hd)
+
+
+class DeepseekV2:
+    """The whole network; weights come from `w(name)` already on the compute device in the compute dtype."""
+
+    def __init__(self, cfg: ModelConfig, w: Weights, experts: ExpertBackend, device):
+        self.cfg = cfg
+        self.embed = w("model.embed_tokens.weight")
+        self.rope = Rope(cfg, device)
+        self.layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}"
+            mlp = MoE(cfg, w, i, experts) if cfg.is_moe_layer(i) else MLP(w, f"{p}.mlp")
+            self.layers.append((RMSNorm(w(f"{p}.input_layernorm.weight"), cfg.rms_norm_eps), MLAttention(cfg, w, i),
+                                RMSNorm(w(f"{p}.post_attention_layernorm.weight"), cfg.rms_norm_eps), mlp))
+        self.norm = RMSNorm(w("model.norm.weight"), cfg.rms_norm_eps)
+        self.lm_head = w("lm_head.weight")
+
+    def routers(self) -> dict[int, torch.Tensor]:
+        """The fp32 router matrix [E, Hd] of each MoE layer (used by prefetchers)."""
+        return {i: m.gate for i, (_, _, _, m) in enumerate(self.layers) if isinstance(m, MoE)}
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, cache: LatentCache, st: StepState, last_only: bool = True) -> torch.Tensor:
+        """ids [B, T] -> logits [B, V] of the last position (or [B, T, V]), float32."""
+        x = F.embedding(ids, self.embed)                                                  # [B, T, Hd]
+        cos, sin = self.rope.cos_sin(st.positions)
+        for in_norm, attn, post_norm, mlp in self.layers:
+            x = x + attn(in_norm(x), cache, st, cos, sin)
+            h = post_norm(x)
+            x = x + (mlp(h, st.rows) if isinstance(mlp, MoE) else mlp(h))
+        x = self.norm(x[:, -1] if last_only else x)
+        return F.linear(x, self.lm_head).float()
