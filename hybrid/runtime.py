@@ -1,17 +1,94 @@
 """Builds the expert backend for a run's mode: this is where the offloading runtimes plug into the model."""
 from __future__ import annotations
 
+import sys
+
 import torch
 
+from cost_model.costs import load_costs
+from .budget import MARGIN, MemoryPlan, plan_memory
 from .checkpoint import Checkpoint
 from .config import ModelConfig, RunConfig
 from .experts import ResidentExperts
 
-MODES = ("gpu",)
+MODES = ("gpu", "fetch", "cpu", "hybrid")
+
+
+def staging_slots(cfg: ModelConfig) -> int:
+    return 2 * cfg.num_experts_per_tok
+
+
+def cuda_context_bytes(device: torch.device) -> int:
+    """Device memory in use before torch allocates anything (context, libraries): outside the allocator."""
+    torch.cuda.init()
+    torch.empty(1, device=device)
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free - torch.cuda.memory_reserved(device)
+
+
+def memory_plan(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize: int) -> MemoryPlan:
+    cuda = device.type == "cuda"
+    context = cuda_context_bytes(device) if cuda else 0
+    budget = run.gpu_memory
+    if budget is None:
+        budget = torch.cuda.mem_get_info(device)[0] + context if cuda else 1 << 62
+    plan = plan_memory(cfg, budget, run.max_batch_size, run.max_seq_len, itemsize, run.prefill_chunk_tokens,
+                       staging_slots(cfg) if run.mode != "gpu" else 0, context,
+                       margin=MARGIN if cuda else 0)
+    if cuda and run.gpu_memory is not None:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, plan.allocator_limit / total), device)
+    return plan
+
+
+def machine_fingerprint(device: torch.device, threads: int | None) -> dict:
+    from cost_model.measure import fingerprint
+    return fingerprint(device, threads)
 
 
 def build_backend(cfg: ModelConfig, ckpt: Checkpoint, run: RunConfig, device: torch.device,
                   dtype: torch.dtype, progress: bool = True):
+    if run.mode not in MODES:
+        raise ValueError(f"unknown mode {run.mode!r}: choose one of {', '.join(MODES)}")
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    plan = memory_plan(cfg, run, device, itemsize)
     if run.mode == "gpu":
+        need = len(cfg.moe_layers) * cfg.n_routed_experts * cfg.expert_numel * itemsize
+        if run.gpu_memory is not None and need > plan.cache_bytes:
+            from .budget import BudgetError
+            raise BudgetError(f"mode gpu keeps every expert resident ({need / 2**30:.2f} GiB) but the budget "
+                              f"leaves {plan.cache_bytes / 2**30:.2f} GiB for them: use --mode fetch|cpu|hybrid")
         return ResidentExperts(cfg, ckpt, device, dtype, progress)
-    raise ValueError(f"unknown mode {run.mode!r}: choose one of {', '.join(MODES)}")
+    return build_offloaded(cfg, ckpt, run, device, dtype, plan, progress)
+
+
+def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: bool):
+    from .executor import OffloadedExperts
+    from .expert_cache import ExpertCache
+    from .expert_store import ExpertStore
+    from .lanes import CpuLane
+    from .prefetch import GatePrefetcher
+    from .scheduler import PLANNERS
+    cuda = device.type == "cuda"
+    store = ExpertStore(cfg, ckpt, dtype, pin=cuda, progress=progress)
+    cache = ExpertCache(cfg, plan.n_slots, staging_slots(cfg), dtype, device, run.cache_policy)
+    for layer in cfg.moe_layers:
+        for e in range(cfg.n_routed_experts):
+            slot = cache.place(layer, e)
+            if slot is None:
+                break
+            cache.slots[slot].copy_(store.buffer(layer, e))
+    costs, why = load_costs(run.costs_path or default_costs_path(), machine_fingerprint(device, run.cpu_threads))
+    if run.mode == "hybrid" and progress:
+        print(f"cost model: {why}", file=sys.stderr)
+    planner = PLANNERS[run.mode](costs)
+    lane = CpuLane(run.cpu_threads, pin=cuda)
+    prefetch = GatePrefetcher(cfg) if run.prefetch == "gate" else None
+    if progress:
+        print(f"memory: {plan.describe()}", file=sys.stderr)
+    return OffloadedExperts(cfg, store, cache, planner, device, lane, prefetch)
+
+
+def default_costs_path() -> str:
+    from cost_model.measure import default_path
+    return str(default_path())

@@ -1,0 +1,78 @@
+"""The hybrid scheduler's cost model: per-expert PCIe, GPU and CPU times as curves over tokens. No torch here."""
+from __future__ import annotations
+
+import json
+from bisect import bisect_left
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Curve:
+    """Piecewise-linear y(x) through measured points, extended linearly past both ends."""
+    xs: list[float]
+    ys: list[float]
+
+    def __call__(self, x: float) -> float:
+        xs, ys = self.xs, self.ys
+        if len(xs) == 1:
+            return ys[0]
+        i = min(max(bisect_left(xs, x), 1), len(xs) - 1)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+    @classmethod
+    def fit(cls, points: dict[float, float]) -> "Curve":
+        """Monotone curve through (x, median y) points: a noisy dip never makes more tokens look cheaper."""
+        xs = sorted(points)
+        ys, best = [], 0.0
+        for x in xs:
+            best = max(best, points[x])
+            ys.append(best)
+        return cls([float(x) for x in xs], ys)
+
+
+@dataclass
+class CostModel:
+    """Milliseconds for one expert on each lane, as a function of the tokens routed to it."""
+    fetch_ms: float                 # host -> GPU copy of one expert (pinned, copy stream)
+    gpu_ms: Curve                   # expert FFN on the GPU
+    cpu_ms: Curve                   # expert FFN on the CPU lane, measured while the PCIe lane is busy
+    xfer_ms: Curve                  # activations GPU -> CPU -> GPU for a number of rows
+    layer_overhead_ms: float = 0.0  # routing sync and bookkeeping per MoE layer
+    fingerprint: dict = field(default_factory=dict)
+    source: str = "defaults"
+
+    @classmethod
+    def defaults(cls) -> "CostModel":
+        """Conservative figures (an H100 box with Sapphire Rapids CPU, FACTS.md) for uncalibrated machines."""
+        return cls(fetch_ms=0.33, gpu_ms=Curve([1, 512, 4096], [0.07, 0.08, 0.14]),
+                   cpu_ms=Curve([1, 4, 16, 64, 512], [0.36, 0.40, 0.45, 0.70, 4.0]),
+                   xfer_ms=Curve([1, 128, 4096], [0.02, 0.035, 0.4]), layer_overhead_ms=0.1)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CostModel":
+        curves = {k: Curve(**d[k]) for k in ("gpu_ms", "cpu_ms", "xfer_ms")}
+        return cls(fetch_ms=float(d["fetch_ms"]), layer_overhead_ms=float(d.get("layer_overhead_ms", 0.0)),
+                   fingerprint=dict(d.get("fingerprint", {})), source=d.get("source", "calibrated"), **curves)
+
+
+def load_costs(path: str | Path | None, fingerprint: dict) -> tuple[CostModel, str]:
+    """The calibration at `path` if it exists and was measured on this machine; else defaults, and why."""
+    if path is None or not Path(path).exists():
+        return CostModel.defaults(), f"no calibration for this machine at {path}: using conservative defaults " \
+                                     "(run `python calibrate.py`)"
+    try:
+        model = CostModel.from_dict(json.loads(Path(path).read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return CostModel.defaults(), f"calibration {path} is unreadable ({e}): using conservative defaults"
+    if model.fingerprint != fingerprint:
+        diff = sorted(k for k in set(model.fingerprint) | set(fingerprint)
+                      if model.fingerprint.get(k) != fingerprint.get(k))
+        return CostModel.defaults(), f"calibration {path} was measured on another machine (differs in " \
+                                     f"{', '.join(diff)}): using conservative defaults"
+    return model, f"calibration {path}"

@@ -1,0 +1,182 @@
+"""Microbenchmarks that fill a CostModel on this machine: PCIe copies, GPU and CPU expert times, transfers."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .costs import CostModel, Curve
+
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fingerprint(device: torch.device, threads: int | None) -> dict:
+    from hybrid.lanes import split_cores
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    return {"gpu": gpu, "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)),
+            "threads": threads or len(split_cores()[0])}
+
+
+def default_path() -> Path:
+    root = Path(os.environ.get("HYBRID_CACHE", Path.home() / ".cache" / "hybrid-moe"))
+    return root / "costs.json"
+
+
+def _median_ms(fn, reps: int, cuda: bool) -> float:
+    times = []
+    for _ in range(reps):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+class Bench:
+    """Expert-shaped buffers: `n_host` distinct experts in host memory (pinned on CUDA) and one device slot."""
+
+    def __init__(self, device: torch.device, hidden: int, inter: int, dtype: torch.dtype, n_host: int):
+        self.device, self.cuda, self.hidden, self.inter = device, device.type == "cuda", hidden, inter
+        numel = 3 * hidden * inter
+        self.host = torch.randn(n_host, numel, dtype=torch.float32).to(dtype) * 0.02
+        if self.cuda:
+            self.host = self.host.pin_memory()
+        self.slot = torch.empty(numel, dtype=dtype, device=device)
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def views(self, buf):
+        h, i = self.hidden, self.inter
+        return buf[:2 * i * h].view(2 * i, h), buf[2 * i * h:].view(h, i)
+
+    def fetch_ms(self, reps: int = 32) -> float:
+        k = [0]
+
+        def one():
+            k[0] = (k[0] + 1) % self.host.shape[0]
+            if self.cuda:
+                with torch.cuda.stream(self.stream):
+                    self.slot.copy_(self.host[k[0]], non_blocking=True)
+                torch.cuda.current_stream().wait_stream(self.stream)
+            else:
+                self.slot.copy_(self.host[k[0]])
+        one()
+        return _median_ms(one, reps, self.cuda)
+
+    def gpu_ms(self, n: int, reps: int = 20) -> float:
+        from hybrid.experts import expert_ffn
+        x = torch.randn(n, self.hidden, device=self.device).to(self.slot.dtype)
+        w13, w2 = self.views(self.slot)
+        expert_ffn(x, w13, w2)
+        return _median_ms(lambda: expert_ffn(x, w13, w2), reps, self.cuda)
+
+    def cpu_ms(self, n: int, reps: int = 24) -> float:
+        """CPU expert time cycling over distinct experts (so weights come from DRAM, as in a real run)."""
+        from hybrid.experts import expert_ffn
+        x = torch.randn(n, self.hidden).to(self.host.dtype)
+        k = [0]
+
+        def one():
+            k[0] = (k[0] + 1) % self.host.shape[0]
+            w13, w2 = self.views(self.host[k[0]])
+            expert_ffn(x, w13, w2)
+        one()
+        return _median_ms(one, reps, False)
+
+    def xfer_ms(self, rows: int, reps: int = 20) -> float:
+        x = torch.randn(rows, self.hidden, device=self.device).to(self.slot.dtype)
+        buf = torch.empty(rows, self.hidden, dtype=x.dtype, pin_memory=self.cuda)
+
+        def one():
+            buf.copy_(x, non_blocking=self.cuda)
+            if self.cuda:
+                torch.cuda.current_stream().synchronize()
+            x.copy_(buf, non_blocking=self.cuda)
+        return _median_ms(one, reps, self.cuda)
+
+
+def busy_pcie(bench: Bench, stop: threading.Event) -> None:
+    """Keeps the copy lane busy, issuing copies from this thread, as the runtime's main thread does."""
+    while not stop.is_set():
+        bench.fetch_ms(reps=4)
+
+
+def measure(device: torch.device, hidden: int = 2048, inter: int = 1408, dtype: torch.dtype = torch.bfloat16,
+            threads: int | None = None, tokens=TOKENS, n_host: int = 96, progress: bool = True) -> CostModel:
+    """Run every microbenchmark and fit the curves; CPU experts run on a lane thread set up as the runtime does."""
+    from hybrid.lanes import CpuLane
+    bench = Bench(device, hidden, inter, dtype, n_host)
+    steps = tqdm(total=3 * len(tokens) + 2, desc="calibrating", disable=not progress)
+    fetch = bench.fetch_ms()
+    steps.update()
+    gpu = {}
+    for n in tokens:
+        gpu[n] = bench.gpu_ms(n)
+        steps.update()
+    lane = CpuLane(threads, pin=bench.cuda)
+    stop = threading.Event()
+    loader = threading.Thread(target=busy_pcie, args=(bench, stop), daemon=True) if bench.cuda else None
+    if loader:
+        loader.start()
+    cpu = {}
+    for n in tokens:
+        cpu[n] = lane.submit(bench.cpu_ms, n).result()
+        steps.update()
+    stop.set()
+    if loader:
+        loader.join()
+    xfer = {}
+    for n in tokens:
+        xfer[n] = bench.xfer_ms(n)
+        steps.update()
+    overhead = layer_overhead_ms(device, hidden)
+    steps.update()
+    steps.close()
+    return CostModel(fetch_ms=fetch, gpu_ms=Curve.fit(gpu), cpu_ms=Curve.fit(cpu), xfer_ms=Curve.fit(xfer),
+                     layer_overhead_ms=overhead, fingerprint=fingerprint(device, threads or lane.threads),
+                     source="calibrated")
+
+
+def layer_overhead_ms(device: torch.device, hidden: int, experts: int = 64, k: int = 6, reps: int = 50) -> float:
+    """Routing, the host sync and the bookkeeping of one MoE layer at batch 1, without any expert work."""
+    import numpy as np
+    gate = torch.randn(experts, hidden, device=device)
+    x = torch.randn(1, hidden, device=device)
+
+    def one():
+        idx = torch.softmax(x @ gate.T, -1).topk(k).indices
+        host = idx.cpu().numpy().reshape(-1)
+        perm = torch.from_numpy(np.argsort(host, kind="stable")).to(device)
+        torch.zeros_like(x).index_add_(0, perm // k, x.index_select(0, perm // k))
+    one()
+    cuda = device.type == "cuda"
+    t = []
+    for _ in range(reps):
+        s = time.perf_counter()
+        one()
+        if cuda:
+            torch.cuda.synchronize()
+        t.append(1000 * (time.perf_counter() - s))
+    return statistics.median(t)

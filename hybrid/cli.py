@@ -1,0 +1,60 @@
+"""Shared command-line options for the entry scripts (argparse lives only in scripts and here)."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig
+from .tokenizer import find_tokenizer_dir
+
+CACHE = Path(os.environ.get("HYBRID_CACHE", Path.home() / ".cache" / "hybrid-moe"))
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a size (e.g. 12GiB, 500MiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def default_model(preset: str = "small") -> Path:
+    """The embedded default: a small synthetic checkpoint, written once into the cache directory."""
+    from .synthetic import PRESETS, write_checkpoint
+    path = CACHE / f"synthetic-{preset}"
+    if not (path / "model.safetensors.index.json").exists():
+        config, shards = PRESETS[preset]
+        write_checkpoint(path, config, shards, seed=0, device="cpu", tokenizer=find_tokenizer_dir())
+    return path
+
+
+def engine_args(ap: argparse.ArgumentParser) -> None:
+    gpu = torch.cuda.is_available()
+    ap.add_argument("--model", help="checkpoint directory (Hugging Face layout); default: small synthetic")
+    ap.add_argument("--mode", default="gpu", choices=["gpu", "fetch", "cpu", "hybrid"])
+    ap.add_argument("--device", default="cuda" if gpu else "cpu")
+    ap.add_argument("--dtype", default=None, help="bfloat16 (default on GPU) | float32 (default on CPU)")
+    ap.add_argument("--gpu-memory", type=parse_bytes, help="whole GPU budget, e.g. 12GiB")
+    ap.add_argument("--cache-policy", default="lfu", choices=["lfu", "lru", "static"])
+    ap.add_argument("--prefetch", default="none", choices=["none", "gate"])
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--max-seq-len", type=int, default=4096)
+    ap.add_argument("--cpu-threads", type=int)
+    ap.add_argument("--costs", help="calibration JSON (default: this machine's, from calibrate.py)")
+
+
+def run_config(a: argparse.Namespace) -> RunConfig:
+    dtype = a.dtype or ("bfloat16" if str(a.device).startswith("cuda") else "float32")
+    return RunConfig(device=a.device, dtype=dtype, mode=a.mode, gpu_memory=a.gpu_memory,
+                     cache_policy=a.cache_policy, prefetch=a.prefetch, max_batch_size=a.batch_size,
+                     max_seq_len=a.max_seq_len, cpu_threads=a.cpu_threads, costs_path=a.costs)
+
+
+def make_engine(a: argparse.Namespace):
+    from .engine import Engine
+    return Engine(a.model, run_config(a))

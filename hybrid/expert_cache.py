@@ -1,0 +1,89 @@
+"""GPU expert slots: each MoE layer owns a share of slots and a policy; a staging ring takes the rest."""
+from __future__ import annotations
+
+import torch
+
+from .cache_policy import make_policy
+from .config import ModelConfig
+from .expert_store import split_expert
+
+
+class ExpertCache:
+    """slots[s] holds one flat expert. `where[(layer, e)]` -> slot. Staging slots are never looked up."""
+
+    def __init__(self, cfg: ModelConfig, n_slots: int, n_staging: int, dtype: torch.dtype, device,
+                 policy: str = "lfu"):
+        self.cfg = cfg
+        layers = cfg.moe_layers
+        n_slots = min(n_slots, len(layers) * cfg.n_routed_experts)
+        self.slots = torch.empty(n_slots + n_staging, cfg.expert_numel, dtype=dtype, device=device)
+        share, extra = divmod(n_slots, len(layers))
+        self.layer_slots: dict[int, list[int]] = {}
+        s = 0
+        for k, layer in enumerate(layers):
+            n = share + (k < extra)
+            self.layer_slots[layer] = list(range(s, s + n))
+            s += n
+        self.n_slots = n_slots
+        self.staging = list(range(n_slots, n_slots + n_staging))
+        self._next_staging = 0
+        self.where: dict[tuple[int, int], int] = {}
+        self.owner: list[tuple[int, int] | None] = [None] * (n_slots + n_staging)
+        self.policies = {layer: make_policy(policy) for layer in layers}
+        self.ready: list = [None] * (n_slots + n_staging)     # event of the last copy into each slot
+        self.free: list = [None] * (n_slots + n_staging)      # event after the last compute from each slot
+
+    def cached(self, layer: int) -> set[int]:
+        return {self.owner[s][1] for s in self.layer_slots[layer] if self.owner[s] is not None}
+
+    def lookup(self, layer: int, e: int) -> int | None:
+        return self.where.get((layer, e))
+
+    def touch(self, layer: int, experts) -> None:
+        pol = self.policies[layer]
+        for e in experts:
+            pol.touch((layer, e))
+
+    def _bind(self, slot: int, key: tuple[int, int]) -> None:
+        old = self.owner[slot]
+        if old is not None:
+            del self.where[old]
+            self.policies[old[0]].remove(old)
+        self.owner[slot], self.where[key] = key, slot
+
+    def place(self, layer: int, e: int) -> int | None:
+        """Initial placement into a free slot of the layer, bypassing the policy; None when full."""
+        free = next((s for s in self.layer_slots[layer] if self.owner[s] is None), None)
+        if free is not None:
+            self._bind(free, (layer, e))
+            self.policies[layer].insert((layer, e))
+        return free
+
+    def admit(self, layer: int, e: int, protected: set[int]) -> int | None:
+        """A slot for a fetched expert, evicting the policy's victim; None if the policy or space says no."""
+        pol = self.policies[layer]
+        if not pol.admits:
+            return None
+        slot = self.place(layer, e)
+        if slot is not None:
+            return slot
+        cands = [self.owner[s] for s in self.layer_slots[layer] if self.owner[s][1] not in protected]
+        victim = pol.victim(cands)
+        if victim is None:
+            return None
+        slot = self.where[victim]
+        self._bind(slot, (layer, e))
+        pol.insert((layer, e))
+        return slot
+
+    def staging_slot(self) -> int:
+        s = self.staging[self._next_staging % len(self.staging)]
+        self._next_staging += 1
+        return s
+
+    def tick(self) -> None:
+        for pol in self.policies.values():
+            pol.tick()
+
+    def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return split_expert(self.slots[slot], self.cfg)

@@ -1,0 +1,64 @@
+"""Routed experts in host memory, one contiguous buffer per expert (w13 then w2), pinned for fast copies."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from .budget import check_host_ram
+from .checkpoint import Checkpoint
+from .config import ModelConfig
+from .experts import read_expert
+
+
+def pin_in_place(t: torch.Tensor) -> bool:
+    """Page-lock an existing host tensor (cudaHostRegister): no power-of-two rounding, no second copy."""
+    rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    return int(rc) == 0
+
+
+class ExpertStore:
+    """flat[layer_row, expert] is one expert: gate [I, Hd], up [I, Hd] (together w13), down [Hd, I]."""
+
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, pin: bool,
+                 progress: bool = True, threads: int = 8):
+        self.cfg = cfg
+        self.rows = {layer: r for r, layer in enumerate(cfg.moe_layers)}
+        E, self.numel = cfg.n_routed_experts, cfg.expert_numel
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        check_host_ram(len(self.rows) * E * self.numel * itemsize, psutil.virtual_memory().available)
+        self.flat = torch.empty(len(self.rows), E, self.numel, dtype=dtype)
+        keys = [(layer, e) for layer in cfg.moe_layers for e in range(E)]
+        with ThreadPoolExecutor(threads) as ex:
+            for _ in tqdm(ex.map(lambda k: self._load(ckpt, *k), keys), total=len(keys),
+                          desc="experts -> host", disable=not progress):
+                pass
+        self.pinned = pin and all(pin_in_place(self.flat[r]) for r in range(len(self.rows)))
+        if pin and not self.pinned:
+            raise RuntimeError("cudaHostRegister failed: cannot page-lock the expert store")
+
+    def _load(self, ckpt: Checkpoint, layer: int, e: int) -> None:
+        w13, w2 = self.weights(layer, e)
+        g, u, d = read_expert(ckpt, layer, e)
+        I = g.shape[0]
+        w13[:I].copy_(g)
+        w13[I:].copy_(u)
+        w2.copy_(d)
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
+
+    def buffer(self, layer: int, e: int) -> torch.Tensor:
+        return self.flat[self.rows[layer], e]
+
+    def weights(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return split_expert(self.buffer(layer, e), self.cfg)
+
+
+def split_expert(buf: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of one flat expert buffer: w13 [2I, Hd] and w2 [Hd, I]."""
+    I, Hd = cfg.moe_intermediate_size, cfg.hidden_size
+    return buf[:2 * I * Hd].view(2 * I, Hd), buf[2 * I * Hd:].view(Hd, I)

@@ -1,0 +1,40 @@
+"""Shared fixtures: one tiny synthetic checkpoint per session and the transformers reference on it."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from hybrid.synthetic import PRESETS, write_checkpoint  # noqa: E402
+from hybrid.tokenizer import find_tokenizer_dir  # noqa: E402
+
+PROMPTS = [[100000, 549, 6077, 280, 7239, 317, 11, 22, 33, 44, 55, 66], [5, 6, 7], [9, 8, 7, 6, 5, 4, 3]]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    config, shards = PRESETS["tiny"]
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"), config, shards, seed=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir():
+    path = find_tokenizer_dir()
+    if path is None:
+        pytest.skip("no tokenizer files found (../shared/tokenizer or $HYBRID_TOKENIZER)")
+    return path
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()

@@ -1,0 +1,43 @@
+"""Cost model curves, JSON round-trip, missing or foreign calibration, and a real (tiny) calibration run."""
+import json
+
+import torch
+
+from cost_model.costs import CostModel, Curve, load_costs
+from cost_model.measure import fingerprint, measure
+
+
+def test_curve_interpolates_extrapolates_and_fits_monotone():
+    c = Curve.fit({1: 0.3, 4: 0.5, 16: 0.45, 64: 1.0})
+    assert c.ys == [0.3, 0.5, 0.5, 1.0]
+    assert abs(c(2.5) - 0.4) < 1e-12 and c(128) > 1.0 and c(1) == 0.3
+
+
+def test_json_round_trip(tmp_path):
+    m = CostModel.defaults()
+    m.fingerprint = {"gpu": "x", "cpu": "y", "cores": 2, "threads": 1}
+    m.to_json(tmp_path / "c.json")
+    back, why = load_costs(tmp_path / "c.json", m.fingerprint)
+    assert back == m and "calibration" in why
+
+
+def test_missing_and_foreign_calibration_fall_back_to_defaults(tmp_path):
+    m, why = load_costs(tmp_path / "none.json", {"gpu": "x"})
+    assert m.source == "defaults" and "no calibration" in why
+    other = CostModel.defaults()
+    other.fingerprint = {"gpu": "H100", "cpu": "Xeon", "cores": 16, "threads": 15}
+    other.to_json(tmp_path / "c.json")
+    m, why = load_costs(tmp_path / "c.json", {"gpu": "none", "cpu": "Xeon", "cores": 16, "threads": 15})
+    assert m.source == "defaults" and "another machine" in why and "gpu" in why
+    (tmp_path / "bad.json").write_text("{")
+    assert load_costs(tmp_path / "bad.json", {})[0].source == "defaults"
+
+
+def test_calibration_measures_and_reloads(tmp_path):
+    dev = torch.device("cpu")
+    m = measure(dev, hidden=64, inter=32, dtype=torch.float32, threads=1, tokens=(1, 4, 16), n_host=4,
+                progress=False)
+    assert m.fetch_ms > 0 and m.cpu_ms(16) >= m.cpu_ms(1) > 0 and m.layer_overhead_ms > 0
+    m.to_json(tmp_path / "c.json")
+    back, _ = load_costs(tmp_path / "c.json", fingerprint(dev, 1))
+    assert back.source == "calibrated" and json.loads((tmp_path / "c.json").read_text())["fetch_ms"] == m.fetch_ms

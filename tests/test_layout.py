@@ -1,0 +1,49 @@
+"""The v2-lite preset has the published checkpoint's names, shapes, count and size (FACTS.md), without writing it."""
+from hybrid.config import ModelConfig
+from hybrid.layout import model_specs, numel
+from hybrid.synthetic import PRESETS, split_shards
+
+FACTS = {  # per layer i unless said; written out independently of hybrid/layout.py
+    "model.embed_tokens.weight": (102400, 2048), "lm_head.weight": (102400, 2048), "model.norm.weight": (2048,),
+    "input_layernorm.weight": (2048,), "post_attention_layernorm.weight": (2048,),
+    "self_attn.q_proj.weight": (3072, 2048), "self_attn.kv_a_proj_with_mqa.weight": (576, 2048),
+    "self_attn.kv_a_layernorm.weight": (512,), "self_attn.kv_b_proj.weight": (4096, 512),
+    "self_attn.o_proj.weight": (2048, 2048),
+}
+
+
+def expected() -> dict:
+    out = {k: v for k, v in FACTS.items() if k.startswith(("model.", "lm_head"))}
+    for i in range(27):
+        for k, v in FACTS.items():
+            if not k.startswith(("model.", "lm_head")):
+                out[f"model.layers.{i}.{k}"] = v
+        if i == 0:
+            for n, s in (("gate_proj", (10944, 2048)), ("up_proj", (10944, 2048)), ("down_proj", (2048, 10944))):
+                out[f"model.layers.0.mlp.{n}.weight"] = s
+            continue
+        out[f"model.layers.{i}.mlp.gate.weight"] = (64, 2048)
+        for n, s in (("gate_proj", (2816, 2048)), ("up_proj", (2816, 2048)), ("down_proj", (2048, 2816))):
+            out[f"model.layers.{i}.mlp.shared_experts.{n}.weight"] = s
+        for j in range(64):
+            for n, s in (("gate_proj", (1408, 2048)), ("up_proj", (1408, 2048)), ("down_proj", (2048, 1408))):
+                out[f"model.layers.{i}.mlp.experts.{j}.{n}.weight"] = s
+    return out
+
+
+def test_v2_lite_names_and_shapes_equal_the_published_table():
+    config, shards = PRESETS["v2-lite"]
+    specs = model_specs(ModelConfig.from_dict(config))
+    assert specs == expected()
+    assert len(specs) == 5291
+    assert sum(numel(s) for s in specs.values()) == 15_706_484_224
+    groups = split_shards(specs, shards, 2)
+    assert len(groups) == 4 and sum(len(g) for g in groups) == 5291
+
+
+def test_v2_lite_config_is_the_published_one():
+    config, _ = PRESETS["v2-lite"]
+    cfg = ModelConfig.from_dict(config)
+    assert abs(cfg.softmax_scale - 0.114721) < 1e-6
+    assert cfg.moe_layers == list(range(1, 27))
+    assert cfg.expert_numel * 2 == 17_301_504

@@ -1,0 +1,72 @@
+"""Every offloading mode and prefetch choice computes the same function as the resident `gpu` mode."""
+import pytest
+
+from conftest import PROMPTS, rel_err
+from hybrid.budget import plan_memory
+from hybrid.checkpoint import Checkpoint
+from hybrid.config import RunConfig
+from hybrid.engine import Engine
+from hybrid.sampling import SamplingParams
+
+SLOTS = 20      # of 48 routed experts in the tiny model: many misses
+
+
+def budget_for(tiny, slots, batch=3, seq=128):
+    cfg = Checkpoint(tiny).config
+    p = plan_memory(cfg, 1 << 40, batch, seq, 4, 4096, 2 * cfg.num_experts_per_tok, margin=0)
+    return p.budget - (p.n_slots - slots) * p.slot_bytes
+
+
+def make(tiny, **kw):
+    run = RunConfig(dtype="float32", max_batch_size=3, max_seq_len=128, **kw)
+    return Engine(str(tiny), run, progress=False)
+
+
+@pytest.fixture(scope="module")
+def gpu_run(tiny):
+    e = make(tiny)
+    return e.generate(PROMPTS, SamplingParams(max_new_tokens=10, stop_on_eos=False)), e.logits(PROMPTS[0])
+
+
+@pytest.mark.parametrize("mode", ["fetch", "cpu", "hybrid"])
+@pytest.mark.parametrize("prefetch", ["none", "gate"])
+def test_mode_matches_gpu_mode(tiny, gpu_run, mode, prefetch):
+    ref, ref_logits = gpu_run
+    e = make(tiny, mode=mode, prefetch=prefetch, gpu_memory=budget_for(tiny, SLOTS))
+    assert e.backend.cache.n_slots == SLOTS
+    batch3 = e.generate(PROMPTS, SamplingParams(max_new_tokens=10, stop_on_eos=False))
+    assert batch3.tokens == ref.tokens
+    one = e.generate(PROMPTS[:1], SamplingParams(max_new_tokens=10, stop_on_eos=False))
+    assert one.tokens == ref.tokens[:1]
+    assert rel_err(e.logits(PROMPTS[0]), ref_logits) <= 1e-4
+    x = batch3.stats.experts
+    assert x.misses > 0 and 0 < x.hit_rate < 1
+    if mode == "cpu":
+        assert x.cpu_experts == x.misses and (x.fetched == 0) == (prefetch == "none")
+    if mode == "fetch":
+        assert x.cpu_experts == 0 and x.fetched >= x.misses
+    if prefetch == "gate":
+        assert x.prefetched > 0 and x.prefetch_recall > 6 / 16
+
+
+@pytest.mark.parametrize("policy", ["lru", "static"])
+def test_policies_are_exact_and_static_never_fetches_into_the_cache(tiny, gpu_run, policy):
+    e = make(tiny, mode="fetch", cache_policy=policy, gpu_memory=budget_for(tiny, SLOTS))
+    before = {layer: e.backend.cache.cached(layer) for layer in e.cfg.moe_layers}
+    out = e.generate(PROMPTS, SamplingParams(max_new_tokens=10, stop_on_eos=False))
+    assert out.tokens == gpu_run[0].tokens
+    after = {layer: e.backend.cache.cached(layer) for layer in e.cfg.moe_layers}
+    assert (before == after) == (policy == "static")
+
+
+def test_hybrid_records_predicted_and_measured_layer_times(tiny):
+    e = make(tiny, mode="hybrid", gpu_memory=budget_for(tiny, SLOTS))
+    s = e.generate(PROMPTS, SamplingParams(max_new_tokens=4)).stats
+    assert len(s.layer_pred_ms) == len(s.layer_meas_ms) > 0
+    assert all(m > 0 for m in s.layer_meas_ms) and "layer_time_median_rel_err" in s.summary()
+
+
+def test_gpu_mode_refuses_a_budget_that_cannot_hold_every_expert(tiny):
+    from hybrid.budget import BudgetError
+    with pytest.raises(BudgetError, match="mode gpu keeps every expert resident"):
+        make(tiny, gpu_memory=budget_for(tiny, SLOTS))
