@@ -1,0 +1,76 @@
+"""Shared pieces of the evaluation scripts: run metadata, the prompt set, peers built on transformers."""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DEFAULT_PROMPTS = ROOT / "eval" / "prompts.jsonl"
+
+
+def meta() -> dict:
+    import transformers
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.executable).name] + sys.argv), "commit": commit,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def load_prompts(path: str | Path, tok, length: int, count: int) -> list[list[int]]:
+    """`count` prompts of exactly `length` tokens: chat records go through the chat template, text is encoded;
+    a short record is continued with the following ones, a long one is cut."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"no prompts in {path}")
+    encoded = [tok.chat(r["messages"]) if "messages" in r else tok.encode(r.get("text") or r["prompt"])
+               for r in records]
+    out = []
+    for i in range(count):
+        ids, k = [], i
+        while len(ids) < length:
+            ids += encoded[k % len(encoded)]
+            k += 1
+        out.append(ids[:length])
+    return out
+
+
+def hf_peer(model_dir: str, prompts: list[list[int]], new_tokens: int, max_memory: dict | None = None) -> dict:
+    """transformers DeepseekV2ForCausalLM: all on the GPU, or dispatched by accelerate within max_memory."""
+    from transformers import AutoModelForCausalLM
+    kw = {"device_map": "cuda"} if max_memory is None else {"device_map": "auto", "max_memory": max_memory}
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, **kw).eval()
+    load_s = time.perf_counter() - t
+    ids = torch.tensor(prompts, device="cuda")
+
+    def gen(n: int) -> float:
+        torch.cuda.synchronize()
+        s = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - s
+    gen(2)
+    torch.cuda.reset_peak_memory_stats()
+    t1, tn = gen(1), gen(new_tokens)
+    B, L = ids.shape
+    row = {"mode": "transformers" + ("" if max_memory is None else "+accelerate"), "batch_size": B,
+           "prompt_tokens": L, "new_tokens": new_tokens, "ttft_ms": 1000 * t1,
+           "tpot_ms_mean": 1000 * (tn - t1) / (new_tokens - 1), "decode_tok_s": B * (new_tokens - 1) / (tn - t1),
+           "prefill_tok_s": B * L / t1, "peak_gpu_gib": torch.cuda.max_memory_reserved() / 2**30, "load_s": load_s}
+    del model
+    torch.cuda.empty_cache()
+    return row
