@@ -12,7 +12,7 @@ from .checkpoint import Checkpoint
 from .config import RunConfig
 from .layout import model_specs
 from .model import DeepseekV2, LatentCache, StepState
-from .runtime import build_backend
+from .runtime import build_backend, cuda_context_bytes
 from .sampling import Sampler, SamplingParams
 from .stats import RunStats
 
@@ -38,7 +38,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Engine:
-    def __init__(self, model_dir: str, run: RunConfig | None = None, progress: bool = True):
+    def __init__(self, model_dir: str, run: RunConfig | None = None, progress: bool = True, store=None):
         self.run = run or RunConfig()
         self.device = resolve_device(self.run.device)
         if self.run.dtype not in DTYPES:
@@ -47,7 +47,8 @@ class Engine:
         self.ckpt = Checkpoint(model_dir)
         self.cfg = self.ckpt.config
         self.ckpt.check_shapes(model_specs(self.cfg))
-        self.backend = build_backend(self.cfg, self.ckpt, self.run, self.device, self.dtype, progress)
+        self.context_bytes = cuda_context_bytes(self.device) if self.device.type == "cuda" else 0
+        self.backend = build_backend(self.cfg, self.ckpt, self.run, self.device, self.dtype, progress, store)
         names = model_specs(self.cfg, experts=False)
         weights = {n: self.ckpt.get(n).to(self.device, self.dtype)
                    for n in tqdm(names, desc="weights -> device", disable=not progress)}
@@ -145,7 +146,7 @@ class Engine:
         if end:
             end(stats)
         if self.device.type == "cuda":
-            stats.peak_gpu_bytes = torch.cuda.max_memory_reserved(self.device)
+            stats.peak_gpu_bytes = torch.cuda.max_memory_reserved(self.device) + self.context_bytes
 
     @torch.no_grad()
     def logits(self, prompt: list[int]) -> torch.Tensor:

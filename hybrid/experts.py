@@ -27,7 +27,8 @@ def grouped_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
     T, K = idx.shape
     flat = idx.reshape(-1)                                                   # [T*K]
     order = torch.argsort(flat, stable=True)                                 # [T*K]
-    offs = torch.bincount(flat, minlength=w13.shape[0]).cumsum(0).to(torch.int32)  # [E]
+    counts = torch.zeros(w13.shape[0], dtype=torch.int64, device=x.device)
+    offs = counts.scatter_add_(0, flat, torch.ones_like(flat)).cumsum(0).to(torch.int32)  # [E], no host sync
     tok = order // K
     gu = torch._grouped_mm(x.index_select(0, tok), w13.transpose(1, 2), offs=offs)  # [T*K, 2I]
     g, u = gu.chunk(2, dim=-1)

@@ -47,7 +47,8 @@ def machine_fingerprint(device: torch.device, threads: int | None) -> dict:
 
 
 def build_backend(cfg: ModelConfig, ckpt: Checkpoint, run: RunConfig, device: torch.device,
-                  dtype: torch.dtype, progress: bool = True):
+                  dtype: torch.dtype, progress: bool = True, store=None):
+    """The ExpertBackend for run.mode; offloading modes may share an already loaded ExpertStore."""
     if run.mode not in MODES:
         raise ValueError(f"unknown mode {run.mode!r}: choose one of {', '.join(MODES)}")
     itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -59,10 +60,10 @@ def build_backend(cfg: ModelConfig, ckpt: Checkpoint, run: RunConfig, device: to
             raise BudgetError(f"mode gpu keeps every expert resident ({need / 2**30:.2f} GiB) but the budget "
                               f"leaves {plan.cache_bytes / 2**30:.2f} GiB for them: use --mode fetch|cpu|hybrid")
         return ResidentExperts(cfg, ckpt, device, dtype, progress)
-    return build_offloaded(cfg, ckpt, run, device, dtype, plan, progress)
+    return build_offloaded(cfg, ckpt, run, device, dtype, plan, progress, store)
 
 
-def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: bool):
+def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: bool, store=None):
     from .executor import OffloadedExperts
     from .expert_cache import ExpertCache
     from .expert_store import ExpertStore
@@ -70,7 +71,7 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
     from .prefetch import GatePrefetcher
     from .scheduler import PLANNERS
     cuda = device.type == "cuda"
-    store = ExpertStore(cfg, ckpt, dtype, pin=cuda, progress=progress)
+    store = store or ExpertStore(cfg, ckpt, dtype, pin=cuda, progress=progress)
     cache = ExpertCache(cfg, plan.n_slots, staging_slots(cfg), dtype, device, run.cache_policy)
     for layer in cfg.moe_layers:
         for e in range(cfg.n_routed_experts):
@@ -86,7 +87,9 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
     prefetch = GatePrefetcher(cfg) if run.prefetch == "gate" else None
     if progress:
         print(f"memory: {plan.describe()}", file=sys.stderr)
-    return OffloadedExperts(cfg, store, cache, planner, device, lane, prefetch)
+    backend = OffloadedExperts(cfg, store, cache, planner, device, lane, prefetch)
+    backend.memory = plan
+    return backend
 
 
 def default_costs_path() -> str:
