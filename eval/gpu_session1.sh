@@ -6,7 +6,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"
 python3 -m hybrid.synthetic --preset small --out /dev/shm/small --tokenizer .tok 2>/dev/null
-timeout 120 python3 run.py --model /dev/shm/small --mode hybrid --prefetch gate --gpu-memory 1.5GiB --max-new-tokens 16 2>&1 | tail -3
+timeout 120 python3 run.py --model /dev/shm/small --mode hybrid --prefetch gate --gpu-memory 3GiB --max-new-tokens 16 2>&1 | tail -3
 s=$(date +%s); python3 -m hybrid.synthetic --preset v2-lite --out /dev/shm/v2lite --tokenizer .tok 2>/dev/null; echo "gen_s=$(( $(date +%s) - s ))"
 du -sh /dev/shm/v2lite
 timeout 180 python3 calibrate.py --out /dev/shm/hc/costs.json 2>&1 | tee "$OUT/calibrate.txt" | grep -v "it/s"

@@ -46,7 +46,9 @@ def workspace_bytes(cfg: ModelConfig, batch: int, seq_len: int, chunk_tokens: in
     q = max(1, min(seq_len, chunk_tokens // batch))           # queries per sequence in one chunk
     T = batch * q
     H, C = cfg.num_attention_heads, cfg.kv_lora_rank
-    attn = batch * H * q * seq_len * (4 * 3 + itemsize) + 2 * batch * H * q * C * itemsize + batch * q * seq_len * 4
+    from .model import ATTN_SCORE_ELEMS
+    attn = min(batch * H * q * seq_len, ATTN_SCORE_ELEMS) * (4 * 3 + itemsize) + 2 * batch * H * q * C * itemsize \
+        + batch * q * seq_len * 4
     dense = T * cfg.intermediate_size * 3 * itemsize
     moe = T * cfg.num_experts_per_tok * (cfg.hidden_size * 3 + cfg.moe_intermediate_size * 3) * itemsize
     logits = batch * cfg.vocab_size * 4 * 3

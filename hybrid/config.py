@@ -132,4 +132,6 @@ class RunConfig:
     prefill_chunk_tokens: int = 4096      # tokens per prefill forward (bounds activation memory)
     cpu_threads: int | None = None        # CPU expert threads; None = all cores but the copy-issuing one
     costs_path: str | None = None         # calibration JSON; None = the default location
+    static_decode: bool = True            # decode from static buffers over the whole cache (graph-ready)
+    cuda_graphs: bool = True              # on CUDA, replay static decode steps from captured graphs
     extra: dict = field(default_factory=dict)

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from .checkpoint import Checkpoint
 from .config import RunConfig
 from .layout import model_specs
+from .graphs import DecodeRunner
 from .model import DeepseekV2, LatentCache, StepState
 from .runtime import build_backend, cuda_context_bytes
 from .sampling import Sampler, SamplingParams
@@ -55,6 +56,11 @@ class Engine:
         self.model = DeepseekV2(self.cfg, weights.__getitem__, self.backend, self.device)
         if hasattr(self.backend, "attach"):
             self.backend.attach(self.model)
+        self.cache = LatentCache(self.cfg, self.run.max_batch_size, self.context_len, self.dtype, self.device)
+        self.decoder = None
+        if self.run.static_decode:
+            capture = self.device.type == "cuda" and self.run.cuda_graphs
+            self.decoder = DecodeRunner(self.model, self.cache, self.device, capture)
 
     @property
     def context_len(self) -> int:
@@ -84,7 +90,7 @@ class Engine:
         mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, NEG).unsqueeze(1)
         real = valid[:, start:start + T].reshape(-1)
         rows = None if bool(real.all()) else real.nonzero().squeeze(1).to(self.device)
-        return StepState(start, positions.to(self.device), mask.to(self.device), rows)
+        return StepState(start, positions.to(self.device), mask.to(self.device), rows, kv_len=start + T)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None,
@@ -93,7 +99,7 @@ class Engine:
         params = params or SamplingParams()
         self._check(prompts, params.max_new_tokens)
         B, L = len(prompts), max(len(p) for p in prompts)
-        cap = L + params.max_new_tokens
+        cap = self.context_len
         pad = torch.tensor([L - len(p) for p in prompts])
         valid = torch.ones(B, cap, dtype=torch.bool)
         ids = torch.zeros(B, L, dtype=torch.long)
@@ -101,7 +107,7 @@ class Engine:
             valid[b, :pad[b]] = False
             ids[b, pad[b]:] = torch.tensor(p)
         ids = ids.to(self.device)
-        cache = LatentCache(self.cfg, B, cap, self.dtype, self.device)
+        cache = self.cache.batch(B)
         sampler, stats = Sampler(params, self.device), RunStats(self.run.mode, B, L)
         self._reset_peak()
         hooks = getattr(self.backend, "begin", None)
@@ -132,9 +138,18 @@ class Engine:
                 on_tokens(host)
             if all(done) or step == params.max_new_tokens - 1:
                 break
-            logits = self.model.forward(tok[:, None], cache, self._state(valid, pad, L + step, 1))
+            logits = self._decode(tok, cache, valid, pad, L + step)
         self._finish(stats)
         return Generation(out, stats)
+
+    def _decode(self, tok: torch.Tensor, cache: LatentCache, valid: torch.Tensor, pad: torch.Tensor,
+                start: int) -> torch.Tensor:
+        if self.decoder is None:
+            return self.model.forward(tok[:, None], cache, self._state(valid, pad, start, 1))
+        positions = (start - pad)[:, None]                                               # [B, 1]
+        allowed = valid & (torch.arange(valid.shape[1]) <= start)[None]                 # [B, cap]
+        mask = torch.zeros(allowed.shape).masked_fill_(~allowed, NEG)[:, None, None]    # [B, 1, 1, cap]
+        return self.decoder(tok, positions, mask, start)
 
     def _reset_peak(self) -> None:
         if self.device.type == "cuda":

@@ -32,8 +32,7 @@ class OffloadedExperts:
         self.predicted: dict[int, set[int]] = {}
 
     def attach(self, model) -> None:
-        if self.prefetcher:
-            self.prefetcher.attach(model.routers())
+        model.predict_next = self.prefetcher is not None
 
     def begin(self, stats: RunStats) -> None:
         self.stats, self.timings = stats, []
@@ -72,9 +71,12 @@ class OffloadedExperts:
             out[a:a + c] = expert_ffn(xin[a:a + c], w13, w2)
         return out
 
-    def forward(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    capturable = False
+
+    def forward(self, call) -> torch.Tensor:
+        layer, x, idx, w, pred = call.layer, call.x, call.idx, call.w, call.pred
         T, K = idx.shape
-        pred = self.prefetcher.predict(layer, x) if self.prefetcher else None
+        pred = pred if self.prefetcher else None
         host = (idx if pred is None else torch.cat([idx, pred], dim=1)).cpu().numpy()   # the one sync
         start = self._now()
         if layer == self.cfg.moe_layers[0]:

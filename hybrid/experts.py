@@ -53,5 +53,7 @@ class ResidentExperts:
                 w2[e].copy_(d)
             self.w13[layer], self.w2[layer] = w13, w2
 
-    def forward(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return grouped_experts(x, idx, w, self.w13[layer], self.w2[layer])
+    capturable = True
+
+    def forward(self, call) -> torch.Tensor:
+        return grouped_experts(call.x, call.idx, call.w, self.w13[call.layer], self.w2[call.layer])

@@ -13,13 +13,15 @@ from .config import ModelConfig
 from .rope import Rope
 
 Weights = Callable[[str], torch.Tensor]
+ATTN_SCORE_ELEMS = 1 << 25     # scores computed at once (x 4 bytes, x ~3 live copies): bounds prefill workspace
 
 
 class ExpertBackend(Protocol):
     """Computes the routed experts of one MoE layer: sum_k w[t, k] * expert_{idx[t, k]}(x[t])."""
+    capturable: bool     # True if forward never synchronises with the host (the whole step can be a CUDA graph)
 
-    def forward(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x [T, H] (compute dtype), idx [T, K] int64, w [T, K] float32 -> [T, H] in x's dtype."""
+    def forward(self, call: "MoECall") -> torch.Tensor:
+        """call.x [T, Hd] (compute dtype), call.idx [T, K] int64, call.w [T, K] float32 -> [T, Hd] in x's dtype."""
         ...
 
 
@@ -48,10 +50,12 @@ class MLP:
 @dataclass
 class StepState:
     """Where a forward writes in the cache and what it may attend to."""
-    start: int                   # first cache slot written by this forward
+    start: int                   # first cache slot written by this forward (eager path)
     positions: torch.Tensor      # [B, T] rope positions
-    mask: torch.Tensor           # [B, 1, T, start+T] additive (0 or -inf-like), float32
+    mask: torch.Tensor           # [B, 1, T, kv_len] additive (0 or -1e30), float32
     rows: torch.Tensor | None    # flat indices of real (non-padding) tokens, None if all are real
+    kv_len: int = 0              # cache slots attended to (start + T eagerly; the whole capacity in a graph)
+    write_index: torch.Tensor | None = None   # [T] cache slots to write, as a tensor (CUDA-graph decode)
 
 
 class LatentCache:
@@ -65,6 +69,12 @@ class LatentCache:
     @property
     def capacity(self) -> int:
         return self.c.shape[2]
+
+    def batch(self, b: int) -> "LatentCache":
+        """A view on the first b sequences (same storage, so CUDA graphs captured on it stay valid)."""
+        view = object.__new__(LatentCache)
+        view.c, view.pe = self.c[:, :b], self.pe[:, :b]
+        return view
 
     @staticmethod
     def nbytes(cfg: ModelConfig, batch: int, length: int, itemsize: int) -> int:
@@ -102,24 +112,36 @@ class MLAttention:
         q = self._q(x).view(B, T, H, cfg.qk_head_dim)
         q_nope, q_pe = q[..., :Dn], Rope.apply(q[..., Dn:], cos, sin)                # [B, T, H, Dn], [B, T, H, R]
         c, k_pe = F.linear(x, self.kv_a).split([C, cfg.qk_rope_head_dim], dim=-1)
-        end = st.start + T
-        cache.c[self.i, :, st.start:end] = self.kv_norm(c)
-        cache.pe[self.i, :, st.start:end] = Rope.apply(k_pe, cos, sin)
-        kc, kpe = cache.c[self.i, :, :end].unsqueeze(1), cache.pe[self.i, :, :end].unsqueeze(1)  # [B, 1, S, C|R]
+        c, k_pe = self.kv_norm(c), Rope.apply(k_pe, cos, sin)                          # [B, T, C], [B, T, R]
+        if st.write_index is None:
+            cache.c[self.i, :, st.start:st.start + T] = c
+            cache.pe[self.i, :, st.start:st.start + T] = k_pe
+        else:
+            cache.c[self.i].index_copy_(1, st.write_index, c)
+            cache.pe[self.i].index_copy_(1, st.write_index, k_pe)
+        kc = cache.c[self.i, :, :st.kv_len].unsqueeze(1)                                 # [B, 1, S, C]
+        kpe = cache.pe[self.i, :, :st.kv_len].unsqueeze(1)                               # [B, 1, S, R]
         q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, self.w_uk)                         # [B, H, T, C]
-        scores = q_lat @ kc.transpose(-1, -2) + q_pe.transpose(1, 2) @ kpe.transpose(-1, -2)  # [B, H, T, S]
-        probs = torch.softmax(scores.float() * cfg.softmax_scale + st.mask, dim=-1).to(x.dtype)
-        o_lat = probs @ kc                                                                # [B, H, T, C]
+        q_pe = q_pe.transpose(1, 2)                                                      # [B, H, T, R]
+        block = max(1, ATTN_SCORE_ELEMS // (B * H * st.kv_len))
+        o_lat = torch.cat([self._attend(q_lat[:, :, t:t + block], q_pe[:, :, t:t + block], kc, kpe,
+                                        st.mask[:, :, t:t + block]) for t in range(0, T, block)], dim=2)
         o = torch.einsum("bhtc,hvc->bthv", o_lat, self.w_uv).reshape(B, T, -1)          # [B, T, H*Dv]
         return F.linear(o, self.o_proj)
+
+    def _attend(self, q_lat, q_pe, kc, kpe, mask) -> torch.Tensor:
+        """One block of queries against the latent cache -> [B, H, t, C]."""
+        scores = q_lat @ kc.transpose(-1, -2) + q_pe @ kpe.transpose(-1, -2)             # [B, H, t, S]
+        probs = torch.softmax(scores.float() * self.cfg.softmax_scale + mask, dim=-1).to(kc.dtype)
+        return probs @ kc
 
 
 class MoE:
     """Softmax router with greedy top-k, routed experts through the backend, plus the shared experts."""
 
-    def __init__(self, cfg: ModelConfig, w: Weights, i: int, experts: ExpertBackend):
+    def __init__(self, cfg: ModelConfig, w: Weights, i: int):
         p = f"model.layers.{i}.mlp"
-        self.cfg, self.i, self.experts = cfg, i, experts
+        self.cfg, self.i = cfg, i
         self.gate = w(f"{p}.gate.weight").float()                                       # [E, Hd]
         self.shared = MLP(w, f"{p}.shared_experts")
 
@@ -137,45 +159,70 @@ class MoE:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
         return idx, w * cfg.routed_scaling_factor
 
-    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        B, T, Hd = x.shape
-        h = x.reshape(-1, Hd)
-        hr = h if rows is None else h.index_select(0, rows)
-        idx, w = self.route(hr)
-        routed = self.experts.forward(self.i, hr, idx, w)
-        if rows is not None:
-            routed = torch.zeros_like(h).index_copy_(0, rows, routed)
-        return (routed + self.shared(h)).view(B, T, Hd)
+
+
+@dataclass
+class MoECall:
+    """What the model asks of the expert backend at one MoE layer (yielded by `DeepseekV2.steps`)."""
+    layer: int
+    x: torch.Tensor              # [T, Hd] MoE input of the real tokens
+    idx: torch.Tensor            # [T, K] routed experts
+    w: torch.Tensor              # [T, K] float32 routing weights
+    pred: torch.Tensor | None    # [T, K] the next MoE layer's router applied to x (prefetch hint), or None
 
 
 class DeepseekV2:
     """The whole network; weights come from `w(name)` already on the compute device in the compute dtype."""
 
     def __init__(self, cfg: ModelConfig, w: Weights, experts: ExpertBackend, device):
-        self.cfg = cfg
+        self.cfg, self.experts = cfg, experts
+        self.predict_next = False            # also apply the next MoE layer's router early (for prefetch)
         self.embed = w("model.embed_tokens.weight")
         self.rope = Rope(cfg, device)
         self.layers = []
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}"
-            mlp = MoE(cfg, w, i, experts) if cfg.is_moe_layer(i) else MLP(w, f"{p}.mlp")
+            mlp = MoE(cfg, w, i) if cfg.is_moe_layer(i) else MLP(w, f"{p}.mlp")
             self.layers.append((RMSNorm(w(f"{p}.input_layernorm.weight"), cfg.rms_norm_eps), MLAttention(cfg, w, i),
                                 RMSNorm(w(f"{p}.post_attention_layernorm.weight"), cfg.rms_norm_eps), mlp))
         self.norm = RMSNorm(w("model.norm.weight"), cfg.rms_norm_eps)
         self.lm_head = w("lm_head.weight")
+        moe = [m for *_, m in self.layers if isinstance(m, MoE)]
+        self.next_gate = {a.i: b.gate for a, b in zip(moe, moe[1:])}
 
-    def routers(self) -> dict[int, torch.Tensor]:
-        """The fp32 router matrix [E, Hd] of each MoE layer (used by prefetchers)."""
-        return {i: m.gate for i, (_, _, _, m) in enumerate(self.layers) if isinstance(m, MoE)}
+    def steps(self, ids: torch.Tensor, cache: LatentCache, st: StepState, last_only: bool = True):
+        """The forward pass as a generator: yields a MoECall at each MoE layer and expects the routed output
+        [T, Hd] back (`send`); finally yields logits [B, V] of the last position (or [B, T, V]), float32.
 
-    @torch.no_grad()
-    def forward(self, ids: torch.Tensor, cache: LatentCache, st: StepState, last_only: bool = True) -> torch.Tensor:
-        """ids [B, T] -> logits [B, V] of the last position (or [B, T, V]), float32."""
+        Everything between two yields is free of host synchronisation, so it can be captured as a CUDA graph."""
         x = F.embedding(ids, self.embed)                                                  # [B, T, Hd]
         cos, sin = self.rope.cos_sin(st.positions)
         for in_norm, attn, post_norm, mlp in self.layers:
             x = x + attn(in_norm(x), cache, st, cos, sin)
             h = post_norm(x)
-            x = x + (mlp(h, st.rows) if isinstance(mlp, MoE) else mlp(h))
+            if not isinstance(mlp, MoE):
+                x = x + mlp(h)
+                continue
+            B, T, Hd = h.shape
+            hf = h.reshape(-1, Hd)
+            hr = hf if st.rows is None else hf.index_select(0, st.rows)
+            idx, w = mlp.route(hr)
+            pred = None
+            if self.predict_next and mlp.i in self.next_gate:
+                pred = F.linear(hr.float(), self.next_gate[mlp.i]).topk(self.cfg.num_experts_per_tok, dim=-1).indices
+            shared = mlp.shared(hf)
+            routed = yield MoECall(mlp.i, hr, idx, w, pred)
+            if st.rows is not None:
+                routed = torch.zeros_like(hf).index_copy_(0, st.rows, routed)
+            x = x + (routed + shared).view(B, T, Hd)
         x = self.norm(x[:, -1] if last_only else x)
-        return F.linear(x, self.lm_head).float()
+        yield F.linear(x, self.lm_head).float()
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, cache: LatentCache, st: StepState, last_only: bool = True) -> torch.Tensor:
+        """ids [B, T] -> logits, with the expert backend answering every MoE call eagerly."""
+        gen = self.steps(ids, cache, st, last_only)
+        item = next(gen)
+        while isinstance(item, MoECall):
+            item = gen.send(self.experts.forward(item))
+        return item

@@ -1,33 +1,21 @@
-"""Predict the next MoE layer's experts from the current hidden state and copy them ahead of need."""
-from __future__ import annotations
+"""Prefetch policy: which of the predicted next-layer experts to copy ahead, and how good the guesses were.
 
-import torch
-import torch.nn.functional as F
+The prediction itself (layer L+1's router applied to layer L's MoE input) is computed inside the model's
+graph-captured step (`DeepseekV2.predict_next`), so it costs no extra host synchronisation."""
+from __future__ import annotations
 
 from .config import ModelConfig
 
 
 class GatePrefetcher:
-    """Applies layer L+1's router to layer L's MoE input: its top-k is the guess for layer L+1."""
+    """Chooses which predicted experts of layer L+1 to copy during layer L, within a per-layer budget."""
 
     def __init__(self, cfg: ModelConfig, budget: int | None = None):
         self.cfg = cfg
         layers = cfg.moe_layers
         self.next = {a: b for a, b in zip(layers, layers[1:])}
         self.budget = budget if budget is not None else cfg.num_experts_per_tok   # experts per layer
-        self.routers: dict[int, torch.Tensor] = {}
         self.needed = self.predicted = self.hit = 0
-
-    def attach(self, routers: dict[int, torch.Tensor]) -> None:
-        self.routers = routers
-
-    def predict(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
-        """x [T, Hd] -> predicted expert ids [T, K] for the next MoE layer (on device), None at the last."""
-        nxt = self.next.get(layer)
-        if nxt is None or nxt not in self.routers:
-            return None
-        scores = F.linear(x.float(), self.routers[nxt]).softmax(dim=-1)              # [T, E]
-        return scores.topk(self.cfg.num_experts_per_tok, dim=-1).indices
 
     def choose(self, pred_host, cached: set[int]) -> list[int]:
         """The uncached predicted experts, most-voted first, within the per-layer budget."""

@@ -37,7 +37,8 @@ def memory_plan(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize
                        margin=MARGIN if cuda else 0)
     if cuda and run.gpu_memory is not None:
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, plan.allocator_limit / total), device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, plan.allocator_limit / total), index)
     return plan
 
 

@@ -66,3 +66,16 @@ def test_bf16_engine_close_to_float32(tiny):
     ref = engine(tiny).logits(PROMPTS[0])
     bf = Engine(str(tiny), RunConfig(dtype="bfloat16", max_seq_len=64), progress=False).logits(PROMPTS[0])
     assert rel_err(bf, ref) < 5e-2
+
+
+def test_static_decode_path_equals_eager_decode(tiny):
+    static = engine(tiny).generate(PROMPTS, SamplingParams(max_new_tokens=12, stop_on_eos=False))
+    eager = engine(tiny, static_decode=False).generate(PROMPTS, SamplingParams(max_new_tokens=12, stop_on_eos=False))
+    assert static.tokens == eager.tokens
+
+
+def test_attention_in_query_blocks_is_exact(tiny, monkeypatch):
+    import hybrid.model
+    full = engine(tiny).logits(PROMPTS[0])
+    monkeypatch.setattr(hybrid.model, "ATTN_SCORE_ELEMS", 4 * 12 * 3)      # 3 queries per block
+    assert rel_err(engine(tiny).logits(PROMPTS[0]), full) <= 1e-6
