@@ -29,7 +29,7 @@ def cpu_model() -> str:
 def fingerprint(device: torch.device, threads: int | None) -> dict:
     from hybrid.lanes import split_cores
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    return {"gpu": gpu, "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)),
+    return {"gpu": gpu, "cpu": cpu_model(), "cores": os.cpu_count(),
             "threads": threads or len(split_cores()[0])}
 
 

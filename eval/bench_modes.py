@@ -5,9 +5,12 @@ Writes JSON under eval/results/ with the device, versions, date and command; pri
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -44,6 +47,36 @@ def agreement(row: dict, ref: dict) -> dict:
     return {"logits_rel_err_vs_gpu": rel, "tokens_identical_prefix": min(first)}
 
 
+def one(a) -> None:
+    """Child process: one mode or peer, its row written as JSON (reference tokens/logits kept as .pt)."""
+    tok = load_tokenizer(a.model, a.tokenizer)
+    prompts = load_prompts(a.prompts, tok, a.prompt_len, a.batch_size)
+    if a.one in ("transformers", "transformers+accelerate"):
+        mm = None if a.one == "transformers" else {0: a.gpu_memory, "cpu": 200 * 2**30}
+        n = a.peer_new_tokens if mm is None else a.accelerate_new_tokens
+        row = hf_peer(a.model, prompts, n, mm)
+    else:
+        row, _ = run_mode(a.model, a.one, a, prompts)
+        ref_path = Path(a.row).with_name("gpu_reference.pt")
+        if a.one == "gpu":
+            torch.save({"tokens": row["tokens"], "logits": row["logits"]}, ref_path)
+        elif ref_path.exists():
+            row.update(agreement(row, torch.load(ref_path)))
+        row.pop("tokens"), row.pop("logits")
+    Path(a.row).write_text(json.dumps(row))
+
+
+def table(rows: list[dict]) -> None:
+    print(f"\n{'mode':<24}{'TTFT ms':>9}{'ms/tok':>9}{'tok/s':>8}{'hit%':>7}{'cpu%':>6}{'GiB':>7}{'rel err':>9}{'same':>6}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['mode']:<24} failed: {r['error'][-80:]}")
+            continue
+        print(f"{r['mode']:<24}{r['ttft_ms']:9.1f}{r['tpot_ms_mean']:9.2f}{r['decode_tok_s']:8.1f}"
+              f"{100 * r.get('hit_rate', 1):7.1f}{100 * r.get('cpu_share', 0):6.1f}{r['peak_gpu_gib']:7.2f}"
+              f"{r.get('logits_rel_err_vs_gpu', 0):9.2e}{r.get('tokens_identical_prefix', -1):6d}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -55,44 +88,26 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--peers", default="hf,accelerate", help="hf (all on GPU), accelerate (same budget)")
+    ap.add_argument("--peers", default="transformers,transformers+accelerate")
     ap.add_argument("--peer-new-tokens", type=int, default=32)
     ap.add_argument("--accelerate-new-tokens", type=int, default=6)
     ap.add_argument("--out", default=str(ROOT / "eval" / "results" / "bench_modes.json"))
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--row", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    tok = load_tokenizer(a.model, a.tokenizer)
-    prompts = load_prompts(a.prompts, tok, a.prompt_len, a.batch_size)
-    rows, peers = [], [p for p in a.peers.split(",") if p]
-    if "hf" in peers:
-        rows.append(hf_peer(a.model, prompts, a.peer_new_tokens))
-    ref, store = None, None
-    for spec in a.modes.split(","):
-        row, engine = run_mode(a.model, spec, a, prompts, store)
-        store = getattr(engine.backend, "store", store)
-        if spec == "gpu":
-            ref = row
-        elif ref is not None:
-            row.update(agreement(row, ref))
+    if a.one:
+        return one(a)
+    specs = [m for m in a.modes.split(",") if m] + [p for p in a.peers.split(",") if p]
+    rows, work = [], Path(tempfile.mkdtemp())
+    for spec in specs:
+        row_path = work / f"{spec.replace('+', '_')}.json"
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--one", spec, "--row", str(row_path)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        row = json.loads(row_path.read_text()) if r.returncode == 0 else {"mode": spec, "error": r.stderr[-2000:]}
+        print(json.dumps(row), flush=True)
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k not in ("tokens", "logits")}), flush=True)
-        del engine
-        gc.collect()
-        torch.cuda.empty_cache()
-    if "accelerate" in peers:
-        torch.cuda.set_per_process_memory_fraction(1.0)
-        del store
-        gc.collect()
-        rows.append(hf_peer(a.model, prompts, a.accelerate_new_tokens,
-                            {0: a.gpu_memory, "cpu": 200 * 2**30}))
-    for r in rows:
-        r.pop("logits", None)
-        r.pop("tokens", None)
     json.dump({"meta": meta(), "gpu_memory": a.gpu_memory, "rows": rows}, open(a.out, "w"), indent=2)
-    print(f"\n{'mode':<24}{'TTFT ms':>9}{'ms/tok':>9}{'tok/s':>8}{'hit%':>7}{'cpu%':>6}{'GiB':>7}{'rel err':>9}")
-    for r in rows:
-        print(f"{r['mode']:<24}{r['ttft_ms']:9.1f}{r['tpot_ms_mean']:9.2f}{r['decode_tok_s']:8.1f}"
-              f"{100 * r.get('hit_rate', 1):7.1f}{100 * r.get('cpu_share', 0):6.1f}{r['peak_gpu_gib']:7.2f}"
-              f"{r.get('logits_rel_err_vs_gpu', 0):9.2e}")
+    table(rows)
 
 
 if __name__ == "__main__":

@@ -51,9 +51,13 @@ class Engine:
         self.context_bytes = cuda_context_bytes(self.device) if self.device.type == "cuda" else 0
         self.backend = build_backend(self.cfg, self.ckpt, self.run, self.device, self.dtype, progress, store)
         names = model_specs(self.cfg, experts=False)
-        weights = {n: self.ckpt.get(n).to(self.device, self.dtype)
-                   for n in tqdm(names, desc="weights -> device", disable=not progress)}
-        self.model = DeepseekV2(self.cfg, weights.__getitem__, self.backend, self.device)
+        bar = tqdm(total=len(names), desc="weights -> device", disable=not progress)
+
+        def weight(name: str) -> torch.Tensor:      # streamed: nothing but the model keeps a reference
+            bar.update()
+            return self.ckpt.get(name).to(self.device, self.dtype)
+        self.model = DeepseekV2(self.cfg, weight, self.backend, self.device)
+        bar.close()
         if hasattr(self.backend, "attach"):
             self.backend.attach(self.model)
         self.cache = LatentCache(self.cfg, self.run.max_batch_size, self.context_len, self.dtype, self.device)

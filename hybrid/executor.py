@@ -65,10 +65,12 @@ class OffloadedExperts:
     def _cpu_work(self, layer: int, ready, segments: list[tuple[int, int, int]], n: int) -> torch.Tensor:
         if ready is not None:
             ready.synchronize()
+        t0 = time.perf_counter()
         xin, out = self.host_in.rows(n), self.host_out.rows(n)
         for e, a, c in segments:
             w13, w2 = self.store.weights(layer, e)
             out[a:a + c] = expert_ffn(xin[a:a + c], w13, w2)
+        self.stats.experts.cpu_busy_s += time.perf_counter() - t0
         return out
 
     capturable = False

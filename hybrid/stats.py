@@ -18,6 +18,7 @@ class ExpertCounters:
     prefetched: int = 0
     prefetch_used: int = 0
     prefetch_recall: float = 0.0
+    cpu_busy_s: float = 0.0           # wall time the CPU lane spent computing experts
     per_layer_hits: dict = field(default_factory=dict)
     per_layer_misses: dict = field(default_factory=dict)
 
@@ -72,6 +73,7 @@ class RunStats:
             "peak_gpu_gib": self.peak_gpu_bytes / 2**30, "hit_rate": e.hit_rate,
             "experts_fetched": e.fetched, "gb_over_pcie": e.fetched_bytes / 1e9, "experts_on_cpu": e.cpu_experts,
             "cpu_share": e.cpu_experts / e.misses if e.misses else 0.0,
+            "cpu_ms_per_expert": 1000 * e.cpu_busy_s / e.cpu_experts if e.cpu_experts else 0.0,
             "prefetched": e.prefetched, "prefetch_used": e.prefetch_used, "prefetch_recall": e.prefetch_recall,
         }
         if self.layer_meas_ms:
