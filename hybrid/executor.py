@@ -1,6 +1,7 @@
 """Carries out per-layer plans: GPU hits, fetches on the copy stream, CPU experts on the CPU lane, one combine.
 
-`OffloadedExperts` is the ExpertBackend of modes fetch, cpu and hybrid; the planner decides, this executes."""
+`OffloadedExperts` is the ExpertBackend of modes fetch, cpu and hybrid; the planner decides, this executes.
+GPU experts of a layer run as grouped GEMMs over the cache slots: one for the hits, one per wave of fetches."""
 from __future__ import annotations
 
 import time
@@ -11,13 +12,16 @@ import torch
 from .config import ModelConfig
 from .expert_cache import ExpertCache
 from .expert_store import ExpertStore
-from .experts import expert_ffn
+from .experts import expert_ffn, grouped_ffn
 from .lanes import CopyLane, CpuLane, PinnedBuffer
+from .layer_layout import layer_layout
 from .prefetch import GatePrefetcher
 from .stats import RunStats
 
 
 class OffloadedExperts:
+    capturable = False
+
     def __init__(self, cfg: ModelConfig, store: ExpertStore, cache: ExpertCache, planner, device: torch.device,
                  cpu_lane: CpuLane, prefetcher: GatePrefetcher | None = None):
         self.cfg, self.store, self.cache, self.planner = cfg, store, cache, planner
@@ -26,6 +30,10 @@ class OffloadedExperts:
         pin = device.type == "cuda"
         self.host_in = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
         self.host_out = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
+        self.index_buf = PinnedBuffer(1, torch.int32, pin)
+        self.w13_all, self.w2_all = cache.stacked()
+        self.wave = max(1, len(cache.staging) // 2)
+        self.expert_bytes = store.numel * store.flat.element_size()
         self.stats = RunStats("", 0, 0)
         self.timings: list = []
         self.prefetched: dict[int, set[int]] = {}
@@ -51,16 +59,91 @@ class OffloadedExperts:
     def _now(self):
         return self.copy.timing_event() if self.copy.cuda else time.perf_counter()
 
-    def _fetch(self, layer: int, e: int, protected: set[int]) -> int:
+    def forward(self, call) -> torch.Tensor:
+        layer, x, idx, w = call.layer, call.x, call.idx, call.w
+        T, K = idx.shape
+        pred = call.pred if self.prefetcher else None
+        host = (idx if pred is None else torch.cat([idx, pred], dim=1)).cpu().numpy()   # the one sync
+        start = self._now()
+        if layer == self.cfg.moe_layers[0]:
+            self.cache.tick()
+        flat = host[:, :K].reshape(-1)                                                    # [T*K]
+        counts = np.bincount(flat, minlength=self.cfg.n_routed_experts)
+        tokens = {int(e): int(counts[e]) for e in np.flatnonzero(counts)}
+        needed = set(tokens)
+        self._score_prefetch(layer, needed)
+        self.cache.touch(layer, tokens)
+        plan = self.planner.plan(tokens, self.cache.cached(layer))
+        self.stats.experts.count(layer, len(plan.hits), len(plan.fetch) + len(plan.cpu))
+        self.stats.experts.cpu_experts += len(plan.cpu)
+        hits = [(e, self.cache.lookup(layer, e)) for e in plan.hits]
+        fetch = [(e, self._slot_for(layer, e, needed)) for e in plan.fetch]
+        waves = [fetch[i:i + self.wave] for i in range(0, len(fetch), self.wave)]
+        lay = layer_layout(flat, counts, [hits] + waves, plan.cpu, self.cache.slots.shape[0])
+        for wave in waves[:2]:
+            self._issue(layer, wave)
+        dev = self._upload(np.concatenate([lay.perm, lay.offs.reshape(-1)]))
+        perm = dev[:T * K].long()                                                        # [T*K]
+        offs = dev[T * K:].view(len(waves) + 1, -1)                                      # [G, S]
+        tok = perm // K
+        xs = x.index_select(0, tok)                                                        # [T*K, Hd]
+        ys = torch.empty_like(xs)
+        fut = self._start_cpu(layer, lay, xs)
+        self._gpu_groups(layer, hits, waves, lay.rows, offs, xs, ys)
+        if pred is not None:
+            self._prefetch(layer, host[:, K:])
+        if fut is not None:
+            ys[lay.cpu_start:].copy_(fut.result(), non_blocking=True)
+        out = torch.zeros_like(x).index_add_(0, tok, (ys * w.reshape(-1)[perm, None]).to(x.dtype))
+        self.timings.append((start, self._now(), plan.predicted_ms))
+        return out
+
+    def _slot_for(self, layer: int, e: int, protected: set[int]) -> int:
         slot = self.cache.admit(layer, e, protected)
-        after = None
-        if slot is None:
-            slot = self.cache.staging_slot()
-            after = self.cache.free[slot]
-        self.cache.ready[slot] = self.copy.copy(self.cache.slots[slot], self.store.buffer(layer, e), after)
-        self.stats.experts.fetched += 1
-        self.stats.experts.fetched_bytes += self.store.numel * self.store.flat.element_size()
-        return slot
+        return self.cache.staging_slot() if slot is None else slot
+
+    def _issue(self, layer: int, wave: list[tuple[int, int]]) -> None:
+        """Copy a wave of experts into their slots; a staging slot waits until its last reader is done."""
+        for e, s in wave:
+            after = self.cache.free[s] if s >= self.cache.n_slots else None
+            self.cache.ready[s] = self.copy.copy(self.cache.slots[s], self.store.buffer(layer, e), after)
+        self.stats.experts.fetched += len(wave)
+        self.stats.experts.fetched_bytes += len(wave) * self.expert_bytes
+
+    def _upload(self, values: np.ndarray) -> torch.Tensor:
+        buf = self.index_buf.rows(values.shape[0])[:, 0]
+        buf.numpy()[:] = values
+        return buf.to(self.device, non_blocking=True) if self.copy.cuda else buf.clone()
+
+    def _wait_ready(self, members) -> None:
+        for _, s in members:
+            if self.cache.ready[s] is not None:
+                self.copy.wait(self.cache.ready[s])
+                self.cache.ready[s] = None          # later work on this stream is ordered after it anyway
+
+    def _gpu_groups(self, layer: int, hits, waves, rows, offs, xs, ys) -> None:
+        a, b = rows[0]
+        self._wait_ready(hits)
+        if b > a:
+            ys[a:b] = grouped_ffn(xs[a:b], offs[0], self.w13_all, self.w2_all)
+        for i, wave in enumerate(waves):
+            self._wait_ready(wave)
+            a, b = rows[i + 1]
+            ys[a:b] = grouped_ffn(xs[a:b], offs[i + 1], self.w13_all, self.w2_all)
+            done = self.copy.event()
+            for _, s in wave:
+                if s >= self.cache.n_slots:
+                    self.cache.free[s] = done
+            if i + 2 < len(waves):
+                self._issue(layer, waves[i + 2])
+
+    def _start_cpu(self, layer: int, lay, xs: torch.Tensor):
+        if not lay.cpu_segments:
+            return None
+        n = xs.shape[0] - lay.cpu_start
+        self.host_in.rows(n).copy_(xs[lay.cpu_start:], non_blocking=True)
+        self.host_out.rows(n)
+        return self.cpu.submit(self._cpu_work, layer, self.copy.event(), lay.cpu_segments, n)
 
     def _cpu_work(self, layer: int, ready, segments: list[tuple[int, int, int]], n: int) -> torch.Tensor:
         if ready is not None:
@@ -73,91 +156,19 @@ class OffloadedExperts:
         self.stats.experts.cpu_busy_s += time.perf_counter() - t0
         return out
 
-    capturable = False
-
-    def forward(self, call) -> torch.Tensor:
-        layer, x, idx, w, pred = call.layer, call.x, call.idx, call.w, call.pred
-        T, K = idx.shape
-        pred = pred if self.prefetcher else None
-        host = (idx if pred is None else torch.cat([idx, pred], dim=1)).cpu().numpy()   # the one sync
-        start = self._now()
-        if layer == self.cfg.moe_layers[0]:
-            self.cache.tick()
-        flat = host[:, :K].reshape(-1)                                                    # [T*K]
-        counts = np.bincount(flat, minlength=self.cfg.n_routed_experts)
-        tokens = {int(e): int(counts[e]) for e in np.nonzero(counts)[0]}
-        self._score_prefetch(layer, set(tokens))
-        self.cache.touch(layer, tokens)
-        plan = self.planner.plan(tokens, self.cache.cached(layer))
-        self.stats.experts.count(layer, len(plan.hits), len(plan.fetch) + len(plan.cpu))
-        self.stats.experts.cpu_experts += len(plan.cpu)
-        order = plan.hits + plan.fetch + plan.cpu
-        rank = np.zeros(self.cfg.n_routed_experts, dtype=np.int64)
-        rank[order] = np.arange(len(order))
-        perm_h = np.argsort(rank[flat], kind="stable")
-        offs = np.concatenate([[0], np.cumsum([tokens[e] for e in order])])
-        seg = {e: (int(offs[i]), int(offs[i + 1])) for i, e in enumerate(order)}
-        perm = torch.from_numpy(perm_h).to(self.device)                                  # [T*K]
-        tok = perm // K
-        xs = x.index_select(0, tok)                                                        # [T*K, Hd]
-        ys = torch.empty_like(xs)
-        fut = self._start_cpu(layer, plan.cpu, seg, xs)
-        ys = self._gpu_experts(layer, plan, seg, xs, ys, set(tokens))
-        if pred is not None:
-            self._prefetch(layer, host[:, K:])
-        if fut is not None:
-            a = seg[plan.cpu[0]][0]
-            ys[a:].copy_(fut.result(), non_blocking=True)
-        out = torch.zeros_like(x).index_add_(0, tok, (ys * w.reshape(-1)[perm, None]).to(x.dtype))
-        self.timings.append((start, self._now(), plan.predicted_ms))
-        return out
-
-    def _start_cpu(self, layer: int, cpu: list[int], seg: dict, xs: torch.Tensor):
-        if not cpu:
-            return None
-        a = seg[cpu[0]][0]
-        n = xs.shape[0] - a
-        self.host_in.rows(n).copy_(xs[a:], non_blocking=True)
-        self.host_out.rows(n)
-        segments = [(e, seg[e][0] - a, seg[e][1] - seg[e][0]) for e in cpu]
-        return self.cpu.submit(self._cpu_work, layer, self.copy.event(), segments, n)
-
-    def _gpu_experts(self, layer: int, plan, seg: dict, xs, ys, needed: set[int]):
-        cache, depth = self.cache, len(self.cache.staging)
-        slots = {e: cache.lookup(layer, e) for e in plan.hits}
-        pending = list(plan.fetch)
-        for e in pending[:depth]:
-            slots[e] = self._fetch(layer, e, needed)
-        for i, e in enumerate(plan.hits + pending):
-            s = slots[e]
-            self.copy.wait(cache.ready[s])
-            a, b = seg[e]
-            w13, w2 = cache.weights(s)
-            ys[a:b] = expert_ffn(xs[a:b], w13, w2)
-            if s >= cache.n_slots:
-                cache.free[s] = self.copy.event()
-            j = i - len(plan.hits) + depth
-            if 0 <= i - len(plan.hits) and j < len(pending):
-                slots[pending[j]] = self._fetch(layer, pending[j], needed)
-        return ys
-
     def _prefetch(self, layer: int, pred_host) -> None:
         nxt = self.prefetcher.next[layer]
-        cached = self.cache.cached(nxt)
         self.predicted[nxt] = set(pred_host.reshape(-1).tolist())
-        chosen = self.prefetcher.choose(pred_host, cached)
-        protected = self.predicted[nxt]
-        done = set()
+        chosen = self.prefetcher.choose(pred_host, self.cache.cached(nxt))
+        wave = []
         for e in chosen:
-            slot = self.cache.admit(nxt, e, protected)
+            slot = self.cache.admit(nxt, e, self.predicted[nxt])
             if slot is None:
                 break
-            self.cache.ready[slot] = self.copy.copy(self.cache.slots[slot], self.store.buffer(nxt, e))
-            done.add(e)
-        self.prefetched[nxt] = done
-        self.stats.experts.prefetched += len(done)
-        self.stats.experts.fetched += len(done)
-        self.stats.experts.fetched_bytes += len(done) * self.store.numel * self.store.flat.element_size()
+            wave.append((e, slot))
+        self._issue(nxt, wave)
+        self.prefetched[nxt] = {e for e, _ in wave}
+        self.stats.experts.prefetched += len(wave)
 
     def _score_prefetch(self, layer: int, needed: set[int]) -> None:
         if not self.prefetcher:

@@ -87,3 +87,11 @@ class ExpertCache:
 
     def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         return split_expert(self.slots[slot], self.cfg)
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot's w13 [S, 2I, Hd] and w2 [S, Hd, I] as strided views, for grouped GEMMs over slots."""
+        I, Hd, n = self.cfg.moe_intermediate_size, self.cfg.hidden_size, self.cfg.expert_numel
+        S = self.slots.shape[0]
+        w13 = self.slots.as_strided((S, 2 * I, Hd), (n, Hd, 1))
+        w2 = self.slots.as_strided((S, Hd, I), (n, I, 1), self.slots.storage_offset() + 2 * I * Hd)
+        return w13, w2

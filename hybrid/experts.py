@@ -19,6 +19,12 @@ def read_expert(ckpt: Checkpoint, layer: int, expert: int) -> tuple[torch.Tensor
     return tuple(ckpt.get(n) for n in ckpt.expert_names(layer, expert))
 
 
+def grouped_ffn(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Rows of xs grouped by expert (group g ends at offs[g]) through w13 [G, 2I, Hd] and w2 [G, Hd, I]."""
+    g, u = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)    # [N, I] each
+    return torch._grouped_mm(F.silu(g) * u, w2.transpose(1, 2), offs=offs)          # [N, Hd]
+
+
 def grouped_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
                     w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """All routed experts of a layer in two grouped GEMMs, with no host synchronisation.
@@ -30,9 +36,7 @@ def grouped_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
     counts = torch.zeros(w13.shape[0], dtype=torch.int64, device=x.device)
     offs = counts.scatter_add_(0, flat, torch.ones_like(flat)).cumsum(0).to(torch.int32)  # [E], no host sync
     tok = order // K
-    gu = torch._grouped_mm(x.index_select(0, tok), w13.transpose(1, 2), offs=offs)  # [T*K, 2I]
-    g, u = gu.chunk(2, dim=-1)
-    y = torch._grouped_mm(F.silu(g) * u, w2.transpose(1, 2), offs=offs)     # [T*K, Hd]
+    y = grouped_ffn(x.index_select(0, tok), offs, w13, w2)                   # [T*K, Hd]
     y = (y * w.reshape(-1)[order, None]).to(x.dtype)
     return torch.zeros_like(x).index_add_(0, tok, y)
 

@@ -1,0 +1,41 @@
+"""Host-side layout of one MoE layer's work: token rows sorted into groups (hits, fetch waves, CPU experts),
+with per-slot offsets for grouped GEMMs over the cache slots. NumPy only."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class LayerLayout:
+    perm: np.ndarray                     # [T*K] int32: flat (token, k) assignment index of each sorted row
+    offs: np.ndarray                     # [G, S] int32: cumulative rows per slot, one row per GPU group
+    rows: list[tuple[int, int]]          # [G] sorted-row range of each GPU group (hits, then fetch waves)
+    cpu_start: int                       # first sorted row of the CPU experts
+    cpu_segments: list[tuple[int, int, int]]   # (expert, first row from cpu_start, rows)
+
+
+def layer_layout(flat: np.ndarray, counts: np.ndarray, groups: list[list[tuple[int, int]]], cpu: list[int],
+                 n_slots: int) -> LayerLayout:
+    """flat [T*K] expert ids; counts [E]; groups: per GPU group a list of (expert, slot); cpu: experts in order."""
+    G = len(groups)
+    key = np.zeros(counts.shape[0], dtype=np.int64)
+    per_slot = np.zeros((G, n_slots), dtype=np.int64)
+    sizes = []
+    for g, members in enumerate(groups):
+        for e, s in members:
+            key[e] = g * n_slots + s
+            per_slot[g, s] = counts[e]
+        sizes.append(sum(int(counts[e]) for e, _ in members))
+    for r, e in enumerate(cpu):
+        key[e] = G * n_slots + r
+    perm = np.argsort(key[flat], kind="stable").astype(np.int32)
+    ends = np.cumsum(sizes, dtype=np.int64)
+    rows = [(int(end - n), int(end)) for end, n in zip(ends, sizes)]
+    start = int(ends[-1]) if G else 0
+    segs, a = [], 0
+    for e in cpu:
+        segs.append((e, a, int(counts[e])))
+        a += int(counts[e])
+    return LayerLayout(perm, np.cumsum(per_slot, axis=1).astype(np.int32), rows, start, segs)
