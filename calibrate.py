@@ -6,10 +6,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 
 import torch
 
 from cost_model.measure import default_path, measure
+from hybrid.config import RunConfig
+from hybrid.engine import Engine
+from hybrid.sampling import SamplingParams
+from hybrid.synthetic import PRESETS, write_checkpoint
+
+
+def engine_overheads(device: torch.device, dtype: str) -> tuple[float, float]:
+    """Per-MoE-layer fixed costs measured in the real runtime on a tiny model, whose expert math is negligible:
+    (overhead of a layer whose experts are all cached, extra cost of handing a layer's experts to the CPU lane)."""
+    config, shards = PRESETS["tiny"]
+    medians = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_checkpoint(tmp, config, shards, progress=False)
+        for mode, slots in (("fetch", None), ("cpu", 0)):
+            run = RunConfig(device=str(device), dtype=dtype, mode=mode, max_seq_len=64, cache_slots=slots)
+            e = Engine(str(path), run, progress=False)
+            e.generate([[1, 2, 3, 4]], SamplingParams(max_new_tokens=4))
+            ms = sorted(e.generate([[1, 2, 3, 4]], SamplingParams(max_new_tokens=32, stop_on_eos=False))
+                        .stats.layer_meas_ms)
+            medians.append(ms[len(ms) // 2])
+    return medians[0], max(0.0, medians[1] - medians[0])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,8 +50,10 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     tokens = tuple(int(t) for t in a.tokens.split(","))
     model = measure(device, a.hidden, a.inter, dtype, a.threads, tokens)
+    model.layer_overhead_ms, model.cpu_dispatch_ms = engine_overheads(device, str(dtype).split(".")[-1])
     model.to_json(a.out)
     print(json.dumps({"fetch_ms": round(model.fetch_ms, 4), "layer_overhead_ms": round(model.layer_overhead_ms, 4),
+                      "cpu_dispatch_ms": round(model.cpu_dispatch_ms, 4),
                       **{f"{k}@{n}": round(getattr(model, k)(n), 4) for k in ("gpu_ms", "cpu_ms", "xfer_ms")
                          for n in (1, 16, 128, 512)}}, indent=1))
     print(f"saved {a.out} for {model.fingerprint}")

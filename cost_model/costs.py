@@ -40,6 +40,7 @@ class CostModel:
     cpu_ms: Curve                   # expert FFN on the CPU lane, measured while the PCIe lane is busy
     xfer_ms: Curve                  # activations GPU -> CPU -> GPU for a number of rows
     layer_overhead_ms: float = 0.0  # routing sync and bookkeeping per MoE layer
+    cpu_dispatch_ms: float = 0.0    # handing a layer's CPU work to the CPU lane and getting it back
     fingerprint: dict = field(default_factory=dict)
     source: str = "defaults"
 
@@ -48,7 +49,7 @@ class CostModel:
         """Conservative figures (an H100 box with Sapphire Rapids CPU, FACTS.md) for uncalibrated machines."""
         return cls(fetch_ms=0.33, gpu_ms=Curve([1, 512, 4096], [0.07, 0.08, 0.14]),
                    cpu_ms=Curve([1, 4, 16, 64, 512], [0.36, 0.40, 0.45, 0.70, 4.0]),
-                   xfer_ms=Curve([1, 128, 4096], [0.02, 0.035, 0.4]), layer_overhead_ms=0.1)
+                   xfer_ms=Curve([1, 128, 4096], [0.02, 0.035, 0.4]), layer_overhead_ms=0.4, cpu_dispatch_ms=0.1)
 
     def to_json(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +59,7 @@ class CostModel:
     def from_dict(cls, d: dict) -> "CostModel":
         curves = {k: Curve(**d[k]) for k in ("gpu_ms", "cpu_ms", "xfer_ms")}
         return cls(fetch_ms=float(d["fetch_ms"]), layer_overhead_ms=float(d.get("layer_overhead_ms", 0.0)),
+                   cpu_dispatch_ms=float(d.get("cpu_dispatch_ms", 0.0)),
                    fingerprint=dict(d.get("fingerprint", {})), source=d.get("source", "calibrated"), **curves)
 
 

@@ -151,7 +151,7 @@ def measure(device: torch.device, hidden: int = 2048, inter: int = 1408, dtype: 
     for n in tokens:
         xfer[n] = bench.xfer_ms(n)
         steps.update()
-    overhead = layer_overhead_ms(device, hidden)
+    overhead = layer_overhead_ms(device, hidden)          # a first estimate; calibrate.py measures the runtime
     steps.update()
     steps.close()
     return CostModel(fetch_ms=fetch, gpu_ms=Curve.fit(gpu), cpu_ms=Curve.fit(cpu), xfer_ms=Curve.fit(xfer),

@@ -40,11 +40,23 @@ def run_mode(model: str, spec: str, a, prompts, store=None) -> tuple[dict, Engin
     return row, e
 
 
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
 def agreement(row: dict, ref: dict) -> dict:
-    rel = ((row["logits"] - ref["logits"]).norm() / ref["logits"].norm()).item()
     first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
              for a, b in zip(row["tokens"], ref["tokens"])]
-    return {"logits_rel_err_vs_gpu": rel, "tokens_identical_prefix": min(first)}
+    out = {"logits_rel_err_vs_gpu": rel(row["logits"], ref["logits"]), "tokens_identical_prefix": min(first)}
+    if "fp32" in ref:
+        out["logits_rel_err_vs_fp32"] = rel(row["logits"], ref["fp32"])
+    return out
+
+
+def fp32_logits(model: str, prompt: list[int]) -> torch.Tensor:
+    """The same prompt through the engine in float32 (everything resident): the precision reference."""
+    e = Engine(model, RunConfig(device="cuda", dtype="float32", max_seq_len=len(prompt) + 8), progress=False)
+    return e.logits(prompt).float().cpu()
 
 
 def one(a) -> None:
@@ -59,7 +71,13 @@ def one(a) -> None:
         row, _ = run_mode(a.model, a.one, a, prompts)
         ref_path = Path(a.row).with_name("gpu_reference.pt")
         if a.one == "gpu":
-            torch.save({"tokens": row["tokens"], "logits": row["logits"]}, ref_path)
+            ref = {"tokens": row["tokens"], "logits": row["logits"]}
+            if a.fp32_reference:
+                del _
+                torch.cuda.empty_cache()
+                ref["fp32"] = fp32_logits(a.model, prompts[0][:64])
+                row["logits_rel_err_vs_fp32"] = rel(row["logits"], ref["fp32"])
+            torch.save(ref, ref_path)
         elif ref_path.exists():
             row.update(agreement(row, torch.load(ref_path)))
         row.pop("tokens"), row.pop("logits")
@@ -67,14 +85,15 @@ def one(a) -> None:
 
 
 def table(rows: list[dict]) -> None:
-    print(f"\n{'mode':<24}{'TTFT ms':>9}{'ms/tok':>9}{'tok/s':>8}{'hit%':>7}{'cpu%':>6}{'GiB':>7}{'rel err':>9}{'same':>6}")
+    print(f"\n{'mode':<24}{'TTFT ms':>9}{'ms/tok':>9}{'tok/s':>8}{'hit%':>7}{'cpu%':>6}{'GiB':>7}{'vs gpu':>9}{'same':>6}{'vs fp32':>10}")
     for r in rows:
         if "error" in r:
             print(f"{r['mode']:<24} failed: {r['error'][-80:]}")
             continue
         print(f"{r['mode']:<24}{r['ttft_ms']:9.1f}{r['tpot_ms_mean']:9.2f}{r['decode_tok_s']:8.1f}"
               f"{100 * r.get('hit_rate', 1):7.1f}{100 * r.get('cpu_share', 0):6.1f}{r['peak_gpu_gib']:7.2f}"
-              f"{r.get('logits_rel_err_vs_gpu', 0):9.2e}{r.get('tokens_identical_prefix', -1):6d}")
+              f"{r.get('logits_rel_err_vs_gpu', 0):9.2e}{r.get('tokens_identical_prefix', -1):6d}"
+              f"{r.get('logits_rel_err_vs_fp32', 0):10.2e}")
 
 
 def main() -> None:
@@ -92,6 +111,7 @@ def main() -> None:
     ap.add_argument("--peer-new-tokens", type=int, default=32)
     ap.add_argument("--accelerate-new-tokens", type=int, default=6)
     ap.add_argument("--out", default=str(ROOT / "eval" / "results" / "bench_modes.json"))
+    ap.add_argument("--fp32-reference", action="store_true", help="also run gpu mode in float32 (needs ~64 GB)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--row", help=argparse.SUPPRESS)
     a = ap.parse_args()

@@ -130,6 +130,7 @@ class RunConfig:
     max_batch_size: int = 1
     max_seq_len: int = 4096               # KV cache capacity per sequence (prompt + new tokens)
     prefill_chunk_tokens: int = 4096      # tokens per prefill forward (bounds activation memory)
+    cache_slots: int | None = None        # cap on GPU expert-cache slots (None: all the budget allows)
     cpu_threads: int | None = None        # CPU expert threads; None = all cores but the copy-issuing one
     costs_path: str | None = None         # calibration JSON; None = the default location
     static_decode: bool = True            # decode from static buffers over the whole cache (graph-ready)

@@ -12,7 +12,8 @@ import torch
 from .config import ModelConfig
 from .expert_cache import ExpertCache
 from .expert_store import ExpertStore
-from .experts import expert_ffn, grouped_ffn
+from .cpu_experts import run_cpu_experts
+from .experts import grouped_ffn
 from .lanes import CopyLane, CpuLane, PinnedBuffer
 from .layer_layout import layer_layout
 from .prefetch import GatePrefetcher
@@ -150,9 +151,9 @@ class OffloadedExperts:
             ready.synchronize()
         t0 = time.perf_counter()
         xin, out = self.host_in.rows(n), self.host_out.rows(n)
-        for e, a, c in segments:
-            w13, w2 = self.store.weights(layer, e)
-            out[a:a + c] = expert_ffn(xin[a:a + c], w13, w2)
+        views = [self.store.views[layer][e] for e, _, _ in segments]
+        run_cpu_experts(xin, out, [v[0] for v in views], [v[1] for v in views],
+                        [a for _, a, _ in segments], [c for _, _, c in segments])
         self.stats.experts.cpu_busy_s += time.perf_counter() - t0
         return out
 

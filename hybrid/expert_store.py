@@ -48,6 +48,7 @@ class ExpertStore:
             for _ in tqdm(ex.map(lambda k: self._load(ckpt, *k), keys), total=len(keys),
                           desc="experts -> host", disable=not progress):
                 pass
+        self.views = {layer: [self.weights(layer, e) for e in range(E)] for layer in self.rows}
         self.pinned = pin and all(pin_in_place(self.flat[r]) for r in range(len(self.rows)))
         if pin and not self.pinned:
             raise RuntimeError("cudaHostRegister failed: cannot page-lock the expert store")

@@ -73,7 +73,8 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
     from .scheduler import PLANNERS
     cuda = device.type == "cuda"
     store = store or ExpertStore(cfg, ckpt, dtype, pin=cuda, progress=progress)
-    cache = ExpertCache(cfg, plan.n_slots, staging_slots(cfg), dtype, device, run.cache_policy)
+    n_slots = plan.n_slots if run.cache_slots is None else min(plan.n_slots, run.cache_slots)
+    cache = ExpertCache(cfg, n_slots, staging_slots(cfg), dtype, device, run.cache_policy)
     for layer in cfg.moe_layers:
         for e in range(cfg.n_routed_experts):
             slot = cache.place(layer, e)

@@ -28,7 +28,8 @@ def makespan(costs: CostModel, tokens: dict[int, int], hits: list[int], fetch: l
         gpu = max(gpu, pcie + min(costs.gpu_ms(tokens[e]) for e in fetch))
     lane_cpu = 0.0
     if cpu:
-        lane_cpu = costs.xfer_ms(sum(tokens[e] for e in cpu)) + sum(costs.cpu_ms(tokens[e]) for e in cpu)
+        lane_cpu = costs.cpu_dispatch_ms + costs.xfer_ms(sum(tokens[e] for e in cpu)) + \
+            sum(costs.cpu_ms(tokens[e]) for e in cpu)
     return costs.layer_overhead_ms + max(gpu, lane_cpu)
 
 
@@ -57,8 +58,12 @@ class MakespanPlanner(FetchPlanner):
     """Chooses, per miss, fetch or CPU to minimise the layer's makespan under the cost model.
 
     Misses with equal token counts are interchangeable, so the search is over how many of each count go to
-    the CPU (the cheapest-to-run-on-CPU ones first): exact while that space is small, else the best split
-    of misses sorted by token count (CPU takes a prefix of the smallest)."""
+    the CPU: exact while that space is small, else the best split of misses sorted by token count (the CPU
+    takes a prefix of the smallest). Decisions depend only on the token counts, so they are memoised."""
+
+    def __init__(self, costs: CostModel | None = None):
+        super().__init__(costs)
+        self.memo: dict[tuple, tuple[tuple[int, ...], float]] = {}
 
     def plan(self, tokens: dict[int, int], cached: set[int]) -> LayerPlan:
         hits = [e for e in tokens if e in cached]
@@ -66,22 +71,41 @@ class MakespanPlanner(FetchPlanner):
         groups: dict[int, list[int]] = {}
         for e in misses:
             groups.setdefault(tokens[e], []).append(e)
+        key = (tuple(sorted(tokens[e] for e in hits)), tuple((n, len(g)) for n, g in groups.items()))
+        if key not in self.memo:
+            self.memo[key] = self._search(tokens, hits, misses, groups)
+        picks, t = self.memo[key]
+        cpu = [e for g, m in zip(groups.values(), picks) for e in g[:m]]
+        chosen = set(cpu)
+        return LayerPlan(hits, [e for e in misses if e not in chosen], cpu, t)
+
+    def _search(self, tokens, hits, misses, groups) -> tuple[tuple[int, ...], float]:
+        """Best number of misses of each token count to send to the CPU, and the predicted makespan."""
         sizes = [len(g) for g in groups.values()]
         space = 1
         for s in sizes:
             space *= s + 1
         if space <= EXACT_LIMIT:
-            splits = (sum((g[:m] for g, m in zip(groups.values(), ms)), []) for ms in product(*(range(s + 1) for s in sizes)))
+            candidates = product(*(range(s + 1) for s in sizes))
         else:
-            splits = (misses[:m] for m in range(len(misses) + 1))
-        best = None
-        for cpu in splits:
+            candidates = (self._prefix(sizes, m) for m in range(len(misses) + 1))
+        best: tuple[tuple[int, ...], float] | None = None
+        for picks in candidates:
+            cpu = [e for g, m in zip(groups.values(), picks) for e in g[:m]]
             chosen = set(cpu)
-            fetch = [e for e in misses if e not in chosen]
-            t = makespan(self.costs, tokens, hits, fetch, cpu)
-            if best is None or t < best.predicted_ms - 1e-12:
-                best = LayerPlan(hits, fetch, list(cpu), t)
-        return best or LayerPlan(hits, [], [], makespan(self.costs, tokens, hits, [], []))
+            t = makespan(self.costs, tokens, hits, [e for e in misses if e not in chosen], cpu)
+            if best is None or t < best[1] - 1e-12:
+                best = (tuple(picks), t)
+        return best
+
+    @staticmethod
+    def _prefix(sizes: list[int], m: int) -> tuple[int, ...]:
+        """The first m misses in token order, as counts per group."""
+        out = []
+        for s in sizes:
+            out.append(min(s, m))
+            m -= out[-1]
+        return tuple(out)
 
 
 PLANNERS = {"fetch": FetchPlanner, "cpu": CpuPlanner, "hybrid": MakespanPlanner}

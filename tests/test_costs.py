@@ -41,3 +41,15 @@ def test_calibration_measures_and_reloads(tmp_path):
     m.to_json(tmp_path / "c.json")
     back, _ = load_costs(tmp_path / "c.json", fingerprint(dev, 1))
     assert back.source == "calibrated" and json.loads((tmp_path / "c.json").read_text())["fetch_ms"] == m.fetch_ms
+
+
+def test_calibrate_script_measures_runtime_overheads(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out = tmp_path / "costs.json"
+    r = subprocess.run([sys.executable, str(ROOT / "calibrate.py"), "--hidden", "64", "--inter", "32",
+                        "--tokens", "1,4", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    assert d["layer_overhead_ms"] > 0 and d["cpu_dispatch_ms"] >= 0 and d["source"] == "calibrated"
