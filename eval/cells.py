@@ -1,0 +1,91 @@
+"""One sweep job in its own process: a mode (or peer) at one batch size over several prompt lengths."""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from common import hf_peer, load_prompts
+from hybrid.config import RunConfig
+from hybrid.engine import Engine
+from hybrid.sampling import SamplingParams
+from hybrid.tokenizer import load_tokenizer
+
+REFS = Path("/tmp/hybrid-refs")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def make_engine(a, mode: str, batch: int, seq: int) -> Engine:
+    mode, _, prefetch = mode.partition("+")
+    cuda = torch.cuda.is_available()
+    run = RunConfig(device="cuda" if cuda else "cpu", dtype="bfloat16" if cuda else "float32", mode=mode,
+                    prefetch=prefetch or "none", gpu_memory=a.gpu_memory if cuda and mode != "gpu" else None,
+                    cache_policy=a.cache_policy, max_batch_size=batch, max_seq_len=seq)
+    return Engine(a.model, run, progress=False)
+
+
+def cell(e: Engine, mode: str, prompts: list[list[int]], new: int) -> dict:
+    out = e.generate(prompts, SamplingParams(max_new_tokens=new, stop_on_eos=False))
+    s = out.stats
+    row = {**s.summary(), "mode": mode}
+    if s.layer_meas_ms:
+        row["layer_pred_ms_mean"] = statistics.mean(s.layer_pred_ms)
+        row["layer_meas_ms_mean"] = statistics.mean(s.layer_meas_ms)
+    row["_tokens"] = out.tokens
+    return row
+
+
+def check(e: Engine, a, mode: str, row: dict, prompt: list[int]) -> None:
+    """Against gpu mode on the same cell: greedy tokens and logits (and the fp32 engine when asked)."""
+    REFS.mkdir(exist_ok=True)
+    tag = REFS / f"{row['batch_size']}_{row['prompt_tokens']}.pt"
+    logits = e.logits(prompt[:64]).float().cpu()
+    if mode == "gpu":
+        torch.save({"tokens": row["_tokens"], "logits": logits}, tag)
+        return
+    if not tag.exists():
+        return
+    ref = torch.load(tag)
+    first = [next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), len(p)) for p, q in zip(row["_tokens"], ref["tokens"])]
+    row["tokens_identical_prefix"] = min(first)
+    row["logits_rel_err_vs_gpu"] = rel(logits, ref["logits"])
+    if (REFS / "fp32.pt").exists():
+        row["logits_rel_err_vs_fp32"] = rel(logits, torch.load(REFS / "fp32.pt"))
+
+
+def fp32_reference(a, prompt: list[int]) -> None:
+    e = Engine(a.model, RunConfig(device="cuda", dtype="float32", max_seq_len=72), progress=False)
+    torch.save(e.logits(prompt[:64]).float().cpu(), REFS / "fp32.pt")
+
+
+def run_job(a) -> None:
+    mode, batch = a.one.rsplit(":", 1)
+    batch = int(batch)
+    lens = [int(x) for x in a.prompt_lens.split(",")]
+    tok = load_tokenizer(a.model, a.tokenizer)
+    rows: list[dict] = []
+    if mode.startswith("transformers"):
+        mm = None if mode == "transformers" else {0: a.gpu_memory, "cpu": 200 * 2**30}
+        prompts = load_prompts(a.prompts, tok, min(lens), batch)
+        rows.append(hf_peer(a.model, prompts, a.peer_new_tokens if mm is None else a.accelerate_new_tokens, mm))
+        Path(a.rows).write_text(json.dumps(rows))
+        return
+    e = make_engine(a, mode, batch, max(lens) + a.new_tokens + 8)
+    e.generate(load_prompts(a.prompts, tok, 16, batch), SamplingParams(max_new_tokens=4))      # warm-up, graphs
+    for n in lens:
+        prompts = load_prompts(a.prompts, tok, n, batch)
+        row = cell(e, mode, prompts, a.new_tokens)
+        if n == min(lens):
+            check(e, a, mode, row, prompts[0])
+        row.pop("_tokens")
+        rows.append(row)
+        Path(a.rows).write_text(json.dumps(rows))
+    if mode == "gpu" and a.fp32_reference and batch == 1:
+        del e
+        torch.cuda.empty_cache()
+        fp32_reference(a, load_prompts(a.prompts, tok, min(lens), 1)[0])
