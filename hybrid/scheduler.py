@@ -9,7 +9,7 @@ from itertools import product
 
 from cost_model.costs import CostModel
 
-EXACT_LIMIT = 4096     # largest number of candidate splits evaluated exhaustively
+EXACT_LIMIT = 48       # candidate splits searched exhaustively; above that, the O(misses) prefix scan
 
 
 @dataclass
@@ -57,9 +57,9 @@ class CpuPlanner(FetchPlanner):
 class MakespanPlanner(FetchPlanner):
     """Chooses, per miss, fetch or CPU to minimise the layer's makespan under the cost model.
 
-    Misses with equal token counts are interchangeable, so the search is over how many of each count go to
-    the CPU: exact while that space is small, else the best split of misses sorted by token count (the CPU
-    takes a prefix of the smallest). Decisions depend only on the token counts, so they are memoised."""
+    Misses with equal token counts are interchangeable, so a candidate is how many of each count go to the CPU.
+    Small spaces are searched exhaustively (exact); larger ones scan the CPU taking the k smallest misses,
+    k = 0..all, in O(misses). Decisions depend only on the token counts, so they are memoised."""
 
     def __init__(self, costs: CostModel | None = None):
         super().__init__(costs)
@@ -67,40 +67,49 @@ class MakespanPlanner(FetchPlanner):
 
     def plan(self, tokens: dict[int, int], cached: set[int]) -> LayerPlan:
         hits = [e for e in tokens if e in cached]
-        misses = sorted((e for e in tokens if e not in cached), key=lambda e: tokens[e])
         groups: dict[int, list[int]] = {}
-        for e in misses:
+        for e in sorted((e for e in tokens if e not in cached), key=lambda e: tokens[e]):
             groups.setdefault(tokens[e], []).append(e)
         key = (tuple(sorted(tokens[e] for e in hits)), tuple((n, len(g)) for n, g in groups.items()))
         if key not in self.memo:
-            self.memo[key] = self._search(tokens, hits, misses, groups)
+            self.memo[key] = self._search(key)
         picks, t = self.memo[key]
         cpu = [e for g, m in zip(groups.values(), picks) for e in g[:m]]
-        chosen = set(cpu)
-        return LayerPlan(hits, [e for e in misses if e not in chosen], cpu, t)
+        fetch = [e for g, m in zip(groups.values(), picks) for e in g[m:]]
+        return LayerPlan(hits, fetch, cpu, t)
 
-    def _search(self, tokens, hits, misses, groups) -> tuple[tuple[int, ...], float]:
-        """Best number of misses of each token count to send to the CPU, and the predicted makespan."""
-        sizes = [len(g) for g in groups.values()]
+    def _search(self, key: tuple) -> tuple[tuple[int, ...], float]:
+        """Best count per token-count group to run on the CPU, and its predicted makespan."""
+        hit_ns, groups = key
+        c = self.costs
+        ns = [n for n, _ in groups]
+        sizes = [s for _, s in groups]
+        unit_cpu, unit_gpu = [c.cpu_ms(n) for n in ns], [c.gpu_ms(n) for n in ns]
+        gpu_hits = sum(c.gpu_ms(n) for n in hit_ns)
+
+        def cost(picks) -> float:
+            nf = sum(sizes) - sum(picks)
+            gpu = gpu_hits + sum(u * (s - m) for u, s, m in zip(unit_gpu, sizes, picks))
+            if nf:
+                gpu = max(gpu, nf * c.fetch_ms + min(u for u, s, m in zip(unit_gpu, sizes, picks) if m < s))
+            lane = 0.0
+            if any(picks):
+                lane = c.cpu_dispatch_ms + c.xfer_ms(sum(n * m for n, m in zip(ns, picks))) + \
+                    sum(u * m for u, m in zip(unit_cpu, picks))
+            return c.layer_overhead_ms + max(gpu, lane)
+
         space = 1
         for s in sizes:
             space *= s + 1
         if space <= EXACT_LIMIT:
             candidates = product(*(range(s + 1) for s in sizes))
         else:
-            candidates = (self._prefix(sizes, m) for m in range(len(misses) + 1))
-        best: tuple[tuple[int, ...], float] | None = None
-        for picks in candidates:
-            cpu = [e for g, m in zip(groups.values(), picks) for e in g[:m]]
-            chosen = set(cpu)
-            t = makespan(self.costs, tokens, hits, [e for e in misses if e not in chosen], cpu)
-            if best is None or t < best[1] - 1e-12:
-                best = (tuple(picks), t)
-        return best
+            candidates = (self._prefix(sizes, m) for m in range(sum(sizes) + 1))
+        return min(((tuple(p), cost(p)) for p in candidates), key=lambda pt: pt[1])
 
     @staticmethod
     def _prefix(sizes: list[int], m: int) -> tuple[int, ...]:
-        """The first m misses in token order, as counts per group."""
+        """The m misses with the fewest tokens, as counts per group."""
         out = []
         for s in sizes:
             out.append(min(s, m))

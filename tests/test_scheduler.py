@@ -1,9 +1,11 @@
 """The makespan planner: exact against brute force on small cases, never worse than all-fetch or all-CPU."""
 import random
+from collections import Counter
 from itertools import product
+from math import prod
 
 from cost_model.costs import CostModel, Curve
-from hybrid.scheduler import CpuPlanner, FetchPlanner, MakespanPlanner, makespan
+from hybrid.scheduler import EXACT_LIMIT, CpuPlanner, FetchPlanner, MakespanPlanner, makespan
 
 
 def costs(seed=0):
@@ -31,15 +33,31 @@ def brute(c, tokens, cached):
     return best
 
 
-def test_matches_brute_force_on_small_cases():
+def space(tokens, cached):
+    counts = Counter(n for e, n in tokens.items() if e not in cached)
+    return prod(s + 1 for s in counts.values())
+
+
+def test_matches_brute_force_where_exact_and_stays_close_elsewhere():
     r = random.Random(1)
-    for i in range(300):
+    exact = approx = 0
+    worst = 1.0
+    for i in range(400):
         c = costs(i)
         tokens, cached = case(r)
         plan = MakespanPlanner(c).plan(tokens, cached)
-        assert abs(plan.predicted_ms - brute(c, tokens, cached)) < 1e-9
+        best = brute(c, tokens, cached)
         assert sorted(plan.hits + plan.fetch + plan.cpu) == sorted(tokens)
         assert set(plan.hits) == set(tokens) & cached
+        assert abs(plan.predicted_ms - makespan(c, tokens, plan.hits, plan.fetch, plan.cpu)) < 1e-9
+        if space(tokens, cached) <= EXACT_LIMIT:
+            assert abs(plan.predicted_ms - best) < 1e-9
+            exact += 1
+        else:
+            worst = max(worst, plan.predicted_ms / best)
+            approx += 1
+    assert exact > 200 and approx > 20
+    assert worst < 1.10
 
 
 def test_never_worse_than_all_fetch_or_all_cpu_on_large_cases():
