@@ -23,12 +23,16 @@ class Curve:
 
     @classmethod
     def fit(cls, points: dict[float, float]) -> "Curve":
-        """Monotone curve through (x, median y) points: a noisy dip never makes more tokens look cheaper."""
+        """Isotonic (non-decreasing) least-squares fit through the measured points, by pooling adjacent
+        violators: noise never makes more tokens look cheaper, and one high outlier does not lift the rest."""
         xs = sorted(points)
-        ys, best = [], 0.0
+        blocks: list[list[float]] = []          # [mean, weight]
         for x in xs:
-            best = max(best, points[x])
-            ys.append(best)
+            blocks.append([points[x], 1.0])
+            while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+                (m2, w2), (m1, w1) = blocks.pop(), blocks.pop()
+                blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2])
+        ys = [m for m, w in blocks for _ in range(int(w))]
         return cls([float(x) for x in xs], ys)
 
 
