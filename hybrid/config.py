@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -135,4 +135,3 @@ class RunConfig:
     costs_path: str | None = None         # calibration JSON; None = the default location
     static_decode: bool = True            # decode from static buffers over the whole cache (graph-ready)
     cuda_graphs: bool = True              # on CUDA, replay static decode steps from captured graphs
-    extra: dict = field(default_factory=dict)

@@ -5,7 +5,6 @@ import torch
 
 from .cache_policy import make_policy
 from .config import ModelConfig
-from .expert_store import split_expert
 
 
 class ExpertCache:
@@ -84,9 +83,6 @@ class ExpertCache:
     def tick(self) -> None:
         for pol in self.policies.values():
             pol.tick()
-
-    def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return split_expert(self.slots[slot], self.cfg)
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every slot's w13 [S, 2I, Hd] and w2 [S, Hd, I] as strided views, for grouped GEMMs over slots."""

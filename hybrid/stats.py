@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -92,6 +92,3 @@ class RunStats:
         d = {**self.summary(), "per_layer_hits": self.experts.per_layer_hits,
              "per_layer_misses": self.experts.per_layer_misses, "step_s": self.step_s, **(extra or {})}
         Path(path).write_text(json.dumps(d, indent=2, default=str))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
