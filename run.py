@@ -36,8 +36,9 @@ def stream_printer(tok, batch: int):
     return on_tokens
 
 
-def one_shot(engine, tok, a) -> None:
-    ids = tok.encode(a.prompt) if not a.chat_template else tok.chat([{"role": "user", "content": a.prompt}])
+def one_shot(engine, tok, a, ids: list[int] | None = None) -> None:
+    if ids is None:
+        ids = tok.encode(a.prompt) if not a.chat_template else tok.chat([{"role": "user", "content": a.prompt}])
     prompts = [ids] * a.batch_size
     params = SamplingParams(a.max_new_tokens, a.temperature, a.top_p, a.seed)
     out = engine.generate(prompts, params, stream_printer(tok, a.batch_size))
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's own)")
     ap.add_argument("--json", help="write the run statistics here")
+    ap.add_argument("--record-trace", help="save routing traces (hybrid.trace format) of this run here")
+    ap.add_argument("--prompts", help="JSONL prompt file: generate for each record (batch of --batch-size)")
     a = ap.parse_args(argv)
     if a.model is None:
         a.model = str(default_model())
@@ -89,10 +92,17 @@ def main(argv: list[str] | None = None) -> None:
               "its output is gibberish by design")
     engine = make_engine(a)
     tok = load_tokenizer(a.model, a.tokenizer)
-    if a.chat:
+    recorder = engine.record_trace() if a.record_trace else None
+    if a.prompts:
+        from hybrid.promptset import encode_record, read_records
+        for record in read_records(a.prompts):
+            one_shot(engine, tok, a, encode_record(record, tok))
+    elif a.chat:
         chat(engine, tok, a)
     else:
         one_shot(engine, tok, a)
+    if recorder:
+        print(f"trace saved to {recorder.save(a.record_trace)}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import platform
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from hybrid.promptset import prompt_ids as load_prompts  # noqa: E402,F401  (re-exported for the eval scripts)
 DEFAULT_PROMPTS = ROOT / "eval" / "prompts.jsonl"
 
 
@@ -26,24 +27,6 @@ def meta() -> dict:
             "command": " ".join([Path(sys.executable).name] + sys.argv), "commit": commit,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
-
-
-def load_prompts(path: str | Path, tok, length: int, count: int) -> list[list[int]]:
-    """`count` prompts of exactly `length` tokens: chat records go through the chat template, text is encoded;
-    a short record is continued with the following ones, a long one is cut."""
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    if not records:
-        raise ValueError(f"no prompts in {path}")
-    encoded = [tok.chat(r["messages"]) if "messages" in r else tok.encode(r.get("text") or r["prompt"])
-               for r in records]
-    out = []
-    for i in range(count):
-        ids, k = [], i
-        while len(ids) < length:
-            ids += encoded[k % len(encoded)]
-            k += 1
-        out.append(ids[:length])
-    return out
 
 
 def hf_peer(model_dir: str, prompts: list[list[int]], new_tokens: int, max_memory: dict | None = None) -> dict:

@@ -41,7 +41,9 @@ def engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", default=None, help="bfloat16 (default on GPU) | float32 (default on CPU)")
     ap.add_argument("--gpu-memory", type=parse_bytes, help="whole GPU budget, e.g. 12GiB")
     ap.add_argument("--cache-policy", default="lfu", choices=["lfu", "lru", "static"])
-    ap.add_argument("--prefetch", default="none", choices=["none", "gate"])
+    ap.add_argument("--prefetch", default="none", choices=["none", "gate", "mlp"],
+                    help="predict the next layer's experts with its router (gate) or a trained predictor (mlp)")
+    ap.add_argument("--predictors", help="trained predictor file for --prefetch mlp (default: by checkpoint)")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--max-seq-len", type=int, default=4096)
     ap.add_argument("--cpu-threads", type=int)
@@ -52,7 +54,8 @@ def run_config(a: argparse.Namespace) -> RunConfig:
     dtype = a.dtype or ("bfloat16" if str(a.device).startswith("cuda") else "float32")
     return RunConfig(device=a.device, dtype=dtype, mode=a.mode, gpu_memory=a.gpu_memory,
                      cache_policy=a.cache_policy, prefetch=a.prefetch, max_batch_size=a.batch_size,
-                     max_seq_len=a.max_seq_len, cpu_threads=a.cpu_threads, costs_path=a.costs)
+                     max_seq_len=a.max_seq_len, cpu_threads=a.cpu_threads, costs_path=a.costs,
+                     predictor_path=a.predictors)
 
 
 def make_engine(a: argparse.Namespace):

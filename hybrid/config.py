@@ -126,7 +126,8 @@ class RunConfig:
     mode: str = "gpu"                     # gpu | fetch | cpu | hybrid
     gpu_memory: int | None = None         # bytes for everything on the compute device; None = no budget
     cache_policy: str = "lfu"             # lfu | lru | static
-    prefetch: str = "none"                # none | gate
+    prefetch: str = "none"                # none | gate | mlp
+    predictor_path: str | None = None     # trained predictors for prefetch mlp (default: by checkpoint)
     max_batch_size: int = 1
     max_seq_len: int = 4096               # KV cache capacity per sequence (prompt + new tokens)
     prefill_chunk_tokens: int = 4096      # tokens per prefill forward (bounds activation memory)

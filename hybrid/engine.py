@@ -1,6 +1,7 @@
 """The engine: loads a checkpoint onto a device with an expert runtime, then prefills and decodes batches."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -60,11 +61,40 @@ class Engine:
         bar.close()
         if hasattr(self.backend, "attach"):
             self.backend.attach(self.model)
+        if self.run.prefetch == "mlp":
+            self.install_predictors(self.run.predictor_path)
+        self.recorder = None
         self.cache = LatentCache(self.cfg, self.run.max_batch_size, self.context_len, self.dtype, self.device)
         self.decoder = None
         if self.run.static_decode:
             capture = self.device.type == "cuda" and self.run.cuda_graphs
             self.decoder = DecodeRunner(self.model, self.cache, self.device, capture)
+
+    def install_predictors(self, path: str | None) -> None:
+        """Use trained k=1 predictors (hybrid.predictor) for the next-layer guesses that drive prefetch."""
+        from . import predictor
+        path = path or predictor.default_path(self.ckpt.path)
+        if not os.path.exists(path):
+            raise EngineError(f"--prefetch mlp needs trained predictors for this checkpoint, none at {path}: "
+                              "record a trace (run.py --record-trace) and run `python -m hybrid.predictor train`")
+        models = predictor.load(path, predictor.checkpoint_key(self.ckpt.path), self.cfg.n_routed_experts)
+        for (L, k), m in models.items():
+            if k == 1:
+                self.model.next_scores[L] = m.to(self.device)
+
+    def record_trace(self, max_tokens: int = 4096):
+        """Record routing traces from now on (eager decode: graphs cannot copy to the host); returns the recorder."""
+        from .trace import TraceRecorder
+        self.recorder = TraceRecorder(self.model.experts, max_tokens)
+        self.model.experts = self.recorder
+        if self.decoder is not None:
+            self.decoder = DecodeRunner(self.model, self.cache, self.device, capture=False)
+        return self.recorder
+
+    def _rows(self, valid: torch.Tensor, start: int, T: int) -> None:
+        if self.recorder is not None:
+            real = valid[:, start:start + T]
+            self.recorder.set_rows(torch.arange(real.shape[0])[:, None].expand_as(real)[real].numpy())
 
     @property
     def context_len(self) -> int:
@@ -121,6 +151,7 @@ class Engine:
         chunk = max(1, self.run.prefill_chunk_tokens // B)
         for s in range(0, L, chunk):
             T = min(chunk, L - s)
+            self._rows(valid, s, T)
             logits = self.model.forward(ids[:, s:s + T], cache, self._state(valid, pad, s, T))
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
@@ -142,6 +173,7 @@ class Engine:
                 on_tokens(host)
             if all(done) or step == params.max_new_tokens - 1:
                 break
+            self._rows(valid, L + step, 1)
             logits = self._decode(tok, cache, valid, pad, L + step)
         self._finish(stats)
         return Generation(out, stats)

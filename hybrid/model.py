@@ -4,6 +4,7 @@ The model imports no runtime: routed experts are computed by an `ExpertBackend` 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Protocol
 
 import torch
@@ -188,7 +189,8 @@ class DeepseekV2:
         self.norm = RMSNorm(w("model.norm.weight"), cfg.rms_norm_eps)
         self.lm_head = w("lm_head.weight")
         moe = [m for *_, m in self.layers if isinstance(m, MoE)]
-        self.next_gate = {a.i: b.gate for a, b in zip(moe, moe[1:])}
+        # layer L -> scores [T, E] for layer L+1's experts from L's MoE input: the next router, or a trained predictor
+        self.next_scores: dict[int, Callable] = {a.i: partial(F.linear, weight=b.gate) for a, b in zip(moe, moe[1:])}
 
     def steps(self, ids: torch.Tensor, cache: LatentCache, st: StepState, last_only: bool = True):
         """The forward pass as a generator: yields a MoECall at each MoE layer and expects the routed output
@@ -208,8 +210,8 @@ class DeepseekV2:
             hr = hf if st.rows is None else hf.index_select(0, st.rows)
             idx, w = mlp.route(hr)
             pred = None
-            if self.predict_next and mlp.i in self.next_gate:
-                pred = F.linear(hr.float(), self.next_gate[mlp.i]).topk(self.cfg.num_experts_per_tok, dim=-1).indices
+            if self.predict_next and mlp.i in self.next_scores:
+                pred = self.next_scores[mlp.i](hr.float()).topk(self.cfg.num_experts_per_tok, dim=-1).indices
             shared = mlp.shared(hf)
             routed = yield MoECall(mlp.i, hr, idx, w, pred)
             if st.rows is not None:

@@ -86,7 +86,7 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
         print(f"cost model: {why}", file=sys.stderr)
     planner = PLANNERS[run.mode](costs)
     lane = CpuLane(run.cpu_threads, pin=cuda)
-    prefetch = GatePrefetcher(cfg) if run.prefetch == "gate" else None
+    prefetch = GatePrefetcher(cfg) if run.prefetch in ("gate", "mlp") else None
     if progress:
         print(f"memory: {plan.describe()}", file=sys.stderr)
     backend = OffloadedExperts(cfg, store, cache, planner, device, lane, prefetch)

@@ -1,0 +1,179 @@
+"""Trained expert predictors: at MoE layer L, a small MLP predicts the experts layer L+k will route to.
+
+    python -m hybrid.predictor train --model DIR --trace T.npz --k 1,2,3     # saves next to the calibration data
+    python -m hybrid.predictor eval  --model DIR --trace HELDOUT.npz --out R.json [--plot R.png]
+The k=1 predictor drives `--prefetch mlp`. Evaluation compares it with the next layer's router applied early
+(`gate`) and with "the same experts as the previous token" on held-out sequences."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint
+from .trace import load_trace
+
+
+class ExpertMLP(torch.nn.Module):
+    def __init__(self, hidden: int, experts: int, width: int = 256):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(hidden, width), torch.nn.SiLU(), torch.nn.Linear(width, experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, Hd] -> expert scores [T, E] (higher = more likely routed)."""
+        return self.net(x.float())
+
+
+def checkpoint_key(model_dir: str | Path) -> str:
+    """Identifies the weights: config plus the first router's bytes (synthetic checkpoints differ only in values)."""
+    ck = Checkpoint(model_dir)
+    first = ck.config.moe_layers[0]
+    h = hashlib.sha1((Path(model_dir) / "config.json").read_bytes())
+    h.update(ck.get(f"model.layers.{first}.mlp.gate.weight").float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def default_path(model_dir: str | Path) -> Path:
+    root = Path(os.environ.get("HYBRID_CACHE", Path.home() / ".cache" / "hybrid-moe"))
+    return root / "predictors" / f"{checkpoint_key(model_dir)}.pt"
+
+
+def multi_hot(idx: np.ndarray, experts: int) -> torch.Tensor:
+    y = torch.zeros(idx.shape[0], experts)
+    return y.scatter_(1, torch.from_numpy(idx), 1.0)
+
+
+def train(trace: dict, experts: int, ks: list[int], epochs: int = 40, device: str = "cpu",
+          progress: bool = True) -> dict[tuple[int, int], ExpertMLP]:
+    """One MLP per (layer L, distance k), trained with binary cross-entropy on the multi-hot target of L+k."""
+    layers, out = trace["layers"], {}
+    pairs = [(L, k) for k in ks for i, L in enumerate(layers) if i + k < len(layers)]
+    for L, k in tqdm(pairs, desc="training predictors", disable=not progress):
+        x = torch.from_numpy(trace["x"][L]).float().to(device)
+        y = multi_hot(trace["idx"][layers[layers.index(L) + k]], experts).to(device)
+        model = ExpertMLP(x.shape[1], experts).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
+        for _ in range(epochs):
+            for batch in torch.randperm(len(x), device=device).split(256):
+                opt.zero_grad()
+                F.binary_cross_entropy_with_logits(model(x[batch]), y[batch]).backward()
+                opt.step()
+        out[(L, k)] = model.cpu().eval()
+    return out
+
+
+def recall_at_k(scores: torch.Tensor, actual: np.ndarray) -> float:
+    pred = scores.topk(actual.shape[1], dim=-1).indices.numpy()
+    return float(np.mean([len(set(p) & set(a)) / len(a) for p, a in zip(pred, actual)]))
+
+
+def precision_at_half(scores: torch.Tensor, actual: np.ndarray) -> tuple[float, float]:
+    """Precision and mean size of the set {e : sigmoid(score) > 0.5} (top-1 if empty)."""
+    chosen = torch.sigmoid(scores) > 0.5
+    chosen[torch.arange(len(chosen)), scores.argmax(-1)] = True
+    hits = [len(set(np.flatnonzero(c.numpy())) & set(a)) for c, a in zip(chosen, actual)]
+    return float(np.sum(hits) / chosen.sum().item()), float(chosen.sum(-1).float().mean())
+
+
+def previous_token(trace: dict, L: int) -> float:
+    """Recall of 'the same experts as the previous token of the same sequence'."""
+    idx, seq = trace["idx"][L], trace["seq"]
+    same = [len(set(idx[i]) & set(idx[i - 1])) / idx.shape[1] for i in range(1, len(idx)) if seq[i] == seq[i - 1]]
+    return float(np.mean(same)) if same else float("nan")
+
+
+@torch.no_grad()
+def evaluate(trace: dict, predictors: dict, routers: dict[int, torch.Tensor]) -> list[dict]:
+    layers, rows = trace["layers"], []
+    for i, L in enumerate(layers[:-1]):
+        x = torch.from_numpy(trace["x"][L]).float()
+        nxt = trace["idx"][layers[i + 1]]
+        row = {"layer": L, "gate_k1": recall_at_k(F.linear(x, routers[layers[i + 1]]), nxt),
+               "prev_token": previous_token(trace, layers[i + 1])}
+        for (pl, k), model in predictors.items():
+            if pl == L:
+                row[f"mlp_k{k}"] = recall_at_k(model(x), trace["idx"][layers[i + k]])
+                if k == 1:
+                    row["mlp_k1_precision"], row["mlp_k1_set_size"] = precision_at_half(model(x), nxt)
+        rows.append(row)
+    return rows
+
+
+def save(path: Path, predictors: dict, key: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"checkpoint": key, "models": {f"{L}:{k}": m.state_dict() for (L, k), m in predictors.items()},
+                "shape": next(iter(predictors.values())).net[0].in_features}, path)
+    return path
+
+
+def load(path: Path, key: str | None, experts: int) -> dict[tuple[int, int], ExpertMLP]:
+    d = torch.load(path, weights_only=True)
+    if key is not None and d["checkpoint"] != key:
+        raise ValueError(f"predictors in {path} were trained for another checkpoint ({d['checkpoint']} != {key})")
+    out = {}
+    for name, state in d["models"].items():
+        L, k = (int(v) for v in name.split(":"))
+        m = ExpertMLP(d["shape"], experts)
+        m.load_state_dict(state)
+        out[(L, k)] = m.eval()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["train", "eval"])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--trace", required=True)
+    ap.add_argument("--k", default="1,2,3")
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--predictors", help="predictor file (default: next to the calibration data)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", help="eval: JSON table")
+    ap.add_argument("--plot", help="eval: PNG of recall per layer")
+    a = ap.parse_args(argv)
+    ck = Checkpoint(a.model)
+    E, key = ck.config.n_routed_experts, checkpoint_key(a.model)
+    path = Path(a.predictors) if a.predictors else default_path(a.model)
+    trace = load_trace(a.trace)
+    if a.command == "train":
+        preds = train(trace, E, [int(k) for k in a.k.split(",")], a.epochs, a.device)
+        print(f"saved {len(preds)} predictors to {save(path, preds, key)}")
+        return
+    routers = {L: ck.get(f"model.layers.{L}.mlp.gate.weight").float() for L in trace["layers"]}
+    rows = evaluate(trace, load(path, key, E), routers)
+    report(rows, a.out, a.plot)
+
+
+def report(rows: list[dict], out: str | None, plot: str | None) -> None:
+    cols = [c for c in ("gate_k1", "mlp_k1", "mlp_k2", "mlp_k3", "prev_token", "mlp_k1_precision") if c in rows[0]]
+    print("layer " + " ".join(f"{c:>16}" for c in cols))
+    for r in rows:
+        print(f"{r['layer']:>5} " + " ".join(f"{r[c]:16.3f}" for c in cols))
+    mean = {c: float(np.nanmean([r[c] for r in rows])) for c in cols}
+    print("mean  " + " ".join(f"{mean[c]:16.3f}" for c in cols))
+    if out:
+        Path(out).write_text(json.dumps({"per_layer": rows, "mean": mean}, indent=1))
+    if plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for c in cols:
+            if c != "mlp_k1_precision":
+                ax.plot([r["layer"] for r in rows], [r[c] for r in rows], marker=".", label=c)
+        ax.set(xlabel="MoE layer L (predicting L+k)", ylabel="recall@top-k", title="expert prediction, held out")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
