@@ -155,8 +155,8 @@ def report(rows: list[dict], out: str | None, plot: str | None) -> None:
     cols = [c for c in ("gate_k1", "mlp_k1", "mlp_k2", "mlp_k3", "prev_token", "mlp_k1_precision") if c in rows[0]]
     print("layer " + " ".join(f"{c:>16}" for c in cols))
     for r in rows:
-        print(f"{r['layer']:>5} " + " ".join(f"{r[c]:16.3f}" for c in cols))
-    mean = {c: float(np.nanmean([r[c] for r in rows])) for c in cols}
+        print(f"{r['layer']:>5} " + " ".join(f"{r.get(c, float('nan')):16.3f}" for c in cols))
+    mean = {c: float(np.nanmean([r.get(c, np.nan) for r in rows])) for c in cols}
     print("mean  " + " ".join(f"{mean[c]:16.3f}" for c in cols))
     if out:
         Path(out).write_text(json.dumps({"per_layer": rows, "mean": mean}, indent=1))
@@ -167,7 +167,7 @@ def report(rows: list[dict], out: str | None, plot: str | None) -> None:
         fig, ax = plt.subplots(figsize=(8, 4))
         for c in cols:
             if c != "mlp_k1_precision":
-                ax.plot([r["layer"] for r in rows], [r[c] for r in rows], marker=".", label=c)
+                ax.plot([r["layer"] for r in rows], [r.get(c, np.nan) for r in rows], marker=".", label=c)
         ax.set(xlabel="MoE layer L (predicting L+k)", ylabel="recall@top-k", title="expert prediction, held out")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
