@@ -15,5 +15,5 @@ timeout 200 python3 -m hybrid.predictor train --model $M --trace /dev/shm/train.
 timeout 100 python3 -m hybrid.predictor eval --model $M --trace /dev/shm/test.npz --out "$OUT/predictor_eval.json" \
   --plot "$OUT/predictor_recall.png" 2>&1 | tail -30
 timeout 300 python3 eval/compare_modes.py --model $M --out-dir "$OUT/pf" --batch-sizes 1 --prompt-lens 128 \
-  --new-tokens 64 --modes hybrid,hybrid+gate,hybrid+mlp,fetch+gate,fetch+mlp 2>&1 | grep -v "it/s\]" | tail -8
+  --new-tokens 64 --modes hybrid,hybrid+gate,hybrid+mlp 2>&1 | grep -v "it/s\]" | tail -8
 rm -f "$OUT"/pf/*.png

@@ -22,13 +22,23 @@ from .trace import load_trace
 
 
 class ExpertMLP(torch.nn.Module):
-    def __init__(self, hidden: int, experts: int, width: int = 256):
+    """Scores for layer L+k's experts from layer L's MoE input: the target layer's router (frozen), rescaled and
+    shifted, plus a small MLP correction that starts at zero, so training begins from the router's own guess."""
+
+    def __init__(self, router: torch.Tensor, width: int = 256):
         super().__init__()
+        experts, hidden = router.shape
+        self.register_buffer("router", router.float().clone())                          # [E, Hd]
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.bias = torch.nn.Parameter(torch.zeros(experts))
         self.net = torch.nn.Sequential(torch.nn.Linear(hidden, width), torch.nn.SiLU(), torch.nn.Linear(width, experts))
+        torch.nn.init.zeros_(self.net[2].weight)
+        torch.nn.init.zeros_(self.net[2].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, Hd] -> expert scores [T, E] (higher = more likely routed)."""
-        return self.net(x.float())
+        x = x.float()
+        return self.scale * F.linear(x, self.router) + self.bias + self.net(x)
 
 
 def checkpoint_key(model_dir: str | Path) -> str:
@@ -50,15 +60,17 @@ def multi_hot(idx: np.ndarray, experts: int) -> torch.Tensor:
     return y.scatter_(1, torch.from_numpy(idx), 1.0)
 
 
-def train(trace: dict, experts: int, ks: list[int], epochs: int = 40, device: str = "cpu",
+def train(trace: dict, routers: dict[int, torch.Tensor], ks: list[int], epochs: int = 40, device: str = "cpu",
           progress: bool = True) -> dict[tuple[int, int], ExpertMLP]:
-    """One MLP per (layer L, distance k), trained with binary cross-entropy on the multi-hot target of L+k."""
+    """One predictor per (layer L, distance k), trained with binary cross-entropy on L+k's multi-hot routing."""
     layers, out = trace["layers"], {}
     pairs = [(L, k) for k in ks for i, L in enumerate(layers) if i + k < len(layers)]
     for L, k in tqdm(pairs, desc="training predictors", disable=not progress):
         x = torch.from_numpy(trace["x"][L]).float().to(device)
-        y = multi_hot(trace["idx"][layers[layers.index(L) + k]], experts).to(device)
-        model = ExpertMLP(x.shape[1], experts).to(device)
+        target = layers[layers.index(L) + k]
+        router = routers[target]
+        y = multi_hot(trace["idx"][target], router.shape[0]).to(device)
+        model = ExpertMLP(router).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
         for _ in range(epochs):
             for batch in torch.randperm(len(x), device=device).split(256):
@@ -108,19 +120,19 @@ def evaluate(trace: dict, predictors: dict, routers: dict[int, torch.Tensor]) ->
 
 def save(path: Path, predictors: dict, key: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"checkpoint": key, "models": {f"{L}:{k}": m.state_dict() for (L, k), m in predictors.items()},
-                "shape": next(iter(predictors.values())).net[0].in_features}, path)
+    torch.save({"checkpoint": key, "models": {f"{L}:{k}": m.state_dict() for (L, k), m in predictors.items()}},
+               path)
     return path
 
 
-def load(path: Path, key: str | None, experts: int) -> dict[tuple[int, int], ExpertMLP]:
+def load(path: Path, key: str | None) -> dict[tuple[int, int], ExpertMLP]:
     d = torch.load(path, weights_only=True)
     if key is not None and d["checkpoint"] != key:
         raise ValueError(f"predictors in {path} were trained for another checkpoint ({d['checkpoint']} != {key})")
     out = {}
     for name, state in d["models"].items():
         L, k = (int(v) for v in name.split(":"))
-        m = ExpertMLP(d["shape"], experts)
+        m = ExpertMLP(state["router"])
         m.load_state_dict(state)
         out[(L, k)] = m.eval()
     return out
@@ -139,15 +151,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plot", help="eval: PNG of recall per layer")
     a = ap.parse_args(argv)
     ck = Checkpoint(a.model)
-    E, key = ck.config.n_routed_experts, checkpoint_key(a.model)
+    key = checkpoint_key(a.model)
     path = Path(a.predictors) if a.predictors else default_path(a.model)
     trace = load_trace(a.trace)
+    routers = {L: ck.get(f"model.layers.{L}.mlp.gate.weight").float() for L in trace["layers"]}
     if a.command == "train":
-        preds = train(trace, E, [int(k) for k in a.k.split(",")], a.epochs, a.device)
+        preds = train(trace, routers, [int(k) for k in a.k.split(",")], a.epochs, a.device)
         print(f"saved {len(preds)} predictors to {save(path, preds, key)}")
         return
-    routers = {L: ck.get(f"model.layers.{L}.mlp.gate.weight").float() for L in trace["layers"]}
-    rows = evaluate(trace, load(path, key, E), routers)
+    rows = evaluate(trace, load(path, key), routers)
     report(rows, a.out, a.plot)
 
 

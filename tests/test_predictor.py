@@ -31,10 +31,13 @@ def record(tiny, prompts, path):
 def trained(tiny, tmp_path_factory):
     d = tmp_path_factory.mktemp("pred")
     train_trace, test_trace = record(tiny, TRAIN, d / "train.npz"), record(tiny, HELDOUT, d / "test.npz")
-    E = 16
-    models = predictor.train(train_trace, E, [1, 2], epochs=60, progress=False)
+    from hybrid.checkpoint import Checkpoint
+    ck = Checkpoint(tiny)
+    routers = {L: ck.get(f"model.layers.{L}.mlp.gate.weight").float() for L in train_trace["layers"]}
+    untrained = {(L, 1): predictor.ExpertMLP(routers[M]) for L, M in zip(train_trace["layers"], train_trace["layers"][1:])}
+    models = predictor.train(train_trace, routers, [1, 2], epochs=60, progress=False)
     path = predictor.save(d / "p.pt", models, predictor.checkpoint_key(tiny))
-    return train_trace, test_trace, models, path
+    return train_trace, test_trace, models, path, untrained
 
 
 def test_trace_rows_line_up_across_layers(trained):
@@ -46,7 +49,7 @@ def test_trace_rows_line_up_across_layers(trained):
 
 def test_predictor_learns_well_above_chance_on_heldout(trained, tiny):
     from hybrid.checkpoint import Checkpoint
-    _, test, models, _ = trained
+    _, test, models, _, untrained = trained
     ck = Checkpoint(tiny)
     routers = {L: ck.get(f"model.layers.{L}.mlp.gate.weight").float() for L in test["layers"]}
     rows = predictor.evaluate(test, models, routers)
@@ -54,16 +57,18 @@ def test_predictor_learns_well_above_chance_on_heldout(trained, tiny):
     assert np.mean([r["mlp_k1"] for r in rows]) > 2 * chance
     assert np.mean([r["mlp_k2"] for r in rows if "mlp_k2" in r]) > 1.5 * chance
     assert all(0 <= r["prev_token"] <= 1 and 0 <= r["gate_k1"] <= 1 for r in rows)
+    start = predictor.evaluate(test, untrained, routers)            # before training: exactly the gate's ranking
+    assert all(abs(r["mlp_k1"] - r["gate_k1"]) < 1e-9 for r in start)
 
 
 def test_save_load_round_trip_and_wrong_checkpoint(trained, tiny):
-    _, test, models, path = trained
-    back = predictor.load(path, predictor.checkpoint_key(tiny), 16)
+    _, test, models, path, _ = trained
+    back = predictor.load(path, predictor.checkpoint_key(tiny))
     x = torch.from_numpy(test["x"][test["layers"][0]]).float()
     for key, m in models.items():
         assert torch.equal(m(x), back[key](x))
     with pytest.raises(ValueError, match="another checkpoint"):
-        predictor.load(path, "0000", 16)
+        predictor.load(path, "0000")
 
 
 def test_prefetch_mlp_is_exact_and_needs_predictors(trained, tiny):
