@@ -7,6 +7,7 @@ The k=1 predictor drives `--prefetch mlp`. Evaluation compares it with the next 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -60,24 +61,47 @@ def multi_hot(idx: np.ndarray, experts: int) -> torch.Tensor:
     return y.scatter_(1, torch.from_numpy(idx), 1.0)
 
 
+def split_rows(seq: np.ndarray, val_share: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """Train / validation rows by whole sequences (the last ones validate); by rows if there is one sequence."""
+    ids = np.unique(seq)
+    if len(ids) > 1:
+        val = np.isin(seq, ids[-max(1, int(round(len(ids) * val_share))):])
+    else:
+        val = np.arange(len(seq)) >= int(len(seq) * (1 - val_share))
+    return np.flatnonzero(~val), np.flatnonzero(val)
+
+
+def fit(model: "ExpertMLP", x: torch.Tensor, y: torch.Tensor, val: tuple, epochs: int) -> "ExpertMLP":
+    """Adam on binary cross-entropy, keeping the state with the best validation recall (the start included)."""
+    xv, idx_v = val
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    with torch.no_grad():
+        best, state = recall_at_k(model(xv).cpu(), idx_v), copy.deepcopy(model.state_dict())
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x), device=x.device).split(256):
+            opt.zero_grad()
+            F.binary_cross_entropy_with_logits(model(x[batch]), y[batch]).backward()
+            opt.step()
+        with torch.no_grad():
+            r = recall_at_k(model(xv).cpu(), idx_v)
+        if r > best:
+            best, state = r, copy.deepcopy(model.state_dict())
+    model.load_state_dict(state)
+    return model
+
+
 def train(trace: dict, routers: dict[int, torch.Tensor], ks: list[int], epochs: int = 40, device: str = "cpu",
           progress: bool = True) -> dict[tuple[int, int], ExpertMLP]:
-    """One predictor per (layer L, distance k), trained with binary cross-entropy on L+k's multi-hot routing."""
+    """One predictor per (layer L, distance k) for L+k's routing, early-stopped on held-out sequences."""
     layers, out = trace["layers"], {}
+    tr, va = split_rows(trace["seq"])
     pairs = [(L, k) for k in ks for i, L in enumerate(layers) if i + k < len(layers)]
     for L, k in tqdm(pairs, desc="training predictors", disable=not progress):
         x = torch.from_numpy(trace["x"][L]).float().to(device)
         target = layers[layers.index(L) + k]
-        router = routers[target]
-        y = multi_hot(trace["idx"][target], router.shape[0]).to(device)
-        model = ExpertMLP(router).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
-        for _ in range(epochs):
-            for batch in torch.randperm(len(x), device=device).split(256):
-                opt.zero_grad()
-                F.binary_cross_entropy_with_logits(model(x[batch]), y[batch]).backward()
-                opt.step()
-        out[(L, k)] = model.cpu().eval()
+        y = multi_hot(trace["idx"][target], routers[target].shape[0]).to(device)
+        model = ExpertMLP(routers[target]).to(device)
+        out[(L, k)] = fit(model, x[tr], y[tr], (x[va], trace["idx"][target][va]), epochs).cpu().eval()
     return out
 
 
