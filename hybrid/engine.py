@@ -32,6 +32,11 @@ class Generation:
     stats: RunStats
 
 
+def additive(allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean attention pattern as an additive float32 mask: 0 where allowed, NEG elsewhere."""
+    return torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, NEG)
+
+
 def resolve_device(name: str) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -50,7 +55,8 @@ class Engine:
         self.cfg = self.ckpt.config
         self.ckpt.check_shapes(model_specs(self.cfg))
         self.context_bytes = cuda_context_bytes(self.device) if self.device.type == "cuda" else 0
-        self.backend = build_backend(self.cfg, self.ckpt, self.run, self.device, self.dtype, progress, store)
+        self.backend = build_backend(self.cfg, self.ckpt, self.run, self.device, self.dtype, progress, store,
+                                     self.context_bytes)
         names = model_specs(self.cfg, experts=False)
         bar = tqdm(total=len(names), desc="weights -> device", disable=not progress)
 
@@ -120,8 +126,7 @@ class Engine:
         positions = (t[None, :] - pad[:, None]).clamp(min=0)                           # [B, T]
         keys = valid[:, :start + T]                                                      # [B, S]
         causal = torch.arange(start + T)[None, :] <= t[:, None]                         # [T, S]
-        allowed = keys[:, None, :] & causal[None]                                       # [B, T, S]
-        mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, NEG).unsqueeze(1)
+        mask = additive(keys[:, None, :] & causal[None]).unsqueeze(1)                   # [B, 1, T, S]
         real = valid[:, start:start + T].reshape(-1)
         rows = None if bool(real.all()) else real.nonzero().squeeze(1).to(self.device)
         return StepState(start, positions.to(self.device), mask.to(self.device), rows, kv_len=start + T)
@@ -183,9 +188,8 @@ class Engine:
         if self.decoder is None:
             return self.model.forward(tok[:, None], cache, self._state(valid, pad, start, 1))
         positions = (start - pad)[:, None]                                               # [B, 1]
-        allowed = valid & (torch.arange(valid.shape[1]) <= start)[None]                 # [B, cap]
-        mask = torch.zeros(allowed.shape).masked_fill_(~allowed, NEG)[:, None, None]    # [B, 1, 1, cap]
-        return self.decoder(tok, positions, mask, start)
+        mask = additive(valid & (torch.arange(valid.shape[1]) <= start)[None])         # [B, cap]
+        return self.decoder(tok, positions, mask[:, None, None], start)
 
     def _reset_peak(self) -> None:
         if self.device.type == "cuda":

@@ -26,9 +26,8 @@ def cuda_context_bytes(device: torch.device) -> int:
     return total - free - torch.cuda.memory_reserved(device)
 
 
-def memory_plan(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize: int) -> MemoryPlan:
+def memory_plan(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize: int, context: int) -> MemoryPlan:
     cuda = device.type == "cuda"
-    context = cuda_context_bytes(device) if cuda else 0
     budget = run.gpu_memory
     if budget is None:
         budget = torch.cuda.mem_get_info(device)[0] + context if cuda else 1 << 62
@@ -48,12 +47,13 @@ def machine_fingerprint(device: torch.device, threads: int | None) -> dict:
 
 
 def build_backend(cfg: ModelConfig, ckpt: Checkpoint, run: RunConfig, device: torch.device,
-                  dtype: torch.dtype, progress: bool = True, store=None):
-    """The ExpertBackend for run.mode; offloading modes may share an already loaded ExpertStore."""
+                  dtype: torch.dtype, progress: bool = True, store=None, context: int = 0):
+    """The ExpertBackend for run.mode; offloading modes may share an already loaded ExpertStore.
+    `context` is the device memory the CUDA context holds (outside the allocator, inside the budget)."""
     if run.mode not in MODES:
         raise ValueError(f"unknown mode {run.mode!r}: choose one of {', '.join(MODES)}")
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    plan = memory_plan(cfg, run, device, itemsize)
+    plan = memory_plan(cfg, run, device, itemsize, context)
     if run.mode == "gpu":
         need = len(cfg.moe_layers) * cfg.n_routed_experts * cfg.expert_numel * itemsize
         if run.gpu_memory is not None and need > plan.cache_bytes:
