@@ -83,7 +83,10 @@ class Engine:
         if not os.path.exists(path):
             raise EngineError(f"--prefetch mlp needs trained predictors for this checkpoint, none at {path}: "
                               "record a trace (run.py --record-trace) and run `python -m hybrid.predictor train`")
-        models = predictor.load(path, predictor.checkpoint_key(self.ckpt.path))
+        try:
+            models = predictor.load(path, predictor.checkpoint_key(self.ckpt.path))
+        except ValueError as e:
+            raise EngineError(str(e)) from None
         for (L, k), m in models.items():
             if k == 1:
                 self.model.next_scores[L] = m.to(self.device)

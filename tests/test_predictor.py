@@ -80,6 +80,11 @@ def test_prefetch_mlp_is_exact_and_needs_predictors(trained, tiny):
                     predictor_path=str(trained[3]), gpu_memory=budget_for(tiny, SLOTS))
     out = Engine(str(tiny), run, progress=False).generate(PROMPTS, SamplingParams(max_new_tokens=10, stop_on_eos=False))
     assert out.tokens == want and out.stats.experts.prefetched > 0
+    foreign = trained[3].parent / "foreign.pt"
+    predictor.save(foreign, trained[2], "another")
+    run.predictor_path = str(foreign)
+    with pytest.raises(EngineError, match="trained for another checkpoint"):
+        Engine(str(tiny), run, progress=False)
     run.predictor_path = str(trained[3].parent / "missing.pt")
     with pytest.raises(EngineError, match="--prefetch mlp needs trained predictors"):
         Engine(str(tiny), run, progress=False)
