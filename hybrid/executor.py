@@ -16,7 +16,7 @@ from .cpu_experts import run_cpu_experts
 from .experts import grouped_ffn
 from .lanes import CopyLane, CpuLane, PinnedBuffer
 from .layer_layout import layer_layout
-from .prefetch import GatePrefetcher
+from .prefetch import Prefetcher
 from .stats import RunStats
 
 
@@ -24,7 +24,7 @@ class OffloadedExperts:
     capturable = False
 
     def __init__(self, cfg: ModelConfig, store: ExpertStore, cache: ExpertCache, planner, device: torch.device,
-                 cpu_lane: CpuLane, prefetcher: GatePrefetcher | None = None):
+                 cpu_lane: CpuLane, prefetcher: Prefetcher | None = None):
         self.cfg, self.store, self.cache, self.planner = cfg, store, cache, planner
         self.device, self.copy, self.cpu = device, CopyLane(device), cpu_lane
         self.prefetcher = prefetcher

@@ -161,7 +161,6 @@ class MoE:
         return idx, w * cfg.routed_scaling_factor
 
 
-
 @dataclass
 class MoECall:
     """What the model asks of the expert backend at one MoE layer (yielded by `DeepseekV2.steps`)."""
@@ -221,10 +220,12 @@ class DeepseekV2:
         yield F.linear(x, self.lm_head).float()
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, cache: LatentCache, st: StepState, last_only: bool = True) -> torch.Tensor:
-        """ids [B, T] -> logits, with the expert backend answering every MoE call eagerly."""
+    def forward(self, ids: torch.Tensor, cache: LatentCache, st: StepState, last_only: bool = True,
+                answer: Callable[[MoECall], torch.Tensor] | None = None) -> torch.Tensor:
+        """ids [B, T] -> logits; every MoE call is answered by `answer` (default: the expert backend)."""
+        answer = answer or self.experts.forward
         gen = self.steps(ids, cache, st, last_only)
         item = next(gen)
         while isinstance(item, MoECall):
-            item = gen.send(self.experts.forward(item))
+            item = gen.send(answer(item))
         return item

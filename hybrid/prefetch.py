@@ -7,7 +7,7 @@ from __future__ import annotations
 from .config import ModelConfig
 
 
-class GatePrefetcher:
+class Prefetcher:
     """Chooses which predicted experts of layer L+1 to copy during layer L, within a per-layer budget."""
 
     def __init__(self, cfg: ModelConfig, budget: int | None = None):

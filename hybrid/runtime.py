@@ -69,7 +69,7 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
     from .expert_cache import ExpertCache
     from .expert_store import ExpertStore
     from .lanes import CpuLane
-    from .prefetch import GatePrefetcher
+    from .prefetch import Prefetcher
     from .scheduler import PLANNERS
     cuda = device.type == "cuda"
     store = store or ExpertStore(cfg, ckpt, dtype, pin=cuda, progress=progress)
@@ -86,7 +86,7 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
         print(f"cost model: {why}", file=sys.stderr)
     planner = PLANNERS[run.mode](costs)
     lane = CpuLane(run.cpu_threads, pin=cuda)
-    prefetch = GatePrefetcher(cfg) if run.prefetch in ("gate", "mlp") else None
+    prefetch = Prefetcher(cfg) if run.prefetch in ("gate", "mlp") else None
     if progress:
         print(f"memory: {plan.describe()}", file=sys.stderr)
     backend = OffloadedExperts(cfg, store, cache, planner, device, lane, prefetch)

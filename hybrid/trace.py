@@ -22,6 +22,7 @@ class TraceRecorder:
         self.x: dict[int, list[np.ndarray]] = {}
         self.idx: dict[int, list[np.ndarray]] = {}
         self.seq: list[np.ndarray] = []
+        self.count: dict[int, int] = {}
         self.first = None
         self.row_seq: np.ndarray | None = None
 
@@ -35,9 +36,10 @@ class TraceRecorder:
     def forward(self, call) -> torch.Tensor:
         if self.first is None:
             self.first = call.layer
-        n = sum(len(a) for a in self.x.get(call.layer, []))
+        n = self.count.get(call.layer, 0)
         if n < self.max_tokens:
             take = min(call.x.shape[0], self.max_tokens - n)
+            self.count[call.layer] = n + take
             self.x.setdefault(call.layer, []).append(call.x[:take].to(torch.float16).cpu().numpy())
             self.idx.setdefault(call.layer, []).append(call.idx[:take].to(torch.int16).cpu().numpy())
             if call.layer == self.first:
