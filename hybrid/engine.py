@@ -45,7 +45,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Engine:
-    def __init__(self, model_dir: str, run: RunConfig | None = None, progress: bool = True, store=None):
+    def __init__(self, model_dir: str, run: RunConfig | None = None, progress: bool = True):
         self.run = run or RunConfig()
         self.device = resolve_device(self.run.device)
         if self.run.dtype not in DTYPES:
@@ -55,7 +55,7 @@ class Engine:
         self.cfg = self.ckpt.config
         self.ckpt.check_shapes(model_specs(self.cfg))
         self.context_bytes = cuda_context_bytes(self.device) if self.device.type == "cuda" else 0
-        self.backend = build_backend(self.cfg, self.ckpt, self.run, self.device, self.dtype, progress, store,
+        self.backend = build_backend(self.cfg, self.ckpt, self.run, self.device, self.dtype, progress,
                                      self.context_bytes)
         names = model_specs(self.cfg, experts=False)
         bar = tqdm(total=len(names), desc="weights -> device", disable=not progress)

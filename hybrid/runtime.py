@@ -47,9 +47,8 @@ def machine_fingerprint(device: torch.device, threads: int | None) -> dict:
 
 
 def build_backend(cfg: ModelConfig, ckpt: Checkpoint, run: RunConfig, device: torch.device,
-                  dtype: torch.dtype, progress: bool = True, store=None, context: int = 0):
-    """The ExpertBackend for run.mode; offloading modes may share an already loaded ExpertStore.
-    `context` is the device memory the CUDA context holds (outside the allocator, inside the budget)."""
+                  dtype: torch.dtype, progress: bool = True, context: int = 0):
+    """The ExpertBackend for run.mode. `context` is the device memory the CUDA context holds (outside the allocator, inside the budget)."""
     if run.mode not in MODES:
         raise ValueError(f"unknown mode {run.mode!r}: choose one of {', '.join(MODES)}")
     itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -61,10 +60,10 @@ def build_backend(cfg: ModelConfig, ckpt: Checkpoint, run: RunConfig, device: to
             raise BudgetError(f"mode gpu keeps every expert resident ({need / 2**30:.2f} GiB) but the budget "
                               f"leaves {plan.cache_bytes / 2**30:.2f} GiB for them: use --mode fetch|cpu|hybrid")
         return ResidentExperts(cfg, ckpt, device, dtype, progress)
-    return build_offloaded(cfg, ckpt, run, device, dtype, plan, progress, store)
+    return build_offloaded(cfg, ckpt, run, device, dtype, plan, progress)
 
 
-def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: bool, store=None):
+def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: bool):
     from .executor import OffloadedExperts
     from .expert_cache import ExpertCache
     from .expert_store import ExpertStore
@@ -72,7 +71,7 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
     from .prefetch import Prefetcher
     from .scheduler import PLANNERS
     cuda = device.type == "cuda"
-    store = store or ExpertStore(cfg, ckpt, dtype, pin=cuda, progress=progress)
+    store = ExpertStore(cfg, ckpt, dtype, pin=cuda, progress=progress)
     n_slots = plan.n_slots if run.cache_slots is None else min(plan.n_slots, run.cache_slots)
     cache = ExpertCache(cfg, n_slots, staging_slots(cfg), dtype, device, run.cache_policy)
     for layer in cfg.moe_layers:
@@ -89,9 +88,7 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
     prefetch = Prefetcher(cfg) if run.prefetch in ("gate", "mlp") else None
     if progress:
         print(f"memory: {plan.describe()}", file=sys.stderr)
-    backend = OffloadedExperts(cfg, store, cache, planner, device, lane, prefetch)
-    backend.memory = plan
-    return backend
+    return OffloadedExperts(cfg, store, cache, planner, device, lane, prefetch)
 
 
 def default_costs_path() -> str:
