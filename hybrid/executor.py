@@ -16,6 +16,7 @@ from .cpu_experts import run_cpu_experts
 from .experts import grouped_ffn
 from .lanes import CopyLane, CpuLane, PinnedBuffer
 from .layer_layout import layer_layout
+from .phases import PhaseLog
 from .prefetch import Prefetcher
 from .stats import RunStats
 
@@ -39,6 +40,7 @@ class OffloadedExperts:
         self.timings: list = []
         self.prefetched: dict[int, set[int]] = {}
         self.predicted: dict[int, set[int]] = {}
+        self.phases = PhaseLog()
 
     def attach(self, model) -> None:
         model.predict_next = self.prefetcher is not None
@@ -64,8 +66,10 @@ class OffloadedExperts:
         layer, x, idx, w = call.layer, call.x, call.idx, call.w
         T, K = idx.shape
         pred = call.pred if self.prefetcher else None
+        self.phases.start(layer)
         host = (idx if pred is None else torch.cat([idx, pred], dim=1)).cpu().numpy()   # the one sync
         start = self._now()
+        self.phases.mark("routed")
         if layer == self.cfg.moe_layers[0]:
             self.cache.tick()
         flat = host[:, :K].reshape(-1)                                                    # [T*K]
@@ -90,13 +94,18 @@ class OffloadedExperts:
         xs = x.index_select(0, tok)                                                        # [T*K, Hd]
         ys = torch.empty_like(xs)
         fut = self._start_cpu(layer, lay, xs)
+        self.phases.mark("launched")
+        self.phases.note(n_hit=len(hits), n_fetch=len(fetch), n_cpu=len(plan.cpu))
         self._gpu_groups(layer, hits, waves, lay.rows, offs, xs, ys)
         if pred is not None:
             self._prefetch(layer, host[:, K:])
+        self.phases.mark("queued")
         if fut is not None:
             ys[lay.cpu_start:].copy_(fut.result(), non_blocking=True)
+        self.phases.mark("cpu_back")
         out = torch.zeros_like(x).index_add_(0, tok, (ys * w.reshape(-1)[perm, None]).to(x.dtype))
         self.timings.append((start, self._now(), plan.predicted_ms))
+        self.phases.mark("done")
         return out
 
     def _slot_for(self, layer: int, e: int, protected: set[int]) -> int:
@@ -144,17 +153,19 @@ class OffloadedExperts:
         n = xs.shape[0] - lay.cpu_start
         self.host_in.rows(n).copy_(xs[lay.cpu_start:], non_blocking=True)
         self.host_out.rows(n)
-        return self.cpu.submit(self._cpu_work, layer, self.copy.event(), lay.cpu_segments, n)
+        return self.cpu.submit(self._cpu_work, layer, self.copy.event(), lay.cpu_segments, n, self.phases.cur)
 
-    def _cpu_work(self, layer: int, ready, segments: list[tuple[int, int, int]], n: int) -> torch.Tensor:
+    def _cpu_work(self, layer: int, ready, segments: list[tuple[int, int, int]], n: int, row: dict) -> torch.Tensor:
         if ready is not None:
             ready.synchronize()
+        self.phases.mark("cpu_start", row)
         t0 = time.perf_counter()
         xin, out = self.host_in.rows(n), self.host_out.rows(n)
         views = [self.store.views[layer][e] for e, _, _ in segments]
         run_cpu_experts(xin, out, [v[0] for v in views], [v[1] for v in views],
                         [a for _, a, _ in segments], [c for _, _, c in segments])
         self.stats.experts.cpu_busy_s += time.perf_counter() - t0
+        self.phases.mark("cpu_end", row)
         return out
 
     def _prefetch(self, layer: int, pred_host) -> None:

@@ -1,0 +1,53 @@
+"""Host timestamps of each offloaded MoE layer's phases, to see what sits on a decode step's critical path.
+
+The executor marks: enter (forward called), routed (routing on the host: the one sync), launched (plan made,
+copies and CPU work handed out), queued (GPU expert work queued), cpu_start / cpu_end (on the CPU lane),
+cpu_back (main thread has the CPU result) and done. Off by default; marks cost ~0.1 us each."""
+from __future__ import annotations
+
+import statistics
+import time
+
+SPANS = (("enter", "routed", "wait for routing (GPU: previous layer's experts, attention, router)"),
+         ("routed", "launched", "plan, copies issued, CPU work handed out"),
+         ("launched", "queued", "GPU expert groups queued"),
+         ("queued", "cpu_back", "main thread waits for the CPU lane"),
+         ("cpu_back", "done", "combine queued"),
+         ("launched", "cpu_start", "CPU lane start latency (activations to host, thread wake-up)"),
+         ("cpu_start", "cpu_end", "CPU lane compute"))
+
+
+class PhaseLog:
+    def __init__(self, enabled: bool = False):
+        self.enabled = enabled
+        self.rows: list[dict] = []
+        self.cur: dict = {}
+
+    def start(self, layer: int, **counts) -> None:
+        if self.enabled:
+            self.cur = {"layer": layer, "enter": time.perf_counter(), **counts}
+            self.rows.append(self.cur)
+
+    def mark(self, name: str, row: dict | None = None) -> None:
+        if self.enabled:
+            (self.cur if row is None else row)[name] = time.perf_counter()
+
+    def note(self, **values) -> None:
+        if self.enabled:
+            self.cur.update(values)
+
+    def summary(self) -> dict:
+        """Mean and median milliseconds of each span over the logged layers, and the CPU lane's ms per expert."""
+        out = {}
+        for a, b, what in SPANS:
+            d = [1000 * (r[b] - r[a]) for r in self.rows if a in r and b in r]
+            if d:
+                out[f"{a}->{b}"] = {"what": what, "mean_ms": statistics.mean(d), "p50_ms": statistics.median(d),
+                                    "layers": len(d)}
+        lane = [(1000 * (r["cpu_end"] - r["cpu_start"]), r.get("n_cpu", 0)) for r in self.rows if "cpu_end" in r]
+        by_n: dict[int, list[float]] = {}
+        for ms, n in lane:
+            by_n.setdefault(n, []).append(ms)
+        out["cpu_ms_by_experts"] = {n: statistics.median(v) for n, v in sorted(by_n.items())}
+        out["layers_logged"] = len(self.rows)
+        return out
