@@ -5,13 +5,12 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 HYBRID_CACHE=/dev/shm/hc HYBRID_TOKENIZER=$PWD/.tok
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/profile"
 lscpu | grep -E "^(CPU\(s\)|Thread|Core|Socket|Model name|L3|NUMA)" ; cat /sys/devices/system/cpu/cpu15/topology/thread_siblings_list
-python3 eval/lane_probe.py --out "$OUT/profile/probe_default.json" | python3 eval/probe_table.py
-python3 eval/lane_probe.py --main-threads 1 --threads 15,12 --out "$OUT/profile/probe_main1.json" | python3 eval/probe_table.py
+python3 eval/lane_probe.py --main-threads 1 --threads ${PROBE_THREADS:-16,15,14,12} --out "$OUT/profile/probe.json" | python3 eval/probe_table.py
 python3 -m hybrid.synthetic --preset v2-lite --out /dev/shm/v2lite --tokenizer .tok 2>/dev/null
 timeout 200 python3 calibrate.py --out /dev/shm/hc/costs.json 2>&1 | grep -v "it/s" | tail -3
 cp /dev/shm/hc/costs.json "$OUT/profile/costs.json"
-for spec in "hybrid none" "hybrid gate" "cpu none" "fetch none" "$@"; do
-  set -- $spec
+for spec in ${SPECS:-"hybrid:none" "hybrid:gate" "cpu:none" "fetch:none"} "$@"; do
+  IFS=: read -r m p t <<< "$spec"; set -- $m $p $t
   echo "== $*"
   timeout 150 python3 eval/profile_layers.py --model /dev/shm/v2lite --gpu-memory 12GiB --max-seq-len 272 \
     --mode $1 --prefetch $2 ${3:+--cpu-threads $3} --out "$OUT/profile/$1_$2${3:+_t$3}.json" 2>&1 | grep -vE "it/s|%\|" | tail -11

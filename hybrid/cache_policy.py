@@ -20,6 +20,10 @@ class Policy:
         """One decode step (or prefill chunk) has passed."""
 
     def victim(self, candidates: Iterable[Hashable]) -> Hashable | None:
+        return next(iter(self.ranked(candidates)), None)
+
+    def ranked(self, candidates: Iterable[Hashable]) -> list[Hashable]:
+        """Candidates in eviction order, first evicted first."""
         raise NotImplementedError
 
 
@@ -42,8 +46,8 @@ class LFUDecay(Policy):
     def tick(self) -> None:
         self.step += 1
 
-    def victim(self, candidates: Iterable[Hashable]) -> Hashable | None:
-        return min(candidates, key=self.value, default=None)
+    def ranked(self, candidates: Iterable[Hashable]) -> list[Hashable]:
+        return sorted(candidates, key=self.value)
 
 
 class LRU(Policy):
@@ -59,17 +63,17 @@ class LRU(Policy):
     def remove(self, key: Hashable) -> None:
         self.order.pop(key, None)
 
-    def victim(self, candidates: Iterable[Hashable]) -> Hashable | None:
+    def ranked(self, candidates: Iterable[Hashable]) -> list[Hashable]:
         allowed = set(candidates)
-        return next((k for k in self.order if k in allowed), None)
+        return [k for k in self.order if k in allowed]
 
 
 class Static(Policy):
     """The initial placement (e.g. the most frequent experts of a profile) stays; misses never enter."""
     admits = False
 
-    def victim(self, candidates: Iterable[Hashable]) -> Hashable | None:
-        return None
+    def ranked(self, candidates: Iterable[Hashable]) -> list[Hashable]:
+        return []
 
 
 def make_policy(name: str) -> Policy:

@@ -30,6 +30,7 @@ class OffloadedExperts:
         self.device, self.copy, self.cpu = device, CopyLane(device), cpu_lane
         self.prefetcher = prefetcher
         pin = device.type == "cuda"
+        self.host_x = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
         self.host_in = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
         self.host_out = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
         self.index_buf = PinnedBuffer(1, torch.int32, pin)
@@ -63,60 +64,73 @@ class OffloadedExperts:
         return self.copy.timing_event() if self.copy.cuda else time.perf_counter()
 
     def forward(self, call) -> torch.Tensor:
+        """Critical path first (routing -> plan -> copies and CPU work started -> GPU work queued); the
+        bookkeeping (policy, statistics, next eviction order, prefetch) runs while the lanes work."""
         layer, x, idx, w = call.layer, call.x, call.idx, call.w
         T, K = idx.shape
         pred = call.pred if self.prefetcher else None
         self.phases.start(layer)
+        xh = self.host_x.rows(T)
+        xh.copy_(x, non_blocking=True)                     # rides along with the sync: the CPU lane's input
         host = (idx if pred is None else torch.cat([idx, pred], dim=1)).cpu().numpy()   # the one sync
         start = self._now()
         self.phases.mark("routed")
-        if layer == self.cfg.moe_layers[0]:
-            self.cache.tick()
         flat = host[:, :K].reshape(-1)                                                    # [T*K]
         counts = np.bincount(flat, minlength=self.cfg.n_routed_experts)
         tokens = {int(e): int(counts[e]) for e in np.flatnonzero(counts)}
-        needed = set(tokens)
-        self._score_prefetch(layer, needed)
-        self.cache.touch(layer, tokens)
-        plan = self.planner.plan(tokens, self.cache.cached(layer))
-        self.stats.experts.count(layer, len(plan.hits), len(plan.fetch) + len(plan.cpu))
-        self.stats.experts.cpu_experts += len(plan.cpu)
-        hits = [(e, self.cache.lookup(layer, e)) for e in plan.hits]
-        fetch = [(e, self._slot_for(layer, e, needed)) for e in plan.fetch]
+        plan = self.planner.plan(tokens, self.cache.resident[layer])
+        fetch = [(e, self._slot_for(layer, e, tokens)) for e in plan.fetch]
         waves = [fetch[i:i + self.wave] for i in range(0, len(fetch), self.wave)]
-        lay = layer_layout(flat, counts, [hits] + waves, plan.cpu, self.cache.slots.shape[0])
         for wave in waves[:2]:
             self._issue(layer, wave)
+        hits = [(e, self.cache.where[(layer, e)]) for e in plan.hits]
+        lay = layer_layout(flat, counts, [hits] + waves, plan.cpu, self.cache.slots.shape[0])
+        fut = self._start_cpu(layer, lay, xh, K)
         dev = self._upload(np.concatenate([lay.perm, lay.offs.reshape(-1)]))
         perm = dev[:T * K].long()                                                        # [T*K]
         offs = dev[T * K:].view(len(waves) + 1, -1)                                      # [G, S]
         tok = perm // K
         xs = x.index_select(0, tok)                                                        # [T*K, Hd]
-        ys = torch.empty_like(xs)
-        fut = self._start_cpu(layer, lay, xs)
         self.phases.mark("launched")
         self.phases.note(n_hit=len(hits), n_fetch=len(fetch), n_cpu=len(plan.cpu))
+        ys = torch.empty_like(xs)
         self._gpu_groups(layer, hits, waves, lay.rows, offs, xs, ys)
+        wsort = w.reshape(-1)[perm].unsqueeze(1)                                          # [T*K, 1]
+        self._account(layer, tokens, plan, len(fetch))
         if pred is not None:
             self._prefetch(layer, host[:, K:])
         self.phases.mark("queued")
         if fut is not None:
             ys[lay.cpu_start:].copy_(fut.result(), non_blocking=True)
         self.phases.mark("cpu_back")
-        out = torch.zeros_like(x).index_add_(0, tok, (ys * w.reshape(-1)[perm, None]).to(x.dtype))
+        out = torch.zeros_like(x).index_add_(0, tok, (ys * wsort).to(x.dtype))
         self.timings.append((start, self._now(), plan.predicted_ms))
         self.phases.mark("done")
         return out
 
-    def _slot_for(self, layer: int, e: int, protected: set[int]) -> int:
+    def _account(self, layer: int, tokens: dict[int, int], plan, n_fetch: int) -> None:
+        """Policy touches, statistics and the layer's next eviction order: after the lanes have their work."""
+        if layer == self.cfg.moe_layers[0]:
+            self.cache.tick()
+        self._score_prefetch(layer, set(tokens))
+        self.cache.touch(layer, tokens)
+        self.cache.prepare(layer)
+        self.stats.experts.count(layer, len(plan.hits), n_fetch + len(plan.cpu))
+        self.stats.experts.cpu_experts += len(plan.cpu)
+
+    def _slot_for(self, layer: int, e: int, protected) -> int:
         slot = self.cache.admit(layer, e, protected)
         return self.cache.staging_slot() if slot is None else slot
 
     def _issue(self, layer: int, wave: list[tuple[int, int]]) -> None:
-        """Copy a wave of experts into their slots; a staging slot waits until its last reader is done."""
-        for e, s in wave:
-            after = self.cache.free[s] if s >= self.cache.n_slots else None
-            self.cache.ready[s] = self.copy.copy(self.cache.slots[s], self.store.buffer(layer, e), after)
+        """Copy a wave of experts into their slots, back to back; a staging slot waits until its last reader is done."""
+        if not wave:
+            return
+        n = self.cache.n_slots
+        after = [self.cache.free[s] for _, s in wave if s >= n and self.cache.free[s] is not None]
+        done = self.copy.copy_many([(self.cache.views[s], self.store.buffers[layer][e]) for e, s in wave], after)
+        for _, s in wave:
+            self.cache.ready[s] = done
         self.stats.experts.fetched += len(wave)
         self.stats.experts.fetched_bytes += len(wave) * self.expert_bytes
 
@@ -126,9 +140,13 @@ class OffloadedExperts:
         return buf.to(self.device, non_blocking=True) if self.copy.cuda else buf.clone()
 
     def _wait_ready(self, members) -> None:
+        waited = set()
         for _, s in members:
-            if self.cache.ready[s] is not None:
-                self.copy.wait(self.cache.ready[s])
+            ev = self.cache.ready[s]
+            if ev is not None:
+                if id(ev) not in waited:
+                    self.copy.wait(ev)
+                    waited.add(id(ev))
                 self.cache.ready[s] = None          # later work on this stream is ordered after it anyway
 
     def _gpu_groups(self, layer: int, hits, waves, rows, offs, xs, ys) -> None:
@@ -147,20 +165,23 @@ class OffloadedExperts:
             if i + 2 < len(waves):
                 self._issue(layer, waves[i + 2])
 
-    def _start_cpu(self, layer: int, lay, xs: torch.Tensor):
+    def _start_cpu(self, layer: int, lay, xh: torch.Tensor, K: int):
+        """Hand the CPU experts to the lane; their input rows come from the host copy of x made at the sync."""
         if not lay.cpu_segments:
             return None
-        n = xs.shape[0] - lay.cpu_start
-        self.host_in.rows(n).copy_(xs[lay.cpu_start:], non_blocking=True)
+        rows = torch.from_numpy(lay.perm[lay.cpu_start:] // K).long()                  # [n] token of each row
+        n = rows.shape[0]
+        self.host_in.rows(n)
         self.host_out.rows(n)
-        return self.cpu.submit(self._cpu_work, layer, self.copy.event(), lay.cpu_segments, n, self.phases.cur)
+        return self.cpu.submit(self._cpu_work, layer, xh, rows, lay.cpu_segments, self.phases.cur)
 
-    def _cpu_work(self, layer: int, ready, segments: list[tuple[int, int, int]], n: int, row: dict) -> torch.Tensor:
-        if ready is not None:
-            ready.synchronize()
+    def _cpu_work(self, layer: int, xh: torch.Tensor, rows: torch.Tensor, segments: list[tuple[int, int, int]],
+                  row: dict) -> torch.Tensor:
         self.phases.mark("cpu_start", row)
         t0 = time.perf_counter()
+        n = rows.shape[0]
         xin, out = self.host_in.rows(n), self.host_out.rows(n)
+        torch.index_select(xh, 0, rows, out=xin)
         views = [self.store.views[layer][e] for e, _, _ in segments]
         run_cpu_experts(xin, out, [v[0] for v in views], [v[1] for v in views],
                         [a for _, a, _ in segments], [c for _, _, c in segments])
@@ -179,6 +200,7 @@ class OffloadedExperts:
                 break
             wave.append((e, slot))
         self._issue(nxt, wave)
+        self.cache.prepare(nxt)
         self.prefetched[nxt] = {e for e, _ in wave}
         self.stats.experts.prefetched += len(wave)
 

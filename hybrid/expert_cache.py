@@ -31,9 +31,12 @@ class ExpertCache:
         self.policies = {layer: make_policy(policy) for layer in layers}
         self.ready: list = [None] * (n_slots + n_staging)     # event of the last copy into each slot
         self.free: list = [None] * (n_slots + n_staging)      # event after the last compute from each slot
+        self.resident: dict[int, set[int]] = {layer: set() for layer in layers}   # live: read, never modify
+        self.order: dict[int, list | None] = {layer: None for layer in layers}     # prepared eviction order
+        self.views = list(self.slots.unbind(0))                                     # slot s as a [numel] view
 
     def cached(self, layer: int) -> set[int]:
-        return {self.owner[s][1] for s in self.layer_slots[layer] if self.owner[s] is not None}
+        return set(self.resident[layer])
 
     def lookup(self, layer: int, e: int) -> int | None:
         return self.where.get((layer, e))
@@ -42,20 +45,33 @@ class ExpertCache:
         pol = self.policies[layer]
         for e in experts:
             pol.touch((layer, e))
+        self.order[layer] = None
 
     def _bind(self, slot: int, key: tuple[int, int]) -> None:
         old = self.owner[slot]
         if old is not None:
             del self.where[old]
+            self.resident[old[0]].discard(old[1])
             self.policies[old[0]].remove(old)
         self.owner[slot], self.where[key] = key, slot
+        self.resident[key[0]].add(key[1])
+
+    def prepare(self, layer: int) -> None:
+        """Rank the layer's residents for eviction now, off the critical path, so that `admit` is O(1).
+
+        Exact as long as nothing but this layer's own forward touches its keys in between: a decay step
+        scales every LFU score alike, and keys touched in a forward are protected during it."""
+        self.order[layer] = self.policies[layer].ranked((layer, e) for e in self.resident[layer])
 
     def place(self, layer: int, e: int) -> int | None:
         """Initial placement into a free slot of the layer, bypassing the policy; None when full."""
+        if len(self.resident[layer]) >= len(self.layer_slots[layer]):
+            return None
         free = next((s for s in self.layer_slots[layer] if self.owner[s] is None), None)
         if free is not None:
             self._bind(free, (layer, e))
             self.policies[layer].insert((layer, e))
+            self.order[layer] = None
         return free
 
     def admit(self, layer: int, e: int, protected: set[int]) -> int | None:
@@ -66,11 +82,13 @@ class ExpertCache:
         slot = self.place(layer, e)
         if slot is not None:
             return slot
-        cands = [self.owner[s] for s in self.layer_slots[layer] if self.owner[s][1] not in protected]
-        victim = pol.victim(cands)
-        if victim is None:
+        if self.order[layer] is None:
+            self.prepare(layer)
+        order = self.order[layer]
+        i = next((i for i, k in enumerate(order) if k[1] not in protected and k in self.where), None)
+        if i is None:
             return None
-        slot = self.where[victim]
+        slot = self.where[order.pop(i)]
         self._bind(slot, (layer, e))
         pol.insert((layer, e))
         return slot

@@ -4,6 +4,7 @@ from __future__ import annotations
 import mmap
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import psutil
 import torch
 from tqdm import tqdm
@@ -43,6 +44,7 @@ class ExpertStore:
         itemsize = torch.empty(0, dtype=dtype).element_size()
         check_host_ram(len(self.rows) * E * self.numel * itemsize, psutil.virtual_memory().available)
         self.flat = huge_page_tensor((len(self.rows), E, self.numel), dtype)
+        self.buffers = {layer: list(self.flat[r].unbind(0)) for layer, r in self.rows.items()}
         keys = [(layer, e) for layer in cfg.moe_layers for e in range(E)]
         with ThreadPoolExecutor(threads) as ex:
             for _ in tqdm(ex.map(lambda k: self._load(ckpt, *k), keys), total=len(keys),
@@ -55,21 +57,25 @@ class ExpertStore:
 
     def _load(self, ckpt: Checkpoint, layer: int, e: int) -> None:
         w13, w2 = self.weights(layer, e)
-        g, u, d = read_expert(ckpt, layer, e)
+        g, u, d = (t.to(w2.dtype) for t in read_expert(ckpt, layer, e))
         I = g.shape[0]
-        w13[:I].copy_(g)
-        w13[I:].copy_(u)
-        w2.copy_(d)
+        for dst, src in ((w13[:I], g), (w13[I:], u), (w2, d)):
+            np.copyto(raw(dst), raw(src))          # a plain memcpy: no OpenMP team for each loader thread
 
     @property
     def nbytes(self) -> int:
         return self.flat.numel() * self.flat.element_size()
 
     def buffer(self, layer: int, e: int) -> torch.Tensor:
-        return self.flat[self.rows[layer], e]
+        return self.buffers[layer][e]
 
     def weights(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         return split_expert(self.buffer(layer, e), self.cfg)
+
+
+def raw(t: torch.Tensor) -> np.ndarray:
+    """The bytes of a contiguous tensor as a numpy array (numpy has no bfloat16)."""
+    return t.contiguous().view(torch.uint8).numpy()
 
 
 def split_expert(buf: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:

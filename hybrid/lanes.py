@@ -4,6 +4,7 @@ On a CPU compute device the copy lane degenerates to plain synchronous copies (n
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -40,18 +41,54 @@ class CopyLane:
             dst.copy_(src, non_blocking=True)
         return self.event(self.stream)
 
+    def copy_many(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: list) -> object:
+        """dst <- src for each pair, back to back on the copy stream once every event in `after` has fired;
+        returns one completion event for all of them."""
+        if not self.cuda:
+            for dst, src in pairs:
+                dst.copy_(src)
+            return None
+        for ev in after:
+            self.stream.wait_event(ev)
+        with torch.cuda.stream(self.stream):
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+        return self.event(self.stream)
+
     @staticmethod
     def wait(ev) -> None:
         if ev is not None:
             torch.cuda.current_stream().wait_event(ev)
 
 
+_CORES: list[int] = []
+
+
+def all_cores() -> list[int]:
+    """The cores this process may use, read once (before any lane pins the main thread to its own core)."""
+    if not _CORES:
+        _CORES.extend(sorted(os.sched_getaffinity(0)))
+    return _CORES
+
+
+def reserve_main_thread() -> None:
+    """The thread that drives the GPU does no CPU math: one OpenMP thread, so it never owns a team of OpenMP
+    workers. Call it before that thread's first parallel CPU op. A second team would push libgomp past one
+    thread per core, where it stops spinning between parallel regions: the CPU lane then pays a futex wake-up
+    at every GEMV, 0.21 -> 0.36-0.65 ms per 1-token expert on the H200 box (eval/lane_probe.py)."""
+    torch.set_num_threads(1)
+
+
 def split_cores(reserve: int = 1) -> tuple[set[int], set[int]]:
     """(cores for the CPU expert lane, cores for the thread that issues GPU work and copies)."""
-    cores = sorted(os.sched_getaffinity(0))
+    cores = all_cores()
     if len(cores) <= reserve:
         return set(cores), set(cores)
     return set(cores[:-reserve]), set(cores[-reserve:])
+
+
+SWITCH_S = 2e-5     # torch kernel launches hold the GIL: the default 5 ms switch interval would let the
+                    # GPU-driving thread keep the lane thread from even starting its (GIL-free) expert call
 
 
 class CpuLane:
@@ -67,7 +104,9 @@ class CpuLane:
                 os.sched_setaffinity(0, compute)
             torch.set_num_threads(self.threads)
         if pin:
+            reserve_main_thread()
             os.sched_setaffinity(0, issuer)
+            sys.setswitchinterval(SWITCH_S)
         self.pool = ThreadPoolExecutor(1, initializer=init, thread_name_prefix="cpu-experts")
 
     def submit(self, fn, *args) -> Future:
