@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -27,10 +26,8 @@ def cpu_model() -> str:
 
 
 def fingerprint(device: torch.device, threads: int | None) -> dict:
-    from hybrid.lanes import split_cores
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    return {"gpu": gpu, "cpu": cpu_model(), "cores": os.cpu_count(),
-            "threads": threads or len(split_cores()[0])}
+    return {"gpu": gpu, "cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads or os.cpu_count()}
 
 
 def default_path() -> Path:
@@ -95,7 +92,8 @@ class Bench:
         return _median_ms(lambda: expert_ffn(x, w13, w2), reps, self.cuda)
 
     def cpu_ms(self, n: int, reps: int = 24) -> float:
-        """CPU expert time through the runtime's CPU path, cycling over distinct experts (weights from DRAM)."""
+        """CPU expert time through the runtime's CPU path, cycling over distinct experts (weights from DRAM),
+        on this thread as the runtime runs it: just after queueing expert copies, so the PCIe lane is busy."""
         from hybrid.cpu_experts import run_cpu_experts
         x = torch.randn(n, self.hidden).to(self.host.dtype)
         out = torch.empty_like(x)
@@ -103,10 +101,23 @@ class Bench:
 
         def one():
             k[0] = (k[0] + 1) % self.host.shape[0]
+            if self.cuda:
+                self.queue_copies(2)
             w13, w2 = self.views(self.host[k[0]])
+            t = time.perf_counter()
             run_cpu_experts(x, out, [w13], [w2], [0], [n])
+            return 1000 * (time.perf_counter() - t)
         one()
-        return _median_ms(one, reps, False)
+        times = [one() for _ in range(reps)]
+        if self.cuda:
+            torch.cuda.synchronize()
+        return statistics.median(times)
+
+    def queue_copies(self, n: int) -> None:
+        """Queue n expert copies on the copy stream and return at once."""
+        with torch.cuda.stream(self.stream):
+            for j in range(n):
+                self.slot.copy_(self.host[(7 * j) % self.host.shape[0]], non_blocking=True)
 
     def xfer_ms(self, rows: int, reps: int = 20) -> float:
         x = torch.randn(rows, self.hidden, device=self.device).to(self.slot.dtype)
@@ -120,18 +131,11 @@ class Bench:
         return _median_ms(one, reps, self.cuda)
 
 
-def busy_pcie(bench: Bench, stop: threading.Event) -> None:
-    """Keeps the copy lane busy, issuing copies from this thread, as the runtime's main thread does."""
-    while not stop.is_set():
-        bench.fetch_ms(reps=4)
-
-
 def measure(device: torch.device, hidden: int = 2048, inter: int = 1408, dtype: torch.dtype = torch.bfloat16,
             threads: int | None = None, tokens=TOKENS, n_host: int = 96, progress: bool = True) -> CostModel:
-    """Run every microbenchmark and fit the curves; CPU experts run on a lane thread set up as the runtime does."""
-    from hybrid.lanes import CpuLane, reserve_main_thread
-    if device.type == "cuda":
-        reserve_main_thread()
+    """Run every microbenchmark and fit the curves; CPU experts run with the thread setting the runtime uses."""
+    from hybrid.lanes import CpuLane
+    lane = CpuLane(threads)
     bench = Bench(device, hidden, inter, dtype, n_host)
     steps = tqdm(total=3 * len(tokens) + 2, desc="calibrating", disable=not progress)
     fetch = bench.fetch_ms()
@@ -140,18 +144,10 @@ def measure(device: torch.device, hidden: int = 2048, inter: int = 1408, dtype: 
     for n in tokens:
         gpu[n] = bench.gpu_ms(n)
         steps.update()
-    lane = CpuLane(threads, pin=bench.cuda)
-    stop = threading.Event()
-    loader = threading.Thread(target=busy_pcie, args=(bench, stop), daemon=True) if bench.cuda else None
-    if loader:
-        loader.start()
     cpu = {}
     for n in tokens:
-        cpu[n] = lane.submit(bench.cpu_ms, n).result()
+        cpu[n] = bench.cpu_ms(n)
         steps.update()
-    stop.set()
-    if loader:
-        loader.join()
     xfer = {}
     for n in tokens:
         xfer[n] = bench.xfer_ms(n)

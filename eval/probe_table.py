@@ -2,9 +2,9 @@
 import json
 import sys
 
-print(f"{'thr':>3} {'main':>4} {'load':>10} {'per':>3} {'gap':>4} {'cpu ms/exp':>10} {'pcie GB/s':>9}")
+print(f"{'threads':>7} {'where':>7} {'experts/call':>12} {'ms/expert':>9} {'PCIe GB/s':>9}")
 for line in sys.stdin:
     if line.startswith("{"):
         r = json.loads(line)
-        print(f"{r['threads']:>3} {r['main_threads']:>4} {r['load']:>10} {r['experts_per_call']:>3} {r['gap_ms']:>4} "
-              f"{r['cpu_ms_per_expert']:>10.3f} {r['pcie_gb_s']:>9.1f}")
+        print(f"{r['threads']:>7} {r['where']:>7} {r['experts_per_call']:>12} {r['cpu_ms_per_expert']:>9.3f} "
+              f"{r['pcie_gb_s']:>9.1f}")

@@ -13,7 +13,6 @@ from .checkpoint import Checkpoint
 from .config import RunConfig
 from .layout import model_specs
 from .graphs import DecodeRunner
-from .lanes import reserve_main_thread
 from .model import DeepseekV2, LatentCache, StepState
 from .runtime import build_backend, cuda_context_bytes
 from .sampling import Sampler, SamplingParams
@@ -49,8 +48,6 @@ class Engine:
     def __init__(self, model_dir: str, run: RunConfig | None = None, progress: bool = True):
         self.run = run or RunConfig()
         self.device = resolve_device(self.run.device)
-        if self.device.type == "cuda":
-            reserve_main_thread()
         if self.run.dtype not in DTYPES:
             raise EngineError(f"dtype {self.run.dtype!r} is not one of {sorted(DTYPES)}")
         self.dtype = DTYPES[self.run.dtype]

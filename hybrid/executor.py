@@ -42,6 +42,7 @@ class OffloadedExperts:
         self.prefetched: dict[int, set[int]] = {}
         self.predicted: dict[int, set[int]] = {}
         self.phases = PhaseLog()
+        self.deferred: tuple | None = None
 
     def attach(self, model) -> None:
         model.predict_next = self.prefetcher is not None
@@ -50,6 +51,7 @@ class OffloadedExperts:
         self.stats, self.timings = stats, []
 
     def end(self, stats: RunStats) -> None:
+        self._settle()
         if self.copy.cuda:
             torch.cuda.synchronize()
             meas = [a.elapsed_time(b) for a, b, _ in self.timings]
@@ -64,11 +66,13 @@ class OffloadedExperts:
         return self.copy.timing_event() if self.copy.cuda else time.perf_counter()
 
     def forward(self, call) -> torch.Tensor:
-        """Critical path first (routing -> plan -> copies and CPU work started -> GPU work queued); the
-        bookkeeping (policy, statistics, next eviction order, prefetch) runs while the lanes work."""
+        """Critical path only: routing -> plan -> copies issued -> GPU work queued -> CPU experts computed here
+        while copies and GPU work proceed -> combine. The layer's bookkeeping (policy, statistics, next eviction
+        order) waits for the next layer's routing sync, when the host would otherwise idle."""
         layer, x, idx, w = call.layer, call.x, call.idx, call.w
         T, K = idx.shape
         pred = call.pred if self.prefetcher else None
+        self._settle()
         self.phases.start(layer)
         xh = self.host_x.rows(T)
         xh.copy_(x, non_blocking=True)                     # rides along with the sync: the CPU lane's input
@@ -85,31 +89,35 @@ class OffloadedExperts:
             self._issue(layer, wave)
         hits = [(e, self.cache.where[(layer, e)]) for e in plan.hits]
         lay = layer_layout(flat, counts, [hits] + waves, plan.cpu, self.cache.slots.shape[0])
-        fut = self._start_cpu(layer, lay, xh, K)
         dev = self._upload(np.concatenate([lay.perm, lay.offs.reshape(-1)]))
         perm = dev[:T * K].long()                                                        # [T*K]
         offs = dev[T * K:].view(len(waves) + 1, -1)                                      # [G, S]
         tok = perm // K
         xs = x.index_select(0, tok)                                                        # [T*K, Hd]
+        ys = torch.empty_like(xs)
         self.phases.mark("launched")
         self.phases.note(n_hit=len(hits), n_fetch=len(fetch), n_cpu=len(plan.cpu))
-        ys = torch.empty_like(xs)
         self._gpu_groups(layer, hits, waves, lay.rows, offs, xs, ys)
         wsort = w.reshape(-1)[perm].unsqueeze(1)                                          # [T*K, 1]
-        self._account(layer, tokens, plan, len(fetch))
         if pred is not None:
             self._prefetch(layer, host[:, K:])
         self.phases.mark("queued")
-        if fut is not None:
-            ys[lay.cpu_start:].copy_(fut.result(), non_blocking=True)
-        self.phases.mark("cpu_back")
+        if lay.cpu_segments:
+            ys[lay.cpu_start:].copy_(self._cpu_experts(layer, lay, xh, K), non_blocking=True)
         out = torch.zeros_like(x).index_add_(0, tok, (ys * wsort).to(x.dtype))
         self.timings.append((start, self._now(), plan.predicted_ms))
         self.phases.mark("done")
+        self.deferred = (layer, tokens, plan, len(fetch))
         return out
 
+    def _settle(self) -> None:
+        """The previous layer's bookkeeping, done while the GPU runs the graph piece before this layer's routing."""
+        if self.deferred is not None:
+            self._account(*self.deferred)
+            self.deferred = None
+
     def _account(self, layer: int, tokens: dict[int, int], plan, n_fetch: int) -> None:
-        """Policy touches, statistics and the layer's next eviction order: after the lanes have their work."""
+        """Policy touches, statistics and the layer's next eviction order."""
         if layer == self.cfg.moe_layers[0]:
             self.cache.tick()
         self._score_prefetch(layer, set(tokens))
@@ -165,28 +173,19 @@ class OffloadedExperts:
             if i + 2 < len(waves):
                 self._issue(layer, waves[i + 2])
 
-    def _start_cpu(self, layer: int, lay, xh: torch.Tensor, K: int):
-        """Hand the CPU experts to the lane; their input rows come from the host copy of x made at the sync."""
-        if not lay.cpu_segments:
-            return None
+    def _cpu_experts(self, layer: int, lay, xh: torch.Tensor, K: int) -> torch.Tensor:
+        """The layer's CPU experts, now, on this thread; input rows come from the host copy of x made at the sync."""
         rows = torch.from_numpy(lay.perm[lay.cpu_start:] // K).long()                  # [n] token of each row
         n = rows.shape[0]
-        self.host_in.rows(n)
-        self.host_out.rows(n)
-        return self.cpu.submit(self._cpu_work, layer, xh, rows, lay.cpu_segments, self.phases.cur)
-
-    def _cpu_work(self, layer: int, xh: torch.Tensor, rows: torch.Tensor, segments: list[tuple[int, int, int]],
-                  row: dict) -> torch.Tensor:
-        self.phases.mark("cpu_start", row)
-        t0 = time.perf_counter()
-        n = rows.shape[0]
         xin, out = self.host_in.rows(n), self.host_out.rows(n)
+        self.phases.mark("cpu_start")
+        t0 = time.perf_counter()
         torch.index_select(xh, 0, rows, out=xin)
-        views = [self.store.views[layer][e] for e, _, _ in segments]
+        views = [self.store.views[layer][e] for e, _, _ in lay.cpu_segments]
         run_cpu_experts(xin, out, [v[0] for v in views], [v[1] for v in views],
-                        [a for _, a, _ in segments], [c for _, _, c in segments])
+                        [a for _, a, _ in lay.cpu_segments], [c for _, _, c in lay.cpu_segments])
         self.stats.experts.cpu_busy_s += time.perf_counter() - t0
-        self.phases.mark("cpu_end", row)
+        self.phases.mark("cpu_end")
         return out
 
     def _prefetch(self, layer: int, pred_host) -> None:

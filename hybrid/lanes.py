@@ -1,12 +1,9 @@
-"""The lanes that run beside GPU compute: a copy stream for PCIe and a pinned CPU worker for CPU experts.
+"""The lanes that run beside GPU compute: a copy stream for PCIe, and CPU experts on the driving thread.
 
 On a CPU compute device the copy lane degenerates to plain synchronous copies (no streams, no events)."""
 from __future__ import annotations
 
 import os
-import sys
-from concurrent.futures import Future, ThreadPoolExecutor
-
 import torch
 
 
@@ -61,56 +58,21 @@ class CopyLane:
             torch.cuda.current_stream().wait_event(ev)
 
 
-_CORES: list[int] = []
-
-
-def all_cores() -> list[int]:
-    """The cores this process may use, read once (before any lane pins the main thread to its own core)."""
-    if not _CORES:
-        _CORES.extend(sorted(os.sched_getaffinity(0)))
-    return _CORES
-
-
-def reserve_main_thread() -> None:
-    """The thread that drives the GPU does no CPU math: one OpenMP thread, so it never owns a team of OpenMP
-    workers. Call it before that thread's first parallel CPU op. A second team would push libgomp past one
-    thread per core, where it stops spinning between parallel regions: the CPU lane then pays a futex wake-up
-    at every GEMV, 0.21 -> 0.36-0.65 ms per 1-token expert on the H200 box (eval/lane_probe.py)."""
-    torch.set_num_threads(1)
-
-
-def split_cores(reserve: int = 1) -> tuple[set[int], set[int]]:
-    """(cores for the CPU expert lane, cores for the thread that issues GPU work and copies)."""
-    cores = all_cores()
-    if len(cores) <= reserve:
-        return set(cores), set(cores)
-    return set(cores[:-reserve]), set(cores[-reserve:])
-
-
-SWITCH_S = 2e-5     # torch kernel launches hold the GIL: the default 5 ms switch interval would let the
-                    # GPU-driving thread keep the lane thread from even starting its (GIL-free) expert call
-
-
 class CpuLane:
-    """One worker thread (with its own OpenMP team) on all cores but the copy-issuing one."""
+    """CPU experts run on the thread that drives the GPU, right after it has queued the layer's copies and GPU
+    work (which then proceed without it), on that thread's OpenMP team: the only team in the process.
 
-    def __init__(self, threads: int | None = None, pin: bool = True):
-        compute, issuer = split_cores()
-        self.threads = threads or len(compute)
-        self.pin = pin
+    Measured on the H200 box (eval/NOTES.md): a separate worker thread with its own team costs a hand-off
+    (queue, wake-up, GIL) of 0.1-0.4 ms per layer, and two teams push libgomp past one thread per core, where
+    it stops spinning between parallel regions (0.21 -> 0.36-0.65 ms per 1-token expert)."""
 
-        def init() -> None:
-            if pin:
-                os.sched_setaffinity(0, compute)
-            torch.set_num_threads(self.threads)
-        if pin:
-            reserve_main_thread()
-            os.sched_setaffinity(0, issuer)
-            sys.setswitchinterval(SWITCH_S)
-        self.pool = ThreadPoolExecutor(1, initializer=init, thread_name_prefix="cpu-experts")
+    def __init__(self, threads: int | None = None):
+        self.threads = threads or os.cpu_count() or 1
+        torch.set_num_threads(self.threads)
 
-    def submit(self, fn, *args) -> Future:
-        return self.pool.submit(fn, *args)
+    @staticmethod
+    def run(fn, *args):
+        return fn(*args)
 
 
 class PinnedBuffer:

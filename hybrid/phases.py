@@ -1,8 +1,8 @@
 """Host timestamps of each offloaded MoE layer's phases, to see what sits on a decode step's critical path.
 
 The executor marks: enter (forward called), routed (routing on the host: the one sync), launched (plan made,
-copies and CPU work handed out), queued (GPU expert work queued), cpu_start / cpu_end (on the CPU lane),
-cpu_back (main thread has the CPU result) and done. Off by default; marks cost ~0.1 us each."""
+copies issued, rows laid out), queued (GPU expert work and prefetch queued), cpu_start / cpu_end (the CPU
+experts) and done (combine queued). Off by default; marks cost ~0.1 us each."""
 from __future__ import annotations
 
 import statistics
@@ -10,11 +10,9 @@ import time
 
 SPANS = (("enter", "routed", "wait for routing (GPU: previous layer's experts, attention, router)"),
          ("routed", "launched", "plan, copies issued, CPU work handed out"),
-         ("launched", "queued", "GPU expert groups queued"),
-         ("queued", "cpu_back", "main thread waits for the CPU lane"),
-         ("cpu_back", "done", "combine queued"),
-         ("launched", "cpu_start", "CPU lane start latency (activations to host, thread wake-up)"),
-         ("cpu_start", "cpu_end", "CPU lane compute"))
+         ("launched", "queued", "GPU expert groups and prefetch queued"),
+         ("queued", "done", "CPU experts, combine queued"),
+         ("cpu_start", "cpu_end", "CPU experts"))
 
 
 class PhaseLog:
