@@ -27,7 +27,10 @@ def cpu_model() -> str:
 
 def fingerprint(device: torch.device, threads: int | None) -> dict:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    return {"gpu": gpu, "cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads or os.cpu_count()}
+    if not threads:
+        from hybrid.lanes import default_threads
+        threads = default_threads() if device.type == "cuda" else torch.get_num_threads()
+    return {"gpu": gpu, "cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads}
 
 
 def default_path() -> Path:
@@ -135,7 +138,7 @@ def measure(device: torch.device, hidden: int = 2048, inter: int = 1408, dtype: 
             threads: int | None = None, tokens=TOKENS, n_host: int = 96, progress: bool = True) -> CostModel:
     """Run every microbenchmark and fit the curves; CPU experts run with the thread setting the runtime uses."""
     from hybrid.lanes import CpuLane
-    lane = CpuLane(threads)
+    lane = CpuLane(threads, device.type == "cuda")
     bench = Bench(device, hidden, inter, dtype, n_host)
     steps = tqdm(total=3 * len(tokens) + 2, desc="calibrating", disable=not progress)
     fetch = bench.fetch_ms()

@@ -15,6 +15,7 @@ from .expert_store import ExpertStore
 from .cpu_experts import run_cpu_experts
 from .experts import grouped_ffn
 from .lanes import CopyLane, CpuLane, PinnedBuffer
+from .layer_graph import LayerGraph
 from .layer_layout import layer_layout
 from .phases import PhaseLog
 from .prefetch import Prefetcher
@@ -43,6 +44,8 @@ class OffloadedExperts:
         self.predicted: dict[int, set[int]] = {}
         self.phases = PhaseLog()
         self.deferred: tuple | None = None
+        self.graphs: dict[int, LayerGraph] = {}            # id(static MoECall) -> its captured layer graphs
+        self.pool = torch.cuda.graph_pool_handle() if self.copy.cuda else None
 
     def attach(self, model) -> None:
         model.predict_next = self.prefetcher is not None
@@ -69,7 +72,7 @@ class OffloadedExperts:
         """Critical path only: routing -> plan -> copies issued -> GPU work queued -> CPU experts computed here
         while copies and GPU work proceed -> combine. The layer's bookkeeping (policy, statistics, next eviction
         order) waits for the next layer's routing sync, when the host would otherwise idle."""
-        layer, x, idx, w = call.layer, call.x, call.idx, call.w
+        layer, x, idx = call.layer, call.x, call.idx
         T, K = idx.shape
         pred = call.pred if self.prefetcher else None
         self._settle()
@@ -88,7 +91,40 @@ class OffloadedExperts:
         for wave in waves[:2]:
             self._issue(layer, wave)
         hits = [(e, self.cache.where[(layer, e)]) for e in plan.hits]
-        lay = layer_layout(flat, counts, [hits] + waves, plan.cpu, self.cache.slots.shape[0])
+        self.phases.note(n_hit=len(hits), n_fetch=len(fetch), n_cpu=len(plan.cpu))
+        args = (call, hits, waves, plan.cpu, flat, counts, xh, host)
+        out = self._one_group(*args) if len(waves) <= 1 else self._grouped(*args)
+        self.timings.append((start, self._now(), plan.predicted_ms))
+        self.phases.mark("done")
+        self.deferred = (layer, tokens, plan, len(fetch))
+        return out
+
+    def _one_group(self, call, hits, waves, cpu, flat, counts, xh, host) -> torch.Tensor:
+        """Every GPU row in one grouped GEMM of fixed shape (replayed from CUDA graphs at decode)."""
+        gpu = hits + (waves[0] if waves else [])
+        lay = layer_layout(flat, counts, [gpu], cpu, self.cache.slots.shape[0], fold_cpu=True)
+        graph = self._layer_graph(call)
+        self._wait_ready(gpu)
+        self.phases.mark("launched")
+        ys = graph.pre(self._pinned_index(np.concatenate([lay.perm, lay.offs.reshape(-1)])))
+        self._mark_free(gpu)
+        self._maybe_prefetch(call, host)
+        self.phases.mark("queued")
+        if lay.cpu_segments:
+            ys[lay.cpu_start:].copy_(self._cpu_experts(call.layer, lay, xh, call.idx.shape[1]), non_blocking=True)
+        return graph.post()
+
+    def _layer_graph(self, call) -> LayerGraph:
+        if not (call.static and self.copy.cuda):
+            return LayerGraph(call, self.w13_all, self.w2_all, capture=False)
+        if id(call) not in self.graphs:
+            self.graphs[id(call)] = LayerGraph(call, self.w13_all, self.w2_all, capture=True, pool=self.pool)
+        return self.graphs[id(call)]
+
+    def _grouped(self, call, hits, waves, cpu, flat, counts, xh, host) -> torch.Tensor:
+        """The general case (prefill, large batches): hits, then one grouped GEMM per wave of fetches."""
+        x, T, K = call.x, *call.idx.shape
+        lay = layer_layout(flat, counts, [hits] + waves, cpu, self.cache.slots.shape[0])
         dev = self._upload(np.concatenate([lay.perm, lay.offs.reshape(-1)]))
         perm = dev[:T * K].long()                                                        # [T*K]
         offs = dev[T * K:].view(len(waves) + 1, -1)                                      # [G, S]
@@ -96,19 +132,25 @@ class OffloadedExperts:
         xs = x.index_select(0, tok)                                                        # [T*K, Hd]
         ys = torch.empty_like(xs)
         self.phases.mark("launched")
-        self.phases.note(n_hit=len(hits), n_fetch=len(fetch), n_cpu=len(plan.cpu))
-        self._gpu_groups(layer, hits, waves, lay.rows, offs, xs, ys)
-        wsort = w.reshape(-1)[perm].unsqueeze(1)                                          # [T*K, 1]
-        if pred is not None:
-            self._prefetch(layer, host[:, K:])
+        self._gpu_groups(call.layer, hits, waves, lay.rows, offs, xs, ys)
+        wsort = call.w.reshape(-1)[perm].unsqueeze(1)                                     # [T*K, 1]
+        self._maybe_prefetch(call, host)
         self.phases.mark("queued")
         if lay.cpu_segments:
-            ys[lay.cpu_start:].copy_(self._cpu_experts(layer, lay, xh, K), non_blocking=True)
-        out = torch.zeros_like(x).index_add_(0, tok, (ys * wsort).to(x.dtype))
-        self.timings.append((start, self._now(), plan.predicted_ms))
-        self.phases.mark("done")
-        self.deferred = (layer, tokens, plan, len(fetch))
-        return out
+            ys[lay.cpu_start:].copy_(self._cpu_experts(call.layer, lay, xh, K), non_blocking=True)
+        return torch.zeros_like(x).index_add_(0, tok, (ys * wsort).to(x.dtype))
+
+    def _maybe_prefetch(self, call, host) -> None:
+        if self.prefetcher and call.pred is not None:
+            self._prefetch(call.layer, host[:, call.idx.shape[1]:])
+
+    def _mark_free(self, members) -> None:
+        """Staging slots among `members` may be overwritten once the GPU work queued so far has read them."""
+        staged = [s for _, s in members if s >= self.cache.n_slots]
+        if staged:
+            done = self.copy.event()
+            for s in staged:
+                self.cache.free[s] = done
 
     def _settle(self) -> None:
         """The previous layer's bookkeeping, done while the GPU runs the graph piece before this layer's routing."""
@@ -142,9 +184,13 @@ class OffloadedExperts:
         self.stats.experts.fetched += len(wave)
         self.stats.experts.fetched_bytes += len(wave) * self.expert_bytes
 
-    def _upload(self, values: np.ndarray) -> torch.Tensor:
+    def _pinned_index(self, values: np.ndarray) -> torch.Tensor:
         buf = self.index_buf.rows(values.shape[0])[:, 0]
         buf.numpy()[:] = values
+        return buf
+
+    def _upload(self, values: np.ndarray) -> torch.Tensor:
+        buf = self._pinned_index(values)
         return buf.to(self.device, non_blocking=True) if self.copy.cuda else buf.clone()
 
     def _wait_ready(self, members) -> None:
@@ -166,10 +212,7 @@ class OffloadedExperts:
             self._wait_ready(wave)
             a, b = rows[i + 1]
             ys[a:b] = grouped_ffn(xs[a:b], offs[i + 1], self.w13_all, self.w2_all)
-            done = self.copy.event()
-            for _, s in wave:
-                if s >= self.cache.n_slots:
-                    self.cache.free[s] = done
+            self._mark_free(wave)
             if i + 2 < len(waves):
                 self._issue(layer, waves[i + 2])
 

@@ -57,6 +57,7 @@ class StaticStep:
             item = next(gen)
         self.pieces.append(g)
         while isinstance(item, MoECall):
+            item.static = True
             self.calls.append(item)
             self.routed.append(torch.zeros_like(item.x))
             g = torch.cuda.CUDAGraph()

@@ -58,6 +58,13 @@ class CopyLane:
             torch.cuda.current_stream().wait_event(ev)
 
 
+def default_threads() -> int:
+    """All cores but one: the spare core absorbs the CUDA driver's and Python's other threads, which would
+    otherwise stall one member of the OpenMP team (0.25 vs 0.39 ms per 1-token expert with 15 vs 16 threads
+    on the 16-core GPU box, eval/lane_probe.py)."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 class CpuLane:
     """CPU experts run on the thread that drives the GPU, right after it has queued the layer's copies and GPU
     work (which then proceed without it), on that thread's OpenMP team: the only team in the process.
@@ -66,9 +73,10 @@ class CpuLane:
     (queue, wake-up, GIL) of 0.1-0.4 ms per layer, and two teams push libgomp past one thread per core, where
     it stops spinning between parallel regions (0.21 -> 0.36-0.65 ms per 1-token expert)."""
 
-    def __init__(self, threads: int | None = None):
-        self.threads = threads or os.cpu_count() or 1
-        torch.set_num_threads(self.threads)
+    def __init__(self, threads: int | None = None, cuda: bool = True):
+        if threads or cuda:
+            torch.set_num_threads(threads or default_threads())
+        self.threads = torch.get_num_threads()
 
     @staticmethod
     def run(fn, *args):

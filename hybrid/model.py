@@ -169,6 +169,7 @@ class MoECall:
     idx: torch.Tensor            # [T, K] routed experts
     w: torch.Tensor              # [T, K] float32 routing weights
     pred: torch.Tensor | None    # [T, K] the next MoE layer's router applied to x (prefetch hint), or None
+    static: bool = False         # x, idx, w, pred are graph buffers that every replay refills in place
 
 
 class DeepseekV2:

@@ -70,3 +70,21 @@ def test_gpu_mode_refuses_a_budget_that_cannot_hold_every_expert(tiny):
     from hybrid.budget import BudgetError
     with pytest.raises(BudgetError, match="mode gpu keeps every expert resident"):
         make(tiny, gpu_memory=budget_for(tiny, SLOTS))
+
+
+def test_hybrid_uses_both_layer_paths_and_stays_exact(tiny, gpu_run, monkeypatch):
+    """Decode layers with one wave of fetches take the fixed-shape single-GEMM path (CPU rows folded into the
+    last slot); prefill layers with several waves take the general path. Both must match the reference."""
+    from hybrid.executor import OffloadedExperts
+    used = {"one": 0, "grouped": 0}
+    for name, key in (("_one_group", "one"), ("_grouped", "grouped")):
+        orig = getattr(OffloadedExperts, name)
+
+        def counted(self, *a, _orig=orig, _key=key):
+            used[_key] += 1
+            return _orig(self, *a)
+        monkeypatch.setattr(OffloadedExperts, name, counted)
+    e = make(tiny, mode="hybrid", gpu_memory=budget_for(tiny, 4))
+    out = e.generate(PROMPTS, SamplingParams(max_new_tokens=10, stop_on_eos=False))
+    assert out.tokens == gpu_run[0].tokens
+    assert used["one"] > 0 and used["grouped"] > 0 and out.stats.experts.cpu_experts > 0
