@@ -44,6 +44,8 @@ class OffloadedExperts:
         self.predicted: dict[int, set[int]] = {}
         self.phases = PhaseLog()
         self.deferred: tuple | None = None
+        self.pcie_until = 0.0                  # when the copies queued so far should be done (perf_counter, s)
+        self.window_ms = 0.0                   # the current layer's predicted time
         self.graphs: dict[int, LayerGraph] = {}            # id(static MoECall) -> its captured layer graphs
         self.pool = torch.cuda.graph_pool_handle() if self.copy.cuda else None
 
@@ -85,7 +87,8 @@ class OffloadedExperts:
         flat = host[:, :K].reshape(-1)                                                    # [T*K]
         counts = np.bincount(flat, minlength=self.cfg.n_routed_experts)
         tokens = {int(e): int(counts[e]) for e in np.flatnonzero(counts)}
-        plan = self.planner.plan(tokens, self.cache.resident[layer])
+        plan = self.planner.plan(tokens, self.cache.resident[layer], self._backlog_ms())
+        self.window_ms = plan.predicted_ms
         fetch = [(e, self._slot_for(layer, e, tokens)) for e in plan.fetch]
         waves = [fetch[i:i + self.wave] for i in range(0, len(fetch), self.wave)]
         for wave in waves[:2]:
@@ -179,10 +182,16 @@ class OffloadedExperts:
         n = self.cache.n_slots
         after = [self.cache.free[s] for _, s in wave if s >= n and self.cache.free[s] is not None]
         done = self.copy.copy_many([(self.cache.views[s], self.store.buffers[layer][e]) for e, s in wave], after)
+        now = time.perf_counter()
+        self.pcie_until = max(self.pcie_until, now) + len(wave) * self.planner.costs.fetch_ms / 1000
         for _, s in wave:
             self.cache.ready[s] = done
         self.stats.experts.fetched += len(wave)
         self.stats.experts.fetched_bytes += len(wave) * self.expert_bytes
+
+    def _backlog_ms(self) -> float:
+        """Copy time still queued on the PCIe lane, by the cost model."""
+        return max(0.0, 1000 * (self.pcie_until - time.perf_counter()))
 
     def _pinned_index(self, values: np.ndarray) -> torch.Tensor:
         buf = self.index_buf.rows(values.shape[0])[:, 0]
@@ -234,7 +243,9 @@ class OffloadedExperts:
     def _prefetch(self, layer: int, pred_host) -> None:
         nxt = self.prefetcher.next[layer]
         self.predicted[nxt] = set(pred_host.reshape(-1).tolist())
-        chosen = self.prefetcher.choose(pred_host, self.cache.cached(nxt))
+        c = self.planner.costs          # only what the PCIe lane can move before the next layer routes
+        room = int((self.window_ms + c.layer_overhead_ms - self._backlog_ms()) / c.fetch_ms)
+        chosen = self.prefetcher.choose(pred_host, self.cache.resident[nxt])[:max(0, room)]
         wave = []
         for e in chosen:
             slot = self.cache.admit(nxt, e, self.predicted[nxt])

@@ -10,6 +10,7 @@ from itertools import product
 from cost_model.costs import CostModel
 
 EXACT_LIMIT = 48       # candidate splits searched exhaustively; above that, the O(misses) prefix scan
+BACKLOG_STEP_MS = 0.05  # PCIe backlog is rounded to this for memoising plans
 
 
 @dataclass
@@ -20,11 +21,13 @@ class LayerPlan:
     predicted_ms: float = 0.0
 
 
-def makespan(costs: CostModel, tokens: dict[int, int], hits: list[int], fetch: list[int], cpu: list[int]) -> float:
-    """Predicted layer time: the slowest of the GPU lane (fed by the PCIe lane) and the CPU lane."""
+def makespan(costs: CostModel, tokens: dict[int, int], hits: list[int], fetch: list[int], cpu: list[int],
+             backlog_ms: float = 0.0) -> float:
+    """Predicted layer time: the slowest of the GPU lane (fed by the PCIe lane, which first drains `backlog_ms`
+    of copies queued earlier, e.g. prefetches) and the CPU lane."""
     gpu = sum(costs.gpu_ms(tokens[e]) for e in hits) + sum(costs.gpu_ms(tokens[e]) for e in fetch)
     if fetch:
-        pcie = len(fetch) * costs.fetch_ms
+        pcie = backlog_ms + len(fetch) * costs.fetch_ms
         gpu = max(gpu, pcie + min(costs.gpu_ms(tokens[e]) for e in fetch))
     lane_cpu = 0.0
     if cpu:
@@ -39,19 +42,21 @@ class FetchPlanner:
     def __init__(self, costs: CostModel | None = None):
         self.costs = costs or CostModel.defaults()
 
-    def plan(self, tokens: dict[int, int], cached: set[int]) -> LayerPlan:
+    def plan(self, tokens: dict[int, int], cached: set[int], backlog_ms: float = 0.0) -> LayerPlan:
+        """tokens: expert -> rows routed to it; cached: experts resident on the GPU; backlog_ms: copies still
+        queued on the PCIe lane."""
         hits = [e for e in tokens if e in cached]
         fetch = [e for e in tokens if e not in cached]
-        return LayerPlan(hits, fetch, [], makespan(self.costs, tokens, hits, fetch, []))
+        return LayerPlan(hits, fetch, [], makespan(self.costs, tokens, hits, fetch, [], backlog_ms))
 
 
 class CpuPlanner(FetchPlanner):
     """Fiddler without the scheduler: every miss runs on the CPU."""
 
-    def plan(self, tokens: dict[int, int], cached: set[int]) -> LayerPlan:
+    def plan(self, tokens: dict[int, int], cached: set[int], backlog_ms: float = 0.0) -> LayerPlan:
         hits = [e for e in tokens if e in cached]
         cpu = [e for e in tokens if e not in cached]
-        return LayerPlan(hits, [], cpu, makespan(self.costs, tokens, hits, [], cpu))
+        return LayerPlan(hits, [], cpu, makespan(self.costs, tokens, hits, [], cpu, backlog_ms))
 
 
 class MakespanPlanner(FetchPlanner):
@@ -65,12 +70,13 @@ class MakespanPlanner(FetchPlanner):
         super().__init__(costs)
         self.memo: dict[tuple, tuple[tuple[int, ...], float]] = {}
 
-    def plan(self, tokens: dict[int, int], cached: set[int]) -> LayerPlan:
+    def plan(self, tokens: dict[int, int], cached: set[int], backlog_ms: float = 0.0) -> LayerPlan:
         hits = [e for e in tokens if e in cached]
         groups: dict[int, list[int]] = {}
         for e in sorted((e for e in tokens if e not in cached), key=lambda e: tokens[e]):
             groups.setdefault(tokens[e], []).append(e)
-        key = (tuple(sorted(tokens[e] for e in hits)), tuple((n, len(g)) for n, g in groups.items()))
+        key = (tuple(sorted(tokens[e] for e in hits)), tuple((n, len(g)) for n, g in groups.items()),
+               round(backlog_ms / BACKLOG_STEP_MS) * BACKLOG_STEP_MS)
         if key not in self.memo:
             self.memo[key] = self._search(key)
         picks, t = self.memo[key]
@@ -80,7 +86,7 @@ class MakespanPlanner(FetchPlanner):
 
     def _search(self, key: tuple) -> tuple[tuple[int, ...], float]:
         """Best count per token-count group to run on the CPU, and its predicted makespan."""
-        hit_ns, groups = key
+        hit_ns, groups, backlog = key
         c = self.costs
         ns = [n for n, _ in groups]
         sizes = [s for _, s in groups]
@@ -91,7 +97,8 @@ class MakespanPlanner(FetchPlanner):
             nf = sum(sizes) - sum(picks)
             gpu = gpu_hits + sum(u * (s - m) for u, s, m in zip(unit_gpu, sizes, picks))
             if nf:
-                gpu = max(gpu, nf * c.fetch_ms + min(u for u, s, m in zip(unit_gpu, sizes, picks) if m < s))
+                first = min(u for u, s, m in zip(unit_gpu, sizes, picks) if m < s)
+                gpu = max(gpu, backlog + nf * c.fetch_ms + first)
             lane = 0.0
             if any(picks):
                 lane = c.cpu_dispatch_ms + c.xfer_ms(sum(n * m for n, m in zip(ns, picks))) + \
