@@ -1,5 +1,4 @@
-"""A layer's CPU experts in one TorchScript call: the loop runs in C++ with the GIL released, so the CPU lane
-does not trade the interpreter lock with the thread that drives the GPU at every operation."""
+"""A layer's CPU experts in one TorchScript call: the loop over experts runs in C++, not in the interpreter."""
 from __future__ import annotations
 
 import warnings

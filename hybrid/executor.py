@@ -1,7 +1,8 @@
-"""Carries out per-layer plans: GPU hits, fetches on the copy stream, CPU experts on the CPU lane, one combine.
+"""Carries out per-layer plans: fetches on the copy stream, GPU experts, CPU experts on this thread, one combine.
 
 `OffloadedExperts` is the ExpertBackend of modes fetch, cpu and hybrid; the planner decides, this executes.
-GPU experts of a layer run as grouped GEMMs over the cache slots: one for the hits, one per wave of fetches."""
+GPU experts run as grouped GEMMs over the cache slots: at decode one fixed-shape GEMM replayed from CUDA graphs
+(`layer_graph.py`); with several waves of fetches (prefill, large batches) one for the hits and one per wave."""
 from __future__ import annotations
 
 import time
@@ -15,7 +16,7 @@ from .expert_store import ExpertStore
 from .cpu_experts import run_cpu_experts
 from .experts import grouped_ffn
 from .lanes import CopyLane, CpuLane, PinnedBuffer
-from .layer_graph import LayerGraph
+from .layer_graph import LayerGraph, combine
 from .layer_layout import layer_layout
 from .phases import PhaseLog
 from .prefetch import Prefetcher
@@ -111,10 +112,7 @@ class OffloadedExperts:
         self.phases.mark("launched")
         ys = graph.pre(self._pinned_index(np.concatenate([lay.perm, lay.offs.reshape(-1)])))
         self._mark_free(gpu)
-        self._maybe_prefetch(call, host)
-        self.phases.mark("queued")
-        if lay.cpu_segments:
-            ys[lay.cpu_start:].copy_(self._cpu_experts(call.layer, lay, xh, call.idx.shape[1]), non_blocking=True)
+        self._prefetch_then_cpu(call, host, lay, xh, ys)
         return graph.post()
 
     def _layer_graph(self, call) -> LayerGraph:
@@ -137,15 +135,17 @@ class OffloadedExperts:
         self.phases.mark("launched")
         self._gpu_groups(call.layer, hits, waves, lay.rows, offs, xs, ys)
         wsort = call.w.reshape(-1)[perm].unsqueeze(1)                                     # [T*K, 1]
-        self._maybe_prefetch(call, host)
+        self._prefetch_then_cpu(call, host, lay, xh, ys)
+        return combine(x, tok, ys, wsort)
+
+    def _prefetch_then_cpu(self, call, host, lay, xh: torch.Tensor, ys: torch.Tensor) -> None:
+        """Once the GPU side is queued: the next layer's prefetch copies, then this layer's CPU experts into ys."""
+        K = call.idx.shape[1]
+        if self.prefetcher and call.pred is not None:
+            self._prefetch(call.layer, host[:, K:])
         self.phases.mark("queued")
         if lay.cpu_segments:
             ys[lay.cpu_start:].copy_(self._cpu_experts(call.layer, lay, xh, K), non_blocking=True)
-        return torch.zeros_like(x).index_add_(0, tok, (ys * wsort).to(x.dtype))
-
-    def _maybe_prefetch(self, call, host) -> None:
-        if self.prefetcher and call.pred is not None:
-            self._prefetch(call.layer, host[:, call.idx.shape[1]:])
 
     def _mark_free(self, members) -> None:
         """Staging slots among `members` may be overwritten once the GPU work queued so far has read them."""

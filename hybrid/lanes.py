@@ -78,10 +78,6 @@ class CpuLane:
             torch.set_num_threads(threads or default_threads())
         self.threads = torch.get_num_threads()
 
-    @staticmethod
-    def run(fn, *args):
-        return fn(*args)
-
 
 class PinnedBuffer:
     """A reusable host buffer (page-locked on CUDA machines) that grows to the largest request."""

@@ -11,6 +11,11 @@ import torch
 from .experts import grouped_ffn
 
 
+def combine(x: torch.Tensor, tok: torch.Tensor, ys: torch.Tensor, wsort: torch.Tensor) -> torch.Tensor:
+    """Sum each token's expert outputs ys [T*K, Hd] (sorted rows, token tok [T*K]) weighted by wsort [T*K, 1]."""
+    return torch.zeros_like(x).index_add_(0, tok, (ys * wsort).to(x.dtype))
+
+
 class LayerGraph:
     def __init__(self, call, w13_all: torch.Tensor, w2_all: torch.Tensor, capture: bool, pool=None):
         T, K = call.idx.shape
@@ -29,8 +34,7 @@ class LayerGraph:
         self.wsort = self.call.w.reshape(-1)[perm].unsqueeze(1)                           # [T*K, 1]
 
     def _post(self) -> None:
-        x = self.call.x
-        self.out = torch.zeros_like(x).index_add_(0, self.tok, (self.ys * self.wsort).to(x.dtype))  # [T, Hd]
+        self.out = combine(self.call.x, self.tok, self.ys, self.wsort)                   # [T, Hd]
 
     def _capture(self, pool) -> None:
         side = torch.cuda.Stream()
