@@ -110,7 +110,7 @@ class OffloadedExperts:
         graph = self._layer_graph(call)
         self._wait_ready(gpu)
         self.phases.mark("launched")
-        ys = graph.pre(self._pinned_index(np.concatenate([lay.perm, lay.offs.reshape(-1)])))
+        ys = graph.pre(self._pinned_index(lay))
         self._mark_free(gpu)
         self._prefetch_then_cpu(call, host, lay, xh, ys)
         return graph.post()
@@ -126,7 +126,7 @@ class OffloadedExperts:
         """The general case (prefill, large batches): hits, then one grouped GEMM per wave of fetches."""
         x, T, K = call.x, *call.idx.shape
         lay = layer_layout(flat, counts, [hits] + waves, cpu, self.cache.slots.shape[0])
-        dev = self._upload(np.concatenate([lay.perm, lay.offs.reshape(-1)]))
+        dev = self._upload(lay)
         perm = dev[:T * K].long()                                                        # [T*K]
         offs = dev[T * K:].view(len(waves) + 1, -1)                                      # [G, S]
         tok = perm // K
@@ -193,13 +193,15 @@ class OffloadedExperts:
         """Copy time still queued on the PCIe lane, by the cost model."""
         return max(0.0, 1000 * (self.pcie_until - time.perf_counter()))
 
-    def _pinned_index(self, values: np.ndarray) -> torch.Tensor:
+    def _pinned_index(self, lay) -> torch.Tensor:
+        """The layout's row order then slot offsets, in pinned host memory: [T*K + G*S] int32."""
+        values = np.concatenate([lay.perm, lay.offs.reshape(-1)])
         buf = self.index_buf.rows(values.shape[0])[:, 0]
         buf.numpy()[:] = values
         return buf
 
-    def _upload(self, values: np.ndarray) -> torch.Tensor:
-        buf = self._pinned_index(values)
+    def _upload(self, lay) -> torch.Tensor:
+        buf = self._pinned_index(lay)
         return buf.to(self.device, non_blocking=True) if self.copy.cuda else buf.clone()
 
     def _wait_ready(self, members) -> None:

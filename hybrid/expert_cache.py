@@ -38,9 +38,6 @@ class ExpertCache:
     def cached(self, layer: int) -> set[int]:
         return set(self.resident[layer])
 
-    def lookup(self, layer: int, e: int) -> int | None:
-        return self.where.get((layer, e))
-
     def touch(self, layer: int, experts) -> None:
         pol = self.policies[layer]
         for e in experts:

@@ -27,17 +27,6 @@ class CopyLane:
         ev.record()
         return ev
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None):
-        """dst <- src on the copy stream once `after` (an event) has fired; returns the completion event."""
-        if not self.cuda:
-            dst.copy_(src)
-            return None
-        if after is not None:
-            self.stream.wait_event(after)
-        with torch.cuda.stream(self.stream):
-            dst.copy_(src, non_blocking=True)
-        return self.event(self.stream)
-
     def copy_many(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: list) -> object:
         """dst <- src for each pair, back to back on the copy stream once every event in `after` has fired;
         returns one completion event for all of them."""
