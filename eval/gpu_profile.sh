@@ -9,9 +9,12 @@ python3 eval/lane_probe.py --threads ${PROBE_THREADS:-16,15,12} --out "$OUT/prof
 python3 -m hybrid.synthetic --preset v2-lite --out /dev/shm/v2lite --tokenizer .tok 2>/dev/null
 timeout 200 python3 calibrate.py --out /dev/shm/hc/costs.json 2>&1 | grep -v "it/s" | tail -3
 cp /dev/shm/hc/costs.json "$OUT/profile/costs.json"
+# spec: mode:prefetch[:threads[:batch[:extra,flags]]], e.g. hybrid:gate::16:--no-lookahead
 for spec in ${SPECS:-"hybrid:none" "hybrid:gate" "cpu:none" "fetch:none"} "$@"; do
-  IFS=: read -r m p t <<< "$spec"; set -- $m $p $t
-  echo "== $*"
+  IFS=: read -r m p t b x <<< "$spec"; b=${b:-1}; x=${x//,/ }
+  name="$m"_"$p${t:+_t$t}_bs$b${x:+$(echo "$x" | tr -d ' -')}"
+  echo "== $spec"
   timeout 150 python3 eval/profile_layers.py --model /dev/shm/v2lite --gpu-memory 12GiB --max-seq-len 272 \
-    --mode $1 --prefetch $2 ${3:+--cpu-threads $3} --out "$OUT/profile/$1_$2${3:+_t$3}.json" 2>&1 | grep -vE "it/s|%\|" | tail -11
+    --mode $m --prefetch $p ${t:+--cpu-threads $t} --batch-size $b $x --out "$OUT/profile/$name.json" 2>&1 \
+    | grep -vE "it/s|%\|" | tail -11
 done

@@ -43,6 +43,8 @@ def engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cache-policy", default="lfu", choices=["lfu", "lru", "static"])
     ap.add_argument("--prefetch", default="none", choices=["none", "gate", "mlp"],
                     help="predict the next layer's experts with its router (gate) or a trained predictor (mlp)")
+    ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
+                    help="with prefetch: plan each layer alone (on-demand copies not charged for displaced prefetches)")
     ap.add_argument("--predictors", help="trained predictor file for --prefetch mlp (default: by checkpoint)")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--max-seq-len", type=int, default=4096)
@@ -55,7 +57,7 @@ def run_config(a: argparse.Namespace) -> RunConfig:
     return RunConfig(device=a.device, dtype=dtype, mode=a.mode, gpu_memory=a.gpu_memory,
                      cache_policy=a.cache_policy, prefetch=a.prefetch, max_batch_size=a.batch_size,
                      max_seq_len=a.max_seq_len, cpu_threads=a.cpu_threads, costs_path=a.costs,
-                     predictor_path=a.predictors)
+                     predictor_path=a.predictors, lookahead=a.lookahead)
 
 
 def make_engine(a: argparse.Namespace):

@@ -128,6 +128,7 @@ class RunConfig:
     cache_policy: str = "lfu"             # lfu | lru | static
     prefetch: str = "none"                # none | gate | mlp
     predictor_path: str | None = None     # trained predictors for prefetch mlp (default: by checkpoint)
+    lookahead: bool = True                # with prefetch: on-demand copies pay for the prefetch they displace
     max_batch_size: int = 1
     max_seq_len: int = 4096               # KV cache capacity per sequence (prompt + new tokens)
     prefill_chunk_tokens: int = 4096      # tokens per prefill forward (bounds activation memory)

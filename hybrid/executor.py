@@ -88,7 +88,8 @@ class OffloadedExperts:
         flat = host[:, :K].reshape(-1)                                                    # [T*K]
         counts = np.bincount(flat, minlength=self.cfg.n_routed_experts)
         tokens = {int(e): int(counts[e]) for e in np.flatnonzero(counts)}
-        plan = self.planner.plan(tokens, self.cache.resident[layer], self._backlog_ms())
+        penalty = self._fetch_penalty(layer, host[:, K:]) if pred is not None else 0.0
+        plan = self.planner.plan(tokens, self.cache.resident[layer], self._backlog_ms(), penalty)
         self.window_ms = plan.predicted_ms
         fetch = [(e, self._slot_for(layer, e, tokens)) for e in plan.fetch]
         waves = [fetch[i:i + self.wave] for i in range(0, len(fetch), self.wave)]
@@ -241,6 +242,17 @@ class OffloadedExperts:
         self.stats.experts.cpu_busy_s += time.perf_counter() - t0
         self.phases.mark("cpu_end")
         return out
+
+    def _fetch_penalty(self, layer: int, pred_host) -> float:
+        """What one on-demand copy costs beyond this layer: the PCIe slot could instead prefetch a predicted
+        expert of the next layer and, at the prefetcher's recall, spare the next layer's CPU lane one expert."""
+        nxt = self.prefetcher.next.get(layer)
+        if not self.prefetcher.lookahead or nxt is None:
+            return 0.0
+        resident = self.cache.resident[nxt]
+        if all(int(e) in resident for e in np.unique(pred_host)):
+            return 0.0
+        return self.prefetcher.expected_recall() * self.planner.costs.cpu_ms(1)
 
     def _prefetch(self, layer: int, pred_host) -> None:
         nxt = self.prefetcher.next[layer]

@@ -12,7 +12,8 @@ SPANS = (("enter", "routed", "wait for routing (GPU: previous layer's experts, a
          ("routed", "launched", "plan, copies issued, CPU work handed out"),
          ("launched", "queued", "GPU expert groups and prefetch queued"),
          ("queued", "done", "CPU experts, combine queued"),
-         ("cpu_start", "cpu_end", "CPU experts"))
+         ("cpu_start", "cpu_end", "CPU experts"),
+         ("cpu_end", "done", "CPU results shipped, combine queued"))
 
 
 class PhaseLog:

@@ -10,8 +10,8 @@ from .config import ModelConfig
 class Prefetcher:
     """Chooses which predicted experts of layer L+1 to copy during layer L, within a per-layer budget."""
 
-    def __init__(self, cfg: ModelConfig, budget: int | None = None):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, budget: int | None = None, lookahead: bool = True):
+        self.cfg, self.lookahead = cfg, lookahead
         layers = cfg.moe_layers
         self.next = {a: b for a, b in zip(layers, layers[1:])}
         self.budget = budget if budget is not None else cfg.num_experts_per_tok   # experts per layer
@@ -29,6 +29,10 @@ class Prefetcher:
         self.needed += len(needed)
         self.predicted += len(predicted)
         self.hit += len(predicted & needed)
+
+    def expected_recall(self, prior: float = 0.8, after: int = 100) -> float:
+        """The recall so far once `after` needed experts were scored; `prior` until then."""
+        return self.recall if self.needed >= after else prior
 
     @property
     def recall(self) -> float:

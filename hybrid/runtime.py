@@ -85,7 +85,7 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
         print(f"cost model: {why}", file=sys.stderr)
     planner = PLANNERS[run.mode](costs)
     lane = CpuLane(run.cpu_threads, cuda)
-    prefetch = Prefetcher(cfg) if run.prefetch in ("gate", "mlp") else None
+    prefetch = Prefetcher(cfg, lookahead=run.lookahead) if run.prefetch in ("gate", "mlp") else None
     if progress:
         print(f"memory: {plan.describe()}", file=sys.stderr)
     return OffloadedExperts(cfg, store, cache, planner, device, lane, prefetch)

@@ -42,9 +42,11 @@ class FetchPlanner:
     def __init__(self, costs: CostModel | None = None):
         self.costs = costs or CostModel.defaults()
 
-    def plan(self, tokens: dict[int, int], cached: set[int], backlog_ms: float = 0.0) -> LayerPlan:
+    def plan(self, tokens: dict[int, int], cached: set[int], backlog_ms: float = 0.0,
+             fetch_penalty_ms: float = 0.0) -> LayerPlan:
         """tokens: expert -> rows routed to it; cached: experts resident on the GPU; backlog_ms: copies still
-        queued on the PCIe lane."""
+        queued on the PCIe lane; fetch_penalty_ms: what the PCIe time of one on-demand fetch would be worth
+        elsewhere (a prefetch for the next layer), charged per fetch when choosing, not in predicted_ms."""
         hits = [e for e in tokens if e in cached]
         fetch = [e for e in tokens if e not in cached]
         return LayerPlan(hits, fetch, [], makespan(self.costs, tokens, hits, fetch, [], backlog_ms))
@@ -53,7 +55,8 @@ class FetchPlanner:
 class CpuPlanner(FetchPlanner):
     """Fiddler without the scheduler: every miss runs on the CPU."""
 
-    def plan(self, tokens: dict[int, int], cached: set[int], backlog_ms: float = 0.0) -> LayerPlan:
+    def plan(self, tokens: dict[int, int], cached: set[int], backlog_ms: float = 0.0,
+             fetch_penalty_ms: float = 0.0) -> LayerPlan:
         hits = [e for e in tokens if e in cached]
         cpu = [e for e in tokens if e not in cached]
         return LayerPlan(hits, [], cpu, makespan(self.costs, tokens, hits, [], cpu, backlog_ms))
@@ -62,6 +65,8 @@ class CpuPlanner(FetchPlanner):
 class MakespanPlanner(FetchPlanner):
     """Chooses, per miss, fetch or CPU to minimise the layer's makespan under the cost model.
 
+    With a fetch penalty p it minimises makespan + p x fetches: at batch 1 with prefetch on, a copy made now for
+    this layer is a copy not made ahead for the next one, whose CPU lane it would have spared.
     Misses with equal token counts are interchangeable, so a candidate is how many of each count go to the CPU.
     Small spaces are searched exhaustively (exact); larger ones scan the CPU taking the k smallest misses,
     k = 0..all, in O(misses). Decisions depend only on the token counts, so they are memoised."""
@@ -70,13 +75,15 @@ class MakespanPlanner(FetchPlanner):
         super().__init__(costs)
         self.memo: dict[tuple, tuple[tuple[int, ...], float]] = {}
 
-    def plan(self, tokens: dict[int, int], cached: set[int], backlog_ms: float = 0.0) -> LayerPlan:
+    def plan(self, tokens: dict[int, int], cached: set[int], backlog_ms: float = 0.0,
+             fetch_penalty_ms: float = 0.0) -> LayerPlan:
         hits = [e for e in tokens if e in cached]
         groups: dict[int, list[int]] = {}
         for e in sorted((e for e in tokens if e not in cached), key=lambda e: tokens[e]):
             groups.setdefault(tokens[e], []).append(e)
         key = (tuple(sorted(tokens[e] for e in hits)), tuple((n, len(g)) for n, g in groups.items()),
-               round(backlog_ms / BACKLOG_STEP_MS) * BACKLOG_STEP_MS)
+               round(backlog_ms / BACKLOG_STEP_MS) * BACKLOG_STEP_MS,
+               round(fetch_penalty_ms / BACKLOG_STEP_MS) * BACKLOG_STEP_MS)
         if key not in self.memo:
             self.memo[key] = self._search(key)
         picks, t = self.memo[key]
@@ -86,14 +93,14 @@ class MakespanPlanner(FetchPlanner):
 
     def _search(self, key: tuple) -> tuple[tuple[int, ...], float]:
         """Best count per token-count group to run on the CPU, and its predicted makespan."""
-        hit_ns, groups, backlog = key
+        hit_ns, groups, backlog, penalty = key
         c = self.costs
         ns = [n for n, _ in groups]
         sizes = [s for _, s in groups]
         unit_cpu, unit_gpu = [c.cpu_ms(n) for n in ns], [c.gpu_ms(n) for n in ns]
         gpu_hits = sum(c.gpu_ms(n) for n in hit_ns)
 
-        def cost(picks) -> float:
+        def makespan_of(picks) -> float:
             nf = sum(sizes) - sum(picks)
             gpu = gpu_hits + sum(u * (s - m) for u, s, m in zip(unit_gpu, sizes, picks))
             if nf:
@@ -112,7 +119,9 @@ class MakespanPlanner(FetchPlanner):
             candidates = product(*(range(s + 1) for s in sizes))
         else:
             candidates = (self._prefix(sizes, m) for m in range(sum(sizes) + 1))
-        return min(((tuple(p), cost(p)) for p in candidates), key=lambda pt: pt[1])
+        nf_of = lambda p: sum(sizes) - sum(p)  # noqa: E731
+        scored = ((tuple(p), makespan_of(p)) for p in candidates)
+        return min(scored, key=lambda pt: pt[1] + penalty * nf_of(pt[0]))
 
     @staticmethod
     def _prefix(sizes: list[int], m: int) -> tuple[int, ...]:

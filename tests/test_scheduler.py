@@ -22,14 +22,14 @@ def case(r):
     return tokens, cached
 
 
-def brute(c, tokens, cached, backlog=0.0):
+def brute(c, tokens, cached, backlog=0.0, penalty=0.0):
     hits = [e for e in tokens if e in cached]
     misses = [e for e in tokens if e not in cached]
     best = float("inf")
     for bits in product((0, 1), repeat=len(misses)):
         cpu = [e for e, b in zip(misses, bits) if b]
         fetch = [e for e, b in zip(misses, bits) if not b]
-        best = min(best, makespan(c, tokens, hits, fetch, cpu, backlog))
+        best = min(best, makespan(c, tokens, hits, fetch, cpu, backlog) + penalty * len(fetch))
     return best
 
 
@@ -90,3 +90,24 @@ def test_a_busy_pcie_lane_moves_misses_to_the_cpu():
     busy = MakespanPlanner(c).plan({e: 1 for e in range(4)}, cached=set(), backlog_ms=2.0)
     assert free.fetch and len(busy.cpu) > len(free.cpu)
     assert busy.predicted_ms >= free.predicted_ms
+
+
+def test_fetch_penalty_matches_brute_force_and_moves_misses_to_the_cpu():
+    r = random.Random(3)
+    checked = 0
+    for i in range(300):
+        c = costs(i)
+        tokens, cached = case(r)
+        if space(tokens, cached) > EXACT_LIMIT:
+            continue
+        penalty = r.choice([0.1, 0.3, 1.0])
+        plan = MakespanPlanner(c).plan(tokens, cached, 0.0, penalty)
+        free = MakespanPlanner(c).plan(tokens, cached)
+        objective = plan.predicted_ms + penalty * len(plan.fetch)
+        assert abs(plan.predicted_ms - makespan(c, tokens, plan.hits, plan.fetch, plan.cpu)) < 1e-9
+        assert abs(objective - brute(c, tokens, cached, 0.0, penalty)) < 1e-9
+        assert len(plan.fetch) <= len(free.fetch) and plan.predicted_ms >= free.predicted_ms - 1e-9
+        for other in (FetchPlanner(c).plan(tokens, cached), CpuPlanner(c).plan(tokens, cached)):
+            assert objective <= other.predicted_ms + penalty * len(other.fetch) + 1e-9
+        checked += 1
+    assert checked > 150
