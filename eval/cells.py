@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
 import torch
@@ -33,9 +32,6 @@ def cell(e: Engine, mode: str, prompts: list[list[int]], new: int) -> dict:
     out = e.generate(prompts, SamplingParams(max_new_tokens=new, stop_on_eos=False))
     s = out.stats
     row = {**s.summary(), "mode": mode}
-    if s.layer_meas_ms:
-        row["layer_pred_ms_mean"] = statistics.mean(s.layer_pred_ms)
-        row["layer_meas_ms_mean"] = statistics.mean(s.layer_meas_ms)
     row["_tokens"] = out.tokens
     return row
 

@@ -79,6 +79,8 @@ class RunStats:
         if self.layer_meas_ms:
             errs = sorted(abs(p - m) / m for p, m in zip(self.layer_pred_ms, self.layer_meas_ms) if m > 0)
             out["layer_time_median_rel_err"] = errs[len(errs) // 2] if errs else None
+            out["layer_pred_ms_mean"] = statistics.mean(self.layer_pred_ms)
+            out["layer_meas_ms_mean"] = statistics.mean(self.layer_meas_ms)
         return out
 
     def line(self) -> str:
