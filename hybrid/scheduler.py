@@ -65,43 +65,57 @@ class CpuPlanner(FetchPlanner):
 class MakespanPlanner(FetchPlanner):
     """Chooses, per miss, fetch or CPU to minimise the layer's makespan under the cost model.
 
-    With a fetch penalty p it minimises makespan + p x fetches: at batch 1 with prefetch on, a copy made now for
-    this layer is a copy not made ahead for the next one, whose CPU lane it would have spared.
-    Misses with equal token counts are interchangeable, so a candidate is how many of each count go to the CPU.
-    Small spaces are searched exhaustively (exact); larger ones scan the CPU taking the k smallest misses,
-    k = 0..all, in O(misses). Decisions depend only on the token counts, so they are memoised."""
+    With a fetch penalty p it minimises makespan + p x fetches: with prefetch on, a copy made now for this
+    layer is a copy not made ahead for the next one, whose CPU lane it would have spared. `max_fetch` caps the
+    copies (the executor's staging room). Misses with equal token counts are interchangeable, so a candidate is
+    how many of each count go to the CPU. Small spaces are searched exhaustively (exact); larger ones scan the
+    CPU taking the k smallest misses, k = 0..all, in O(misses). Decisions depend only on the token counts, so
+    they are memoised."""
 
     def __init__(self, costs: CostModel | None = None):
         super().__init__(costs)
         self.memo: dict[tuple, tuple[tuple[int, ...], float]] = {}
+        self.curves: dict[tuple[str, float], float] = {}        # (curve, x) -> ms: lookups are the hot path
+
+    def _ms(self, curve: str, x: float) -> float:
+        key = (curve, x)
+        if key not in self.curves:
+            self.curves[key] = getattr(self.costs, curve)(x)
+        return self.curves[key]
 
     def plan(self, tokens: dict[int, int], cached: set[int], backlog_ms: float = 0.0,
-             fetch_penalty_ms: float = 0.0) -> LayerPlan:
+             fetch_penalty_ms: float = 0.0, max_fetch: int | None = None) -> LayerPlan:
         hits = [e for e in tokens if e in cached]
         groups: dict[int, list[int]] = {}
         for e in sorted((e for e in tokens if e not in cached), key=lambda e: tokens[e]):
             groups.setdefault(tokens[e], []).append(e)
         key = (tuple(sorted(tokens[e] for e in hits)), tuple((n, len(g)) for n, g in groups.items()),
                round(backlog_ms / BACKLOG_STEP_MS) * BACKLOG_STEP_MS,
-               round(fetch_penalty_ms / BACKLOG_STEP_MS) * BACKLOG_STEP_MS)
+               round(fetch_penalty_ms / BACKLOG_STEP_MS) * BACKLOG_STEP_MS, max_fetch)
         if key not in self.memo:
-            self.memo[key] = self._search(key)
+            self.memo[key] = self._search(*key)
         picks, t = self.memo[key]
         cpu = [e for g, m in zip(groups.values(), picks) for e in g[:m]]
         fetch = [e for g, m in zip(groups.values(), picks) for e in g[m:]]
         return LayerPlan(hits, fetch, cpu, t)
 
-    def _search(self, key: tuple) -> tuple[tuple[int, ...], float]:
+    def _search(self, hit_ns, groups, backlog, penalty, max_fetch) -> tuple[tuple[int, ...], float]:
         """Best count per token-count group to run on the CPU, and its predicted makespan."""
-        hit_ns, groups, backlog, penalty = key
+        sizes = [s for _, s in groups]
+        misses = sum(sizes)
+        least_cpu = 0 if max_fetch is None else max(0, misses - max_fetch)
+        space = 1
+        for s in sizes:
+            space *= s + 1
+        if space > EXACT_LIMIT:
+            return self._scan(hit_ns, groups, backlog, penalty, least_cpu)
         c = self.costs
         ns = [n for n, _ in groups]
-        sizes = [s for _, s in groups]
         unit_cpu, unit_gpu = [c.cpu_ms(n) for n in ns], [c.gpu_ms(n) for n in ns]
         gpu_hits = sum(c.gpu_ms(n) for n in hit_ns)
 
         def makespan_of(picks) -> float:
-            nf = sum(sizes) - sum(picks)
+            nf = misses - sum(picks)
             gpu = gpu_hits + sum(u * (s - m) for u, s, m in zip(unit_gpu, sizes, picks))
             if nf:
                 first = min(u for u, s, m in zip(unit_gpu, sizes, picks) if m < s)
@@ -112,16 +126,32 @@ class MakespanPlanner(FetchPlanner):
                     sum(u * m for u, m in zip(unit_cpu, picks))
             return c.layer_overhead_ms + max(gpu, lane)
 
-        space = 1
-        for s in sizes:
-            space *= s + 1
-        if space <= EXACT_LIMIT:
-            candidates = product(*(range(s + 1) for s in sizes))
-        else:
-            candidates = (self._prefix(sizes, m) for m in range(sum(sizes) + 1))
-        nf_of = lambda p: sum(sizes) - sum(p)  # noqa: E731
+        candidates = (p for p in product(*(range(s + 1) for s in sizes)) if sum(p) >= least_cpu)
         scored = ((tuple(p), makespan_of(p)) for p in candidates)
-        return min(scored, key=lambda pt: pt[1] + penalty * nf_of(pt[0]))
+        return min(scored, key=lambda pt: pt[1] + penalty * (misses - sum(pt[0])))
+
+    def _scan(self, hit_ns, groups, backlog, penalty, least_cpu) -> tuple[tuple[int, ...], float]:
+        """The CPU takes the k misses with the fewest tokens, k = least_cpu..all, each costed in O(1)."""
+        c = self.costs
+        ns = [n for n, s in groups for _ in range(s)]                     # misses, fewest tokens first
+        gpu_of, cpu_of = [self._ms("gpu_ms", n) for n in ns], [self._ms("cpu_ms", n) for n in ns]
+        gpu_all = sum(self._ms("gpu_ms", n) for n in hit_ns) + sum(gpu_of)
+        best, best_k = float("inf"), 0
+        rows = cpu_sum = gpu_moved = 0.0
+        for k in range(len(ns) + 1):
+            if k:
+                rows, cpu_sum, gpu_moved = rows + ns[k - 1], cpu_sum + cpu_of[k - 1], gpu_moved + gpu_of[k - 1]
+            if k < least_cpu:
+                continue
+            nf = len(ns) - k
+            gpu = gpu_all - gpu_moved
+            if nf:
+                gpu = max(gpu, backlog + nf * c.fetch_ms + gpu_of[k])
+            lane = c.cpu_dispatch_ms + self._ms("xfer_ms", rows) + cpu_sum if k else 0.0
+            t = c.layer_overhead_ms + max(gpu, lane)
+            if t + penalty * nf < best + penalty * (len(ns) - best_k) or k == least_cpu:
+                best, best_k = t, k
+        return self._prefix([s for _, s in groups], best_k), best
 
     @staticmethod
     def _prefix(sizes: list[int], m: int) -> tuple[int, ...]:

@@ -111,3 +111,23 @@ def test_fetch_penalty_matches_brute_force_and_moves_misses_to_the_cpu():
             assert objective <= other.predicted_ms + penalty * len(other.fetch) + 1e-9
         checked += 1
     assert checked > 150
+
+
+def test_max_fetch_caps_copies_and_stays_exact():
+    r = random.Random(4)
+    for i in range(200):
+        c = costs(i)
+        tokens, cached = case(r)
+        cap = r.randint(0, 4)
+        plan = MakespanPlanner(c).plan(tokens, cached, 0.0, 0.0, max_fetch=cap)
+        assert len(plan.fetch) <= cap
+        assert sorted(plan.hits + plan.fetch + plan.cpu) == sorted(tokens)
+        if space(tokens, cached) <= EXACT_LIMIT:
+            hits = [e for e in tokens if e in cached]
+            misses = [e for e in tokens if e not in cached]
+            best = min(makespan(c, tokens, hits, [e for e, b in zip(misses, bits) if not b],
+                                [e for e, b in zip(misses, bits) if b])
+                       for bits in product((0, 1), repeat=len(misses)) if len(misses) - sum(bits) <= cap)
+            assert abs(plan.predicted_ms - best) < 1e-9
+    big = {e: 1 + e % 3 for e in range(50)}             # batch-16-like: the O(misses) scan honours the cap too
+    assert len(MakespanPlanner(CostModel.defaults()).plan(big, set(), max_fetch=5).fetch) <= 5
