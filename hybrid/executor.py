@@ -1,8 +1,9 @@
 """Carries out per-layer plans: fetches on the copy stream, GPU experts, CPU experts on this thread, one combine.
 
 `OffloadedExperts` is the ExpertBackend of modes fetch, cpu and hybrid; the planner decides, this executes.
-GPU experts run as grouped GEMMs over the cache slots: at decode one fixed-shape GEMM replayed from CUDA graphs
-(`layer_graph.py`); with several waves of fetches (prefill, large batches) one for the hits and one per wave."""
+GPU experts run as grouped GEMMs over the cache slots: at decode (up to `decode_tokens` tokens) one for the hits at
+once and one for the fetched experts once all their copies land, fixed-shape and replayed from CUDA graphs
+(`layer_graph.py`); in prefill one for the hits and one per wave of fetches, as the copies land."""
 from __future__ import annotations
 
 import time
@@ -27,10 +28,10 @@ class OffloadedExperts:
     capturable = False
 
     def __init__(self, cfg: ModelConfig, store: ExpertStore, cache: ExpertCache, planner, device: torch.device,
-                 cpu_lane: CpuLane, prefetcher: Prefetcher | None = None):
+                 cpu_lane: CpuLane, prefetcher: Prefetcher | None = None, decode_tokens: int = 16):
         self.cfg, self.store, self.cache, self.planner = cfg, store, cache, planner
         self.device, self.copy, self.cpu = device, CopyLane(device), cpu_lane
-        self.prefetcher = prefetcher
+        self.prefetcher, self.decode_tokens = prefetcher, decode_tokens
         pin = device.type == "cuda"
         self.host_x = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
         self.host_in = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
@@ -89,30 +90,38 @@ class OffloadedExperts:
         counts = np.bincount(flat, minlength=self.cfg.n_routed_experts)
         tokens = {int(e): int(counts[e]) for e in np.flatnonzero(counts)}
         penalty = self._fetch_penalty(layer, host[:, K:]) if pred is not None else 0.0
-        plan = self.planner.plan(tokens, self.cache.resident[layer], self._backlog_ms(), penalty)
+        small = T <= self.decode_tokens              # decode: every copy in one wave, bounded by the staging room
+        room = len(self.cache.staging) + self.cache.room(layer, tokens) if small else None
+        plan = self.planner.plan(tokens, self.cache.resident[layer], self._backlog_ms(), penalty, room)
         self.window_ms = plan.predicted_ms
         fetch = [(e, self._slot_for(layer, e, tokens)) for e in plan.fetch]
-        waves = [fetch[i:i + self.wave] for i in range(0, len(fetch), self.wave)]
-        for wave in waves[:2]:
-            self._issue(layer, wave)
         hits = [(e, self.cache.where[(layer, e)]) for e in plan.hits]
         self.phases.note(n_hit=len(hits), n_fetch=len(fetch), n_cpu=len(plan.cpu))
-        args = (call, hits, waves, plan.cpu, flat, counts, xh, host)
-        out = self._one_group(*args) if len(waves) <= 1 else self._grouped(*args)
+        if small and len(fetch) <= room:
+            self._issue(layer, fetch)
+            out = self._decode(call, hits, fetch, plan.cpu, flat, counts, xh, host)
+        else:
+            waves = [fetch[i:i + self.wave] for i in range(0, len(fetch), self.wave)]
+            for wave in waves[:2]:
+                self._issue(layer, wave)
+            out = self._grouped(call, hits, waves, plan.cpu, flat, counts, xh, host)
         self.timings.append((start, self._now(), plan.predicted_ms))
         self.phases.mark("done")
         self.deferred = (layer, tokens, plan, len(fetch))
         return out
 
-    def _one_group(self, call, hits, waves, cpu, flat, counts, xh, host) -> torch.Tensor:
-        """Every GPU row in one grouped GEMM of fixed shape (replayed from CUDA graphs at decode)."""
-        gpu = hits + (waves[0] if waves else [])
-        lay = layer_layout(flat, counts, [gpu], cpu, self.cache.slots.shape[0], fold_cpu=True)
+    def _decode(self, call, hits, fetch, cpu, flat, counts, xh, host) -> torch.Tensor:
+        """Hits at once, fetched experts behind their copies, CPU experts here meanwhile: three fixed-shape
+        pieces (replayed from CUDA graphs at decode)."""
+        lay = layer_layout(flat, counts, [hits, fetch], cpu, self.cache.slots.shape[0])
         graph = self._layer_graph(call)
-        self._wait_ready(gpu)
+        self._wait_ready(hits)                       # prefetched hits may still be in flight
         self.phases.mark("launched")
-        ys = graph.pre(self._pinned_index(lay))
-        self._mark_free(gpu)
+        n_hit = lay.rows[0][1]
+        graph.hits(self._pinned(lay.perm, lay.offs[0], lay.offs[1] + n_hit, n_hit))
+        self._wait_ready(fetch)
+        ys = graph.fetched(bool(fetch))
+        self._mark_free(hits + fetch)
         self._prefetch_then_cpu(call, host, lay, xh, ys)
         return graph.post()
 
@@ -194,15 +203,15 @@ class OffloadedExperts:
         """Copy time still queued on the PCIe lane, by the cost model."""
         return max(0.0, 1000 * (self.pcie_until - time.perf_counter()))
 
-    def _pinned_index(self, lay) -> torch.Tensor:
-        """The layout's row order then slot offsets, in pinned host memory: [T*K + G*S] int32."""
-        values = np.concatenate([lay.perm, lay.offs.reshape(-1)])
+    def _pinned(self, *parts) -> torch.Tensor:
+        """The parts (arrays or ints) back to back in pinned host memory, as int32."""
+        values = np.concatenate([np.atleast_1d(v) for v in parts])
         buf = self.index_buf.rows(values.shape[0])[:, 0]
         buf.numpy()[:] = values
         return buf
 
     def _upload(self, lay) -> torch.Tensor:
-        buf = self._pinned_index(lay)
+        buf = self._pinned(lay.perm, lay.offs.reshape(-1))
         return buf.to(self.device, non_blocking=True) if self.copy.cuda else buf.clone()
 
     def _wait_ready(self, members) -> None:

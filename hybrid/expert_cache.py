@@ -90,6 +90,12 @@ class ExpertCache:
         pol.insert((layer, e))
         return slot
 
+    def room(self, layer: int, protected) -> int:
+        """How many fetched experts the layer's slots can take without evicting one in `protected`."""
+        if not self.policies[layer].admits:
+            return 0
+        return len(self.layer_slots[layer]) - sum(1 for e in self.resident[layer] if e in protected)
+
     def staging_slot(self) -> int:
         s = self.staging[self._next_staging % len(self.staging)]
         self._next_staging += 1

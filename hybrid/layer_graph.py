@@ -1,9 +1,10 @@
-"""The GPU side of one offloaded MoE layer at decode, as two CUDA graphs around the CPU experts.
+"""The GPU side of one offloaded MoE layer at decode, as three CUDA graphs around the CPU experts.
 
-Every routed row goes through one grouped GEMM over the cache slots (the CPU rows ride along in the last slot and
-their results are overwritten), so the shapes are fixed per batch size and the work can be captured:
-`pre` gathers the rows, runs the experts and sorts the routing weights; `post` weights and combines them.
-Replaying two graphs replaces ~25 kernel launches from Python per layer. On a CPU device both run eagerly."""
+Rows are sorted [hits | fetched | CPU] once. `hits` gathers the rows and runs the cached experts at once;
+`fetched` runs the experts being copied in, queued behind their copies; `post` picks each row's result and
+combines. Both grouped GEMMs take every row (fixed shapes, so they can be captured): the hits GEMM stops after
+the hit rows, and the fetched GEMM's offsets start past them, so the hit rows fall to the first slot there and
+are discarded. CPU results overwrite the rows past the fetched ones. On a CPU device all of it runs eagerly."""
 from __future__ import annotations
 
 import torch
@@ -17,50 +18,68 @@ def combine(x: torch.Tensor, tok: torch.Tensor, ys: torch.Tensor, wsort: torch.T
 
 
 class LayerGraph:
+    """index (int32, filled from pinned host memory per call): [perm (R) | hit offsets (S) | fetched offsets (S) |
+    hit rows (1)], R = T*K rows, S slots."""
+
     def __init__(self, call, w13_all: torch.Tensor, w2_all: torch.Tensor, capture: bool, pool=None):
         T, K = call.idx.shape
-        self.call, self.K, self.rows = call, K, T * K
+        self.call, self.K, self.R, self.S = call, K, T * K, w13_all.shape[0]
         self.w13, self.w2 = w13_all, w2_all
-        self.index = torch.zeros(T * K + w13_all.shape[0], dtype=torch.int32, device=call.x.device)
-        self.graphs: list[torch.cuda.CUDAGraph] = []
+        dev = call.x.device
+        self.index = torch.zeros(self.R + 2 * self.S + 1, dtype=torch.int32, device=dev)
+        self.row = torch.arange(self.R, dtype=torch.int32, device=dev)[:, None]            # [R, 1]
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         if capture:
             self._capture(pool)
 
-    def _pre(self) -> None:
-        perm = self.index[:self.rows].long()                                              # [T*K]
+    def _hits(self) -> None:
+        R, S = self.R, self.S
+        perm = self.index[:R].long()                                                        # [R]
         self.tok = perm // self.K
-        xs = self.call.x.index_select(0, self.tok)                                        # [T*K, Hd]
-        self.ys = grouped_ffn(xs, self.index[self.rows:], self.w13, self.w2)              # [T*K, Hd]
-        self.wsort = self.call.w.reshape(-1)[perm].unsqueeze(1)                           # [T*K, 1]
+        self.xs = self.call.x.index_select(0, self.tok)                                     # [R, Hd]
+        self.wsort = self.call.w.reshape(-1)[perm].unsqueeze(1)                             # [R, 1]
+        self.ys_hit = grouped_ffn(self.xs, self.index[R:R + S], self.w13, self.w2)          # [R, Hd]
+
+    def _fetched(self) -> None:
+        R, S = self.R, self.S
+        self.ys = grouped_ffn(self.xs, self.index[R + S:R + 2 * S], self.w13, self.w2)    # [R, Hd]
 
     def _post(self) -> None:
-        self.out = combine(self.call.x, self.tok, self.ys, self.wsort)                   # [T, Hd]
+        ys = torch.where(self.row < self.index[-1:], self.ys_hit, self.ys)                  # [R, Hd]
+        self.out = combine(self.call.x, self.tok, ys, self.wsort)                          # [T, Hd]
 
     def _capture(self, pool) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._pre()
+            self._hits()
+            self._fetched()
             self._post()
         torch.cuda.current_stream().wait_stream(side)
-        for fn in (self._pre, self._post):
+        for name, fn in (("hits", self._hits), ("fetched", self._fetched), ("post", self._post)):
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
                 fn()
-            self.graphs.append(g)
+            self.graphs[name] = g
 
-    def pre(self, index: torch.Tensor) -> torch.Tensor:
-        """Load the layout (perm then slot offsets, from pinned host memory) and run the GPU experts; -> ys."""
-        self.index.copy_(index, non_blocking=True)
+    def _run(self, name: str, fn) -> None:
         if self.graphs:
-            self.graphs[0].replay()
+            self.graphs[name].replay()
         else:
-            self._pre()
+            fn()
+
+    def hits(self, index: torch.Tensor) -> None:
+        """Load the layout (from pinned host memory), gather the rows and run the cached experts."""
+        self.index.copy_(index, non_blocking=True)
+        self._run("hits", self._hits)
+
+    def fetched(self, any_fetched: bool = True) -> torch.Tensor:
+        """Run the fetched experts (queue this after their copies); -> the buffer whose CPU rows the caller fills.
+        With nothing fetched a captured graph skips the GEMM (its buffer is still there for the CPU rows)."""
+        if any_fetched or not self.graphs:
+            self._run("fetched", self._fetched)
         return self.ys
 
     def post(self) -> torch.Tensor:
-        if self.graphs:
-            self.graphs[1].replay()
-        else:
-            self._post()
+        self._run("post", self._post)
         return self.out

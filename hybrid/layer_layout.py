@@ -17,11 +17,8 @@ class LayerLayout:
 
 
 def layer_layout(flat: np.ndarray, counts: np.ndarray, groups: list[list[tuple[int, int]]], cpu: list[int],
-                 n_slots: int, fold_cpu: bool = False) -> LayerLayout:
-    """flat [T*K] expert ids; counts [E]; groups: per GPU group a list of (expert, slot); cpu: experts in order.
-
-    fold_cpu: the CPU rows also join the last group, as rows of the last slot, so that one grouped GEMM of
-    fixed shape covers every row (their GPU results are discarded: the CPU results overwrite them)."""
+                 n_slots: int) -> LayerLayout:
+    """flat [T*K] expert ids; counts [E]; groups: per GPU group a list of (expert, slot); cpu: experts in order."""
     G = len(groups)
     key = np.zeros(counts.shape[0], dtype=np.int64)
     per_slot = np.zeros((G, n_slots), dtype=np.int64)
@@ -33,16 +30,10 @@ def layer_layout(flat: np.ndarray, counts: np.ndarray, groups: list[list[tuple[i
         sizes.append(sum(int(counts[e]) for e, _ in members))
     for r, e in enumerate(cpu):
         key[e] = G * n_slots + r
-    if fold_cpu:
-        n_cpu = sum(int(counts[e]) for e in cpu)
-        per_slot[G - 1, n_slots - 1] += n_cpu
-        sizes[-1] += n_cpu
     perm = np.argsort(key[flat], kind="stable").astype(np.int32)
     ends = np.cumsum(sizes, dtype=np.int64)
     rows = [(int(end - n), int(end)) for end, n in zip(ends, sizes)]
     start = int(ends[-1]) if G else 0
-    if fold_cpu:
-        start -= n_cpu
     segs, a = [], 0
     for e in cpu:
         segs.append((e, a, int(counts[e])))

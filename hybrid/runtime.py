@@ -15,7 +15,7 @@ MODES = ("gpu", "fetch", "cpu", "hybrid")
 
 
 def staging_slots(cfg: ModelConfig) -> int:
-    return 2 * cfg.num_experts_per_tok
+    return 3 * cfg.num_experts_per_tok
 
 
 def cuda_context_bytes(device: torch.device) -> int:
@@ -88,7 +88,7 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
     prefetch = Prefetcher(cfg, lookahead=run.lookahead) if run.prefetch in ("gate", "mlp") else None
     if progress:
         print(f"memory: {plan.describe()}", file=sys.stderr)
-    return OffloadedExperts(cfg, store, cache, planner, device, lane, prefetch)
+    return OffloadedExperts(cfg, store, cache, planner, device, lane, prefetch, decode_tokens=run.max_batch_size)
 
 
 def default_costs_path() -> str:

@@ -43,10 +43,11 @@ class FetchPlanner:
         self.costs = costs or CostModel.defaults()
 
     def plan(self, tokens: dict[int, int], cached: set[int], backlog_ms: float = 0.0,
-             fetch_penalty_ms: float = 0.0) -> LayerPlan:
+             fetch_penalty_ms: float = 0.0, max_fetch: int | None = None) -> LayerPlan:
         """tokens: expert -> rows routed to it; cached: experts resident on the GPU; backlog_ms: copies still
         queued on the PCIe lane; fetch_penalty_ms: what the PCIe time of one on-demand fetch would be worth
-        elsewhere (a prefetch for the next layer), charged per fetch when choosing, not in predicted_ms."""
+        elsewhere (a prefetch for the next layer), charged per fetch when choosing, not in predicted_ms;
+        max_fetch: copies that fit the executor's fast path (a planner with a CPU lane keeps to it)."""
         hits = [e for e in tokens if e in cached]
         fetch = [e for e in tokens if e not in cached]
         return LayerPlan(hits, fetch, [], makespan(self.costs, tokens, hits, fetch, [], backlog_ms))
@@ -56,7 +57,7 @@ class CpuPlanner(FetchPlanner):
     """Fiddler without the scheduler: every miss runs on the CPU."""
 
     def plan(self, tokens: dict[int, int], cached: set[int], backlog_ms: float = 0.0,
-             fetch_penalty_ms: float = 0.0) -> LayerPlan:
+             fetch_penalty_ms: float = 0.0, max_fetch: int | None = None) -> LayerPlan:
         hits = [e for e in tokens if e in cached]
         cpu = [e for e in tokens if e not in cached]
         return LayerPlan(hits, [], cpu, makespan(self.costs, tokens, hits, [], cpu, backlog_ms))

@@ -6,6 +6,7 @@ from hybrid.budget import plan_memory
 from hybrid.checkpoint import Checkpoint
 from hybrid.config import RunConfig
 from hybrid.engine import Engine
+from hybrid.runtime import staging_slots
 from hybrid.sampling import SamplingParams
 
 SLOTS = 20      # of 48 routed experts in the tiny model: many misses
@@ -13,7 +14,7 @@ SLOTS = 20      # of 48 routed experts in the tiny model: many misses
 
 def budget_for(tiny, slots, batch=3, seq=128):
     cfg = Checkpoint(tiny).config
-    p = plan_memory(cfg, 1 << 40, batch, seq, 4, 4096, 2 * cfg.num_experts_per_tok, margin=0)
+    p = plan_memory(cfg, 1 << 40, batch, seq, 4, 4096, staging_slots(cfg), margin=0)
     return p.budget - (p.n_slots - slots) * p.slot_bytes
 
 
@@ -73,11 +74,11 @@ def test_gpu_mode_refuses_a_budget_that_cannot_hold_every_expert(tiny):
 
 
 def test_hybrid_uses_both_layer_paths_and_stays_exact(tiny, gpu_run, monkeypatch):
-    """Decode layers with one wave of fetches take the fixed-shape single-GEMM path (CPU rows folded into the
-    last slot); prefill layers with several waves take the general path. Both must match the reference."""
+    """Decode layers take the fixed-shape path (hits GEMM, fetched GEMM, CPU rows, one combine); prefill layers
+    take the general path (one GEMM per wave of fetches). Both must match the reference."""
     from hybrid.executor import OffloadedExperts
     used = {"one": 0, "grouped": 0}
-    for name, key in (("_one_group", "one"), ("_grouped", "grouped")):
+    for name, key in (("_decode", "one"), ("_grouped", "grouped")):
         orig = getattr(OffloadedExperts, name)
 
         def counted(self, *a, _orig=orig, _key=key):
