@@ -41,7 +41,7 @@ class CostModel:
     """Milliseconds for one expert on each lane, as a function of the tokens routed to it."""
     fetch_ms: float                 # host -> GPU copy of one expert (pinned, copy stream)
     gpu_ms: Curve                   # expert FFN on the GPU
-    cpu_ms: Curve                   # expert FFN on the CPU lane, measured while the PCIe lane is busy
+    cpu_ms: Curve                   # what one more expert adds to the CPU lane (measured while PCIe is busy)
     xfer_ms: Curve                  # activations GPU -> CPU -> GPU for a number of rows
     layer_overhead_ms: float = 0.0  # routing sync and bookkeeping per MoE layer
     cpu_dispatch_ms: float = 0.0    # handing a layer's CPU work to the CPU lane and getting it back

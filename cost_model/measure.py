@@ -94,27 +94,35 @@ class Bench:
         expert_ffn(x, w13, w2)
         return _median_ms(lambda: expert_ffn(x, w13, w2), reps, self.cuda)
 
-    def cpu_ms(self, n: int, reps: int = 24) -> float:
-        """CPU expert time through the runtime's CPU path, cycling over distinct experts (weights from DRAM),
-        on this thread as the runtime runs it: just after queueing expert copies, so the PCIe lane is busy."""
+    def cpu_ms(self, n: int, experts: int = 1, reps: int = 24) -> float:
+        """One call of the runtime's CPU path over `experts` distinct experts of n tokens each (weights from
+        DRAM), on this thread as the runtime runs it: just after queueing expert copies, so the PCIe lane is busy."""
         from hybrid.cpu_experts import run_cpu_experts
-        x = torch.randn(n, self.hidden).to(self.host.dtype)
+        x = torch.randn(n * experts, self.hidden).to(self.host.dtype)
         out = torch.empty_like(x)
         k = [0]
 
         def one():
-            k[0] = (k[0] + 1) % self.host.shape[0]
+            k[0] = (k[0] + experts) % (self.host.shape[0] - experts + 1)
             if self.cuda:
                 self.queue_copies(2)
-            w13, w2 = self.views(self.host[k[0]])
+            views = [self.views(self.host[k[0] + j]) for j in range(experts)]
             t = time.perf_counter()
-            run_cpu_experts(x, out, [w13], [w2], [0], [n])
+            run_cpu_experts(x, out, [v[0] for v in views], [v[1] for v in views],
+                            [j * n for j in range(experts)], [n] * experts)
             return 1000 * (time.perf_counter() - t)
         one()
         times = [one() for _ in range(reps)]
         if self.cuda:
             torch.cuda.synchronize()
         return statistics.median(times)
+
+    def cpu_marginal_ms(self, n: int, experts: int = 5) -> float:
+        """What one more expert of n tokens adds to a CPU-lane call: the lane runs a layer's CPU experts in one
+        call, whose fixed part the engine measures as its dispatch cost."""
+        experts = max(2, min(experts, self.host.shape[0] - 1))
+        one, many = self.cpu_ms(n, 1), self.cpu_ms(n, experts)
+        return max((many - one) / (experts - 1), 0.5 * one)
 
     def queue_copies(self, n: int) -> None:
         """Queue n expert copies on the copy stream and return at once."""
@@ -149,7 +157,7 @@ def measure(device: torch.device, hidden: int = 2048, inter: int = 1408, dtype: 
         steps.update()
     cpu = {}
     for n in tokens:
-        cpu[n] = bench.cpu_ms(n)
+        cpu[n] = bench.cpu_marginal_ms(n)
         steps.update()
     xfer = {}
     for n in tokens:
