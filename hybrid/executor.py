@@ -21,6 +21,7 @@ from .layer_graph import LayerGraph, combine
 from .layer_layout import layer_layout
 from .phases import PhaseLog
 from .prefetch import Prefetcher
+from .scheduler import LaneState
 from .stats import RunStats
 
 
@@ -48,6 +49,8 @@ class OffloadedExperts:
         self.deferred: tuple | None = None
         self.pcie_until = 0.0                  # when the copies queued so far should be done (perf_counter, s)
         self.window_ms = 0.0                   # the current layer's predicted time
+        self.issued = 0.0                      # when the current layer's copies were issued (perf_counter, s)
+        self.cpu_lag: dict[int, float] = {}    # tokens -> running mean ms from copies issued to CPU lane start
         self.graphs: dict[int, LayerGraph] = {}            # id(static MoECall) -> its captured layer graphs
         self.pool = torch.cuda.graph_pool_handle() if self.copy.cuda else None
 
@@ -92,9 +95,11 @@ class OffloadedExperts:
         penalty = self._fetch_penalty(layer, host[:, K:]) if pred is not None else 0.0
         small = T <= self.decode_tokens              # decode: every copy in one wave, bounded by the staging room
         room = len(self.cache.staging) + self.cache.room(layer, tokens) if small else None
-        plan = self.planner.plan(tokens, self.cache.resident[layer], self._backlog_ms(), penalty, room)
+        lanes = LaneState(self._backlog_ms(), self.cpu_lag.get(T, 0.0), penalty, room)
+        plan = self.planner.plan(tokens, self.cache.resident[layer], lanes)
         self.window_ms = plan.predicted_ms
         fetch = [(e, self._slot_for(layer, e, tokens)) for e in plan.fetch]
+        self.issued = time.perf_counter()
         hits = [(e, self.cache.where[(layer, e)]) for e in plan.hits]
         self.phases.note(n_hit=len(hits), n_fetch=len(fetch), n_cpu=len(plan.cpu))
         if small and len(fetch) <= room:
@@ -244,6 +249,8 @@ class OffloadedExperts:
         xin, out = self.host_in.rows(n), self.host_out.rows(n)
         self.phases.mark("cpu_start")
         t0 = time.perf_counter()
+        lag, T = 1000 * (t0 - self.issued), xh.shape[0]
+        self.cpu_lag[T] = lag if T not in self.cpu_lag else 0.9 * self.cpu_lag[T] + 0.1 * lag
         torch.index_select(xh, 0, rows, out=xin)
         views = [self.store.views[layer][e] for e, _, _ in lay.cpu_segments]
         run_cpu_experts(xin, out, [v[0] for v in views], [v[1] for v in views],

@@ -10,7 +10,7 @@ from itertools import product
 from cost_model.costs import CostModel
 
 EXACT_LIMIT = 48       # candidate splits searched exhaustively; above that, the O(misses) prefix scan
-BACKLOG_STEP_MS = 0.05  # PCIe backlog is rounded to this for memoising plans
+STEP_MS = 0.05         # lane times are rounded to this for memoising plans
 
 
 @dataclass
@@ -21,17 +21,31 @@ class LayerPlan:
     predicted_ms: float = 0.0
 
 
+@dataclass(frozen=True)
+class LaneState:
+    """What the executor knows of its lanes when a layer's routing arrives."""
+    backlog_ms: float = 0.0         # copies queued earlier (e.g. prefetches) still ahead on the PCIe lane
+    cpu_lag_ms: float = 0.0         # host work between issuing the layer's copies and starting its CPU experts
+    fetch_penalty_ms: float = 0.0   # what one copy's PCIe time is worth elsewhere (a prefetch for the next
+                                    # layer): charged per fetch when choosing, not in predicted_ms
+    max_fetch: int | None = None    # copies the executor's fast path takes (planners with a CPU lane keep to it)
+
+    def key(self) -> tuple:
+        r = lambda ms: round(ms / STEP_MS) * STEP_MS  # noqa: E731
+        return r(self.backlog_ms), r(self.cpu_lag_ms), r(self.fetch_penalty_ms), self.max_fetch
+
+
 def makespan(costs: CostModel, tokens: dict[int, int], hits: list[int], fetch: list[int], cpu: list[int],
-             backlog_ms: float = 0.0) -> float:
+             backlog_ms: float = 0.0, cpu_lag_ms: float = 0.0) -> float:
     """Predicted layer time: the slowest of the GPU lane (fed by the PCIe lane, which first drains `backlog_ms`
-    of copies queued earlier, e.g. prefetches) and the CPU lane."""
+    of copies queued earlier) and the CPU lane (which starts `cpu_lag_ms` after the copies are issued)."""
     gpu = sum(costs.gpu_ms(tokens[e]) for e in hits) + sum(costs.gpu_ms(tokens[e]) for e in fetch)
     if fetch:
         pcie = backlog_ms + len(fetch) * costs.fetch_ms
         gpu = max(gpu, pcie + min(costs.gpu_ms(tokens[e]) for e in fetch))
     lane_cpu = 0.0
     if cpu:
-        lane_cpu = costs.cpu_dispatch_ms + costs.xfer_ms(sum(tokens[e] for e in cpu)) + \
+        lane_cpu = cpu_lag_ms + costs.cpu_dispatch_ms + costs.xfer_ms(sum(tokens[e] for e in cpu)) + \
             sum(costs.cpu_ms(tokens[e]) for e in cpu)
     return costs.layer_overhead_ms + max(gpu, lane_cpu)
 
@@ -42,25 +56,20 @@ class FetchPlanner:
     def __init__(self, costs: CostModel | None = None):
         self.costs = costs or CostModel.defaults()
 
-    def plan(self, tokens: dict[int, int], cached: set[int], backlog_ms: float = 0.0,
-             fetch_penalty_ms: float = 0.0, max_fetch: int | None = None) -> LayerPlan:
-        """tokens: expert -> rows routed to it; cached: experts resident on the GPU; backlog_ms: copies still
-        queued on the PCIe lane; fetch_penalty_ms: what the PCIe time of one on-demand fetch would be worth
-        elsewhere (a prefetch for the next layer), charged per fetch when choosing, not in predicted_ms;
-        max_fetch: copies that fit the executor's fast path (a planner with a CPU lane keeps to it)."""
+    def plan(self, tokens: dict[int, int], cached: set[int], lanes: LaneState = LaneState()) -> LayerPlan:
+        """tokens: expert -> rows routed to it; cached: experts resident on the GPU."""
         hits = [e for e in tokens if e in cached]
         fetch = [e for e in tokens if e not in cached]
-        return LayerPlan(hits, fetch, [], makespan(self.costs, tokens, hits, fetch, [], backlog_ms))
+        return LayerPlan(hits, fetch, [], makespan(self.costs, tokens, hits, fetch, [], lanes.backlog_ms))
 
 
 class CpuPlanner(FetchPlanner):
     """Fiddler without the scheduler: every miss runs on the CPU."""
 
-    def plan(self, tokens: dict[int, int], cached: set[int], backlog_ms: float = 0.0,
-             fetch_penalty_ms: float = 0.0, max_fetch: int | None = None) -> LayerPlan:
+    def plan(self, tokens: dict[int, int], cached: set[int], lanes: LaneState = LaneState()) -> LayerPlan:
         hits = [e for e in tokens if e in cached]
         cpu = [e for e in tokens if e not in cached]
-        return LayerPlan(hits, [], cpu, makespan(self.costs, tokens, hits, [], cpu, backlog_ms))
+        return LayerPlan(hits, [], cpu, makespan(self.costs, tokens, hits, [], cpu, 0.0, lanes.cpu_lag_ms))
 
 
 class MakespanPlanner(FetchPlanner):
@@ -84,15 +93,12 @@ class MakespanPlanner(FetchPlanner):
             self.curves[key] = getattr(self.costs, curve)(x)
         return self.curves[key]
 
-    def plan(self, tokens: dict[int, int], cached: set[int], backlog_ms: float = 0.0,
-             fetch_penalty_ms: float = 0.0, max_fetch: int | None = None) -> LayerPlan:
+    def plan(self, tokens: dict[int, int], cached: set[int], lanes: LaneState = LaneState()) -> LayerPlan:
         hits = [e for e in tokens if e in cached]
         groups: dict[int, list[int]] = {}
         for e in sorted((e for e in tokens if e not in cached), key=lambda e: tokens[e]):
             groups.setdefault(tokens[e], []).append(e)
-        key = (tuple(sorted(tokens[e] for e in hits)), tuple((n, len(g)) for n, g in groups.items()),
-               round(backlog_ms / BACKLOG_STEP_MS) * BACKLOG_STEP_MS,
-               round(fetch_penalty_ms / BACKLOG_STEP_MS) * BACKLOG_STEP_MS, max_fetch)
+        key = (tuple(sorted(tokens[e] for e in hits)), tuple((n, len(g)) for n, g in groups.items()), *lanes.key())
         if key not in self.memo:
             self.memo[key] = self._search(*key)
         picks, t = self.memo[key]
@@ -100,7 +106,7 @@ class MakespanPlanner(FetchPlanner):
         fetch = [e for g, m in zip(groups.values(), picks) for e in g[m:]]
         return LayerPlan(hits, fetch, cpu, t)
 
-    def _search(self, hit_ns, groups, backlog, penalty, max_fetch) -> tuple[tuple[int, ...], float]:
+    def _search(self, hit_ns, groups, backlog, lag, penalty, max_fetch) -> tuple[tuple[int, ...], float]:
         """Best count per token-count group to run on the CPU, and its predicted makespan."""
         sizes = [s for _, s in groups]
         misses = sum(sizes)
@@ -109,7 +115,7 @@ class MakespanPlanner(FetchPlanner):
         for s in sizes:
             space *= s + 1
         if space > EXACT_LIMIT:
-            return self._scan(hit_ns, groups, backlog, penalty, least_cpu)
+            return self._scan(hit_ns, groups, backlog, lag, penalty, least_cpu)
         c = self.costs
         ns = [n for n, _ in groups]
         unit_cpu, unit_gpu = [c.cpu_ms(n) for n in ns], [c.gpu_ms(n) for n in ns]
@@ -123,7 +129,7 @@ class MakespanPlanner(FetchPlanner):
                 gpu = max(gpu, backlog + nf * c.fetch_ms + first)
             lane = 0.0
             if any(picks):
-                lane = c.cpu_dispatch_ms + c.xfer_ms(sum(n * m for n, m in zip(ns, picks))) + \
+                lane = lag + c.cpu_dispatch_ms + c.xfer_ms(sum(n * m for n, m in zip(ns, picks))) + \
                     sum(u * m for u, m in zip(unit_cpu, picks))
             return c.layer_overhead_ms + max(gpu, lane)
 
@@ -131,7 +137,7 @@ class MakespanPlanner(FetchPlanner):
         scored = ((tuple(p), makespan_of(p)) for p in candidates)
         return min(scored, key=lambda pt: pt[1] + penalty * (misses - sum(pt[0])))
 
-    def _scan(self, hit_ns, groups, backlog, penalty, least_cpu) -> tuple[tuple[int, ...], float]:
+    def _scan(self, hit_ns, groups, backlog, lag, penalty, least_cpu) -> tuple[tuple[int, ...], float]:
         """The CPU takes the k misses with the fewest tokens, k = least_cpu..all, each costed in O(1)."""
         c = self.costs
         ns = [n for n, s in groups for _ in range(s)]                     # misses, fewest tokens first
@@ -148,7 +154,7 @@ class MakespanPlanner(FetchPlanner):
             gpu = gpu_all - gpu_moved
             if nf:
                 gpu = max(gpu, backlog + nf * c.fetch_ms + gpu_of[k])
-            lane = c.cpu_dispatch_ms + self._ms("xfer_ms", rows) + cpu_sum if k else 0.0
+            lane = lag + c.cpu_dispatch_ms + self._ms("xfer_ms", rows) + cpu_sum if k else 0.0
             t = c.layer_overhead_ms + max(gpu, lane)
             if t + penalty * nf < best + penalty * (len(ns) - best_k) or k == least_cpu:
                 best, best_k = t, k

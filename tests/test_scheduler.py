@@ -5,7 +5,7 @@ from itertools import product
 from math import prod
 
 from cost_model.costs import CostModel, Curve
-from hybrid.scheduler import EXACT_LIMIT, CpuPlanner, FetchPlanner, MakespanPlanner, makespan
+from hybrid.scheduler import EXACT_LIMIT, CpuPlanner, FetchPlanner, LaneState, MakespanPlanner, makespan
 
 
 def costs(seed=0):
@@ -46,7 +46,7 @@ def test_matches_brute_force_where_exact_and_stays_close_elsewhere():
         c = costs(i)
         tokens, cached = case(r)
         backlog = r.choice([0.0, 0.0, 0.35, 1.0])          # PCIe still busy with earlier copies (multiples of 0.05)
-        plan = MakespanPlanner(c).plan(tokens, cached, backlog)
+        plan = MakespanPlanner(c).plan(tokens, cached, LaneState(backlog_ms=backlog))
         best = brute(c, tokens, cached, backlog)
         assert sorted(plan.hits + plan.fetch + plan.cpu) == sorted(tokens)
         assert set(plan.hits) == set(tokens) & cached
@@ -87,7 +87,7 @@ def test_prefill_sends_heavy_experts_to_the_gpu():
 def test_a_busy_pcie_lane_moves_misses_to_the_cpu():
     c = CostModel.defaults()
     free = MakespanPlanner(c).plan({e: 1 for e in range(4)}, cached=set())
-    busy = MakespanPlanner(c).plan({e: 1 for e in range(4)}, cached=set(), backlog_ms=2.0)
+    busy = MakespanPlanner(c).plan({e: 1 for e in range(4)}, cached=set(), lanes=LaneState(backlog_ms=2.0))
     assert free.fetch and len(busy.cpu) > len(free.cpu)
     assert busy.predicted_ms >= free.predicted_ms
 
@@ -101,7 +101,7 @@ def test_fetch_penalty_matches_brute_force_and_moves_misses_to_the_cpu():
         if space(tokens, cached) > EXACT_LIMIT:
             continue
         penalty = r.choice([0.1, 0.3, 1.0])
-        plan = MakespanPlanner(c).plan(tokens, cached, 0.0, penalty)
+        plan = MakespanPlanner(c).plan(tokens, cached, LaneState(fetch_penalty_ms=penalty))
         free = MakespanPlanner(c).plan(tokens, cached)
         objective = plan.predicted_ms + penalty * len(plan.fetch)
         assert abs(plan.predicted_ms - makespan(c, tokens, plan.hits, plan.fetch, plan.cpu)) < 1e-9
@@ -119,7 +119,7 @@ def test_max_fetch_caps_copies_and_stays_exact():
         c = costs(i)
         tokens, cached = case(r)
         cap = r.randint(0, 4)
-        plan = MakespanPlanner(c).plan(tokens, cached, 0.0, 0.0, max_fetch=cap)
+        plan = MakespanPlanner(c).plan(tokens, cached, LaneState(max_fetch=cap))
         assert len(plan.fetch) <= cap
         assert sorted(plan.hits + plan.fetch + plan.cpu) == sorted(tokens)
         if space(tokens, cached) <= EXACT_LIMIT:
@@ -130,4 +130,13 @@ def test_max_fetch_caps_copies_and_stays_exact():
                        for bits in product((0, 1), repeat=len(misses)) if len(misses) - sum(bits) <= cap)
             assert abs(plan.predicted_ms - best) < 1e-9
     big = {e: 1 + e % 3 for e in range(50)}             # batch-16-like: the O(misses) scan honours the cap too
-    assert len(MakespanPlanner(CostModel.defaults()).plan(big, set(), max_fetch=5).fetch) <= 5
+    assert len(MakespanPlanner(CostModel.defaults()).plan(big, set(), LaneState(max_fetch=5)).fetch) <= 5
+
+
+def test_a_late_cpu_lane_moves_misses_to_pcie_and_is_costed():
+    c = CostModel.defaults()
+    tokens = {e: 1 for e in range(6)}
+    prompt = MakespanPlanner(c).plan(tokens, cached=set())
+    late = MakespanPlanner(c).plan(tokens, cached=set(), lanes=LaneState(cpu_lag_ms=0.6))
+    assert prompt.cpu and len(late.cpu) < len(prompt.cpu)
+    assert abs(late.predicted_ms - makespan(c, tokens, late.hits, late.fetch, late.cpu, 0.0, 0.6)) < 1e-9
