@@ -22,6 +22,8 @@ from .layer_layout import layer_layout
 from .phases import PhaseLog
 from .prefetch import Prefetcher
 from .scheduler import LaneState
+
+LAG_CAP_MS = 1.0
 from .stats import RunStats
 
 
@@ -161,6 +163,8 @@ class OffloadedExperts:
         self.phases.mark("queued")
         if lay.cpu_segments:
             ys[lay.cpu_start:].copy_(self._cpu_experts(call.layer, lay, xh, K), non_blocking=True)
+        else:
+            self._note_lag(xh.shape[0], None)
 
     def _mark_free(self, members) -> None:
         """Staging slots among `members` may be overwritten once the GPU work queued so far has read them."""
@@ -249,8 +253,7 @@ class OffloadedExperts:
         xin, out = self.host_in.rows(n), self.host_out.rows(n)
         self.phases.mark("cpu_start")
         t0 = time.perf_counter()
-        lag, T = 1000 * (t0 - self.issued), xh.shape[0]
-        self.cpu_lag[T] = lag if T not in self.cpu_lag else 0.9 * self.cpu_lag[T] + 0.1 * lag
+        self._note_lag(xh.shape[0], 1000 * (t0 - self.issued))
         torch.index_select(xh, 0, rows, out=xin)
         views = [self.store.views[layer][e] for e, _, _ in lay.cpu_segments]
         run_cpu_experts(xin, out, [v[0] for v in views], [v[1] for v in views],
@@ -269,6 +272,18 @@ class OffloadedExperts:
         if all(int(e) in resident for e in np.unique(pred_host)):
             return 0.0
         return self.prefetcher.expected_recall() * self.planner.costs.cpu_ms(1)
+
+    def _note_lag(self, T: int, ms: float | None) -> None:
+        """Running mean of the host time from issuing a layer's copies to starting its CPU experts, per token
+        count. Samples are capped (a CUDA-graph capture is not lag), and layers without CPU work let it decay, so
+        that one bad sample cannot keep the CPU lane shut."""
+        old = self.cpu_lag.get(T)
+        if ms is None:
+            if old is not None:
+                self.cpu_lag[T] = 0.98 * old
+            return
+        ms = min(ms, LAG_CAP_MS)
+        self.cpu_lag[T] = ms if old is None else 0.9 * old + 0.1 * ms
 
     def _prefetch(self, layer: int, pred_host) -> None:
         nxt = self.prefetcher.next[layer]
