@@ -24,6 +24,7 @@ from .prefetch import Prefetcher
 from .scheduler import LaneState
 
 LAG_CAP_MS = 1.0
+SCALE_RANGE = (0.4, 2.5)      # the online correction of the CPU lane's calibrated cost stays within this
 from .stats import RunStats
 
 
@@ -53,6 +54,8 @@ class OffloadedExperts:
         self.window_ms = 0.0                   # the current layer's predicted time
         self.issued = 0.0                      # when the current layer's copies were issued (perf_counter, s)
         self.cpu_lag: dict[int, float] = {}    # tokens -> running mean ms from copies issued to CPU lane start
+        self.cpu_scale: dict[int, float] = {}  # tokens -> running mean of measured / modelled CPU lane time
+        self.cpu_sample: tuple | None = None   # the last CPU call: (tokens, ms, rows per expert)
         self.graphs: dict[int, LayerGraph] = {}            # id(static MoECall) -> its captured layer graphs
         self.pool = torch.cuda.graph_pool_handle() if self.copy.cuda else None
 
@@ -97,7 +100,7 @@ class OffloadedExperts:
         penalty = self._fetch_penalty(layer, host[:, K:]) if pred is not None else 0.0
         small = T <= self.decode_tokens              # decode: every copy in one wave, bounded by the staging room
         room = len(self.cache.staging) + self.cache.room(layer, tokens) if small else None
-        lanes = LaneState(self._backlog_ms(), self.cpu_lag.get(T, 0.0), penalty, room)
+        lanes = LaneState(self._backlog_ms(), self.cpu_lag.get(T, 0.0), self.cpu_scale.get(T, 1.0), penalty, room)
         plan = self.planner.plan(tokens, self.cache.resident[layer], lanes)
         self.window_ms = plan.predicted_ms
         fetch = [(e, self._slot_for(layer, e, tokens)) for e in plan.fetch]
@@ -189,6 +192,18 @@ class OffloadedExperts:
         self.cache.prepare(layer)
         self.stats.experts.count(layer, len(plan.hits), n_fetch + len(plan.cpu))
         self.stats.experts.cpu_experts += len(plan.cpu)
+        if self.cpu_sample is not None:
+            self._note_cpu_speed(*self.cpu_sample)
+            self.cpu_sample = None
+
+    def _note_cpu_speed(self, T: int, ms: float, rows: list[int]) -> None:
+        """Running mean of measured / modelled CPU lane time per token count: the calibration ran apart from
+        the engine, and the CPU lane's speed also differs between machines of the same kind."""
+        c = self.planner.costs
+        model = c.cpu_dispatch_ms + c.xfer_ms(sum(rows)) + sum(c.cpu_ms(n) for n in rows)
+        ratio = min(max(ms / model, SCALE_RANGE[0]), SCALE_RANGE[1]) if model > 0 else 1.0
+        old = self.cpu_scale.get(T)
+        self.cpu_scale[T] = ratio if old is None else 0.9 * old + 0.1 * ratio
 
     def _slot_for(self, layer: int, e: int, protected) -> int:
         slot = self.cache.admit(layer, e, protected)
@@ -258,7 +273,9 @@ class OffloadedExperts:
         views = [self.store.views[layer][e] for e, _, _ in lay.cpu_segments]
         run_cpu_experts(xin, out, [v[0] for v in views], [v[1] for v in views],
                         [a for _, a, _ in lay.cpu_segments], [c for _, _, c in lay.cpu_segments])
-        self.stats.experts.cpu_busy_s += time.perf_counter() - t0
+        busy = time.perf_counter() - t0
+        self.stats.experts.cpu_busy_s += busy
+        self.cpu_sample = (xh.shape[0], 1000 * busy, [c for _, _, c in lay.cpu_segments])
         self.phases.mark("cpu_end")
         return out
 

@@ -26,27 +26,30 @@ class LaneState:
     """What the executor knows of its lanes when a layer's routing arrives."""
     backlog_ms: float = 0.0         # copies queued earlier (e.g. prefetches) still ahead on the PCIe lane
     cpu_lag_ms: float = 0.0         # host work between issuing the layer's copies and starting its CPU experts
+    cpu_scale: float = 1.0          # measured / modelled CPU lane time so far on this machine (online correction)
     fetch_penalty_ms: float = 0.0   # what one copy's PCIe time is worth elsewhere (a prefetch for the next
                                     # layer): charged per fetch when choosing, not in predicted_ms
     max_fetch: int | None = None    # copies the executor's fast path takes (planners with a CPU lane keep to it)
 
     def key(self) -> tuple:
         r = lambda ms: round(ms / STEP_MS) * STEP_MS  # noqa: E731
-        return r(self.backlog_ms), r(self.cpu_lag_ms), r(self.fetch_penalty_ms), self.max_fetch
+        return (r(self.backlog_ms), r(self.cpu_lag_ms), round(self.cpu_scale / 0.05) * 0.05,
+                r(self.fetch_penalty_ms), self.max_fetch)
 
 
 def makespan(costs: CostModel, tokens: dict[int, int], hits: list[int], fetch: list[int], cpu: list[int],
-             backlog_ms: float = 0.0, cpu_lag_ms: float = 0.0) -> float:
+             backlog_ms: float = 0.0, cpu_lag_ms: float = 0.0, cpu_scale: float = 1.0) -> float:
     """Predicted layer time: the slowest of the GPU lane (fed by the PCIe lane, which first drains `backlog_ms`
-    of copies queued earlier) and the CPU lane (which starts `cpu_lag_ms` after the copies are issued)."""
+    of copies queued earlier) and the CPU lane (which starts `cpu_lag_ms` after the copies are issued and runs
+    at `cpu_scale` times the calibrated cost)."""
     gpu = sum(costs.gpu_ms(tokens[e]) for e in hits) + sum(costs.gpu_ms(tokens[e]) for e in fetch)
     if fetch:
         pcie = backlog_ms + len(fetch) * costs.fetch_ms
         gpu = max(gpu, pcie + min(costs.gpu_ms(tokens[e]) for e in fetch))
     lane_cpu = 0.0
     if cpu:
-        lane_cpu = cpu_lag_ms + costs.cpu_dispatch_ms + costs.xfer_ms(sum(tokens[e] for e in cpu)) + \
-            sum(costs.cpu_ms(tokens[e]) for e in cpu)
+        lane_cpu = cpu_lag_ms + cpu_scale * (costs.cpu_dispatch_ms + costs.xfer_ms(sum(tokens[e] for e in cpu)) +
+                                             sum(costs.cpu_ms(tokens[e]) for e in cpu))
     return costs.layer_overhead_ms + max(gpu, lane_cpu)
 
 
@@ -69,7 +72,8 @@ class CpuPlanner(FetchPlanner):
     def plan(self, tokens: dict[int, int], cached: set[int], lanes: LaneState = LaneState()) -> LayerPlan:
         hits = [e for e in tokens if e in cached]
         cpu = [e for e in tokens if e not in cached]
-        return LayerPlan(hits, [], cpu, makespan(self.costs, tokens, hits, [], cpu, 0.0, lanes.cpu_lag_ms))
+        return LayerPlan(hits, [], cpu, makespan(self.costs, tokens, hits, [], cpu, 0.0, lanes.cpu_lag_ms,
+                                                 lanes.cpu_scale))
 
 
 class MakespanPlanner(FetchPlanner):
@@ -106,7 +110,7 @@ class MakespanPlanner(FetchPlanner):
         fetch = [e for g, m in zip(groups.values(), picks) for e in g[m:]]
         return LayerPlan(hits, fetch, cpu, t)
 
-    def _search(self, hit_ns, groups, backlog, lag, penalty, max_fetch) -> tuple[tuple[int, ...], float]:
+    def _search(self, hit_ns, groups, backlog, lag, scale, penalty, max_fetch) -> tuple[tuple[int, ...], float]:
         """Best count per token-count group to run on the CPU, and its predicted makespan."""
         sizes = [s for _, s in groups]
         misses = sum(sizes)
@@ -115,7 +119,7 @@ class MakespanPlanner(FetchPlanner):
         for s in sizes:
             space *= s + 1
         if space > EXACT_LIMIT:
-            return self._scan(hit_ns, groups, backlog, lag, penalty, least_cpu)
+            return self._scan(hit_ns, groups, backlog, lag, scale, penalty, least_cpu)
         c = self.costs
         ns = [n for n, _ in groups]
         unit_cpu, unit_gpu = [c.cpu_ms(n) for n in ns], [c.gpu_ms(n) for n in ns]
@@ -129,15 +133,15 @@ class MakespanPlanner(FetchPlanner):
                 gpu = max(gpu, backlog + nf * c.fetch_ms + first)
             lane = 0.0
             if any(picks):
-                lane = lag + c.cpu_dispatch_ms + c.xfer_ms(sum(n * m for n, m in zip(ns, picks))) + \
-                    sum(u * m for u, m in zip(unit_cpu, picks))
+                lane = lag + scale * (c.cpu_dispatch_ms + c.xfer_ms(sum(n * m for n, m in zip(ns, picks))) +
+                                      sum(u * m for u, m in zip(unit_cpu, picks)))
             return c.layer_overhead_ms + max(gpu, lane)
 
         candidates = (p for p in product(*(range(s + 1) for s in sizes)) if sum(p) >= least_cpu)
         scored = ((tuple(p), makespan_of(p)) for p in candidates)
         return min(scored, key=lambda pt: pt[1] + penalty * (misses - sum(pt[0])))
 
-    def _scan(self, hit_ns, groups, backlog, lag, penalty, least_cpu) -> tuple[tuple[int, ...], float]:
+    def _scan(self, hit_ns, groups, backlog, lag, scale, penalty, least_cpu) -> tuple[tuple[int, ...], float]:
         """The CPU takes the k misses with the fewest tokens, k = least_cpu..all, each costed in O(1)."""
         c = self.costs
         ns = [n for n, s in groups for _ in range(s)]                     # misses, fewest tokens first
@@ -154,7 +158,7 @@ class MakespanPlanner(FetchPlanner):
             gpu = gpu_all - gpu_moved
             if nf:
                 gpu = max(gpu, backlog + nf * c.fetch_ms + gpu_of[k])
-            lane = lag + c.cpu_dispatch_ms + self._ms("xfer_ms", rows) + cpu_sum if k else 0.0
+            lane = lag + scale * (c.cpu_dispatch_ms + self._ms("xfer_ms", rows) + cpu_sum) if k else 0.0
             t = c.layer_overhead_ms + max(gpu, lane)
             if t + penalty * nf < best + penalty * (len(ns) - best_k) or k == least_cpu:
                 best, best_k = t, k

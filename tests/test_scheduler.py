@@ -140,3 +140,7 @@ def test_a_late_cpu_lane_moves_misses_to_pcie_and_is_costed():
     late = MakespanPlanner(c).plan(tokens, cached=set(), lanes=LaneState(cpu_lag_ms=0.6))
     assert prompt.cpu and len(late.cpu) < len(prompt.cpu)
     assert abs(late.predicted_ms - makespan(c, tokens, late.hits, late.fetch, late.cpu, 0.0, 0.6)) < 1e-9
+    slow = MakespanPlanner(c).plan(tokens, cached=set(), lanes=LaneState(cpu_scale=2.0))
+    fast = MakespanPlanner(c).plan(tokens, cached=set(), lanes=LaneState(cpu_scale=0.5))
+    assert len(slow.cpu) < len(prompt.cpu) < len(fast.cpu)
+    assert abs(slow.predicted_ms - makespan(c, tokens, slow.hits, slow.fetch, slow.cpu, 0.0, 0.0, 2.0)) < 1e-9
