@@ -97,7 +97,7 @@ class OffloadedExperts:
         flat = host[:, :K].reshape(-1)                                                    # [T*K]
         counts = np.bincount(flat, minlength=self.cfg.n_routed_experts)
         tokens = {int(e): int(counts[e]) for e in np.flatnonzero(counts)}
-        penalty = self._fetch_penalty(layer, host[:, K:]) if pred is not None else 0.0
+        penalty = self._fetch_penalty(layer, host[:, K:], T) if pred is not None else 0.0
         small = T <= self.decode_tokens              # decode: every copy in one wave, bounded by the staging room
         room = len(self.cache.staging) + self.cache.room(layer, tokens) if small else None
         lanes = LaneState(self._backlog_ms(), self.cpu_lag.get(T, 0.0), self.cpu_scale.get(T, 1.0), penalty, room)
@@ -279,16 +279,19 @@ class OffloadedExperts:
         self.phases.mark("cpu_end")
         return out
 
-    def _fetch_penalty(self, layer: int, pred_host) -> float:
-        """What one on-demand copy costs beyond this layer: the PCIe slot could instead prefetch a predicted
-        expert of the next layer and, at the prefetcher's recall, spare the next layer's CPU lane one expert."""
+    def _fetch_penalty(self, layer: int, pred_host, T: int) -> float:
+        """What one on-demand copy costs beyond this layer: its PCIe slot could instead prefetch a predicted
+        expert of the next layer, which (at the prefetcher's recall) would take one miss off the next layer,
+        worth about f*c/(f+c) there when its two lanes share the misses (f per copy, c per CPU expert)."""
         nxt = self.prefetcher.next.get(layer)
         if not self.prefetcher.lookahead or nxt is None:
             return 0.0
         resident = self.cache.resident[nxt]
         if all(int(e) in resident for e in np.unique(pred_host)):
             return 0.0
-        return self.prefetcher.expected_recall() * self.planner.costs.cpu_ms(1)
+        c = self.planner.costs
+        f, cpu = c.fetch_ms, c.cpu_ms(1) * self.cpu_scale.get(T, 1.0)
+        return self.prefetcher.expected_recall() * f * cpu / (f + cpu)
 
     def _note_lag(self, T: int, ms: float | None) -> None:
         """Running mean of the host time from issuing a layer's copies to starting its CPU experts, per token
