@@ -17,13 +17,24 @@ from hybrid.promptset import prompt_ids as load_prompts  # noqa: E402,F401  (re-
 DEFAULT_PROMPTS = ROOT / "eval" / "prompts.jsonl"
 
 
+def code_digest() -> str:
+    """SHA-256 over the project's Python sources: names the code that ran even where .git is stale (the device
+    machine gets the working tree with the session's first .git)."""
+    import hashlib
+    h = hashlib.sha256()
+    for f in sorted(ROOT.glob("*.py")) + sorted(ROOT.glob("[hce]*/**/*.py")):
+        if "tests" not in f.parts:
+            h.update(str(f.relative_to(ROOT)).encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def meta() -> dict:
     import transformers
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     except OSError:
         commit = ""
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {"code_sha256": code_digest(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.executable).name] + sys.argv), "commit": commit,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
