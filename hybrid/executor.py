@@ -21,10 +21,8 @@ from .layer_graph import LayerGraph, combine
 from .layer_layout import layer_layout
 from .phases import PhaseLog
 from .prefetch import Prefetcher
+from .lane_feedback import LaneFeedback
 from .scheduler import LaneState
-
-LAG_CAP_MS = 1.0
-SCALE_RANGE = (0.4, 2.5)      # the online correction of the CPU lane's calibrated cost stays within this
 from .stats import RunStats
 
 
@@ -53,8 +51,7 @@ class OffloadedExperts:
         self.pcie_until = 0.0                  # when the copies queued so far should be done (perf_counter, s)
         self.window_ms = 0.0                   # the current layer's predicted time
         self.issued = 0.0                      # when the current layer's copies were issued (perf_counter, s)
-        self.cpu_lag: dict[int, float] = {}    # tokens -> running mean ms from copies issued to CPU lane start
-        self.cpu_scale: dict[int, float] = {}  # tokens -> running mean of measured / modelled CPU lane time
+        self.feedback = LaneFeedback()
         self.cpu_sample: tuple | None = None   # the last CPU call: (tokens, ms, rows per expert)
         self.graphs: dict[int, LayerGraph] = {}            # id(static MoECall) -> its captured layer graphs
         self.pool = torch.cuda.graph_pool_handle() if self.copy.cuda else None
@@ -97,23 +94,28 @@ class OffloadedExperts:
         flat = host[:, :K].reshape(-1)                                                    # [T*K]
         counts = np.bincount(flat, minlength=self.cfg.n_routed_experts)
         tokens = {int(e): int(counts[e]) for e in np.flatnonzero(counts)}
-        penalty = self._fetch_penalty(layer, host[:, K:], T) if pred is not None else 0.0
+        penalty = 0.0
+        if pred is not None:
+            c = self.planner.costs
+            penalty = self.prefetcher.penalty_ms(layer, host[:, K:], self.cache.resident, c.fetch_ms,
+                                                 c.cpu_ms(1) * self.feedback.cpu_scale(T))
         small = T <= self.decode_tokens              # decode: every copy in one wave, bounded by the staging room
         room = len(self.cache.staging) + self.cache.room(layer, tokens) if small else None
-        lanes = LaneState(self._backlog_ms(), self.cpu_lag.get(T, 0.0), self.cpu_scale.get(T, 1.0), penalty, room)
+        lanes = LaneState(self._backlog_ms(), self.feedback.lag_ms(T), self.feedback.cpu_scale(T), penalty, room)
         plan = self.planner.plan(tokens, self.cache.resident[layer], lanes)
         self.window_ms = plan.predicted_ms
         fetch = [(e, self._slot_for(layer, e, tokens)) for e in plan.fetch]
-        self.issued = time.perf_counter()
         hits = [(e, self.cache.where[(layer, e)]) for e in plan.hits]
         self.phases.note(n_hit=len(hits), n_fetch=len(fetch), n_cpu=len(plan.cpu))
         if small and len(fetch) <= room:
             self._issue(layer, fetch)
+            self.issued = time.perf_counter()
             out = self._decode(call, hits, fetch, plan.cpu, flat, counts, xh, host)
         else:
             waves = [fetch[i:i + self.wave] for i in range(0, len(fetch), self.wave)]
             for wave in waves[:2]:
                 self._issue(layer, wave)
+            self.issued = time.perf_counter()
             out = self._grouped(call, hits, waves, plan.cpu, flat, counts, xh, host)
         self.timings.append((start, self._now(), plan.predicted_ms))
         self.phases.mark("done")
@@ -167,7 +169,7 @@ class OffloadedExperts:
         if lay.cpu_segments:
             ys[lay.cpu_start:].copy_(self._cpu_experts(call.layer, lay, xh, K), non_blocking=True)
         else:
-            self._note_lag(xh.shape[0], None)
+            self.feedback.note_lag(xh.shape[0], None)
 
     def _mark_free(self, members) -> None:
         """Staging slots among `members` may be overwritten once the GPU work queued so far has read them."""
@@ -193,17 +195,8 @@ class OffloadedExperts:
         self.stats.experts.count(layer, len(plan.hits), n_fetch + len(plan.cpu))
         self.stats.experts.cpu_experts += len(plan.cpu)
         if self.cpu_sample is not None:
-            self._note_cpu_speed(*self.cpu_sample)
+            self.feedback.note_cpu(self.planner.costs, *self.cpu_sample)
             self.cpu_sample = None
-
-    def _note_cpu_speed(self, T: int, ms: float, rows: list[int]) -> None:
-        """Running mean of measured / modelled CPU lane time per token count: the calibration ran apart from
-        the engine, and the CPU lane's speed also differs between machines of the same kind."""
-        c = self.planner.costs
-        model = c.cpu_dispatch_ms + c.xfer_ms(sum(rows)) + sum(c.cpu_ms(n) for n in rows)
-        ratio = min(max(ms / model, SCALE_RANGE[0]), SCALE_RANGE[1]) if model > 0 else 1.0
-        old = self.cpu_scale.get(T)
-        self.cpu_scale[T] = ratio if old is None else 0.9 * old + 0.1 * ratio
 
     def _slot_for(self, layer: int, e: int, protected) -> int:
         slot = self.cache.admit(layer, e, protected)
@@ -268,7 +261,7 @@ class OffloadedExperts:
         xin, out = self.host_in.rows(n), self.host_out.rows(n)
         self.phases.mark("cpu_start")
         t0 = time.perf_counter()
-        self._note_lag(xh.shape[0], 1000 * (t0 - self.issued))
+        self.feedback.note_lag(xh.shape[0], 1000 * (t0 - self.issued))
         torch.index_select(xh, 0, rows, out=xin)
         views = [self.store.views[layer][e] for e, _, _ in lay.cpu_segments]
         run_cpu_experts(xin, out, [v[0] for v in views], [v[1] for v in views],
@@ -278,32 +271,6 @@ class OffloadedExperts:
         self.cpu_sample = (xh.shape[0], 1000 * busy, [c for _, _, c in lay.cpu_segments])
         self.phases.mark("cpu_end")
         return out
-
-    def _fetch_penalty(self, layer: int, pred_host, T: int) -> float:
-        """What one on-demand copy costs beyond this layer: its PCIe slot could instead prefetch a predicted
-        expert of the next layer, which (at the prefetcher's recall) would take one miss off the next layer,
-        worth about f*c/(f+c) there when its two lanes share the misses (f per copy, c per CPU expert)."""
-        nxt = self.prefetcher.next.get(layer)
-        if not self.prefetcher.lookahead or nxt is None:
-            return 0.0
-        resident = self.cache.resident[nxt]
-        if all(int(e) in resident for e in np.unique(pred_host)):
-            return 0.0
-        c = self.planner.costs
-        f, cpu = c.fetch_ms, c.cpu_ms(1) * self.cpu_scale.get(T, 1.0)
-        return self.prefetcher.expected_recall() * f * cpu / (f + cpu)
-
-    def _note_lag(self, T: int, ms: float | None) -> None:
-        """Running mean of the host time from issuing a layer's copies to starting its CPU experts, per token
-        count. Samples are capped (a CUDA-graph capture is not lag), and layers without CPU work let it decay, so
-        that one bad sample cannot keep the CPU lane shut."""
-        old = self.cpu_lag.get(T)
-        if ms is None:
-            if old is not None:
-                self.cpu_lag[T] = 0.98 * old
-            return
-        ms = min(ms, LAG_CAP_MS)
-        self.cpu_lag[T] = ms if old is None else 0.9 * old + 0.1 * ms
 
     def _prefetch(self, layer: int, pred_host) -> None:
         nxt = self.prefetcher.next[layer]

@@ -65,8 +65,9 @@ def test_hybrid_records_predicted_and_measured_layer_times(tiny):
     s = e.generate(PROMPTS, SamplingParams(max_new_tokens=4)).stats
     assert len(s.layer_pred_ms) == len(s.layer_meas_ms) > 0
     assert all(m > 0 for m in s.layer_meas_ms) and "layer_time_median_rel_err" in s.summary()
-    assert e.backend.cpu_scale and all(0.4 <= v <= 2.5 for v in e.backend.cpu_scale.values())
-    assert all(0 <= v <= 1.0 for v in e.backend.cpu_lag.values())
+    fb = e.backend.feedback
+    assert fb.scale and all(0.4 <= v <= 2.5 for v in fb.scale.values())
+    assert fb.lag and all(0 <= v <= 1.0 for v in fb.lag.values())
 
 
 def test_gpu_mode_refuses_a_budget_that_cannot_hold_every_expert(tiny):

@@ -1,0 +1,45 @@
+"""What the executor learns about its lanes while it runs, fed back to the planner (`LaneState`).
+
+Calibration runs apart from the engine, and fresh machines of one kind differ (a 1-token CPU expert cost
+0.20-0.29 ms in the engine on different H200 boxes), so two running means per token count correct the model:
+the host lag from issuing a layer's copies to starting its CPU experts, and the CPU lane's measured time relative
+to the calibrated one. Pure Python."""
+from __future__ import annotations
+
+from cost_model.costs import CostModel
+
+LAG_CAP_MS = 1.0               # a sample above this is not lag (a CUDA-graph capture, a first call)
+SCALE_RANGE = (0.4, 2.5)       # the CPU-cost correction stays within this
+KEEP = 0.9                     # weight of the old mean per sample
+DECAY = 0.98                   # lag kept per layer that ran no CPU experts
+
+
+def _mean(table: dict[int, float], key: int, value: float) -> None:
+    old = table.get(key)
+    table[key] = value if old is None else KEEP * old + (1 - KEEP) * value
+
+
+class LaneFeedback:
+    def __init__(self):
+        self.lag: dict[int, float] = {}      # tokens -> ms from copies issued to CPU lane start
+        self.scale: dict[int, float] = {}    # tokens -> measured / modelled CPU lane time
+
+    def lag_ms(self, T: int) -> float:
+        return self.lag.get(T, 0.0)
+
+    def cpu_scale(self, T: int) -> float:
+        return self.scale.get(T, 1.0)
+
+    def note_lag(self, T: int, ms: float | None) -> None:
+        """A layer's lag, or None for a layer without CPU experts: the mean decays then, so that one bad
+        sample cannot keep the CPU lane shut (an uncapped, non-decaying first version did)."""
+        if ms is not None:
+            _mean(self.lag, T, min(ms, LAG_CAP_MS))
+        elif T in self.lag:
+            self.lag[T] *= DECAY
+
+    def note_cpu(self, costs: CostModel, T: int, ms: float, rows: list[int]) -> None:
+        """One CPU-lane call that took `ms` for experts with `rows` tokens each."""
+        model = costs.cpu_dispatch_ms + costs.xfer_ms(sum(rows)) + sum(costs.cpu_ms(n) for n in rows)
+        if model > 0:
+            _mean(self.scale, T, min(max(ms / model, SCALE_RANGE[0]), SCALE_RANGE[1]))
