@@ -22,9 +22,11 @@ def code_digest() -> str:
     machine gets the working tree with the session's first .git)."""
     import hashlib
     h = hashlib.sha256()
-    for f in sorted(ROOT.glob("*.py")) + sorted(ROOT.glob("[hce]*/**/*.py")):
-        if "tests" not in f.parts:
-            h.update(str(f.relative_to(ROOT)).encode() + f.read_bytes())
+    files = sorted(ROOT.glob("*.py"))
+    for folder in ("hybrid", "cost_model", "eval"):
+        files += sorted((ROOT / folder).rglob("*.py"))
+    for f in files:
+        h.update(str(f.relative_to(ROOT)).encode() + f.read_bytes())
     return h.hexdigest()[:16]
 
 
