@@ -79,6 +79,6 @@ def load_costs(path: str | Path | None, fingerprint: dict) -> tuple[CostModel, s
     if model.fingerprint != fingerprint:
         diff = sorted(k for k in set(model.fingerprint) | set(fingerprint)
                       if model.fingerprint.get(k) != fingerprint.get(k))
-        return CostModel.defaults(), f"calibration {path} was measured on another machine (differs in " \
+        return CostModel.defaults(), f"calibration {path} was measured on another machine or setting (differs in " \
                                      f"{', '.join(diff)}): using conservative defaults"
     return model, f"calibration {path}"

@@ -25,12 +25,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def fingerprint(device: torch.device, threads: int | None) -> dict:
+def fingerprint(device: torch.device, threads: int | None, kernel: str = "torch") -> dict:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     if not threads:
         from hybrid.lanes import default_threads
         threads = default_threads() if device.type == "cuda" else torch.get_num_threads()
-    return {"gpu": gpu, "cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads}
+    return {"gpu": gpu, "cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads, "cpu_kernel": kernel}
 
 
 def default_path() -> Path:
@@ -68,6 +68,7 @@ class Bench:
             self.host = self.host.pin_memory()
         self.slot = torch.empty(numel, dtype=dtype, device=device)
         self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.cpu_run = None             # the runtime's CPU-expert call (CpuLane.run), set by measure()
 
     def views(self, buf):
         h, i = self.hidden, self.inter
@@ -97,7 +98,6 @@ class Bench:
     def cpu_ms(self, n: int, experts: int = 1, reps: int = 24) -> float:
         """One call of the runtime's CPU path over `experts` distinct experts of n tokens each (weights from
         DRAM), on this thread as the runtime runs it: just after queueing expert copies, so the PCIe lane is busy."""
-        from hybrid.cpu_experts import run_cpu_experts
         x = torch.randn(n * experts, self.hidden).to(self.host.dtype)
         out = torch.empty_like(x)
         k = [0]
@@ -108,7 +108,7 @@ class Bench:
                 self.queue_copies(2)
             views = [self.views(self.host[k[0] + j]) for j in range(experts)]
             t = time.perf_counter()
-            run_cpu_experts(x, out, [v[0] for v in views], [v[1] for v in views],
+            self.cpu_run(x, out, [v[0] for v in views], [v[1] for v in views],
                             [j * n for j in range(experts)], [n] * experts)
             return 1000 * (time.perf_counter() - t)
         one()
@@ -144,11 +144,13 @@ class Bench:
 
 
 def measure(device: torch.device, hidden: int = 2048, inter: int = 1408, dtype: torch.dtype = torch.bfloat16,
-            threads: int | None = None, tokens=TOKENS, n_host: int = 96, progress: bool = True) -> CostModel:
+            threads: int | None = None, tokens=TOKENS, n_host: int = 96, progress: bool = True,
+            kernel: str = "auto") -> CostModel:
     """Run every microbenchmark and fit the curves; CPU experts run with the thread setting the runtime uses."""
     from hybrid.lanes import CpuLane
-    lane = CpuLane(threads, device.type == "cuda")
+    lane = CpuLane(threads, device.type == "cuda", kernel)
     bench = Bench(device, hidden, inter, dtype, n_host)
+    bench.cpu_run = lane.run
     steps = tqdm(total=3 * len(tokens) + 2, desc="calibrating", disable=not progress)
     fetch = bench.fetch_ms()
     steps.update()
@@ -168,7 +170,7 @@ def measure(device: torch.device, hidden: int = 2048, inter: int = 1408, dtype: 
     steps.update()
     steps.close()
     return CostModel(fetch_ms=fetch, gpu_ms=Curve.fit(gpu), cpu_ms=Curve.fit(cpu), xfer_ms=Curve.fit(xfer),
-                     layer_overhead_ms=overhead, fingerprint=fingerprint(device, threads or lane.threads),
+                     layer_overhead_ms=overhead, fingerprint=fingerprint(device, threads or lane.threads, lane.experts.kind),
                      source="calibrated")
 
 

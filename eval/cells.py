@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -24,7 +25,8 @@ def make_engine(a, mode: str, batch: int, seq: int) -> Engine:
     cuda = torch.cuda.is_available()
     run = RunConfig(device="cuda" if cuda else "cpu", dtype="bfloat16" if cuda else "float32", mode=mode,
                     prefetch=prefetch or "none", gpu_memory=a.gpu_memory if cuda and mode != "gpu" else None,
-                    cache_policy=a.cache_policy, max_batch_size=batch, max_seq_len=seq)
+                    cache_policy=a.cache_policy, max_batch_size=batch, max_seq_len=seq,
+                    cpu_kernel=os.environ.get("HYBRID_CPU_KERNEL", "auto"))
     return Engine(a.model, run, progress=False)
 
 
@@ -32,6 +34,9 @@ def cell(e: Engine, mode: str, prompts: list[list[int]], new: int) -> dict:
     out = e.generate(prompts, SamplingParams(max_new_tokens=new, stop_on_eos=False))
     s = out.stats
     row = {**s.summary(), "mode": mode}
+    lane = getattr(e.backend, "cpu", None)
+    if lane is not None:
+        row["cpu_kernel"] = lane.experts.kind
     row["_tokens"] = out.tokens
     return row
 

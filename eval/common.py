@@ -18,13 +18,13 @@ DEFAULT_PROMPTS = ROOT / "eval" / "prompts.jsonl"
 
 
 def code_digest() -> str:
-    """SHA-256 over the project's Python sources: names the code that ran even where .git is stale (the device
+    """SHA-256 over the project's sources (Python, the C++ kernel): names the code that ran even where .git is stale (the device
     machine gets the working tree with the session's first .git)."""
     import hashlib
     h = hashlib.sha256()
     files = sorted(ROOT.glob("*.py"))
     for folder in ("hybrid", "cost_model", "eval"):
-        files += sorted((ROOT / folder).rglob("*.py"))
+        files += sorted(p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".cpp"))
     for f in files:
         h.update(str(f.relative_to(ROOT)).encode() + f.read_bytes())
     return h.hexdigest()[:16]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -21,15 +22,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
-from hybrid.cpu_experts import run_cpu_experts  # noqa: E402
+from hybrid.cpu_experts import CpuExperts  # noqa: E402
 
 H, I, N_HOST = 2048, 1408, 96
 NUMEL = 3 * H * I
+KERNEL = CpuExperts(os.environ.get("HYBRID_CPU_KERNEL", "auto"))
 
 
 def call(host: torch.Tensor, x: torch.Tensor, out: torch.Tensor, first: int) -> None:
     js = [(first + j) % N_HOST for j in range(x.shape[0])]
-    run_cpu_experts(x, out, [host[j][:2 * I * H].view(2 * I, H) for j in js],
+    KERNEL.run(x, out, [host[j][:2 * I * H].view(2 * I, H) for j in js],
                     [host[j][2 * I * H:].view(H, I) for j in js], list(range(x.shape[0])), [1] * x.shape[0])
 
 

@@ -49,6 +49,9 @@ def engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--max-seq-len", type=int, default=4096)
     ap.add_argument("--cpu-threads", type=int)
+    ap.add_argument("--cpu-kernel", default=os.environ.get("HYBRID_CPU_KERNEL", "auto"),
+                    choices=["auto", "native", "torch"],
+                    help="CPU experts: native kernel (built on first use) | torch | auto (native if it builds)")
     ap.add_argument("--costs", help="calibration JSON (default: this machine's, from calibrate.py)")
 
 
@@ -56,7 +59,7 @@ def run_config(a: argparse.Namespace) -> RunConfig:
     dtype = a.dtype or ("bfloat16" if str(a.device).startswith("cuda") else "float32")
     return RunConfig(device=a.device, dtype=dtype, mode=a.mode, gpu_memory=a.gpu_memory,
                      cache_policy=a.cache_policy, prefetch=a.prefetch, max_batch_size=a.batch_size,
-                     max_seq_len=a.max_seq_len, cpu_threads=a.cpu_threads, costs_path=a.costs,
+                     max_seq_len=a.max_seq_len, cpu_threads=a.cpu_threads, cpu_kernel=a.cpu_kernel, costs_path=a.costs,
                      predictor_path=a.predictors, lookahead=a.lookahead)
 
 

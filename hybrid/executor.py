@@ -14,7 +14,6 @@ import torch
 from .config import ModelConfig
 from .expert_cache import ExpertCache
 from .expert_store import ExpertStore
-from .cpu_experts import run_cpu_experts
 from .experts import grouped_ffn
 from .lanes import CopyLane, CpuLane, PinnedBuffer
 from .layer_graph import LayerGraph, combine
@@ -264,7 +263,7 @@ class OffloadedExperts:
         self.feedback.note_lag(xh.shape[0], 1000 * (t0 - self.issued))
         torch.index_select(xh, 0, rows, out=xin)
         views = [self.store.views[layer][e] for e, _, _ in lay.cpu_segments]
-        run_cpu_experts(xin, out, [v[0] for v in views], [v[1] for v in views],
+        self.cpu.run(xin, out, [v[0] for v in views], [v[1] for v in views],
                         [a for _, a, _ in lay.cpu_segments], [c for _, _, c in lay.cpu_segments])
         busy = time.perf_counter() - t0
         self.stats.experts.cpu_busy_s += busy

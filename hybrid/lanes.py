@@ -62,10 +62,13 @@ class CpuLane:
     (queue, wake-up, GIL) of 0.1-0.4 ms per layer, and two teams push libgomp past one thread per core, where
     it stops spinning between parallel regions (0.21 -> 0.36-0.65 ms per 1-token expert)."""
 
-    def __init__(self, threads: int | None = None, cuda: bool = True):
+    def __init__(self, threads: int | None = None, cuda: bool = True, kernel: str = "auto"):
+        from .cpu_experts import CpuExperts
         if threads or cuda:
             torch.set_num_threads(threads or default_threads())
         self.threads = torch.get_num_threads()
+        self.experts = CpuExperts(kernel)
+        self.run = self.experts.run         # run(x, out, w13s, w2s, starts, counts): a layer's CPU experts
 
 
 class PinnedBuffer:

@@ -41,9 +41,9 @@ def memory_plan(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize
     return plan
 
 
-def machine_fingerprint(device: torch.device, threads: int | None) -> dict:
+def machine_fingerprint(device: torch.device, threads: int | None, kernel: str) -> dict:
     from cost_model.measure import fingerprint
-    return fingerprint(device, threads)
+    return fingerprint(device, threads, kernel)
 
 
 def build_backend(cfg: ModelConfig, ckpt: Checkpoint, run: RunConfig, device: torch.device,
@@ -80,11 +80,14 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
             if slot is None:
                 break
             cache.slots[slot].copy_(store.buffer(layer, e))
-    costs, why = load_costs(run.costs_path or default_costs_path(), machine_fingerprint(device, run.cpu_threads))
+    lane = CpuLane(run.cpu_threads, cuda, run.cpu_kernel)
+    if lane.experts.why and progress:
+        print(f"CPU experts: torch path ({lane.experts.why})", file=sys.stderr)
+    costs, why = load_costs(run.costs_path or default_costs_path(),
+                            machine_fingerprint(device, run.cpu_threads, lane.experts.kind))
     if run.mode == "hybrid" and progress:
         print(f"cost model: {why}", file=sys.stderr)
     planner = PLANNERS[run.mode](costs)
-    lane = CpuLane(run.cpu_threads, cuda)
     prefetch = Prefetcher(cfg, lookahead=run.lookahead) if run.prefetch in ("gate", "mlp") else None
     if progress:
         print(f"memory: {plan.describe()}", file=sys.stderr)

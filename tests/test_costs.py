@@ -31,6 +31,8 @@ def test_missing_and_foreign_calibration_fall_back_to_defaults(tmp_path):
     other.to_json(tmp_path / "c.json")
     m, why = load_costs(tmp_path / "c.json", {"gpu": "none", "cpu": "Xeon", "cores": 16, "threads": 15})
     assert m.source == "defaults" and "another machine" in why and "gpu" in why
+    m, why = load_costs(tmp_path / "c.json", {**other.fingerprint, "cpu_kernel": "native"})
+    assert m.source == "defaults" and "cpu_kernel" in why
     (tmp_path / "bad.json").write_text("{")
     assert load_costs(tmp_path / "bad.json", {})[0].source == "defaults"
 
@@ -41,7 +43,7 @@ def test_calibration_measures_and_reloads(tmp_path):
                 progress=False)
     assert m.fetch_ms > 0 and m.cpu_ms(16) >= m.cpu_ms(1) > 0 and m.layer_overhead_ms > 0
     m.to_json(tmp_path / "c.json")
-    back, _ = load_costs(tmp_path / "c.json", fingerprint(dev, 1))
+    back, _ = load_costs(tmp_path / "c.json", fingerprint(dev, 1, m.fingerprint["cpu_kernel"]))
     assert back.source == "calibrated" and json.loads((tmp_path / "c.json").read_text())["fetch_ms"] == m.fetch_ms
 
 

@@ -34,7 +34,7 @@ def gpu_run(tiny):
 def test_mode_matches_gpu_mode(tiny, gpu_run, mode, prefetch):
     ref, ref_logits = gpu_run
     e = make(tiny, mode=mode, prefetch=prefetch, gpu_memory=budget_for(tiny, SLOTS))
-    assert e.backend.cache.n_slots == SLOTS
+    assert e.backend.cache.n_slots == SLOTS and e.backend.cpu.experts.kind == "native"
     batch3 = e.generate(PROMPTS, SamplingParams(max_new_tokens=10, stop_on_eos=False))
     assert batch3.tokens == ref.tokens
     one = e.generate(PROMPTS[:1], SamplingParams(max_new_tokens=10, stop_on_eos=False))

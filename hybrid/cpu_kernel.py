@@ -1,0 +1,85 @@
+"""Builds and loads `cpu_kernel.cpp`, the native CPU-expert kernel for decode-sized calls, through ctypes.
+
+Compiled once per machine (`-march=native`: the build is keyed by the CPU model) into the cache folder
+(`$HYBRID_CACHE`, default ~/.cache/hybrid-moe/kernels); `python -m hybrid.cpu_kernel` builds it ahead of time.
+Needs a C++ compiler (`$CXX`, default g++) with OpenMP; where there is none, `load()` says why and callers use
+torch's path."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-Wno-psabi"]
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+class KernelUnavailable(RuntimeError):
+    """The native kernel could not be built or loaded on this machine."""
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def library_path() -> Path:
+    cxx = os.environ.get("CXX", "g++")
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, *FLAGS, _cpu_model()]).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("HYBRID_CACHE", Path.home() / ".cache" / "hybrid-moe"))
+    return root / "kernels" / f"cpu_kernel-{key}.so"
+
+
+def build(path: Path) -> Path:
+    """Compile the kernel into `path` (atomically: concurrent builders never see a partial file)."""
+    cxx = os.environ.get("CXX", "g++")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        os.unlink(tmp)
+        raise KernelUnavailable(f"cannot run the C++ compiler {cxx!r}: {e}") from None
+    if res.returncode != 0:
+        os.unlink(tmp)
+        raise KernelUnavailable(f"{cxx} failed to build {SOURCE.name}: {res.stderr.strip()[-600:]}")
+    os.replace(tmp, path)
+    return path
+
+
+def load() -> ctypes.CDLL:
+    """The kernel library, built first if this machine has none; raises KernelUnavailable."""
+    path = library_path()
+    if not path.exists():
+        build(path)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise KernelUnavailable(f"cannot load {path}: {e}") from None
+    P = ctypes.c_void_p
+    lib.moe_cpu_experts.argtypes = [ctypes.c_int, ctypes.c_int, P, P, P, P, P, P, ctypes.c_int, ctypes.c_int,
+                                    ctypes.c_int, P, P, P]
+    lib.moe_cpu_experts.restype = ctypes.c_int
+    lib.moe_cpu_threads.restype = ctypes.c_int
+    return lib
+
+
+if __name__ == "__main__":                 # the install step: a missing compiler is a warning, not a failure
+    try:
+        lib_path = library_path()
+        print(f"CPU expert kernel: {build(lib_path) if not lib_path.exists() else lib_path}")
+    except KernelUnavailable as err:
+        print(f"warning: CPU expert kernel not built ({err}); the runtime will use torch's CPU path", file=sys.stderr)

@@ -1,0 +1,59 @@
+"""The native CPU-expert kernel: built here (CI has a compiler), equal to torch's path, and a clean fallback."""
+import pytest
+import torch
+
+from hybrid import cpu_kernel
+from hybrid.cpu_experts import CpuExperts, torch_experts
+
+
+def experts(counts, dtype, hidden=64, inter=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w13 = [(torch.randn(2 * inter, hidden, generator=g) * 0.1).to(dtype) for _ in counts]
+    w2 = [(torch.randn(hidden, inter, generator=g) * 0.1).to(dtype) for _ in counts]
+    x = torch.randn(sum(counts), hidden, generator=g).to(dtype)
+    starts = [sum(counts[:j]) for j in range(len(counts))]
+    return x, w13, w2, starts, list(counts)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("counts", [[1], [1, 2, 3, 4, 5], [7, 1, 12, 3]])
+def test_native_kernel_matches_torch(dtype, tol, counts):
+    native = CpuExperts("native", max_tokens=8)
+    assert native.kind == "native" and native.lib.moe_cpu_threads() == torch.get_num_threads()
+    x, w13, w2, starts, counts = experts(counts, dtype)
+    ref, out = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    torch_experts(x, ref, w13, w2, starts, counts)
+    native.run(x, out, w13, w2, starts, counts)            # counts above 8 take torch's path inside the call
+    assert torch.isfinite(out).all()
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() <= tol
+
+
+def test_native_kernel_covers_a_row_subset_only():
+    x, w13, w2, starts, counts = experts([2, 3], torch.float32)
+    out = torch.full_like(x, 7.0)
+    CpuExperts("native").run(x, out, w13[1:], w2[1:], starts[1:], counts[1:])
+    assert (out[:2] == 7.0).all() and not (out[2:] == 7.0).any()
+
+
+def test_missing_compiler_falls_back_or_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYBRID_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    auto = CpuExperts("auto")
+    assert auto.kind == "torch" and "no-such-compiler" in auto.why
+    x, w13, w2, starts, counts = experts([2, 1], torch.float32)
+    out, ref = torch.empty_like(x), torch.empty_like(x)
+    auto.run(x, out, w13, w2, starts, counts)
+    torch_experts(x, ref, w13, w2, starts, counts)
+    assert torch.equal(out, ref)
+    with pytest.raises(cpu_kernel.KernelUnavailable, match="no-such-compiler"):
+        CpuExperts("native")
+    with pytest.raises(ValueError, match="unknown CPU expert kernel"):
+        CpuExperts("fast")
+
+
+def test_build_is_keyed_and_atomic(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYBRID_CACHE", str(tmp_path))
+    path = cpu_kernel.library_path()
+    assert path.parent == tmp_path / "kernels" and not path.exists()
+    cpu_kernel.load()
+    assert path.exists() and [p.name for p in path.parent.iterdir()] == [path.name]
