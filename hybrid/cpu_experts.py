@@ -5,16 +5,17 @@ fp32-accumulating kernel does at close to memory bandwidth, while torch's bf16 l
 and blocking meant for larger matrices. Experts with many tokens (prefill) go to torch, whose AMX GEMMs win there."""
 from __future__ import annotations
 
-import ctypes
 import warnings
 from typing import List
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .cpu_kernel import DTYPES, KernelUnavailable, load
 
-NATIVE_MAX_TOKENS = 8          # tokens per expert up to which the native kernel is used
+NATIVE_MAX_TOKENS = 4          # tokens per expert up to which the native kernel is used (faster at 1-4 tokens,
+                               # slower at 8 than torch's on the GPU box: eval/kernel_probe.py)
 KINDS = ("auto", "native", "torch")
 
 
@@ -33,8 +34,13 @@ with warnings.catch_warnings():             # torch 2.13 marks TorchScript depre
     torch_experts = torch.jit.script(_torch_experts)
 
 
+def pointer_table(views: list[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
+    """[E, 2] int64: the addresses of each expert's (w13, w2), for `CpuExperts.run_rows`."""
+    return np.array([[w13.data_ptr(), w2.data_ptr()] for w13, w2 in views], dtype=np.int64)
+
+
 class CpuExperts:
-    """`run(x, out, w13s, w2s, starts, counts)`: out[s:s+c] = expert_j(x[s:s+c]) for each expert j.
+    """A layer's CPU experts in one call: out[s:s+c] = expert_j(x[s:s+c]) for each expert j.
 
     kind: "native" (the kernel for experts of <= max_tokens tokens; an error if it cannot be built), "torch", or
     "auto" (native where it builds, else torch, with the reason in `why`)."""
@@ -53,32 +59,50 @@ class CpuExperts:
         self.kind = "native" if self.lib is not None else "torch"
         self.scratch = torch.empty(0)
 
+    def _native_ok(self, x: torch.Tensor, inter: int, counts) -> bool:
+        return (self.lib is not None and x.dtype in DTYPES and x.shape[1] % 16 == 0 and inter % 16 == 0
+                and max(counts) <= self.max_tokens)
+
     def run(self, x: torch.Tensor, out: torch.Tensor, w13: list, w2: list, starts: list, counts: list) -> None:
-        if self.lib is None or x.dtype not in DTYPES or x.shape[1] % 16 or w2[0].shape[1] % 16:
-            torch_experts(x, out, w13, w2, starts, counts)
-            return
-        small = [j for j, c in enumerate(counts) if c <= self.max_tokens]
-        if len(small) < len(counts):
-            big = [j for j, c in enumerate(counts) if c > self.max_tokens]
+        """x, out: [rows, H]; expert j (weights w13[j] [2I, H], w2[j] [H, I]) owns rows starts[j]..+counts[j]."""
+        small = [j for j, c in enumerate(counts) if self._native_ok(x, w2[0].shape[1], [c])]
+        big = [j for j in range(len(counts)) if j not in small]
+        if big:
             torch_experts(x, out, [w13[j] for j in big], [w2[j] for j in big], [starts[j] for j in big],
                           [counts[j] for j in big])
         if small:
-            self._native(x, out, [w13[j] for j in small], [w2[j] for j in small], [starts[j] for j in small],
-                         [counts[j] for j in small])
+            ptrs = np.array([[w13[j].data_ptr(), w2[j].data_ptr()] for j in small], dtype=np.int64)
+            self._native(x, None, out, ptrs, [starts[j] for j in small], [counts[j] for j in small],
+                         w2[0].shape[1])
 
-    def _native(self, x, out, w13, w2, starts, counts) -> None:
-        rows, H = x.shape                                                     # x, out: [rows, H]
-        inter = w2[0].shape[1]
-        need = rows * (H + 3 * inter)
+    def run_rows(self, x: torch.Tensor, rows: np.ndarray, out: torch.Tensor, views: list, ptrs: np.ndarray,
+                 segments: list[tuple[int, int, int]], gather: torch.Tensor) -> None:
+        """The runtime's call: out[a:a+c] = expert_e(x[rows[a:a+c]]) for each segment (e, a, c). x [T, H] holds
+        the layer's input in token order, rows [n] the token of each output row; views[e] = (w13, w2) and
+        ptrs = pointer_table(views). The native kernel reads x through rows; torch gathers into `gather` first."""
+        experts, starts, counts = zip(*segments)
+        inter = views[0][1].shape[1]
+        if self._native_ok(x, inter, counts):
+            self._native(x, rows, out, ptrs[list(experts)], starts, counts, inter)
+            return
+        xin = gather[:rows.shape[0]]
+        torch.index_select(x, 0, torch.from_numpy(rows).long(), out=xin)
+        self.run(xin, out, [views[e][0] for e in experts], [views[e][1] for e in experts], list(starts),
+                 list(counts))
+
+    def _native(self, x, rows, out, ptrs: np.ndarray, starts, counts, inter: int) -> None:
+        n_rows, H = out.shape[0], x.shape[1]
+        need = n_rows * (H + 3 * inter)
         if self.scratch.numel() < need:
             self.scratch = torch.empty(max(need, 2 * self.scratch.numel()), dtype=torch.float32)
         base, f = self.scratch.data_ptr(), self.scratch.element_size()
-        n = len(w13)
-        assert x.is_contiguous() and out.is_contiguous() and all(w.is_contiguous() for w in w13 + w2)
+        assert x.is_contiguous() and out.is_contiguous()
+        w13p, w2p = np.ascontiguousarray(ptrs[:, 0]), np.ascontiguousarray(ptrs[:, 1])
+        st, ct = np.asarray(starts, dtype=np.int32), np.asarray(counts, dtype=np.int32)
+        xr = None if rows is None else np.ascontiguousarray(rows, dtype=np.int32)
         err = self.lib.moe_cpu_experts(
-            DTYPES[x.dtype], n, (ctypes.c_void_p * n)(*[w.data_ptr() for w in w13]),
-            (ctypes.c_void_p * n)(*[w.data_ptr() for w in w2]), (ctypes.c_int * n)(*starts),
-            (ctypes.c_int * n)(*counts), x.data_ptr(), out.data_ptr(), rows, H, inter,
-            base, base + rows * H * f, base + rows * (H + 2 * inter) * f)
+            DTYPES[x.dtype], len(ct), w13p.ctypes.data, w2p.ctypes.data, st.ctypes.data, ct.ctypes.data,
+            x.data_ptr(), None if xr is None else xr.ctypes.data, out.data_ptr(), n_rows, H, inter,
+            base, base + n_rows * H * f, base + n_rows * (H + 2 * inter) * f)
         if err:
             raise RuntimeError(f"native CPU expert kernel refused its input (code {err})")

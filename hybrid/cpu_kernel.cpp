@@ -106,12 +106,15 @@ inline float to_f32(uint16_t h) { return from_bf16(h); }
 
 template <typename W>
 void experts(int n, const W *const *w13, const W *const *w2, const int *starts, const int *counts,
-             const W *x, W *out, int rows, int H, int I, float *xf, float *gu, float *h) {
+             const W *x, const int *xrows, W *out, int rows, int H, int I, float *xf, float *gu, float *h) {
     // xf [rows, H]: input as fp32; gu [rows, 2I]: gate | up; h [rows, I]: silu(gate) * up, as rounded values.
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (long r = 0; r < (long)rows * H; r++) xf[r] = to_f32(x[r]);
+        for (int r = 0; r < rows; r++) {
+            const W *src = x + (size_t)(xrows ? xrows[r] : r) * H;
+            for (int c = 0; c < H; c++) xf[(size_t)r * H + c] = to_f32(src[c]);
+        }
 #pragma omp for schedule(static)
         for (long r = 0; r < (long)n * 2 * I; r++) {          // every expert's gate and up rows, split evenly
             int j, i;
@@ -144,18 +147,19 @@ void experts(int n, const W *const *w13, const W *const *w2, const int *starts, 
 
 extern "C" {
 
-// dtype 0: float32, 1: bfloat16 (as raw uint16). Rows of x/out are grouped by expert: expert j owns
-// rows [starts[j], starts[j] + counts[j]). Scratch: xf [rows*H], gu [rows*2I], h [rows*I] floats. H, I % 16 == 0.
+// dtype 0: float32, 1: bfloat16 (as raw uint16). Rows of out are grouped by expert: expert j owns rows
+// [starts[j], starts[j] + counts[j]); row r's input is x[xrows[r]] (x[r] if xrows is null).
+// Scratch: xf [rows*H], gu [rows*2I], h [rows*I] floats. H, I % 16 == 0.
 int moe_cpu_experts(int dtype, int n, const void *const *w13, const void *const *w2, const int *starts,
-                    const int *counts, const void *x, void *out, int rows, int H, int I,
+                    const int *counts, const void *x, const int *xrows, void *out, int rows, int H, int I,
                     float *xf, float *gu, float *h) {
     if (H % 16 || I % 16) return 1;
     if (dtype == 0)
         experts<float>(n, (const float *const *)w13, (const float *const *)w2, starts, counts,
-                       (const float *)x, (float *)out, rows, H, I, xf, gu, h);
+                       (const float *)x, xrows, (float *)out, rows, H, I, xf, gu, h);
     else if (dtype == 1)
         experts<uint16_t>(n, (const uint16_t *const *)w13, (const uint16_t *const *)w2, starts, counts,
-                          (const uint16_t *)x, (uint16_t *)out, rows, H, I, xf, gu, h);
+                          (const uint16_t *)x, xrows, (uint16_t *)out, rows, H, I, xf, gu, h);
     else
         return 2;
     return 0;

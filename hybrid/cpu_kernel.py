@@ -70,7 +70,7 @@ def load() -> ctypes.CDLL:
     except OSError as e:
         raise KernelUnavailable(f"cannot load {path}: {e}") from None
     P = ctypes.c_void_p
-    lib.moe_cpu_experts.argtypes = [ctypes.c_int, ctypes.c_int, P, P, P, P, P, P, ctypes.c_int, ctypes.c_int,
+    lib.moe_cpu_experts.argtypes = [ctypes.c_int, ctypes.c_int, P, P, P, P, P, P, P, ctypes.c_int, ctypes.c_int,
                                     ctypes.c_int, P, P, P]
     lib.moe_cpu_experts.restype = ctypes.c_int
     lib.moe_cpu_threads.restype = ctypes.c_int

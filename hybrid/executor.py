@@ -15,6 +15,7 @@ from .config import ModelConfig
 from .expert_cache import ExpertCache
 from .expert_store import ExpertStore
 from .experts import grouped_ffn
+from .cpu_experts import pointer_table
 from .lanes import CopyLane, CpuLane, PinnedBuffer
 from .layer_graph import LayerGraph, combine
 from .layer_layout import layer_layout
@@ -34,6 +35,7 @@ class OffloadedExperts:
         self.device, self.copy, self.cpu = device, CopyLane(device), cpu_lane
         self.prefetcher, self.decode_tokens = prefetcher, decode_tokens
         pin = device.type == "cuda"
+        self.ptrs = {layer: pointer_table(views) for layer, views in store.views.items()}
         self.host_x = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
         self.host_in = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
         self.host_out = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
@@ -221,9 +223,12 @@ class OffloadedExperts:
 
     def _pinned(self, *parts) -> torch.Tensor:
         """The parts (arrays or ints) back to back in pinned host memory, as int32."""
-        values = np.concatenate([np.atleast_1d(v) for v in parts])
-        buf = self.index_buf.rows(values.shape[0])[:, 0]
-        buf.numpy()[:] = values
+        sizes = [v.shape[0] if isinstance(v, np.ndarray) else 1 for v in parts]
+        buf, arr = self.index_buf.vector(sum(sizes))
+        pos = 0
+        for v, n in zip(parts, sizes):
+            arr[pos:pos + n] = v
+            pos += n
         return buf
 
     def _upload(self, lay) -> torch.Tensor:
@@ -255,16 +260,14 @@ class OffloadedExperts:
 
     def _cpu_experts(self, layer: int, lay, xh: torch.Tensor, K: int) -> torch.Tensor:
         """The layer's CPU experts, now, on this thread; input rows come from the host copy of x made at the sync."""
-        rows = torch.from_numpy(lay.perm[lay.cpu_start:] // K).long()                  # [n] token of each row
+        rows = lay.perm[lay.cpu_start:] // K                                              # [n] token of each row
         n = rows.shape[0]
-        xin, out = self.host_in.rows(n), self.host_out.rows(n)
+        out = self.host_out.rows(n)
         self.phases.mark("cpu_start")
         t0 = time.perf_counter()
         self.feedback.note_lag(xh.shape[0], 1000 * (t0 - self.issued))
-        torch.index_select(xh, 0, rows, out=xin)
-        views = [self.store.views[layer][e] for e, _, _ in lay.cpu_segments]
-        self.cpu.run(xin, out, [v[0] for v in views], [v[1] for v in views],
-                        [a for _, a, _ in lay.cpu_segments], [c for _, _, c in lay.cpu_segments])
+        self.cpu.experts.run_rows(xh, rows, out, self.store.views[layer], self.ptrs[layer], lay.cpu_segments,
+                                  self.host_in.rows(n))
         busy = time.perf_counter() - t0
         self.stats.experts.cpu_busy_s += busy
         self.cpu_sample = (xh.shape[0], 1000 * busy, [c for _, _, c in lay.cpu_segments])

@@ -4,6 +4,8 @@ On a CPU compute device the copy lane degenerates to plain synchronous copies (n
 from __future__ import annotations
 
 import os
+
+import numpy as np  # noqa: F401  (PinnedBuffer.vector's annotation)
 import torch
 
 
@@ -77,8 +79,17 @@ class PinnedBuffer:
     def __init__(self, cols: int, dtype: torch.dtype, pin: bool):
         self.cols, self.dtype, self.pin = cols, dtype, pin
         self.buf = torch.empty(0, cols, dtype=dtype)
+        self.flat: dict[int, torch.Tensor] = {}         # n -> the first n elements as a 1-D view (hot path)
 
     def rows(self, n: int) -> torch.Tensor:
         if n > self.buf.shape[0]:
             self.buf = torch.empty(max(n, 2 * self.buf.shape[0]), self.cols, dtype=self.dtype, pin_memory=self.pin)
+            self.flat = {}
         return self.buf[:n]
+
+    def vector(self, n: int) -> tuple[torch.Tensor, "np.ndarray"]:
+        """The first n elements (of a 1-column buffer) as a tensor and as a NumPy array over the same memory."""
+        if n not in self.flat:
+            self.flat[n] = self.rows(n)[:, 0]
+        t = self.flat[n]
+        return t, t.numpy()

@@ -21,21 +21,22 @@ def layer_layout(flat: np.ndarray, counts: np.ndarray, groups: list[list[tuple[i
     """flat [T*K] expert ids; counts [E]; groups: per GPU group a list of (expert, slot); cpu: experts in order."""
     G = len(groups)
     key = np.zeros(counts.shape[0], dtype=np.int64)
-    per_slot = np.zeros((G, n_slots), dtype=np.int64)
-    sizes = []
+    per_slot = np.zeros((G, n_slots), dtype=np.int32)
+    rows, end = [], 0
     for g, members in enumerate(groups):
+        size = 0
         for e, s in members:
+            c = int(counts[e])
             key[e] = g * n_slots + s
-            per_slot[g, s] = counts[e]
-        sizes.append(sum(int(counts[e]) for e, _ in members))
+            per_slot[g, s] = c
+            size += c
+        rows.append((end, end + size))
+        end += size
+    segs, a = [], 0
     for r, e in enumerate(cpu):
         key[e] = G * n_slots + r
+        c = int(counts[e])
+        segs.append((e, a, c))
+        a += c
     perm = np.argsort(key[flat], kind="stable").astype(np.int32)
-    ends = np.cumsum(sizes, dtype=np.int64)
-    rows = [(int(end - n), int(end)) for end, n in zip(ends, sizes)]
-    start = int(ends[-1]) if G else 0
-    segs, a = [], 0
-    for e in cpu:
-        segs.append((e, a, int(counts[e])))
-        a += int(counts[e])
-    return LayerLayout(perm, np.cumsum(per_slot, axis=1).astype(np.int32), rows, start, segs)
+    return LayerLayout(perm, np.cumsum(per_slot, axis=1, dtype=np.int32), rows, end, segs)

@@ -57,3 +57,19 @@ def test_build_is_keyed_and_atomic(tmp_path, monkeypatch):
     assert path.parent == tmp_path / "kernels" and not path.exists()
     cpu_kernel.load()
     assert path.exists() and [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("counts", [[1, 2, 1], [1, 6, 2]])         # 6 > max_tokens: the torch path gathers
+def test_run_rows_reads_inputs_through_the_row_map(counts):
+    import numpy as np
+    from hybrid.cpu_experts import pointer_table
+    _, w13, w2, starts, counts = experts(counts, torch.float32)
+    x = torch.randn(5, 64)                                           # 5 tokens in token order
+    rows = np.random.default_rng(0).integers(0, 5, sum(counts)).astype(np.int64)
+    views = list(zip(w13, w2))
+    segs = [(j, a, c) for j, (a, c) in enumerate(zip(starts, counts))]
+    out, ref = torch.empty(sum(counts), 64), torch.empty(sum(counts), 64)
+    k = CpuExperts("native", max_tokens=4)
+    k.run_rows(x, rows, out, views, pointer_table(views), segs, torch.empty(sum(counts), 64))
+    torch_experts(x[torch.from_numpy(rows)], ref, w13, w2, starts, counts)
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
