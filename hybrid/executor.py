@@ -85,8 +85,9 @@ class OffloadedExperts:
         layer, x, idx = call.layer, call.x, call.idx
         T, K = idx.shape
         pred = call.pred if self.prefetcher else None
-        self._settle()
         self.phases.start(layer)
+        self._settle()
+        self.phases.mark("settled")
         xh = self.host_x.rows(T)
         xh.copy_(x, non_blocking=True)                     # rides along with the sync: the CPU lane's input
         host = (idx if pred is None else torch.cat([idx, pred], dim=1)).cpu().numpy()   # the one sync
@@ -105,12 +106,14 @@ class OffloadedExperts:
         lanes = LaneState(self._backlog_ms(), self.feedback.lag_ms(T), self.feedback.cpu_scale(T), penalty, room)
         plan = self.planner.plan(tokens, self.cache.resident[layer], lanes)
         self.window_ms = plan.predicted_ms
+        self.phases.mark("planned")
         fetch = [(e, self._slot_for(layer, e, tokens)) for e in plan.fetch]
         hits = [(e, self.cache.where[(layer, e)]) for e in plan.hits]
         self.phases.note(n_hit=len(hits), n_fetch=len(fetch), n_cpu=len(plan.cpu))
         if small and len(fetch) <= room:
             self._issue(layer, fetch)
             self.issued = time.perf_counter()
+            self.phases.mark("issued")
             out = self._decode(call, hits, fetch, plan.cpu, flat, counts, xh, host)
         else:
             waves = [fetch[i:i + self.wave] for i in range(0, len(fetch), self.wave)]

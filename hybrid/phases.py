@@ -1,7 +1,7 @@
 """Host timestamps of each offloaded MoE layer's phases, to see what sits on a decode step's critical path.
 
-The executor marks: enter (forward called), routed (routing on the host: the one sync), launched (plan made,
-copies issued, rows laid out), queued (GPU expert work and prefetch queued), cpu_start / cpu_end (the CPU
+The executor marks: enter (forward called), settled (previous layer's bookkeeping done), routed (routing on the
+host: the one sync), planned, issued (copies queued), launched (rows laid out), queued (GPU expert work and prefetch queued), cpu_start / cpu_end (the CPU
 experts) and done (combine queued). Off by default; marks cost ~0.1 us each."""
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import statistics
 import time
 
 SPANS = (("enter", "routed", "wait for routing (GPU: previous layer's experts, attention, router)"),
+         ("enter", "settled", "previous layer's bookkeeping (overlaps the GPU's attention piece)"),
          ("routed", "launched", "plan, copies issued, CPU work handed out"),
+         ("routed", "planned", "plan"),
+         ("planned", "issued", "slots admitted, copies issued"),
+         ("issued", "launched", "rows laid out, waits for in-flight hits queued"),
          ("launched", "queued", "GPU expert groups and prefetch queued"),
          ("queued", "done", "CPU experts, combine queued"),
          ("cpu_start", "cpu_end", "CPU experts"),
