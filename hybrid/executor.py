@@ -45,6 +45,8 @@ class OffloadedExperts:
         self.expert_bytes = store.numel * store.flat.element_size()
         self.stats = RunStats("", 0, 0)
         self.timings: list = []
+        self.events: list = []                 # timing events, reused by every run (begin() rewinds)
+        self.events_used = 0
         self.prefetched: dict[int, set[int]] = {}
         self.predicted: dict[int, set[int]] = {}
         self.phases = PhaseLog()
@@ -61,7 +63,7 @@ class OffloadedExperts:
         model.predict_next = self.prefetcher is not None
 
     def begin(self, stats: RunStats) -> None:
-        self.stats, self.timings = stats, []
+        self.stats, self.timings, self.events_used = stats, [], 0
 
     def end(self, stats: RunStats) -> None:
         self._settle()
@@ -76,7 +78,15 @@ class OffloadedExperts:
             stats.experts.prefetch_recall = self.prefetcher.recall
 
     def _now(self):
-        return self.copy.timing_event() if self.copy.cuda else time.perf_counter()
+        """A timestamp for the layer-time statistics: a timing event from a pool reused across runs, on CUDA."""
+        if not self.copy.cuda:
+            return time.perf_counter()
+        if self.events_used == len(self.events):
+            self.events.append(torch.cuda.Event(enable_timing=True))
+        ev = self.events[self.events_used]
+        self.events_used += 1
+        ev.record()
+        return ev
 
     def forward(self, call) -> torch.Tensor:
         """Critical path only: routing -> plan -> copies issued -> GPU work queued -> CPU experts computed here
@@ -95,7 +105,8 @@ class OffloadedExperts:
         self.phases.mark("routed")
         flat = host[:, :K].reshape(-1)                                                    # [T*K]
         counts = np.bincount(flat, minlength=self.cfg.n_routed_experts)
-        tokens = {int(e): int(counts[e]) for e in np.flatnonzero(counts)}
+        nz = np.flatnonzero(counts)
+        tokens = dict(zip(nz.tolist(), counts[nz].tolist()))
         penalty = 0.0
         if pred is not None:
             c = self.planner.costs

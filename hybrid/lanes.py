@@ -22,13 +22,6 @@ class CopyLane:
         ev.record(stream or torch.cuda.current_stream())
         return ev
 
-    def timing_event(self):
-        if not self.cuda:
-            return None
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
-        return ev
-
     def copy_many(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: list) -> object:
         """dst <- src for each pair, back to back on the copy stream once every event in `after` has fired;
         returns one completion event for all of them."""
