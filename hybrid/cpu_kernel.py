@@ -26,13 +26,12 @@ class KernelUnavailable(RuntimeError):
 
 
 def _cpu_model() -> str:
+    """The first CPU's model name and flags (what -march=native compiles for)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
     except OSError:
-        pass
-    return ""
+        return ""
+    return "\n".join(line for line in lines if line.startswith(("model name", "flags")))
 
 
 def library_path() -> Path:
