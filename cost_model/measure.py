@@ -109,7 +109,7 @@ class Bench:
             views = [self.views(self.host[k[0] + j]) for j in range(experts)]
             t = time.perf_counter()
             self.cpu_run(x, out, [v[0] for v in views], [v[1] for v in views],
-                            [j * n for j in range(experts)], [n] * experts)
+                         [j * n for j in range(experts)], [n] * experts)
             return 1000 * (time.perf_counter() - t)
         one()
         times = [one() for _ in range(reps)]
@@ -170,7 +170,8 @@ def measure(device: torch.device, hidden: int = 2048, inter: int = 1408, dtype: 
     steps.update()
     steps.close()
     return CostModel(fetch_ms=fetch, gpu_ms=Curve.fit(gpu), cpu_ms=Curve.fit(cpu), xfer_ms=Curve.fit(xfer),
-                     layer_overhead_ms=overhead, fingerprint=fingerprint(device, threads or lane.threads, lane.experts.kind),
+                     layer_overhead_ms=overhead,
+                     fingerprint=fingerprint(device, threads or lane.threads, lane.experts.kind),
                      source="calibrated")
 
 

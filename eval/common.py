@@ -18,8 +18,8 @@ DEFAULT_PROMPTS = ROOT / "eval" / "prompts.jsonl"
 
 
 def code_digest() -> str:
-    """SHA-256 over the project's sources (Python, the C++ kernel): names the code that ran even where .git is stale (the device
-    machine gets the working tree with the session's first .git)."""
+    """SHA-256 over the project's sources (Python, the C++ kernel): names the code that ran even where .git is
+    stale (the device machine gets the working tree with the session's first .git)."""
     import hashlib
     h = hashlib.sha256()
     files = sorted(ROOT.glob("*.py"))

@@ -54,7 +54,8 @@ def main() -> None:
         small.cpu()
 
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "stream_context_us": us(in_stream), "copy_128KB_non_blocking_us": us(lambda: dst.copy_(src, non_blocking=True)),
+           "stream_context_us": us(in_stream),
+           "copy_128KB_non_blocking_us": us(lambda: dst.copy_(src, non_blocking=True)),
            "copy_on_side_stream_us": us(copy_side), "event_record_us": us(lambda: ev.record()),
            "new_event_and_record_us": us(lambda: torch.cuda.Event().record()),
            "wait_event_us": us(lambda: torch.cuda.current_stream().wait_event(ev)),

@@ -65,8 +65,9 @@ class CpuExperts:
 
     def run(self, x: torch.Tensor, out: torch.Tensor, w13: list, w2: list, starts: list, counts: list) -> None:
         """x, out: [rows, H]; expert j (weights w13[j] [2I, H], w2[j] [H, I]) owns rows starts[j]..+counts[j]."""
-        small = [j for j, c in enumerate(counts) if self._native_ok(x, w2[0].shape[1], [c])]
-        big = [j for j in range(len(counts)) if j not in small]
+        native = self._native_ok(x, w2[0].shape[1], [1])
+        small = [j for j, c in enumerate(counts) if native and c <= self.max_tokens]
+        big = [j for j, c in enumerate(counts) if not (native and c <= self.max_tokens)]
         if big:
             torch_experts(x, out, [w13[j] for j in big], [w2[j] for j in big], [starts[j] for j in big],
                           [counts[j] for j in big])

@@ -1,8 +1,8 @@
 """Host timestamps of each offloaded MoE layer's phases, to see what sits on a decode step's critical path.
 
 The executor marks: enter (forward called), settled (previous layer's bookkeeping done), routed (routing on the
-host: the one sync), planned, issued (copies queued), launched (rows laid out), queued (GPU expert work and prefetch queued), cpu_start / cpu_end (the CPU
-experts) and done (combine queued). Off by default; marks cost ~0.1 us each."""
+host: the one sync), planned, issued (copies queued), launched (rows laid out), queued (GPU expert work and
+prefetch queued), cpu_start / cpu_end (the CPU experts) and done (combine queued). Off by default; marks cost ~0.1 us each."""
 from __future__ import annotations
 
 import statistics
