@@ -68,7 +68,7 @@ class Bench:
             self.host = self.host.pin_memory()
         self.slot = torch.empty(numel, dtype=dtype, device=device)
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.cpu_run = None             # the runtime's CPU-expert call (CpuLane.run), set by measure()
+        self.cpu_run = None             # the runtime's CPU-expert call (CpuExperts.run), set by measure()
 
     def views(self, buf):
         h, i = self.hidden, self.inter
@@ -150,7 +150,7 @@ def measure(device: torch.device, hidden: int = 2048, inter: int = 1408, dtype: 
     from hybrid.lanes import CpuLane
     lane = CpuLane(threads, device.type == "cuda", kernel)
     bench = Bench(device, hidden, inter, dtype, n_host)
-    bench.cpu_run = lane.run
+    bench.cpu_run = lane.experts.run
     steps = tqdm(total=3 * len(tokens) + 2, desc="calibrating", disable=not progress)
     fetch = bench.fetch_ms()
     steps.update()

@@ -59,20 +59,20 @@ class CpuExperts:
         self.kind = "native" if self.lib is not None else "torch"
         self.scratch = torch.empty(0)
 
-    def _native_ok(self, x: torch.Tensor, inter: int, counts) -> bool:
-        return (self.lib is not None and x.dtype in DTYPES and x.shape[1] % 16 == 0 and inter % 16 == 0
-                and max(counts) <= self.max_tokens)
+    def _fits(self, x: torch.Tensor, inter: int) -> bool:
+        """Whether the native kernel takes this dtype and these sizes at all."""
+        return self.lib is not None and x.dtype in DTYPES and x.shape[1] % 16 == 0 and inter % 16 == 0
 
     def run(self, x: torch.Tensor, out: torch.Tensor, w13: list, w2: list, starts: list, counts: list) -> None:
         """x, out: [rows, H]; expert j (weights w13[j] [2I, H], w2[j] [H, I]) owns rows starts[j]..+counts[j]."""
-        native = self._native_ok(x, w2[0].shape[1], [1])
-        small = [j for j, c in enumerate(counts) if native and c <= self.max_tokens]
-        big = [j for j, c in enumerate(counts) if not (native and c <= self.max_tokens)]
+        limit = self.max_tokens if self._fits(x, w2[0].shape[1]) else 0
+        small = [j for j, c in enumerate(counts) if c <= limit]
+        big = [j for j, c in enumerate(counts) if c > limit]
         if big:
             torch_experts(x, out, [w13[j] for j in big], [w2[j] for j in big], [starts[j] for j in big],
                           [counts[j] for j in big])
         if small:
-            ptrs = np.array([[w13[j].data_ptr(), w2[j].data_ptr()] for j in small], dtype=np.int64)
+            ptrs = pointer_table([(w13[j], w2[j]) for j in small])
             self._native(x, None, out, ptrs, [starts[j] for j in small], [counts[j] for j in small],
                          w2[0].shape[1])
 
@@ -83,7 +83,7 @@ class CpuExperts:
         ptrs = pointer_table(views). The native kernel reads x through rows; torch gathers into `gather` first."""
         experts, starts, counts = zip(*segments)
         inter = views[0][1].shape[1]
-        if self._native_ok(x, inter, counts):
+        if self._fits(x, inter) and max(counts) <= self.max_tokens:
             self._native(x, rows, out, ptrs[list(experts)], starts, counts, inter)
             return
         xin = gather[:rows.shape[0]]

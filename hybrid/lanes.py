@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-import numpy as np  # noqa: F401  (PinnedBuffer.vector's annotation)
+import numpy as np
 import torch
 
 
@@ -62,8 +62,7 @@ class CpuLane:
         if threads or cuda:
             torch.set_num_threads(threads or default_threads())
         self.threads = torch.get_num_threads()
-        self.experts = CpuExperts(kernel)
-        self.run = self.experts.run         # run(x, out, w13s, w2s, starts, counts): a layer's CPU experts
+        self.experts = CpuExperts(kernel)   # experts.run(x, out, w13s, w2s, starts, counts): a layer's CPU experts
 
 
 class PinnedBuffer:
@@ -80,7 +79,7 @@ class PinnedBuffer:
             self.flat = {}
         return self.buf[:n]
 
-    def vector(self, n: int) -> tuple[torch.Tensor, "np.ndarray"]:
+    def vector(self, n: int) -> tuple[torch.Tensor, np.ndarray]:
         """The first n elements (of a 1-column buffer) as a tensor and as a NumPy array over the same memory."""
         if n not in self.flat:
             self.flat[n] = self.rows(n)[:, 0]
