@@ -119,8 +119,8 @@ class MLAttention:
         else:
             cache.c[self.i].index_copy_(1, st.write_index, c)
             cache.pe[self.i].index_copy_(1, st.write_index, k_pe)
-        kc = cache.c[self.i, :, :st.kv_len].unsqueeze(1)                                 # [B, 1, S, C]
-        kpe = cache.pe[self.i, :, :st.kv_len].unsqueeze(1)                               # [B, 1, S, R]
+        kc = cache.c[self.i, :, :st.kv_len]                                              # [B, S, C]
+        kpe = cache.pe[self.i, :, :st.kv_len]                                            # [B, S, R]
         q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, self.w_uk)                         # [B, H, T, C]
         q_pe = q_pe.transpose(1, 2)                                                      # [B, H, T, R]
         block = max(1, ATTN_SCORE_ELEMS // (B * H * st.kv_len))
@@ -130,10 +130,17 @@ class MLAttention:
         return F.linear(o, self.o_proj)
 
     def _attend(self, q_lat, q_pe, kc, kpe, mask) -> torch.Tensor:
-        """One block of queries against the latent cache -> [B, H, t, C]."""
-        scores = q_lat @ kc.transpose(-1, -2) + q_pe @ kpe.transpose(-1, -2)             # [B, H, t, S]
-        probs = torch.softmax(scores.float() * self.cfg.softmax_scale + mask, dim=-1).to(kc.dtype)
-        return probs @ kc
+        """One block of queries [B, H, t, C|R] against the latent cache kc [B, S, C], kpe [B, S, R] -> [B, H, t, C].
+
+        Every head reads the same latent keys, so heads fold into the rows of one batched GEMM per sequence
+        (a broadcast over heads would materialise the cache once per head)."""
+        B, H, t, C = q_lat.shape
+        S = kc.shape[1]
+        ql = q_lat.reshape(B, H * t, C)                                                   # [B, H*t, C]
+        qp = q_pe.reshape(B, H * t, -1)                                                   # [B, H*t, R]
+        scores = torch.baddbmm(ql @ kc.transpose(1, 2), qp, kpe.transpose(1, 2))         # [B, H*t, S]
+        probs = torch.softmax(scores.view(B, H, t, S).float() * self.cfg.softmax_scale + mask, dim=-1)
+        return (probs.to(kc.dtype).view(B, H * t, S) @ kc).view(B, H, t, C)
 
 
 class MoE:
