@@ -145,10 +145,10 @@ class Bench:
 
 def measure(device: torch.device, hidden: int = 2048, inter: int = 1408, dtype: torch.dtype = torch.bfloat16,
             threads: int | None = None, tokens=TOKENS, n_host: int = 96, progress: bool = True,
-            kernel: str = "auto") -> CostModel:
+            kernel: str = "auto", pool: bool = True) -> CostModel:
     """Run every microbenchmark and fit the curves; CPU experts run with the thread setting the runtime uses."""
     from hybrid.lanes import CpuLane
-    lane = CpuLane(threads, device.type == "cuda", kernel)
+    lane = CpuLane(threads, device.type == "cuda", kernel, pool)
     bench = Bench(device, hidden, inter, dtype, n_host)
     bench.cpu_run = lane.experts.run
     steps = tqdm(total=3 * len(tokens) + 2, desc="calibrating", disable=not progress)
@@ -171,7 +171,7 @@ def measure(device: torch.device, hidden: int = 2048, inter: int = 1408, dtype: 
     steps.close()
     return CostModel(fetch_ms=fetch, gpu_ms=Curve.fit(gpu), cpu_ms=Curve.fit(cpu), xfer_ms=Curve.fit(xfer),
                      layer_overhead_ms=overhead,
-                     fingerprint=fingerprint(device, threads or lane.threads, lane.experts.kind),
+                     fingerprint=fingerprint(device, threads or lane.threads, lane.experts.label),
                      source="calibrated")
 
 

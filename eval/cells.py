@@ -26,7 +26,8 @@ def make_engine(a, mode: str, batch: int, seq: int) -> Engine:
     run = RunConfig(device="cuda" if cuda else "cpu", dtype="bfloat16" if cuda else "float32", mode=mode,
                     prefetch=prefetch or "none", gpu_memory=a.gpu_memory if cuda and mode != "gpu" else None,
                     cache_policy=a.cache_policy, max_batch_size=batch, max_seq_len=seq,
-                    cpu_kernel=os.environ.get("HYBRID_CPU_KERNEL", "auto"))
+                    cpu_kernel=os.environ.get("HYBRID_CPU_KERNEL", "auto"),
+                    cpu_pool=os.environ.get("HYBRID_CPU_POOL", "on") == "on")
     return Engine(a.model, run, progress=False)
 
 
@@ -36,7 +37,7 @@ def cell(e: Engine, mode: str, prompts: list[list[int]], new: int) -> dict:
     row = {**s.summary(), "mode": mode}
     lane = getattr(e.backend, "cpu", None)
     if lane is not None:
-        row["cpu_kernel"] = lane.experts.kind
+        row["cpu_kernel"] = lane.experts.label
     row["_tokens"] = out.tokens
     return row
 

@@ -47,7 +47,7 @@ def main() -> None:
     step_ms = 1000 * statistics.mean(out.stats.step_s)
     moe_ms = sum(1000 * (r["done"] - r["enter"]) for r in rows) / max(1, len(out.stats.step_s) + 1)
     report = {**meta(), "mode": a.mode, "prefetch": a.prefetch, "batch_size": a.batch_size,
-              "cpu_kernel": engine.backend.cpu.experts.kind if hasattr(engine.backend, "cpu") else None,
+              "cpu_kernel": engine.backend.cpu.experts.label if hasattr(engine.backend, "cpu") else None,
               "step_ms": step_ms, "moe_layers_ms_per_step": moe_ms,
               "between_layers_ms": between_layers_ms(rows), "process_threads": len(os.listdir("/proc/self/task")), "phases": summary, "stats": out.stats.summary(),
               "mean_counts": {k: statistics.mean(r.get(k, 0) for r in rows) for k in ("n_hit", "n_fetch", "n_cpu")}}

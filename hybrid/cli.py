@@ -52,6 +52,9 @@ def engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cpu-kernel", default=os.environ.get("HYBRID_CPU_KERNEL", "auto"),
                     choices=["auto", "native", "torch"],
                     help="CPU experts: native kernel (built on first use) | torch | auto (native if it builds)")
+    ap.add_argument("--cpu-pool", default=os.environ.get("HYBRID_CPU_POOL", "on"), choices=["on", "off"],
+                    help="native CPU kernel on its own thread pool, started before the layer's GPU work is queued "
+                         "(off: on torch's OpenMP team after it)")
     ap.add_argument("--costs", help="calibration JSON (default: this machine's, from calibrate.py)")
 
 
@@ -59,7 +62,8 @@ def run_config(a: argparse.Namespace) -> RunConfig:
     dtype = a.dtype or ("bfloat16" if str(a.device).startswith("cuda") else "float32")
     return RunConfig(device=a.device, dtype=dtype, mode=a.mode, gpu_memory=a.gpu_memory,
                      cache_policy=a.cache_policy, prefetch=a.prefetch, max_batch_size=a.batch_size,
-                     max_seq_len=a.max_seq_len, cpu_threads=a.cpu_threads, cpu_kernel=a.cpu_kernel, costs_path=a.costs,
+                     max_seq_len=a.max_seq_len, cpu_threads=a.cpu_threads, cpu_kernel=a.cpu_kernel,
+                     cpu_pool=a.cpu_pool == "on", costs_path=a.costs,
                      predictor_path=a.predictors, lookahead=a.lookahead)
 
 

@@ -135,6 +135,7 @@ class RunConfig:
     cache_slots: int | None = None        # cap on GPU expert-cache slots (None: all the budget allows)
     cpu_threads: int | None = None        # CPU expert threads; None = all cores but the copy-issuing one
     cpu_kernel: str = "auto"              # CPU experts: native (built kernel) | torch | auto (native if it builds)
+    cpu_pool: bool = True                 # native kernel on its own thread pool, started before the GPU work is queued
     costs_path: str | None = None         # calibration JSON; None = the default location
     static_decode: bool = True            # decode from static buffers over the whole cache (graph-ready)
     cuda_graphs: bool = True              # on CUDA, replay static decode steps from captured graphs

@@ -43,9 +43,12 @@ class CpuExperts:
     """A layer's CPU experts in one call: out[s:s+c] = expert_j(x[s:s+c]) for each expert j.
 
     kind: "native" (the kernel for experts of <= max_tokens tokens; an error if it cannot be built), "torch", or
-    "auto" (native where it builds, else torch, with the reason in `why`)."""
+    "auto" (native where it builds, else torch, with the reason in `why`). With pool_threads > 0 the native
+    kernel runs on the library's own thread pool: `start_rows` returns at once and `wait` collects the result,
+    so the caller can queue GPU work meanwhile; idle pool threads spin `spin_us` before they sleep."""
 
-    def __init__(self, kind: str = "auto", max_tokens: int = NATIVE_MAX_TOKENS):
+    def __init__(self, kind: str = "auto", max_tokens: int = NATIVE_MAX_TOKENS, pool_threads: int = 0,
+                 spin_us: int = 0):
         if kind not in KINDS:
             raise ValueError(f"unknown CPU expert kernel {kind!r}: choose one of {', '.join(KINDS)}")
         self.lib, self.why, self.max_tokens = None, "", max_tokens
@@ -57,7 +60,11 @@ class CpuExperts:
                     raise
                 self.why = str(e)
         self.kind = "native" if self.lib is not None else "torch"
+        self.pool_threads = pool_threads if self.lib is not None else 0
+        self.spin_ns = 1000 * spin_us
+        self.label = self.kind + ("+pool" if self.pool_threads else "")   # what calibration is keyed by
         self.scratch = torch.empty(0)
+        self.pending: tuple | None = None       # the started job's arguments, alive until `wait`
 
     def _fits(self, x: torch.Tensor, inter: int) -> bool:
         """Whether the native kernel takes this dtype and these sizes at all."""
@@ -91,7 +98,29 @@ class CpuExperts:
         self.run(xin, out, [views[e][0] for e in experts], [views[e][1] for e in experts], list(starts),
                  list(counts))
 
-    def _native(self, x, rows, out, ptrs: np.ndarray, starts, counts, inter: int) -> None:
+    def start_rows(self, x: torch.Tensor, rows: np.ndarray, out: torch.Tensor, views: list, ptrs: np.ndarray,
+                   segments: list[tuple[int, int, int]]) -> bool:
+        """`run_rows` on the pool, returning at once: True if started (then `wait` before reading out or
+        starting another), False if this call does not fit the pool (no pool, too many tokens, dtype)."""
+        experts, starts, counts = zip(*segments)
+        inter = views[0][1].shape[1]
+        if not self.pool_threads or max(counts) > self.max_tokens or not self._fits(x, inter):
+            return False
+        self.pending = self._args(x, rows, out, ptrs[list(experts)], starts, counts, inter)
+        err = self.lib.moe_pool_start(self.pool_threads, self.spin_ns, *self.pending[0])
+        if err:
+            self.pending = None
+            raise RuntimeError(f"native CPU expert kernel refused its input (code {err})")
+        return True
+
+    def wait(self) -> float:
+        """Block until the started job is done; -> its time on the pool in ms."""
+        ns = self.lib.moe_pool_wait()
+        self.pending = None
+        return ns / 1e6
+
+    def _args(self, x, rows, out, ptrs: np.ndarray, starts, counts, inter: int) -> tuple:
+        """(ctypes arguments of moe_cpu_experts, the arrays they point into)."""
         n_rows, H = out.shape[0], x.shape[1]
         need = n_rows * (H + 3 * inter)
         if self.scratch.numel() < need:
@@ -101,9 +130,18 @@ class CpuExperts:
         w13p, w2p = np.ascontiguousarray(ptrs[:, 0]), np.ascontiguousarray(ptrs[:, 1])
         st, ct = np.asarray(starts, dtype=np.int32), np.asarray(counts, dtype=np.int32)
         xr = None if rows is None else np.ascontiguousarray(rows, dtype=np.int32)
-        err = self.lib.moe_cpu_experts(
-            DTYPES[x.dtype], len(ct), w13p.ctypes.data, w2p.ctypes.data, st.ctypes.data, ct.ctypes.data,
-            x.data_ptr(), None if xr is None else xr.ctypes.data, out.data_ptr(), n_rows, H, inter,
-            base, base + n_rows * H * f, base + n_rows * (H + 2 * inter) * f)
+        args = (DTYPES[x.dtype], len(ct), w13p.ctypes.data, w2p.ctypes.data, st.ctypes.data, ct.ctypes.data,
+                x.data_ptr(), None if xr is None else xr.ctypes.data, out.data_ptr(), n_rows, H, inter,
+                base, base + n_rows * H * f, base + n_rows * (H + 2 * inter) * f)
+        return args, (w13p, w2p, st, ct, xr, x, out, self.scratch)
+
+    def _native(self, x, rows, out, ptrs: np.ndarray, starts, counts, inter: int) -> None:
+        args, _keep = self._args(x, rows, out, ptrs, starts, counts, inter)
+        if self.pool_threads:
+            err = self.lib.moe_pool_start(self.pool_threads, self.spin_ns, *args)
+            if not err:
+                self.lib.moe_pool_wait()
+        else:
+            err = self.lib.moe_cpu_experts(*args)
         if err:
             raise RuntimeError(f"native CPU expert kernel refused its input (code {err})")

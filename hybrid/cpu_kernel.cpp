@@ -5,12 +5,18 @@
 // intermediate values are rounded to bf16 where torch's bf16 path rounds them (after each linear, after silu, after
 // the product), so the result is torch's up to the order of the sums.
 //
-// Threads: the calling thread's OpenMP team. Built with -fopenmp and loaded after torch, this library binds to the
-// libgomp torch already loaded, so it reuses torch's worker threads (torch.set_num_threads) instead of a second team.
+// Threads, two ways: moe_cpu_experts uses the calling thread's OpenMP team (built with -fopenmp and loaded after
+// torch, the library binds to the libgomp torch loaded, so that is torch's team); moe_pool_start hands the same
+// work to a pool of the library's own threads and returns at once (the runtime queues GPU work meanwhile).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <omp.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+#include <version>
 
 namespace {
 
@@ -104,33 +110,55 @@ inline void split(long r, int rows, int &j, int &i) {
 inline float to_f32(float f) { return f; }
 inline float to_f32(uint16_t h) { return from_bf16(h); }
 
+struct Job {                                  // one call's arguments (see moe_cpu_experts)
+    int dtype, n;
+    const void *const *w13, *const *w2;
+    const int *starts, *counts;
+    const void *x;
+    const int *xrows;
+    void *out;
+    int rows, H, I;
+    float *xf, *gu, *h;
+
+    long size(int phase) const {              // work items of each of the four phases
+        switch (phase) {
+            case 0: return rows;                  // input rows widened to fp32
+            case 1: return (long)n * 2 * I;       // gate and up rows of every expert
+            case 2: return (long)rows * I;        // silu(gate) * up
+            default: return (long)n * H;          // down rows of every expert
+        }
+    }
+};
+
+// Items [lo, hi) of one phase. xf [rows, H]: input as fp32; gu [rows, 2I]: gate | up; h [rows, I]: silu(gate) * up.
 template <typename W>
-void experts(int n, const W *const *w13, const W *const *w2, const int *starts, const int *counts,
-             const W *x, const int *xrows, W *out, int rows, int H, int I, float *xf, float *gu, float *h) {
-    // xf [rows, H]: input as fp32; gu [rows, 2I]: gate | up; h [rows, I]: silu(gate) * up, as rounded values.
-#pragma omp parallel
-    {
-#pragma omp for schedule(static)
-        for (int r = 0; r < rows; r++) {
-            const W *src = x + (size_t)(xrows ? xrows[r] : r) * H;
+void run_phase(const Job &jb, int phase, long lo, long hi) {
+    const int H = jb.H, I = jb.I;
+    const W *const *w13 = (const W *const *)jb.w13, *const *w2 = (const W *const *)jb.w2;
+    const int *starts = jb.starts, *counts = jb.counts;
+    float *xf = jb.xf, *gu = jb.gu, *h = jb.h;
+    if (phase == 0) {
+        for (long r = lo; r < hi; r++) {
+            const W *src = (const W *)jb.x + (size_t)(jb.xrows ? jb.xrows[r] : r) * H;
             for (int c = 0; c < H; c++) xf[(size_t)r * H + c] = to_f32(src[c]);
         }
-#pragma omp for schedule(static)
-        for (long r = 0; r < (long)n * 2 * I; r++) {          // every expert's gate and up rows, split evenly
+    } else if (phase == 1) {
+        for (long r = lo; r < hi; r++) {
             int j, i;
             split(r, 2 * I, j, i);
             row_all_tokens(w13[j] + (size_t)i * H, xf + (size_t)starts[j] * H, H, counts[j],
                            gu + (size_t)starts[j] * 2 * I + i, 2 * I);
         }
-#pragma omp for schedule(static)
-        for (long r = 0; r < (long)rows * I; r++) {
+    } else if (phase == 2) {
+        for (long r = lo; r < hi; r++) {
             long t = r / I, i = r % I;
             float g = round_as<W>(gu[t * 2 * I + i]), u = round_as<W>(gu[t * 2 * I + I + i]);
             float s = round_as<W>(g / (1.f + std::exp(-g)));
             h[r] = round_as<W>(s * u);
         }
-#pragma omp for schedule(static)
-        for (long r = 0; r < (long)n * H; r++) {              // every expert's down rows
+    } else {
+        W *out = (W *)jb.out;
+        for (long r = lo; r < hi; r++) {
             int j, o;
             split(r, H, j, o);
             float y[64];
@@ -143,6 +171,107 @@ void experts(int n, const W *const *w13, const W *const *w2, const int *starts, 
     }
 }
 
+// Member `part` of `parts` runs its static share of every phase, calling sync() between phases.
+template <typename Sync>
+void run_share(const Job &jb, int part, int parts, Sync sync) {
+    for (int phase = 0; phase < 4; phase++) {
+        long n = jb.size(phase), lo = n * part / parts, hi = n * (part + 1) / parts;
+        if (jb.dtype == 0) run_phase<float>(jb, phase, lo, hi);
+        else run_phase<uint16_t>(jb, phase, lo, hi);
+        if (phase < 3) sync();
+    }
+}
+
+inline void relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+
+inline long now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// A team of threads of its own, outside OpenMP and Python: `start` hands it a job and returns at once, so the
+// calling thread can go on queueing GPU work; `wait` spins until the job is done. Idle members spin for
+// `spin_ns` after a job (the next layer's job comes within ~1 ms at decode), then sleep until woken.
+class Pool {
+  public:
+    Pool(int n, long spin_ns) : n_(n), spin_ns_(spin_ns) {
+        for (int i = 0; i < n; i++) std::thread([this, i] { loop(i); }).detach();   // never joined: lives
+    }                                                                               // as long as the process
+    int size() const { return n_; }
+
+    void start(const Job &job) {
+        job_ = job;
+        t0_ = now_ns();
+        left_.store(n_, std::memory_order_relaxed);
+        unsigned g = gen_.fetch_add(1, std::memory_order_release) + 1;
+        mine_ = g;
+#if defined(__cpp_lib_atomic_wait)
+        gen_.notify_all();
+#endif
+    }
+
+    long wait() const {                       // -> ns from start to the last member's end
+        for (long k = 1; finished_.load(std::memory_order_acquire) != mine_; k++) {
+            relax();
+            if (k % 4096 == 0) std::this_thread::yield();
+        }
+        return end_ns_ - t0_;
+    }
+
+  private:
+    void sleep_until_new(unsigned seen) {
+        long t = now_ns();
+        for (long k = 1; gen_.load(std::memory_order_acquire) == seen; k++) {
+            relax();
+            if (k % 256 == 0 && now_ns() - t > spin_ns_) {
+#if defined(__cpp_lib_atomic_wait)
+                gen_.wait(seen, std::memory_order_acquire);
+#else
+                std::this_thread::sleep_for(std::chrono::microseconds(20));
+#endif
+            }
+        }
+    }
+
+    void barrier() {
+        unsigned round = round_.load(std::memory_order_acquire);
+        if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+            arrived_.store(0, std::memory_order_relaxed);
+            round_.fetch_add(1, std::memory_order_release);
+        } else {
+            while (round_.load(std::memory_order_acquire) == round) relax();
+        }
+    }
+
+    void loop(int i) {
+        for (unsigned seen = 0;;) {
+            sleep_until_new(seen);
+            seen = gen_.load(std::memory_order_acquire);
+            run_share(job_, i, n_, [this] { barrier(); });
+            if (left_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+                end_ns_ = now_ns();
+                finished_.store(seen, std::memory_order_release);
+            }
+        }
+    }
+
+    const int n_;
+    const long spin_ns_;
+    Job job_{};
+    long t0_ = 0, end_ns_ = 0;
+    unsigned mine_ = 0;
+    std::atomic<unsigned> gen_{0}, finished_{0}, round_{0};
+    std::atomic<int> left_{0}, arrived_{0};
+};
+
+Pool *pool = nullptr;
+
 }  // namespace
 
 extern "C" {
@@ -154,16 +283,31 @@ int moe_cpu_experts(int dtype, int n, const void *const *w13, const void *const 
                     const int *counts, const void *x, const int *xrows, void *out, int rows, int H, int I,
                     float *xf, float *gu, float *h) {
     if (H % 16 || I % 16) return 1;
-    if (dtype == 0)
-        experts<float>(n, (const float *const *)w13, (const float *const *)w2, starts, counts,
-                       (const float *)x, xrows, (float *)out, rows, H, I, xf, gu, h);
-    else if (dtype == 1)
-        experts<uint16_t>(n, (const uint16_t *const *)w13, (const uint16_t *const *)w2, starts, counts,
-                          (const uint16_t *)x, xrows, (uint16_t *)out, rows, H, I, xf, gu, h);
-    else
-        return 2;
+    if (dtype != 0 && dtype != 1) return 2;
+    const Job jb{dtype, n, w13, w2, starts, counts, x, xrows, out, rows, H, I, xf, gu, h};
+#pragma omp parallel
+    run_share(jb, omp_get_thread_num(), omp_get_num_threads(), [] {
+#pragma omp barrier
+    });
     return 0;
 }
+
+// The same work on the library's own thread pool (created by the first call with `threads` members), returning
+// at once; moe_pool_wait() blocks until it is done. One job at a time; its buffers must outlive the wait.
+int moe_pool_start(int threads, long spin_ns, int dtype, int n, const void *const *w13, const void *const *w2,
+                   const int *starts, const int *counts, const void *x, const int *xrows, void *out, int rows,
+                   int H, int I, float *xf, float *gu, float *h) {
+    if (H % 16 || I % 16) return 1;
+    if (dtype != 0 && dtype != 1) return 2;
+    if (threads < 1) return 3;
+    if (pool == nullptr) pool = new Pool(threads, spin_ns);
+    pool->start(Job{dtype, n, w13, w2, starts, counts, x, xrows, out, rows, H, I, xf, gu, h});
+    return 0;
+}
+
+long moe_pool_wait(void) { return pool == nullptr ? 0 : pool->wait(); }
+
+int moe_pool_threads(void) { return pool == nullptr ? 0 : pool->size(); }
 
 int moe_cpu_threads(void) { return omp_get_max_threads(); }
 

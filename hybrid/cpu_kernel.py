@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-Wno-psabi"]
+FLAGS = ["-O3", "-march=native", "-std=c++20", "-fopenmp", "-pthread", "-shared", "-fPIC", "-Wno-psabi"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -72,6 +72,10 @@ def load() -> ctypes.CDLL:
     lib.moe_cpu_experts.argtypes = [ctypes.c_int, ctypes.c_int, P, P, P, P, P, P, P, ctypes.c_int, ctypes.c_int,
                                     ctypes.c_int, P, P, P]
     lib.moe_cpu_experts.restype = ctypes.c_int
+    lib.moe_pool_start.argtypes = [ctypes.c_int, ctypes.c_long] + lib.moe_cpu_experts.argtypes
+    lib.moe_pool_start.restype = ctypes.c_int
+    lib.moe_pool_wait.restype = ctypes.c_long
+    lib.moe_pool_threads.restype = ctypes.c_int
     lib.moe_cpu_threads.restype = ctypes.c_int
     return lib
 

@@ -18,7 +18,7 @@ from .experts import grouped_ffn
 from .cpu_experts import pointer_table
 from .lanes import CopyLane, CpuLane, PinnedBuffer
 from .layer_graph import LayerGraph, combine
-from .layer_layout import layer_layout
+from .layer_layout import cpu_rows, layer_layout
 from .phases import PhaseLog
 from .prefetch import Prefetcher
 from .lane_feedback import LaneFeedback
@@ -118,6 +118,7 @@ class OffloadedExperts:
         plan = self.planner.plan(tokens, self.cache.resident[layer], lanes)
         self.window_ms = plan.predicted_ms
         self.phases.mark("planned")
+        job = self._start_cpu(layer, plan.cpu, flat, counts, xh, K)
         fetch = [(e, self._slot_for(layer, e, tokens)) for e in plan.fetch]
         hits = [(e, self.cache.where[(layer, e)]) for e in plan.hits]
         self.phases.note(n_hit=len(hits), n_fetch=len(fetch), n_cpu=len(plan.cpu))
@@ -125,19 +126,19 @@ class OffloadedExperts:
             self._issue(layer, fetch)
             self.issued = time.perf_counter()
             self.phases.mark("issued")
-            out = self._decode(call, hits, fetch, plan.cpu, flat, counts, xh, host)
+            out = self._decode(call, hits, fetch, plan.cpu, flat, counts, xh, host, job)
         else:
             waves = [fetch[i:i + self.wave] for i in range(0, len(fetch), self.wave)]
             for wave in waves[:2]:
                 self._issue(layer, wave)
             self.issued = time.perf_counter()
-            out = self._grouped(call, hits, waves, plan.cpu, flat, counts, xh, host)
+            out = self._grouped(call, hits, waves, plan.cpu, flat, counts, xh, host, job)
         self.timings.append((start, self._now(), plan.predicted_ms))
         self.phases.mark("done")
         self.deferred = (layer, tokens, plan, len(fetch))
         return out
 
-    def _decode(self, call, hits, fetch, cpu, flat, counts, xh, host) -> torch.Tensor:
+    def _decode(self, call, hits, fetch, cpu, flat, counts, xh, host, job) -> torch.Tensor:
         """Hits at once, fetched experts behind their copies, CPU experts here meanwhile: three fixed-shape
         pieces (replayed from CUDA graphs at decode)."""
         lay = layer_layout(flat, counts, [hits, fetch], cpu, self.cache.slots.shape[0])
@@ -149,7 +150,7 @@ class OffloadedExperts:
         self._wait_ready(fetch)
         ys = graph.fetched(bool(fetch))
         self._mark_free(hits + fetch)
-        self._prefetch_then_cpu(call, host, lay, xh, ys)
+        self._prefetch_then_cpu(call, host, lay, xh, ys, job)
         return graph.post()
 
     def _layer_graph(self, call) -> LayerGraph:
@@ -159,7 +160,7 @@ class OffloadedExperts:
             self.graphs[id(call)] = LayerGraph(call, self.w13_all, self.w2_all, capture=True, pool=self.pool)
         return self.graphs[id(call)]
 
-    def _grouped(self, call, hits, waves, cpu, flat, counts, xh, host) -> torch.Tensor:
+    def _grouped(self, call, hits, waves, cpu, flat, counts, xh, host, job) -> torch.Tensor:
         """The general case (prefill, large batches): hits, then one grouped GEMM per wave of fetches."""
         x, T, K = call.x, *call.idx.shape
         lay = layer_layout(flat, counts, [hits] + waves, cpu, self.cache.slots.shape[0])
@@ -172,17 +173,19 @@ class OffloadedExperts:
         self.phases.mark("launched")
         self._gpu_groups(call.layer, hits, waves, lay.rows, offs, xs, ys)
         wsort = call.w.reshape(-1)[perm].unsqueeze(1)                                     # [T*K, 1]
-        self._prefetch_then_cpu(call, host, lay, xh, ys)
+        self._prefetch_then_cpu(call, host, lay, xh, ys, job)
         return combine(x, tok, ys, wsort)
 
-    def _prefetch_then_cpu(self, call, host, lay, xh: torch.Tensor, ys: torch.Tensor) -> None:
-        """Once the GPU side is queued: the next layer's prefetch copies, then this layer's CPU experts into ys."""
+    def _prefetch_then_cpu(self, call, host, lay, xh: torch.Tensor, ys: torch.Tensor, job) -> None:
+        """Once the GPU side is queued: the next layer's prefetch copies, then this layer's CPU experts into ys
+        (collected from the pool if `job` started them there, else computed now)."""
         K = call.idx.shape[1]
         if self.prefetcher and call.pred is not None:
             self._prefetch(call.layer, host[:, K:])
         self.phases.mark("queued")
         if lay.cpu_segments:
-            ys[lay.cpu_start:].copy_(self._cpu_experts(call.layer, lay, xh, K), non_blocking=True)
+            out = self._finish_cpu(job, xh.shape[0]) if job else self._cpu_experts(call.layer, lay, xh, K)
+            ys[lay.cpu_start:].copy_(out, non_blocking=True)
         else:
             self.feedback.note_lag(xh.shape[0], None)
 
@@ -271,6 +274,28 @@ class OffloadedExperts:
             self._mark_free(wave)
             if i + 2 < len(waves):
                 self._issue(layer, waves[i + 2])
+
+    def _start_cpu(self, layer: int, cpu: list[int], flat, counts, xh: torch.Tensor, K: int):
+        """Hand the layer's CPU experts to the pool now, before any copy or GPU work is queued; -> what
+        `_finish_cpu` needs, or None where they do not fit the pool (then `_cpu_experts` runs them later)."""
+        if not cpu or not self.cpu.experts.pool_threads:
+            return None
+        rows, segs = cpu_rows(flat, K, counts, cpu)
+        out = self.host_out.rows(rows.shape[0])
+        t0 = time.perf_counter()
+        if not self.cpu.experts.start_rows(xh, rows, out, self.store.views[layer], self.ptrs[layer], segs):
+            return None
+        self.phases.mark("cpu_start")
+        return out, t0, segs
+
+    def _finish_cpu(self, job, T: int) -> torch.Tensor:
+        out, t0, segs = job
+        self.feedback.note_lag(T, 1000 * (t0 - self.issued))     # < 0: the CPU lane starts before the copies
+        ms = self.cpu.experts.wait()
+        self.stats.experts.cpu_busy_s += ms / 1000
+        self.cpu_sample = (T, ms, [c for _, _, c in segs])
+        self.phases.mark("cpu_end")
+        return out
 
     def _cpu_experts(self, layer: int, lay, xh: torch.Tensor, K: int) -> torch.Tensor:
         """The layer's CPU experts, now, on this thread; input rows come from the host copy of x made at the sync."""

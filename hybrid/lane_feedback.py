@@ -21,7 +21,7 @@ def _mean(table: dict[int, float], key: int, value: float) -> None:
 
 class LaneFeedback:
     def __init__(self):
-        self.lag: dict[int, float] = {}      # tokens -> ms from copies issued to CPU lane start
+        self.lag: dict[int, float] = {}      # tokens -> ms from copies issued to CPU lane start (< 0: before)
         self.scale: dict[int, float] = {}    # tokens -> measured / modelled CPU lane time
 
     def lag_ms(self, T: int) -> float:
@@ -33,8 +33,8 @@ class LaneFeedback:
     def note_lag(self, T: int, ms: float | None) -> None:
         """A layer's lag, or None for a layer without CPU experts: the mean decays then, so that one bad
         sample cannot keep the CPU lane shut (an uncapped, non-decaying first version did)."""
-        if ms is not None:
-            _mean(self.lag, T, min(ms, LAG_CAP_MS))
+        if ms is not None:                       # negative: the CPU lane started before the copies
+            _mean(self.lag, T, max(-LAG_CAP_MS, min(ms, LAG_CAP_MS)))
         elif T in self.lag:
             self.lag[T] *= DECAY
 

@@ -57,12 +57,14 @@ class CpuLane:
     (queue, wake-up, GIL) of 0.1-0.4 ms per layer, and two teams push libgomp past one thread per core, where
     it stops spinning between parallel regions (0.21 -> 0.36-0.65 ms per 1-token expert)."""
 
-    def __init__(self, threads: int | None = None, cuda: bool = True, kernel: str = "auto"):
+    def __init__(self, threads: int | None = None, cuda: bool = True, kernel: str = "auto", pool: bool = True):
         from .cpu_experts import CpuExperts
         if threads or cuda:
             torch.set_num_threads(threads or default_threads())
         self.threads = torch.get_num_threads()
-        self.experts = CpuExperts(kernel)   # experts.run(x, out, w13s, w2s, starts, counts): a layer's CPU experts
+        # a layer's CPU experts; with the pool, started before the GPU work is queued (idle members spin 1 ms
+        # on a GPU machine, where the next layer's job follows within it, and sleep at once on a CPU device)
+        self.experts = CpuExperts(kernel, pool_threads=self.threads if pool else 0, spin_us=1000 if cuda else 0)
 
 
 class PinnedBuffer:

@@ -40,3 +40,18 @@ def layer_layout(flat: np.ndarray, counts: np.ndarray, groups: list[list[tuple[i
         a += c
     perm = np.argsort(key[flat], kind="stable").astype(np.int32)
     return LayerLayout(perm, np.cumsum(per_slot, axis=1, dtype=np.int32), rows, end, segs)
+
+
+def cpu_rows(flat: np.ndarray, K: int, counts: np.ndarray, cpu: list[int]) -> tuple[np.ndarray, list]:
+    """The CPU experts' rows in the order `layer_layout` sorts them, before the GPU groups are known: the token
+    of each row [n] int32, and the segments (expert, first row, rows)."""
+    rank = np.full(counts.shape[0], len(cpu), dtype=np.int64)
+    rank[cpu] = np.arange(len(cpu))
+    n = int(counts[cpu].sum())
+    rows = (np.argsort(rank[flat], kind="stable")[:n] // K).astype(np.int32)
+    segs, a = [], 0
+    for e in cpu:
+        c = int(counts[e])
+        segs.append((e, a, c))
+        a += c
+    return rows, segs

@@ -80,11 +80,11 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
             if slot is None:
                 break
             cache.slots[slot].copy_(store.buffer(layer, e))
-    lane = CpuLane(run.cpu_threads, cuda, run.cpu_kernel)
+    lane = CpuLane(run.cpu_threads, cuda, run.cpu_kernel, run.cpu_pool)
     if lane.experts.why and progress:
         print(f"CPU experts: torch path ({lane.experts.why})", file=sys.stderr)
     costs, why = load_costs(run.costs_path or default_costs_path(),
-                            machine_fingerprint(device, run.cpu_threads, lane.experts.kind))
+                            machine_fingerprint(device, run.cpu_threads, lane.experts.label))
     if run.mode == "hybrid" and progress:
         print(f"cost model: {why}", file=sys.stderr)
     planner = PLANNERS[run.mode](costs)

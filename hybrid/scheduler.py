@@ -25,7 +25,7 @@ class LayerPlan:
 class LaneState:
     """What the executor knows of its lanes when a layer's routing arrives."""
     backlog_ms: float = 0.0         # copies queued earlier (e.g. prefetches) still ahead on the PCIe lane
-    cpu_lag_ms: float = 0.0         # host work between issuing the layer's copies and starting its CPU experts
+    cpu_lag_ms: float = 0.0         # from issuing the layer's copies to starting its CPU experts (< 0: CPU first)
     cpu_scale: float = 1.0          # measured / modelled CPU lane time so far on this machine (online correction)
     fetch_penalty_ms: float = 0.0   # what one copy's PCIe time is worth elsewhere (a prefetch for the next
                                     # layer): charged per fetch when choosing, not in predicted_ms

@@ -73,3 +73,34 @@ def test_run_rows_reads_inputs_through_the_row_map(counts):
     k.run_rows(x, rows, out, views, pointer_table(views), segs, torch.empty(sum(counts), 64))
     torch_experts(x[torch.from_numpy(rows)], ref, w13, w2, starts, counts)
     assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pool_runs_the_same_kernel_asynchronously(dtype):
+    import numpy as np
+    from hybrid.cpu_experts import pointer_table
+    inline, pooled = CpuExperts("native"), CpuExperts("native", pool_threads=3)
+    assert pooled.label == "native+pool" and inline.label == "native"
+    for seed, counts in enumerate([[1, 2, 1], [4, 1], [3, 3, 2, 1]]):          # the pool is reused job after job
+        _, w13, w2, starts, counts = experts(counts, dtype, seed=seed)
+        views = list(zip(w13, w2))
+        segs = [(j, a, c) for j, (a, c) in enumerate(zip(starts, counts))]
+        x = torch.randn(6, 64).to(dtype)
+        rows = np.random.default_rng(seed).integers(0, 6, sum(counts)).astype(np.int32)
+        ref, out = torch.empty(sum(counts), 64, dtype=dtype), torch.full((sum(counts), 64), float("nan"), dtype=dtype)
+        inline.run_rows(x, rows, ref, views, pointer_table(views), segs, torch.empty(sum(counts), 64, dtype=dtype))
+        assert pooled.start_rows(x, rows, out, views, pointer_table(views), segs)
+        assert pooled.wait() > 0
+        assert torch.equal(out, ref)                  # same rows, same sums: bit for bit, whatever the split
+    assert inline.lib.moe_pool_threads() >= 1          # one pool per process, sized by its first user
+
+
+def test_start_rows_declines_what_the_pool_cannot_take():
+    import numpy as np
+    from hybrid.cpu_experts import pointer_table
+    _, w13, w2, starts, counts = experts([2, 5], torch.float32)
+    views, x, out = list(zip(w13, w2)), torch.randn(3, 64), torch.empty(7, 64)
+    segs, rows = [(0, 0, 2), (1, 2, 5)], np.zeros(7, dtype=np.int32)
+    assert not CpuExperts("native", max_tokens=4, pool_threads=2).start_rows(x, rows, out, views,
+                                                                             pointer_table(views), segs)
+    assert not CpuExperts("native", max_tokens=8).start_rows(x, rows, out, views, pointer_table(views), segs)

@@ -144,3 +144,20 @@ def test_a_late_cpu_lane_moves_misses_to_pcie_and_is_costed():
     fast = MakespanPlanner(c).plan(tokens, cached=set(), lanes=LaneState(cpu_scale=0.5))
     assert len(slow.cpu) < len(prompt.cpu) < len(fast.cpu)
     assert abs(slow.predicted_ms - makespan(c, tokens, slow.hits, slow.fetch, slow.cpu, 0.0, 0.0, 2.0)) < 1e-9
+
+
+def test_cpu_rows_are_the_tail_of_the_full_layout():
+    import numpy as np
+    from hybrid.layer_layout import cpu_rows, layer_layout
+    rng = np.random.default_rng(1)
+    K, E = 3, 12
+    flat = np.concatenate([rng.choice(E, K, replace=False) for _ in range(7)])        # 7 tokens, top-3
+    counts = np.bincount(flat, minlength=E)
+    used = [int(e) for e in np.flatnonzero(counts)]
+    hits, fetch, cpu = used[:3], used[3:5], used[5:][::-1]
+    rows, segs = cpu_rows(flat, K, counts, cpu)
+    lay = layer_layout(flat, counts, [[(e, i) for i, e in enumerate(hits)], [(e, 5 + i) for i, e in enumerate(fetch)]],
+                       cpu, 8)
+    assert segs == lay.cpu_segments and rows.tolist() == (lay.perm[lay.cpu_start:] // K).tolist()
+    assert [e for e, *_ in segs] == cpu and all(flat[K * t:K * t + K].tolist().count(e) for e, a, c in segs
+                                                 for t in rows[a:a + c])
