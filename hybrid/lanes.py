@@ -62,9 +62,11 @@ class CpuLane:
         if threads or cuda:
             torch.set_num_threads(threads or default_threads())
         self.threads = torch.get_num_threads()
-        # a layer's CPU experts; with the pool, started before the GPU work is queued (idle members spin 1 ms
-        # on a GPU machine, where the next layer's job follows within it, and sleep at once on a CPU device)
-        self.experts = CpuExperts(kernel, pool_threads=self.threads if pool else 0, spin_us=1000 if cuda else 0)
+        # a layer's CPU experts; with the pool, started before the GPU work is queued. The pool has one member
+        # fewer than the team: the driving thread spins in `wait` on that core. Idle members spin 2 ms on a GPU
+        # machine (the next layer's job follows within it) and sleep at once on a CPU device.
+        members = max(1, self.threads - 1) if cuda else self.threads
+        self.experts = CpuExperts(kernel, pool_threads=members if pool else 0, spin_us=2000 if cuda else 0)
 
 
 class PinnedBuffer:
