@@ -196,42 +196,82 @@ inline long now_ns() {
 }
 
 // A team of threads of its own, outside OpenMP and Python: `start` hands it a job and returns at once, so the
-// calling thread can go on queueing GPU work; `wait` spins until the job is done. Idle members spin for
-// `spin_ns` after a job (the next layer's job comes within ~1 ms at decode), then sleep until woken.
+// calling thread can go on queueing GPU work; `wait` makes the calling thread join the job until it is done.
+// Work is taken in chunks from a counter per phase, and a phase starts once the previous one is complete, so a
+// member may join at any time (the caller joins late, after its host work). Idle members spin for `spin_ns`
+// after a job (the next layer's job comes within ~1 ms at decode), then sleep until woken.
 class Pool {
   public:
     Pool(int n, long spin_ns) : n_(n), spin_ns_(spin_ns) {
-        for (int i = 0; i < n; i++) std::thread([this, i] { loop(i); }).detach();   // never joined: lives
-    }                                                                               // as long as the process
+        for (int i = 0; i < n; i++) std::thread([this] { loop(); }).detach();   // never joined: lives as
+    }                                                                          // long as the process
     int size() const { return n_; }
 
     void start(const Job &job) {
+        gen_.fetch_add(1);                                    // odd: closed; members back out or finish
+        while (active_.load() != 0) relax();                 // stragglers of the previous job leave
         job_ = job;
         t0_ = now_ns();
-        left_.store(n_, std::memory_order_relaxed);
-        unsigned g = gen_.fetch_add(1, std::memory_order_release) + 1;
-        mine_ = g;
+        for (int p = 0; p < 4; p++) {
+            long n = job.size(p);
+            grain_[p] = n / (4 * (n_ + 1)) > 1 ? n / (4 * (n_ + 1)) : 1;
+            progress_[p].next.store(0, std::memory_order_relaxed);
+            progress_[p].done.store(0, std::memory_order_relaxed);
+        }
+        gen_.fetch_add(1);                                    // even: open
 #if defined(__cpp_lib_atomic_wait)
         gen_.notify_all();
 #endif
     }
 
-    long wait() const {                       // -> ns from start to the last member's end
-        for (long k = 1; finished_.load(std::memory_order_acquire) != mine_; k++) {
-            relax();
-            if (k % 4096 == 0) std::this_thread::yield();
-        }
-        return end_ns_ - t0_;
+    long wait() {                             // -> ns from start to the end of the job
+        work();
+        return now_ns() - t0_;
     }
 
   private:
-    void sleep_until_new(unsigned seen) {
+    struct alignas(64) Progress {
+        std::atomic<long> next{0};            // first item not yet taken
+        std::atomic<long> done{0};            // items finished
+        char pad[64 - 2 * sizeof(std::atomic<long>)];
+    };
+
+    void work() {
+        for (int p = 0; p < 4; p++) {
+            const long n = job_.size(p), g = grain_[p];
+            for (long lo; (lo = progress_[p].next.fetch_add(g, std::memory_order_relaxed)) < n;) {
+                long hi = lo + g < n ? lo + g : n;
+                if (job_.dtype == 0) run_phase<float>(job_, p, lo, hi);
+                else run_phase<uint16_t>(job_, p, lo, hi);
+                progress_[p].done.fetch_add(hi - lo, std::memory_order_release);
+            }
+            while (progress_[p].done.load(std::memory_order_acquire) < n) relax();
+        }
+    }
+
+    void loop() {
+        for (unsigned seen = 0;;) {
+            unsigned g = gen_.load();
+            if (g == seen || (g & 1)) {
+                idle(g);
+                continue;
+            }
+            active_.fetch_add(1);
+            if (gen_.load() == g) {           // still open: the job's fields are complete
+                work();
+                seen = g;
+            }
+            active_.fetch_sub(1);
+        }
+    }
+
+    void idle(unsigned g) {
         long t = now_ns();
-        for (long k = 1; gen_.load(std::memory_order_acquire) == seen; k++) {
+        for (long k = 1; gen_.load(std::memory_order_acquire) == g; k++) {
             relax();
             if (k % 256 == 0 && now_ns() - t > spin_ns_) {
 #if defined(__cpp_lib_atomic_wait)
-                gen_.wait(seen, std::memory_order_acquire);
+                gen_.wait(g);
 #else
                 std::this_thread::sleep_for(std::chrono::microseconds(20));
 #endif
@@ -239,35 +279,13 @@ class Pool {
         }
     }
 
-    void barrier() {
-        unsigned round = round_.load(std::memory_order_acquire);
-        if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
-            arrived_.store(0, std::memory_order_relaxed);
-            round_.fetch_add(1, std::memory_order_release);
-        } else {
-            while (round_.load(std::memory_order_acquire) == round) relax();
-        }
-    }
-
-    void loop(int i) {
-        for (unsigned seen = 0;;) {
-            sleep_until_new(seen);
-            seen = gen_.load(std::memory_order_acquire);
-            run_share(job_, i, n_, [this] { barrier(); });
-            if (left_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-                end_ns_ = now_ns();
-                finished_.store(seen, std::memory_order_release);
-            }
-        }
-    }
-
     const int n_;
     const long spin_ns_;
     Job job_{};
-    long t0_ = 0, end_ns_ = 0;
-    unsigned mine_ = 0;
-    std::atomic<unsigned> gen_{0}, finished_{0}, round_{0};
-    std::atomic<int> left_{0}, arrived_{0};
+    long t0_ = 0, grain_[4] = {1, 1, 1, 1};
+    Progress progress_[4];
+    alignas(64) std::atomic<unsigned> gen_{0};
+    alignas(64) std::atomic<int> active_{0};
 };
 
 Pool *pool = nullptr;

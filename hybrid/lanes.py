@@ -63,8 +63,8 @@ class CpuLane:
             torch.set_num_threads(threads or default_threads())
         self.threads = torch.get_num_threads()
         # a layer's CPU experts; with the pool, started before the GPU work is queued. The pool has one member
-        # fewer than the team: the driving thread spins in `wait` on that core. Idle members spin 2 ms on a GPU
-        # machine (the next layer's job follows within it) and sleep at once on a CPU device.
+        # fewer than the team: the driving thread joins the job in `wait`, once its host work is done. Idle
+        # members spin 2 ms on a GPU machine (the next layer's job follows within it), sleep at once on a CPU one.
         members = max(1, self.threads - 1) if cuda else self.threads
         self.experts = CpuExperts(kernel, pool_threads=members if pool else 0, spin_us=2000 if cuda else 0)
 
