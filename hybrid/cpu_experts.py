@@ -127,8 +127,8 @@ class CpuExperts:
             self.scratch = torch.empty(max(need, 2 * self.scratch.numel()), dtype=torch.float32)
         base, f = self.scratch.data_ptr(), self.scratch.element_size()
         assert x.is_contiguous() and out.is_contiguous()
-        w13p, w2p = np.ascontiguousarray(ptrs[:, 0]), np.ascontiguousarray(ptrs[:, 1])
-        st, ct = np.asarray(starts, dtype=np.int32), np.asarray(counts, dtype=np.int32)
+        w13p, w2p = ptrs.T.copy()                                  # [n] each, contiguous
+        st, ct = np.array(starts, dtype=np.int32), np.array(counts, dtype=np.int32)
         xr = None if rows is None else np.ascontiguousarray(rows, dtype=np.int32)
         args = (DTYPES[x.dtype], len(ct), w13p.ctypes.data, w2p.ctypes.data, st.ctypes.data, ct.ctypes.data,
                 x.data_ptr(), None if xr is None else xr.ctypes.data, out.data_ptr(), n_rows, H, inter,

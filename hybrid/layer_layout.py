@@ -47,11 +47,7 @@ def cpu_rows(flat: np.ndarray, K: int, counts: np.ndarray, cpu: list[int]) -> tu
     of each row [n] int32, and the segments (expert, first row, rows)."""
     rank = np.full(counts.shape[0], len(cpu), dtype=np.int64)
     rank[cpu] = np.arange(len(cpu))
-    n = int(counts[cpu].sum())
-    rows = (np.argsort(rank[flat], kind="stable")[:n] // K).astype(np.int32)
-    segs, a = [], 0
-    for e in cpu:
-        c = int(counts[e])
-        segs.append((e, a, c))
-        a += c
-    return rows, segs
+    c = counts[cpu]
+    ends = np.cumsum(c)
+    rows = (np.argsort(rank[flat], kind="stable")[:int(ends[-1])] // K).astype(np.int32)
+    return rows, list(zip(cpu, (ends - c).tolist(), c.tolist()))
