@@ -75,13 +75,15 @@ class CpuExperts:
         limit = self.max_tokens if self._fits(x, w2[0].shape[1]) else 0
         small = [j for j, c in enumerate(counts) if c <= limit]
         big = [j for j, c in enumerate(counts) if c > limit]
-        if big:
+        if big:                                  # torch's OpenMP team runs this call: the pool sleeps
+            if self.pool_threads:
+                self.lib.moe_pool_park()
             torch_experts(x, out, [w13[j] for j in big], [w2[j] for j in big], [starts[j] for j in big],
                           [counts[j] for j in big])
         if small:
             ptrs = pointer_table([(w13[j], w2[j]) for j in small])
             self._native(x, None, out, ptrs, [starts[j] for j in small], [counts[j] for j in small],
-                         w2[0].shape[1])
+                         w2[0].shape[1], pool=not big)
 
     def run_rows(self, x: torch.Tensor, rows: np.ndarray, out: torch.Tensor, views: list, ptrs: np.ndarray,
                  segments: list[tuple[int, int, int]], gather: torch.Tensor) -> None:
@@ -135,9 +137,9 @@ class CpuExperts:
                 base, base + n_rows * H * f, base + n_rows * (H + 2 * inter) * f)
         return args, (w13p, w2p, st, ct, xr, x, out, self.scratch)
 
-    def _native(self, x, rows, out, ptrs: np.ndarray, starts, counts, inter: int) -> None:
+    def _native(self, x, rows, out, ptrs: np.ndarray, starts, counts, inter: int, pool: bool = True) -> None:
         args, _keep = self._args(x, rows, out, ptrs, starts, counts, inter)
-        if self.pool_threads:
+        if self.pool_threads and pool:
             err = self.lib.moe_pool_start(self.pool_threads, self.spin_ns, *args)
             if not err:
                 self.lib.moe_pool_wait()

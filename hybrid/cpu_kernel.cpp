@@ -212,6 +212,7 @@ class Pool {
         while (active_.load() != 0) relax();                 // stragglers of the previous job leave
         job_ = job;
         t0_ = now_ns();
+        park_.store(false, std::memory_order_relaxed);
         for (int p = 0; p < 4; p++) {
             long n = job.size(p);
             grain_[p] = n / (4 * (n_ + 1)) > 1 ? n / (4 * (n_ + 1)) : 1;
@@ -223,6 +224,8 @@ class Pool {
         gen_.notify_all();
 #endif
     }
+
+    void park() { park_.store(true, std::memory_order_relaxed); }   // idle members sleep now, not after spin_ns
 
     long wait() {                             // -> ns from start to the end of the job
         work();
@@ -269,7 +272,7 @@ class Pool {
         long t = now_ns();
         for (long k = 1; gen_.load(std::memory_order_acquire) == g; k++) {
             relax();
-            if (k % 256 == 0 && now_ns() - t > spin_ns_) {
+            if (k % 256 == 0 && (park_.load(std::memory_order_relaxed) || now_ns() - t > spin_ns_)) {
 #if defined(__cpp_lib_atomic_wait)
                 gen_.wait(g);
 #else
@@ -286,6 +289,7 @@ class Pool {
     Progress progress_[4];
     alignas(64) std::atomic<unsigned> gen_{0};
     alignas(64) std::atomic<int> active_{0};
+    std::atomic<bool> park_{false};
 };
 
 Pool *pool = nullptr;
@@ -324,6 +328,11 @@ int moe_pool_start(int threads, long spin_ns, int dtype, int n, const void *cons
 }
 
 long moe_pool_wait(void) { return pool == nullptr ? 0 : pool->wait(); }
+
+// Idle members stop spinning and sleep until the next job: call before CPU work on other threads (torch's team).
+void moe_pool_park(void) {
+    if (pool != nullptr) pool->park();
+}
 
 int moe_pool_threads(void) { return pool == nullptr ? 0 : pool->size(); }
 

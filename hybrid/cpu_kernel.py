@@ -76,6 +76,7 @@ def load() -> ctypes.CDLL:
     lib.moe_pool_start.restype = ctypes.c_int
     lib.moe_pool_wait.restype = ctypes.c_long
     lib.moe_pool_threads.restype = ctypes.c_int
+    lib.moe_pool_park.restype = None
     lib.moe_cpu_threads.restype = ctypes.c_int
     return lib
 
