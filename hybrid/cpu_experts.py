@@ -108,12 +108,15 @@ class CpuExperts:
         inter = views[0][1].shape[1]
         if not self.pool_threads or max(counts) > self.max_tokens or not self._fits(x, inter):
             return False
-        self.pending = self._args(x, rows, out, ptrs[list(experts)], starts, counts, inter)
-        err = self.lib.moe_pool_start(self.pool_threads, self.spin_ns, *self.pending[0])
+        self._start(self._args(x, rows, out, ptrs[list(experts)], starts, counts, inter))
+        return True
+
+    def _start(self, job: tuple) -> None:
+        self.pending = job
+        err = self.lib.moe_pool_start(self.pool_threads, self.spin_ns, *job[0])
         if err:
             self.pending = None
             raise RuntimeError(f"native CPU expert kernel refused its input (code {err})")
-        return True
 
     def wait(self) -> float:
         """Block until the started job is done; -> its time on the pool in ms."""
@@ -138,12 +141,9 @@ class CpuExperts:
         return args, (w13p, w2p, st, ct, xr, x, out, self.scratch)
 
     def _native(self, x, rows, out, ptrs: np.ndarray, starts, counts, inter: int, pool: bool = True) -> None:
-        args, _keep = self._args(x, rows, out, ptrs, starts, counts, inter)
+        job = self._args(x, rows, out, ptrs, starts, counts, inter)
         if self.pool_threads and pool:
-            err = self.lib.moe_pool_start(self.pool_threads, self.spin_ns, *args)
-            if not err:
-                self.lib.moe_pool_wait()
-        else:
-            err = self.lib.moe_cpu_experts(*args)
-        if err:
+            self._start(job)
+            self.wait()
+        elif err := self.lib.moe_cpu_experts(*job[0]):
             raise RuntimeError(f"native CPU expert kernel refused its input (code {err})")

@@ -50,12 +50,15 @@ def default_threads() -> int:
 
 
 class CpuLane:
-    """CPU experts run on the thread that drives the GPU, right after it has queued the layer's copies and GPU
-    work (which then proceed without it), on that thread's OpenMP team: the only team in the process.
+    """A layer's CPU experts. By default on the native kernel's own thread pool, handed over right after planning
+    so that they run while the driving thread admits slots, issues copies and queues the GPU work, which it then
+    joins (`CpuExperts.start_rows` / `wait`); calls the pool does not take (experts of more than 4 tokens, no
+    compiler) run on the driving thread's OpenMP team after the GPU work is queued.
 
-    Measured on the H200 box (eval/NOTES.md): a separate worker thread with its own team costs a hand-off
-    (queue, wake-up, GIL) of 0.1-0.4 ms per layer, and two teams push libgomp past one thread per core, where
-    it stops spinning between parallel regions (0.21 -> 0.36-0.65 ms per 1-token expert)."""
+    Measured on the H200 box (eval/NOTES.md): a Python worker thread cost a hand-off (queue, wake-up, GIL) of
+    0.1-0.4 ms per layer, and two busy teams push libgomp past one thread per core, where it stops spinning between
+    parallel regions (0.21 -> 0.36-0.65 ms per 1-token expert): the pool lives outside Python and OpenMP, and sleeps
+    while torch's team runs CPU experts."""
 
     def __init__(self, threads: int | None = None, cuda: bool = True, kernel: str = "auto", pool: bool = True):
         from .cpu_experts import CpuExperts
