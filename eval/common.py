@@ -70,3 +70,21 @@ def hf_peer(model_dir: str, prompts: list[list[int]], new_tokens: int, max_memor
     del model
     torch.cuda.empty_cache()
     return row
+
+
+def probe_args(ap, prompt_len: int = 128) -> None:
+    """The options of the single-engine probes (profile_layers, piece_times): the engine's, plus prompts and output."""
+    from hybrid.cli import engine_args
+    engine_args(ap)
+    ap.add_argument("--prompt-len", type=int, default=prompt_len)
+    ap.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
+    ap.add_argument("--out", default=None)
+
+
+def probe_engine(a):
+    """-> (engine, one batch of prompts cut to --prompt-len) for a probe's parsed options."""
+    from hybrid.cli import default_model, make_engine
+    from hybrid.tokenizer import load_tokenizer
+    a.model = a.model or str(default_model())
+    engine = make_engine(a)
+    return engine, load_prompts(a.prompts, load_tokenizer(engine.ckpt.path), a.prompt_len, a.batch_size)

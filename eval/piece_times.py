@@ -15,10 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.common import DEFAULT_PROMPTS, load_prompts, meta  # noqa: E402
-from hybrid.cli import default_model, engine_args, make_engine  # noqa: E402
+from eval.common import meta, probe_args, probe_engine  # noqa: E402
 from hybrid.sampling import SamplingParams  # noqa: E402
-from hybrid.tokenizer import load_tokenizer  # noqa: E402
 
 
 def replay_ms(graph: torch.cuda.CUDAGraph, reps: int) -> float:
@@ -47,16 +45,11 @@ def kernel_table(graph: torch.cuda.CUDAGraph, reps: int, top: int = 25) -> list[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    engine_args(ap)
-    ap.add_argument("--prompt-len", type=int, default=128)
+    probe_args(ap)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--kernels", action="store_true", help="also list the kernels of one attention piece")
-    ap.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
-    ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    a.model = a.model or str(default_model())
-    engine = make_engine(a)
-    prompt = load_prompts(a.prompts, load_tokenizer(engine.ckpt.path), a.prompt_len, a.batch_size)
+    engine, prompt = probe_engine(a)
     engine.generate(prompt, SamplingParams(max_new_tokens=4))                    # captures the decode graphs
     step = engine.decoder.steps[a.batch_size]
     pieces = [replay_ms(g, a.reps) for g in step.pieces]

@@ -13,10 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.common import DEFAULT_PROMPTS, load_prompts, meta  # noqa: E402
-from hybrid.cli import default_model, engine_args, make_engine  # noqa: E402
+from eval.common import meta, probe_args, probe_engine  # noqa: E402
 from hybrid.sampling import SamplingParams  # noqa: E402
-from hybrid.tokenizer import load_tokenizer  # noqa: E402
 
 
 def between_layers_ms(rows: list[dict]) -> float:
@@ -27,15 +25,10 @@ def between_layers_ms(rows: list[dict]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    engine_args(ap)
-    ap.add_argument("--prompt-len", type=int, default=128)
+    probe_args(ap)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
-    ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    a.model = a.model or str(default_model())
-    engine = make_engine(a)
-    prompt = load_prompts(a.prompts, load_tokenizer(engine.ckpt.path), a.prompt_len, a.batch_size)
+    engine, prompt = probe_engine(a)
     params = SamplingParams(max_new_tokens=8)
     engine.generate(prompt, params)                                      # warm-up: graphs captured, caches filled
     log = engine.backend.phases

@@ -172,12 +172,16 @@ void run_phase(const Job &jb, int phase, long lo, long hi) {
 }
 
 // Member `part` of `parts` runs its static share of every phase, calling sync() between phases.
+inline void run_items(const Job &jb, int phase, long lo, long hi) {
+    if (jb.dtype == 0) run_phase<float>(jb, phase, lo, hi);
+    else run_phase<uint16_t>(jb, phase, lo, hi);
+}
+
 template <typename Sync>
 void run_share(const Job &jb, int part, int parts, Sync sync) {
     for (int phase = 0; phase < 4; phase++) {
-        long n = jb.size(phase), lo = n * part / parts, hi = n * (part + 1) / parts;
-        if (jb.dtype == 0) run_phase<float>(jb, phase, lo, hi);
-        else run_phase<uint16_t>(jb, phase, lo, hi);
+        long n = jb.size(phase);
+        run_items(jb, phase, n * part / parts, n * (part + 1) / parts);
         if (phase < 3) sync();
     }
 }
@@ -244,8 +248,7 @@ class Pool {
             const long n = job_.size(p), g = grain_[p];
             for (long lo; (lo = progress_[p].next.fetch_add(g, std::memory_order_relaxed)) < n;) {
                 long hi = lo + g < n ? lo + g : n;
-                if (job_.dtype == 0) run_phase<float>(job_, p, lo, hi);
-                else run_phase<uint16_t>(job_, p, lo, hi);
+                run_items(job_, p, lo, hi);
                 progress_[p].done.fetch_add(hi - lo, std::memory_order_release);
             }
             while (progress_[p].done.load(std::memory_order_acquire) < n) relax();
