@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from .cpu_kernel import DTYPES, KernelUnavailable, load
 
-NATIVE_MAX_TOKENS = 4          # tokens per expert up to which the native kernel is used (faster at 1-4 tokens,
-                               # slower at 8 than torch's on the GPU box: eval/kernel_probe.py)
+NATIVE_MAX_TOKENS = 8          # tokens per expert up to which the native kernel is used (faster at 1-8 tokens,
+                               # slower at 16 than torch's AMX path on the GPU box: eval/kernel_probe.py)
 KINDS = ("auto", "native", "torch")
 
 

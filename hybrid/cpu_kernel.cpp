@@ -71,32 +71,38 @@ template <typename T> inline void store(T *p, float f);
 template <> inline void store<float>(float *p, float f) { *p = f; }
 template <> inline void store<uint16_t>(uint16_t *p, float f) { *p = to_bf16(f); }
 
-// y[t * ldy] = sum_k w[k] * x[t * K + k] for t < TN: one weight row against TN token rows (K % VL == 0).
-template <typename W, int TN>
-inline void row_dot(const W *w, const float *x, int K, float *y, int ldy) {
-    vf a0{}, a1{}, a2{}, a3{};
-    const float *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
+// y[t * ldt + r] = sum_k w[r * K + k] * x[t * K + k] for r < RN weight rows and t < TN token rows (K % VL == 0):
+// a register tile, so each weight vector loaded feeds TN multiply-adds and each input vector RN.
+template <typename W, int RN, int TN>
+inline void tile(const W *w, const float *x, int K, float *y, long ldt) {
+    vf acc[RN][TN] = {};
     for (int k = 0; k < K; k += VL) {
-        vf wv = load(w + k);
-        a0 += wv * load(x + k);
-        if (TN > 1) a1 += wv * load(x1 + k);
-        if (TN > 2) a2 += wv * load(x2 + k);
-        if (TN > 3) a3 += wv * load(x3 + k);
+        vf wv[RN];
+        for (int r = 0; r < RN; r++) wv[r] = load(w + (size_t)r * K + k);
+        for (int t = 0; t < TN; t++) {
+            vf xv = load(x + (size_t)t * K + k);
+            for (int r = 0; r < RN; r++) acc[r][t] += wv[r] * xv;
+        }
     }
-    y[0] = hsum(a0);
-    if (TN > 1) y[ldy] = hsum(a1);
-    if (TN > 2) y[2 * ldy] = hsum(a2);
-    if (TN > 3) y[3 * ldy] = hsum(a3);
+    for (int t = 0; t < TN; t++)
+        for (int r = 0; r < RN; r++) y[t * ldt + r] = hsum(acc[r][t]);
 }
 
+#ifdef __AVX512F__
+constexpr int RB = 4, TB = 4;                 // tile: weight rows x tokens (32 vector registers)
+#else
+constexpr int RB = 2, TB = 4;                 // 16 vector registers
+#endif
+
+// RB weight rows (w, K each) against T token rows of x: y[t * ldt + r] for r < RB, t < T.
 template <typename W>
-inline void row_all_tokens(const W *w, const float *x, int K, int T, float *y, int ldy) {
+inline void rows_all_tokens(const W *w, const float *x, int K, int T, float *y, long ldt) {
     int t = 0;
-    for (; t + 4 <= T; t += 4) row_dot<W, 4>(w, x + (size_t)t * K, K, y + (size_t)t * ldy, ldy);
+    for (; t + TB <= T; t += TB) tile<W, RB, TB>(w, x + (size_t)t * K, K, y + t * ldt, ldt);
     switch (T - t) {
-        case 3: row_dot<W, 3>(w, x + (size_t)t * K, K, y + (size_t)t * ldy, ldy); break;
-        case 2: row_dot<W, 2>(w, x + (size_t)t * K, K, y + (size_t)t * ldy, ldy); break;
-        case 1: row_dot<W, 1>(w, x + (size_t)t * K, K, y + (size_t)t * ldy, ldy); break;
+        case 3: tile<W, RB, 3>(w, x + (size_t)t * K, K, y + t * ldt, ldt); break;
+        case 2: tile<W, RB, 2>(w, x + (size_t)t * K, K, y + t * ldt, ldt); break;
+        case 1: tile<W, RB, 1>(w, x + (size_t)t * K, K, y + t * ldt, ldt); break;
         default: break;
     }
 }
@@ -123,9 +129,9 @@ struct Job {                                  // one call's arguments (see moe_c
     long size(int phase) const {              // work items of each of the four phases
         switch (phase) {
             case 0: return rows;                  // input rows widened to fp32
-            case 1: return (long)n * 2 * I;       // gate and up rows of every expert
+            case 1: return (long)n * 2 * I / RB;  // blocks of RB gate and up rows of every expert
             case 2: return (long)rows * I;        // silu(gate) * up
-            default: return (long)n * H;          // down rows of every expert
+            default: return (long)n * H / RB;     // blocks of RB down rows of every expert
         }
     }
 };
@@ -145,9 +151,9 @@ void run_phase(const Job &jb, int phase, long lo, long hi) {
     } else if (phase == 1) {
         for (long r = lo; r < hi; r++) {
             int j, i;
-            split(r, 2 * I, j, i);
-            row_all_tokens(w13[j] + (size_t)i * H, xf + (size_t)starts[j] * H, H, counts[j],
-                           gu + (size_t)starts[j] * 2 * I + i, 2 * I);
+            split(r, 2 * I / RB, j, i);
+            rows_all_tokens(w13[j] + (size_t)i * RB * H, xf + (size_t)starts[j] * H, H, counts[j],
+                            gu + (size_t)starts[j] * 2 * I + i * RB, 2 * I);
         }
     } else if (phase == 2) {
         for (long r = lo; r < hi; r++) {
@@ -160,12 +166,14 @@ void run_phase(const Job &jb, int phase, long lo, long hi) {
         W *out = (W *)jb.out;
         for (long r = lo; r < hi; r++) {
             int j, o;
-            split(r, H, j, o);
-            float y[64];
-            for (int t0 = 0; t0 < counts[j]; t0 += 64) {
-                int tn = counts[j] - t0 < 64 ? counts[j] - t0 : 64;
-                row_all_tokens(w2[j] + (size_t)o * I, h + (size_t)(starts[j] + t0) * I, I, tn, y, 1);
-                for (int t = 0; t < tn; t++) store(out + (size_t)(starts[j] + t0 + t) * H + o, y[t]);
+            split(r, H / RB, j, o);
+            float y[TB * RB];
+            const W *w = w2[j] + (size_t)o * RB * I;
+            for (int t0 = 0; t0 < counts[j]; t0 += TB) {
+                int tn = counts[j] - t0 < TB ? counts[j] - t0 : TB;
+                rows_all_tokens(w, h + (size_t)(starts[j] + t0) * I, I, tn, y, RB);
+                for (int t = 0; t < tn; t++)
+                    for (int q = 0; q < RB; q++) store(out + (size_t)(starts[j] + t0 + t) * H + o * RB + q, y[t * RB + q]);
             }
         }
     }

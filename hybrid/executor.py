@@ -15,6 +15,7 @@ from .config import ModelConfig
 from .expert_cache import ExpertCache
 from .expert_store import ExpertStore
 from .experts import grouped_ffn
+from .copy_ahead import CopyAhead
 from .cpu_experts import pointer_table
 from .lanes import CopyLane, CpuLane, PinnedBuffer
 from .layer_graph import LayerGraph, combine
@@ -30,10 +31,13 @@ class OffloadedExperts:
     capturable = False
 
     def __init__(self, cfg: ModelConfig, store: ExpertStore, cache: ExpertCache, planner, device: torch.device,
-                 cpu_lane: CpuLane, prefetcher: Prefetcher | None = None, decode_tokens: int = 16):
+                 cpu_lane: CpuLane, prefetcher: Prefetcher | None = None, decode_tokens: int = 16,
+                 copy_ahead: CopyAhead | None = None):
         self.cfg, self.store, self.cache, self.planner = cfg, store, cache, planner
         self.device, self.copy, self.cpu = device, CopyLane(device), cpu_lane
-        self.prefetcher, self.decode_tokens = prefetcher, decode_tokens
+        self.prefetcher, self.decode_tokens, self.copy_ahead = prefetcher, decode_tokens, copy_ahead
+        self.next_layer = dict(zip(cfg.moe_layers, cfg.moe_layers[1:]))
+        self.ahead: dict[int, dict[int, int]] = {}          # layer -> {expert: staging slot} copied ahead for it
         pin = device.type == "cuda"
         self.ptrs = {layer: pointer_table(views) for layer, views in store.views.items()}
         self.host_x = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
@@ -41,7 +45,6 @@ class OffloadedExperts:
         self.host_out = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
         self.index_buf = PinnedBuffer(1, torch.int32, pin)
         self.w13_all, self.w2_all = cache.stacked()
-        self.wave = max(1, len(cache.staging) // 2)
         self.expert_bytes = store.numel * store.flat.element_size()
         self.stats = RunStats("", 0, 0)
         self.timings: list = []
@@ -114,28 +117,31 @@ class OffloadedExperts:
                                                  c.cpu_ms(1) * self.feedback.cpu_scale(T))
         small = T <= self.decode_tokens              # decode: every copy in one wave, bounded by the staging room
         room = len(self.cache.staging) + self.cache.room(layer, tokens) if small else None
+        ahead = self._ahead_for(layer, tokens, small)
         lanes = LaneState(self._backlog_ms(), self.feedback.lag_ms(T), self.feedback.cpu_scale(T), penalty, room)
-        plan = self.planner.plan(tokens, self.cache.resident[layer], lanes)
+        resident = self.cache.resident[layer]
+        plan = self.planner.plan(tokens, resident | ahead.keys() if ahead else resident, lanes)
         self.window_ms = plan.predicted_ms
         self.phases.mark("planned")
         job = self._start_cpu(layer, plan.cpu, flat, counts, xh, K)
         fetch = [(e, self._slot_for(layer, e, tokens)) for e in plan.fetch]
-        hits = [(e, self.cache.where[(layer, e)]) for e in plan.hits]
-        self.phases.note(n_hit=len(hits), n_fetch=len(fetch), n_cpu=len(plan.cpu))
+        hits = [(e, ahead[e] if e in ahead else self.cache.where[(layer, e)]) for e in plan.hits]
+        self.phases.note(n_hit=len(hits), n_fetch=len(fetch), n_cpu=len(plan.cpu), n_ahead=len(ahead))
         if small and len(fetch) <= room:
             self._issue(layer, fetch)
             self.issued = time.perf_counter()
             self.phases.mark("issued")
             out = self._decode(call, hits, fetch, plan.cpu, flat, counts, xh, host, job)
         else:
-            waves = [fetch[i:i + self.wave] for i in range(0, len(fetch), self.wave)]
+            wave = max(1, (len(self.cache.staging) - len(self.cache.held)) // 2)
+            waves = [fetch[i:i + wave] for i in range(0, len(fetch), wave)]
             for wave in waves[:2]:
                 self._issue(layer, wave)
             self.issued = time.perf_counter()
             out = self._grouped(call, hits, waves, plan.cpu, flat, counts, xh, host, job)
         self.timings.append((start, self._now(), plan.predicted_ms))
         self.phases.mark("done")
-        self.deferred = (layer, tokens, plan, len(fetch))
+        self.deferred = (layer, tokens, plan, len(fetch), sum(1 for e in plan.hits if e in ahead))
         return out
 
     def _decode(self, call, hits, fetch, cpu, flat, counts, xh, host, job) -> torch.Tensor:
@@ -173,21 +179,60 @@ class OffloadedExperts:
         self.phases.mark("launched")
         self._gpu_groups(call.layer, hits, waves, lay.rows, offs, xs, ys)
         wsort = call.w.reshape(-1)[perm].unsqueeze(1)                                     # [T*K, 1]
-        self._prefetch_then_cpu(call, host, lay, xh, ys, job)
+        self._prefetch_then_cpu(call, host, lay, xh, ys, job, copy_ahead=T > self.decode_tokens)
         return combine(x, tok, ys, wsort)
 
-    def _prefetch_then_cpu(self, call, host, lay, xh: torch.Tensor, ys: torch.Tensor, job) -> None:
-        """Once the GPU side is queued: the next layer's prefetch copies, then this layer's CPU experts into ys
-        (collected from the pool if `job` started them there, else computed now)."""
+    def _prefetch_then_cpu(self, call, host, lay, xh: torch.Tensor, ys: torch.Tensor, job,
+                           copy_ahead: bool = False) -> None:
+        """Once the GPU side is queued: the next layer's prefetch copies (and in prefill its copies made ahead),
+        then this layer's CPU experts into ys (collected from the pool if `job` started them there, else
+        computed now)."""
         K = call.idx.shape[1]
-        if self.prefetcher and call.pred is not None:
-            self._prefetch(call.layer, host[:, K:])
+        pred = host[:, K:] if self.prefetcher and call.pred is not None else None
+        if pred is not None:
+            self._prefetch(call.layer, pred)
+        if copy_ahead and self.copy_ahead is not None:
+            self._copy_ahead(call.layer, pred)
         self.phases.mark("queued")
         if lay.cpu_segments:
             out = self._finish_cpu(job, xh.shape[0]) if job else self._cpu_experts(call.layer, lay, xh, K)
             ys[lay.cpu_start:].copy_(out, non_blocking=True)
         else:
             self.feedback.note_lag(xh.shape[0], None)
+
+    def _ahead_for(self, layer: int, tokens: dict[int, int], small: bool) -> dict[int, int]:
+        """The copies made ahead for this layer that it needs (the others' slots are released), after noting
+        the PCIe lane's idle time before this prefill layer's routing."""
+        ahead = self.ahead.pop(layer, {})
+        if self.copy_ahead is not None and not small and layer != self.cfg.moe_layers[0]:
+            self.copy_ahead.observe(1000 * (time.perf_counter() - self.pcie_until))
+        for e in [e for e in ahead if e not in tokens]:
+            self.cache.held.discard(ahead.pop(e))     # a later copy into the slot queues behind this one
+        return ahead
+
+    def _copy_ahead(self, layer: int, pred_host) -> None:
+        """Queue copies of some of the next layer's uncached experts behind this layer's, into staging slots
+        held until the next layer's GEMM over its hits has read them."""
+        nxt = self.next_layer.get(layer)
+        n = self.copy_ahead.count() if nxt is not None else 0
+        if n <= 0:
+            return
+        E = self.cfg.n_routed_experts
+        predicted = None
+        if pred_host is not None:
+            votes = np.bincount(pred_host.reshape(-1), minlength=E)
+            predicted = [e for e in np.argsort(-votes, kind="stable").tolist() if votes[e]]
+        value = getattr(self.cache.policies[nxt], "value", None)
+        chosen = CopyAhead.choose(n, E, self.cache.resident[nxt], value and (lambda e: value((nxt, e))), predicted)
+        wave = []
+        for e in chosen:
+            slot = self.cache.staging_slot()
+            self.cache.held.add(slot)
+            wave.append((e, slot))
+        self._issue(nxt, wave)
+        self.ahead[nxt] = dict(wave)
+        self.copy_ahead.issued = len(wave)
+        self.stats.experts.copied_ahead += len(wave)
 
     def _mark_free(self, members) -> None:
         """Staging slots among `members` may be overwritten once the GPU work queued so far has read them."""
@@ -196,6 +241,7 @@ class OffloadedExperts:
             done = self.copy.event()
             for s in staged:
                 self.cache.free[s] = done
+                self.cache.held.discard(s)
 
     def _settle(self) -> None:
         """The previous layer's bookkeeping, done while the GPU runs the graph piece before this layer's routing."""
@@ -203,14 +249,15 @@ class OffloadedExperts:
             self._account(*self.deferred)
             self.deferred = None
 
-    def _account(self, layer: int, tokens: dict[int, int], plan, n_fetch: int) -> None:
-        """Policy touches, statistics and the layer's next eviction order."""
+    def _account(self, layer: int, tokens: dict[int, int], plan, n_fetch: int, ahead_used: int) -> None:
+        """Policy touches, statistics and the layer's next eviction order. Experts copied ahead count as misses."""
         if layer == self.cfg.moe_layers[0]:
             self.cache.tick()
         self._score_prefetch(layer, set(tokens))
         self.cache.touch(layer, tokens)
         self.cache.prepare(layer)
-        self.stats.experts.count(layer, len(plan.hits), n_fetch + len(plan.cpu))
+        self.stats.experts.count(layer, len(plan.hits) - ahead_used, n_fetch + len(plan.cpu) + ahead_used)
+        self.stats.experts.copied_ahead_used += ahead_used
         self.stats.experts.cpu_experts += len(plan.cpu)
         if self.cpu_sample is not None:
             self.feedback.note_cpu(self.planner.costs, *self.cpu_sample)
@@ -267,6 +314,7 @@ class OffloadedExperts:
         self._wait_ready(hits)
         if b > a:
             ys[a:b] = grouped_ffn(xs[a:b], offs[0], self.w13_all, self.w2_all)
+        self._mark_free(hits)                        # copies made ahead sit in staging slots
         for i, wave in enumerate(waves):
             self._wait_ready(wave)
             a, b = rows[i + 1]

@@ -26,6 +26,7 @@ class ExpertCache:
         self.n_slots = n_slots
         self.staging = list(range(n_slots, n_slots + n_staging))
         self._next_staging = 0
+        self.held: set[int] = set()         # staging slots with a copy made ahead for the next layer, not yet read
         self.where: dict[tuple[int, int], int] = {}
         self.owner: list[tuple[int, int] | None] = [None] * (n_slots + n_staging)
         self.policies = {layer: make_policy(policy) for layer in layers}
@@ -97,9 +98,13 @@ class ExpertCache:
         return len(self.layer_slots[layer]) - sum(1 for e in self.resident[layer] if e in protected)
 
     def staging_slot(self) -> int:
-        s = self.staging[self._next_staging % len(self.staging)]
-        self._next_staging += 1
-        return s
+        """The next staging slot of the ring that is not held."""
+        for _ in range(len(self.staging)):
+            s = self.staging[self._next_staging % len(self.staging)]
+            self._next_staging += 1
+            if s not in self.held:
+                return s
+        raise RuntimeError("every staging slot is held by a copy made ahead")
 
     def tick(self) -> None:
         for pol in self.policies.values():

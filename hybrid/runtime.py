@@ -64,6 +64,7 @@ def build_backend(cfg: ModelConfig, ckpt: Checkpoint, run: RunConfig, device: to
 
 
 def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: bool):
+    from .copy_ahead import CopyAhead
     from .executor import OffloadedExperts
     from .expert_cache import ExpertCache
     from .expert_store import ExpertStore
@@ -91,7 +92,9 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
     prefetch = Prefetcher(cfg, lookahead=run.lookahead) if run.prefetch in ("gate", "mlp") else None
     if progress:
         print(f"memory: {plan.describe()}", file=sys.stderr)
-    return OffloadedExperts(cfg, store, cache, planner, device, lane, prefetch, decode_tokens=run.max_batch_size)
+    ahead = CopyAhead(costs.fetch_ms, staging_slots(cfg) // 3) if run.copy_ahead and run.mode != "cpu" else None
+    return OffloadedExperts(cfg, store, cache, planner, device, lane, prefetch, decode_tokens=run.max_batch_size,
+                            copy_ahead=ahead)
 
 
 def default_costs_path() -> str:

@@ -1,0 +1,64 @@
+"""Prefill copy-ahead: the next layer's experts copied into held staging slots during a prefill layer. It changes
+when copies happen, never the function computed, and copies made ahead are counted as misses, not hits."""
+import pytest
+
+from hybrid.copy_ahead import CopyAhead
+from hybrid.sampling import SamplingParams
+from test_modes import budget_for, make
+
+LONG = [[(7 * i + 3 * b) % 1000 + 10 for i in range(40)] for b in range(3)]     # 40-token prompts: prefill path
+
+
+def test_copy_ahead_learns_the_gap_in_whole_copies():
+    c = CopyAhead(fetch_ms=0.5, max_copies=6)
+    assert c.count() == 0                        # nothing known before a first gap
+    c.observe(1.6)
+    assert c.count() == 3
+    c.issued = 3                                 # those 3 filled 1.5 ms of a 1.7 ms gap: the gap is still 1.7
+    c.observe(0.2)
+    assert c.count() == 3 and c.issued == 0
+    c.issued = 3
+    c.observe(-1.5)                              # copies still queued: made too many, the gap was 0
+    assert c.count() == 1
+    c.observe(50.0)
+    assert c.count() == 6                        # capped
+
+
+def test_copy_ahead_choice_prefers_predicted_then_policy_value():
+    values = {0: 1.0, 1: 5.0, 2: 3.0, 3: 0.0}
+    assert CopyAhead.choose(2, 4, {1}, values.get) == [2, 0]
+    assert CopyAhead.choose(3, 4, {1}, values.get, predicted=[3, 1, 3]) == [3, 2, 0]
+    assert CopyAhead.choose(9, 4, {0, 1, 2, 3}) == []
+
+
+def test_staging_ring_skips_held_slots(tiny):
+    e = make(tiny, mode="fetch", gpu_memory=budget_for(tiny, 20))
+    cache = e.backend.cache
+    cache.held = set(cache.staging[1:])
+    assert {cache.staging_slot() for _ in range(5)} == {cache.staging[0]}
+    cache.held = set(cache.staging)
+    with pytest.raises(RuntimeError, match="held"):
+        cache.staging_slot()
+
+
+@pytest.mark.parametrize("mode", ["fetch", "hybrid"])
+@pytest.mark.parametrize("prefetch", ["none", "gate"])
+def test_copy_ahead_is_exact_and_counted_as_misses(tiny, mode, prefetch, monkeypatch):
+    ref = make(tiny).generate(LONG, SamplingParams(max_new_tokens=6, stop_on_eos=False))
+    monkeypatch.setattr(CopyAhead, "count", lambda self: 4)
+    e = make(tiny, mode=mode, prefetch=prefetch, gpu_memory=budget_for(tiny, 12))
+    off = make(tiny, mode=mode, prefetch=prefetch, gpu_memory=budget_for(tiny, 12), copy_ahead=False)
+    assert off.backend.copy_ahead is None and e.backend.copy_ahead is not None
+    out = e.generate(LONG, SamplingParams(max_new_tokens=6, stop_on_eos=False))
+    assert out.tokens == ref.tokens
+    x = out.stats.experts
+    assert x.copied_ahead > 0 and 0 < x.copied_ahead_used <= x.copied_ahead
+    assert not e.backend.cache.held and not e.backend.ahead       # every held slot released
+    plain = off.generate(LONG, SamplingParams(max_new_tokens=6, stop_on_eos=False)).stats.experts
+    assert plain.copied_ahead == 0
+    assert x.hits + x.misses == plain.hits + plain.misses            # copies made ahead are not hits
+
+
+def test_cpu_mode_never_copies_ahead(tiny):
+    e = make(tiny, mode="cpu", gpu_memory=budget_for(tiny, 12))
+    assert e.backend.copy_ahead is None
