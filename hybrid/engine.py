@@ -214,4 +214,10 @@ class Engine:
         cache = LatentCache(self.cfg, 1, T, self.dtype, self.device)
         st = self._state(torch.ones(1, T, dtype=torch.bool), torch.zeros(1, dtype=torch.long), 0, T)
         ids = torch.tensor([prompt], device=self.device)
-        return self.model.forward(ids, cache, st, last_only=False)[0]
+        stats = RunStats(self.run.mode, 1, T)             # its own: the backend's counters of this pass land here
+        begin = getattr(self.backend, "begin", None)
+        if begin:
+            begin(stats)
+        out = self.model.forward(ids, cache, st, last_only=False)[0]
+        self._finish(stats)
+        return out
