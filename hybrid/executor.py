@@ -133,8 +133,8 @@ class OffloadedExperts:
             self.phases.mark("issued")
             out = self._decode(call, hits, fetch, plan.cpu, flat, counts, xh, host, job)
         else:
-            wave = max(1, (len(self.cache.staging) - len(self.cache.held)) // 2)
-            waves = [fetch[i:i + wave] for i in range(0, len(fetch), wave)]
+            size = max(1, (len(self.cache.staging) - len(self.cache.held)) // 2)   # held: copied ahead
+            waves = [fetch[i:i + size] for i in range(0, len(fetch), size)]
             for wave in waves[:2]:
                 self._issue(layer, wave)
             self.issued = time.perf_counter()

@@ -52,7 +52,7 @@ def default_threads() -> int:
 class CpuLane:
     """A layer's CPU experts. By default on the native kernel's own thread pool, handed over right after planning
     so that they run while the driving thread admits slots, issues copies and queues the GPU work, which it then
-    joins (`CpuExperts.start_rows` / `wait`); calls the pool does not take (experts of more than 4 tokens, no
+    joins (`CpuExperts.start_rows` / `wait`); calls the pool does not take (experts of more than 8 tokens, no
     compiler) run on the driving thread's OpenMP team after the GPU work is queued.
 
     Measured on the H200 box (eval/NOTES.md): a Python worker thread cost a hand-off (queue, wake-up, GIL) of
