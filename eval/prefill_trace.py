@@ -50,7 +50,7 @@ def traced_prefill(engine, prompt) -> tuple[list[dict], list[dict], float, dict]
     log.enabled = False
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        events = json.load(open(f.name))["traceEvents"]
+        events = json.loads(Path(f.name).read_text())["traceEvents"]
     mark = next(e for e in events if e.get("name") == "prefill_trace_mark")
     return events, log.rows, float(mark["ts"]) - 1e6 * t_mark, log.summary()
 
