@@ -3,7 +3,7 @@ import numpy as np
 
 from cost_model.costs import CostModel, Curve
 from hybrid.config import ModelConfig
-from hybrid.lane_feedback import LAG_CAP_MS, SCALE_RANGE, LaneFeedback
+from hybrid.lane_feedback import LAG_CAP_MS, PREFILL_LAG_CAP_MS, SCALE_RANGE, LaneFeedback
 from hybrid.prefetch import Prefetcher
 
 
@@ -13,10 +13,26 @@ def test_lag_is_capped_and_decays_without_cpu_work():
     assert fb.lag_ms(1) == LAG_CAP_MS
     for _ in range(200):
         fb.note_lag(1, None)
-    assert fb.lag_ms(1) < 0.05 and fb.lag_ms(16) == 0.0
+    assert fb.lag_ms(1) < 0.05 and fb.lag_ms(16) == fb.lag_ms(1)      # 16: nearest decode count seen
+    assert fb.lag_ms(17) == 0.0                                         # prefill: nothing learned yet
     for _ in range(100):
         fb.note_lag(1, 0.3)
     assert abs(fb.lag_ms(1) - 0.3) < 1e-3
+
+
+def test_unseen_token_counts_borrow_the_nearest_on_their_side():
+    fb = LaneFeedback(decode_tokens=4)
+    fb.note_lag(128, 1.6)                          # a prefill's lag: above the decode cap, under prefill's
+    fb.note_lag(512, 9.0)
+    assert fb.lag_ms(128) == 1.6 and fb.lag_ms(512) == PREFILL_LAG_CAP_MS
+    assert fb.lag_ms(200) == 1.6 and fb.lag_ms(400) == PREFILL_LAG_CAP_MS and fb.lag_ms(3000) == PREFILL_LAG_CAP_MS
+    assert fb.lag_ms(4) == 0.0                     # decode never borrows from prefill
+    fb.note_lag(1, 0.2)
+    assert fb.lag_ms(3) == 0.2 and fb.lag_ms(5) == 1.6
+    c = CostModel(fetch_ms=0.33, gpu_ms=Curve([1], [0.05]), cpu_ms=Curve([1], [0.3]), xfer_ms=Curve([1], [0.0]),
+                  cpu_dispatch_ms=0.0)
+    fb.note_cpu(c, 256, 0.45, [1])
+    assert fb.cpu_scale(256) == fb.cpu_scale(300) == 1.5 and fb.cpu_scale(2) == 1.0
 
 
 def test_cpu_scale_follows_measurements_within_its_range():
