@@ -1,8 +1,10 @@
 """Where does an offloaded prefill spend its time? One prefill under torch.profiler (CUDA activity) with the
 executor's phase log on: per MoE layer, when routing reached the host, when the PCIe lane moved that layer's
-experts, when the CPU lane ran, and how busy each lane was over the whole prefill.
+experts, when the CPU lane ran, and how busy each lane was over the whole prefill. With --decode-steps N the
+trace goes on for N decode steps, summarised as the mean decode layer (the PCIe lane's idle time per layer).
 
-    python eval/prefill_trace.py --model DIR --mode hybrid --gpu-memory 12GiB --prompt-len 256 [--out x.json]"""
+    python eval/prefill_trace.py --model DIR --mode hybrid --gpu-memory 12GiB --prompt-len 256 [--out x.json]
+    python eval/prefill_trace.py --model DIR --mode hybrid --gpu-memory 12GiB --batch-size 16 --decode-steps 4"""
 from __future__ import annotations
 
 import argparse
@@ -34,7 +36,7 @@ def busy_ms(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
     return total / 1000
 
 
-def traced_prefill(engine, prompt) -> tuple[list[dict], list[dict], float, dict]:
+def traced_prefill(engine, prompt, decode_steps: int = 0) -> tuple[list[dict], list[dict], float, dict]:
     """-> (trace events, phase-log rows, offset us that maps perf_counter seconds onto trace timestamps,
     the phase log's summary)."""
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -45,7 +47,7 @@ def traced_prefill(engine, prompt) -> tuple[list[dict], list[dict], float, dict]
         t_mark = time.perf_counter()
         with record_function("prefill_trace_mark"):
             pass
-        engine.generate(prompt, SamplingParams(max_new_tokens=1))
+        engine.generate(prompt, SamplingParams(max_new_tokens=1 + decode_steps, stop_on_eos=False))
         torch.cuda.synchronize()
     log.enabled = False
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
@@ -95,9 +97,21 @@ def table(res: dict) -> None:
     print(f"median layer span {statistics.median(spans):.2f} ms")
 
 
+def decode_summary(layers: list[dict]) -> dict:
+    """The mean decode layer: where its copies and CPU experts fell after routing, and the PCIe lane's idle time."""
+    keys = ("first_copy_ms", "copies_ms", "copies_end_ms", "cpu_start_ms", "cpu_ms", "host_done_ms", "span_ms",
+            "n_hit", "n_fetch", "n_cpu")
+    out = {k: statistics.mean(r[k] for r in layers if r[k] is not None) for k in keys
+           if any(r[k] is not None for r in layers)}
+    out["pcie_idle_ms"] = out["span_ms"] - out.get("copies_ms", 0.0)
+    print("mean decode layer (ms after routing): " + ", ".join(f"{k} {v:.3f}" for k, v in out.items()))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     probe_args(ap, prompt_len=256)
+    ap.add_argument("--decode-steps", type=int, default=0, help="also trace this many decode steps")
     a = ap.parse_args()
     engine, prompt = probe_engine(a)
     if not torch.cuda.is_available() or not hasattr(engine.backend, "phases"):
@@ -106,13 +120,17 @@ def main() -> None:
     runs = [engine.generate(prompt, SamplingParams(max_new_tokens=1)).stats for _ in range(3)]
     untraced = statistics.median(1000 * s.ttft_s for s in runs)
     gen = runs[-1].summary()
-    events, rows, offset, phases = traced_prefill(engine, prompt)
+    events, rows, offset, phases = traced_prefill(engine, prompt, a.decode_steps)
     res = {**meta(), "mode": a.mode, "prefetch": a.prefetch, "batch_size": a.batch_size, "prompt_len": a.prompt_len,
            "ttft_ms_untraced": untraced, "ttft_ms_runs": [1000 * s.ttft_s for s in runs], "stats_untraced": gen,
            "phases": phases, **analyse(events, rows, offset)}
     print(f"copied ahead {gen['copied_ahead']} (used {gen['copied_ahead_used']}) | hit rate {gen['hit_rate']:.3f} | "
           f"on CPU {gen['experts_on_cpu']} | fetched {gen['experts_fetched']}")
     print(f"TTFT untraced, median of 3 {untraced:.1f} ms ({a.batch_size * a.prompt_len / untraced * 1000:.0f} tok/s)")
+    n_moe = len(engine.cfg.moe_layers)
+    if a.decode_steps:
+        res["decode"] = decode_summary(res["layers"][n_moe:])
+        res["layers"] = res["layers"][:n_moe]
     table(res)
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2))

@@ -137,7 +137,6 @@ class RunConfig:
     cpu_kernel: str = "auto"              # CPU experts: native (built kernel) | torch | auto (native if it builds)
     cpu_pool: bool = True                 # native kernel on its own thread pool, started before the GPU work is queued
     copy_ahead: bool = True               # prefill: copy some of the next layer's experts behind this layer's copies
-    decode_copy_ahead: bool = True        # the same at decode, while enough of those copies get used (large batches)
     costs_path: str | None = None         # calibration JSON; None = the default location
     static_decode: bool = True            # decode from static buffers over the whole cache (graph-ready)
     cuda_graphs: bool = True              # on CUDA, replay static decode steps from captured graphs

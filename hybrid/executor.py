@@ -32,11 +32,10 @@ class OffloadedExperts:
 
     def __init__(self, cfg: ModelConfig, store: ExpertStore, cache: ExpertCache, planner, device: torch.device,
                  cpu_lane: CpuLane, prefetcher: Prefetcher | None = None, decode_tokens: int = 16,
-                 copy_ahead: CopyAhead | None = None, decode_ahead: CopyAhead | None = None):
+                 copy_ahead: CopyAhead | None = None):
         self.cfg, self.store, self.cache, self.planner = cfg, store, cache, planner
         self.device, self.copy, self.cpu = device, CopyLane(device), cpu_lane
-        self.prefetcher, self.decode_tokens = prefetcher, decode_tokens
-        self.copy_ahead, self.decode_ahead = copy_ahead, decode_ahead        # prefill's, decode's
+        self.prefetcher, self.decode_tokens, self.copy_ahead = prefetcher, decode_tokens, copy_ahead
         self.next_layer = dict(zip(cfg.moe_layers, cfg.moe_layers[1:]))
         self.ahead: dict[int, dict[int, int]] = {}          # layer -> {expert: staging slot} copied ahead for it
         pin = device.type == "cuda"
@@ -117,8 +116,8 @@ class OffloadedExperts:
             penalty = self.prefetcher.penalty_ms(layer, host[:, K:], self.cache.resident, c.fetch_ms,
                                                  c.cpu_ms(1) * self.feedback.cpu_scale(T))
         small = T <= self.decode_tokens              # decode: every copy in one wave, bounded by the staging room
-        ahead = self._ahead_for(layer, T, tokens, small)
-        room = len(self.cache.staging) - len(self.cache.held) + self.cache.room(layer, tokens) if small else None
+        room = len(self.cache.staging) + self.cache.room(layer, tokens) if small else None
+        ahead = self._ahead_for(layer, tokens, small)
         lanes = LaneState(self._backlog_ms(), self.feedback.lag_ms(T), self.feedback.cpu_scale(T), penalty, room)
         resident = self.cache.resident[layer]
         plan = self.planner.plan(tokens, resident | ahead.keys() if ahead else resident, lanes)
@@ -157,7 +156,7 @@ class OffloadedExperts:
         self._wait_ready(fetch)
         ys = graph.fetched(bool(fetch))
         self._mark_free(hits + fetch)
-        self._prefetch_then_cpu(call, host, lay, xh, ys, job, self.decode_ahead)
+        self._prefetch_then_cpu(call, host, lay, xh, ys, job)
         return graph.post()
 
     def _layer_graph(self, call) -> LayerGraph:
@@ -180,20 +179,20 @@ class OffloadedExperts:
         self.phases.mark("launched")
         self._gpu_groups(call.layer, hits, waves, lay.rows, offs, xs, ys)
         wsort = call.w.reshape(-1)[perm].unsqueeze(1)                                     # [T*K, 1]
-        self._prefetch_then_cpu(call, host, lay, xh, ys, job, self.copy_ahead if T > self.decode_tokens else None)
+        self._prefetch_then_cpu(call, host, lay, xh, ys, job, copy_ahead=T > self.decode_tokens)
         return combine(x, tok, ys, wsort)
 
     def _prefetch_then_cpu(self, call, host, lay, xh: torch.Tensor, ys: torch.Tensor, job,
-                           ahead: CopyAhead | None = None) -> None:
-        """Once the GPU side is queued: the next layer's prefetch copies and its copies made ahead (by `ahead`),
+                           copy_ahead: bool = False) -> None:
+        """Once the GPU side is queued: the next layer's prefetch copies (and in prefill its copies made ahead),
         then this layer's CPU experts into ys (collected from the pool if `job` started them there, else
         computed now)."""
         K = call.idx.shape[1]
         pred = host[:, K:] if self.prefetcher and call.pred is not None else None
         if pred is not None:
             self._prefetch(call.layer, pred)
-        if ahead is not None:
-            self._copy_ahead(call.layer, pred, ahead, host.shape[0])
+        if copy_ahead and self.copy_ahead is not None:
+            self._copy_ahead(call.layer, pred)
         self.phases.mark("queued")
         if lay.cpu_segments:
             out = self._finish_cpu(job, xh.shape[0]) if job else self._cpu_experts(call.layer, lay, xh, K)
@@ -201,24 +200,21 @@ class OffloadedExperts:
         else:
             self.feedback.note_lag(xh.shape[0], None)
 
-    def _ahead_for(self, layer: int, T: int, tokens: dict[int, int], small: bool) -> dict[int, int]:
+    def _ahead_for(self, layer: int, tokens: dict[int, int], small: bool) -> dict[int, int]:
         """The copies made ahead for this layer that it needs (the others' slots are released), after noting
-        how many it uses and (prefill) the PCIe lane's idle time before this layer's routing."""
+        the PCIe lane's idle time before this prefill layer's routing."""
         ahead = self.ahead.pop(layer, {})
-        ca = self.decode_ahead if small else self.copy_ahead
-        if ca is not None:
-            ca.note_use(T, sum(e in tokens for e in ahead), len(ahead))
-            if not small and layer != self.cfg.moe_layers[0]:
-                ca.observe(1000 * (time.perf_counter() - self.pcie_until))
+        if self.copy_ahead is not None and not small and layer != self.cfg.moe_layers[0]:
+            self.copy_ahead.observe(1000 * (time.perf_counter() - self.pcie_until))
         for e in [e for e in ahead if e not in tokens]:
             self.cache.held.discard(ahead.pop(e))     # a later copy into the slot queues behind this one
         return ahead
 
-    def _copy_ahead(self, layer: int, pred_host, ca: CopyAhead, T: int) -> None:
+    def _copy_ahead(self, layer: int, pred_host) -> None:
         """Queue copies of some of the next layer's uncached experts behind this layer's, into staging slots
         held until the next layer's GEMM over its hits has read them."""
         nxt = self.next_layer.get(layer)
-        n = ca.count(T) if nxt is not None else 0
+        n = self.copy_ahead.count() if nxt is not None else 0
         if n <= 0:
             return
         E = self.cfg.n_routed_experts
@@ -235,7 +231,7 @@ class OffloadedExperts:
             wave.append((e, slot))
         self._issue(nxt, wave)
         self.ahead[nxt] = dict(wave)
-        ca.issued = len(wave)
+        self.copy_ahead.issued = len(wave)
         self.stats.experts.copied_ahead += len(wave)
 
     def _mark_free(self, members) -> None:
@@ -269,10 +265,7 @@ class OffloadedExperts:
 
     def _admit_and_issue(self, layer: int, experts: list[int], tokens: dict[int, int]) -> list[tuple[int, int]]:
         """Decode: the first copy goes out as soon as it has a slot, the rest in one wave after it (admitting a
-        slot costs ~20 us of Python; the PCIe lane need not wait for all of them). With decode copy-ahead, the
-        PCIe lane's idle time before these copies is noted first."""
-        if self.decode_ahead is not None and layer != self.cfg.moe_layers[0]:
-            self.decode_ahead.observe(1000 * (time.perf_counter() - self.pcie_until))
+        slot costs ~20 us of Python; the PCIe lane need not wait for all of them)."""
         fetch = [(e, self._slot_for(layer, e, tokens)) for e in experts[:1]]
         self._issue(layer, fetch)
         rest = [(e, self._slot_for(layer, e, tokens)) for e in experts[1:]]

@@ -92,10 +92,9 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
     prefetch = Prefetcher(cfg, lookahead=run.lookahead) if run.prefetch in ("gate", "mlp") else None
     if progress:
         print(f"memory: {plan.describe()}", file=sys.stderr)
-    ahead = [CopyAhead(costs.fetch_ms, staging_slots(cfg) // 3, cfg.num_experts_per_tok, cfg.n_routed_experts)
-             if on and run.mode != "cpu" else None for on in (run.copy_ahead, run.copy_ahead and run.decode_copy_ahead)]
+    ahead = CopyAhead(costs.fetch_ms, staging_slots(cfg) // 3) if run.copy_ahead and run.mode != "cpu" else None
     return OffloadedExperts(cfg, store, cache, planner, device, lane, prefetch, decode_tokens=run.max_batch_size,
-                            copy_ahead=ahead[0], decode_ahead=ahead[1])
+                            copy_ahead=ahead)
 
 
 def default_costs_path() -> str:
