@@ -18,7 +18,8 @@ from hybrid.sampling import SamplingParams
 from hybrid.synthetic import PRESETS, write_checkpoint
 
 
-def engine_overheads(device: torch.device, dtype: str, kernel: str, pool: bool) -> tuple[float, float]:
+def engine_overheads(device: torch.device, dtype: str, kernel: str, pool: bool,
+                     tiles: str = "auto") -> tuple[float, float]:
     """Per-MoE-layer fixed costs measured in the real runtime on a tiny model, whose expert math is negligible:
     (overhead of a layer whose experts are all cached, extra cost of handing a layer's experts to the CPU lane)."""
     config, shards = PRESETS["tiny"]
@@ -27,7 +28,7 @@ def engine_overheads(device: torch.device, dtype: str, kernel: str, pool: bool) 
         path = write_checkpoint(tmp, config, shards, progress=False)
         for mode, slots in (("fetch", None), ("cpu", 0)):
             run = RunConfig(device=str(device), dtype=dtype, mode=mode, max_seq_len=64, cache_slots=slots,
-                            cpu_kernel=kernel, cpu_pool=pool)
+                            cpu_kernel=kernel, cpu_pool=pool, cpu_tiles=tiles)
             e = Engine(str(path), run, progress=False)
             e.generate([[1, 2, 3, 4]], SamplingParams(max_new_tokens=4))
             ms = sorted(e.generate([[1, 2, 3, 4]], SamplingParams(max_new_tokens=32, stop_on_eos=False))
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
                     choices=["auto", "native", "torch"], help="CPU-expert path to calibrate (as run.py's)")
     ap.add_argument("--cpu-pool", default=os.environ.get("HYBRID_CPU_POOL", "on"), choices=["on", "off"],
                     help="native kernel on its own thread pool (as run.py's)")
+    ap.add_argument("--cpu-tiles", default=os.environ.get("HYBRID_CPU_TILES", "auto"), choices=["auto", "off"],
+                    help="native kernel's AMX tile path for prefill-sized experts (as run.py's)")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -56,9 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     tokens = tuple(int(t) for t in a.tokens.split(","))
     pool = a.cpu_pool == "on"
-    model = measure(device, a.hidden, a.inter, dtype, a.threads, tokens, kernel=a.cpu_kernel, pool=pool)
+    model = measure(device, a.hidden, a.inter, dtype, a.threads, tokens, kernel=a.cpu_kernel, pool=pool,
+                    tiles=a.cpu_tiles)
     model.layer_overhead_ms, model.cpu_dispatch_ms = engine_overheads(device, str(dtype).split(".")[-1],
-                                                                      a.cpu_kernel, pool)
+                                                                      a.cpu_kernel, pool, a.cpu_tiles)
     model.to_json(a.out)
     print(json.dumps({"fetch_ms": round(model.fetch_ms, 4), "layer_overhead_ms": round(model.layer_overhead_ms, 4),
                       "cpu_dispatch_ms": round(model.cpu_dispatch_ms, 4),

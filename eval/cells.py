@@ -28,6 +28,7 @@ def make_engine(a, mode: str, batch: int, seq: int) -> Engine:
                     cache_policy=a.cache_policy, max_batch_size=batch, max_seq_len=seq,
                     cpu_kernel=os.environ.get("HYBRID_CPU_KERNEL", "auto"),
                     cpu_pool=os.environ.get("HYBRID_CPU_POOL", "on") == "on",
+                    cpu_tiles=os.environ.get("HYBRID_CPU_TILES", "auto"),
                     copy_ahead=os.environ.get("HYBRID_COPY_AHEAD", "on") == "on")
     return Engine(a.model, run, progress=False)
 

@@ -1,7 +1,8 @@
-"""CPU-expert kernels side by side: ms per expert and weight bytes per second for the native kernel and torch's path,
-over tokens per expert and experts per call, weights cycling through more experts than the L3 holds (so they come
-from DRAM, as in the runtime), while the copy stream moves experts to the GPU (as in the runtime). One JSON line
-per setting; the max relative difference between the two kernels' outputs is checked on the way.
+"""CPU-expert kernels side by side: ms per expert and weight bytes per second for the native kernel's vector path,
+torch's path and, where the CPU has AMX, the kernel's tile path (alone and on the pool), over tokens per expert and
+experts per call, weights cycling through more experts than the L3 holds (so they come from DRAM, as in the
+runtime), while the copy stream moves experts to the GPU (as in the runtime). One JSON line per setting; each
+kernel's max relative difference from torch's output is checked on the way.
 
     python eval/kernel_probe.py [--threads 15] [--tokens 1,2,4,8,16] [--experts 1,4,16] [--out probe.json]"""
 from __future__ import annotations
@@ -62,6 +63,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=15)
     ap.add_argument("--tokens", default="1,2,4,8,16")
     ap.add_argument("--experts", default="1,4,16")
+    ap.add_argument("--kernels", default="native,torch,amx,amx_pool",
+                    help="which to time, of native, native_pool, torch, amx, amx_pool (torch's output is the reference)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -71,12 +74,21 @@ def main() -> None:
     host[:3].copy_((torch.randn(3, NUMEL) * 0.02).bfloat16())
     dev = torch.empty(NUMEL, dtype=host.dtype, device="cuda") if cuda else None
     stream = torch.cuda.Stream() if cuda else None
-    kernels = {"native": CpuExperts("native", max_tokens=1 << 30), "torch": CpuExperts("torch")}
+    pool = {"pool_threads": a.threads - 1, "spin_us": 2000}          # as the runtime's CPU lane has it
+    make = {"native": lambda: CpuExperts("native", max_tokens=1 << 30, tiles="off"),
+            "native_pool": lambda: CpuExperts("native", max_tokens=1 << 30, tiles="off", **pool),
+            "torch": lambda: CpuExperts("torch"),
+            "amx": lambda: CpuExperts("native", max_tokens=0),       # the tile path at every token count
+            "amx_pool": lambda: CpuExperts("native", max_tokens=0, **pool)}
+    kernels = {k: make[k]() for k in a.kernels.split(",")}
+    kernels = {k: v for k, v in kernels.items() if not k.startswith("amx") or v.tiles == 1}
+    ref = kernels.get("torch") or make["torch"]()
     rows = []
     for tokens in [int(t) for t in a.tokens.split(",")]:
-        diff = max_rel_diff(kernels["native"], kernels["torch"], host, tokens)
+        diffs = {f"max_rel_diff_{k}": round(max_rel_diff(kernels[k], ref, host, tokens), 5)
+                 for k in kernels if k != "torch"}
         for experts in [int(e) for e in a.experts.split(",")]:
-            row = {"threads": a.threads, "tokens": tokens, "experts_per_call": experts, "max_rel_diff": round(diff, 5)}
+            row = {"threads": a.threads, "tokens": tokens, "experts_per_call": experts, **diffs}
             for name, k in kernels.items():
                 ms = timed(k.run, host, dev, stream, tokens, experts)
                 row[f"{name}_ms"] = round(ms, 4)

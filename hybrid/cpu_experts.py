@@ -2,7 +2,9 @@
 
 Decode puts a few tokens on each CPU expert: the work is reading the expert's 17 MB from DRAM once, which a plain
 fp32-accumulating kernel does at close to memory bandwidth, while torch's bf16 linear (oneDNN) pays for packing
-and blocking meant for larger matrices. Experts with many tokens (prefill) go to torch, whose AMX GEMMs win there."""
+and blocking meant for larger matrices. Experts with more tokens (prefill) take the kernel's tile path (AMX, bf16)
+where the CPU has it, on the same pool, so prefill's CPU lane starts as early as decode's; elsewhere they go to
+torch."""
 from __future__ import annotations
 
 import warnings
@@ -17,6 +19,7 @@ from .cpu_kernel import DTYPES, KernelUnavailable, load
 NATIVE_MAX_TOKENS = 8          # tokens per expert up to which the native kernel is used (faster at 1-8 tokens,
                                # slower at 16 than torch's AMX path on the GPU box: eval/kernel_probe.py)
 KINDS = ("auto", "native", "torch")
+TILES = {"auto": None, "off": 0, "emulate": 2}      # emulate: the tile path in plain C++ (tests without AMX)
 
 
 def _torch_experts(x: torch.Tensor, out: torch.Tensor, w13: List[torch.Tensor], w2: List[torch.Tensor],
@@ -45,12 +48,16 @@ class CpuExperts:
     kind: "native" (the kernel for experts of <= max_tokens tokens; an error if it cannot be built), "torch", or
     "auto" (native where it builds, else torch, with the reason in `why`). With pool_threads > 0 the native
     kernel runs on the library's own thread pool: `start_rows` returns at once and `wait` collects the result,
-    so the caller can queue GPU work meanwhile; idle pool threads spin `spin_us` before they sleep."""
+    so the caller can queue GPU work meanwhile; idle pool threads spin `spin_us` before they sleep.
+    tiles: "auto" (calls with more than max_tokens tokens on an expert take the AMX tile path where this machine
+    has it), "off", or "emulate" (the tile path's plain C++ emulation, for tests)."""
 
     def __init__(self, kind: str = "auto", max_tokens: int = NATIVE_MAX_TOKENS, pool_threads: int = 0,
-                 spin_us: int = 0):
+                 spin_us: int = 0, tiles: str = "auto"):
         if kind not in KINDS:
             raise ValueError(f"unknown CPU expert kernel {kind!r}: choose one of {', '.join(KINDS)}")
+        if tiles not in TILES:
+            raise ValueError(f"unknown tile setting {tiles!r}: choose one of {', '.join(TILES)}")
         self.lib, self.why, self.max_tokens = None, "", max_tokens
         if kind != "torch":
             try:
@@ -62,7 +69,8 @@ class CpuExperts:
         self.kind = "native" if self.lib is not None else "torch"
         self.pool_threads = pool_threads if self.lib is not None else 0
         self.spin_ns = 1000 * spin_us
-        self.label = self.kind + ("+pool" if self.pool_threads else "")   # what calibration is keyed by
+        self.tiles = 0 if self.lib is None else TILES[tiles] if TILES[tiles] is not None else self.lib.moe_tiles()
+        self.label = self.kind + ("+pool" if self.pool_threads else "") + ("", "+amx", "+amxemu")[self.tiles]
         self.scratch = torch.empty(0)
         self.pending: tuple | None = None       # the started job's arguments, alive until `wait`
 
@@ -70,9 +78,23 @@ class CpuExperts:
         """Whether the native kernel takes this dtype and these sizes at all."""
         return self.lib is not None and x.dtype in DTYPES and x.shape[1] % 16 == 0 and inter % 16 == 0
 
+    def _mode(self, x: torch.Tensor, inter: int, counts) -> int | None:
+        """How the native kernel runs a call: 0 vector path, 1/2 tile path (AMX / emulated), None: not at all."""
+        if not self._fits(x, inter):
+            return None
+        if max(counts) <= self.max_tokens:
+            return 0
+        ok = self.tiles and x.dtype == torch.bfloat16 and x.shape[1] % 32 == 0 and inter % 32 == 0
+        return self.tiles if ok else None
+
     def run(self, x: torch.Tensor, out: torch.Tensor, w13: list, w2: list, starts: list, counts: list) -> None:
         """x, out: [rows, H]; expert j (weights w13[j] [2I, H], w2[j] [H, I]) owns rows starts[j]..+counts[j]."""
-        limit = self.max_tokens if self._fits(x, w2[0].shape[1]) else 0
+        inter = w2[0].shape[1]
+        mode = self._mode(x, inter, counts)
+        if mode:
+            self._native(x, None, out, pointer_table(list(zip(w13, w2))), starts, counts, inter, tiles=mode)
+            return
+        limit = self.max_tokens if self._fits(x, inter) else 0
         small = [j for j, c in enumerate(counts) if c <= limit]
         big = [j for j, c in enumerate(counts) if c > limit]
         if big:                                  # torch's OpenMP team runs this call: the pool sleeps
@@ -92,8 +114,9 @@ class CpuExperts:
         ptrs = pointer_table(views). The native kernel reads x through rows; torch gathers into `gather` first."""
         experts, starts, counts = zip(*segments)
         inter = views[0][1].shape[1]
-        if self._fits(x, inter) and max(counts) <= self.max_tokens:
-            self._native(x, rows, out, ptrs[list(experts)], starts, counts, inter)
+        mode = self._mode(x, inter, counts)
+        if mode is not None:
+            self._native(x, rows, out, ptrs[list(experts)], starts, counts, inter, tiles=mode)
             return
         xin = gather[:rows.shape[0]]
         torch.index_select(x, 0, torch.from_numpy(rows).long(), out=xin)
@@ -106,9 +129,10 @@ class CpuExperts:
         starting another), False if this call does not fit the pool (no pool, too many tokens, dtype)."""
         experts, starts, counts = zip(*segments)
         inter = views[0][1].shape[1]
-        if not self.pool_threads or max(counts) > self.max_tokens or not self._fits(x, inter):
+        mode = self._mode(x, inter, counts)
+        if not self.pool_threads or mode is None:
             return False
-        self._start(self._args(x, rows, out, ptrs[list(experts)], starts, counts, inter))
+        self._start(self._args(x, rows, out, ptrs[list(experts)], starts, counts, inter, mode))
         return True
 
     def _start(self, job: tuple) -> None:
@@ -124,10 +148,12 @@ class CpuExperts:
         self.pending = None
         return ns / 1e6
 
-    def _args(self, x, rows, out, ptrs: np.ndarray, starts, counts, inter: int) -> tuple:
+    def _args(self, x, rows, out, ptrs: np.ndarray, starts, counts, inter: int, tiles: int = 0) -> tuple:
         """(ctypes arguments of moe_cpu_experts, the arrays they point into)."""
         n_rows, H = out.shape[0], x.shape[1]
-        need = n_rows * (H + 3 * inter)
+        padded = 16 * sum((c + 15) // 16 for c in counts) if tiles else n_rows    # tile path: 16-token blocks
+        in_f, gu_f = (padded * H // 2, padded * 2 * inter) if tiles else (n_rows * H, n_rows * 2 * inter)
+        need = in_f + gu_f + padded * inter
         if self.scratch.numel() < need:
             self.scratch = torch.empty(max(need, 2 * self.scratch.numel()), dtype=torch.float32)
         base, f = self.scratch.data_ptr(), self.scratch.element_size()
@@ -137,11 +163,12 @@ class CpuExperts:
         xr = None if rows is None else np.ascontiguousarray(rows, dtype=np.int32)
         args = (DTYPES[x.dtype], len(ct), w13p.ctypes.data, w2p.ctypes.data, st.ctypes.data, ct.ctypes.data,
                 x.data_ptr(), None if xr is None else xr.ctypes.data, out.data_ptr(), n_rows, H, inter,
-                base, base + n_rows * H * f, base + n_rows * (H + 2 * inter) * f)
+                base, base + in_f * f, base + (in_f + gu_f) * f, tiles)
         return args, (w13p, w2p, st, ct, xr, x, out, self.scratch)
 
-    def _native(self, x, rows, out, ptrs: np.ndarray, starts, counts, inter: int, pool: bool = True) -> None:
-        job = self._args(x, rows, out, ptrs, starts, counts, inter)
+    def _native(self, x, rows, out, ptrs: np.ndarray, starts, counts, inter: int, pool: bool = True,
+                tiles: int = 0) -> None:
+        job = self._args(x, rows, out, ptrs, starts, counts, inter, tiles)
         if self.pool_threads and pool:
             self._start(job)
             self.wait()

@@ -5,6 +5,8 @@
 // intermediate values are rounded to bf16 where torch's bf16 path rounds them (after each linear, after silu, after
 // the product), so the result is torch's up to the order of the sums.
 //
+// Experts with more tokens (prefill) take the tile path of cpu_tiles.h (bf16 only; AMX hardware or its emulation).
+//
 // Threads, two ways: moe_cpu_experts uses the calling thread's OpenMP team (built with -fopenmp and loaded after
 // torch, the library binds to the libgomp torch loaded, so that is torch's team); moe_pool_start hands the same
 // work to a pool of the library's own threads and returns at once (the runtime queues GPU work meanwhile).
@@ -16,6 +18,7 @@
 #include <atomic>
 #include <chrono>
 #include <thread>
+#include <vector>
 #include <version>
 
 namespace {
@@ -125,8 +128,12 @@ struct Job {                                  // one call's arguments (see moe_c
     void *out;
     int rows, H, I;
     float *xf, *gu, *h;
+    int tiles = 0;                            // 0: vector path; 1: AMX tiles; 2: their emulation
+    const int *bexp = nullptr, *boff = nullptr;   // tile path: expert of each 16-token block, first block of each
+    int nblocks = 0;
 
     long size(int phase) const {              // work items of each of the four phases
+        if (tiles) return phase == 0 || phase == 2 ? (long)nblocks * 16 : (long)n * (phase == 1 ? 2 * I : H) / 16;
         switch (phase) {
             case 0: return rows;                  // input rows widened to fp32
             case 1: return (long)n * 2 * I / RB;  // blocks of RB gate and up rows of every expert
@@ -179,19 +186,56 @@ void run_phase(const Job &jb, int phase, long lo, long hi) {
     }
 }
 
-// Member `part` of `parts` runs its static share of every phase, calling sync() between phases.
+}  // namespace
+
+#include "cpu_tiles.h"
+
+namespace {
+
+// The tile path's block tables into `buf`: expert of each 16-token block, first block of each expert.
+inline void set_blocks(Job &jb, std::vector<int> &buf) {
+    if (!jb.tiles) return;
+    int nb = 0;
+    for (int j = 0; j < jb.n; j++) nb += (jb.counts[j] + 15) / 16;
+    buf.resize(nb + jb.n);
+    for (int j = 0, b = 0; j < jb.n; j++) {
+        buf[nb + j] = b;
+        for (int k = 0; k < (jb.counts[j] + 15) / 16; k++) buf[b++] = j;
+    }
+    jb.bexp = buf.data(), jb.boff = buf.data() + nb, jb.nblocks = nb;
+}
+
 inline void run_items(const Job &jb, int phase, long lo, long hi) {
-    if (jb.dtype == 0) run_phase<float>(jb, phase, lo, hi);
+#if MOE_HW_TILES
+    if (jb.tiles == 1) return run_tile_phase<HwTiles>(jb, phase, lo, hi);
+#endif
+    if (jb.tiles) run_tile_phase<EmuTiles>(jb, phase, lo, hi);
+    else if (jb.dtype == 0) run_phase<float>(jb, phase, lo, hi);
     else run_phase<uint16_t>(jb, phase, lo, hi);
 }
 
+inline void tiles_on(const Job &jb) {         // tile registers are per thread: configure before, free after
+#if MOE_HW_TILES
+    if (jb.tiles == 1) HwTiles::config();
+#endif
+}
+
+inline void tiles_off(const Job &jb) {
+#if MOE_HW_TILES
+    if (jb.tiles == 1) HwTiles::release();
+#endif
+}
+
+// Member `part` of `parts` runs its static share of every phase, calling sync() between phases.
 template <typename Sync>
 void run_share(const Job &jb, int part, int parts, Sync sync) {
+    tiles_on(jb);
     for (int phase = 0; phase < 4; phase++) {
         long n = jb.size(phase);
         run_items(jb, phase, n * part / parts, n * (part + 1) / parts);
         if (phase < 3) sync();
     }
+    tiles_off(jb);
 }
 
 inline void relax() {
@@ -223,10 +267,11 @@ class Pool {
         gen_.fetch_add(1);                                    // odd: closed; members back out or finish
         while (active_.load() != 0) relax();                 // stragglers of the previous job leave
         job_ = job;
+        set_blocks(job_, blocks_);
         t0_ = now_ns();
         park_.store(false, std::memory_order_relaxed);
         for (int p = 0; p < 4; p++) {
-            long n = job.size(p);
+            long n = job_.size(p);
             grain_[p] = n / (4 * (n_ + 1)) > 1 ? n / (4 * (n_ + 1)) : 1;
             progress_[p].next.store(0, std::memory_order_relaxed);
             progress_[p].done.store(0, std::memory_order_relaxed);
@@ -252,6 +297,7 @@ class Pool {
     };
 
     void work() {
+        tiles_on(job_);
         for (int p = 0; p < 4; p++) {
             const long n = job_.size(p), g = grain_[p];
             for (long lo; (lo = progress_[p].next.fetch_add(g, std::memory_order_relaxed)) < n;) {
@@ -261,6 +307,7 @@ class Pool {
             }
             while (progress_[p].done.load(std::memory_order_acquire) < n) relax();
         }
+        tiles_off(job_);
     }
 
     void loop() {
@@ -296,6 +343,7 @@ class Pool {
     const int n_;
     const long spin_ns_;
     Job job_{};
+    std::vector<int> blocks_;
     long t0_ = 0, grain_[4] = {1, 1, 1, 1};
     Progress progress_[4];
     alignas(64) std::atomic<unsigned> gen_{0};
@@ -309,15 +357,26 @@ Pool *pool = nullptr;
 
 extern "C" {
 
-// dtype 0: float32, 1: bfloat16 (as raw uint16). Rows of out are grouped by expert: expert j owns rows
-// [starts[j], starts[j] + counts[j]); row r's input is x[xrows[r]] (x[r] if xrows is null).
-// Scratch: xf [rows*H], gu [rows*2I], h [rows*I] floats. H, I % 16 == 0.
-int moe_cpu_experts(int dtype, int n, const void *const *w13, const void *const *w2, const int *starts,
-                    const int *counts, const void *x, const int *xrows, void *out, int rows, int H, int I,
-                    float *xf, float *gu, float *h) {
+// Checks shared by both entry points: 0, or the error code the caller reports.
+static int check(int dtype, int H, int I, int tiles) {
     if (H % 16 || I % 16) return 1;
     if (dtype != 0 && dtype != 1) return 2;
-    const Job jb{dtype, n, w13, w2, starts, counts, x, xrows, out, rows, H, I, xf, gu, h};
+    if (tiles < 0 || tiles > 2 || (tiles && (dtype != 1 || H % 32 || I % 32))) return 4;
+    if (tiles == 1 && !hw_tiles()) return 5;
+    return 0;
+}
+
+// dtype 0: float32, 1: bfloat16 (as raw uint16). Rows of out are grouped by expert: expert j owns rows
+// [starts[j], starts[j] + counts[j]); row r's input is x[xrows[r]] (x[r] if xrows is null). H, I % 16 == 0.
+// tiles 0: vector path, scratch xf [rows*H], gu [rows*2I], h [rows*I] floats. tiles 1 (AMX) / 2 (emulated):
+// bf16, H, I % 32 == 0; with P = 16 * sum(ceil(counts / 16)) padded rows, scratch xf [P*H/2], gu [P*2I], h [P*I/2].
+int moe_cpu_experts(int dtype, int n, const void *const *w13, const void *const *w2, const int *starts,
+                    const int *counts, const void *x, const int *xrows, void *out, int rows, int H, int I,
+                    float *xf, float *gu, float *h, int tiles) {
+    if (int err = check(dtype, H, I, tiles)) return err;
+    Job jb{dtype, n, w13, w2, starts, counts, x, xrows, out, rows, H, I, xf, gu, h, tiles};
+    std::vector<int> blocks;
+    set_blocks(jb, blocks);
 #pragma omp parallel
     run_share(jb, omp_get_thread_num(), omp_get_num_threads(), [] {
 #pragma omp barrier
@@ -329,12 +388,11 @@ int moe_cpu_experts(int dtype, int n, const void *const *w13, const void *const 
 // at once; moe_pool_wait() blocks until it is done. One job at a time; its buffers must outlive the wait.
 int moe_pool_start(int threads, long spin_ns, int dtype, int n, const void *const *w13, const void *const *w2,
                    const int *starts, const int *counts, const void *x, const int *xrows, void *out, int rows,
-                   int H, int I, float *xf, float *gu, float *h) {
-    if (H % 16 || I % 16) return 1;
-    if (dtype != 0 && dtype != 1) return 2;
+                   int H, int I, float *xf, float *gu, float *h, int tiles) {
+    if (int err = check(dtype, H, I, tiles)) return err;
     if (threads < 1) return 3;
     if (pool == nullptr) pool = new Pool(threads, spin_ns);
-    pool->start(Job{dtype, n, w13, w2, starts, counts, x, xrows, out, rows, H, I, xf, gu, h});
+    pool->start(Job{dtype, n, w13, w2, starts, counts, x, xrows, out, rows, H, I, xf, gu, h, tiles});
     return 0;
 }
 
@@ -348,5 +406,8 @@ void moe_pool_park(void) {
 int moe_pool_threads(void) { return pool == nullptr ? 0 : pool->size(); }
 
 int moe_cpu_threads(void) { return omp_get_max_threads(); }
+
+// 1 where the AMX tile path runs on this machine (compiled in, allowed by the OS), else 0.
+int moe_tiles(void) { return hw_tiles(); }
 
 }

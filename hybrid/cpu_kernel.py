@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+HEADERS = [Path(__file__).with_name("cpu_tiles.h")]
 FLAGS = ["-O3", "-march=native", "-std=c++20", "-fopenmp", "-pthread", "-shared", "-fPIC", "-Wno-psabi"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -36,7 +37,8 @@ def _cpu_model() -> str:
 
 def library_path() -> Path:
     cxx = os.environ.get("CXX", "g++")
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, *FLAGS, _cpu_model()]).encode()).hexdigest()[:16]
+    texts = [f.read_text() for f in [SOURCE, *HEADERS]]
+    key = hashlib.sha256("\n".join([*texts, cxx, *FLAGS, _cpu_model()]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("HYBRID_CACHE", Path.home() / ".cache" / "hybrid-moe"))
     return root / "kernels" / f"cpu_kernel-{key}.so"
 
@@ -70,7 +72,7 @@ def load() -> ctypes.CDLL:
         raise KernelUnavailable(f"cannot load {path}: {e}") from None
     P = ctypes.c_void_p
     lib.moe_cpu_experts.argtypes = [ctypes.c_int, ctypes.c_int, P, P, P, P, P, P, P, ctypes.c_int, ctypes.c_int,
-                                    ctypes.c_int, P, P, P]
+                                    ctypes.c_int, P, P, P, ctypes.c_int]
     lib.moe_cpu_experts.restype = ctypes.c_int
     lib.moe_pool_start.argtypes = [ctypes.c_int, ctypes.c_long] + lib.moe_cpu_experts.argtypes
     lib.moe_pool_start.restype = ctypes.c_int
@@ -78,6 +80,7 @@ def load() -> ctypes.CDLL:
     lib.moe_pool_threads.restype = ctypes.c_int
     lib.moe_pool_park.restype = None
     lib.moe_cpu_threads.restype = ctypes.c_int
+    lib.moe_tiles.restype = ctypes.c_int
     return lib
 
 

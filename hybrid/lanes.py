@@ -52,15 +52,17 @@ def default_threads() -> int:
 class CpuLane:
     """A layer's CPU experts. By default on the native kernel's own thread pool, handed over right after planning
     so that they run while the driving thread admits slots, issues copies and queues the GPU work, which it then
-    joins (`CpuExperts.start_rows` / `wait`); calls the pool does not take (experts of more than 8 tokens, no
-    compiler) run on the driving thread's OpenMP team after the GPU work is queued.
+    joins (`CpuExperts.start_rows` / `wait`); with AMX (the kernel's tile path) that includes prefill's experts of
+    many tokens. Calls the pool does not take (experts of more than 8 tokens without AMX, no compiler) run on the
+    driving thread's OpenMP team after the GPU work is queued.
 
     Measured on the H200 box (eval/NOTES.md): a Python worker thread cost a hand-off (queue, wake-up, GIL) of
     0.1-0.4 ms per layer, and two busy teams push libgomp past one thread per core, where it stops spinning between
     parallel regions (0.21 -> 0.36-0.65 ms per 1-token expert): the pool lives outside Python and OpenMP, and sleeps
     while torch's team runs CPU experts."""
 
-    def __init__(self, threads: int | None = None, cuda: bool = True, kernel: str = "auto", pool: bool = True):
+    def __init__(self, threads: int | None = None, cuda: bool = True, kernel: str = "auto", pool: bool = True,
+                 tiles: str = "auto"):
         from .cpu_experts import CpuExperts
         if threads or cuda:
             torch.set_num_threads(threads or default_threads())
@@ -69,7 +71,8 @@ class CpuLane:
         # fewer than the team: the driving thread joins the job in `wait`, once its host work is done. Idle
         # members spin 2 ms on a GPU machine (the next layer's job follows within it), sleep at once on a CPU one.
         members = max(1, self.threads - 1) if cuda else self.threads
-        self.experts = CpuExperts(kernel, pool_threads=members if pool else 0, spin_us=2000 if cuda else 0)
+        self.experts = CpuExperts(kernel, pool_threads=members if pool else 0, spin_us=2000 if cuda else 0,
+                                  tiles=tiles)
 
 
 class PinnedBuffer:

@@ -81,7 +81,7 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
             if slot is None:
                 break
             cache.slots[slot].copy_(store.buffer(layer, e))
-    lane = CpuLane(run.cpu_threads, cuda, run.cpu_kernel, run.cpu_pool)
+    lane = CpuLane(run.cpu_threads, cuda, run.cpu_kernel, run.cpu_pool, run.cpu_tiles)
     if lane.experts.why and progress:
         print(f"CPU experts: torch path ({lane.experts.why})", file=sys.stderr)
     costs, why = load_costs(run.costs_path or default_costs_path(),

@@ -106,3 +106,50 @@ def test_start_rows_declines_what_the_pool_cannot_take():
     assert not CpuExperts("native", max_tokens=4, pool_threads=2).start_rows(x, rows, out, views,
                                                                              pointer_table(views), segs)
     assert not CpuExperts("native", max_tokens=8).start_rows(x, rows, out, views, pointer_table(views), segs)
+
+
+@pytest.mark.parametrize("counts", [[17], [1, 17, 9, 40], [33, 2, 16]])     # 1-3 blocks of 16 tokens, odd and even
+def test_tile_path_matches_torch(counts):
+    """The tile path (AMX where the CPU has it; here its emulation, which runs everywhere) against torch's bf16."""
+    tiles = CpuExperts("native", max_tokens=8, tiles="emulate")
+    assert tiles.label == "native+amxemu"
+    x, w13, w2, starts, counts = experts(counts, torch.bfloat16)
+    ref, out = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    torch_experts(x, ref, w13, w2, starts, counts)
+    tiles.run(x, out, w13, w2, starts, counts)
+    assert torch.isfinite(out).all()
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() <= 1e-2
+
+
+def test_tile_path_on_the_pool_reads_through_the_row_map():
+    import numpy as np
+    from hybrid.cpu_experts import pointer_table
+    inline = CpuExperts("native", tiles="emulate")
+    pooled = CpuExperts("native", pool_threads=3, tiles="emulate")
+    for seed, counts in enumerate([[20, 3, 1], [9, 40]]):
+        _, w13, w2, starts, counts = experts(counts, torch.bfloat16, seed=seed)
+        views = list(zip(w13, w2))
+        segs = [(j, a, c) for j, (a, c) in enumerate(zip(starts, counts))]
+        x = torch.randn(24, 64).to(torch.bfloat16)
+        rows = np.random.default_rng(seed).integers(0, 24, sum(counts)).astype(np.int32)
+        n = sum(counts)
+        ref, out = torch.empty(n, 64, dtype=torch.bfloat16), torch.full((n, 64), float("nan"), dtype=torch.bfloat16)
+        inline.run_rows(x, rows, ref, views, pointer_table(views), segs, torch.empty(n, 64, dtype=torch.bfloat16))
+        assert pooled.start_rows(x, rows, out, views, pointer_table(views), segs)   # > 8 tokens: tiles take it
+        pooled.wait()
+        assert torch.equal(out, ref)
+        torch_ref = torch.empty_like(ref)
+        torch_experts(x[torch.from_numpy(rows).long()], torch_ref, w13, w2, starts, counts)
+        assert ((out.float() - torch_ref.float()).norm() / torch_ref.float().norm()).item() <= 1e-2
+
+
+def test_tile_path_only_where_it_applies():
+    _, w13, w2, starts, counts = experts([12, 2], torch.float32)
+    tiles = CpuExperts("native", max_tokens=8, tiles="emulate")
+    assert tiles._mode(torch.empty(1, 64), 32, counts) is None              # fp32: torch's path for big experts
+    assert tiles._mode(torch.empty(1, 64, dtype=torch.bfloat16), 32, counts) == 2
+    assert tiles._mode(torch.empty(1, 64, dtype=torch.bfloat16), 32, [2, 3]) == 0   # decode sizes: vector path
+    assert tiles._mode(torch.empty(1, 48, dtype=torch.bfloat16), 32, counts) is None  # 48 % 32: no tiles
+    assert CpuExperts("native", tiles="off").tiles == 0
+    with pytest.raises(ValueError, match="unknown tile setting"):
+        CpuExperts("native", tiles="fast")

@@ -93,3 +93,24 @@ def test_hybrid_uses_both_layer_paths_and_stays_exact(tiny, gpu_run, monkeypatch
     out = e.generate(PROMPTS, SamplingParams(max_new_tokens=10, stop_on_eos=False))
     assert out.tokens == gpu_run[0].tokens
     assert used["one"] > 0 and used["grouped"] > 0 and out.stats.experts.cpu_experts > 0
+
+
+def test_tile_path_runs_prefill_experts_on_the_pool_and_matches_torch(tiny, monkeypatch):
+    """bf16 prefill puts more than 8 tokens on CPU experts: with the kernel's tile path (emulated here; AMX on
+    the GPU box) the pool takes them as the layer starts, and the logits match torch's CPU path."""
+    from hybrid.cpu_experts import CpuExperts
+    took, orig = [], CpuExperts.start_rows
+
+    def spy(self, x, rows, out, views, ptrs, segs):
+        ok = orig(self, x, rows, out, views, ptrs, segs)
+        took.append((ok, max(c for _, _, c in segs), self.label))
+        return ok
+    monkeypatch.setattr(CpuExperts, "start_rows", spy)
+    prompt = [(37 * i) % 5000 + 10 for i in range(64)]              # 64 tokens x top-4 of 16: ~16 per expert
+    logits = {}
+    for tiles in ("emulate", "off"):
+        run = RunConfig(dtype="bfloat16", mode="cpu", max_seq_len=80, cache_slots=0, cpu_tiles=tiles)
+        logits[tiles] = Engine(str(tiny), run, progress=False).logits(prompt).float()
+    assert rel_err(logits["emulate"], logits["off"]) <= 2e-2
+    assert any(ok and big > 8 and label.endswith("+amxemu") for ok, big, label in took)
+    assert not any(ok and big > 8 for ok, big, label in took if not label.endswith("+amxemu"))
