@@ -29,6 +29,7 @@ def make_engine(a, mode: str, batch: int, seq: int) -> Engine:
                     cpu_kernel=os.environ.get("HYBRID_CPU_KERNEL", "auto"),
                     cpu_pool=os.environ.get("HYBRID_CPU_POOL", "on") == "on",
                     cpu_tiles=os.environ.get("HYBRID_CPU_TILES", "auto"),
+                    zero_copy=os.environ.get("HYBRID_ZERO_COPY", "on") == "on",
                     copy_ahead=os.environ.get("HYBRID_COPY_AHEAD", "on") == "on")
     return Engine(a.model, run, progress=False)
 

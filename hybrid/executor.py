@@ -17,7 +17,7 @@ from .expert_store import ExpertStore
 from .experts import grouped_ffn
 from .copy_ahead import CopyAhead
 from .cpu_experts import pointer_table
-from .lanes import CopyLane, CpuLane, PinnedBuffer
+from .lanes import CopyLane, CpuLane, PinnedBuffer, load, zero_copy_works
 from .layer_graph import LayerGraph, combine
 from .layer_layout import cpu_rows, layer_layout
 from .phases import PhaseLog
@@ -32,7 +32,7 @@ class OffloadedExperts:
 
     def __init__(self, cfg: ModelConfig, store: ExpertStore, cache: ExpertCache, planner, device: torch.device,
                  cpu_lane: CpuLane, prefetcher: Prefetcher | None = None, decode_tokens: int = 16,
-                 copy_ahead: CopyAhead | None = None):
+                 copy_ahead: CopyAhead | None = None, zero_copy: bool = True):
         self.cfg, self.store, self.cache, self.planner = cfg, store, cache, planner
         self.device, self.copy, self.cpu = device, CopyLane(device), cpu_lane
         self.prefetcher, self.decode_tokens, self.copy_ahead = prefetcher, decode_tokens, copy_ahead
@@ -42,8 +42,9 @@ class OffloadedExperts:
         self.ptrs = {layer: pointer_table(views) for layer, views in store.views.items()}
         self.host_x = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
         self.host_in = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
-        self.host_out = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
-        self.index_buf = PinnedBuffer(1, torch.int32, pin)
+        alias = pin and zero_copy and zero_copy_works()      # the GPU reads CPU results and layouts in place
+        self.host_out = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin, alias)
+        self.index_buf = PinnedBuffer(1, torch.int32, pin, alias)
         self.w13_all, self.w2_all = cache.stacked()
         self.expert_bytes = store.numel * store.flat.element_size()
         self.stats = RunStats("", 0, 0)
@@ -152,7 +153,8 @@ class OffloadedExperts:
         self._wait_ready(hits)                       # prefetched hits may still be in flight
         self.phases.mark("launched")
         n_hit = lay.rows[0][1]
-        graph.hits(self._pinned(lay.perm, lay.offs[0], lay.offs[1] + n_hit, n_hit))
+        n = self._pinned(lay.perm, lay.offs[0], lay.offs[1] + n_hit, n_hit).shape[0]
+        graph.hits(self.index_buf.device_vector(n))
         self._wait_ready(fetch)
         ys = graph.fetched(bool(fetch))
         self._mark_free(hits + fetch)
@@ -196,7 +198,7 @@ class OffloadedExperts:
         self.phases.mark("queued")
         if lay.cpu_segments:
             out = self._finish_cpu(job, xh.shape[0]) if job else self._cpu_experts(call.layer, lay, xh, K)
-            ys[lay.cpu_start:].copy_(out, non_blocking=True)
+            load(ys[lay.cpu_start:], self.host_out.device_rows(out.shape[0]))
         else:
             self.feedback.note_lag(xh.shape[0], None)
 
@@ -306,7 +308,10 @@ class OffloadedExperts:
 
     def _upload(self, lay) -> torch.Tensor:
         buf = self._pinned(lay.perm, lay.offs.reshape(-1))
-        return buf.to(self.device, non_blocking=True) if self.copy.cuda else buf.clone()
+        if not self.copy.cuda:
+            return buf.clone()
+        dev = self.index_buf.device_vector(buf.shape[0])
+        return torch.mul(dev, 1) if dev.is_cuda else buf.to(self.device, non_blocking=True)
 
     def _wait_ready(self, members) -> None:
         waited = set()

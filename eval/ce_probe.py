@@ -1,0 +1,70 @@
+"""Does a small host-to-device copy wait behind expert copies queued on another stream? Queues `--experts`
+expert-sized copies on a side stream, then on the compute stream times (CUDA events) a small pinned-memory copy
+of each size, against a kernel reading the same pinned memory in place (`hybrid.lanes.device_alias`), each with
+and without the expert copies in flight. One JSON line per size.
+
+    python eval/ce_probe.py [--experts 6] [--sizes-kib 4,256,1024] [--out probe.json]"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch  # noqa: E402
+
+from eval.common import meta  # noqa: E402
+from hybrid.lanes import device_alias  # noqa: E402
+
+EXPERT_BYTES = 3 * 2048 * 1408 * 2
+
+
+def timed(op, side: torch.cuda.Stream, big: list, reps: int = 9) -> float:
+    """Median ms from queueing `op` on the compute stream to its end, with `big` copies queued first on `side`."""
+    out = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        with torch.cuda.stream(side):
+            for dst, src in big:
+                dst.copy_(src, non_blocking=True)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        op()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b))
+    torch.cuda.synchronize()
+    return statistics.median(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experts", type=int, default=6)
+    ap.add_argument("--sizes-kib", default="4,256,1024")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("ce_probe needs CUDA")
+    n = EXPERT_BYTES // 2
+    big = [(torch.empty(n, dtype=torch.bfloat16, device="cuda"), torch.randn(n).bfloat16().pin_memory())
+           for _ in range(a.experts)]
+    side, rows = torch.cuda.Stream(), []
+    for kib in [int(s) for s in a.sizes_kib.split(",")]:
+        host = torch.randn(kib * 512).bfloat16().pin_memory()
+        alias, dst = device_alias(host), torch.empty(kib * 512, dtype=torch.bfloat16, device="cuda")
+        ops = {"copy": lambda: dst.copy_(host, non_blocking=True), "in_place": lambda: torch.mul(alias, 1, out=dst)}
+        row = {"kib": kib, "expert_copies_queued": a.experts}
+        for name, op in ops.items():
+            row[f"{name}_alone_ms"] = round(timed(op, side, []), 4)
+            row[f"{name}_behind_copies_ms"] = round(timed(op, side, big), 4)
+        assert torch.equal(dst.cpu(), host)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if a.out:
+        Path(a.out).write_text(json.dumps({**meta(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
