@@ -1,7 +1,8 @@
-"""Does a small host-to-device copy wait behind expert copies queued on another stream? Queues `--experts`
-expert-sized copies on a side stream, then on the compute stream times (CUDA events) a small pinned-memory copy
-of each size, against a kernel reading the same pinned memory in place (`hybrid.lanes.device_alias`), each with
-and without the expert copies in flight. One JSON line per size.
+"""Does a small copy on the compute stream wait behind expert copies queued on another stream? Queues `--experts`
+expert-sized host-to-device copies on a side stream, then on the compute stream times (CUDA events) small
+transfers of each size: host-to-device (a pinned copy, or a kernel reading pinned memory in place through
+`hybrid.lanes.device_alias`) and device-to-host (to pinned memory, to pageable memory as `.cpu()` does, or a
+kernel writing pinned memory in place), each with and without the expert copies in flight. One JSON line per size.
 
     python eval/ce_probe.py [--experts 6] [--sizes-kib 4,256,1024] [--out probe.json]"""
 from __future__ import annotations
@@ -54,12 +55,16 @@ def main() -> None:
     for kib in [int(s) for s in a.sizes_kib.split(",")]:
         host = torch.randn(kib * 512).bfloat16().pin_memory()
         alias, dst = device_alias(host), torch.empty(kib * 512, dtype=torch.bfloat16, device="cuda")
-        ops = {"copy": lambda: dst.copy_(host, non_blocking=True), "in_place": lambda: torch.mul(alias, 1, out=dst)}
+        src = torch.randn(kib * 512, device="cuda").bfloat16()
+        ops = {"copy": lambda: dst.copy_(host, non_blocking=True), "in_place": lambda: torch.mul(alias, 1, out=dst),
+               "d2h_pinned": lambda: host.copy_(src, non_blocking=True), "d2h_pageable": lambda: src.cpu(),
+               "d2h_in_place": lambda: torch.mul(src, 1, out=alias)}
         row = {"kib": kib, "expert_copies_queued": a.experts}
         for name, op in ops.items():
             row[f"{name}_alone_ms"] = round(timed(op, side, []), 4)
             row[f"{name}_behind_copies_ms"] = round(timed(op, side, big), 4)
-        assert torch.equal(dst.cpu(), host)
+        torch.cuda.synchronize()
+        assert torch.equal(host, src.cpu())
         rows.append(row)
         print(json.dumps(row), flush=True)
     if a.out:

@@ -40,11 +40,13 @@ class OffloadedExperts:
         self.ahead: dict[int, dict[int, int]] = {}          # layer -> {expert: staging slot} copied ahead for it
         pin = device.type == "cuda"
         self.ptrs = {layer: pointer_table(views) for layer, views in store.views.items()}
-        self.host_x = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
+        alias = pin and zero_copy and zero_copy_works()      # GPU kernels read and write these in place
+        self.host_x = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin, alias)
         self.host_in = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
-        alias = pin and zero_copy and zero_copy_works()      # the GPU reads CPU results and layouts in place
         self.host_out = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin, alias)
         self.index_buf = PinnedBuffer(1, torch.int32, pin, alias)
+        self.route_buf = PinnedBuffer(1, torch.int64, pin, alias)
+        self.routed = torch.cuda.Event() if pin else None
         self.w13_all, self.w2_all = cache.stacked()
         self.expert_bytes = store.numel * store.flat.element_size()
         self.stats = RunStats("", 0, 0)
@@ -103,8 +105,7 @@ class OffloadedExperts:
         self._settle()
         self.phases.mark("settled")
         xh = self.host_x.rows(T)
-        xh.copy_(x, non_blocking=True)                     # rides along with the sync: the CPU lane's input
-        host = (idx if pred is None else torch.cat([idx, pred], dim=1)).cpu().numpy()   # the one sync
+        host = self._to_host(x, xh, idx if pred is None else torch.cat([idx, pred], dim=1))
         start = self._now()
         self.phases.mark("routed")
         flat = host[:, :K].reshape(-1)                                                    # [T*K]
@@ -201,6 +202,20 @@ class OffloadedExperts:
             load(ys[lay.cpu_start:], self.host_out.device_rows(out.shape[0]))
         else:
             self.feedback.note_lag(xh.shape[0], None)
+
+    def _to_host(self, x: torch.Tensor, xh: torch.Tensor, sel: torch.Tensor) -> np.ndarray:
+        """The layer's routing sel [T, C] on the host, and its input rows into xh (the CPU lane's input): the
+        layer's one sync. With aliases, kernels write both into pinned memory in place."""
+        n = sel.numel()
+        self.route_buf.rows(n)
+        if self.route_buf.dev is None or self.host_x.dev is None:
+            xh.copy_(x, non_blocking=True)
+            return sel.cpu().numpy()
+        torch.mul(x, 1, out=self.host_x.device_rows(xh.shape[0]))
+        torch.mul(sel, 1, out=self.route_buf.device_vector(n).view(sel.shape))
+        self.routed.record()
+        self.routed.synchronize()
+        return self.route_buf.vector(n)[1].reshape(sel.shape).copy()
 
     def _ahead_for(self, layer: int, tokens: dict[int, int], small: bool) -> dict[int, int]:
         """The copies made ahead for this layer that it needs (the others' slots are released), after noting

@@ -75,7 +75,7 @@ class CpuLane:
                                   tiles=tiles)
 
 
-TYPESTR = {torch.bfloat16: "<i2", torch.float16: "<f2", torch.float32: "<f4", torch.int32: "<i4"}
+TYPESTR = {torch.bfloat16: "<i2", torch.float16: "<f2", torch.float32: "<f4", torch.int32: "<i4", torch.int64: "<i8"}
 
 
 class _Interface:                         # what torch.as_tensor reads to wrap foreign device memory
