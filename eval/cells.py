@@ -29,15 +29,25 @@ def make_engine(a, mode: str, batch: int, seq: int) -> Engine:
                     cpu_kernel=os.environ.get("HYBRID_CPU_KERNEL", "auto"),
                     cpu_pool=os.environ.get("HYBRID_CPU_POOL", "on") == "on",
                     cpu_tiles=os.environ.get("HYBRID_CPU_TILES", "auto"),
-                    zero_copy=os.environ.get("HYBRID_ZERO_COPY", "on") == "on",
                     copy_ahead=os.environ.get("HYBRID_COPY_AHEAD", "on") == "on")
     return Engine(a.model, run, progress=False)
 
 
+def allocator_syncs() -> dict:
+    """Caching-allocator events that synchronise the whole device (copy stream included): retries after
+    freeing cached blocks at the memory cap, and explicit all-stream syncs."""
+    if not torch.cuda.is_available():
+        return {}
+    m = torch.cuda.memory_stats()
+    return {"alloc_retries": m.get("num_alloc_retries", 0), "sync_all_streams": m.get("num_sync_all_streams", 0),
+            "device_frees": m.get("num_device_free", 0)}
+
+
 def cell(e: Engine, mode: str, prompts: list[list[int]], new: int) -> dict:
+    before = allocator_syncs()
     out = e.generate(prompts, SamplingParams(max_new_tokens=new, stop_on_eos=False))
     s = out.stats
-    row = {**s.summary(), "mode": mode}
+    row = {**s.summary(), "mode": mode, **{k: v - before[k] for k, v in allocator_syncs().items()}}
     lane = getattr(e.backend, "cpu", None)
     if lane is not None:
         row["cpu_kernel"] = lane.experts.label

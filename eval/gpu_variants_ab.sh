@@ -4,7 +4,7 @@
 # its own cache when its settings change what calibration measures (HYBRID_CPU_TILES, HYBRID_CPU_POOL).
 # Measures batch-1 prefill traces at PROMPTS and decode phase logs at BATCHES (for DECODE_VARIANTS, default all);
 # CE_PROBE=1: eval/ce_probe.py first.
-#   VARIANTS="new=HYBRID_ZERO_COPY:on old=HYBRID_ZERO_COPY:off" PROMPTS="128 256" BATCHES="1 16" \
+#   VARIANTS="amx=HYBRID_CPU_TILES:auto torch=HYBRID_CPU_TILES:off" PROMPTS="128 256" BATCHES="1 16" \
 #     bash eval/gpu_variants_ab.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HYBRID_TOKENIZER=$PWD/.tok

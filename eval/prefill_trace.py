@@ -117,15 +117,20 @@ def main() -> None:
     if not torch.cuda.is_available() or not hasattr(engine.backend, "phases"):
         sys.exit("prefill_trace needs CUDA and an offloading mode (fetch, cpu, hybrid)")
     engine.generate(prompt, SamplingParams(max_new_tokens=4))                    # warm-up
+    before = torch.cuda.memory_stats()
     runs = [engine.generate(prompt, SamplingParams(max_new_tokens=1)).stats for _ in range(3)]
+    after = torch.cuda.memory_stats()
+    syncs = {k: after.get(k, 0) - before.get(k, 0) for k in ("num_alloc_retries", "num_sync_all_streams",
+                                                               "num_device_free")}
     untraced = statistics.median(1000 * s.ttft_s for s in runs)
     gen = runs[-1].summary()
     events, rows, offset, phases = traced_prefill(engine, prompt, a.decode_steps)
     res = {**meta(), "mode": a.mode, "prefetch": a.prefetch, "batch_size": a.batch_size, "prompt_len": a.prompt_len,
-           "ttft_ms_untraced": untraced, "ttft_ms_runs": [1000 * s.ttft_s for s in runs], "stats_untraced": gen,
+           "ttft_ms_untraced": untraced, "ttft_ms_runs": [1000 * s.ttft_s for s in runs], "stats_untraced": gen, "allocator_3_runs": syncs,
            "phases": phases, **analyse(events, rows, offset)}
     print(f"copied ahead {gen['copied_ahead']} (used {gen['copied_ahead_used']}) | hit rate {gen['hit_rate']:.3f} | "
           f"on CPU {gen['experts_on_cpu']} | fetched {gen['experts_fetched']}")
+    print(f"allocator over the 3 untraced runs: {syncs}")
     print(f"TTFT untraced, median of 3 {untraced:.1f} ms ({a.batch_size * a.prompt_len / untraced * 1000:.0f} tok/s)")
     n_moe = len(engine.cfg.moe_layers)
     if a.decode_steps:

@@ -58,9 +58,6 @@ def engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cpu-tiles", default=os.environ.get("HYBRID_CPU_TILES", "auto"), choices=["auto", "off"],
                     help="native CPU kernel's AMX tile path for experts of more than 8 tokens (prefill), where the "
                          "CPU has AMX (off: torch's path for them)")
-    ap.add_argument("--zero-copy", default=os.environ.get("HYBRID_ZERO_COPY", "on"), choices=["on", "off"],
-                    help="GPU kernels read the CPU lane's results and each layer's layout from pinned host memory in "
-                         "place (off: small host-to-device copies, which queue behind expert copies)")
     ap.add_argument("--copy-ahead", default=os.environ.get("HYBRID_COPY_AHEAD", "on"), choices=["on", "off"],
                     help="prefill: queue copies of the next layer's uncached experts behind this layer's, into the "
                          "PCIe lane's idle time before the next routing (modes fetch, hybrid)")
@@ -72,7 +69,7 @@ def run_config(a: argparse.Namespace) -> RunConfig:
     return RunConfig(device=a.device, dtype=dtype, mode=a.mode, gpu_memory=a.gpu_memory,
                      cache_policy=a.cache_policy, prefetch=a.prefetch, max_batch_size=a.batch_size,
                      max_seq_len=a.max_seq_len, cpu_threads=a.cpu_threads, cpu_kernel=a.cpu_kernel,
-                     cpu_pool=a.cpu_pool == "on", cpu_tiles=a.cpu_tiles, zero_copy=a.zero_copy == "on", copy_ahead=a.copy_ahead == "on", costs_path=a.costs,
+                     cpu_pool=a.cpu_pool == "on", cpu_tiles=a.cpu_tiles, copy_ahead=a.copy_ahead == "on", costs_path=a.costs,
                      predictor_path=a.predictors, lookahead=a.lookahead)
 
 

@@ -137,7 +137,6 @@ class RunConfig:
     cpu_kernel: str = "auto"              # CPU experts: native (built kernel) | torch | auto (native if it builds)
     cpu_pool: bool = True                 # native kernel on its own thread pool, started before the GPU work is queued
     cpu_tiles: str = "auto"               # native kernel's AMX tile path for prefill-sized experts: auto | off
-    zero_copy: bool = True                # GPU kernels read CPU results and layouts from pinned memory in place
     copy_ahead: bool = True               # prefill: copy some of the next layer's experts behind this layer's copies
     costs_path: str | None = None         # calibration JSON; None = the default location
     static_decode: bool = True            # decode from static buffers over the whole cache (graph-ready)

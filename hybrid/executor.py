@@ -17,7 +17,7 @@ from .expert_store import ExpertStore
 from .experts import grouped_ffn
 from .copy_ahead import CopyAhead
 from .cpu_experts import pointer_table
-from .lanes import CopyLane, CpuLane, PinnedBuffer, load, zero_copy_works
+from .lanes import CopyLane, CpuLane, PinnedBuffer
 from .layer_graph import LayerGraph, combine
 from .layer_layout import cpu_rows, layer_layout
 from .phases import PhaseLog
@@ -32,7 +32,7 @@ class OffloadedExperts:
 
     def __init__(self, cfg: ModelConfig, store: ExpertStore, cache: ExpertCache, planner, device: torch.device,
                  cpu_lane: CpuLane, prefetcher: Prefetcher | None = None, decode_tokens: int = 16,
-                 copy_ahead: CopyAhead | None = None, zero_copy: bool = True):
+                 copy_ahead: CopyAhead | None = None):
         self.cfg, self.store, self.cache, self.planner = cfg, store, cache, planner
         self.device, self.copy, self.cpu = device, CopyLane(device), cpu_lane
         self.prefetcher, self.decode_tokens, self.copy_ahead = prefetcher, decode_tokens, copy_ahead
@@ -40,13 +40,10 @@ class OffloadedExperts:
         self.ahead: dict[int, dict[int, int]] = {}          # layer -> {expert: staging slot} copied ahead for it
         pin = device.type == "cuda"
         self.ptrs = {layer: pointer_table(views) for layer, views in store.views.items()}
-        alias = pin and zero_copy and zero_copy_works()      # GPU kernels read and write these in place
-        self.host_x = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin, alias)
+        self.host_x = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
         self.host_in = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
-        self.host_out = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin, alias)
-        self.index_buf = PinnedBuffer(1, torch.int32, pin, alias)
-        self.route_buf = PinnedBuffer(1, torch.int64, pin, alias)
-        self.routed = torch.cuda.Event() if pin else None
+        self.host_out = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
+        self.index_buf = PinnedBuffer(1, torch.int32, pin)
         self.w13_all, self.w2_all = cache.stacked()
         self.expert_bytes = store.numel * store.flat.element_size()
         self.stats = RunStats("", 0, 0)
@@ -105,7 +102,8 @@ class OffloadedExperts:
         self._settle()
         self.phases.mark("settled")
         xh = self.host_x.rows(T)
-        host = self._to_host(x, xh, idx if pred is None else torch.cat([idx, pred], dim=1))
+        xh.copy_(x, non_blocking=True)                     # rides along with the sync: the CPU lane's input
+        host = (idx if pred is None else torch.cat([idx, pred], dim=1)).cpu().numpy()   # the one sync
         start = self._now()
         self.phases.mark("routed")
         flat = host[:, :K].reshape(-1)                                                    # [T*K]
@@ -154,8 +152,7 @@ class OffloadedExperts:
         self._wait_ready(hits)                       # prefetched hits may still be in flight
         self.phases.mark("launched")
         n_hit = lay.rows[0][1]
-        n = self._pinned(lay.perm, lay.offs[0], lay.offs[1] + n_hit, n_hit).shape[0]
-        graph.hits(self.index_buf.device_vector(n))
+        graph.hits(self._pinned(lay.perm, lay.offs[0], lay.offs[1] + n_hit, n_hit))
         self._wait_ready(fetch)
         ys = graph.fetched(bool(fetch))
         self._mark_free(hits + fetch)
@@ -199,23 +196,9 @@ class OffloadedExperts:
         self.phases.mark("queued")
         if lay.cpu_segments:
             out = self._finish_cpu(job, xh.shape[0]) if job else self._cpu_experts(call.layer, lay, xh, K)
-            load(ys[lay.cpu_start:], self.host_out.device_rows(out.shape[0]))
+            ys[lay.cpu_start:].copy_(out, non_blocking=True)
         else:
             self.feedback.note_lag(xh.shape[0], None)
-
-    def _to_host(self, x: torch.Tensor, xh: torch.Tensor, sel: torch.Tensor) -> np.ndarray:
-        """The layer's routing sel [T, C] on the host, and its input rows into xh (the CPU lane's input): the
-        layer's one sync. With aliases, kernels write both into pinned memory in place."""
-        n = sel.numel()
-        self.route_buf.rows(n)
-        if self.route_buf.dev is None or self.host_x.dev is None:
-            xh.copy_(x, non_blocking=True)
-            return sel.cpu().numpy()
-        torch.mul(x, 1, out=self.host_x.device_rows(xh.shape[0]))
-        torch.mul(sel, 1, out=self.route_buf.device_vector(n).view(sel.shape))
-        self.routed.record()
-        self.routed.synchronize()
-        return self.route_buf.vector(n)[1].reshape(sel.shape).copy()
 
     def _ahead_for(self, layer: int, tokens: dict[int, int], small: bool) -> dict[int, int]:
         """The copies made ahead for this layer that it needs (the others' slots are released), after noting
@@ -323,10 +306,7 @@ class OffloadedExperts:
 
     def _upload(self, lay) -> torch.Tensor:
         buf = self._pinned(lay.perm, lay.offs.reshape(-1))
-        if not self.copy.cuda:
-            return buf.clone()
-        dev = self.index_buf.device_vector(buf.shape[0])
-        return torch.mul(dev, 1) if dev.is_cuda else buf.to(self.device, non_blocking=True)
+        return buf.to(self.device, non_blocking=True) if self.copy.cuda else buf.clone()
 
     def _wait_ready(self, members) -> None:
         waited = set()

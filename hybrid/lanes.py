@@ -75,76 +75,19 @@ class CpuLane:
                                   tiles=tiles)
 
 
-TYPESTR = {torch.bfloat16: "<i2", torch.float16: "<f2", torch.float32: "<f4", torch.int32: "<i4", torch.int64: "<i8"}
-
-
-class _Interface:                         # what torch.as_tensor reads to wrap foreign device memory
-    def __init__(self, ptr: int, shape: tuple, typestr: str):
-        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (ptr, False), "version": 3,
-                                         "strides": None}
-
-
-def device_alias(t: torch.Tensor) -> torch.Tensor:
-    """A CUDA tensor over the same page-locked host memory as `t` (unified addressing: cudaHostAlloc'd memory has
-    one address for host and device). Kernels that read it pull the bytes over PCIe themselves, so the read does
-    not queue on a copy engine behind expert copies, as a small host-to-device copy does (eval/ce_probe.py)."""
-    a = torch.as_tensor(_Interface(t.data_ptr(), tuple(t.shape), TYPESTR[t.dtype]), device="cuda")
-    return a.view(t.dtype) if a.dtype != t.dtype else a
-
-
-def zero_copy_works() -> bool:
-    """Whether a kernel reads page-locked host memory through `device_alias` here (checked once per process)."""
-    global _ZERO_COPY
-    if _ZERO_COPY is None:
-        try:
-            host = torch.arange(1, 65, dtype=torch.int32).pin_memory()
-            _ZERO_COPY = bool(torch.equal(torch.mul(device_alias(host), 1).cpu(), host))
-        except (RuntimeError, TypeError, ValueError):
-            _ZERO_COPY = False
-    return _ZERO_COPY
-
-
-_ZERO_COPY: bool | None = None
-
-
-def load(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst (compute device) <- src: a kernel reading a `device_alias` in place, else an asynchronous copy."""
-    if src.device == dst.device:
-        torch.mul(src, 1, out=dst)
-    else:
-        dst.copy_(src, non_blocking=True)
-
-
 class PinnedBuffer:
-    """A reusable host buffer (page-locked on CUDA machines) that grows to the largest request. With `alias`, its
-    rows are also reachable from the GPU in place (`device_rows`: see `device_alias`)."""
+    """A reusable host buffer (page-locked on CUDA machines) that grows to the largest request."""
 
-    def __init__(self, cols: int, dtype: torch.dtype, pin: bool, alias: bool = False):
-        self.cols, self.dtype, self.pin, self.alias = cols, dtype, pin, alias and pin
+    def __init__(self, cols: int, dtype: torch.dtype, pin: bool):
+        self.cols, self.dtype, self.pin = cols, dtype, pin
         self.buf = torch.empty(0, cols, dtype=dtype)
-        self.dev: torch.Tensor | None = None            # the whole buffer as a CUDA tensor (alias)
         self.flat: dict[int, torch.Tensor] = {}         # n -> the first n elements as a 1-D view (hot path)
-        self.dev_flat: dict[int, torch.Tensor] = {}
 
     def rows(self, n: int) -> torch.Tensor:
         if n > self.buf.shape[0]:
             self.buf = torch.empty(max(n, 2 * self.buf.shape[0]), self.cols, dtype=self.dtype, pin_memory=self.pin)
-            self.dev = device_alias(self.buf) if self.alias else None
-            self.flat, self.dev_flat = {}, {}
+            self.flat = {}
         return self.buf[:n]
-
-    def device_rows(self, n: int) -> torch.Tensor:
-        """The first n rows where a kernel on the compute device reads them: the alias, else the host rows."""
-        host = self.rows(n)
-        return host if self.dev is None else self.dev[:n]
-
-    def device_vector(self, n: int) -> torch.Tensor:
-        """`vector(n)`'s tensor as `device_rows` gives it."""
-        if self.dev is None:
-            return self.vector(n)[0]
-        if n not in self.dev_flat:
-            self.dev_flat[n] = self.dev[:n, 0]
-        return self.dev_flat[n]
 
     def vector(self, n: int) -> tuple[torch.Tensor, np.ndarray]:
         """The first n elements (of a 1-column buffer) as a tensor and as a NumPy array over the same memory."""

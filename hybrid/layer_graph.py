@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from .experts import grouped_ffn
-from .lanes import load
 
 
 def combine(x: torch.Tensor, tok: torch.Tensor, ys: torch.Tensor, wsort: torch.Tensor) -> torch.Tensor:
@@ -70,8 +69,8 @@ class LayerGraph:
             fn()
 
     def hits(self, index: torch.Tensor) -> None:
-        """Load the layout (pinned host memory, or its device alias), gather the rows and run the cached experts."""
-        load(self.index, index)
+        """Load the layout (from pinned host memory), gather the rows and run the cached experts."""
+        self.index.copy_(index, non_blocking=True)
         self._run("hits", self._hits)
 
     def fetched(self, any_fetched: bool = True) -> torch.Tensor:

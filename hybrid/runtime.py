@@ -94,7 +94,7 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
         print(f"memory: {plan.describe()}", file=sys.stderr)
     ahead = CopyAhead(costs.fetch_ms, staging_slots(cfg) // 3) if run.copy_ahead and run.mode != "cpu" else None
     return OffloadedExperts(cfg, store, cache, planner, device, lane, prefetch, decode_tokens=run.max_batch_size,
-                            copy_ahead=ahead, zero_copy=run.zero_copy)
+                            copy_ahead=ahead)
 
 
 def default_costs_path() -> str:
