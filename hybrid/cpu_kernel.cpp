@@ -133,7 +133,7 @@ struct Job {                                  // one call's arguments (see moe_c
     int nblocks = 0;
 
     long size(int phase) const {              // work items of each of the four phases
-        if (tiles) return phase == 0 || phase == 2 ? (long)nblocks * 16 : (long)n * (phase == 1 ? 2 * I : H) / 16;
+        if (tiles) return phase == 0 || phase == 2 ? (long)nblocks : (long)n * (phase == 1 ? 2 * I : H) / 16;
         switch (phase) {
             case 0: return rows;                  // input rows widened to fp32
             case 1: return (long)n * 2 * I / RB;  // blocks of RB gate and up rows of every expert

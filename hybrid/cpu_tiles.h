@@ -112,7 +112,8 @@ inline void tile_rows(const uint16_t *w, int K, const uint16_t *xb, bool two, fl
     if (two) P::store1(c1);
 }
 
-// Items [lo, hi) of one phase of the tile path (see Job::size). Scratch, by padded token row p (16 per block):
+// Items [lo, hi) of one phase of the tile path (see Job::size): 16-token blocks in phases 0 and 2, blocks of
+// 16 weight rows in 1 and 3. Scratch, by padded token row p (16 per block):
 // xf -> packed input (uint16, 16 x H per block), gu [p, 2I] fp32 gate | up, h -> packed silu(gate) * up.
 template <typename P>
 void run_tile_phase(const Job &jb, int phase, long lo, long hi) {
@@ -121,27 +122,27 @@ void run_tile_phase(const Job &jb, int phase, long lo, long hi) {
     uint16_t *xp = (uint16_t *)jb.xf, *hp = (uint16_t *)jb.h;
     float *gu = jb.gu;
     alignas(64) float c[2][TT * TT];
-    if (phase == 0 || phase == 2) {
-        for (long r = lo; r < hi; r++) {
-            const int b = (int)(r / TT), t = (int)(r % TT), j = jb.bexp[b];
-            const int tl = (b - jb.boff[j]) * TT + t;
-            if (phase == 0) {
-                const uint16_t *src = nullptr;
-                if (tl < jb.counts[j]) {
-                    const long row = jb.starts[j] + tl;
-                    src = (const uint16_t *)jb.x + (size_t)(jb.xrows ? jb.xrows[row] : row) * H;
+    if (phase == 0 || phase == 2) {           // whole 16-token blocks: a block's cache lines have one writer
+        for (long b = lo; b < hi; b++)
+            for (int t = 0; t < TT; t++) {
+                const int j = jb.bexp[b], tl = (int)(b - jb.boff[j]) * TT + t;
+                if (phase == 0) {
+                    const uint16_t *src = nullptr;
+                    if (tl < jb.counts[j]) {
+                        const long row = jb.starts[j] + tl;
+                        src = (const uint16_t *)jb.x + (size_t)(jb.xrows ? jb.xrows[row] : row) * H;
+                    }
+                    pack_token(src, xp + (size_t)b * TT * H, t, H);
+                    continue;
                 }
-                pack_token(src, xp + (size_t)b * TT * H, t, H);
-                continue;
+                const float *g = gu + ((size_t)b * TT + t) * 2 * I;
+                uint16_t *block = hp + (size_t)b * TT * I;
+                for (int i = 0; i < I; i++) {
+                    float gv = round_as<uint16_t>(g[i]), uv = round_as<uint16_t>(g[I + i]);
+                    float s = round_as<uint16_t>(gv / (1.f + std::exp(-gv)));
+                    block[(size_t)(i / TKV) * TBLOCK + ((i % TKV) / 2) * TKV + 2 * t + (i % 2)] = to_bf16(s * uv);
+                }
             }
-            const float *g = gu + (size_t)r * 2 * I;
-            uint16_t *block = hp + (size_t)b * TT * I;
-            for (int i = 0; i < I; i++) {
-                float gv = round_as<uint16_t>(g[i]), uv = round_as<uint16_t>(g[I + i]);
-                float s = round_as<uint16_t>(gv / (1.f + std::exp(-gv)));
-                block[(size_t)(i / TKV) * TBLOCK + ((i % TKV) / 2) * TKV + 2 * t + (i % 2)] = to_bf16(s * uv);
-            }
-        }
         return;
     }
     const int K = phase == 1 ? H : I, N = phase == 1 ? 2 * I : H, nrb = N / TT;
