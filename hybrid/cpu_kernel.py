@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
-HEADERS = [Path(__file__).with_name("cpu_tiles.h")]
+HEADERS = [Path(__file__).with_name(h) for h in ("cpu_tiles.h", "cpu_pool.h")]
 FLAGS = ["-O3", "-march=native", "-std=c++20", "-fopenmp", "-pthread", "-shared", "-fPIC", "-Wno-psabi"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 

@@ -1,0 +1,126 @@
+// The thread pool of cpu_kernel.cpp: a team of threads of its own, outside OpenMP and Python.
+//
+// Included once by cpu_kernel.cpp, after `Job`, `run_items`, `set_blocks`, `tiles_on` / `tiles_off`.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+#include <vector>
+
+namespace {
+
+inline void relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+
+inline long now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// A team of threads of its own, outside OpenMP and Python: `start` hands it a job and returns at once, so the
+// calling thread can go on queueing GPU work; `wait` makes the calling thread join the job until it is done.
+// Work is taken in chunks from a counter per phase, and a phase starts once the previous one is complete, so a
+// member may join at any time (the caller joins late, after its host work). Idle members spin for `spin_ns`
+// after a job (the next layer's job comes within ~1 ms at decode), then sleep until woken.
+class Pool {
+  public:
+    Pool(int n, long spin_ns) : n_(n), spin_ns_(spin_ns) {
+        for (int i = 0; i < n; i++) std::thread([this] { loop(); }).detach();   // never joined: lives as
+    }                                                                          // long as the process
+    int size() const { return n_; }
+
+    void start(const Job &job) {
+        gen_.fetch_add(1);                                    // odd: closed; members back out or finish
+        while (active_.load() != 0) relax();                 // stragglers of the previous job leave
+        job_ = job;
+        set_blocks(job_, blocks_);
+        t0_ = now_ns();
+        park_.store(false, std::memory_order_relaxed);
+        for (int p = 0; p < 4; p++) {
+            long n = job_.size(p);
+            grain_[p] = n / (4 * (n_ + 1)) > 1 ? n / (4 * (n_ + 1)) : 1;
+            progress_[p].next.store(0, std::memory_order_relaxed);
+            progress_[p].done.store(0, std::memory_order_relaxed);
+        }
+        gen_.fetch_add(1);                                    // even: open
+#if defined(__cpp_lib_atomic_wait)
+        gen_.notify_all();
+#endif
+    }
+
+    void park() { park_.store(true, std::memory_order_relaxed); }   // idle members sleep now, not after spin_ns
+
+    long wait() {                             // -> ns from start to the end of the job
+        work();
+        return now_ns() - t0_;
+    }
+
+  private:
+    struct alignas(64) Progress {
+        std::atomic<long> next{0};            // first item not yet taken
+        std::atomic<long> done{0};            // items finished
+        char pad[64 - 2 * sizeof(std::atomic<long>)];
+    };
+
+    void work() {
+        tiles_on(job_);
+        for (int p = 0; p < 4; p++) {
+            const long n = job_.size(p), g = grain_[p];
+            for (long lo; (lo = progress_[p].next.fetch_add(g, std::memory_order_relaxed)) < n;) {
+                long hi = lo + g < n ? lo + g : n;
+                run_items(job_, p, lo, hi);
+                progress_[p].done.fetch_add(hi - lo, std::memory_order_release);
+            }
+            while (progress_[p].done.load(std::memory_order_acquire) < n) relax();
+        }
+        tiles_off(job_);
+    }
+
+    void loop() {
+        for (unsigned seen = 0;;) {
+            unsigned g = gen_.load();
+            if (g == seen || (g & 1)) {
+                idle(g);
+                continue;
+            }
+            active_.fetch_add(1);
+            if (gen_.load() == g) {           // still open: the job's fields are complete
+                work();
+                seen = g;
+            }
+            active_.fetch_sub(1);
+        }
+    }
+
+    void idle(unsigned g) {
+        long t = now_ns();
+        for (long k = 1; gen_.load(std::memory_order_acquire) == g; k++) {
+            relax();
+            if (k % 256 == 0 && (park_.load(std::memory_order_relaxed) || now_ns() - t > spin_ns_)) {
+#if defined(__cpp_lib_atomic_wait)
+                gen_.wait(g);
+#else
+                std::this_thread::sleep_for(std::chrono::microseconds(20));
+#endif
+            }
+        }
+    }
+
+    const int n_;
+    const long spin_ns_;
+    Job job_{};
+    std::vector<int> blocks_;
+    long t0_ = 0, grain_[4] = {1, 1, 1, 1};
+    Progress progress_[4];
+    alignas(64) std::atomic<unsigned> gen_{0};
+    alignas(64) std::atomic<int> active_{0};
+    std::atomic<bool> park_{false};
+};
+
+}  // namespace
