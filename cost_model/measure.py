@@ -38,9 +38,12 @@ def default_path() -> Path:
     return root / "costs.json"
 
 
-def _median_ms(fn, reps: int, cuda: bool) -> float:
+def _median_ms(fn, reps: int, cuda: bool, before=None) -> float:
+    """Median ms of fn() over reps (CUDA events on the current stream where cuda); `before()` runs untimed first."""
     times = []
     for _ in range(reps):
+        if before is not None:
+            before()
         if cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()

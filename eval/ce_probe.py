@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
+from cost_model.measure import _median_ms  # noqa: E402
 from eval.common import meta  # noqa: E402
 
 EXPERT_BYTES = 3 * 2048 * 1408 * 2
@@ -36,20 +36,14 @@ def device_alias(t: torch.Tensor) -> torch.Tensor:
 
 def timed(op, side: torch.cuda.Stream, big: list, reps: int = 9) -> float:
     """Median ms from queueing `op` on the compute stream to its end, with `big` copies queued first on `side`."""
-    out = []
-    for _ in range(reps):
+    def queue_big():
         torch.cuda.synchronize()
         with torch.cuda.stream(side):
             for dst, src in big:
                 dst.copy_(src, non_blocking=True)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        op()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
+    ms = _median_ms(op, reps, True, before=queue_big)
     torch.cuda.synchronize()
-    return statistics.median(out)
+    return ms
 
 
 def main() -> None:
