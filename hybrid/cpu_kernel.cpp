@@ -15,9 +15,6 @@
 #include <cstring>
 #include <omp.h>
 
-#include <atomic>
-#include <chrono>
-#include <thread>
 #include <vector>
 #include <version>
 
@@ -192,17 +189,14 @@ void run_phase(const Job &jb, int phase, long lo, long hi) {
 
 namespace {
 
-// The tile path's block tables into `buf`: expert of each 16-token block, first block of each expert.
+// The tile path's block tables, kept in `buf`: first block of each expert (boff), expert of each block (bexp).
 inline void set_blocks(Job &jb, std::vector<int> &buf) {
     if (!jb.tiles) return;
-    int nb = 0;
-    for (int j = 0; j < jb.n; j++) nb += (jb.counts[j] + 15) / 16;
-    buf.resize(nb + jb.n);
-    for (int j = 0, b = 0; j < jb.n; j++) {
-        buf[nb + j] = b;
-        for (int k = 0; k < (jb.counts[j] + 15) / 16; k++) buf[b++] = j;
-    }
-    jb.bexp = buf.data(), jb.boff = buf.data() + nb, jb.nblocks = nb;
+    buf.clear();
+    for (int j = 0, b = 0; j < jb.n; b += (jb.counts[j] + TT - 1) / TT, j++) buf.push_back(b);
+    for (int j = 0; j < jb.n; j++)
+        for (int k = 0; k < (jb.counts[j] + TT - 1) / TT; k++) buf.push_back(j);
+    jb.boff = buf.data(), jb.bexp = buf.data() + jb.n, jb.nblocks = (int)buf.size() - jb.n;
 }
 
 inline void run_items(const Job &jb, int phase, long lo, long hi) {
