@@ -28,7 +28,7 @@ for n in ${PROMPTS:-128 256}; do
   for v in $names; do
     echo "== $v prompt $n"
     with "$v" timeout 150 python3 eval/prefill_trace.py --model /dev/shm/v2lite --gpu-memory 12GiB --max-seq-len 584 \
-      --mode hybrid --prefetch none --prompt-len $n --out "$D/prefill_${v}_p$n.json" 2>&1 | grep -E "TTFT|span|on CPU"
+      --mode hybrid --prefetch none --prompt-len $n --out "$D/prefill_${v}_p$n.json" 2>&1 | grep -E "TTFT|span|on CPU|host gap|^  +[0-9.]+ ms"
   done
 done
 for b in ${BATCHES:-}; do

@@ -8,6 +8,7 @@ trace goes on for N decode steps, summarised as the mean decode layer (the PCIe 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import statistics
 import sys
@@ -83,6 +84,32 @@ def analyse(events: list[dict], rows: list[dict], offset: float) -> dict:
             "cpu_lane_busy_ms": busy_ms(cpu, first_moe, hi), "layers": layers}
 
 
+def host_gap(events: list[dict], rows: list[dict], offset: float, top: int = 12) -> dict:
+    """From one MoE layer's end on the host (`done`) to the next layer's start (`enter`): the driving thread's
+    CPU ops and CUDA runtime calls in that gap, by total time per layer (nested ops count in their parents too)."""
+    us = lambda t: 1e6 * t + offset  # noqa: E731
+    mark = next(e for e in events if e.get("name") == "prefill_trace_mark")
+    gaps = [(us(r["done"]), us(n["enter"])) for r, n in zip(rows, rows[1:]) if "done" in r and "enter" in n]
+    if not gaps:
+        return {}
+    starts = [a for a, _ in gaps]
+    total: dict[tuple[str, str], list] = {}
+    for e in events:
+        if e.get("ph") != "X" or e.get("tid") != mark.get("tid") or e.get("cat") not in ("cpu_op", "cuda_runtime",
+                                                                                          "cuda_driver"):
+            continue
+        i = bisect.bisect_right(starts, e["ts"]) - 1
+        if i >= 0 and e["ts"] < gaps[i][1]:
+            t = total.setdefault((e["cat"], e["name"]), [0.0, 0])
+            t[0] += e.get("dur", 0.0)
+            t[1] += 1
+    n = len(gaps)
+    ranked = sorted(total.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"mean_gap_ms": sum(b - a for a, b in gaps) / n / 1000, "layers": n,
+            "top": [{"cat": c, "name": m, "ms_per_layer": t / n / 1000, "calls_per_layer": k / n}
+                    for (c, m), (t, k) in ranked]}
+
+
 def table(res: dict) -> None:
     span = res["moe_span_ms"]
     print(f"MoE layers span {span:.1f} ms | PCIe busy {res['pcie_busy_ms']:.1f} ({res['copies']} copies) | "
@@ -95,6 +122,11 @@ def table(res: dict) -> None:
               f"{f(r['host_done_ms'])}  {f(r['span_ms'])}")
     spans = [r["span_ms"] for r in res["layers"]]
     print(f"median layer span {statistics.median(spans):.2f} ms")
+    gap = res.get("host_gap") or {}
+    if gap:
+        print(f"host gap (layer done -> next layer entered) {gap['mean_gap_ms']:.3f} ms; per layer there:")
+        for t in gap["top"]:
+            print(f"  {t['ms_per_layer']:7.3f} ms {t['calls_per_layer']:6.1f} x  {t['cat']:<12} {t['name'][:60]}")
 
 
 def decode_summary(layers: list[dict]) -> dict:
@@ -127,7 +159,7 @@ def main() -> None:
     events, rows, offset, phases = traced_prefill(engine, prompt, a.decode_steps)
     res = {**meta(), "mode": a.mode, "prefetch": a.prefetch, "batch_size": a.batch_size, "prompt_len": a.prompt_len,
            "ttft_ms_untraced": untraced, "ttft_ms_runs": [1000 * s.ttft_s for s in runs], "stats_untraced": gen, "allocator_3_runs": syncs,
-           "phases": phases, **analyse(events, rows, offset)}
+           "phases": phases, **analyse(events, rows, offset), "host_gap": host_gap(events, rows, offset)}
     print(f"copied ahead {gen['copied_ahead']} (used {gen['copied_ahead_used']}) | hit rate {gen['hit_rate']:.3f} | "
           f"on CPU {gen['experts_on_cpu']} | fetched {gen['experts_fetched']}")
     print(f"allocator over the 3 untraced runs: {syncs}")

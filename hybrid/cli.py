@@ -61,6 +61,10 @@ def engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--copy-ahead", default=os.environ.get("HYBRID_COPY_AHEAD", "on"), choices=["on", "off"],
                     help="prefill: queue copies of the next layer's uncached experts behind this layer's, into the "
                          "PCIe lane's idle time before the next routing (modes fetch, hybrid)")
+    ap.add_argument("--prefill-graph-tokens", type=int,
+                    default=int(os.environ.get("HYBRID_PREFILL_GRAPH_TOKENS", "512")),
+                    help="prompts of at most this many tokens (batch x length) whose shape was seen before prefill "
+                         "from CUDA graphs (the launches between MoE layers replayed); 0: never")
     ap.add_argument("--costs", help="calibration JSON (default: this machine's, from calibrate.py)")
 
 
@@ -70,7 +74,8 @@ def run_config(a: argparse.Namespace) -> RunConfig:
                      cache_policy=a.cache_policy, prefetch=a.prefetch, max_batch_size=a.batch_size,
                      max_seq_len=a.max_seq_len, cpu_threads=a.cpu_threads, cpu_kernel=a.cpu_kernel,
                      cpu_pool=a.cpu_pool == "on", cpu_tiles=a.cpu_tiles, copy_ahead=a.copy_ahead == "on", costs_path=a.costs,
-                     predictor_path=a.predictors, lookahead=a.lookahead)
+                     predictor_path=a.predictors, lookahead=a.lookahead,
+                     prefill_graph_tokens=a.prefill_graph_tokens)
 
 
 def make_engine(a: argparse.Namespace):

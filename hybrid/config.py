@@ -141,3 +141,5 @@ class RunConfig:
     costs_path: str | None = None         # calibration JSON; None = the default location
     static_decode: bool = True            # decode from static buffers over the whole cache (graph-ready)
     cuda_graphs: bool = True              # on CUDA, replay static decode steps from captured graphs
+    prefill_graph_tokens: int = 512       # whole-prompt prefills of <= this many tokens (batch x length) whose shape
+                                          # was seen before run from static buffers (graphs on CUDA); 0: never

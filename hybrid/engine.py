@@ -12,7 +12,7 @@ from tqdm import tqdm
 from .checkpoint import Checkpoint
 from .config import RunConfig
 from .layout import model_specs
-from .graphs import DecodeRunner
+from .graphs import DecodeRunner, PrefillRunner
 from .model import DeepseekV2, LatentCache, StepState
 from .runtime import build_backend, cuda_context_bytes
 from .sampling import Sampler, SamplingParams
@@ -71,10 +71,13 @@ class Engine:
             self.install_predictors(self.run.predictor_path)
         self.recorder = None
         self.cache = LatentCache(self.cfg, self.run.max_batch_size, self.context_len, self.dtype, self.device)
-        self.decoder = None
+        self.decoder = self.prefiller = None
         if self.run.static_decode:
             capture = self.device.type == "cuda" and self.run.cuda_graphs
             self.decoder = DecodeRunner(self.model, self.cache, self.device, capture)
+            if self.run.prefill_graph_tokens > 0:
+                self.prefiller = PrefillRunner(self.model, self.cache, self.device, capture,
+                                               self.run.prefill_graph_tokens, 2 * self.run.prefill_graph_tokens)
 
     def install_predictors(self, path: str | None) -> None:
         """Use trained k=1 predictors (hybrid.predictor) for the next-layer guesses that drive prefetch."""
@@ -98,6 +101,7 @@ class Engine:
         self.model.experts = self.recorder
         if self.decoder is not None:
             self.decoder = DecodeRunner(self.model, self.cache, self.device, capture=False)
+        self.prefiller = None
         return self.recorder
 
     def _rows(self, valid: torch.Tensor, start: int, T: int) -> None:
@@ -160,7 +164,12 @@ class Engine:
         for s in range(0, L, chunk):
             T = min(chunk, L - s)
             self._rows(valid, s, T)
-            logits = self.model.forward(ids[:, s:s + T], cache, self._state(valid, pad, s, T))
+            st = self._state(valid, pad, s, T)
+            logits = None
+            if self.prefiller is not None and T == L and st.rows is None:
+                logits = self.prefiller(ids, st.positions, st.mask)
+            if logits is None:
+                logits = self.model.forward(ids[:, s:s + T], cache, st)
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
         for step in range(params.max_new_tokens):

@@ -1,8 +1,12 @@
-"""Decode steps from static buffers, replayed from CUDA graphs.
+"""Decode steps and whole-prompt prefills from static buffers, replayed from CUDA graphs.
 
 With a resident backend (mode gpu) the whole step is one graph. With an offloading backend, the step is cut at each
 MoE layer's routing (where the host must see the routing to plan): the pieces in between are graphs, and the
-expert work runs eagerly between replays. On a CPU device the same static step runs eagerly (no capture)."""
+expert work runs eagerly between replays. On a CPU device the same static step runs eagerly (no capture).
+
+A prefill of T tokens launches ~60 small kernels between two MoE layers (attention, router, shared experts): at a
+few hundred tokens that host work, not the GPU, sets the gap between one layer's CPU experts and the next layer's
+routing. Prompt shapes seen before (a benchmark, fixed-size jobs) replay those pieces from graphs instead."""
 from __future__ import annotations
 
 import torch
@@ -13,24 +17,31 @@ from .model import DeepseekV2, LatentCache, MoECall, StepState
 class StaticStep:
     """Input buffers for a batch size, and the captured pieces that read them."""
 
-    def __init__(self, model: DeepseekV2, cache: LatentCache, batch: int, device, capture: bool):
+    def __init__(self, model: DeepseekV2, cache: LatentCache, batch: int, device, capture: bool, tokens: int = 1,
+                 pool=None):
         self.model, self.cache = model, cache.batch(batch)
-        cap = cache.capacity
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.st = StepState(0, torch.zeros(batch, 1, dtype=torch.long, device=device),
-                            torch.zeros(batch, 1, 1, cap, dtype=torch.float32, device=device), None,
-                            kv_len=cap, write_index=torch.zeros(1, dtype=torch.long, device=device))
-        self.capture = capture
+        self.ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
+        positions = torch.zeros(batch, tokens, dtype=torch.long, device=device)
+        if tokens == 1:         # decode: attends over the whole cache, writes the slot `load` names
+            cap = cache.capacity
+            self.st = StepState(0, positions, torch.zeros(batch, 1, 1, cap, dtype=torch.float32, device=device),
+                                None, kv_len=cap, write_index=torch.zeros(1, dtype=torch.long, device=device))
+        else:                   # prefill: a whole prompt of `tokens` from slot 0, every token real
+            self.st = StepState(0, positions, torch.zeros(batch, 1, tokens, tokens, dtype=torch.float32,
+                                                          device=device), None, kv_len=tokens)
+        self.capture, self.pool = capture, pool
         self.pieces: list[torch.cuda.CUDAGraph] = []
         self.calls: list[MoECall] = []
-        self.routed: list[torch.Tensor] = []
+        self.routed: torch.Tensor | None = None     # every layer's routed output, read by the piece after it
         self.logits: torch.Tensor | None = None
 
-    def load(self, tok: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, start: int) -> None:
-        self.ids.copy_(tok[:, None])
+    def load(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, start: int = 0) -> None:
+        """ids, positions [B, T]; mask as StepState.mask; start: the cache slot written (decode only)."""
+        self.ids.copy_(ids)
         self.st.positions.copy_(positions)
         self.st.mask.copy_(mask)
-        self.st.write_index.fill_(start)
+        if self.st.write_index is not None:
+            self.st.write_index.fill_(start)
 
     def _drive(self, answer) -> torch.Tensor:
         return self.model.forward(self.ids, self.cache, self.st, answer=answer)
@@ -44,7 +55,7 @@ class StaticStep:
             for _ in range(2):
                 self._drive(warm)
         torch.cuda.current_stream().wait_stream(side)
-        pool = torch.cuda.graph_pool_handle()
+        pool = self.pool or torch.cuda.graph_pool_handle()
         if backend.capturable:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
@@ -59,10 +70,11 @@ class StaticStep:
         while isinstance(item, MoECall):
             item.static = True
             self.calls.append(item)
-            self.routed.append(torch.zeros_like(item.x))
+            if self.routed is None:
+                self.routed = torch.zeros_like(item.x)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
-                item = gen.send(self.routed[-1])
+                item = gen.send(self.routed)
             self.pieces.append(g)
         self.logits = item
 
@@ -72,8 +84,8 @@ class StaticStep:
         if not self.pieces:
             self._capture()
         self.pieces[0].replay()
-        for call, buf, piece in zip(self.calls, self.routed, self.pieces[1:]):
-            buf.copy_(self.model.experts.forward(call))
+        for call, piece in zip(self.calls, self.pieces[1:]):
+            self.routed.copy_(self.model.experts.forward(call))
             piece.replay()
         return self.logits
 
@@ -90,5 +102,40 @@ class DecodeRunner:
         if B not in self.steps:
             self.steps[B] = StaticStep(self.model, self.cache, B, self.device, self.capture)
         step = self.steps[B]
-        step.load(tok, positions, mask, start)
+        step.load(tok[:, None], positions, mask, start)
+        return step.run()
+
+
+class PrefillRunner:
+    """Whole-prompt prefills (one chunk from slot 0, no padding) from static buffers, for prompt shapes
+    [B, T] seen before: the first prefill of a shape runs eagerly (most prompt lengths never repeat, and a
+    capture costs a few eager passes), the second captures, later ones replay. The steps share one graph
+    pool, whose live buffers (each MoE layer's input, ~T x hidden) stay allocated: shapes of more than
+    `max_tokens` tokens, or past `total_tokens` over all kept shapes, stay eager."""
+
+    def __init__(self, model: DeepseekV2, cache: LatentCache, device, capture: bool, max_tokens: int,
+                 total_tokens: int):
+        self.model, self.cache, self.device, self.capture = model, cache, device, capture
+        self.max_tokens, self.total_tokens = max_tokens, total_tokens
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.seen: set[tuple[int, int]] = set()
+        self.steps: dict[tuple[int, int], StaticStep] = {}
+
+    def _step(self, B: int, T: int) -> StaticStep | None:
+        key, n = (B, T), B * T
+        if key in self.steps:
+            return self.steps[key]
+        used = sum(b * t for b, t in self.steps)
+        if key not in self.seen or T < 2 or n > self.max_tokens or used + n > self.total_tokens:
+            self.seen.add(key)
+            return None
+        self.steps[key] = StaticStep(self.model, self.cache, B, self.device, self.capture, tokens=T, pool=self.pool)
+        return self.steps[key]
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """ids, positions [B, T], mask [B, 1, T, T] -> last-position logits [B, V], or None: run it eagerly."""
+        step = self._step(*ids.shape)
+        if step is None:
+            return None
+        step.load(ids, positions, mask)
         return step.run()

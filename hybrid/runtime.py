@@ -26,6 +26,12 @@ def cuda_context_bytes(device: torch.device) -> int:
     return total - free - torch.cuda.memory_reserved(device)
 
 
+def graph_tokens(run: RunConfig, device: torch.device) -> int:
+    """The largest prefill (tokens) that graphs.PrefillRunner captures; 0 where it never captures."""
+    capture = device.type == "cuda" and run.cuda_graphs and run.static_decode
+    return run.prefill_graph_tokens if capture else 0
+
+
 def memory_plan(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize: int, context: int) -> MemoryPlan:
     cuda = device.type == "cuda"
     budget = run.gpu_memory
@@ -33,7 +39,7 @@ def memory_plan(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize
         budget = torch.cuda.mem_get_info(device)[0] + context if cuda else 1 << 62
     plan = plan_memory(cfg, budget, run.max_batch_size, run.max_seq_len, itemsize, run.prefill_chunk_tokens,
                        staging_slots(cfg) if run.mode != "gpu" else 0, context,
-                       margin=MARGIN if cuda else 0)
+                       margin=MARGIN if cuda else 0, graph_tokens=graph_tokens(run, device))
     if cuda and run.gpu_memory is not None:
         total = torch.cuda.get_device_properties(device).total_memory
         index = device.index if device.index is not None else torch.cuda.current_device()

@@ -26,6 +26,7 @@ def test_sweep_writes_json_csv_and_plots_and_resumes(tiny, tokenizer_dir, tmp_pa
     assert len(bad) == 2 and all("unknown mode 'bogus'" in x["error"] for x in bad)
     for x in good:
         assert x["new_tokens"] == 4 and x["ttft_ms"] > 0 and x["decode_tok_s"] > 0 and 0 <= x["hit_rate"] <= 1
+        assert x["ttft_first_ms"] > 0 and x["ttft_second_ms"] > 0          # the two prefills before the measured one
         assert {"tpot_ms_p50", "tpot_ms_p90", "e2e_tok_s", "peak_gpu_gib", "gb_over_pcie", "cpu_share"} <= set(x)
     with open(tmp_path / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
