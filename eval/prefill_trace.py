@@ -110,6 +110,24 @@ def host_gap(events: list[dict], rows: list[dict], offset: float, top: int = 12)
                     for (c, m), (t, k) in ranked]}
 
 
+def timeline(events: list[dict], rows: list[dict], offset: float, which: tuple[int, ...] = (5, 6)) -> list[dict]:
+    """Layers `which` (indices into the MoE layers) in full, ms after their routing: the host's phase marks, and
+    every GPU kernel, copy and memset up to the next routing with its stream (`tid`) and size."""
+    us = lambda t: 1e6 * t + offset  # noqa: E731
+    gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    out = []
+    for i in which:
+        if i + 1 >= len(rows):
+            continue
+        a, b = us(rows[i]["routed"]), us(rows[i + 1]["routed"])
+        marks = {k: (us(v) - a) / 1000 for k, v in rows[i].items() if isinstance(v, float) and k not in ("layer",)}
+        ops = [{"t": round((e["ts"] - a) / 1000, 4), "dur": round(e.get("dur", 0) / 1000, 4), "stream": e.get("tid"),
+                "name": e["name"][:48], "bytes": e.get("args", {}).get("bytes")}
+               for e in sorted(gpu, key=lambda e: e["ts"]) if a <= e["ts"] < b]
+        out.append({"layer": rows[i]["layer"], "span_ms": (b - a) / 1000, "host_marks_ms": marks, "gpu": ops})
+    return out
+
+
 def table(res: dict) -> None:
     span = res["moe_span_ms"]
     print(f"MoE layers span {span:.1f} ms | PCIe busy {res['pcie_busy_ms']:.1f} ({res['copies']} copies) | "
@@ -159,7 +177,8 @@ def main() -> None:
     events, rows, offset, phases = traced_prefill(engine, prompt, a.decode_steps)
     res = {**meta(), "mode": a.mode, "prefetch": a.prefetch, "batch_size": a.batch_size, "prompt_len": a.prompt_len,
            "ttft_ms_untraced": untraced, "ttft_ms_runs": [1000 * s.ttft_s for s in runs], "stats_untraced": gen, "allocator_3_runs": syncs,
-           "phases": phases, **analyse(events, rows, offset), "host_gap": host_gap(events, rows, offset)}
+           "phases": phases, **analyse(events, rows, offset), "host_gap": host_gap(events, rows, offset),
+           "timeline": timeline(events, rows, offset)}
     print(f"copied ahead {gen['copied_ahead']} (used {gen['copied_ahead_used']}) | hit rate {gen['hit_rate']:.3f} | "
           f"on CPU {gen['experts_on_cpu']} | fetched {gen['experts_fetched']}")
     print(f"allocator over the 3 untraced runs: {syncs}")

@@ -186,17 +186,23 @@ class OffloadedExperts:
                            copy_ahead: bool = False) -> None:
         """Once the GPU side is queued: the next layer's prefetch copies (and in prefill its copies made ahead),
         then this layer's CPU experts into ys (collected from the pool if `job` started them there, else
-        computed now)."""
+        computed now).
+
+        The copy engine runs a small host-to-device copy queued on the compute stream (the CPU experts'
+        results) only after the expert copies queued before it, on another stream (prefill traces, session 9):
+        copies made ahead go out after the CPU results, or they would hold up this layer's combine."""
         K = call.idx.shape[1]
         pred = host[:, K:] if self.prefetcher and call.pred is not None else None
         if pred is not None:
             self._prefetch(call.layer, pred)
-        if copy_ahead and self.copy_ahead is not None:
-            self._copy_ahead(call.layer, pred)
+        nxt, ahead = self._copy_ahead(call.layer, pred) if copy_ahead and self.copy_ahead else (None, [])
+        if not lay.cpu_segments:
+            self._issue(nxt, ahead)
         self.phases.mark("queued")
         if lay.cpu_segments:
             out = self._finish_cpu(job, xh.shape[0]) if job else self._cpu_experts(call.layer, lay, xh, K)
             ys[lay.cpu_start:].copy_(out, non_blocking=True)
+            self._issue(nxt, ahead)
         else:
             self.feedback.note_lag(xh.shape[0], None)
 
@@ -210,13 +216,13 @@ class OffloadedExperts:
             self.cache.held.discard(ahead.pop(e))     # a later copy into the slot queues behind this one
         return ahead
 
-    def _copy_ahead(self, layer: int, pred_host) -> None:
-        """Queue copies of some of the next layer's uncached experts behind this layer's, into staging slots
-        held until the next layer's GEMM over its hits has read them."""
+    def _copy_ahead(self, layer: int, pred_host) -> tuple[int | None, list[tuple[int, int]]]:
+        """Some of the next layer's uncached experts, each with a staging slot held until the next layer's GEMM
+        over its hits has read it -> (next layer, [(expert, slot)]) for the caller to copy in."""
         nxt = self.next_layer.get(layer)
         n = self.copy_ahead.count() if nxt is not None else 0
         if n <= 0:
-            return
+            return nxt, []
         E = self.cfg.n_routed_experts
         predicted = None
         if pred_host is not None:
@@ -229,10 +235,10 @@ class OffloadedExperts:
             slot = self.cache.staging_slot()
             self.cache.held.add(slot)
             wave.append((e, slot))
-        self._issue(nxt, wave)
         self.ahead[nxt] = dict(wave)
         self.copy_ahead.issued = len(wave)
         self.stats.experts.copied_ahead += len(wave)
+        return nxt, wave
 
     def _mark_free(self, members) -> None:
         """Staging slots among `members` may be overwritten once the GPU work queued so far has read them."""

@@ -62,3 +62,35 @@ def test_copy_ahead_is_exact_and_counted_as_misses(tiny, mode, prefetch, monkeyp
 def test_cpu_mode_never_copies_ahead(tiny):
     e = make(tiny, mode="cpu", gpu_memory=budget_for(tiny, 12))
     assert e.backend.copy_ahead is None
+
+
+def test_copies_made_ahead_are_queued_after_the_layers_cpu_results(tiny, monkeypatch):
+    """A small copy on the compute stream waits behind expert copies queued before it on the copy engine: a
+    layer's CPU results go out before the copies it makes ahead for the next layer."""
+    from hybrid.executor import OffloadedExperts
+    monkeypatch.setattr(CopyAhead, "count", lambda self: 3)
+    e = make(tiny, mode="hybrid", gpu_memory=budget_for(tiny, 12))
+    log = []
+    issue, run_cpu, choose = OffloadedExperts._issue, OffloadedExperts._cpu_experts, OffloadedExperts._copy_ahead
+
+    def chosen(self, layer, pred):
+        nxt, wave = choose(self, layer, pred)
+        log.append(("ahead", layer, id(wave) if wave else None))
+        return nxt, wave
+    monkeypatch.setattr(OffloadedExperts, "_copy_ahead", chosen)
+    monkeypatch.setattr(OffloadedExperts, "_issue", lambda self, layer, wave: (
+        log.append(("copy", layer, id(wave))), issue(self, layer, wave))[1])
+    monkeypatch.setattr(OffloadedExperts, "_cpu_experts", lambda self, layer, *a: (
+        log.append(("cpu", layer, None)), run_cpu(self, layer, *a))[1])
+    monkeypatch.setattr(e.backend.cpu.experts, "pool_threads", 0)       # CPU experts on this thread: logged
+    e.generate(LONG[:1], SamplingParams(max_new_tokens=1))
+    checked = 0
+    for i, (kind, layer, w) in enumerate(log):
+        if kind != "ahead" or w is None:
+            continue
+        j = next(j for j in range(i + 1, len(log)) if log[j][0] == "copy" and log[j][2] == w)
+        cpu = next((k for k in range(i + 1, len(log)) if log[k][:2] == ("cpu", layer)), None)
+        if cpu is not None and cpu < next((k for k in range(i + 1, len(log)) if log[k][0] == "ahead"), len(log)):
+            assert cpu < j                     # the layer ran CPU experts: its copies ahead went out after them
+            checked += 1
+    assert checked > 0
