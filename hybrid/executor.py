@@ -179,14 +179,16 @@ class OffloadedExperts:
         self.phases.mark("launched")
         self._gpu_groups(call.layer, hits, waves, lay.rows, offs, xs, ys)
         wsort = call.w.reshape(-1)[perm].unsqueeze(1)                                     # [T*K, 1]
-        self._prefetch_then_cpu(call, host, lay, xh, ys, job, copy_ahead=T > self.decode_tokens)
-        return combine(x, tok, ys, wsort)
+        later = self._prefetch_then_cpu(call, host, lay, xh, ys, job, copy_ahead=T > self.decode_tokens)
+        out = combine(x, tok, ys, wsort)
+        self._issue(*later)
+        return out
 
     def _prefetch_then_cpu(self, call, host, lay, xh: torch.Tensor, ys: torch.Tensor, job,
-                           copy_ahead: bool = False) -> None:
+                           copy_ahead: bool = False) -> tuple[int | None, list]:
         """Once the GPU side is queued: the next layer's prefetch copies (and in prefill its copies made ahead),
         then this layer's CPU experts into ys (collected from the pool if `job` started them there, else
-        computed now).
+        computed now). -> (layer, copies) still to issue, once the caller has queued the combine.
 
         The copy engine runs a small host-to-device copy queued on the compute stream (the CPU experts'
         results) only after the expert copies queued before it, on another stream (prefill traces, session 9):
@@ -198,13 +200,14 @@ class OffloadedExperts:
         nxt, ahead = self._copy_ahead(call.layer, pred) if copy_ahead and self.copy_ahead else (None, [])
         if not lay.cpu_segments:
             self._issue(nxt, ahead)
+            ahead = []
         self.phases.mark("queued")
         if lay.cpu_segments:
             out = self._finish_cpu(job, xh.shape[0]) if job else self._cpu_experts(call.layer, lay, xh, K)
             ys[lay.cpu_start:].copy_(out, non_blocking=True)
-            self._issue(nxt, ahead)
         else:
             self.feedback.note_lag(xh.shape[0], None)
+        return nxt, ahead
 
     def _ahead_for(self, layer: int, tokens: dict[int, int], small: bool) -> dict[int, int]:
         """The copies made ahead for this layer that it needs (the others' slots are released), after noting
