@@ -71,7 +71,7 @@ class CpuLane:
         # fewer than the team: the driving thread joins the job in `wait`, once its host work is done. Idle
         # members spin 2 ms on a GPU machine (the next layer's job follows within it), sleep at once on a CPU one.
         members = max(1, self.threads - 1) if cuda else self.threads
-        spin = int(os.environ.get("HYBRID_POOL_SPIN_US", "2000")) if cuda else 0
+        spin = int(os.environ.get("HYBRID_POOL_SPIN_US", "2000")) if cuda else 0     # env: for A/B runs
         self.experts = CpuExperts(kernel, pool_threads=members if pool else 0, spin_us=spin,
                                   tiles=tiles)
 
