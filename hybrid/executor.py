@@ -197,17 +197,14 @@ class OffloadedExperts:
         pred = host[:, K:] if self.prefetcher and call.pred is not None else None
         if pred is not None:
             self._prefetch(call.layer, pred)
-        nxt, ahead = self._copy_ahead(call.layer, pred) if copy_ahead and self.copy_ahead else (None, [])
-        if not lay.cpu_segments:
-            self._issue(nxt, ahead)
-            ahead = []
+        later = self._copy_ahead(call.layer, pred) if copy_ahead and self.copy_ahead else (None, [])
         self.phases.mark("queued")
         if lay.cpu_segments:
             out = self._finish_cpu(job, xh.shape[0]) if job else self._cpu_experts(call.layer, lay, xh, K)
             ys[lay.cpu_start:].copy_(out, non_blocking=True)
         else:
             self.feedback.note_lag(xh.shape[0], None)
-        return nxt, ahead
+        return later
 
     def _ahead_for(self, layer: int, tokens: dict[int, int], small: bool) -> dict[int, int]:
         """The copies made ahead for this layer that it needs (the others' slots are released), after noting
