@@ -3,7 +3,9 @@ expert-sized host-to-device copies on a side stream, then on the compute stream 
 transfers of each size: host-to-device (a pinned copy, or a kernel reading pinned memory in place through
 `device_alias`) and device-to-host (to pinned memory, to pageable memory as `.cpu()` does, or a
 kernel writing pinned memory in place), each with and without the expert copies in flight. One JSON line per size.
-Measured on the H200 box (session 8): nothing waits, so the runtime keeps plain asynchronous copies.
+Measured on the H200 box (session 8): nothing waits here. But a prefill trace (session 9, eval/prefill_trace.py
+timeline) showed the engine's CPU-results copy waiting behind copies made ahead: this probe, which queues its
+copies at once from an idle device, does not reproduce what the engine does (see eval/NOTES.md, 001).
 
     python eval/ce_probe.py [--experts 6] [--sizes-kib 4,256,1024] [--out probe.json]"""
 from __future__ import annotations
