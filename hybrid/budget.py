@@ -56,12 +56,16 @@ def workspace_bytes(cfg: ModelConfig, batch: int, seq_len: int, chunk_tokens: in
     return attn + max(dense, moe) + logits + hidden
 
 
-def prefill_graph_bytes(cfg: ModelConfig, max_tokens: int, total_tokens: int, itemsize: int) -> int:
+GRAPH_TOKENS_KEPT = 2         # captured prefill shapes hold at most this many times the largest one's tokens
+
+
+def prefill_graph_bytes(cfg: ModelConfig, max_tokens: int, itemsize: int) -> int:
     """The graph pool of captured prefill steps (graphs.PrefillRunner): buffers that stay live (each MoE layer's
-    input and routing, over `total_tokens` tokens of kept shapes) and one forward's activations at `max_tokens`."""
+    input and routing, over the kept shapes' tokens) and one forward's activations at `max_tokens`."""
     if max_tokens <= 0:
         return 0
-    live = total_tokens * len(cfg.moe_layers) * (cfg.hidden_size * itemsize + cfg.num_experts_per_tok * 12)
+    per_token = len(cfg.moe_layers) * (cfg.hidden_size * itemsize + cfg.num_experts_per_tok * 12)
+    live = GRAPH_TOKENS_KEPT * max_tokens * per_token
     return live + workspace_bytes(cfg, 1, max_tokens, max_tokens, itemsize)
 
 
@@ -69,12 +73,12 @@ def plan_memory(cfg: ModelConfig, budget: int, batch: int, seq_len: int, itemsiz
                 staging_slots: int, context: int = 0, min_slots: int = 0, margin: int = MARGIN,
                 graph_tokens: int = 0) -> MemoryPlan:
     """Split `budget` bytes; raise BudgetError naming what does not fit. graph_tokens: the largest prefill
-    captured as a graph (twice that kept in all), 0 for none."""
+    captured as a graph, 0 for none."""
     from .model import LatentCache
     non_expert = non_expert_numel(cfg) * itemsize
     kv = LatentCache.nbytes(cfg, batch, seq_len, itemsize)
     ws = workspace_bytes(cfg, batch, seq_len, chunk_tokens, itemsize) + margin \
-        + prefill_graph_bytes(cfg, graph_tokens, 2 * graph_tokens, itemsize)
+        + prefill_graph_bytes(cfg, graph_tokens, itemsize)
     slot = cfg.expert_numel * itemsize
     staging = staging_slots * slot
     fixed = context + non_expert + kv + ws + staging

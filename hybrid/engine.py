@@ -77,7 +77,7 @@ class Engine:
             self.decoder = DecodeRunner(self.model, self.cache, self.device, capture)
             if self.run.prefill_graph_tokens > 0:
                 self.prefiller = PrefillRunner(self.model, self.cache, self.device, capture,
-                                               self.run.prefill_graph_tokens, 2 * self.run.prefill_graph_tokens)
+                                               self.run.prefill_graph_tokens)
 
     def install_predictors(self, path: str | None) -> None:
         """Use trained k=1 predictors (hybrid.predictor) for the next-layer guesses that drive prefetch."""

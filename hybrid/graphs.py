@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .budget import GRAPH_TOKENS_KEPT
 from .model import DeepseekV2, LatentCache, MoECall, StepState
 
 
@@ -111,12 +112,11 @@ class PrefillRunner:
     [B, T] seen before: the first prefill of a shape runs eagerly (most prompt lengths never repeat, and a
     capture costs a few eager passes), the second captures, later ones replay. The steps share one graph
     pool, whose live buffers (each MoE layer's input, ~T x hidden) stay allocated: shapes of more than
-    `max_tokens` tokens, or past `total_tokens` over all kept shapes, stay eager."""
+    `max_tokens` tokens, or past GRAPH_TOKENS_KEPT x that over all kept shapes, stay eager."""
 
-    def __init__(self, model: DeepseekV2, cache: LatentCache, device, capture: bool, max_tokens: int,
-                 total_tokens: int):
+    def __init__(self, model: DeepseekV2, cache: LatentCache, device, capture: bool, max_tokens: int):
         self.model, self.cache, self.device, self.capture = model, cache, device, capture
-        self.max_tokens, self.total_tokens = max_tokens, total_tokens
+        self.max_tokens, self.total_tokens = max_tokens, GRAPH_TOKENS_KEPT * max_tokens     # as budget reserves
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.seen: set[tuple[int, int]] = set()
         self.steps: dict[tuple[int, int], StaticStep] = {}
