@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device call: engine settings side by side on one machine, interleaved per measurement so drift hits all.
 # VARIANTS: space-separated name=VAR:value,VAR:value (environment for that variant); a variant calibrates into
-# its own cache when its settings change what calibration measures (HYBRID_CPU_TILES, HYBRID_CPU_POOL).
+# its own cache when its settings change what calibration measures (HYBRID_CPU_TILES, HYBRID_CPU_POOL,
+# HYBRID_CPU_PREFETCH).
 # Measures batch-1 prefill traces at PROMPTS and decode phase logs at BATCHES (for DECODE_VARIANTS, default all);
 # CE_PROBE=1: eval/ce_probe.py first.
 #   VARIANTS="amx=HYBRID_CPU_TILES:auto torch=HYBRID_CPU_TILES:off" PROMPTS="128 256" BATCHES="1 16" \
@@ -16,7 +17,7 @@ with() {   # with NAME CMD...: run CMD in variant NAME's environment
   local spec; spec=$(tr ' ' '\n' <<< "$VARIANTS" | grep "^$1=" | cut -d= -f2-)
   local envs=(); IFS=, read -ra kv <<< "$spec"
   for x in "${kv[@]}"; do envs+=("${x%%:*}=${x#*:}"); done
-  local key; key=$(printf '%s\n' "${envs[@]}" | grep -E "CPU_TILES|CPU_POOL" | sort | tr -d '\n=' )
+  local key; key=$(printf '%s\n' "${envs[@]}" | grep -E "CPU_TILES|CPU_POOL|CPU_PREFETCH" | sort | tr -d '\n=' )
   shift; env "${envs[@]}" HYBRID_CACHE="/dev/shm/hc_${key:-default}" "$@"
 }
 names=$(tr ' ' '\n' <<< "$VARIANTS" | cut -d= -f1)

@@ -64,7 +64,8 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,2,4,8,16")
     ap.add_argument("--experts", default="1,4,16")
     ap.add_argument("--kernels", default="native,torch,amx,amx_pool",
-                    help="which to time, of native, native_pool, torch, amx, amx_pool (torch's output is the reference)")
+                    help="which to time, of native, native_pool, torch, amx, amx_pool, amx_nopf, amx_pool_nopf "
+                         "(torch's output is the reference)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -80,6 +81,7 @@ def main() -> None:
             "torch": lambda: CpuExperts("torch"),
             "amx": lambda: CpuExperts("native", max_tokens=0),       # the tile path at every token count
             "amx_pool": lambda: CpuExperts("native", max_tokens=0, **pool)}
+    make.update({f"{k}_nopf": make[k] for k in ("amx", "amx_pool")})   # the same without software prefetch
     kernels = {k: make[k]() for k in a.kernels.split(",")}
     kernels = {k: v for k, v in kernels.items() if not k.startswith("amx") or v.tiles == 1}
     ref = kernels.get("torch") or make["torch"]()
@@ -90,6 +92,8 @@ def main() -> None:
         for experts in [int(e) for e in a.experts.split(",")]:
             row = {"threads": a.threads, "tokens": tokens, "experts_per_call": experts, **diffs}
             for name, k in kernels.items():
+                if k.lib is not None:
+                    k.lib.moe_set_prefetch(int(not name.endswith("_nopf")))
                 ms = timed(k.run, host, dev, stream, tokens, experts)
                 row[f"{name}_ms"] = round(ms, 4)
                 row[f"{name}_gb_s"] = round(NUMEL * 2 / ms / 1e6, 1)

@@ -297,4 +297,7 @@ int moe_cpu_threads(void) { return omp_get_max_threads(); }
 // 1 where the AMX tile path runs on this machine (compiled in, allowed by the OS), else 0.
 int moe_tiles(void) { return hw_tiles(); }
 
+// The tile path's software prefetch of the next weight rows: 1 on (the default), 0 off (for A/B measurements).
+void moe_set_prefetch(int on) { tile_prefetch = on; }
+
 }

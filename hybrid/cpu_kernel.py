@@ -81,6 +81,8 @@ def load() -> ctypes.CDLL:
     lib.moe_pool_park.restype = None
     lib.moe_cpu_threads.restype = ctypes.c_int
     lib.moe_tiles.restype = ctypes.c_int
+    lib.moe_set_prefetch.argtypes = [ctypes.c_int]
+    lib.moe_set_prefetch.restype = None
     return lib
 
 

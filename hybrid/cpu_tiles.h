@@ -26,6 +26,7 @@ namespace {
 constexpr int TT = 16;                        // tokens per B tile; weight rows per A tile
 constexpr int TKV = 32;                       // bf16 values per tile row (64 bytes)
 constexpr int TBLOCK = TT * TKV;              // uint16 values per packed k-chunk of one token block
+int tile_prefetch = 1;                        // software prefetch of the next weight rows (moe_set_prefetch)
 
 #if MOE_HW_TILES
 struct HwTiles {                              // C tiles 0, 1; A tile 4; B tiles 6, 7
@@ -95,11 +96,17 @@ inline void pack_token(const uint16_t *src, uint16_t *block, int t, int K) {
 
 // out block [16 rows x 16 tokens] of W (N rows of K, starting at row r0) against packed token blocks b, b + 1
 // (`two`): c0, c1 receive the C tiles, row-major [row][token].
+// pf: where the thread's next 16 weight rows start (TT * K values, contiguous), or null: each k-chunk also
+// prefetches 1/(K/TKV) of them (16 cache lines) into L2, so the next block's rows, one 4 KB page each, are not
+// left to the hardware prefetcher, which starts over at every page.
 template <typename P>
-inline void tile_rows(const uint16_t *w, int K, const uint16_t *xb, bool two, float *c0, float *c1) {
+inline void tile_rows(const uint16_t *w, int K, const uint16_t *xb, bool two, float *c0, float *c1,
+                      const char *pf = nullptr) {
     P::zero();
     const uint16_t *xb1 = xb + (size_t)TT * K;
     for (int c = 0; c < K / TKV; c++) {
+        if (pf)
+            for (int l = 0; l < TT; l++) __builtin_prefetch(pf + (size_t)(c * TT + l) * 64, 0, 2);
         P::load_a(w + c * TKV, 2L * K);
         P::load_b0(xb + (size_t)c * TBLOCK);
         P::dp0();
@@ -150,9 +157,14 @@ void run_tile_phase(const Job &jb, int phase, long lo, long hi) {
     for (long r = lo; r < hi; r++) {
         const int j = (int)(r / nrb), rb = (int)(r % nrb), nb = (jb.counts[j] + TT - 1) / TT;
         const uint16_t *w = (phase == 1 ? w13[j] : w2[j]) + (size_t)rb * TT * K;
+        const char *pf = nullptr;
+        if (tile_prefetch && r + 1 < hi) {
+            const int jn = (int)((r + 1) / nrb), rn = (int)((r + 1) % nrb);
+            pf = (const char *)((phase == 1 ? w13[jn] : w2[jn]) + (size_t)rn * TT * K);
+        }
         for (int q = 0; q < nb; q += 2) {
             const bool two = q + 1 < nb;
-            tile_rows<P>(w, K, xs + (size_t)(jb.boff[j] + q) * TT * K, two, c[0], c[1]);
+            tile_rows<P>(w, K, xs + (size_t)(jb.boff[j] + q) * TT * K, two, c[0], c[1], q == 0 ? pf : nullptr);
             for (int s = 0; s < (two ? 2 : 1); s++) {
                 const int b = jb.boff[j] + q + s, t0 = (q + s) * TT;
                 if (phase == 1) {

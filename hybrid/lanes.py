@@ -74,6 +74,8 @@ class CpuLane:
         spin = int(os.environ.get("HYBRID_POOL_SPIN_US", "2000")) if cuda else 0     # env: for A/B runs
         self.experts = CpuExperts(kernel, pool_threads=members if pool else 0, spin_us=spin,
                                   tiles=tiles)
+        if self.experts.lib is not None:                                                 # env: for A/B runs
+            self.experts.lib.moe_set_prefetch(int(os.environ.get("HYBRID_CPU_PREFETCH", "on") == "on"))
 
 
 class PinnedBuffer:

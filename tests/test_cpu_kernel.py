@@ -121,6 +121,23 @@ def test_tile_path_matches_torch(counts):
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() <= 1e-2
 
 
+def test_tile_prefetch_changes_no_result():
+    """The tile path's software prefetch of the next weight rows (on by default, off for A/B runs) only moves
+    bytes into the cache: outputs are bitwise the same either way."""
+    tiles = CpuExperts("native", max_tokens=8, tiles="emulate")
+    x, w13, w2, starts, counts = experts([17, 40, 3, 33], torch.bfloat16)
+    outs = []
+    try:
+        for on in (1, 0):
+            tiles.lib.moe_set_prefetch(on)
+            out = torch.full_like(x, float("nan"))
+            tiles.run(x, out, w13, w2, starts, counts)
+            outs.append(out)
+    finally:
+        tiles.lib.moe_set_prefetch(1)
+    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
+
+
 def test_tile_path_on_the_pool_reads_through_the_row_map():
     import numpy as np
     from hybrid.cpu_experts import pointer_table
