@@ -1,8 +1,8 @@
-"""The host memory's read ceiling, the bound on the CPU lane: GB/s that N threads reach streaming through a
-pinned buffer far larger than the L3 (each thread its own contiguous slice, summed), alone and while a side
-stream copies experts to the GPU (the PCIe lane reads the same memory; its GB/s meanwhile too), 64-byte
-vector loads where the CPU has AVX-512. Compare with
-kernel_probe.py's weight bytes per second of the expert kernels. One JSON line per setting.
+"""The host memory's read ceiling, which bounds both lanes together: GB/s that N threads reach streaming through
+a pinned buffer far larger than the L3 (each thread its own contiguous slice, summed with 64-byte vector loads
+where the CPU has AVX-512), alone and while a side stream copies experts to the GPU (the PCIe lane reads the same
+memory; its GB/s meanwhile too). Compare with kernel_probe.py's weight bytes per second of the expert kernels.
+One JSON line per setting.
 
     python eval/dram_probe.py [--threads 1,4,8,14,15,16] [--gib 4] [--out dram.json]"""
 from __future__ import annotations
