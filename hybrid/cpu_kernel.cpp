@@ -298,6 +298,6 @@ int moe_cpu_threads(void) { return omp_get_max_threads(); }
 int moe_tiles(void) { return hw_tiles(); }
 
 // The tile path's software prefetch of the next weight rows: 1 on (the default), 0 off (for A/B measurements).
-void moe_set_prefetch(int on) { tile_prefetch = on; }
+void moe_set_prefetch(int on) { tile_prefetch.store(on, std::memory_order_relaxed); }
 
 }
