@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernel import DTYPES, KernelUnavailable, load
+from .cpu_kernel import DTYPES, NATIVE, KernelUnavailable, load
 
 NATIVE_MAX_TOKENS = 8          # tokens per expert up to which the native kernel is used (faster at 1-8 tokens,
                                # slower at 16 than torch's AMX path on the GPU box: eval/kernel_probe.py)
@@ -50,10 +50,11 @@ class CpuExperts:
     kernel runs on the library's own thread pool: `start_rows` returns at once and `wait` collects the result,
     so the caller can queue GPU work meanwhile; idle pool threads spin `spin_us` before they sleep.
     tiles: "auto" (calls with more than max_tokens tokens on an expert take the AMX tile path where this machine
-    has it), "off", or "emulate" (the tile path's plain C++ emulation, for tests)."""
+    has it), "off", or "emulate" (the tile path's plain C++ emulation, for tests). march: the kernel's build
+    target (tests also build a baseline without AVX-512 and AMX)."""
 
     def __init__(self, kind: str = "auto", max_tokens: int = NATIVE_MAX_TOKENS, pool_threads: int = 0,
-                 spin_us: int = 0, tiles: str = "auto"):
+                 spin_us: int = 0, tiles: str = "auto", march: str = NATIVE):
         if kind not in KINDS:
             raise ValueError(f"unknown CPU expert kernel {kind!r}: choose one of {', '.join(KINDS)}")
         if tiles not in TILES:
@@ -61,7 +62,7 @@ class CpuExperts:
         self.lib, self.why, self.max_tokens = None, "", max_tokens
         if kind != "torch":
             try:
-                self.lib = load()
+                self.lib = load(march)
             except KernelUnavailable as e:
                 if kind == "native":
                     raise

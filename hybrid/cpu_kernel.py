@@ -18,7 +18,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 HEADERS = [Path(__file__).with_name(h) for h in ("cpu_tiles.h", "cpu_pool.h")]
-FLAGS = ["-O3", "-march=native", "-std=c++20", "-fopenmp", "-pthread", "-shared", "-fPIC", "-Wno-psabi"]
+FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-pthread", "-shared", "-fPIC", "-Wno-psabi"]
+NATIVE = "native"             # -march for the runtime's build; tests also build a baseline one (no AVX-512, no AMX)
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -35,22 +36,25 @@ def _cpu_model() -> str:
     return "\n".join(line for line in lines if line.startswith(("model name", "flags")))
 
 
-def library_path() -> Path:
+def library_path(march: str = NATIVE) -> Path:
     cxx = os.environ.get("CXX", "g++")
     texts = [f.read_text() for f in [SOURCE, *HEADERS]]
-    key = hashlib.sha256("\n".join([*texts, cxx, *FLAGS, _cpu_model()]).encode()).hexdigest()[:16]
+    machine = _cpu_model() if march == NATIVE else ""
+    key = hashlib.sha256("\n".join([*texts, cxx, *FLAGS, march, machine]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("HYBRID_CACHE", Path.home() / ".cache" / "hybrid-moe"))
     return root / "kernels" / f"cpu_kernel-{key}.so"
 
 
-def build(path: Path) -> Path:
-    """Compile the kernel into `path` (atomically: concurrent builders never see a partial file)."""
+def build(path: Path, march: str = NATIVE) -> Path:
+    """Compile the kernel for `-march=<march>` into `path` (atomically: concurrent builders never see a partial
+    file)."""
     cxx = os.environ.get("CXX", "g++")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        res = subprocess.run([cxx, *FLAGS, f"-march={march}", str(SOURCE), "-o", tmp], capture_output=True,
+                             text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:
         os.unlink(tmp)
         raise KernelUnavailable(f"cannot run the C++ compiler {cxx!r}: {e}") from None
@@ -61,11 +65,11 @@ def build(path: Path) -> Path:
     return path
 
 
-def load() -> ctypes.CDLL:
-    """The kernel library, built first if this machine has none; raises KernelUnavailable."""
-    path = library_path()
+def load(march: str = NATIVE) -> ctypes.CDLL:
+    """The kernel library for `-march=<march>`, built first if this machine has none; raises KernelUnavailable."""
+    path = library_path(march)
     if not path.exists():
-        build(path)
+        build(path, march)
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:

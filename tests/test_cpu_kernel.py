@@ -1,9 +1,18 @@
-"""The native CPU-expert kernel: built here (CI has a compiler), equal to torch's path, and a clean fallback."""
+"""The native CPU-expert kernel: built here (CI has a compiler), equal to torch's path, and a clean fallback.
+
+Every machine runs every path: the vector path (forced with tiles="off" where the CPU has AMX), the tile path
+(emulated where it has none; AMX itself where it has), and a second build for a baseline target without AVX-512
+or AMX, whose vector path has the narrower vectors and register tiles of such CPUs."""
+import platform
+
 import pytest
 import torch
 
 from hybrid import cpu_kernel
 from hybrid.cpu_experts import CpuExperts, torch_experts
+
+BASELINE = "x86-64-v2" if platform.machine() in ("x86_64", "AMD64") else "armv8-a"
+BUILDS = [("native", "off"), ("native", "emulate"), ("native", "auto"), (BASELINE, "off"), (BASELINE, "emulate")]
 
 
 def experts(counts, dtype, hidden=64, inter=32, seed=0):
@@ -15,10 +24,11 @@ def experts(counts, dtype, hidden=64, inter=32, seed=0):
     return x, w13, w2, starts, list(counts)
 
 
+@pytest.mark.parametrize("march,tiles", BUILDS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("counts", [[1], [1, 2, 3, 4, 5], [7, 1, 12, 3]])
-def test_native_kernel_matches_torch(dtype, tol, counts):
-    native = CpuExperts("native", max_tokens=8)
+def test_native_kernel_matches_torch(dtype, tol, counts, march, tiles):
+    native = CpuExperts("native", max_tokens=8, tiles=tiles, march=march)
     assert native.kind == "native" and native.lib.moe_cpu_threads() == torch.get_num_threads()
     x, w13, w2, starts, counts = experts(counts, dtype)
     ref, out = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
@@ -75,11 +85,21 @@ def test_run_rows_reads_inputs_through_the_row_map(counts):
     assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
 
 
+def test_auto_tiles_follow_the_hardware_and_the_baseline_build_has_none():
+    auto, off = CpuExperts("native"), CpuExperts("native", tiles="off")
+    hw = auto.lib.moe_tiles()
+    assert auto.tiles == hw and auto.label == "native" + ("+amx" if hw else "")
+    assert off.tiles == 0 and off.label == "native"
+    assert CpuExperts("native", march=BASELINE).tiles == 0
+
+
+@pytest.mark.parametrize("march", ["native", BASELINE])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pool_runs_the_same_kernel_asynchronously(dtype):
+def test_pool_runs_the_same_kernel_asynchronously(dtype, march):
     import numpy as np
     from hybrid.cpu_experts import pointer_table
-    inline, pooled = CpuExperts("native"), CpuExperts("native", pool_threads=3)
+    inline = CpuExperts("native", tiles="off", march=march)
+    pooled = CpuExperts("native", pool_threads=3, tiles="off", march=march)
     assert pooled.label == "native+pool" and inline.label == "native"
     for seed, counts in enumerate([[1, 2, 1], [4, 1], [3, 3, 2, 1]]):          # the pool is reused job after job
         _, w13, w2, starts, counts = experts(counts, dtype, seed=seed)
