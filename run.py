@@ -1,47 +1,46 @@
 """Generate text with DeepSeek-V2(-Lite) on one GPU (or the CPU), routed experts offloaded as --mode says.
 
     python run.py                               # small synthetic model, GPU if there is one
+    python run.py --model DIR --prompt "Hello"  # mode auto: all resident if it fits, else hybrid
     python run.py --model DIR --mode hybrid --gpu-memory 12GiB --prompt "Hello"
     python run.py --model DIR --chat
 """
 from __future__ import annotations
 
-import argparse
-import json
+import signal
 import sys
-from pathlib import Path
+import threading
 
-import torch
-
-from hybrid.cli import engine_args, make_engine, default_model
+from hybrid.cli import ArgParser, at_least, check_paths, default_model, engine_args, run_config
+from hybrid.engine import Engine
+from hybrid.promptset import encode_record, read_records
 from hybrid.sampling import SamplingParams
-from hybrid.tokenizer import load_tokenizer
+from hybrid.tokenizer import TokenizerError, load_tokenizer
 
 DEFAULT_PROMPT = "Explain in two sentences why mixture-of-experts models are hard to fit on one GPU."
 
 
-def stream_printer(tok, batch: int):
-    """For batch 1, prints text as tokens arrive; otherwise prints nothing until the end."""
+def stream_printer(tok, batch: int, stop: threading.Event | None = None):
+    """For batch 1, prints text as tokens arrive; otherwise prints nothing until the end. Returns False (ends the
+    generation) once `stop` is set."""
     seen: list[int] = []
     printed = [0]
 
-    def on_tokens(ids: list[int]) -> None:
-        if batch != 1:
-            return
-        seen.append(ids[0])
-        text = tok.decode(seen)
-        sys.stdout.write(text[printed[0]:])
-        sys.stdout.flush()
-        printed[0] = len(text)
+    def on_tokens(ids: list[int]) -> bool:
+        if batch == 1:
+            seen.append(ids[0])
+            text = tok.decode(seen)
+            sys.stdout.write(text[printed[0]:])
+            sys.stdout.flush()
+            printed[0] = len(text)
+        return stop is None or not stop.is_set()
     return on_tokens
 
 
-def one_shot(engine, tok, a, ids: list[int] | None = None) -> None:
+def one_shot(engine, tok, a, params: SamplingParams, ids: list[int] | None = None) -> None:
     if ids is None:
         ids = tok.encode(a.prompt) if not a.chat_template else tok.chat([{"role": "user", "content": a.prompt}])
-    prompts = [ids] * a.batch_size
-    params = SamplingParams(a.max_new_tokens, a.temperature, a.top_p, a.seed)
-    out = engine.generate(prompts, params, stream_printer(tok, a.batch_size))
+    out = engine.generate([ids] * a.batch_size, params, stream_printer(tok, a.batch_size))
     print()
     if a.batch_size > 1:
         for b, toks in enumerate(out.tokens):
@@ -51,56 +50,108 @@ def one_shot(engine, tok, a, ids: list[int] | None = None) -> None:
         out.stats.save(a.json, {"command": " ".join(sys.argv), "device": str(engine.device)})
 
 
-def chat(engine, tok, a) -> None:
+def fit_context(engine, tok, messages: list[dict], new_tokens: int) -> list[int] | None:
+    """The conversation's ids, dropping the oldest turns while prompt + new tokens outgrow the context (saying so);
+    None if the last message alone does not fit (it is dropped too)."""
+    room = engine.context_len - new_tokens
+    ids = tok.chat(messages)
+    while len(ids) > room and len(messages) > 1:
+        del messages[:2 if len(messages) > 2 else 1]
+        print(f"(context of {engine.context_len} tokens full: dropped the oldest turn)")
+        ids = tok.chat(messages)
+    if len(ids) > room:
+        print(f"error: that message is {len(ids)} tokens; with {new_tokens} new tokens the context holds {room}")
+        messages.clear()
+        return None
+    return ids
+
+
+def chat(engine, tok, params: SamplingParams) -> None:
+    """Turns from stdin until an empty line, EOF or Ctrl-C at the prompt. Ctrl-C during a reply ends the reply."""
     messages: list[dict] = []
-    print("chat: empty line or Ctrl-D ends")
+    print("chat: empty line, Ctrl-D or Ctrl-C at the prompt ends; Ctrl-C during a reply stops it")
     while True:
         try:
             line = input("you> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            print()                                  # the shell's prompt starts on a line of its own
             break
         if not line:
             break
         messages.append({"role": "user", "content": line})
-        ids = tok.chat(messages)
-        params = SamplingParams(a.max_new_tokens, a.temperature, a.top_p, a.seed)
+        ids = fit_context(engine, tok, messages, params.max_new_tokens)
+        if ids is None:
+            continue
         sys.stdout.write("assistant> ")
-        out = engine.generate([ids], params, stream_printer(tok, 1))
-        reply = out.tokens[0]
-        messages.append({"role": "assistant", "content": tok.decode(reply)})
-        print(f"\n{out.stats.line()}")
+        stop = threading.Event()
+
+        def interrupt(*_) -> None:                   # the first Ctrl-C ends the reply, a second one the chat
+            if stop.is_set():
+                raise KeyboardInterrupt
+            stop.set()
+        previous = signal.signal(signal.SIGINT, interrupt)
+        try:
+            out = engine.generate([ids], params, stream_printer(tok, 1, stop))
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        messages.append({"role": "assistant", "content": tok.decode(out.tokens[0])})
+        print(f"\n{'(stopped) ' if stop.is_set() else ''}{out.stats.line()}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def args(argv: list[str] | None):
+    ap = ArgParser(description=__doc__)
     engine_args(ap)
-    ap.add_argument("--prompt", default=DEFAULT_PROMPT)
+    ap.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue (or to answer, with --chat-template)")
     ap.add_argument("--chat", action="store_true", help="interactive chat with the chat template")
     ap.add_argument("--chat-template", action="store_true", help="wrap --prompt in the chat template")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's own)")
+    ap.add_argument("--max-new-tokens", type=at_least(1), default=64, help="tokens to generate per prompt")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--tokenizer", help="tokenizer directory, or 'bytes' for UTF-8 bytes (default: the "
+                                        "checkpoint's own)")
     ap.add_argument("--json", help="write the run statistics here")
     ap.add_argument("--record-trace", help="save routing traces (hybrid.trace format) of this run here")
     ap.add_argument("--prompts", help="JSONL prompt file: generate for each record (batch of --batch-size)")
     a = ap.parse_args(argv)
+    check_paths(a, inputs=("model", "costs", "tokenizer", "prompts", "predictors"), outputs=("json", "record_trace"))
+    return a
+
+
+def load_default_tokenizer(model: str, explicit: str | None):
+    """The default synthetic model's tokenizer; UTF-8 bytes, with a warning, where no tokenizer files exist here."""
+    try:
+        return load_tokenizer(model, explicit)
+    except TokenizerError:
+        print("warning: no tokenizer files here (../shared/tokenizer or $HYBRID_TOKENIZER): the synthetic model "
+              "reads and writes UTF-8 bytes", file=sys.stderr)
+        return load_tokenizer(model, "bytes")
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = args(argv)
+    run = run_config(a)                                                             # both checked before loading
+    params = SamplingParams(a.max_new_tokens, a.temperature, a.top_p, a.seed)
     if a.model is None:
-        a.model = str(default_model())
-        print("note: no --model given: using a small synthetic checkpoint with random weights; "
-              "its output is gibberish by design")
-    engine = make_engine(a)
-    tok = load_tokenizer(a.model, a.tokenizer)
-    recorder = engine.record_trace() if a.record_trace else None
-    if a.prompts:
-        from hybrid.promptset import encode_record, read_records
-        for record in read_records(a.prompts):
-            one_shot(engine, tok, a, encode_record(record, tok))
-    elif a.chat:
-        chat(engine, tok, a)
+        path, fresh = default_model()
+        a.model = str(path)
+        print(f"note: no --model given: {'wrote' if fresh else 'using'} a small synthetic checkpoint with random "
+              f"weights at {path}; its output is gibberish by design", file=sys.stderr)
+        tok = load_default_tokenizer(a.model, a.tokenizer)
     else:
-        one_shot(engine, tok, a)
+        tok = load_tokenizer(a.model, a.tokenizer)
+    records = read_records(a.prompts) if a.prompts else []
+    engine = Engine(a.model, run)
+    if engine.mode_note:
+        print(engine.mode_note, file=sys.stderr)
+    recorder = engine.record_trace() if a.record_trace else None
+    if records:
+        for record in records:
+            one_shot(engine, tok, a, params, encode_record(record, tok))
+    elif a.chat:
+        chat(engine, tok, params)
+    else:
+        one_shot(engine, tok, a, params)
     if recorder:
         print(f"trace saved to {recorder.save(a.record_trace)}")
 

@@ -7,14 +7,21 @@ from pathlib import Path
 
 import torch
 
-from common import hf_peer, load_prompts
+from common import hf_peer, load_prompts, write_atomic
 from hybrid.config import RunConfig
 from hybrid.engine import Engine
 from hybrid.sampling import SamplingParams
 from hybrid.tokenizer import load_tokenizer
 
-REFS = Path("/tmp/hybrid-refs")
 WARM_PREFILLS = 2
+
+
+def refs_dir(a) -> Path:
+    """Reference logits of this sweep's checkpoint: under the out-dir, one folder per checkpoint identity."""
+    from hybrid.checkpoint import Checkpoint
+    path = Path(a.out_dir) / "refs" / Checkpoint(a.model).identity()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,25 +73,25 @@ def cell(e: Engine, mode: str, prompts: list[list[int]], new: int) -> dict:
 
 def check(e: Engine, a, mode: str, row: dict, prompt: list[int]) -> None:
     """Against gpu mode on the same cell: greedy tokens and logits (and the fp32 engine when asked)."""
-    REFS.mkdir(exist_ok=True)
-    tag = REFS / f"{row['batch_size']}_{row['prompt_tokens']}.pt"
+    refs = refs_dir(a)
+    tag = refs / f"{row['batch_size']}_{row['prompt_tokens']}.pt"
     logits = e.logits(prompt[:64]).float().cpu()
     if mode == "gpu":
         torch.save({"tokens": row["_tokens"], "logits": logits}, tag)
         return
     if not tag.exists():
         return
-    ref = torch.load(tag)
+    ref = torch.load(tag, weights_only=True)
     first = [next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), len(p)) for p, q in zip(row["_tokens"], ref["tokens"])]
     row["tokens_identical_prefix"] = min(first)
     row["logits_rel_err_vs_gpu"] = rel(logits, ref["logits"])
-    if (REFS / "fp32.pt").exists():
-        row["logits_rel_err_vs_fp32"] = rel(logits, torch.load(REFS / "fp32.pt"))
+    if (refs / "fp32.pt").exists():
+        row["logits_rel_err_vs_fp32"] = rel(logits, torch.load(refs / "fp32.pt", weights_only=True))
 
 
 def fp32_reference(a, prompt: list[int]) -> None:
     e = Engine(a.model, RunConfig(device="cuda", dtype="float32", max_seq_len=72), progress=False)
-    torch.save(e.logits(prompt[:64]).float().cpu(), REFS / "fp32.pt")
+    torch.save(e.logits(prompt[:64]).float().cpu(), refs_dir(a) / "fp32.pt")
 
 
 def run_job(a) -> None:
@@ -97,7 +104,7 @@ def run_job(a) -> None:
         mm = None if mode == "transformers" else {0: a.gpu_memory, "cpu": 200 * 2**30}
         prompts = load_prompts(a.prompts, tok, min(lens), batch)
         rows.append(hf_peer(a.model, prompts, a.peer_new_tokens if mm is None else a.accelerate_new_tokens, mm))
-        Path(a.rows).write_text(json.dumps(rows))
+        write_atomic(Path(a.rows), json.dumps(rows))
         return
     e = make_engine(a, mode, batch, max(lens) + a.new_tokens + 8)
     e.generate(load_prompts(a.prompts, tok, 16, batch), SamplingParams(max_new_tokens=4))      # warm-up, graphs
@@ -110,7 +117,7 @@ def run_job(a) -> None:
             check(e, a, mode, row, prompts[0])
         row.pop("_tokens")
         rows.append(row)
-        Path(a.rows).write_text(json.dumps(rows))
+        write_atomic(Path(a.rows), json.dumps(rows))
     if mode == "gpu" and a.fp32_reference and batch == 1:
         del e
         torch.cuda.empty_cache()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 import sys
@@ -28,6 +29,22 @@ def code_digest() -> str:
     for f in files:
         h.update(str(f.relative_to(ROOT)).encode() + f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename: a reader (or a kill) never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def die_with_parent() -> None:
+    """For subprocess's preexec_fn (Linux): the child is killed when the process that started it dies, even by
+    SIGKILL, so a killed sweep leaves no job running."""
+    import ctypes
+    import signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)        # PR_SET_PDEATHSIG
 
 
 def meta() -> dict:
@@ -85,6 +102,6 @@ def probe_engine(a):
     """-> (engine, one batch of prompts cut to --prompt-len) for a probe's parsed options."""
     from hybrid.cli import default_model, make_engine
     from hybrid.tokenizer import load_tokenizer
-    a.model = a.model or str(default_model())
+    a.model = a.model or str(default_model()[0])
     engine = make_engine(a)
     return engine, load_prompts(a.prompts, load_tokenizer(engine.ckpt.path), a.prompt_len, a.batch_size)

@@ -6,8 +6,14 @@ from dataclasses import dataclass
 from .config import ModelConfig
 from .layout import non_expert_numel
 
-GiB = 2**30
-MARGIN = 384 * 2**20          # allocator rounding and fragmentation, cuBLAS workspaces
+GiB, MiB = 2**30, 2**20
+MARGIN = 384 * MiB            # allocator rounding and fragmentation, cuBLAS workspaces
+UNLIMITED = 1 << 62           # the "budget" of a run without one (a CPU device and no --gpu-memory)
+
+
+def size(nbytes: float) -> str:
+    """Bytes for people: MiB under 1 GiB, GiB above."""
+    return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB else f"{nbytes / MiB:.1f} MiB"
 
 
 class BudgetError(RuntimeError):
@@ -34,11 +40,14 @@ class MemoryPlan:
         """Bytes torch's allocator may reserve: the budget less the context."""
         return self.budget - self.context
 
-    def describe(self) -> str:
-        f = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
-        return (f"budget {f(self.budget)} = context {f(self.context)} + weights {f(self.non_expert)} + "
-                f"KV {f(self.kv_cache)} + workspace {f(self.workspace)} + staging {f(self.staging)} + "
-                f"cache {self.n_slots} experts ({f(self.cache_bytes)})")
+    def describe(self, experts: int | None = None) -> str:
+        """One line; `experts`: how many routed experts the model has (caps the cache of an unlimited run)."""
+        slots = self.n_slots if experts is None else min(self.n_slots, experts)
+        parts = (f"context {size(self.context)} + weights {size(self.non_expert)} + KV {size(self.kv_cache)} + "
+                 f"workspace {size(self.workspace)} + staging {size(self.staging)} + "
+                 f"cache {slots} experts ({size(slots * self.slot_bytes)})")
+        head = "no budget (--gpu-memory not set):" if self.budget >= UNLIMITED else f"budget {size(self.budget)} ="
+        return f"{head} {parts}"
 
 
 def workspace_bytes(cfg: ModelConfig, batch: int, seq_len: int, chunk_tokens: int, itemsize: int) -> int:
@@ -84,15 +93,14 @@ def plan_memory(cfg: ModelConfig, budget: int, batch: int, seq_len: int, itemsiz
     fixed = context + non_expert + kv + ws + staging
     if budget < fixed + min_slots * slot:
         raise BudgetError(
-            f"GPU memory budget {budget / GiB:.2f} GiB is too small: the non-expert weights need "
-            f"{non_expert / GiB:.2f} GiB, the KV cache for batch {batch} x {seq_len} tokens "
-            f"{kv / GiB:.2f} GiB, workspace {ws / GiB:.2f} GiB, CUDA context {context / GiB:.2f} GiB and "
-            f"expert staging {staging / GiB:.2f} GiB: at least {(fixed + min_slots * slot) / GiB:.2f} GiB")
+            f"GPU memory budget {size(budget)} is too small: the non-expert weights need "
+            f"{size(non_expert)}, the KV cache for batch {batch} x {seq_len} tokens "
+            f"{size(kv)}, workspace {size(ws)}, CUDA context {size(context)} and "
+            f"expert staging {size(staging)}: at least {size(fixed + min_slots * slot)}")
     n_slots = (budget - fixed) // slot
     return MemoryPlan(budget, context, non_expert, kv, ws, staging, slot, int(n_slots))
 
 
 def check_host_ram(need: int, available: int, what: str = "the routed-expert store") -> None:
     if need > available:
-        raise BudgetError(f"host RAM too small for {what}: it needs {need / GiB:.1f} GiB, "
-                          f"{available / GiB:.1f} GiB is available")
+        raise BudgetError(f"host RAM too small for {what}: it needs {size(need)}, {size(available)} is available")

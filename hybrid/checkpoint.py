@@ -1,6 +1,7 @@
 """Read a Hugging Face safetensors checkpoint lazily, tensor by tensor, with clear errors for broken files."""
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -11,6 +12,7 @@ from safetensors import safe_open
 from .config import ModelConfig
 
 INDEX_NAME = "model.safetensors.index.json"
+FLOAT_DTYPES = ("BF16", "F16", "F32")           # what the weights may be stored as (computed in the run's dtype)
 SINGLE_NAME = "model.safetensors"
 
 
@@ -25,6 +27,9 @@ def read_header(path: Path) -> tuple[dict, int]:
         if len(raw) < 8:
             raise CheckpointError(f"shard {path.name} is truncated: {path.stat().st_size} bytes, no header")
         (n,) = struct.unpack("<Q", raw)
+        size = path.stat().st_size
+        if n > size - 8:
+            raise CheckpointError(f"shard {path.name} is corrupt: its header claims {n} bytes, the file has {size}")
         blob = f.read(n)
     if len(blob) < n:
         raise CheckpointError(f"shard {path.name} is truncated inside its header")
@@ -98,13 +103,24 @@ class Checkpoint:
         return self._handle(self.weight_map[name]).get_tensor(name)
 
     def check_shapes(self, expected: dict[str, tuple[int, ...]]) -> None:
-        """Fail with the first tensor whose presence or shape differs from what the config implies."""
+        """Fail with the first tensor whose presence, shape or dtype differs from what the config implies."""
         for name, shape in expected.items():
             if name not in self.shapes:
                 raise CheckpointError(f"tensor {name} is missing from the checkpoint")
             if self.shapes[name] != tuple(shape):
                 raise CheckpointError(f"tensor {name} has shape {list(self.shapes[name])}, "
                                       f"expected {list(shape)} from config.json")
+            if self.dtypes[name] not in FLOAT_DTYPES:
+                raise CheckpointError(f"tensor {name} is stored as {self.dtypes[name]}; weights must be one of "
+                                      f"{', '.join(FLOAT_DTYPES)}")
+
+    def identity(self) -> str:
+        """16 hex digits naming the weights: config.json plus the first router's values (synthetic checkpoints
+        of one preset differ only in values). Keys predictors and sweep results."""
+        first = self.config.moe_layers[0]
+        h = hashlib.sha1((self.path / "config.json").read_bytes())
+        h.update(self.get(f"model.layers.{first}.mlp.gate.weight").float().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def expert_names(self, layer: int, expert: int) -> tuple[str, str, str]:
         p = f"model.layers.{layer}.mlp.experts.{expert}"

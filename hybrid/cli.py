@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
 
-from .config import RunConfig
+from .config import CHOICES, ConfigError, RunConfig
 from .tokenizer import find_tokenizer_dir
 
 CACHE = Path(os.environ.get("HYBRID_CACHE", Path.home() / ".cache" / "hybrid-moe"))
@@ -16,41 +17,99 @@ _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb"
           "g": 2**30, "gb": 10**9, "gib": 2**30}
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The script's docstring as written, and every option's default in its help (where the help does not
+    already say it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or any(action.default is v for v in (None, False, True, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse with the project's error convention: one `error:` line on stderr and exit code 2."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=HelpFormatter, **kw)
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_bytes(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a size (e.g. 12GiB, 500MiB)")
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a positive size (e.g. 12GiB, 500MiB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def default_model(preset: str = "small") -> Path:
-    """The embedded default: a small synthetic checkpoint, written once into the cache directory."""
+def at_least(low: int):
+    """An argparse type: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def check_paths(a: argparse.Namespace, inputs=(), outputs=()) -> None:
+    """Before anything is loaded: each named input file or folder exists, each output's folder exists."""
+    for name in inputs:
+        value = getattr(a, name, None)
+        if value and value != "bytes" and not Path(value).exists():
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: no such file or directory")
+    for name in outputs:
+        value = getattr(a, name, None)
+        if value and not Path(value).resolve().parent.is_dir():
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: the folder {Path(value).parent} does not exist")
+
+
+def default_model(preset: str = "small") -> tuple[Path, bool]:
+    """The embedded default: a small synthetic checkpoint, written once into the cache directory.
+    -> (its folder, whether it was written now)."""
     from .synthetic import PRESETS, write_checkpoint
     path = CACHE / f"synthetic-{preset}"
-    if not (path / "model.safetensors.index.json").exists():
-        config, shards = PRESETS[preset]
-        write_checkpoint(path, config, shards, seed=0, device="cpu", tokenizer=find_tokenizer_dir())
-    return path
+    if (path / "model.safetensors.index.json").exists():
+        return path, False
+    config, shards = PRESETS[preset]
+    write_checkpoint(path, config, shards, seed=0, device="cpu", tokenizer=find_tokenizer_dir())
+    return path, True
 
 
 def engine_args(ap: argparse.ArgumentParser) -> None:
     gpu = torch.cuda.is_available()
-    ap.add_argument("--model", help="checkpoint directory (Hugging Face layout); default: small synthetic")
-    ap.add_argument("--mode", default="gpu", choices=["gpu", "fetch", "cpu", "hybrid"])
-    ap.add_argument("--device", default="cuda" if gpu else "cpu")
-    ap.add_argument("--dtype", default=None, help="bfloat16 (default on GPU) | float32 (default on CPU)")
-    ap.add_argument("--gpu-memory", type=parse_bytes, help="whole GPU budget, e.g. 12GiB")
-    ap.add_argument("--cache-policy", default="lfu", choices=["lfu", "lru", "static"])
-    ap.add_argument("--prefetch", default="none", choices=["none", "gate", "mlp"],
+    ap.add_argument("--model", help="checkpoint directory (Hugging Face layout); default: a small synthetic one")
+    ap.add_argument("--mode", default="auto", choices=CHOICES["mode"],
+                    help="where routed experts run: gpu (all resident), fetch (copied over PCIe), cpu, hybrid "
+                         "(per expert, by the cost model), auto (gpu if the model fits, else hybrid)")
+    ap.add_argument("--device", default="cuda" if gpu else "cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", default=None, choices=CHOICES["dtype"],
+                    help="compute dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    ap.add_argument("--gpu-memory", type=parse_bytes,
+                    help="the whole GPU budget (weights, KV cache, workspace, context, expert cache), e.g. 12GiB; "
+                         "default: mode auto takes the free memory less 512 MiB, other modes all free memory")
+    ap.add_argument("--cache-policy", default="lfu", choices=CHOICES["cache_policy"],
+                    help="GPU expert cache: LFU with decay, LRU, or static (the first experts loaded stay)")
+    ap.add_argument("--prefetch", default="none", choices=CHOICES["prefetch"],
                     help="predict the next layer's experts with its router (gate) or a trained predictor (mlp)")
     ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                     help="with prefetch: plan each layer alone (on-demand copies not charged for displaced prefetches)")
     ap.add_argument("--predictors", help="trained predictor file for --prefetch mlp (default: by checkpoint)")
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--max-seq-len", type=int, default=4096)
-    ap.add_argument("--cpu-threads", type=int)
+    ap.add_argument("--batch-size", type=at_least(1), default=1, help="sequences generated together")
+    ap.add_argument("--max-seq-len", type=at_least(1), default=4096, help="KV cache tokens per sequence")
+    ap.add_argument("--cpu-threads", type=at_least(1),
+                    help="CPU threads (default: all cores but one with a GPU, all cores without; fewer while other "
+                         "processes keep cores busy)")
     ap.add_argument("--cpu-kernel", default=os.environ.get("HYBRID_CPU_KERNEL", "auto"),
-                    choices=["auto", "native", "torch"],
+                    choices=CHOICES["cpu_kernel"],
                     help="CPU experts: native kernel (built on first use) | torch | auto (native if it builds)")
     ap.add_argument("--cpu-pool", default=os.environ.get("HYBRID_CPU_POOL", "on"), choices=["on", "off"],
                     help="native CPU kernel on its own thread pool, started before the layer's GPU work is queued "
@@ -61,7 +120,7 @@ def engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--copy-ahead", default=os.environ.get("HYBRID_COPY_AHEAD", "on"), choices=["on", "off"],
                     help="prefill: queue copies of the next layer's uncached experts behind this layer's, into the "
                          "PCIe lane's idle time before the next routing (modes fetch, hybrid)")
-    ap.add_argument("--prefill-graph-tokens", type=int,
+    ap.add_argument("--prefill-graph-tokens", type=at_least(0),
                     default=int(os.environ.get("HYBRID_PREFILL_GRAPH_TOKENS", "512")),
                     help="prompts of at most this many tokens (batch x length) whose shape was seen before prefill "
                          "from CUDA graphs (the launches between MoE layers replayed); 0: never")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,11 +12,32 @@ class ConfigError(ValueError):
     """A config.json that this engine cannot run, with the reason."""
 
 
+_NULLABLE = ("q_lora_rank", "rope_scaling")
+_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,)}
+_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "dict": "an object",
+          "None": "null"}
+
+
+def check_type(name: str, value, annotation: str) -> None:
+    """Raise ConfigError unless `value` (from JSON) has the field's declared type, e.g. "int | None"."""
+    kinds = annotation.split(" | ")
+    if value is None and "None" in kinds:
+        return
+    ok = any(isinstance(value, _KINDS[k]) and (k == "bool" or not isinstance(value, bool))
+             for k in kinds if k in _KINDS)
+    if not ok:
+        want = " or ".join(_NAMES[k] for k in kinds)
+        raise ConfigError(f"config.json field {name} must be {want}, got {json.dumps(value)}")
+
+
 _REQUIRED = (
     "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
     "num_attention_heads", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "kv_lora_rank",
     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rms_norm_eps", "max_position_embeddings",
 )
+
+
+_POSITIVE = tuple(n for n in _REQUIRED if n != "rms_norm_eps") + ("moe_layer_freq", "n_group", "topk_group")
 
 
 @dataclass(frozen=True)
@@ -60,7 +82,11 @@ class ModelConfig:
         if missing:
             raise ConfigError(f"config.json lacks required field(s): {', '.join(missing)}")
         names = set(cls.__dataclass_fields__)
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        fields = {k: v for k, v in d.items()              # an optional field set to null takes its default
+                  if k in names and not (v is None and k not in _NULLABLE and k not in _REQUIRED)}
+        for k, v in fields.items():
+            check_type(k, v, cls.__dataclass_fields__[k].type)
+        cfg = cls(**fields)
         cfg.validate()
         return cfg
 
@@ -76,19 +102,37 @@ class ModelConfig:
         return cls.from_dict(d)
 
     def validate(self) -> None:
+        """Value checks beyond the types: ranges and the relations between fields, each naming what is allowed."""
+        for name in _POSITIVE:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config.json field {name} must be at least 1, got {getattr(self, name)}")
+        if self.first_k_dense_replace < 0 or self.rms_norm_eps <= 0:
+            raise ConfigError("config.json needs first_k_dense_replace >= 0 and rms_norm_eps > 0")
         if self.scoring_func != "softmax":
             raise ConfigError(f"scoring_func {self.scoring_func!r} is not supported (only 'softmax')")
         if self.topk_method not in ("greedy", "group_limited_greedy"):
-            raise ConfigError(f"topk_method {self.topk_method!r} is not supported")
+            raise ConfigError(f"topk_method {self.topk_method!r} is not supported (greedy, group_limited_greedy)")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
         if self.num_experts_per_tok > self.n_routed_experts:
-            raise ConfigError("num_experts_per_tok exceeds n_routed_experts")
+            raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds n_routed_experts "
+                              f"({self.n_routed_experts})")
+        self._validate_groups()
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError("hidden_size must be a multiple of num_attention_heads")
         rs = self.rope_scaling
         if rs is not None and rs.get("type", rs.get("rope_type")) not in ("yarn", "default", None):
-            raise ConfigError(f"rope_scaling type {rs.get('type')!r} is not supported (only yarn)")
+            raise ConfigError(f"rope_scaling type {rs.get('type')!r} is not supported (yarn or default)")
+
+    def _validate_groups(self) -> None:
+        E, G = self.n_routed_experts, self.n_group
+        if E % G:
+            raise ConfigError(f"n_group ({G}) must divide n_routed_experts ({E})")
+        if not 1 <= self.topk_group <= G:
+            raise ConfigError(f"topk_group must be between 1 and n_group ({G}), got {self.topk_group}")
+        if self.topk_method == "group_limited_greedy" and self.topk_group * (E // G) < self.num_experts_per_tok:
+            raise ConfigError(f"group_limited_greedy keeps {self.topk_group} of {G} groups ({self.topk_group * (E // G)}"
+                              f" experts), fewer than num_experts_per_tok ({self.num_experts_per_tok})")
 
     @property
     def qk_head_dim(self) -> int:
@@ -118,12 +162,21 @@ class ModelConfig:
         return 3 * self.moe_intermediate_size * self.hidden_size
 
 
+MODES = ("auto", "gpu", "fetch", "cpu", "hybrid")
+CHOICES = {"dtype": ("bfloat16", "float16", "float32"), "mode": MODES, "cache_policy": ("lfu", "lru", "static"),
+           "prefetch": ("none", "gate", "mlp"), "cpu_kernel": ("auto", "native", "torch"),
+           "cpu_tiles": ("auto", "off", "emulate")}
+AT_LEAST = {"max_batch_size": 1, "max_seq_len": 1, "prefill_chunk_tokens": 1, "cache_slots": 0, "cpu_threads": 1,
+            "gpu_memory": 1, "prefill_graph_tokens": 0}
+
+
 @dataclass
 class RunConfig:
-    """How one engine instance runs: where, in what precision, with which expert runtime."""
-    device: str = "cpu"
+    """How one engine instance runs: where, in what precision, with which expert runtime. Checked on creation:
+    a bad value raises ConfigError naming the field and what is allowed."""
+    device: str = "cpu"                   # cpu | cuda | cuda:N
     dtype: str = "bfloat16"
-    mode: str = "gpu"                     # gpu | fetch | cpu | hybrid
+    mode: str = "gpu"                     # auto | gpu | fetch | cpu | hybrid (auto: gpu if it fits, else hybrid)
     gpu_memory: int | None = None         # bytes for everything on the compute device; None = no budget
     cache_policy: str = "lfu"             # lfu | lru | static
     prefetch: str = "none"                # none | gate | mlp
@@ -143,3 +196,14 @@ class RunConfig:
     cuda_graphs: bool = True              # on CUDA, replay static decode steps from captured graphs
     prefill_graph_tokens: int = 512       # whole-prompt prefills of <= this many tokens (batch x length) whose shape
                                           # was seen before run from static buffers (graphs on CUDA); 0: never
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
+            raise ConfigError(f"device {self.device!r} is not supported: cpu, cuda or cuda:N")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name, low in AT_LEAST.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ConfigError(f"{name} must be an integer of at least {low}, got {value!r}")

@@ -14,7 +14,7 @@ from .config import RunConfig
 from .layout import model_specs
 from .graphs import DecodeRunner, PrefillRunner
 from .model import DeepseekV2, LatentCache, StepState
-from .runtime import build_backend, cuda_context_bytes
+from .runtime import build_backend, choose_mode, cuda_context_bytes
 from .sampling import Sampler, SamplingParams
 from .stats import RunStats
 
@@ -48,13 +48,15 @@ class Engine:
     def __init__(self, model_dir: str, run: RunConfig | None = None, progress: bool = True):
         self.run = run or RunConfig()
         self.device = resolve_device(self.run.device)
-        if self.run.dtype not in DTYPES:
-            raise EngineError(f"dtype {self.run.dtype!r} is not one of {sorted(DTYPES)}")
         self.dtype = DTYPES[self.run.dtype]
         self.ckpt = Checkpoint(model_dir)
         self.cfg = self.ckpt.config
         self.ckpt.check_shapes(model_specs(self.cfg))
         self.context_bytes = cuda_context_bytes(self.device) if self.device.type == "cuda" else 0
+        self.mode_note = ""                    # what mode auto chose, and why
+        if self.run.mode == "auto":
+            self.run, self.mode_note = choose_mode(self.cfg, self.run, self.device, self.dtype.itemsize,
+                                                   self.context_bytes)
         self.backend = build_backend(self.cfg, self.ckpt, self.run, self.device, self.dtype, progress,
                                      self.context_bytes)
         names = model_specs(self.cfg, experts=False)
@@ -141,7 +143,8 @@ class Engine:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None,
                  on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
-        """Greedy or sampled generation for a batch of token-id prompts (left-padded together)."""
+        """Greedy or sampled generation for a batch of token-id prompts (left-padded together). `on_tokens` gets
+        each step's tokens as they come; returning False from it ends the generation there."""
         params = params or SamplingParams()
         self._check(prompts, params.max_new_tokens)
         B, L = len(prompts), max(len(p) for p in prompts)
@@ -154,7 +157,7 @@ class Engine:
             ids[b, pad[b]:] = torch.tensor(p)
         ids = ids.to(self.device)
         cache = self.cache.batch(B)
-        sampler, stats = Sampler(params, self.device), RunStats(self.run.mode, B, L)
+        sampler, stats = Sampler(params, self.device), RunStats(self.run.mode, B, L, self.device.type)
         self._reset_peak()
         hooks = getattr(self.backend, "begin", None)
         if hooks:
@@ -186,9 +189,8 @@ class Engine:
                     out[b].append(t)
                     done[b] = params.stop_on_eos and t == self.cfg.eos_token_id
             stats.new_tokens = step + 1
-            if on_tokens:
-                on_tokens(host)
-            if all(done) or step == params.max_new_tokens - 1:
+            stopped = on_tokens is not None and on_tokens(host) is False
+            if stopped or all(done) or step == params.max_new_tokens - 1:
                 break
             self._rows(valid, L + step, 1)
             logits = self._decode(tok, cache, valid, pad, L + step)
@@ -223,7 +225,7 @@ class Engine:
         cache = LatentCache(self.cfg, 1, T, self.dtype, self.device)
         st = self._state(torch.ones(1, T, dtype=torch.bool), torch.zeros(1, dtype=torch.long), 0, T)
         ids = torch.tensor([prompt], device=self.device)
-        stats = RunStats(self.run.mode, 1, T)             # its own: the backend's counters of this pass land here
+        stats = RunStats(self.run.mode, 1, T, self.device.type)             # its own: the backend's counters of this pass land here
         begin = getattr(self.backend, "begin", None)
         if begin:
             begin(stats)

@@ -5,11 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .config import ConfigError
+
 
 def read_records(path: str | Path) -> list[dict]:
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} line {n} is not JSON: {e}") from None
+        if not isinstance(record, dict) or not ({"messages", "text", "prompt"} & set(record)):
+            raise ConfigError(f"{path} line {n}: each record needs 'messages', 'text' or 'prompt'")
+        records.append(record)
     if not records:
-        raise ValueError(f"no prompts in {path}")
+        raise ConfigError(f"no prompts in {path}")
     return records
 
 

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import torch
 
 from cost_model.costs import load_costs
-from .budget import MARGIN, MemoryPlan, plan_memory
+from .budget import MARGIN, UNLIMITED, BudgetError, MemoryPlan, plan_memory, size
 from .checkpoint import Checkpoint
 from .config import ModelConfig, RunConfig
 from .experts import ResidentExperts
 
-MODES = ("gpu", "fetch", "cpu", "hybrid")
+AUTO_MARGIN = 512 * 2**20     # mode auto leaves this much of the free GPU memory to others
 
 
 def staging_slots(cfg: ModelConfig) -> int:
@@ -36,7 +37,7 @@ def memory_plan(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize
     cuda = device.type == "cuda"
     budget = run.gpu_memory
     if budget is None:
-        budget = torch.cuda.mem_get_info(device)[0] + context if cuda else 1 << 62
+        budget = torch.cuda.mem_get_info(device)[0] + context if cuda else UNLIMITED
     plan = plan_memory(cfg, budget, run.max_batch_size, run.max_seq_len, itemsize, run.prefill_chunk_tokens,
                        staging_slots(cfg) if run.mode != "gpu" else 0, context,
                        margin=MARGIN if cuda else 0, graph_tokens=graph_tokens(run, device))
@@ -52,19 +53,41 @@ def machine_fingerprint(device: torch.device, threads: int | None, kernel: str) 
     return fingerprint(device, threads, kernel)
 
 
+def experts_bytes(cfg: ModelConfig, itemsize: int) -> int:
+    return len(cfg.moe_layers) * cfg.n_routed_experts * cfg.expert_numel * itemsize
+
+
+def choose_mode(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize: int,
+                context: int) -> tuple[RunConfig, str]:
+    """Mode auto: everything resident if the experts fit (the free GPU memory, or --gpu-memory), else hybrid
+    with a budget of the free memory less AUTO_MARGIN. -> (the run with a concrete mode, one line saying why)."""
+    if device.type != "cuda":
+        return replace(run, mode="gpu"), "mode auto: no GPU, everything resident on the CPU"
+    free = torch.cuda.mem_get_info(device)[0] + context
+    budget = run.gpu_memory or free - AUTO_MARGIN
+    trial = replace(run, mode="gpu", gpu_memory=budget)
+    try:
+        room = memory_plan(cfg, trial, device, itemsize, context).cache_bytes
+    except BudgetError:
+        room = 0
+    need = experts_bytes(cfg, itemsize)
+    if need <= room:
+        return replace(run, mode="gpu"), f"mode auto: gpu, every expert resident ({size(need)} fit in {size(budget)})"
+    return replace(run, mode="hybrid", gpu_memory=budget), \
+        f"mode auto: hybrid within {size(budget)} (the experts need {size(need)}, {size(room)} would fit)"
+
+
 def build_backend(cfg: ModelConfig, ckpt: Checkpoint, run: RunConfig, device: torch.device,
                   dtype: torch.dtype, progress: bool = True, context: int = 0):
-    """The ExpertBackend for run.mode. `context` is the device memory the CUDA context holds (outside the allocator, inside the budget)."""
-    if run.mode not in MODES:
-        raise ValueError(f"unknown mode {run.mode!r}: choose one of {', '.join(MODES)}")
+    """The ExpertBackend for run.mode (a concrete mode: see choose_mode). `context` is the device memory the CUDA
+    context holds (outside the allocator, inside the budget)."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
     plan = memory_plan(cfg, run, device, itemsize, context)
     if run.mode == "gpu":
-        need = len(cfg.moe_layers) * cfg.n_routed_experts * cfg.expert_numel * itemsize
+        need = experts_bytes(cfg, itemsize)
         if run.gpu_memory is not None and need > plan.cache_bytes:
-            from .budget import BudgetError
-            raise BudgetError(f"mode gpu keeps every expert resident ({need / 2**30:.2f} GiB) but the budget "
-                              f"leaves {plan.cache_bytes / 2**30:.2f} GiB for them: use --mode fetch|cpu|hybrid")
+            raise BudgetError(f"mode gpu keeps every expert resident ({size(need)}) but the budget "
+                              f"leaves {size(plan.cache_bytes)} for them: use --mode auto|fetch|cpu|hybrid")
         return ResidentExperts(cfg, ckpt, device, dtype, progress)
     return build_offloaded(cfg, ckpt, run, device, dtype, plan, progress)
 
@@ -97,7 +120,7 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
     planner = PLANNERS[run.mode](costs)
     prefetch = Prefetcher(cfg, lookahead=run.lookahead) if run.prefetch in ("gate", "mlp") else None
     if progress:
-        print(f"memory: {plan.describe()}", file=sys.stderr)
+        print(f"memory: {plan.describe(len(cfg.moe_layers) * cfg.n_routed_experts)}", file=sys.stderr)
     ahead = CopyAhead(costs.fetch_ms, staging_slots(cfg) // 3) if run.copy_ahead and run.mode != "cpu" else None
     return OffloadedExperts(cfg, store, cache, planner, device, lane, prefetch, decode_tokens=run.max_batch_size,
                             copy_ahead=ahead)

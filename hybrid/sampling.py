@@ -1,9 +1,12 @@
 """Next-token selection: greedy, or temperature with nucleus (top-p) sampling from a seeded generator."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from .config import ConfigError
 
 
 @dataclass
@@ -13,6 +16,15 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop_on_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be an integer of at least 1, got {self.max_new_tokens!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
 
 class Sampler:

@@ -6,6 +6,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .budget import size
+
 
 @dataclass
 class ExpertCounters:
@@ -41,6 +43,7 @@ class RunStats:
     mode: str
     batch_size: int
     prompt_tokens: int
+    device: str = "cuda"              # the compute device's type: cuda | cpu
     new_tokens: int = 0
     ttft_s: float = 0.0
     step_s: list = field(default_factory=list)
@@ -65,7 +68,7 @@ class RunStats:
         s = sorted(self.step_s) or [0.0]
         e = self.experts
         out = {
-            "mode": self.mode, "batch_size": self.batch_size, "prompt_tokens": self.prompt_tokens,
+            "mode": self.mode, "device": self.device, "batch_size": self.batch_size, "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens, "ttft_ms": 1000 * self.ttft_s, "tpot_ms_mean": self.tpot_ms,
             "tpot_ms_p50": 1000 * s[len(s) // 2], "tpot_ms_p90": 1000 * s[min(len(s) - 1, int(0.9 * len(s)))],
             "decode_tok_s": self.decode_tok_s,
@@ -86,12 +89,24 @@ class RunStats:
             out["layer_meas_ms_mean"] = statistics.mean(self.layer_meas_ms)
         return out
 
+    @property
+    def label(self) -> str:
+        """The mode as it ran: on a CPU device mode gpu keeps everything resident in host memory."""
+        if self.device == "cuda":
+            return self.mode
+        return ("resident" if self.mode == "gpu" else self.mode) + " on cpu"
+
     def line(self) -> str:
         s = self.summary()
-        return (f"[{s['mode']}] batch {s['batch_size']}, prompt {s['prompt_tokens']}, {s['new_tokens']} new | "
-                f"TTFT {s['ttft_ms']:.0f} ms | {s['tpot_ms_mean']:.1f} ms/token | {s['decode_tok_s']:.1f} tok/s | "
-                f"hit rate {100 * s['hit_rate']:.1f}% | fetched {s['experts_fetched']} ({s['gb_over_pcie']:.2f} GB) | "
-                f"on CPU {s['experts_on_cpu']} | peak GPU {s['peak_gpu_gib']:.2f} GiB")
+        head = (f"[{self.label}] batch {s['batch_size']}, prompt {s['prompt_tokens']}, {s['new_tokens']} new | "
+                f"TTFT {s['ttft_ms']:.0f} ms | {s['tpot_ms_mean']:.1f} ms/token | {s['decode_tok_s']:.1f} tok/s")
+        if self.mode == "gpu":
+            experts = ""
+        else:
+            experts = (f" | hit rate {100 * s['hit_rate']:.1f}% | fetched {s['experts_fetched']} "
+                       f"({s['gb_over_pcie']:.2f} GB) | on CPU {s['experts_on_cpu']}")
+        peak = f" | peak GPU {size(self.peak_gpu_bytes)}" if self.device == "cuda" else ""
+        return head + experts + peak
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         d = {**self.summary(), "per_layer_hits": self.experts.per_layer_hits,

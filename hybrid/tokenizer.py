@@ -1,4 +1,4 @@
-"""Tokenizer loading (transformers, from the checkpoint directory) and a byte fallback for tokenizer-less runs."""
+"""Tokenizer loading (transformers, from the checkpoint directory), and UTF-8 bytes where a run asks for them."""
 from __future__ import annotations
 
 import os
@@ -20,15 +20,29 @@ def find_tokenizer_dir(model_dir: str | Path | None = None) -> Path | None:
     return None
 
 
+class TokenizerError(FileNotFoundError):
+    """No tokenizer where one was needed, with where it was looked for."""
+
+
 class ByteTokenizer:
-    """UTF-8 bytes as token ids 0..255: lets a tokenizer-less synthetic checkpoint produce some text."""
+    """UTF-8 bytes as token ids 0..255 (`--tokenizer bytes`): lets a tokenizer-less synthetic checkpoint run.
+    Ids that are no printable byte decode as escapes (\\x07, <id 4321>), never as raw control bytes."""
     bos_token_id, eos_token_id = None, None
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode())
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(i % 256 for i in ids).decode(errors="replace")
+        parts, run = [], bytearray()
+        for i in [*ids, None]:
+            if i is not None and 0 <= i < 256:
+                run.append(i)
+                continue
+            parts.append(run.decode(errors="replace"))
+            run = bytearray()
+            if i is not None:
+                parts.append(f"<id {i}>")
+        return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in "".join(parts))
 
     def chat(self, messages: list[dict]) -> list[int]:
         return self.encode("".join(f"{m['role']}: {m['content']}\n\n" for m in messages) + "assistant:")
@@ -38,8 +52,11 @@ class HFTokenizer:
     """transformers' tokenizer; plain encoding adds no BOS (the chat template emits it), as the model was trained."""
 
     def __init__(self, path: Path):
-        from transformers import AutoTokenizer
-        self.tok = AutoTokenizer.from_pretrained(str(path))
+        try:       # tokenizer.json read directly: the published tokenizer_config names a class it is not
+            from transformers import TokenizersBackend as Loader
+        except ImportError:
+            from transformers import AutoTokenizer as Loader
+        self.tok = Loader.from_pretrained(str(path))
         self.bos_token_id, self.eos_token_id = self.tok.bos_token_id, self.tok.eos_token_id
 
     def encode(self, text: str) -> list[int]:
@@ -54,9 +71,14 @@ class HFTokenizer:
 
 
 def load_tokenizer(model_dir: str | Path | None = None, explicit: str | Path | None = None):
+    """The tokenizer in `explicit` ("bytes": UTF-8 bytes), else the checkpoint's own, else one of SEARCH;
+    raises TokenizerError where there is none."""
+    if explicit == "bytes":
+        return ByteTokenizer()
     path = Path(explicit) if explicit else find_tokenizer_dir(model_dir)
     if path is None:
-        return ByteTokenizer()
+        raise TokenizerError(f"no tokenizer.json in {model_dir} (nor in $HYBRID_TOKENIZER, ./.tok or "
+                             "../shared/tokenizer): pass --tokenizer DIR, or --tokenizer bytes for UTF-8 bytes")
     if not (path / "tokenizer.json").exists():
-        raise FileNotFoundError(f"no tokenizer.json in {path}")
+        raise TokenizerError(f"no tokenizer.json in {path}")
     return HFTokenizer(path)

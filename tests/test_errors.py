@@ -83,7 +83,7 @@ def test_budget_too_small_for_non_expert_weights(tiny):
 
 
 def test_host_ram_too_small():
-    with pytest.raises(BudgetError, match="host RAM too small for the routed-expert store: it needs 26.8 GiB"):
+    with pytest.raises(BudgetError, match="host RAM too small for the routed-expert store: it needs 26.80 GiB"):
         check_host_ram(int(26.8 * 2**30), 16 * 2**30)
 
 

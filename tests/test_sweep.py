@@ -1,38 +1,128 @@
-"""The evaluation sweep runs end to end on the tiny checkpoint: schema, plots, resume, failed cells recorded."""
+"""The evaluation sweep runs end to end on the tiny checkpoint: schema, plots, resume, failed cells recorded, and
+nothing reported from another setting: rows keyed by everything that defines them, references by checkpoint,
+atomic files, no job left running when the sweep is killed."""
 import csv
 import json
+import signal
 import subprocess
 import sys
+import time
+
+import psutil
+import pytest
+import torch
 
 from conftest import ROOT
+from hybrid.checkpoint import Checkpoint
+from hybrid.synthetic import PRESETS, write_checkpoint
 
 SWEEP = ROOT / "eval" / "compare_modes.py"
 
 
-def sweep(tiny, out, modes):
-    return subprocess.run([sys.executable, str(SWEEP), "--model", str(tiny), "--modes", modes, "--batch-sizes", "1",
-                           "--prompt-lens", "12,20", "--new-tokens", "4", "--out-dir", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+def command(model, out, modes, *extra):
+    return [sys.executable, str(SWEEP), "--model", str(model), "--modes", modes, "--batch-sizes", "1",
+            "--prompt-lens", "12,20", "--new-tokens", "4", "--out-dir", str(out), "--tokenizer", "bytes", *extra]
 
 
-def test_sweep_writes_json_csv_and_plots_and_resumes(tiny, tokenizer_dir, tmp_path):
-    r = sweep(tiny, tmp_path, "hybrid,bogus")
+def sweep(model, out, modes, *extra):
+    return subprocess.run(command(model, out, modes, *extra), capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def rows(out):
+    return json.loads((out / "results.json").read_text())["rows"]
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    """The tiny checkpoint's layout with other weights (seed 2): only the values differ."""
+    config, shards = PRESETS["tiny"]
+    return write_checkpoint(tmp_path_factory.mktemp("other"), config, shards, seed=2, progress=False)
+
+
+def test_sweep_writes_json_csv_and_plots_and_resumes(tiny, tmp_path):
+    r = sweep(tiny, tmp_path, "hybrid,fetch+mlp")        # fetch+mlp fails: no trained predictors for this model
     assert r.returncode == 0, r.stderr
     d = json.loads((tmp_path / "results.json").read_text())
     assert {"date", "command", "device", "torch", "transformers"} <= set(d["meta"])
     good = [x for x in d["rows"] if not x.get("error")]
     bad = [x for x in d["rows"] if x.get("error")]
     assert {(x["mode"], x["prompt_tokens"]) for x in good} == {("hybrid", 12), ("hybrid", 20)}
-    assert len(bad) == 2 and all("unknown mode 'bogus'" in x["error"] for x in bad)
+    assert len(bad) == 2 and all("needs trained predictors" in x["error"] for x in bad)
     for x in good:
         assert x["new_tokens"] == 4 and x["ttft_ms"] > 0 and x["decode_tok_s"] > 0 and 0 <= x["hit_rate"] <= 1
         assert x["ttft_first_ms"] > 0 and x["ttft_second_ms"] > 0          # the two prefills before the measured one
         assert {"tpot_ms_p50", "tpot_ms_p90", "e2e_tok_s", "peak_gpu_gib", "gb_over_pcie", "cpu_share"} <= set(x)
+        assert x["checkpoint"] == Checkpoint(tiny).identity() and x["tokens_asked"] == 4
+        assert x["experts"] == "bf16" and x["cache_policy"] == "lfu" and len(x["code_sha256"]) == 16
     with open(tmp_path / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
     for png in ("latency.png", "throughput.png", "traffic.png", "cost_model.png"):
         assert (tmp_path / png).stat().st_size > 1000
     again = sweep(tiny, tmp_path, "hybrid")                        # resumes: finished cells are not run again
-    assert again.returncode == 0
-    rerun = [x for x in json.loads((tmp_path / "results.json").read_text())["rows"] if not x.get("error")]
+    assert again.returncode == 0 and "skipping 2 cell(s)" in again.stderr and "hybrid:1:12" in again.stderr
+    rerun = [x for x in rows(tmp_path) if not x.get("error")]
     assert [x["ttft_ms"] for x in rerun] == [x["ttft_ms"] for x in good]
+
+
+def test_unknown_modes_fail_before_anything_runs(tiny, tmp_path):
+    r = sweep(tiny, tmp_path, "hybrid,bogus")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: unknown mode 'bogus'")
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_rows_of_another_checkpoint_or_setting_are_never_reused(tiny, other, tmp_path):
+    assert sweep(tiny, tmp_path, "gpu,hybrid").returncode == 0
+    first = rows(tmp_path)
+    r = sweep(other, tmp_path, "gpu,hybrid")                       # same layout, other weights: all measured anew
+    assert r.returncode == 0 and "skipping" not in r.stderr
+    r = sweep(tiny, tmp_path, "hybrid", "--new-tokens", "5")       # another setting: measured anew too
+    assert r.returncode == 0 and "skipping" not in r.stderr
+    now = rows(tmp_path)
+    ids = {x["checkpoint"] for x in now}
+    assert ids == {Checkpoint(tiny).identity(), Checkpoint(other).identity()} and len(now) == len(first) * 2 + 2
+    assert {x["tokens_asked"] for x in now if x["checkpoint"] == Checkpoint(tiny).identity()} == {4, 5}
+    checked = [x for x in now if x["mode"] == "hybrid" and x["prompt_tokens"] == 12 and x["tokens_asked"] == 4]
+    for x in checked:                  # the reference of its own checkpoint: same function, same greedy tokens
+        assert x["tokens_identical_prefix"] == 4 and x["logits_rel_err_vs_gpu"] < 1e-4
+    refs = sorted(p.name for p in (tmp_path / "refs").iterdir())
+    assert refs == sorted(ids)
+
+
+def test_reference_files_are_loaded_as_weights_only(tiny, tmp_path):
+    assert sweep(tiny, tmp_path, "gpu").returncode == 0
+    ref = next((tmp_path / "refs").rglob("1_12.pt"))
+    torch.save({"tokens": [[1]], "logits": torch.zeros(1), "evil": object()}, ref)    # a pickled object
+    r = sweep(tiny, tmp_path, "hybrid")
+    bad = [x for x in rows(tmp_path) if x["mode"] == "hybrid" and x.get("error")]
+    assert r.returncode == 0 and bad and "weights_only" in bad[0]["error"].lower().replace(" ", "_")
+
+
+def test_a_corrupt_results_file_is_one_clear_error(tiny, tmp_path):
+    (tmp_path / "results.json").write_text('{"rows": [{"mode": "gpu"')            # what a kill mid-write left
+    r = sweep(tiny, tmp_path, "gpu")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_results_are_replaced_atomically(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "eval"))
+    import common
+    target = tmp_path / "results.json"
+    target.write_text("old")
+    monkeypatch.setattr(common.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):                # killed between writing and renaming
+        common.write_atomic(target, "new")
+    assert target.read_text() == "old"
+
+
+def test_a_killed_sweep_leaves_no_job_running(tiny, tmp_path):
+    proc = subprocess.Popen(command(tiny, tmp_path, "hybrid"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline, children = time.time() + 120, []
+    while not children and time.time() < deadline and proc.poll() is None:
+        children = psutil.Process(proc.pid).children()
+        time.sleep(0.05)
+    assert children, "the sweep started no job"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(children, timeout=20)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
