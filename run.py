@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import select
 import signal
 import sys
 import threading
@@ -66,13 +67,26 @@ def fit_context(engine, tok, messages: list[dict], new_tokens: int) -> list[int]
     return ids
 
 
+def read_line(prompt: str) -> str:
+    """input() that Ctrl-C always interrupts: SIGINT may land on a torch worker thread, which leaves a blocking
+    read in the main thread asleep; waiting in short select() rounds lets the main thread see it."""
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    while not select.select([sys.stdin], [], [], 0.1)[0]:
+        pass
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line
+
+
 def chat(engine, tok, params: SamplingParams) -> None:
     """Turns from stdin until an empty line, EOF or Ctrl-C at the prompt. Ctrl-C during a reply ends the reply."""
     messages: list[dict] = []
     print("chat: empty line, Ctrl-D or Ctrl-C at the prompt ends; Ctrl-C during a reply stops it")
     while True:
         try:
-            line = input("you> ").strip()
+            line = read_line("you> ").strip()
         except (EOFError, KeyboardInterrupt):
             print()                                  # the shell's prompt starts on a line of its own
             break
@@ -98,7 +112,7 @@ def chat(engine, tok, params: SamplingParams) -> None:
         print(f"\n{'(stopped) ' if stop.is_set() else ''}{out.stats.line()}")
 
 
-def args(argv: list[str] | None):
+def parser() -> ArgParser:
     ap = ArgParser(description=__doc__)
     engine_args(ap)
     ap.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue (or to answer, with --chat-template)")
@@ -110,10 +124,16 @@ def args(argv: list[str] | None):
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--tokenizer", help="tokenizer directory, or 'bytes' for UTF-8 bytes (default: the "
                                         "checkpoint's own)")
-    ap.add_argument("--json", help="write the run statistics here")
-    ap.add_argument("--record-trace", help="save routing traces (hybrid.trace format) of this run here")
-    ap.add_argument("--prompts", help="JSONL prompt file: generate for each record (batch of --batch-size)")
-    a = ap.parse_args(argv)
+    ap.add_argument("--json", help="write the run statistics here (default: not saved)")
+    ap.add_argument("--record-trace", help="save routing traces (hybrid.trace format) of this run here "
+                                           "(default: not recorded)")
+    ap.add_argument("--prompts", help="JSONL prompt file: generate for each record, in batches of --batch-size "
+                                      "(default: --prompt)")
+    return ap
+
+
+def args(argv: list[str] | None):
+    a = parser().parse_args(argv)
     check_paths(a, inputs=("model", "costs", "tokenizer", "prompts", "predictors"), outputs=("json", "record_trace"))
     return a
 

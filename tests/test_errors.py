@@ -94,3 +94,88 @@ def test_cli_reports_errors_in_one_line(copy):
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error: missing shard")
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("hidden_size", "256", "hidden_size must be an integer, got \"256\""),
+    ("num_hidden_layers", 4.0, "num_hidden_layers must be an integer, got 4.0"),
+    ("rope_scaling", "yarn", "rope_scaling must be an object or null, got \"yarn\""),
+    ("n_routed_experts", "16", "n_routed_experts must be an integer"),
+    ("rms_norm_eps", "1e-6", "rms_norm_eps must be a number"),
+    ("norm_topk_prob", "yes", "norm_topk_prob must be true or false"),
+    ("num_experts_per_tok", 0, "num_experts_per_tok must be at least 1, got 0"),
+    ("n_group", 3, r"n_group \(3\) must divide n_routed_experts \(16\)"),
+    ("topk_group", 2, r"topk_group must be between 1 and n_group \(1\), got 2"),
+])
+def test_config_fields_of_the_wrong_type_or_range(copy, field, value, message):
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg[field] = value
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=message):
+        Checkpoint(copy)
+
+
+def test_group_limited_routing_must_keep_enough_experts(copy):
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg.update(topk_method="group_limited_greedy", n_group=8, topk_group=1)      # 2 experts kept, 4 routed
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"keeps 1 of 8 groups \(2 experts\), fewer than num_experts_per_tok \(4\)"):
+        Checkpoint(copy)
+
+
+def test_a_huge_safetensors_header_length_is_a_clear_error(copy):
+    victim = shards(copy)[0]
+    data = bytearray(victim.read_bytes())
+    data[:8] = (2**60).to_bytes(8, "little")
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"shard {victim.name} is corrupt: its header claims {2**60} bytes"):
+        Checkpoint(copy)
+
+
+def test_an_integer_expert_tensor_is_refused(copy):
+    from safetensors.torch import load_file, save_file
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    index = json.loads((copy / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = copy / index[name]
+    tensors = load_file(shard)
+    tensors[name] = tensors[name].to(torch.int32)
+    save_file(tensors, shard)
+    with pytest.raises(CheckpointError, match=f"tensor {name} is stored as I32; weights must be one of BF16, F16, F32"):
+        Engine(str(copy), RunConfig(dtype="float32"), progress=False)
+
+
+def run_cli(argv, capsys):
+    """run.py in this process, as its __main__ calls it: -> (exit code, stderr)."""
+    import run
+    from hybrid.errors import friendly
+    with pytest.raises(SystemExit) as exit_:
+        friendly(lambda: run.main(argv))
+    return exit_.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["--batch-size", "-1"], "argument --batch-size: must be at least 1, got -1"),
+    (["--max-new-tokens", "-1"], "argument --max-new-tokens: must be at least 1, got -1"),
+    (["--temperature", "-1"], "temperature must be a finite number >= 0 (0: greedy), got -1.0"),
+    (["--temperature", "1", "--top-p", "0"], "top_p must be in (0, 1], got 0.0"),
+    (["--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
+    (["--device", "tpu"], "device 'tpu' is not supported: cpu, cuda or cuda:N"),
+    (["--mode", "fast"], "argument --mode: invalid choice: 'fast'"),
+    (["--gpu-memory", "0GiB"], "cannot read '0GiB' as a positive size"),
+    (["--json", "/no/such/dir/s.json"], "--json /no/such/dir/s.json: the folder /no/such/dir does not exist"),
+    (["--costs", "/no/such/costs.json"], "--costs /no/such/costs.json: no such file or directory"),
+    (["--prompts", "/no/such/p.jsonl"], "--prompts /no/such/p.jsonl: no such file or directory"),
+])
+def test_bad_arguments_fail_in_one_line_before_loading(tiny, capsys, argv, message):
+    code, err = run_cli(["--model", str(tiny), "--device", "cpu", *argv], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert "weights -> device" not in err                      # nothing was loaded
+
+
+def test_a_model_without_tokenizer_needs_one_named(tiny, tmp_path, capsys, monkeypatch):
+    import hybrid.tokenizer as tk
+    monkeypatch.setattr(tk, "SEARCH", ())                     # no shared tokenizer on this machine
+    code, err = run_cli(["--model", str(tiny), "--device", "cpu"], capsys)
+    assert code == 2 and err.startswith("error: no tokenizer.json in") and "--tokenizer bytes" in err
