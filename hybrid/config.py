@@ -139,6 +139,8 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     def is_moe_layer(self, i: int) -> bool:
+        """As DeepSeek-V2's own code: from first_k_dense_replace on, every moe_layer_freq-th layer (the others
+        dense). transformers ignores moe_layer_freq."""
         return i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
 
     @property

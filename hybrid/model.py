@@ -153,7 +153,9 @@ class MoE:
         self.shared = MLP(w, f"{p}.shared_experts")
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [T, Hd] -> (idx [T, K] int64, weights [T, K] float32)."""
+        """h [T, Hd] -> (idx [T, K] int64, weights [T, K] float32), as DeepSeek-V2's own code routes: with
+        norm_topk_prob the top-k weights are normalised to sum 1 and *not* scaled; otherwise they are scaled by
+        routed_scaling_factor (DeepSeek-V3 normalises and then scales; transformers ignores norm_topk_prob)."""
         cfg = self.cfg
         scores = F.linear(h.float(), self.gate).softmax(dim=-1)                           # [T, E]
         if cfg.topk_method == "group_limited_greedy":
@@ -163,7 +165,7 @@ class MoE:
             scores = (grouped * gmask.unsqueeze(-1)).view_as(scores)
         w, idx = scores.topk(cfg.num_experts_per_tok, dim=-1, sorted=False)
         if cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
-            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+            return idx, w / (w.sum(-1, keepdim=True) + 1e-20)
         return idx, w * cfg.routed_scaling_factor
 
 
