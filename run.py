@@ -96,7 +96,6 @@ def chat(engine, tok, params: SamplingParams) -> None:
         ids = fit_context(engine, tok, messages, params.max_new_tokens)
         if ids is None:
             continue
-        sys.stdout.write("assistant> ")
         stop = threading.Event()
 
         def interrupt(*_) -> None:                   # the first Ctrl-C ends the reply, a second one the chat
@@ -104,6 +103,7 @@ def chat(engine, tok, params: SamplingParams) -> None:
                 raise KeyboardInterrupt
             stop.set()
         previous = signal.signal(signal.SIGINT, interrupt)
+        sys.stdout.write("assistant> ")
         try:
             out = engine.generate([ids], params, stream_printer(tok, 1, stop))
         finally:

@@ -28,8 +28,8 @@ def cpu_model() -> str:
 def fingerprint(device: torch.device, threads: int | None, kernel: str = "torch") -> dict:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     if not threads:
-        from hybrid.lanes import default_threads
-        threads = default_threads() if device.type == "cuda" else torch.get_num_threads()
+        from hybrid.cpu_load import default_threads
+        threads = default_threads(device.type == "cuda")
     return {"gpu": gpu, "cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads, "cpu_kernel": kernel}
 
 

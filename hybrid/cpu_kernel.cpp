@@ -292,6 +292,10 @@ void moe_pool_park(void) {
 
 int moe_pool_threads(void) { return pool == nullptr ? 0 : pool->size(); }
 
+// How many pool members take the next jobs (at least 1; the rest sleep): fewer while other processes keep cores
+// busy. Call between jobs.
+void moe_pool_limit(int members) { members_wanted.store(members > 1 ? members : 1, std::memory_order_relaxed); }
+
 int moe_cpu_threads(void) { return omp_get_max_threads(); }
 
 // 1 where the AMX tile path runs on this machine (compiled in, allowed by the OS), else 0.

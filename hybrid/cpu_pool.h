@@ -5,10 +5,13 @@
 
 #include <atomic>
 #include <chrono>
+#include <climits>
 #include <thread>
 #include <vector>
 
 namespace {
+
+std::atomic<int> members_wanted{INT_MAX};     // members that take jobs (moe_pool_limit); the others sleep
 
 inline void relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -27,12 +30,14 @@ inline long now_ns() {
 // calling thread can go on queueing GPU work; `wait` makes the calling thread join the job until it is done.
 // Work is taken in chunks from a counter per phase, and a phase starts once the previous one is complete, so a
 // member may join at any time (the caller joins late, after its host work). Idle members spin for `spin_ns`
-// after a job (the next layer's job comes within ~1 ms at decode), then sleep until woken.
+// after a job (the next layer's job comes within ~1 ms at decode), then sleep until woken. Members numbered
+// `members_wanted` and up sit jobs out asleep: while other processes keep cores busy, a member that shares a core
+// with one would hold every phase of every job up by a time slice.
 class Pool {
   public:
     Pool(int n, long spin_ns) : n_(n), spin_ns_(spin_ns) {
-        for (int i = 0; i < n; i++) std::thread([this] { loop(); }).detach();   // never joined: lives as
-    }                                                                          // long as the process
+        for (int i = 0; i < n; i++) std::thread([this, i] { loop(i); }).detach();   // never joined: lives as
+    }                                                                              // long as the process
     int size() const { return n_; }
 
     void start(const Job &job) {
@@ -42,9 +47,10 @@ class Pool {
         set_blocks(job_, blocks_);
         t0_ = now_ns();
         park_.store(false, std::memory_order_relaxed);
+        const int team = members() + 1;                      // the members that work, and the caller
         for (int p = 0; p < 4; p++) {
             long n = job_.size(p);
-            grain_[p] = n / (4 * (n_ + 1)) > 1 ? n / (4 * (n_ + 1)) : 1;
+            grain_[p] = n / (4 * team) > 1 ? n / (4 * team) : 1;
             progress_[p].next.store(0, std::memory_order_relaxed);
             progress_[p].done.store(0, std::memory_order_relaxed);
         }
@@ -82,27 +88,32 @@ class Pool {
         tiles_off(job_);
     }
 
-    void loop() {
+    int members() const {
+        int m = members_wanted.load(std::memory_order_relaxed);
+        return m < n_ ? m : n_;
+    }
+
+    void loop(int i) {
         for (unsigned seen = 0;;) {
             unsigned g = gen_.load();
             if (g == seen || (g & 1)) {
-                idle(g);
+                idle(g, i >= members());
                 continue;
             }
             active_.fetch_add(1);
             if (gen_.load() == g) {           // still open: the job's fields are complete
-                work();
+                if (i < members()) work();
                 seen = g;
             }
             active_.fetch_sub(1);
         }
     }
 
-    void idle(unsigned g) {
+    void idle(unsigned g, bool benched) {
         long t = now_ns();
         for (long k = 1; gen_.load(std::memory_order_acquire) == g; k++) {
             relax();
-            if (k % 256 == 0 && (park_.load(std::memory_order_relaxed) || now_ns() - t > spin_ns_)) {
+            if (k % 256 == 0 && (benched || park_.load(std::memory_order_relaxed) || now_ns() - t > spin_ns_)) {
 #if defined(__cpp_lib_atomic_wait)
                 gen_.wait(g);
 #else

@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint
+from .cpu_load import core_watch, default_threads
 from .config import RunConfig
 from .layout import model_specs
 from .graphs import DecodeRunner, PrefillRunner
@@ -53,6 +54,8 @@ class Engine:
         self.cfg = self.ckpt.config
         self.ckpt.check_shapes(model_specs(self.cfg))
         self.context_bytes = cuda_context_bytes(self.device) if self.device.type == "cuda" else 0
+        self.most_threads = self.run.cpu_threads or default_threads(self.device.type == "cuda")
+        torch.set_num_threads(self.most_threads)
         self.mode_note = ""                    # what mode auto chose, and why
         if self.run.mode == "auto":
             self.run, self.mode_note = choose_mode(self.cfg, self.run, self.device, self.dtype.itemsize,
@@ -72,6 +75,7 @@ class Engine:
         if self.run.prefetch == "mlp":
             self.install_predictors(self.run.predictor_path)
         self.recorder = None
+        self.watch, self.threads = core_watch(), self.most_threads
         self.cache = LatentCache(self.cfg, self.run.max_batch_size, self.context_len, self.dtype, self.device)
         self.decoder = self.prefiller = None
         if self.run.static_decode:
@@ -105,6 +109,15 @@ class Engine:
             self.decoder = DecodeRunner(self.model, self.cache, self.device, capture=False)
         self.prefiller = None
         return self.recorder
+
+    def fit_threads(self) -> int:
+        """Threads for the next step: one fewer per core that other processes keep busy (cpu_load.py)."""
+        n = self.watch.threads(self.most_threads)
+        if n != self.threads:
+            torch.set_num_threads(n)
+            self.backend.set_threads(n)
+            self.threads = n
+        return n
 
     def _rows(self, valid: torch.Tensor, start: int, T: int) -> None:
         if self.recorder is not None:
@@ -159,6 +172,7 @@ class Engine:
         cache = self.cache.batch(B)
         sampler, stats = Sampler(params, self.device), RunStats(self.run.mode, B, L, self.device.type)
         self._reset_peak()
+        self.fit_threads()
         hooks = getattr(self.backend, "begin", None)
         if hooks:
             hooks(stats)
@@ -193,6 +207,7 @@ class Engine:
             if stopped or all(done) or step == params.max_new_tokens - 1:
                 break
             self._rows(valid, L + step, 1)
+            self.fit_threads()
             logits = self._decode(tok, cache, valid, pad, L + step)
         self._finish(stats)
         return Generation(out, stats)

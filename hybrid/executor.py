@@ -65,6 +65,9 @@ class OffloadedExperts:
     def attach(self, model) -> None:
         model.predict_next = self.prefetcher is not None
 
+    def set_threads(self, threads: int) -> None:
+        self.cpu.set_threads(threads)
+
     def begin(self, stats: RunStats) -> None:
         self.stats, self.timings, self.events_used = stats, [], 0
 

@@ -59,5 +59,8 @@ class ResidentExperts:
 
     capturable = True
 
+    def set_threads(self, threads: int) -> None:
+        """Nothing here runs on CPU threads of its own (the engine sets torch's)."""
+
     def forward(self, call) -> torch.Tensor:
         return grouped_experts(call.x, call.idx, call.w, self.w13[call.layer], self.w2[call.layer])

@@ -42,13 +42,6 @@ class CopyLane:
             torch.cuda.current_stream().wait_event(ev)
 
 
-def default_threads() -> int:
-    """All cores but one: the spare core absorbs the CUDA driver's and Python's other threads, which would
-    otherwise stall one member of the OpenMP team (0.25 vs 0.39 ms per 1-token expert with 15 vs 16 threads
-    on the 16-core GPU box, eval/lane_probe.py)."""
-    return max(1, (os.cpu_count() or 1) - 1)
-
-
 class CpuLane:
     """A layer's CPU experts. By default on the native kernel's own thread pool, handed over right after planning
     so that they run while the driving thread admits slots, issues copies and queues the GPU work, which it then
@@ -64,18 +57,31 @@ class CpuLane:
     def __init__(self, threads: int | None = None, cuda: bool = True, kernel: str = "auto", pool: bool = True,
                  tiles: str = "auto"):
         from .cpu_experts import CpuExperts
+        from .cpu_load import default_threads
         if threads or cuda:
             torch.set_num_threads(threads or default_threads())
         self.threads = torch.get_num_threads()
         # a layer's CPU experts; with the pool, started before the GPU work is queued. The pool has one member
         # fewer than the team: the driving thread joins the job in `wait`, once its host work is done. Idle
         # members spin 2 ms on a GPU machine (the next layer's job follows within it), sleep at once on a CPU one.
-        members = max(1, self.threads - 1) if cuda else self.threads
+        self.cuda = cuda
+        members = self.members(self.threads)
         spin = int(os.environ.get("HYBRID_POOL_SPIN_US", "2000")) if cuda else 0     # env: for A/B runs
         self.experts = CpuExperts(kernel, pool_threads=members if pool else 0, spin_us=spin,
                                   tiles=tiles)
         if self.experts.lib is not None:                                                 # env: for A/B runs
             self.experts.lib.moe_set_prefetch(int(os.environ.get("HYBRID_CPU_PREFETCH", "on") == "on"))
+
+
+    def members(self, threads: int) -> int:
+        """Pool members for a team of `threads`: one fewer on a GPU machine (the driving thread joins)."""
+        return max(1, threads - 1) if self.cuda else threads
+
+    def set_threads(self, threads: int) -> None:
+        """Run the next layers' CPU experts on `threads` threads (fewer while other processes keep cores busy)."""
+        torch.set_num_threads(threads)
+        if self.experts.pool_threads:
+            self.experts.lib.moe_pool_limit(self.members(threads))
 
 
 class PinnedBuffer:

@@ -25,6 +25,10 @@ class ExpertBackend(Protocol):
         """call.x [T, Hd] (compute dtype), call.idx [T, K] int64, call.w [T, K] float32 -> [T, Hd] in x's dtype."""
         ...
 
+    def set_threads(self, threads: int) -> None:
+        """Use `threads` CPU threads from the next layer on (the engine lowers it while cores are busy)."""
+        ...
+
 
 class RMSNorm:
     def __init__(self, weight: torch.Tensor, eps: float):

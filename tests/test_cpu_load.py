@@ -1,0 +1,86 @@
+"""Graceful under CPU load: the engine runs one thread fewer per core that other processes keep busy (the
+speed-up itself is measured by eval/contention.py, not here)."""
+import multiprocessing as mp
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from hybrid.config import RunConfig
+from hybrid.cpu_experts import CpuExperts, pointer_table
+from hybrid.cpu_load import CoreWatch, core_watch, threads_for, usable_cpus
+from hybrid.engine import Engine
+from hybrid.sampling import SamplingParams
+
+
+def spin(stop) -> None:
+    while not stop.is_set():
+        for _ in range(100_000):
+            pass
+
+
+@pytest.fixture
+def one_busy_core():
+    stop = mp.Event()
+    proc = mp.Process(target=spin, args=(stop,), daemon=True)
+    proc.start()
+    time.sleep(0.8)                                    # a few samples of the watch
+    yield
+    stop.set()
+    proc.join()
+
+
+def test_threads_leave_busy_cores_to_others():
+    assert threads_for(cores=2, others=0.0, most=2) == 2
+    assert threads_for(cores=2, others=0.3, most=2) == 2           # a light load keeps the team
+    assert threads_for(cores=2, others=0.9, most=2) == 1
+    assert threads_for(cores=2, others=2.0, most=2) == 1           # never below one
+    assert threads_for(cores=16, others=1.0, most=15) == 15        # a spare core absorbs it
+    assert threads_for(cores=16, others=2.2, most=15) == 14
+
+
+def test_the_watch_counts_other_processes_not_this_one(one_busy_core):
+    watch = CoreWatch(interval_s=0.1)
+    time.sleep(0.5)
+    assert 0.6 <= watch.others <= 1.4
+
+
+def test_the_watch_does_not_count_this_process():
+    watch = CoreWatch(interval_s=0.1)
+    t = time.time()
+    while time.time() - t < 0.6:                       # this process busy on a core (and torch's team idle)
+        pass
+    assert watch.others < 0.5
+
+
+@pytest.mark.skipif(len(usable_cpus()) < 2, reason="needs two cores to give one away")
+@pytest.mark.parametrize("mode", ["gpu", "hybrid"])
+def test_engine_gives_a_busy_core_away_and_takes_it_back(tiny, mode, one_busy_core):
+    cores = len(usable_cpus())
+    e = Engine(str(tiny), RunConfig(dtype="float32", mode=mode, cpu_threads=cores), progress=False)
+    watch = core_watch()
+    time.sleep(0.5)
+    e.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3))
+    assert e.threads == threads_for(cores, watch.others, cores) == cores - 1 == torch.get_num_threads()
+
+
+def test_pool_members_sit_out_and_results_stay_equal():
+    from test_cpu_kernel import experts
+    inline = CpuExperts("native", tiles="off")
+    pooled = CpuExperts("native", pool_threads=3, tiles="off")
+    _, w13, w2, starts, counts = experts([2, 1, 3], torch.float32)
+    views = list(zip(w13, w2))
+    segs = [(j, a, c) for j, (a, c) in enumerate(zip(starts, counts))]
+    x, rows = torch.randn(6, 64), np.arange(6, dtype=np.int32)
+    ref = torch.empty(6, 64)
+    inline.run_rows(x, rows, ref, views, pointer_table(views), segs, torch.empty(6, 64))
+    try:
+        for members in (1, 2, 3):
+            pooled.lib.moe_pool_limit(members)
+            out = torch.full((6, 64), float("nan"))
+            assert pooled.start_rows(x, rows, out, views, pointer_table(views), segs)
+            pooled.wait()
+            assert torch.equal(out, ref)
+    finally:
+        pooled.lib.moe_pool_limit(1 << 30)
