@@ -59,7 +59,7 @@ class CpuLane:
         from .cpu_experts import CpuExperts
         from .cpu_load import default_threads
         if threads or cuda:
-            torch.set_num_threads(threads or default_threads())
+            torch.set_num_threads(threads or default_threads(cuda))
         self.threads = torch.get_num_threads()
         # a layer's CPU experts; with the pool, started before the GPU work is queued. The pool has one member
         # fewer than the team: the driving thread joins the job in `wait`, once its host work is done. Idle
