@@ -84,3 +84,13 @@ def test_pool_members_sit_out_and_results_stay_equal():
             assert torch.equal(out, ref)
     finally:
         pooled.lib.moe_pool_limit(1 << 30)
+
+
+def test_a_gpu_machines_lane_keeps_a_core_for_the_driving_thread():
+    from hybrid.cpu_load import default_threads
+    from hybrid.lanes import CpuLane
+    cores = len(usable_cpus())
+    lane = CpuLane(None, cuda=True, kernel="native")
+    assert lane.threads == default_threads(True) == max(1, cores - 1) == torch.get_num_threads()
+    assert lane.experts.pool_threads == lane.members(lane.threads) == max(1, lane.threads - 1)
+    assert default_threads(False) == cores
