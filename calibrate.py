@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -12,7 +11,8 @@ import tempfile
 import torch
 
 from cost_model.measure import default_path, measure
-from hybrid.config import RunConfig
+from hybrid.cli import ArgParser, at_least, check_paths
+from hybrid.config import ConfigError, RunConfig
 from hybrid.engine import Engine
 from hybrid.sampling import SamplingParams
 from hybrid.synthetic import PRESETS, write_checkpoint
@@ -38,14 +38,15 @@ def engine_overheads(device: torch.device, dtype: str, kernel: str, pool: bool,
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=str(default_path()))
+    ap = ArgParser(description=__doc__)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    ap.add_argument("--out", default=str(default_path()), help="where the calibration JSON goes")
     ap.add_argument("--hidden", type=int, default=2048, help="expert shape (DeepSeek-V2-Lite: 2048)")
     ap.add_argument("--inter", type=int, default=1408, help="expert intermediate size (V2-Lite: 1408)")
-    ap.add_argument("--dtype", default=None, help="bfloat16 (default on GPU) | float32 (default on CPU)")
-    ap.add_argument("--threads", type=int, help="CPU expert threads (default: all cores but one)")
-    ap.add_argument("--tokens", default="1,2,4,8,16,32,64,128,256,512")
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                    help="default: bfloat16 on a GPU, float32 on the CPU")
+    ap.add_argument("--threads", type=at_least(1), help="CPU expert threads (default: all cores but one)")
+    ap.add_argument("--tokens", default="1,2,4,8,16,32,64,128,256,512", help="tokens per expert to measure")
     ap.add_argument("--cpu-kernel", default=os.environ.get("HYBRID_CPU_KERNEL", "auto"),
                     choices=["auto", "native", "torch"], help="CPU-expert path to calibrate (as run.py's)")
     ap.add_argument("--cpu-pool", default=os.environ.get("HYBRID_CPU_POOL", "on"), choices=["on", "off"],
@@ -53,11 +54,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cpu-tiles", default=os.environ.get("HYBRID_CPU_TILES", "auto"), choices=["auto", "off"],
                     help="native kernel's AMX tile path for prefill-sized experts (as run.py's)")
     a = ap.parse_args(argv)
+    default_path().parent.mkdir(parents=True, exist_ok=True)
+    check_paths(a, outputs=("out",))
+    if a.device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {a.device!r}: cpu or cuda")
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but no CUDA GPU is visible")
+        raise ConfigError("--device cuda asked for, but no CUDA GPU is visible")
+    try:
+        tokens = tuple(int(t) for t in a.tokens.split(","))
+        assert min(tokens) >= 1
+    except (ValueError, AssertionError):
+        raise ConfigError(f"--tokens {a.tokens!r}: comma-separated integers >= 1") from None
     dtype = getattr(torch, a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    tokens = tuple(int(t) for t in a.tokens.split(","))
     pool = a.cpu_pool == "on"
     model = measure(device, a.hidden, a.inter, dtype, a.threads, tokens, kernel=a.cpu_kernel, pool=pool,
                     tiles=a.cpu_tiles)
@@ -72,4 +81,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from hybrid.errors import friendly
+    friendly(main)
