@@ -1,6 +1,7 @@
 """Builds the expert backend for a run's mode: this is where the offloading runtimes plug into the model."""
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import replace
 
@@ -9,7 +10,7 @@ import torch
 from cost_model.costs import load_costs
 from .budget import MARGIN, UNLIMITED, BudgetError, MemoryPlan, plan_memory, size
 from .checkpoint import Checkpoint
-from .config import ModelConfig, RunConfig
+from .config import ConfigError, ModelConfig, RunConfig
 from .experts import ResidentExperts
 
 AUTO_MARGIN = 512 * 2**20     # mode auto leaves this much of the free GPU memory to others
@@ -113,6 +114,8 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
     lane = CpuLane(run.cpu_threads, cuda, run.cpu_kernel, run.cpu_pool, run.cpu_tiles)
     if lane.experts.why and progress:
         print(f"CPU experts: torch path ({lane.experts.why})", file=sys.stderr)
+    if run.costs_path is not None and not os.path.exists(run.costs_path):
+        raise ConfigError(f"calibration file {run.costs_path} does not exist (run `python calibrate.py --out ...`)")
     costs, why = load_costs(run.costs_path or default_costs_path(),
                             machine_fingerprint(device, run.cpu_threads, lane.experts.label))
     if run.mode == "hybrid" and progress:

@@ -179,3 +179,8 @@ def test_a_model_without_tokenizer_needs_one_named(tiny, tmp_path, capsys, monke
     monkeypatch.setattr(tk, "SEARCH", ())                     # no shared tokenizer on this machine
     code, err = run_cli(["--model", str(tiny), "--device", "cpu"], capsys)
     assert code == 2 and err.startswith("error: no tokenizer.json in") and "--tokenizer bytes" in err
+
+
+def test_a_named_calibration_file_must_exist(tiny):
+    with pytest.raises(ConfigError, match="calibration file /no/such/costs.json does not exist"):
+        Engine(str(tiny), RunConfig(dtype="float32", mode="hybrid", costs_path="/no/such/costs.json"), progress=False)
