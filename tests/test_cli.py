@@ -15,7 +15,8 @@ def run(*args, stdin=None):
 
 
 def test_run_py_generates_and_reports(tiny, tmp_path):
-    r = run("--model", str(tiny), "--mode", "hybrid", "--max-new-tokens", "5", "--json", str(tmp_path / "s.json"))
+    r = run("--model", str(tiny), "--mode", "hybrid", "--max-new-tokens", "5", "--json", str(tmp_path / "s.json"),
+            "--tokenizer", "bytes")
     assert r.returncode == 0, r.stderr
     assert "[hybrid on cpu] batch 1" in r.stdout and "peak GPU" not in r.stdout and "tok/s" in r.stdout
     assert '"decode_tok_s"' in (tmp_path / "s.json").read_text()

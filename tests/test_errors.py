@@ -89,7 +89,8 @@ def test_host_ram_too_small():
 
 def test_cli_reports_errors_in_one_line(copy):
     shards(copy)[0].unlink()
-    r = subprocess.run([sys.executable, str(ROOT / "run.py"), "--model", str(copy), "--device", "cpu"],
+    r = subprocess.run([sys.executable, str(ROOT / "run.py"), "--model", str(copy), "--device", "cpu",
+                        "--tokenizer", "bytes"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error: missing shard")

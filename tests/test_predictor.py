@@ -94,7 +94,7 @@ def test_cli_records_trains_and_evaluates(tiny, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"text": f"prompt number {i} about experts"}) for i in range(6)))
     r = subprocess.run([sys.executable, str(ROOT / "run.py"), "--model", str(tiny), "--prompts", str(prompts),
-                        "--max-new-tokens", "16", "--record-trace", str(tmp_path / "t.npz")],
+                        "--max-new-tokens", "16", "--record-trace", str(tmp_path / "t.npz"), "--tokenizer", "bytes"],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     base = [sys.executable, "-m", "hybrid.predictor"]
