@@ -5,12 +5,11 @@
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 
 import torch
 
-from cost_model.measure import default_path, measure
+from hybrid.calibration import default_path, measure
 from hybrid.cli import ArgParser, at_least, check_paths
 from hybrid.config import ConfigError, RunConfig
 from hybrid.engine import Engine
@@ -47,11 +46,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="default: bfloat16 on a GPU, float32 on the CPU")
     ap.add_argument("--threads", type=at_least(1), help="CPU expert threads (default: all cores but one)")
     ap.add_argument("--tokens", default="1,2,4,8,16,32,64,128,256,512", help="tokens per expert to measure")
-    ap.add_argument("--cpu-kernel", default=os.environ.get("HYBRID_CPU_KERNEL", "auto"),
+    ap.add_argument("--cpu-kernel", default="auto",
                     choices=["auto", "native", "torch"], help="CPU-expert path to calibrate (as run.py's)")
-    ap.add_argument("--cpu-pool", default=os.environ.get("HYBRID_CPU_POOL", "on"), choices=["on", "off"],
+    ap.add_argument("--cpu-pool", default="on", choices=["on", "off"],
                     help="native kernel on its own thread pool (as run.py's)")
-    ap.add_argument("--cpu-tiles", default=os.environ.get("HYBRID_CPU_TILES", "auto"), choices=["auto", "off"],
+    ap.add_argument("--cpu-tiles", default="auto", choices=["auto", "off"],
                     help="native kernel's AMX tile path for prefill-sized experts (as run.py's)")
     a = ap.parse_args(argv)
     default_path().parent.mkdir(parents=True, exist_ok=True)

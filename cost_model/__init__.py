@@ -1,1 +1,2 @@
-"""Cost model for the hybrid scheduler: fitted curves in pure Python (costs.py), measured by measure.py."""
+"""The hybrid scheduler's cost model: fitted curves in pure Python, no torch, nothing from hybrid/ (costs.py).
+hybrid/calibration.py measures them on a machine."""

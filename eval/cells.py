@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -33,12 +32,7 @@ def make_engine(a, mode: str, batch: int, seq: int) -> Engine:
     cuda = torch.cuda.is_available()
     run = RunConfig(device="cuda" if cuda else "cpu", dtype="bfloat16" if cuda else "float32", mode=mode,
                     prefetch=prefetch or "none", gpu_memory=a.gpu_memory if cuda and mode != "gpu" else None,
-                    cache_policy=a.cache_policy, max_batch_size=batch, max_seq_len=seq,
-                    cpu_kernel=os.environ.get("HYBRID_CPU_KERNEL", "auto"),
-                    cpu_pool=os.environ.get("HYBRID_CPU_POOL", "on") == "on",
-                    cpu_tiles=os.environ.get("HYBRID_CPU_TILES", "auto"),
-                    copy_ahead=os.environ.get("HYBRID_COPY_AHEAD", "on") == "on",
-                    prefill_graph_tokens=int(os.environ.get("HYBRID_PREFILL_GRAPH_TOKENS", "512")))
+                    cache_policy=a.cache_policy, max_batch_size=batch, max_seq_len=seq)
     return Engine(a.model, run, progress=False)
 
 

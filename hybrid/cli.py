@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from pathlib import Path
 
 import torch
 
-from .config import CHOICES, ConfigError, RunConfig
+from .config import CHOICES, ConfigError, RunConfig, cache_dir
 from .tokenizer import find_tokenizer_dir
 
-CACHE = Path(os.environ.get("HYBRID_CACHE", Path.home() / ".cache" / "hybrid-moe"))
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30}
 
@@ -76,7 +74,7 @@ def default_model(preset: str = "small") -> tuple[Path, bool]:
     """The embedded default: a small synthetic checkpoint, written once into the cache directory.
     -> (its folder, whether it was written now)."""
     from .synthetic import PRESETS, write_checkpoint
-    path = CACHE / f"synthetic-{preset}"
+    path = cache_dir() / f"synthetic-{preset}"
     if (path / "model.safetensors.index.json").exists():
         return path, False
     config, shards = PRESETS[preset]
@@ -108,20 +106,25 @@ def engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cpu-threads", type=at_least(1),
                     help="CPU threads (default: all cores but one with a GPU, all cores without; fewer while other "
                          "processes keep cores busy)")
-    ap.add_argument("--cpu-kernel", default=os.environ.get("HYBRID_CPU_KERNEL", "auto"),
+    ap.add_argument("--cpu-kernel", default="auto",
                     choices=CHOICES["cpu_kernel"],
                     help="CPU experts: native kernel (built on first use) | torch | auto (native if it builds)")
-    ap.add_argument("--cpu-pool", default=os.environ.get("HYBRID_CPU_POOL", "on"), choices=["on", "off"],
+    ap.add_argument("--cpu-pool", default="on", choices=["on", "off"],
                     help="native CPU kernel on its own thread pool, started before the layer's GPU work is queued "
                          "(off: on torch's OpenMP team after it)")
-    ap.add_argument("--cpu-tiles", default=os.environ.get("HYBRID_CPU_TILES", "auto"), choices=["auto", "off"],
+    ap.add_argument("--cpu-tiles", default="auto", choices=["auto", "off"],
                     help="native CPU kernel's AMX tile path for experts of more than 8 tokens (prefill), where the "
                          "CPU has AMX (off: torch's path for them)")
-    ap.add_argument("--copy-ahead", default=os.environ.get("HYBRID_COPY_AHEAD", "on"), choices=["on", "off"],
+    ap.add_argument("--cpu-pool-spin-us", type=at_least(0), default=2000,
+                    help="with a GPU: how long idle pool members spin before they sleep (the next layer's job "
+                         "usually comes within it)")
+    ap.add_argument("--cpu-prefetch", default="on", choices=["on", "off"],
+                    help="the tile path's software prefetch of the next weight rows into L2")
+    ap.add_argument("--copy-ahead", default="on", choices=["on", "off"],
                     help="prefill: queue copies of the next layer's uncached experts behind this layer's, into the "
                          "PCIe lane's idle time before the next routing (modes fetch, hybrid)")
     ap.add_argument("--prefill-graph-tokens", type=at_least(0),
-                    default=int(os.environ.get("HYBRID_PREFILL_GRAPH_TOKENS", "512")),
+                    default=512,
                     help="prompts of at most this many tokens (batch x length) whose shape was seen before prefill "
                          "from CUDA graphs (the launches between MoE layers replayed); 0: never")
     ap.add_argument("--costs", help="calibration JSON (default: this machine's, from calibrate.py)")
@@ -132,7 +135,8 @@ def run_config(a: argparse.Namespace) -> RunConfig:
     return RunConfig(device=a.device, dtype=dtype, mode=a.mode, gpu_memory=a.gpu_memory,
                      cache_policy=a.cache_policy, prefetch=a.prefetch, max_batch_size=a.batch_size,
                      max_seq_len=a.max_seq_len, cpu_threads=a.cpu_threads, cpu_kernel=a.cpu_kernel,
-                     cpu_pool=a.cpu_pool == "on", cpu_tiles=a.cpu_tiles, copy_ahead=a.copy_ahead == "on", costs_path=a.costs,
+                     cpu_pool=a.cpu_pool == "on", cpu_tiles=a.cpu_tiles, copy_ahead=a.copy_ahead == "on",
+                     cpu_pool_spin_us=a.cpu_pool_spin_us, cpu_prefetch=a.cpu_prefetch == "on", costs_path=a.costs,
                      predictor_path=a.predictors, lookahead=a.lookahead,
                      prefill_graph_tokens=a.prefill_graph_tokens)
 

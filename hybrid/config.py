@@ -3,9 +3,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where the project keeps what it makes per machine (synthetic checkpoints, kernels, calibration,
+    predictors): $HYBRID_CACHE, else ~/.cache/hybrid-moe. The one place the environment is read for it."""
+    return Path(os.environ.get("HYBRID_CACHE") or Path.home() / ".cache" / "hybrid-moe")
 
 
 class ConfigError(ValueError):
@@ -169,7 +176,7 @@ CHOICES = {"dtype": ("bfloat16", "float16", "float32"), "mode": MODES, "cache_po
            "prefetch": ("none", "gate", "mlp"), "cpu_kernel": ("auto", "native", "torch"),
            "cpu_tiles": ("auto", "off", "emulate")}
 AT_LEAST = {"max_batch_size": 1, "max_seq_len": 1, "prefill_chunk_tokens": 1, "cache_slots": 0, "cpu_threads": 1,
-            "gpu_memory": 1, "prefill_graph_tokens": 0}
+            "gpu_memory": 1, "prefill_graph_tokens": 0, "cpu_pool_spin_us": 0}
 
 
 @dataclass
@@ -192,6 +199,8 @@ class RunConfig:
     cpu_kernel: str = "auto"              # CPU experts: native (built kernel) | torch | auto (native if it builds)
     cpu_pool: bool = True                 # native kernel on its own thread pool, started before the GPU work is queued
     cpu_tiles: str = "auto"               # native kernel's AMX tile path for prefill-sized experts: auto | off
+    cpu_pool_spin_us: int = 2000          # GPU machines: idle pool members spin this long before they sleep
+    cpu_prefetch: bool = True             # tile path: software prefetch of the next weight rows into L2
     copy_ahead: bool = True               # prefill: copy some of the next layer's experts behind this layer's copies
     costs_path: str | None = None         # calibration JSON; None = the default location
     static_decode: bool = True            # decode from static buffers over the whole cache (graph-ready)

@@ -1,8 +1,8 @@
 """Builds and loads `cpu_kernel.cpp`, the native CPU-expert kernel for decode-sized calls, through ctypes.
 
 Compiled once per machine (`-march=native`: the build is keyed by the CPU model) into the cache folder
-(`$HYBRID_CACHE`, default ~/.cache/hybrid-moe/kernels); `python -m hybrid.cpu_kernel` builds it ahead of time.
-Needs a C++ compiler (`$CXX`, default g++) with OpenMP; where there is none, `load()` says why and callers use
+(`config.cache_dir()`/kernels); `python -m hybrid.cpu_kernel` builds it ahead of time.
+Needs a C++ compiler (COMPILER, g++) with OpenMP; where there is none, `load()` says why and callers use
 torch's path."""
 from __future__ import annotations
 
@@ -16,9 +16,12 @@ from pathlib import Path
 
 import torch
 
+from .config import cache_dir
+
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 HEADERS = [Path(__file__).with_name(h) for h in ("cpu_tiles.h", "cpu_pool.h")]
 FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-pthread", "-shared", "-fPIC", "-Wno-psabi"]
+COMPILER = "g++"
 NATIVE = "native"             # -march for the runtime's build; tests also build a baseline one (no AVX-512, no AMX)
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -37,18 +40,17 @@ def _cpu_model() -> str:
 
 
 def library_path(march: str = NATIVE) -> Path:
-    cxx = os.environ.get("CXX", "g++")
+    cxx = COMPILER
     texts = [f.read_text() for f in [SOURCE, *HEADERS]]
     machine = _cpu_model() if march == NATIVE else ""
     key = hashlib.sha256("\n".join([*texts, cxx, *FLAGS, march, machine]).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("HYBRID_CACHE", Path.home() / ".cache" / "hybrid-moe"))
-    return root / "kernels" / f"cpu_kernel-{key}.so"
+    return cache_dir() / "kernels" / f"cpu_kernel-{key}.so"
 
 
 def build(path: Path, march: str = NATIVE) -> Path:
     """Compile the kernel for `-march=<march>` into `path` (atomically: concurrent builders never see a partial
     file)."""
-    cxx = os.environ.get("CXX", "g++")
+    cxx = COMPILER
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)

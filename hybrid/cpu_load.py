@@ -38,13 +38,14 @@ class CoreWatch:
     """Samples, every INTERVAL_S on a daemon thread, how many of this process's cores other processes keep busy:
     the busy time of those cores (/proc/stat) less this process's own CPU time, per second of wall time."""
 
-    def __init__(self, interval_s: float = INTERVAL_S):
+    def __init__(self, interval_s: float = INTERVAL_S, start: bool = True):
         self.cpus = usable_cpus()
         self.others = 0.0                   # cores' worth of other processes' load over the last interval
         self._proc = psutil.Process()
         self._interval = interval_s
         self._last = self._sample()
-        threading.Thread(target=self._loop, name="core-watch", daemon=True).start()
+        if start:
+            threading.Thread(target=self._loop, name="core-watch", daemon=True).start()
 
     def _sample(self) -> tuple[float, float, float]:
         per = psutil.cpu_times(percpu=True)
@@ -56,10 +57,13 @@ class CoreWatch:
     def _loop(self) -> None:
         while True:
             time.sleep(self._interval)
-            now = self._sample()
-            wall = now[0] - self._last[0]
-            self.others = max(0.0, (now[1] - self._last[1]) - (now[2] - self._last[2])) / wall
-            self._last = now
+            self.update(self._sample())
+
+    def update(self, now: tuple[float, float, float]) -> None:
+        """now: (wall s, busy s of our cores, this process's CPU s) -> others over the time since the last one."""
+        wall = now[0] - self._last[0]
+        self.others = max(0.0, (now[1] - self._last[1]) - (now[2] - self._last[2])) / wall
+        self._last = now
 
     def threads(self, most: int) -> int:
         return threads_for(len(self.cpus), self.others, most)

@@ -3,7 +3,6 @@
 On a CPU compute device the copy lane degenerates to plain synchronous copies (no streams, no events)."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
@@ -55,7 +54,7 @@ class CpuLane:
     while torch's team runs CPU experts."""
 
     def __init__(self, threads: int | None = None, cuda: bool = True, kernel: str = "auto", pool: bool = True,
-                 tiles: str = "auto"):
+                 tiles: str = "auto", spin_us: int = 2000, prefetch: bool = True):
         from .cpu_experts import CpuExperts
         from .cpu_load import default_threads
         if threads or cuda:
@@ -66,11 +65,11 @@ class CpuLane:
         # members spin 2 ms on a GPU machine (the next layer's job follows within it), sleep at once on a CPU one.
         self.cuda = cuda
         members = self.members(self.threads)
-        spin = int(os.environ.get("HYBRID_POOL_SPIN_US", "2000")) if cuda else 0     # env: for A/B runs
+        spin = spin_us if cuda else 0
         self.experts = CpuExperts(kernel, pool_threads=members if pool else 0, spin_us=spin,
                                   tiles=tiles)
-        if self.experts.lib is not None:                                                 # env: for A/B runs
-            self.experts.lib.moe_set_prefetch(int(os.environ.get("HYBRID_CPU_PREFETCH", "on") == "on"))
+        if self.experts.lib is not None:
+            self.experts.lib.moe_set_prefetch(int(prefetch))
 
 
     def members(self, threads: int) -> int:

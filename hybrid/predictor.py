@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint
+from .config import cache_dir
 from .trace import load_trace
 
 
@@ -46,8 +46,7 @@ def checkpoint_key(model_dir: str | Path) -> str:
 
 
 def default_path(model_dir: str | Path) -> Path:
-    root = Path(os.environ.get("HYBRID_CACHE", Path.home() / ".cache" / "hybrid-moe"))
-    return root / "predictors" / f"{checkpoint_key(model_dir)}.pt"
+    return cache_dir() / "predictors" / f"{checkpoint_key(model_dir)}.pt"
 
 
 def multi_hot(idx: np.ndarray, experts: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ def memory_plan(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize
 
 
 def machine_fingerprint(device: torch.device, threads: int | None, kernel: str) -> dict:
-    from cost_model.measure import fingerprint
+    from .calibration import fingerprint
     return fingerprint(device, threads, kernel)
 
 
@@ -111,7 +111,8 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
             if slot is None:
                 break
             cache.slots[slot].copy_(store.buffer(layer, e))
-    lane = CpuLane(run.cpu_threads, cuda, run.cpu_kernel, run.cpu_pool, run.cpu_tiles)
+    lane = CpuLane(run.cpu_threads, cuda, run.cpu_kernel, run.cpu_pool, run.cpu_tiles, run.cpu_pool_spin_us,
+                   run.cpu_prefetch)
     if lane.experts.why and progress:
         print(f"CPU experts: torch path ({lane.experts.why})", file=sys.stderr)
     if run.costs_path is not None and not os.path.exists(run.costs_path):
@@ -130,5 +131,5 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
 
 
 def default_costs_path() -> str:
-    from cost_model.measure import default_path
+    from .calibration import default_path
     return str(default_path())

@@ -47,7 +47,7 @@ def test_native_kernel_covers_a_row_subset_only():
 
 def test_missing_compiler_falls_back_or_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("HYBRID_CACHE", str(tmp_path))
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(cpu_kernel, "COMPILER", str(tmp_path / "no-such-compiler"))
     auto = CpuExperts("auto")
     assert auto.kind == "torch" and "no-such-compiler" in auto.why
     x, w13, w2, starts, counts = experts([2, 1], torch.float32)

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .costs import CostModel, Curve
+from cost_model.costs import CostModel, Curve
+from .config import cache_dir
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -28,14 +29,13 @@ def cpu_model() -> str:
 def fingerprint(device: torch.device, threads: int | None, kernel: str = "torch") -> dict:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     if not threads:
-        from hybrid.cpu_load import default_threads
+        from .cpu_load import default_threads
         threads = default_threads(device.type == "cuda")
     return {"gpu": gpu, "cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads, "cpu_kernel": kernel}
 
 
 def default_path() -> Path:
-    root = Path(os.environ.get("HYBRID_CACHE", Path.home() / ".cache" / "hybrid-moe"))
-    return root / "costs.json"
+    return cache_dir() / "costs.json"
 
 
 def _median_ms(fn, reps: int, cuda: bool, before=None) -> float:
@@ -92,7 +92,7 @@ class Bench:
         return _median_ms(one, reps, self.cuda)
 
     def gpu_ms(self, n: int, reps: int = 20) -> float:
-        from hybrid.experts import expert_ffn
+        from .experts import expert_ffn
         x = torch.randn(n, self.hidden, device=self.device).to(self.slot.dtype)
         w13, w2 = self.views(self.slot)
         expert_ffn(x, w13, w2)
@@ -150,7 +150,7 @@ def measure(device: torch.device, hidden: int = 2048, inter: int = 1408, dtype: 
             threads: int | None = None, tokens=TOKENS, n_host: int = 96, progress: bool = True,
             kernel: str = "auto", pool: bool = True, tiles: str = "auto") -> CostModel:
     """Run every microbenchmark and fit the curves; CPU experts run with the thread setting the runtime uses."""
-    from hybrid.lanes import CpuLane
+    from .lanes import CpuLane
     lane = CpuLane(threads, device.type == "cuda", kernel, pool, tiles)
     bench = Bench(device, hidden, inter, dtype, n_host)
     bench.cpu_run = lane.experts.run
