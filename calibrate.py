@@ -18,7 +18,7 @@ from hybrid.synthetic import PRESETS, write_checkpoint
 
 
 def engine_overheads(device: torch.device, dtype: str, kernel: str, pool: bool,
-                     tiles: str = "auto") -> tuple[float, float]:
+                     tiles: str = "auto", prefetch: bool = True) -> tuple[float, float]:
     """Per-MoE-layer fixed costs measured in the real runtime on a tiny model, whose expert math is negligible:
     (overhead of a layer whose experts are all cached, extra cost of handing a layer's experts to the CPU lane)."""
     config, shards = PRESETS["tiny"]
@@ -27,7 +27,7 @@ def engine_overheads(device: torch.device, dtype: str, kernel: str, pool: bool,
         path = write_checkpoint(tmp, config, shards, progress=False)
         for mode, slots in (("fetch", None), ("cpu", 0)):
             run = RunConfig(device=str(device), dtype=dtype, mode=mode, max_seq_len=64, cache_slots=slots,
-                            cpu_kernel=kernel, cpu_pool=pool, cpu_tiles=tiles)
+                            cpu_kernel=kernel, cpu_pool=pool, cpu_tiles=tiles, cpu_prefetch=prefetch)
             e = Engine(str(path), run, progress=False)
             e.generate([[1, 2, 3, 4]], SamplingParams(max_new_tokens=4))
             ms = sorted(e.generate([[1, 2, 3, 4]], SamplingParams(max_new_tokens=32, stop_on_eos=False))
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="native kernel on its own thread pool (as run.py's)")
     ap.add_argument("--cpu-tiles", default="auto", choices=["auto", "off"],
                     help="native kernel's AMX tile path for prefill-sized experts (as run.py's)")
+    ap.add_argument("--cpu-prefetch", default="on", choices=["on", "off"],
+                    help="the tile path's software prefetch of the next weight rows (as run.py's)")
     a = ap.parse_args(argv)
     default_path().parent.mkdir(parents=True, exist_ok=True)
     check_paths(a, outputs=("out",))
@@ -67,10 +69,11 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"--tokens {a.tokens!r}: comma-separated integers >= 1") from None
     dtype = getattr(torch, a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     pool = a.cpu_pool == "on"
+    prefetch = a.cpu_prefetch == "on"
     model = measure(device, a.hidden, a.inter, dtype, a.threads, tokens, kernel=a.cpu_kernel, pool=pool,
-                    tiles=a.cpu_tiles)
+                    tiles=a.cpu_tiles, prefetch=prefetch)
     model.layer_overhead_ms, model.cpu_dispatch_ms = engine_overheads(device, str(dtype).split(".")[-1],
-                                                                      a.cpu_kernel, pool, a.cpu_tiles)
+                                                                      a.cpu_kernel, pool, a.cpu_tiles, prefetch)
     model.to_json(a.out)
     print(json.dumps({"fetch_ms": round(model.fetch_ms, 4), "layer_overhead_ms": round(model.layer_overhead_ms, 4),
                       "cpu_dispatch_ms": round(model.cpu_dispatch_ms, 4),

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Device call: one machine, one checkout, two process environments (e.g. OpenMP wait policy), so that the
-# difference is the setting, not the machine. Per environment: its own calibration (the setting may change what
-# the cost model measures, e.g. HYBRID_CPU_KERNEL), probe, then decode profiles.
+# Device call: one machine, one checkout, two process environments of the libraries underneath (e.g. OpenMP's
+# wait policy), so that the difference is the setting, not the machine. Per environment: its own calibration (the
+# setting may change what the cost model measures), probe, then decode profiles. Engine settings are flags:
+# eval/gpu_setting_ab.sh.
 #   bash eval/gpu_env_ab.sh "OMP_WAIT_POLICY=ACTIVE" hybrid:none:1 hybrid:none:16
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HYBRID_CACHE=/dev/shm/hc HYBRID_TOKENIZER=$PWD/.tok

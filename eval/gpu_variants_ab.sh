@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # Device call: engine settings side by side on one machine, interleaved per measurement so drift hits all.
-# VARIANTS: space-separated name=VAR:value,VAR:value (environment for that variant); a variant calibrates into
-# its own cache when its settings change what calibration measures (HYBRID_CPU_TILES, HYBRID_CPU_POOL,
-# HYBRID_CPU_PREFETCH).
+# VARIANTS: space-separated name=--flag=value,--flag=value (run.py flags of that variant); a variant calibrates into
+# its own cache, with the flags calibrate.py shares (--cpu-kernel, --cpu-pool, --cpu-tiles, --cpu-prefetch).
 # Measures batch-1 prefill traces at PROMPTS and decode phase logs at BATCHES (for DECODE_VARIANTS, default all);
 # CE_PROBE=1: eval/ce_probe.py first.
-#   VARIANTS="amx=HYBRID_CPU_TILES:auto torch=HYBRID_CPU_TILES:off" PROMPTS="128 256" BATCHES="1 16" \
+#   VARIANTS="amx=--cpu-tiles=auto torch=--cpu-tiles=off" PROMPTS="128 256" BATCHES="1 16" \
 #     bash eval/gpu_variants_ab.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HYBRID_TOKENIZER=$PWD/.tok
@@ -13,17 +12,21 @@ OUT=${OUT:-/tmp/out}; D="$OUT/variants"; mkdir -p "$D"
 [ -f /dev/shm/v2lite/config.json ] || \
   python3 -m hybrid.synthetic --preset v2-lite --out /dev/shm/v2lite --tokenizer .tok 2>/dev/null
 [ "${CE_PROBE:-0}" = 1 ] && python3 eval/ce_probe.py --out "$D/ce_probe.json"
-with() {   # with NAME CMD...: run CMD in variant NAME's environment
-  local spec; spec=$(tr ' ' '\n' <<< "$VARIANTS" | grep "^$1=" | cut -d= -f2-)
-  local envs=(); IFS=, read -ra kv <<< "$spec"
-  for x in "${kv[@]}"; do envs+=("${x%%:*}=${x#*:}"); done
-  local key; key=$(printf '%s\n' "${envs[@]}" | grep -E "CPU_TILES|CPU_POOL|CPU_PREFETCH" | sort | tr -d '\n=' )
-  shift; env "${envs[@]}" HYBRID_CACHE="/dev/shm/hc_${key:-default}" "$@"
+flags() {  # flags NAME [calibrate]: variant NAME's flags (only those calibrate.py takes, with "calibrate")
+  local spec; spec=$(tr ' ' '\n' <<< "$VARIANTS" | grep "^$1=" | cut -d= -f2- | tr , ' ')
+  [ "${2:-}" = calibrate ] && spec=$(tr ' ' '\n' <<< "$spec" | grep -E "^--cpu-(kernel|pool|tiles|prefetch)=")
+  echo $spec
+}
+with() {   # with NAME CMD...: run CMD with variant NAME's flags, in its calibration's cache
+  local name=$1 key; key=$(flags "$1" calibrate | tr -c 'A-Za-z0-9' _); shift
+  HYBRID_CACHE="/dev/shm/hc_${key:-default}" "$@" $(flags "$name")
 }
 names=$(tr ' ' '\n' <<< "$VARIANTS" | cut -d= -f1)
 for v in $names; do
-  with "$v" bash -c '[ -f $HYBRID_CACHE/costs.json ] || timeout 200 python3 calibrate.py 2>&1 | grep -v "it/s" | tail -1;
-    cp $HYBRID_CACHE/costs.json '"$D/costs_$v.json"
+  key=$(flags "$v" calibrate | tr -c 'A-Za-z0-9' _); cache="/dev/shm/hc_${key:-default}"
+  [ -f "$cache/costs.json" ] || HYBRID_CACHE=$cache timeout 200 python3 calibrate.py $(flags "$v" calibrate) 2>&1 \
+    | grep -v "it/s" | tail -1
+  cp "$cache/costs.json" "$D/costs_$v.json"
 done
 for n in ${PROMPTS:-128 256}; do
   for v in $names; do

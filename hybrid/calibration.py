@@ -148,10 +148,10 @@ class Bench:
 
 def measure(device: torch.device, hidden: int = 2048, inter: int = 1408, dtype: torch.dtype = torch.bfloat16,
             threads: int | None = None, tokens=TOKENS, n_host: int = 96, progress: bool = True,
-            kernel: str = "auto", pool: bool = True, tiles: str = "auto") -> CostModel:
+            kernel: str = "auto", pool: bool = True, tiles: str = "auto", prefetch: bool = True) -> CostModel:
     """Run every microbenchmark and fit the curves; CPU experts run with the thread setting the runtime uses."""
     from .lanes import CpuLane
-    lane = CpuLane(threads, device.type == "cuda", kernel, pool, tiles)
+    lane = CpuLane(threads, device.type == "cuda", kernel, pool, tiles, prefetch=prefetch)
     bench = Bench(device, hidden, inter, dtype, n_host)
     bench.cpu_run = lane.experts.run
     steps = tqdm(total=3 * len(tokens) + 2, desc="calibrating", disable=not progress)
