@@ -70,8 +70,6 @@ class Engine:
             return self.ckpt.get(name).to(self.device, self.dtype)
         self.model = DeepseekV2(self.cfg, weight, self.backend, self.device)
         bar.close()
-        if hasattr(self.backend, "attach"):
-            self.backend.attach(self.model)
         if self.run.prefetch == "mlp":
             self.install_predictors(self.run.predictor_path)
         self.recorder = None
@@ -173,9 +171,7 @@ class Engine:
         sampler, stats = Sampler(params, self.device), RunStats(self.run.mode, B, L, self.device.type)
         self._reset_peak()
         self.fit_threads()
-        hooks = getattr(self.backend, "begin", None)
-        if hooks:
-            hooks(stats)
+        self.backend.begin(stats)
         t0 = time.perf_counter()
         chunk = max(1, self.run.prefill_chunk_tokens // B)
         for s in range(0, L, chunk):
@@ -226,9 +222,7 @@ class Engine:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def _finish(self, stats: RunStats) -> None:
-        end = getattr(self.backend, "end", None)
-        if end:
-            end(stats)
+        self.backend.end(stats)
         if self.device.type == "cuda":
             stats.peak_gpu_bytes = torch.cuda.max_memory_reserved(self.device) + self.context_bytes
 
@@ -241,9 +235,7 @@ class Engine:
         st = self._state(torch.ones(1, T, dtype=torch.bool), torch.zeros(1, dtype=torch.long), 0, T)
         ids = torch.tensor([prompt], device=self.device)
         stats = RunStats(self.run.mode, 1, T, self.device.type)             # its own: the backend's counters of this pass land here
-        begin = getattr(self.backend, "begin", None)
-        if begin:
-            begin(stats)
+        self.backend.begin(stats)
         out = self.model.forward(ids, cache, st, last_only=False)[0]
         self._finish(stats)
         return out

@@ -36,6 +36,7 @@ class OffloadedExperts:
         self.cfg, self.store, self.cache, self.planner = cfg, store, cache, planner
         self.device, self.copy, self.cpu = device, CopyLane(device), cpu_lane
         self.prefetcher, self.decode_tokens, self.copy_ahead = prefetcher, decode_tokens, copy_ahead
+        self.wants_guess = prefetcher is not None
         self.next_layer = dict(zip(cfg.moe_layers, cfg.moe_layers[1:]))
         self.ahead: dict[int, dict[int, int]] = {}          # layer -> {expert: staging slot} copied ahead for it
         pin = device.type == "cuda"
@@ -61,9 +62,6 @@ class OffloadedExperts:
         self.cpu_sample: tuple | None = None   # the last CPU call: (tokens, ms, rows per expert)
         self.graphs: dict[int, LayerGraph] = {}            # id(static MoECall) -> its captured layer graphs
         self.pool = torch.cuda.graph_pool_handle() if self.copy.cuda else None
-
-    def attach(self, model) -> None:
-        model.predict_next = self.prefetcher is not None
 
     def set_threads(self, threads: int) -> None:
         self.cpu.set_threads(threads)

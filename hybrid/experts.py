@@ -59,8 +59,16 @@ class ResidentExperts:
 
     capturable = True
 
+    wants_guess = False
+
     def set_threads(self, threads: int) -> None:
         """Nothing here runs on CPU threads of its own (the engine sets torch's)."""
+
+    def begin(self, stats) -> None:
+        """Nothing to count: every expert is resident."""
+
+    def end(self, stats) -> None:
+        """Nothing pending."""
 
     def forward(self, call) -> torch.Tensor:
         return grouped_experts(call.x, call.idx, call.w, self.w13[call.layer], self.w2[call.layer])

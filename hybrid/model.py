@@ -20,6 +20,7 @@ ATTN_SCORE_ELEMS = 1 << 25     # scores computed at once (x 4 bytes, x ~3 live c
 class ExpertBackend(Protocol):
     """Computes the routed experts of one MoE layer: sum_k w[t, k] * expert_{idx[t, k]}(x[t])."""
     capturable: bool     # True if forward never synchronises with the host (the whole step can be a CUDA graph)
+    wants_guess: bool    # True if MoECall.pred (the next MoE layer's experts, guessed early) should be filled in
 
     def forward(self, call: "MoECall") -> torch.Tensor:
         """call.x [T, Hd] (compute dtype), call.idx [T, K] int64, call.w [T, K] float32 -> [T, Hd] in x's dtype."""
@@ -27,6 +28,14 @@ class ExpertBackend(Protocol):
 
     def set_threads(self, threads: int) -> None:
         """Use `threads` CPU threads from the next layer on (the engine lowers it while cores are busy)."""
+        ...
+
+    def begin(self, stats) -> None:
+        """A forward pass (prefill and decode of one request, or one logits call) starts: count into `stats`."""
+        ...
+
+    def end(self, stats) -> None:
+        """It ended: settle what is pending and add layer timings to `stats`."""
         ...
 
 
@@ -189,7 +198,7 @@ class DeepseekV2:
 
     def __init__(self, cfg: ModelConfig, w: Weights, experts: ExpertBackend, device):
         self.cfg, self.experts = cfg, experts
-        self.predict_next = False            # also apply the next MoE layer's router early (for prefetch)
+        self.predict_next = experts.wants_guess   # also apply the next MoE layer's router early (for prefetch)
         self.embed = w("model.embed_tokens.weight")
         self.rope = Rope(cfg, device)
         self.layers = []
