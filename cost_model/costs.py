@@ -55,6 +55,12 @@ class CostModel:
                    cpu_ms=Curve([1, 4, 16, 64, 512], [0.36, 0.40, 0.45, 0.70, 4.0]),
                    xfer_ms=Curve([1, 128, 4096], [0.02, 0.035, 0.4]), layer_overhead_ms=0.4, cpu_dispatch_ms=0.1)
 
+    def cpu_lane_ms(self, xfer_ms: float, experts_ms: float, lag_ms: float = 0.0, scale: float = 1.0) -> float:
+        """A layer's CPU lane: it starts `lag_ms` after the copies are issued, then hands the work over, moves the
+        activations there and back (`xfer_ms`, from self.xfer_ms of the rows) and runs the experts (`experts_ms`,
+        the sum of self.cpu_ms over them), at `scale` times the calibrated speed."""
+        return lag_ms + scale * (self.cpu_dispatch_ms + xfer_ms + experts_ms)
+
     def to_json(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(asdict(self), indent=2))

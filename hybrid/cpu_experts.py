@@ -12,9 +12,9 @@ from typing import List
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .cpu_kernel import DTYPES, NATIVE, KernelUnavailable, load
+from .model import gated_ffn
 
 NATIVE_MAX_TOKENS = 8          # tokens per expert up to which the native kernel is used (faster at 1-8 tokens,
                                # slower at 16 than torch's AMX path on the GPU box: eval/kernel_probe.py)
@@ -27,9 +27,7 @@ def _torch_experts(x: torch.Tensor, out: torch.Tensor, w13: List[torch.Tensor], 
     """out[s:s+c] = expert_j(x[s:s+c]) for each expert j (w13 [2I, Hd] gate then up rows, w2 [Hd, I])."""
     for j in range(len(w13)):
         s, c = starts[j], counts[j]
-        gu = F.linear(x[s:s + c], w13[j])
-        inter = gu.shape[-1] // 2
-        out[s:s + c] = F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], w2[j])
+        out[s:s + c] = gated_ffn(x[s:s + c], w13[j], w2[j])
 
 
 with warnings.catch_warnings():             # torch 2.13 marks TorchScript deprecated; it still runs, GIL-free

@@ -7,12 +7,10 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig
+from .model import gated_ffn
 
 
-def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """One expert: x [N, Hd], w13 [2I, Hd] (gate rows, then up rows), w2 [Hd, I] -> [N, Hd]."""
-    g, u = F.linear(x, w13).chunk(2, dim=-1)
-    return F.linear(F.silu(g) * u, w2)
+expert_ffn = gated_ffn           # one routed expert: the same SiLU-gated feed-forward
 
 
 def read_expert(ckpt: Checkpoint, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -52,6 +52,6 @@ class LaneFeedback:
 
     def note_cpu(self, costs: CostModel, T: int, ms: float, rows: list[int]) -> None:
         """One CPU-lane call that took `ms` for experts with `rows` tokens each."""
-        model = costs.cpu_dispatch_ms + costs.xfer_ms(sum(rows)) + sum(costs.cpu_ms(n) for n in rows)
+        model = costs.cpu_lane_ms(costs.xfer_ms(sum(rows)), sum(costs.cpu_ms(n) for n in rows))
         if model > 0:
             _mean(self.scale, T, min(max(ms / model, SCALE_RANGE[0]), SCALE_RANGE[1]))

@@ -48,6 +48,13 @@ class RMSNorm:
         return self.weight * xf.to(x.dtype)
 
 
+def gated_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """SiLU-gated feed-forward (the dense MLP, shared and routed experts): x [N, Hd], w13 [2I, Hd] (gate rows, then
+    up rows), w2 [Hd, I] -> [N, Hd]."""
+    g, u = F.linear(x, w13).chunk(2, dim=-1)                                              # [N, I] each
+    return F.linear(F.silu(g) * u, w2)
+
+
 class MLP:
     """SiLU-gated feed-forward with gate and up fused in one matrix [2I, H]."""
 
@@ -56,8 +63,7 @@ class MLP:
         self.w2 = w(f"{prefix}.down_proj.weight")                                                  # [H, I]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = F.linear(x, self.w13).chunk(2, dim=-1)
-        return F.linear(F.silu(g) * u, self.w2)
+        return gated_ffn(x, self.w13, self.w2)
 
 
 @dataclass

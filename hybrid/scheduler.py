@@ -48,8 +48,8 @@ def makespan(costs: CostModel, tokens: dict[int, int], hits: list[int], fetch: l
         gpu = max(gpu, pcie + min(costs.gpu_ms(tokens[e]) for e in fetch))
     lane_cpu = 0.0
     if cpu:
-        lane_cpu = cpu_lag_ms + cpu_scale * (costs.cpu_dispatch_ms + costs.xfer_ms(sum(tokens[e] for e in cpu)) +
-                                             sum(costs.cpu_ms(tokens[e]) for e in cpu))
+        lane_cpu = costs.cpu_lane_ms(costs.xfer_ms(sum(tokens[e] for e in cpu)),
+                                     sum(costs.cpu_ms(tokens[e]) for e in cpu), cpu_lag_ms, cpu_scale)
     return costs.layer_overhead_ms + max(gpu, lane_cpu)
 
 
@@ -133,8 +133,8 @@ class MakespanPlanner(FetchPlanner):
                 gpu = max(gpu, backlog + nf * c.fetch_ms + first)
             lane = 0.0
             if any(picks):
-                lane = lag + scale * (c.cpu_dispatch_ms + c.xfer_ms(sum(n * m for n, m in zip(ns, picks))) +
-                                      sum(u * m for u, m in zip(unit_cpu, picks)))
+                lane = c.cpu_lane_ms(c.xfer_ms(sum(n * m for n, m in zip(ns, picks))),
+                                     sum(u * m for u, m in zip(unit_cpu, picks)), lag, scale)
             return c.layer_overhead_ms + max(gpu, lane)
 
         candidates = (p for p in product(*(range(s + 1) for s in sizes)) if sum(p) >= least_cpu)
@@ -158,7 +158,7 @@ class MakespanPlanner(FetchPlanner):
             gpu = gpu_all - gpu_moved
             if nf:
                 gpu = max(gpu, backlog + nf * c.fetch_ms + gpu_of[k])
-            lane = lag + scale * (c.cpu_dispatch_ms + self._ms("xfer_ms", rows) + cpu_sum) if k else 0.0
+            lane = c.cpu_lane_ms(self._ms("xfer_ms", rows), cpu_sum, lag, scale) if k else 0.0
             t = c.layer_overhead_ms + max(gpu, lane)
             if t + penalty * nf < best + penalty * (len(ns) - best_k) or k == least_cpu:
                 best, best_k = t, k
