@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
-# Device call: the same machine runs an older checkout (a git worktree at $1) and this one, so that the
-# difference is the code, not the machine (fresh machines differ by up to 15% in CPU-lane speed).
-# Each tree calibrates itself, then profiles hybrid decode at the given specs (mode:prefetch:batch).
-set -uo pipefail
-export PYTHONUNBUFFERED=1 HYBRID_TOKENIZER=$PWD/.tok
+# Device call: an older checkout (a folder with its tree, e.g. `git archive REV | tar -x -C .old`, carried) and
+# this one on the same machine, so that the difference is the code, not the machine (fresh machines differ by up
+# to 15% in CPU-lane speed). One calibration (this tree's) serves both; the two trees alternate per spec
+# (mode:prefetch:batch), each profiling one decode with its phase log.
+#   bash eval/gpu_ab.sh .old hybrid:none:1 hybrid:gate:1 hybrid:none:16 hybrid:gate:16
 OLD=$1; shift
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/ab"
-python3 eval/lane_probe.py --threads 15 --out "$OUT/ab/probe.json" | python3 eval/probe_table.py
-python3 -m hybrid.synthetic --preset v2-lite --out /dev/shm/v2lite --tokenizer .tok 2>/dev/null
-for tree in "$OLD" .; do
-  tag=$([ "$tree" = . ] && echo new || echo old)
-  ( cd "$tree" && export HYBRID_CACHE=/dev/shm/hc_$tag &&
-    timeout 200 python3 calibrate.py --out /dev/shm/hc_$tag/costs.json 2>&1 | tail -1 &&
-    for spec in "$@"; do
-      IFS=: read -r m p b <<< "$spec"
-      echo "== $tag $spec"
-      timeout 120 python3 eval/profile_layers.py --model /dev/shm/v2lite --gpu-memory 12GiB --max-seq-len 272 \
-        --mode $m --prefetch $p --batch-size $b --out "$OUT/ab/${tag}_${m}_${p}_bs$b.json" 2>&1 | grep -E "step|predicted"
-    done )
+source eval/device_setup.sh ab
+mkdir -p /dev/shm/hc_old && cp /dev/shm/hc/costs.json /dev/shm/hc_old/
+python3 -m hybrid.cpu_kernel >/dev/null
+(cd "$OLD" && HYBRID_CACHE=/dev/shm/hc_old python3 -m hybrid.cpu_kernel >/dev/null)
+for spec in "$@"; do
+  IFS=: read -r m p b <<< "$spec"
+  for tag in old new; do
+    tree=$([ $tag = new ] && echo . || echo "$OLD"); cache=$([ $tag = new ] && echo /dev/shm/hc || echo /dev/shm/hc_old)
+    echo "== $tag $spec"
+    (cd "$tree" && HYBRID_CACHE=$cache timeout 120 python3 eval/profile_layers.py --model /dev/shm/v2lite \
+      --gpu-memory 12GiB --max-seq-len 272 --mode $m --prefetch $p --batch-size $b --new-tokens ${TOKENS:-48} \
+      --out "$OUT/ab/${tag}_${m}_${p}_bs$b.json" 2>&1 | grep -E "\| step |predicted")
+  done
 done
