@@ -114,18 +114,18 @@ class OffloadedExperts:
         penalty = 0.0
         if pred is not None:
             c = self.planner.costs
-            penalty = self.prefetcher.penalty_ms(layer, host[:, K:], self.cache.resident, c.fetch_ms,
+            penalty = self.prefetcher.penalty_ms(layer, host[:, K:], self.cache.residents, c.fetch_ms,
                                                  c.cpu_ms(1) * self.feedback.cpu_scale(T))
         small = T <= self.decode_tokens              # decode: every copy in one wave, bounded by the staging room
         room = len(self.cache.staging) + self.cache.room(layer, tokens) if small else None
         ahead = self._ahead_for(layer, tokens, small)
         lanes = LaneState(self._backlog_ms(), self.feedback.lag_ms(T), self.feedback.cpu_scale(T), penalty, room)
-        resident = self.cache.resident[layer]
+        resident = self.cache.residents(layer)
         plan = self.planner.plan(tokens, resident | ahead.keys() if ahead else resident, lanes)
         self.window_ms = plan.predicted_ms
         self.phases.mark("planned")
         job = self._start_cpu(layer, plan.cpu, flat, counts, xh, K)
-        hits = [(e, ahead[e] if e in ahead else self.cache.where[(layer, e)]) for e in plan.hits]
+        hits = [(e, ahead[e] if e in ahead else self.cache.slot_of(layer, e)) for e in plan.hits]
         self.phases.note(n_hit=len(hits), n_fetch=len(plan.fetch), n_cpu=len(plan.cpu), n_ahead=len(ahead))
         if small and len(plan.fetch) <= room:
             fetch = self._admit_and_issue(layer, plan.fetch, tokens)
@@ -134,7 +134,7 @@ class OffloadedExperts:
             out = self._decode(call, hits, fetch, plan.cpu, flat, counts, xh, host, job)
         else:
             fetch = [(e, self._slot_for(layer, e, tokens)) for e in plan.fetch]
-            size = max(1, (len(self.cache.staging) - len(self.cache.held)) // 2)   # held: copied ahead
+            size = max(1, (len(self.cache.staging) - self.cache.held_count) // 2)   # held: copied ahead
             waves = [fetch[i:i + size] for i in range(0, len(fetch), size)]
             for wave in waves[:2]:
                 self._issue(layer, wave)
@@ -148,7 +148,7 @@ class OffloadedExperts:
     def _decode(self, call, hits, fetch, cpu, flat, counts, xh, host, job) -> torch.Tensor:
         """Hits at once, fetched experts behind their copies, CPU experts here meanwhile: three fixed-shape
         pieces (replayed from CUDA graphs at decode)."""
-        lay = layer_layout(flat, counts, [hits, fetch], cpu, self.cache.slots.shape[0])
+        lay = layer_layout(flat, counts, [hits, fetch], cpu, self.cache.n_total)
         graph = self._layer_graph(call)
         self._wait_ready(hits)                       # prefetched hits may still be in flight
         self.phases.mark("launched")
@@ -170,7 +170,7 @@ class OffloadedExperts:
     def _grouped(self, call, hits, waves, cpu, flat, counts, xh, host, job) -> torch.Tensor:
         """The general case (prefill, large batches): hits, then one grouped GEMM per wave of fetches."""
         x, T, K = call.x, *call.idx.shape
-        lay = layer_layout(flat, counts, [hits] + waves, cpu, self.cache.slots.shape[0])
+        lay = layer_layout(flat, counts, [hits] + waves, cpu, self.cache.n_total)
         dev = self._upload(lay)
         perm = dev[:T * K].long()                                                        # [T*K]
         offs = dev[T * K:].view(len(waves) + 1, -1)                                      # [G, S]
@@ -214,7 +214,7 @@ class OffloadedExperts:
         if self.copy_ahead is not None and not small and layer != self.cfg.moe_layers[0]:
             self.copy_ahead.observe(1000 * (time.perf_counter() - self.pcie_until))
         for e in [e for e in ahead if e not in tokens]:
-            self.cache.held.discard(ahead.pop(e))     # a later copy into the slot queues behind this one
+            self.cache.release(ahead.pop(e))     # a later copy into the slot queues behind this one
         return ahead
 
     def _copy_ahead(self, layer: int, pred_host) -> tuple[int | None, list[tuple[int, int]]]:
@@ -229,12 +229,11 @@ class OffloadedExperts:
         if pred_host is not None:
             votes = np.bincount(pred_host.reshape(-1), minlength=E)
             predicted = [e for e in np.argsort(-votes, kind="stable").tolist() if votes[e]]
-        value = getattr(self.cache.policies[nxt], "value", None)
-        chosen = CopyAhead.choose(n, E, self.cache.resident[nxt], value and (lambda e: value((nxt, e))), predicted)
+        chosen = CopyAhead.choose(n, E, self.cache.residents(nxt), self.cache.value_fn(nxt), predicted)
         wave = []
         for e in chosen:
             slot = self.cache.staging_slot()
-            self.cache.held.add(slot)
+            self.cache.hold(slot)
             wave.append((e, slot))
         self.ahead[nxt] = dict(wave)
         self.copy_ahead.issued = len(wave)
@@ -243,12 +242,11 @@ class OffloadedExperts:
 
     def _mark_free(self, members) -> None:
         """Staging slots among `members` may be overwritten once the GPU work queued so far has read them."""
-        staged = [s for _, s in members if s >= self.cache.n_slots]
+        staged = [s for _, s in members if self.cache.is_staging(s)]
         if staged:
             done = self.copy.event()
             for s in staged:
-                self.cache.free[s] = done
-                self.cache.held.discard(s)
+                self.cache.read_until(s, done)
 
     def _settle(self) -> None:
         """The previous layer's bookkeeping, done while the GPU runs the graph piece before this layer's routing."""
@@ -287,13 +285,13 @@ class OffloadedExperts:
         """Copy a wave of experts into their slots, back to back; a staging slot waits until its last reader is done."""
         if not wave:
             return
-        n = self.cache.n_slots
-        after = [self.cache.free[s] for _, s in wave if s >= n and self.cache.free[s] is not None]
-        done = self.copy.copy_many([(self.cache.views[s], self.store.buffers[layer][e]) for e, s in wave], after)
+        cache = self.cache
+        after = [cache.free_event(s) for _, s in wave if cache.is_staging(s) and cache.free_event(s) is not None]
+        done = self.copy.copy_many([(cache.view(s), self.store.buffers[layer][e]) for e, s in wave], after)
         now = time.perf_counter()
         self.pcie_until = max(self.pcie_until, now) + len(wave) * self.planner.costs.fetch_ms / 1000
         for _, s in wave:
-            self.cache.ready[s] = done
+            cache.copied_into(s, done)
         self.stats.experts.fetched += len(wave)
         self.stats.experts.fetched_bytes += len(wave) * self.expert_bytes
 
@@ -318,12 +316,10 @@ class OffloadedExperts:
     def _wait_ready(self, members) -> None:
         waited = set()
         for _, s in members:
-            ev = self.cache.ready[s]
-            if ev is not None:
-                if id(ev) not in waited:
-                    self.copy.wait(ev)
-                    waited.add(id(ev))
-                self.cache.ready[s] = None          # later work on this stream is ordered after it anyway
+            ev = self.cache.take_copy_event(s)     # later work on this stream is ordered after it anyway
+            if ev is not None and id(ev) not in waited:
+                self.copy.wait(ev)
+                waited.add(id(ev))
 
     def _gpu_groups(self, layer: int, hits, waves, rows, offs, xs, ys) -> None:
         a, b = rows[0]
@@ -382,7 +378,7 @@ class OffloadedExperts:
         self.predicted[nxt] = set(pred_host.reshape(-1).tolist())
         c = self.planner.costs          # only what the PCIe lane can move before the next layer routes
         room = int((self.window_ms + c.layer_overhead_ms - self._backlog_ms()) / c.fetch_ms)
-        chosen = self.prefetcher.choose(pred_host, self.cache.resident[nxt])[:max(0, room)]
+        chosen = self.prefetcher.choose(pred_host, self.cache.residents(nxt))[:max(0, room)]
         wave = []
         for e in chosen:
             slot = self.cache.admit(nxt, e, self.predicted[nxt])

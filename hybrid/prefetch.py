@@ -25,14 +25,13 @@ class Prefetcher:
         order = sorted((e for e in votes if e not in cached), key=lambda e: -votes[e])
         return order[:self.budget]
 
-    def penalty_ms(self, layer: int, pred_host, resident: dict[int, set[int]], fetch_ms: float,
-                   cpu_ms: float) -> float:
+    def penalty_ms(self, layer: int, pred_host, residents, fetch_ms: float, cpu_ms: float) -> float:
         """What one on-demand copy at `layer` costs beyond it: its PCIe slot could instead prefetch a predicted
         expert of the next layer, which (at the recall so far) would take one miss off the next layer, worth about
         f*c/(f+c) there when its two lanes share the misses (f per copy, c per CPU expert). Zero without lookahead,
-        at the last layer, or when every predicted expert is already resident."""
+        at the last layer, or when every predicted expert is already resident (`residents(layer)`: cached set)."""
         nxt = self.next.get(layer)
-        if not self.lookahead or nxt is None or set(pred_host.reshape(-1).tolist()) <= resident[nxt]:
+        if not self.lookahead or nxt is None or set(pred_host.reshape(-1).tolist()) <= residents(nxt):
             return 0.0
         return self.expected_recall() * fetch_ms * cpu_ms / (fetch_ms + cpu_ms)
 

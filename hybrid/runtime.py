@@ -110,7 +110,7 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
             slot = cache.place(layer, e)
             if slot is None:
                 break
-            cache.slots[slot].copy_(store.buffer(layer, e))
+            cache.view(slot).copy_(store.buffer(layer, e))
     lane = CpuLane(run.cpu_threads, cuda, run.cpu_kernel, run.cpu_pool, run.cpu_tiles, run.cpu_pool_spin_us,
                    run.cpu_prefetch)
     if lane.experts.why and progress:

@@ -34,11 +34,14 @@ def test_copy_ahead_choice_prefers_predicted_then_policy_value():
 def test_staging_ring_skips_held_slots(tiny):
     e = make(tiny, mode="fetch", gpu_memory=budget_for(tiny, 20))
     cache = e.backend.cache
-    cache.held = set(cache.staging[1:])
+    for s in cache.staging[1:]:
+        cache.hold(s)
     assert {cache.staging_slot() for _ in range(5)} == {cache.staging[0]}
-    cache.held = set(cache.staging)
+    cache.hold(cache.staging[0])
     with pytest.raises(RuntimeError, match="held"):
         cache.staging_slot()
+    cache.release(cache.staging[2])
+    assert cache.staging_slot() == cache.staging[2] and cache.held_count == len(cache.staging) - 1
 
 
 @pytest.mark.parametrize("mode", ["fetch", "hybrid"])
@@ -53,7 +56,7 @@ def test_copy_ahead_is_exact_and_counted_as_misses(tiny, mode, prefetch, monkeyp
     assert out.tokens == ref.tokens
     x = out.stats.experts
     assert x.copied_ahead > 0 and 0 < x.copied_ahead_used <= x.copied_ahead
-    assert not e.backend.cache.held and not e.backend.ahead       # every held slot released
+    assert not e.backend.cache.held_count and not e.backend.ahead       # every held slot released
     plain = off.generate(LONG, SamplingParams(max_new_tokens=6, stop_on_eos=False)).stats.experts
     assert plain.copied_ahead == 0
     assert x.hits + x.misses == plain.hits + plain.misses            # copies made ahead are not hits

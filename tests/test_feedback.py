@@ -57,9 +57,9 @@ def test_prefetch_penalty_only_where_a_prefetch_could_help():
                                  "max_position_embeddings": 64, "first_k_dense_replace": 1})
     p = Prefetcher(cfg)
     pred = np.array([[3, 5]])
-    resident = {1: set(), 2: {3}}
+    resident = {1: set(), 2: {3}}.__getitem__                          # layer -> its cached experts
     first = p.penalty_ms(1, pred, resident, 0.33, 0.25)
     assert abs(first - 0.8 * 0.33 * 0.25 / 0.58) < 1e-9              # prior recall 0.8 before any scoring
     assert p.penalty_ms(2, pred, resident, 0.33, 0.25) == 0.0          # last MoE layer: nothing to prefetch
-    assert p.penalty_ms(1, pred, {1: set(), 2: {3, 5}}, 0.33, 0.25) == 0.0
+    assert p.penalty_ms(1, pred, {1: set(), 2: {3, 5}}.__getitem__, 0.33, 0.25) == 0.0
     assert Prefetcher(cfg, lookahead=False).penalty_ms(1, pred, resident, 0.33, 0.25) == 0.0
