@@ -15,11 +15,13 @@ from .config import ModelConfig
 from .expert_cache import ExpertCache
 from .expert_store import ExpertStore
 from .experts import grouped_ffn
+from .accounting import Accounting, LayerOutcome
 from .copy_ahead import CopyAhead
 from .cpu_experts import pointer_table
 from .lanes import CopyLane, CpuLane, PinnedBuffer
 from .layer_graph import LayerGraph, combine
 from .layer_layout import cpu_rows, layer_layout
+from .layer_timer import LayerTimer
 from .phases import PhaseLog
 from .prefetch import Prefetcher
 from .lane_feedback import LaneFeedback
@@ -47,19 +49,13 @@ class OffloadedExperts:
         self.index_buf = PinnedBuffer(1, torch.int32, pin)
         self.w13_all, self.w2_all = cache.stacked()
         self.expert_bytes = store.numel * store.flat.element_size()
-        self.stats = RunStats("", 0, 0)
-        self.timings: list = []
-        self.events: list = []                 # timing events, reused by every run (begin() rewinds)
-        self.events_used = 0
-        self.prefetched: dict[int, set[int]] = {}
-        self.predicted: dict[int, set[int]] = {}
+        self.timer = LayerTimer(self.copy.cuda)
         self.phases = PhaseLog()
-        self.deferred: tuple | None = None
         self.pcie_until = 0.0                  # when the copies queued so far should be done (perf_counter, s)
         self.window_ms = 0.0                   # the current layer's predicted time
         self.issued = 0.0                      # when the current layer's copies were issued (perf_counter, s)
         self.feedback = LaneFeedback(decode_tokens)
-        self.cpu_sample: tuple | None = None   # the last CPU call: (tokens, ms, rows per expert)
+        self.acct = Accounting(cfg.moe_layers[0], cache, prefetcher, self.feedback, planner.costs)
         self.graphs: dict[int, LayerGraph] = {}            # id(static MoECall) -> its captured layer graphs
         self.pool = torch.cuda.graph_pool_handle() if self.copy.cuda else None
 
@@ -67,30 +63,14 @@ class OffloadedExperts:
         self.cpu.set_threads(threads)
 
     def begin(self, stats: RunStats) -> None:
-        self.stats, self.timings, self.events_used = stats, [], 0
+        self.acct.stats = stats
+        self.timer.rewind()
 
     def end(self, stats: RunStats) -> None:
-        self._settle()
-        if self.copy.cuda:
-            torch.cuda.synchronize()
-            meas = [a.elapsed_time(b) for a, b, _ in self.timings]
-        else:
-            meas = [1000 * (b - a) for a, b, _ in self.timings]
-        stats.layer_meas_ms = meas
-        stats.layer_pred_ms = [p for _, _, p in self.timings]
+        self.acct.settle()
+        stats.layer_meas_ms, stats.layer_pred_ms = self.timer.read()
         if self.prefetcher:
             stats.experts.prefetch_recall = self.prefetcher.recall
-
-    def _now(self):
-        """A timestamp for the layer-time statistics: a timing event from a pool reused across runs, on CUDA."""
-        if not self.copy.cuda:
-            return time.perf_counter()
-        if self.events_used == len(self.events):
-            self.events.append(torch.cuda.Event(enable_timing=True))
-        ev = self.events[self.events_used]
-        self.events_used += 1
-        ev.record()
-        return ev
 
     def forward(self, call) -> torch.Tensor:
         """Critical path only: routing -> plan -> copies issued -> GPU work queued -> CPU experts computed here
@@ -100,12 +80,12 @@ class OffloadedExperts:
         T, K = idx.shape
         pred = call.pred if self.prefetcher else None
         self.phases.start(layer)
-        self._settle()
+        self.acct.settle()
         self.phases.mark("settled")
         xh = self.host_x.rows(T)
         xh.copy_(x, non_blocking=True)                     # rides along with the sync: the CPU lane's input
         host = (idx if pred is None else torch.cat([idx, pred], dim=1)).cpu().numpy()   # the one sync
-        start = self._now()
+        start = self.timer.mark()
         self.phases.mark("routed")
         flat = host[:, :K].reshape(-1)                                                    # [T*K]
         counts = np.bincount(flat, minlength=self.cfg.n_routed_experts)
@@ -140,9 +120,10 @@ class OffloadedExperts:
                 self._issue(layer, wave)
             self.issued = time.perf_counter()
             out = self._grouped(call, hits, waves, plan.cpu, flat, counts, xh, host, job)
-        self.timings.append((start, self._now(), plan.predicted_ms))
+        self.timer.span(start, plan.predicted_ms)
         self.phases.mark("done")
-        self.deferred = (layer, tokens, plan, len(fetch), sum(1 for e in plan.hits if e in ahead))
+        self.acct.defer(LayerOutcome(layer, tokens, len(plan.hits), len(fetch), len(plan.cpu),
+                                     sum(1 for e in plan.hits if e in ahead)))
         return out
 
     def _decode(self, call, hits, fetch, cpu, flat, counts, xh, host, job) -> torch.Tensor:
@@ -237,7 +218,7 @@ class OffloadedExperts:
             wave.append((e, slot))
         self.ahead[nxt] = dict(wave)
         self.copy_ahead.issued = len(wave)
-        self.stats.experts.copied_ahead += len(wave)
+        self.acct.stats.experts.copied_ahead += len(wave)
         return nxt, wave
 
     def _mark_free(self, members) -> None:
@@ -247,26 +228,6 @@ class OffloadedExperts:
             done = self.copy.event()
             for s in staged:
                 self.cache.read_until(s, done)
-
-    def _settle(self) -> None:
-        """The previous layer's bookkeeping, done while the GPU runs the graph piece before this layer's routing."""
-        if self.deferred is not None:
-            self._account(*self.deferred)
-            self.deferred = None
-
-    def _account(self, layer: int, tokens: dict[int, int], plan, n_fetch: int, ahead_used: int) -> None:
-        """Policy touches, statistics and the layer's next eviction order. Experts copied ahead count as misses."""
-        if layer == self.cfg.moe_layers[0]:
-            self.cache.tick()
-        self._score_prefetch(layer, set(tokens))
-        self.cache.touch(layer, tokens)
-        self.cache.prepare(layer)
-        self.stats.experts.count(layer, len(plan.hits) - ahead_used, n_fetch + len(plan.cpu) + ahead_used)
-        self.stats.experts.copied_ahead_used += ahead_used
-        self.stats.experts.cpu_experts += len(plan.cpu)
-        if self.cpu_sample is not None:
-            self.feedback.note_cpu(self.planner.costs, *self.cpu_sample)
-            self.cpu_sample = None
 
     def _admit_and_issue(self, layer: int, experts: list[int], tokens: dict[int, int]) -> list[tuple[int, int]]:
         """Decode: the first copy goes out as soon as it has a slot, the rest in one wave after it (admitting a
@@ -292,8 +253,7 @@ class OffloadedExperts:
         self.pcie_until = max(self.pcie_until, now) + len(wave) * self.planner.costs.fetch_ms / 1000
         for _, s in wave:
             cache.copied_into(s, done)
-        self.stats.experts.fetched += len(wave)
-        self.stats.experts.fetched_bytes += len(wave) * self.expert_bytes
+        self.acct.copies(len(wave), self.expert_bytes)
 
     def _backlog_ms(self) -> float:
         """Copy time still queued on the PCIe lane, by the cost model."""
@@ -352,8 +312,7 @@ class OffloadedExperts:
         out, t0, segs = job
         self.feedback.note_lag(T, 1000 * (t0 - self.issued))     # < 0: the CPU lane starts before the copies
         ms = self.cpu.experts.wait()
-        self.stats.experts.cpu_busy_s += ms / 1000
-        self.cpu_sample = (T, ms, [c for _, _, c in segs])
+        self.acct.cpu_call(T, ms, [c for _, _, c in segs])
         self.phases.mark("cpu_end")
         return out
 
@@ -367,32 +326,22 @@ class OffloadedExperts:
         self.feedback.note_lag(xh.shape[0], 1000 * (t0 - self.issued))
         self.cpu.experts.run_rows(xh, rows, out, self.store.views[layer], self.ptrs[layer], lay.cpu_segments,
                                   self.host_in.rows(n))
-        busy = time.perf_counter() - t0
-        self.stats.experts.cpu_busy_s += busy
-        self.cpu_sample = (xh.shape[0], 1000 * busy, [c for _, _, c in lay.cpu_segments])
+        self.acct.cpu_call(xh.shape[0], 1000 * (time.perf_counter() - t0), [c for _, _, c in lay.cpu_segments])
         self.phases.mark("cpu_end")
         return out
 
     def _prefetch(self, layer: int, pred_host) -> None:
         nxt = self.prefetcher.next[layer]
-        self.predicted[nxt] = set(pred_host.reshape(-1).tolist())
+        predicted = set(pred_host.reshape(-1).tolist())
         c = self.planner.costs          # only what the PCIe lane can move before the next layer routes
         room = int((self.window_ms + c.layer_overhead_ms - self._backlog_ms()) / c.fetch_ms)
         chosen = self.prefetcher.choose(pred_host, self.cache.residents(nxt))[:max(0, room)]
         wave = []
         for e in chosen:
-            slot = self.cache.admit(nxt, e, self.predicted[nxt])
+            slot = self.cache.admit(nxt, e, predicted)
             if slot is None:
                 break
             wave.append((e, slot))
         self._issue(nxt, wave)
         self.cache.prepare(nxt)
-        self.prefetched[nxt] = {e for e, _ in wave}
-        self.stats.experts.prefetched += len(wave)
-
-    def _score_prefetch(self, layer: int, needed: set[int]) -> None:
-        if not self.prefetcher:
-            return
-        if layer in self.predicted:
-            self.prefetcher.score(self.predicted.pop(layer), needed)
-        self.stats.experts.prefetch_used += len(self.prefetched.pop(layer, set()) & needed)
+        self.acct.prefetch(nxt, predicted, {e for e, _ in wave})
