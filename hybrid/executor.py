@@ -13,6 +13,7 @@ import torch
 
 from .config import ModelConfig
 from .expert_cache import ExpertCache
+from .expert_copies import ExpertCopies
 from .expert_store import ExpertStore
 from .experts import grouped_ffn
 from .accounting import Accounting, LayerOutcome
@@ -48,14 +49,13 @@ class OffloadedExperts:
         self.host_out = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
         self.index_buf = PinnedBuffer(1, torch.int32, pin)
         self.w13_all, self.w2_all = cache.stacked()
-        self.expert_bytes = store.numel * store.flat.element_size()
         self.timer = LayerTimer(self.copy.cuda)
         self.phases = PhaseLog()
-        self.pcie_until = 0.0                  # when the copies queued so far should be done (perf_counter, s)
         self.window_ms = 0.0                   # the current layer's predicted time
         self.issued = 0.0                      # when the current layer's copies were issued (perf_counter, s)
         self.feedback = LaneFeedback(decode_tokens)
         self.acct = Accounting(cfg.moe_layers[0], cache, prefetcher, self.feedback, planner.costs)
+        self.copies = ExpertCopies(self.copy, cache, store, self.acct, planner.costs.fetch_ms)
         self.graphs: dict[int, LayerGraph] = {}            # id(static MoECall) -> its captured layer graphs
         self.pool = torch.cuda.graph_pool_handle() if self.copy.cuda else None
 
@@ -99,7 +99,7 @@ class OffloadedExperts:
         small = T <= self.decode_tokens              # decode: every copy in one wave, bounded by the staging room
         room = len(self.cache.staging) + self.cache.room(layer, tokens) if small else None
         ahead = self._ahead_for(layer, tokens, small)
-        lanes = LaneState(self._backlog_ms(), self.feedback.lag_ms(T), self.feedback.cpu_scale(T), penalty, room)
+        lanes = LaneState(self.copies.backlog_ms(), self.feedback.lag_ms(T), self.feedback.cpu_scale(T), penalty, room)
         resident = self.cache.residents(layer)
         plan = self.planner.plan(tokens, resident | ahead.keys() if ahead else resident, lanes)
         self.window_ms = plan.predicted_ms
@@ -108,16 +108,16 @@ class OffloadedExperts:
         hits = [(e, ahead[e] if e in ahead else self.cache.slot_of(layer, e)) for e in plan.hits]
         self.phases.note(n_hit=len(hits), n_fetch=len(plan.fetch), n_cpu=len(plan.cpu), n_ahead=len(ahead))
         if small and len(plan.fetch) <= room:
-            fetch = self._admit_and_issue(layer, plan.fetch, tokens)
+            fetch = self.copies.admit_and_issue(layer, plan.fetch, tokens)
             self.issued = time.perf_counter()
             self.phases.mark("issued")
             out = self._decode(call, hits, fetch, plan.cpu, flat, counts, xh, host, job)
         else:
-            fetch = [(e, self._slot_for(layer, e, tokens)) for e in plan.fetch]
+            fetch = [(e, self.copies.slot_for(layer, e, tokens)) for e in plan.fetch]
             size = max(1, (len(self.cache.staging) - self.cache.held_count) // 2)   # held: copied ahead
             waves = [fetch[i:i + size] for i in range(0, len(fetch), size)]
             for wave in waves[:2]:
-                self._issue(layer, wave)
+                self.copies.issue(layer, wave)
             self.issued = time.perf_counter()
             out = self._grouped(call, hits, waves, plan.cpu, flat, counts, xh, host, job)
         self.timer.span(start, plan.predicted_ms)
@@ -131,13 +131,13 @@ class OffloadedExperts:
         pieces (replayed from CUDA graphs at decode)."""
         lay = layer_layout(flat, counts, [hits, fetch], cpu, self.cache.n_total)
         graph = self._layer_graph(call)
-        self._wait_ready(hits)                       # prefetched hits may still be in flight
+        self.copies.wait_landed(hits)                # prefetched hits may still be in flight
         self.phases.mark("launched")
         n_hit = lay.rows[0][1]
         graph.hits(self._pinned(lay.perm, lay.offs[0], lay.offs[1] + n_hit, n_hit))
-        self._wait_ready(fetch)
+        self.copies.wait_landed(fetch)
         ys = graph.fetched(bool(fetch))
-        self._mark_free(hits + fetch)
+        self.copies.read_queued(hits + fetch)
         self._prefetch_then_cpu(call, host, lay, xh, ys, job)
         return graph.post()
 
@@ -163,7 +163,7 @@ class OffloadedExperts:
         wsort = call.w.reshape(-1)[perm].unsqueeze(1)                                     # [T*K, 1]
         later = self._prefetch_then_cpu(call, host, lay, xh, ys, job, copy_ahead=T > self.decode_tokens)
         out = combine(x, tok, ys, wsort)
-        self._issue(*later)
+        self.copies.issue(*later)
         return out
 
     def _prefetch_then_cpu(self, call, host, lay, xh: torch.Tensor, ys: torch.Tensor, job,
@@ -193,7 +193,7 @@ class OffloadedExperts:
         the PCIe lane's idle time before this prefill layer's routing."""
         ahead = self.ahead.pop(layer, {})
         if self.copy_ahead is not None and not small and layer != self.cfg.moe_layers[0]:
-            self.copy_ahead.observe(1000 * (time.perf_counter() - self.pcie_until))
+            self.copy_ahead.observe(1000 * (time.perf_counter() - self.copies.until))
         for e in [e for e in ahead if e not in tokens]:
             self.cache.release(ahead.pop(e))     # a later copy into the slot queues behind this one
         return ahead
@@ -221,44 +221,6 @@ class OffloadedExperts:
         self.acct.stats.experts.copied_ahead += len(wave)
         return nxt, wave
 
-    def _mark_free(self, members) -> None:
-        """Staging slots among `members` may be overwritten once the GPU work queued so far has read them."""
-        staged = [s for _, s in members if self.cache.is_staging(s)]
-        if staged:
-            done = self.copy.event()
-            for s in staged:
-                self.cache.read_until(s, done)
-
-    def _admit_and_issue(self, layer: int, experts: list[int], tokens: dict[int, int]) -> list[tuple[int, int]]:
-        """Decode: the first copy goes out as soon as it has a slot, the rest in one wave after it (admitting a
-        slot costs ~20 us of Python; the PCIe lane need not wait for all of them)."""
-        fetch = [(e, self._slot_for(layer, e, tokens)) for e in experts[:1]]
-        self._issue(layer, fetch)
-        rest = [(e, self._slot_for(layer, e, tokens)) for e in experts[1:]]
-        self._issue(layer, rest)
-        return fetch + rest
-
-    def _slot_for(self, layer: int, e: int, protected) -> int:
-        slot = self.cache.admit(layer, e, protected)
-        return self.cache.staging_slot() if slot is None else slot
-
-    def _issue(self, layer: int, wave: list[tuple[int, int]]) -> None:
-        """Copy a wave of experts into their slots, back to back; a staging slot waits until its last reader is done."""
-        if not wave:
-            return
-        cache = self.cache
-        after = [cache.free_event(s) for _, s in wave if cache.is_staging(s) and cache.free_event(s) is not None]
-        done = self.copy.copy_many([(cache.view(s), self.store.buffers[layer][e]) for e, s in wave], after)
-        now = time.perf_counter()
-        self.pcie_until = max(self.pcie_until, now) + len(wave) * self.planner.costs.fetch_ms / 1000
-        for _, s in wave:
-            cache.copied_into(s, done)
-        self.acct.copies(len(wave), self.expert_bytes)
-
-    def _backlog_ms(self) -> float:
-        """Copy time still queued on the PCIe lane, by the cost model."""
-        return max(0.0, 1000 * (self.pcie_until - time.perf_counter()))
-
     def _pinned(self, *parts) -> torch.Tensor:
         """The parts (arrays or ints) back to back in pinned host memory, as int32."""
         sizes = [v.shape[0] if isinstance(v, np.ndarray) else 1 for v in parts]
@@ -273,27 +235,19 @@ class OffloadedExperts:
         buf = self._pinned(lay.perm, lay.offs.reshape(-1))
         return buf.to(self.device, non_blocking=True) if self.copy.cuda else buf.clone()
 
-    def _wait_ready(self, members) -> None:
-        waited = set()
-        for _, s in members:
-            ev = self.cache.take_copy_event(s)     # later work on this stream is ordered after it anyway
-            if ev is not None and id(ev) not in waited:
-                self.copy.wait(ev)
-                waited.add(id(ev))
-
     def _gpu_groups(self, layer: int, hits, waves, rows, offs, xs, ys) -> None:
         a, b = rows[0]
-        self._wait_ready(hits)
+        self.copies.wait_landed(hits)
         if b > a:
             ys[a:b] = grouped_ffn(xs[a:b], offs[0], self.w13_all, self.w2_all)
-        self._mark_free(hits)                        # copies made ahead sit in staging slots
+        self.copies.read_queued(hits)                # copies made ahead sit in staging slots
         for i, wave in enumerate(waves):
-            self._wait_ready(wave)
+            self.copies.wait_landed(wave)
             a, b = rows[i + 1]
             ys[a:b] = grouped_ffn(xs[a:b], offs[i + 1], self.w13_all, self.w2_all)
-            self._mark_free(wave)
+            self.copies.read_queued(wave)
             if i + 2 < len(waves):
-                self._issue(layer, waves[i + 2])
+                self.copies.issue(layer, waves[i + 2])
 
     def _start_cpu(self, layer: int, cpu: list[int], flat, counts, xh: torch.Tensor, K: int):
         """Hand the layer's CPU experts to the pool now, before any copy or GPU work is queued; -> what
@@ -334,7 +288,7 @@ class OffloadedExperts:
         nxt = self.prefetcher.next[layer]
         predicted = set(pred_host.reshape(-1).tolist())
         c = self.planner.costs          # only what the PCIe lane can move before the next layer routes
-        room = int((self.window_ms + c.layer_overhead_ms - self._backlog_ms()) / c.fetch_ms)
+        room = int((self.window_ms + c.layer_overhead_ms - self.copies.backlog_ms()) / c.fetch_ms)
         chosen = self.prefetcher.choose(pred_host, self.cache.residents(nxt))[:max(0, room)]
         wave = []
         for e in chosen:
@@ -342,6 +296,6 @@ class OffloadedExperts:
             if slot is None:
                 break
             wave.append((e, slot))
-        self._issue(nxt, wave)
+        self.copies.issue(nxt, wave)
         self.cache.prepare(nxt)
         self.acct.prefetch(nxt, predicted, {e for e, _ in wave})

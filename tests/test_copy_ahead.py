@@ -71,17 +71,18 @@ def test_copies_made_ahead_are_queued_after_the_layers_cpu_results(tiny, monkeyp
     """A small copy on the compute stream waits behind expert copies queued before it on the copy engine: a
     layer's CPU results go out before the copies it makes ahead for the next layer."""
     from hybrid.executor import OffloadedExperts
+    from hybrid.expert_copies import ExpertCopies
     monkeypatch.setattr(CopyAhead, "count", lambda self: 3)
     e = make(tiny, mode="hybrid", gpu_memory=budget_for(tiny, 12))
     log = []
-    issue, run_cpu, choose = OffloadedExperts._issue, OffloadedExperts._cpu_experts, OffloadedExperts._copy_ahead
+    issue, run_cpu, choose = ExpertCopies.issue, OffloadedExperts._cpu_experts, OffloadedExperts._copy_ahead
 
     def chosen(self, layer, pred):
         nxt, wave = choose(self, layer, pred)
         log.append(("ahead", layer, id(wave) if wave else None))
         return nxt, wave
     monkeypatch.setattr(OffloadedExperts, "_copy_ahead", chosen)
-    monkeypatch.setattr(OffloadedExperts, "_issue", lambda self, layer, wave: (
+    monkeypatch.setattr(ExpertCopies, "issue", lambda self, layer, wave: (
         log.append(("copy", layer, id(wave))), issue(self, layer, wave))[1])
     monkeypatch.setattr(OffloadedExperts, "_cpu_experts", lambda self, layer, *a: (
         log.append(("cpu", layer, None)), run_cpu(self, layer, *a))[1])

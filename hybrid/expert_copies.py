@@ -1,0 +1,68 @@
+"""The PCIe lane in terms of experts and slots: copies from the pinned store into GPU cache or staging slots, when
+each lands, when each staging slot may be overwritten, and the lane's clock (when what is queued should be done,
+by the cost model)."""
+from __future__ import annotations
+
+import time
+
+from .accounting import Accounting
+from .expert_cache import ExpertCache
+from .expert_store import ExpertStore
+from .lanes import CopyLane
+
+Wave = list[tuple[int, int]]        # (expert, slot) pairs copied back to back
+
+
+class ExpertCopies:
+    def __init__(self, lane: CopyLane, cache: ExpertCache, store: ExpertStore, acct: Accounting, fetch_ms: float):
+        self.lane, self.cache, self.store, self.acct, self.fetch_ms = lane, cache, store, acct, fetch_ms
+        self.expert_bytes = store.numel * store.flat.element_size()
+        self.until = 0.0                 # when the copies queued so far should be done (perf_counter, s)
+
+    def backlog_ms(self) -> float:
+        """Copy time still queued on the lane, by the cost model."""
+        return max(0.0, 1000 * (self.until - time.perf_counter()))
+
+    def slot_for(self, layer: int, e: int, protected) -> int:
+        """The layer's cache admits the expert (evicting none in `protected`), or it goes to a staging slot."""
+        slot = self.cache.admit(layer, e, protected)
+        return self.cache.staging_slot() if slot is None else slot
+
+    def issue(self, layer: int, wave: Wave) -> None:
+        """Copy a wave of experts into their slots, back to back; a staging slot waits until its last reader is
+        done."""
+        if not wave:
+            return
+        cache = self.cache
+        after = [cache.free_event(s) for _, s in wave if cache.is_staging(s) and cache.free_event(s) is not None]
+        done = self.lane.copy_many([(cache.view(s), self.store.buffers[layer][e]) for e, s in wave], after)
+        self.until = max(self.until, time.perf_counter()) + len(wave) * self.fetch_ms / 1000
+        for _, s in wave:
+            cache.copied_into(s, done)
+        self.acct.copies(len(wave), self.expert_bytes)
+
+    def admit_and_issue(self, layer: int, experts: list[int], tokens: dict[int, int]) -> Wave:
+        """Decode: the first copy goes out as soon as it has a slot, the rest in one wave after it (admitting a
+        slot costs ~20 us of Python; the lane need not wait for all of them)."""
+        first = [(e, self.slot_for(layer, e, tokens)) for e in experts[:1]]
+        self.issue(layer, first)
+        rest = [(e, self.slot_for(layer, e, tokens)) for e in experts[1:]]
+        self.issue(layer, rest)
+        return first + rest
+
+    def wait_landed(self, members: Wave) -> None:
+        """The compute stream waits for the copies into these slots (each event once)."""
+        waited = set()
+        for _, s in members:
+            ev = self.cache.take_copy_event(s)     # later work on this stream is ordered after it anyway
+            if ev is not None and id(ev) not in waited:
+                self.lane.wait(ev)
+                waited.add(id(ev))
+
+    def read_queued(self, members: Wave) -> None:
+        """Staging slots among `members` may be overwritten once the GPU work queued so far has read them."""
+        staged = [s for _, s in members if self.cache.is_staging(s)]
+        if staged:
+            done = self.lane.event()
+            for s in staged:
+                self.cache.read_until(s, done)
