@@ -1,0 +1,84 @@
+"""The executor's pieces without an Engine: the PCIe lane in experts and slots, the deferred accounting and the
+layer timer, on a small config with a fake store (CPU: copies are synchronous, events are None)."""
+from types import SimpleNamespace
+
+import torch
+
+from cost_model.costs import CostModel
+from hybrid.accounting import Accounting, LayerOutcome
+from hybrid.config import ModelConfig
+from hybrid.expert_cache import ExpertCache
+from hybrid.expert_copies import ExpertCopies
+from hybrid.lane_feedback import LaneFeedback
+from hybrid.lanes import CopyLane
+from hybrid.layer_timer import LayerTimer
+from hybrid.stats import RunStats
+from hybrid.synthetic import PRESETS
+
+CFG = ModelConfig.from_dict(PRESETS["tiny"][0])         # 3 MoE layers x 16 experts
+
+
+def fake_store():
+    """Expert e of layer L holds the value 1000 * L + e everywhere."""
+    flat = torch.stack([torch.stack([torch.full((CFG.expert_numel,), 1000.0 * L + e)
+                                     for e in range(CFG.n_routed_experts)]) for L in CFG.moe_layers])
+    return SimpleNamespace(flat=flat, numel=CFG.expert_numel,
+                           buffers={L: list(flat[r].unbind(0)) for r, L in enumerate(CFG.moe_layers)})
+
+
+def pieces(slots=6, staging=3):
+    cache = ExpertCache(CFG, slots, staging, torch.float32, "cpu", "lru")
+    costs = CostModel.defaults()
+    acct = Accounting(CFG.moe_layers[0], cache, None, LaneFeedback(), costs)
+    acct.stats = RunStats("hybrid", 1, 1, "cpu")
+    return cache, acct, ExpertCopies(CopyLane(torch.device("cpu")), cache, fake_store(), acct, costs.fetch_ms)
+
+
+def test_copies_land_in_their_slots_and_are_counted():
+    cache, acct, copies = pieces()
+    layer = CFG.moe_layers[0]
+    wave = copies.admit_and_issue(layer, [3, 7], {3: 1, 7: 2})
+    assert [e for e, _ in wave] == [3, 7] and {cache.slot_of(layer, e) for e in (3, 7)} == {s for _, s in wave}
+    for e, s in wave:
+        assert torch.all(cache.view(s) == 1000.0 * layer + e)
+    x = acct.stats.experts
+    assert x.fetched == 2 and x.fetched_bytes == 2 * CFG.expert_numel * 4
+    assert 0 < copies.backlog_ms() <= 2 * copies.fetch_ms                      # the lane's clock runs
+
+
+def test_a_full_share_sends_copies_to_staging_and_holds_release_slots():
+    cache, acct, copies = pieces(slots=3, staging=3)                          # one slot per layer
+    layer = CFG.moe_layers[1]
+    protected = {1: 1, 2: 1}
+    first, second = copies.slot_for(layer, 1, protected), copies.slot_for(layer, 2, protected)
+    assert not cache.is_staging(first) and cache.is_staging(second)          # 1 is protected: 2 goes to staging
+    copies.issue(layer, [(2, second)])
+    assert torch.all(cache.view(second) == 1000.0 * layer + 2)
+    cache.hold(second)
+    assert cache.held_count == 1
+    copies.read_queued([(2, second)])                                          # read by queued work: released
+    assert cache.held_count == 0
+    copies.wait_landed([(2, second)])                                          # nothing pending on the CPU
+
+
+def test_accounting_settles_the_previous_layer_once():
+    cache, acct, _ = pieces()
+    layer = CFG.moe_layers[0]
+    acct.defer(LayerOutcome(layer, {1: 2, 5: 1, 9: 1}, hits=2, fetched=1, cpu=1, ahead_used=1))
+    acct.cpu_call(tokens=1, ms=0.5, rows=[1])
+    acct.settle()
+    acct.settle()                                                              # nothing pending: no double count
+    x = acct.stats.experts
+    assert (x.hits, x.misses, x.cpu_experts, x.copied_ahead_used) == (1, 3, 1, 1)
+    assert x.per_layer_misses == {layer: 3} and x.cpu_busy_s == 0.0005
+    assert acct.cpu_sample is None and acct.feedback.scale                    # fed back to the planner
+
+
+def test_layer_timer_pairs_marks_with_predictions():
+    timer = LayerTimer(cuda=False)
+    start = timer.mark()
+    timer.span(start, 0.7)
+    measured, predicted = timer.read()
+    assert predicted == [0.7] and len(measured) == 1 and measured[0] >= 0
+    timer.rewind()
+    assert timer.read() == ([], [])
