@@ -11,21 +11,22 @@ import time
 import numpy as np
 import torch
 
+from .accounting import Accounting, LayerOutcome
 from .config import ModelConfig
+from .copy_ahead import CopyAhead
+from .cpu_work import CpuWork
 from .expert_cache import ExpertCache
 from .expert_copies import ExpertCopies
 from .expert_store import ExpertStore
 from .experts import grouped_ffn
-from .accounting import Accounting, LayerOutcome
-from .copy_ahead import CopyAhead
-from .cpu_experts import pointer_table
+from .lane_feedback import LaneFeedback
 from .lanes import CopyLane, CpuLane, PinnedBuffer
 from .layer_graph import LayerGraph, combine
-from .layer_layout import cpu_rows, layer_layout
+from .layer_layout import layer_layout
 from .layer_timer import LayerTimer
+from .next_layer import NextLayerCopies
 from .phases import PhaseLog
 from .prefetch import Prefetcher
-from .lane_feedback import LaneFeedback
 from .scheduler import LaneState
 from .stats import RunStats
 
@@ -38,15 +39,10 @@ class OffloadedExperts:
                  copy_ahead: CopyAhead | None = None):
         self.cfg, self.store, self.cache, self.planner = cfg, store, cache, planner
         self.device, self.copy, self.cpu = device, CopyLane(device), cpu_lane
-        self.prefetcher, self.decode_tokens, self.copy_ahead = prefetcher, decode_tokens, copy_ahead
+        self.prefetcher, self.decode_tokens = prefetcher, decode_tokens
         self.wants_guess = prefetcher is not None
-        self.next_layer = dict(zip(cfg.moe_layers, cfg.moe_layers[1:]))
-        self.ahead: dict[int, dict[int, int]] = {}          # layer -> {expert: staging slot} copied ahead for it
         pin = device.type == "cuda"
-        self.ptrs = {layer: pointer_table(views) for layer, views in store.views.items()}
         self.host_x = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
-        self.host_in = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
-        self.host_out = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
         self.index_buf = PinnedBuffer(1, torch.int32, pin)
         self.w13_all, self.w2_all = cache.stacked()
         self.timer = LayerTimer(self.copy.cuda)
@@ -56,6 +52,9 @@ class OffloadedExperts:
         self.feedback = LaneFeedback(decode_tokens)
         self.acct = Accounting(cfg.moe_layers[0], cache, prefetcher, self.feedback, planner.costs)
         self.copies = ExpertCopies(self.copy, cache, store, self.acct, planner.costs.fetch_ms)
+        self.next = NextLayerCopies(cfg.moe_layers, cfg.n_routed_experts, cache, self.copies, self.acct,
+                                    planner.costs, prefetcher, copy_ahead)
+        self.cpu_work = CpuWork(cpu_lane, store, self.feedback, self.acct, self.phases, cfg.hidden_size, pin)
         self.graphs: dict[int, LayerGraph] = {}            # id(static MoECall) -> its captured layer graphs
         self.pool = torch.cuda.graph_pool_handle() if self.copy.cuda else None
 
@@ -98,13 +97,13 @@ class OffloadedExperts:
                                                  c.cpu_ms(1) * self.feedback.cpu_scale(T))
         small = T <= self.decode_tokens              # decode: every copy in one wave, bounded by the staging room
         room = len(self.cache.staging) + self.cache.room(layer, tokens) if small else None
-        ahead = self._ahead_for(layer, tokens, small)
+        ahead = self.next.take_ahead(layer, tokens, not small)
         lanes = LaneState(self.copies.backlog_ms(), self.feedback.lag_ms(T), self.feedback.cpu_scale(T), penalty, room)
         resident = self.cache.residents(layer)
         plan = self.planner.plan(tokens, resident | ahead.keys() if ahead else resident, lanes)
         self.window_ms = plan.predicted_ms
         self.phases.mark("planned")
-        job = self._start_cpu(layer, plan.cpu, flat, counts, xh, K)
+        job = self.cpu_work.start(layer, plan.cpu, flat, counts, xh, K)
         hits = [(e, ahead[e] if e in ahead else self.cache.slot_of(layer, e)) for e in plan.hits]
         self.phases.note(n_hit=len(hits), n_fetch=len(plan.fetch), n_cpu=len(plan.cpu), n_ahead=len(ahead))
         if small and len(plan.fetch) <= room:
@@ -178,48 +177,16 @@ class OffloadedExperts:
         K = call.idx.shape[1]
         pred = host[:, K:] if self.prefetcher and call.pred is not None else None
         if pred is not None:
-            self._prefetch(call.layer, pred)
-        later = self._copy_ahead(call.layer, pred) if copy_ahead and self.copy_ahead else (None, [])
+            self.next.prefetch(call.layer, pred, self.window_ms)
+        later = self.next.copy_ahead(call.layer, pred) if copy_ahead else (None, [])
         self.phases.mark("queued")
         if lay.cpu_segments:
-            out = self._finish_cpu(job, xh.shape[0]) if job else self._cpu_experts(call.layer, lay, xh, K)
+            out = self.cpu_work.finish(job, xh.shape[0], self.issued) if job else \
+                self.cpu_work.run(call.layer, lay, xh, K, self.issued)
             ys[lay.cpu_start:].copy_(out, non_blocking=True)
         else:
             self.feedback.note_lag(xh.shape[0], None)
         return later
-
-    def _ahead_for(self, layer: int, tokens: dict[int, int], small: bool) -> dict[int, int]:
-        """The copies made ahead for this layer that it needs (the others' slots are released), after noting
-        the PCIe lane's idle time before this prefill layer's routing."""
-        ahead = self.ahead.pop(layer, {})
-        if self.copy_ahead is not None and not small and layer != self.cfg.moe_layers[0]:
-            self.copy_ahead.observe(1000 * (time.perf_counter() - self.copies.until))
-        for e in [e for e in ahead if e not in tokens]:
-            self.cache.release(ahead.pop(e))     # a later copy into the slot queues behind this one
-        return ahead
-
-    def _copy_ahead(self, layer: int, pred_host) -> tuple[int | None, list[tuple[int, int]]]:
-        """Some of the next layer's uncached experts, each with a staging slot held until the next layer's GEMM
-        over its hits has read it -> (next layer, [(expert, slot)]) for the caller to copy in."""
-        nxt = self.next_layer.get(layer)
-        n = self.copy_ahead.count() if nxt is not None else 0
-        if n <= 0:
-            return nxt, []
-        E = self.cfg.n_routed_experts
-        predicted = None
-        if pred_host is not None:
-            votes = np.bincount(pred_host.reshape(-1), minlength=E)
-            predicted = [e for e in np.argsort(-votes, kind="stable").tolist() if votes[e]]
-        chosen = CopyAhead.choose(n, E, self.cache.residents(nxt), self.cache.value_fn(nxt), predicted)
-        wave = []
-        for e in chosen:
-            slot = self.cache.staging_slot()
-            self.cache.hold(slot)
-            wave.append((e, slot))
-        self.ahead[nxt] = dict(wave)
-        self.copy_ahead.issued = len(wave)
-        self.acct.stats.experts.copied_ahead += len(wave)
-        return nxt, wave
 
     def _pinned(self, *parts) -> torch.Tensor:
         """The parts (arrays or ints) back to back in pinned host memory, as int32."""
@@ -248,54 +215,3 @@ class OffloadedExperts:
             self.copies.read_queued(wave)
             if i + 2 < len(waves):
                 self.copies.issue(layer, waves[i + 2])
-
-    def _start_cpu(self, layer: int, cpu: list[int], flat, counts, xh: torch.Tensor, K: int):
-        """Hand the layer's CPU experts to the pool now, before any copy or GPU work is queued; -> what
-        `_finish_cpu` needs, or None where they do not fit the pool (then `_cpu_experts` runs them later)."""
-        if not cpu or not self.cpu.experts.pool_threads:
-            return None
-        rows, segs = cpu_rows(flat, K, counts, cpu)
-        out = self.host_out.rows(rows.shape[0])
-        t0 = time.perf_counter()
-        if not self.cpu.experts.start_rows(xh, rows, out, self.store.views[layer], self.ptrs[layer], segs):
-            return None
-        self.phases.mark("cpu_start")
-        return out, t0, segs
-
-    def _finish_cpu(self, job, T: int) -> torch.Tensor:
-        out, t0, segs = job
-        self.feedback.note_lag(T, 1000 * (t0 - self.issued))     # < 0: the CPU lane starts before the copies
-        ms = self.cpu.experts.wait()
-        self.acct.cpu_call(T, ms, [c for _, _, c in segs])
-        self.phases.mark("cpu_end")
-        return out
-
-    def _cpu_experts(self, layer: int, lay, xh: torch.Tensor, K: int) -> torch.Tensor:
-        """The layer's CPU experts, now, on this thread; input rows come from the host copy of x made at the sync."""
-        rows = lay.perm[lay.cpu_start:] // K                                              # [n] token of each row
-        n = rows.shape[0]
-        out = self.host_out.rows(n)
-        self.phases.mark("cpu_start")
-        t0 = time.perf_counter()
-        self.feedback.note_lag(xh.shape[0], 1000 * (t0 - self.issued))
-        self.cpu.experts.run_rows(xh, rows, out, self.store.views[layer], self.ptrs[layer], lay.cpu_segments,
-                                  self.host_in.rows(n))
-        self.acct.cpu_call(xh.shape[0], 1000 * (time.perf_counter() - t0), [c for _, _, c in lay.cpu_segments])
-        self.phases.mark("cpu_end")
-        return out
-
-    def _prefetch(self, layer: int, pred_host) -> None:
-        nxt = self.prefetcher.next[layer]
-        predicted = set(pred_host.reshape(-1).tolist())
-        c = self.planner.costs          # only what the PCIe lane can move before the next layer routes
-        room = int((self.window_ms + c.layer_overhead_ms - self.copies.backlog_ms()) / c.fetch_ms)
-        chosen = self.prefetcher.choose(pred_host, self.cache.residents(nxt))[:max(0, room)]
-        wave = []
-        for e in chosen:
-            slot = self.cache.admit(nxt, e, predicted)
-            if slot is None:
-                break
-            wave.append((e, slot))
-        self.copies.issue(nxt, wave)
-        self.cache.prepare(nxt)
-        self.acct.prefetch(nxt, predicted, {e for e, _ in wave})

@@ -51,12 +51,12 @@ def test_copy_ahead_is_exact_and_counted_as_misses(tiny, mode, prefetch, monkeyp
     monkeypatch.setattr(CopyAhead, "count", lambda self: 4)
     e = make(tiny, mode=mode, prefetch=prefetch, gpu_memory=budget_for(tiny, 12))
     off = make(tiny, mode=mode, prefetch=prefetch, gpu_memory=budget_for(tiny, 12), copy_ahead=False)
-    assert off.backend.copy_ahead is None and e.backend.copy_ahead is not None
+    assert off.backend.next.policy is None and e.backend.next.policy is not None
     out = e.generate(LONG, SamplingParams(max_new_tokens=6, stop_on_eos=False))
     assert out.tokens == ref.tokens
     x = out.stats.experts
     assert x.copied_ahead > 0 and 0 < x.copied_ahead_used <= x.copied_ahead
-    assert not e.backend.cache.held_count and not e.backend.ahead       # every held slot released
+    assert not e.backend.cache.held_count and not e.backend.next.ahead       # every held slot released
     plain = off.generate(LONG, SamplingParams(max_new_tokens=6, stop_on_eos=False)).stats.experts
     assert plain.copied_ahead == 0
     assert x.hits + x.misses == plain.hits + plain.misses            # copies made ahead are not hits
@@ -64,27 +64,28 @@ def test_copy_ahead_is_exact_and_counted_as_misses(tiny, mode, prefetch, monkeyp
 
 def test_cpu_mode_never_copies_ahead(tiny):
     e = make(tiny, mode="cpu", gpu_memory=budget_for(tiny, 12))
-    assert e.backend.copy_ahead is None
+    assert e.backend.next.policy is None
 
 
 def test_copies_made_ahead_are_queued_after_the_layers_cpu_results(tiny, monkeypatch):
     """A small copy on the compute stream waits behind expert copies queued before it on the copy engine: a
     layer's CPU results go out before the copies it makes ahead for the next layer."""
-    from hybrid.executor import OffloadedExperts
+    from hybrid.cpu_work import CpuWork
     from hybrid.expert_copies import ExpertCopies
+    from hybrid.next_layer import NextLayerCopies
     monkeypatch.setattr(CopyAhead, "count", lambda self: 3)
     e = make(tiny, mode="hybrid", gpu_memory=budget_for(tiny, 12))
     log = []
-    issue, run_cpu, choose = ExpertCopies.issue, OffloadedExperts._cpu_experts, OffloadedExperts._copy_ahead
+    issue, run_cpu, choose = ExpertCopies.issue, CpuWork.run, NextLayerCopies.copy_ahead
 
     def chosen(self, layer, pred):
         nxt, wave = choose(self, layer, pred)
         log.append(("ahead", layer, id(wave) if wave else None))
         return nxt, wave
-    monkeypatch.setattr(OffloadedExperts, "_copy_ahead", chosen)
+    monkeypatch.setattr(NextLayerCopies, "copy_ahead", chosen)
     monkeypatch.setattr(ExpertCopies, "issue", lambda self, layer, wave: (
         log.append(("copy", layer, id(wave))), issue(self, layer, wave))[1])
-    monkeypatch.setattr(OffloadedExperts, "_cpu_experts", lambda self, layer, *a: (
+    monkeypatch.setattr(CpuWork, "run", lambda self, layer, *a: (
         log.append(("cpu", layer, None)), run_cpu(self, layer, *a))[1])
     monkeypatch.setattr(e.backend.cpu.experts, "pool_threads", 0)       # CPU experts on this thread: logged
     e.generate(LONG[:1], SamplingParams(max_new_tokens=1))

@@ -1,0 +1,73 @@
+"""Copies for the next MoE layer, made while this one runs: prefetch of the experts its router (or a predictor)
+guesses, into the next layer's cache share, and in prefill copies made ahead into held staging slots."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .accounting import Accounting
+from .copy_ahead import CopyAhead
+from .expert_cache import ExpertCache
+from .expert_copies import ExpertCopies, Wave
+from .prefetch import Prefetcher
+
+
+class NextLayerCopies:
+    def __init__(self, moe_layers: list[int], experts: int, cache: ExpertCache, copies: ExpertCopies,
+                 acct: Accounting, costs, prefetcher: Prefetcher | None, copy_ahead: CopyAhead | None):
+        self.first, self.experts = moe_layers[0], experts
+        self.next_layer = dict(zip(moe_layers, moe_layers[1:]))
+        self.cache, self.copies, self.acct, self.costs = cache, copies, acct, costs
+        self.prefetcher, self.policy = prefetcher, copy_ahead
+        self.ahead: dict[int, dict[int, int]] = {}          # layer -> {expert: staging slot} copied ahead for it
+
+    def take_ahead(self, layer: int, tokens: dict[int, int], prefill: bool) -> dict[int, int]:
+        """The copies made ahead for this layer that it needs (the others' slots are released), after noting
+        the PCIe lane's idle time before this prefill layer's routing."""
+        ahead = self.ahead.pop(layer, {})
+        if self.policy is not None and prefill and layer != self.first:
+            self.policy.observe(1000 * (time.perf_counter() - self.copies.until))
+        for e in [e for e in ahead if e not in tokens]:
+            self.cache.release(ahead.pop(e))     # a later copy into the slot queues behind this one
+        return ahead
+
+    def copy_ahead(self, layer: int, pred_host) -> tuple[int | None, Wave]:
+        """Some of the next layer's uncached experts, each with a staging slot held until the next layer's GEMM
+        over its hits has read it -> (next layer, [(expert, slot)]) for the caller to copy in."""
+        nxt = self.next_layer.get(layer)
+        n = self.policy.count() if nxt is not None and self.policy is not None else 0
+        if n <= 0:
+            return nxt, []
+        predicted = None
+        if pred_host is not None:
+            votes = np.bincount(pred_host.reshape(-1), minlength=self.experts)
+            predicted = [e for e in np.argsort(-votes, kind="stable").tolist() if votes[e]]
+        chosen = CopyAhead.choose(n, self.experts, self.cache.residents(nxt), self.cache.value_fn(nxt), predicted)
+        wave = []
+        for e in chosen:
+            slot = self.cache.staging_slot()
+            self.cache.hold(slot)
+            wave.append((e, slot))
+        self.ahead[nxt] = dict(wave)
+        self.policy.issued = len(wave)
+        self.acct.stats.experts.copied_ahead += len(wave)
+        return nxt, wave
+
+    def prefetch(self, layer: int, pred_host, window_ms: float) -> None:
+        """Copy the guessed experts of the next layer into its share: only what the PCIe lane can move before
+        that layer routes (this layer's predicted `window_ms`, less the backlog)."""
+        nxt = self.prefetcher.next[layer]
+        predicted = set(pred_host.reshape(-1).tolist())
+        c = self.costs
+        room = int((window_ms + c.layer_overhead_ms - self.copies.backlog_ms()) / c.fetch_ms)
+        chosen = self.prefetcher.choose(pred_host, self.cache.residents(nxt))[:max(0, room)]
+        wave = []
+        for e in chosen:
+            slot = self.cache.admit(nxt, e, predicted)
+            if slot is None:
+                break
+            wave.append((e, slot))
+        self.copies.issue(nxt, wave)
+        self.cache.prepare(nxt)
+        self.acct.prefetch(nxt, predicted, {e for e, _ in wave})
