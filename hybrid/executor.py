@@ -98,7 +98,9 @@ class OffloadedExperts:
         small = T <= self.decode_tokens              # decode: every copy in one wave, bounded by the staging room
         room = len(self.cache.staging) + self.cache.room(layer, tokens) if small else None
         ahead = self.next.take_ahead(layer, tokens, not small)
-        lanes = LaneState(self.copies.backlog_ms(), self.feedback.lag_ms(T), self.feedback.cpu_scale(T), penalty, room)
+        wave = max(1, (len(self.cache.staging) - self.cache.held_count) // 2)        # held: copied ahead
+        lanes = LaneState(self.copies.backlog_ms(), self.feedback.lag_ms(T), self.feedback.cpu_scale(T), penalty,
+                          room, wave)
         resident = self.cache.residents(layer)
         plan = self.planner.plan(tokens, resident | ahead.keys() if ahead else resident, lanes)
         self.window_ms = plan.predicted_ms
@@ -106,15 +108,14 @@ class OffloadedExperts:
         job = self.cpu_work.start(layer, plan.cpu, flat, counts, xh, K)
         hits = [(e, ahead[e] if e in ahead else self.cache.slot_of(layer, e)) for e in plan.hits]
         self.phases.note(n_hit=len(hits), n_fetch=len(plan.fetch), n_cpu=len(plan.cpu), n_ahead=len(ahead))
-        if small and len(plan.fetch) <= room:
+        if plan.one_wave:
             fetch = self.copies.admit_and_issue(layer, plan.fetch, tokens)
             self.issued = time.perf_counter()
             self.phases.mark("issued")
             out = self._decode(call, hits, fetch, plan.cpu, flat, counts, xh, host, job)
         else:
-            fetch = [(e, self.copies.slot_for(layer, e, tokens)) for e in plan.fetch]
-            size = max(1, (len(self.cache.staging) - self.cache.held_count) // 2)   # held: copied ahead
-            waves = [fetch[i:i + size] for i in range(0, len(fetch), size)]
+            waves = [[(e, self.copies.slot_for(layer, e, tokens)) for e in w] for w in plan.waves]
+            fetch = [f for w in waves for f in w]
             for wave in waves[:2]:
                 self.copies.issue(layer, wave)
             self.issued = time.perf_counter()

@@ -15,10 +15,22 @@ STEP_MS = 0.05         # lane times are rounded to this for memoising plans
 
 @dataclass
 class LayerPlan:
+    """What a layer does with each expert it needs, and how its copies go out. Next-layer copies (prefetch, copies
+    made ahead) are decided by next_layer.py once this layer's GPU work is queued: they use the PCIe backlog then."""
     hits: list[int] = field(default_factory=list)     # cached: computed on the GPU
     fetch: list[int] = field(default_factory=list)    # copied to the GPU, then computed there
     cpu: list[int] = field(default_factory=list)      # computed on the CPU with the activations shipped
     predicted_ms: float = 0.0
+    waves: list[list[int]] = field(default_factory=list)   # the fetches in the order of their GEMMs
+    one_wave: bool = False            # decode's fixed-shape path: all copies in one wave, one GEMM behind them
+
+    def with_waves(self, lanes: "LaneState") -> "LayerPlan":
+        """One wave where the fetches fit the decode path's room (lanes.max_fetch), else waves of
+        lanes.wave_size (the free staging room, halved: one wave lands while the previous one computes)."""
+        self.one_wave = lanes.max_fetch is not None and len(self.fetch) <= lanes.max_fetch
+        size = len(self.fetch) if self.one_wave else lanes.wave_size
+        self.waves = [self.fetch[i:i + size] for i in range(0, len(self.fetch), max(1, size))]
+        return self
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,7 @@ class LaneState:
     fetch_penalty_ms: float = 0.0   # what one copy's PCIe time is worth elsewhere (a prefetch for the next
                                     # layer): charged per fetch when choosing, not in predicted_ms
     max_fetch: int | None = None    # copies the executor's fast path takes (planners with a CPU lane keep to it)
+    wave_size: int = 1 << 30        # copies per wave where they do not fit the fast path
 
     def key(self) -> tuple:
         r = lambda ms: round(ms / STEP_MS) * STEP_MS  # noqa: E731
@@ -63,7 +76,8 @@ class FetchPlanner:
         """tokens: expert -> rows routed to it; cached: experts resident on the GPU."""
         hits = [e for e in tokens if e in cached]
         fetch = [e for e in tokens if e not in cached]
-        return LayerPlan(hits, fetch, [], makespan(self.costs, tokens, hits, fetch, [], lanes.backlog_ms))
+        return LayerPlan(hits, fetch, [], makespan(self.costs, tokens, hits, fetch, [],
+                                                   lanes.backlog_ms)).with_waves(lanes)
 
 
 class CpuPlanner(FetchPlanner):
@@ -73,7 +87,7 @@ class CpuPlanner(FetchPlanner):
         hits = [e for e in tokens if e in cached]
         cpu = [e for e in tokens if e not in cached]
         return LayerPlan(hits, [], cpu, makespan(self.costs, tokens, hits, [], cpu, 0.0, lanes.cpu_lag_ms,
-                                                 lanes.cpu_scale))
+                                                 lanes.cpu_scale)).with_waves(lanes)
 
 
 class MakespanPlanner(FetchPlanner):
@@ -108,7 +122,7 @@ class MakespanPlanner(FetchPlanner):
         picks, t = self.memo[key]
         cpu = [e for g, m in zip(groups.values(), picks) for e in g[:m]]
         fetch = [e for g, m in zip(groups.values(), picks) for e in g[m:]]
-        return LayerPlan(hits, fetch, cpu, t)
+        return LayerPlan(hits, fetch, cpu, t).with_waves(lanes)
 
     def _search(self, hit_ns, groups, backlog, lag, scale, penalty, max_fetch) -> tuple[tuple[int, ...], float]:
         """Best count per token-count group to run on the CPU, and its predicted makespan."""

@@ -161,3 +161,15 @@ def test_cpu_rows_are_the_tail_of_the_full_layout():
     assert segs == lay.cpu_segments and rows.tolist() == (lay.perm[lay.cpu_start:] // K).tolist()
     assert [e for e, *_ in segs] == cpu and all(flat[K * t:K * t + K].tolist().count(e) for e, a, c in segs
                                                  for t in rows[a:a + c])
+
+
+def test_plans_carry_their_copy_waves():
+    from hybrid.scheduler import FetchPlanner, LaneState
+    tokens = {e: 1 for e in range(7)}
+    decode = FetchPlanner().plan(tokens, {0}, LaneState(max_fetch=6, wave_size=2))
+    assert decode.one_wave and decode.waves == [decode.fetch] and len(decode.fetch) == 6
+    prefill = FetchPlanner().plan(tokens, {0}, LaneState(max_fetch=None, wave_size=4))
+    assert not prefill.one_wave and [len(w) for w in prefill.waves] == [4, 2]
+    assert [e for w in prefill.waves for e in w] == prefill.fetch
+    too_many = FetchPlanner().plan(tokens, set(), LaneState(max_fetch=6, wave_size=3))
+    assert not too_many.one_wave and [len(w) for w in too_many.waves] == [3, 3, 1]
