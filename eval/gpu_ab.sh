@@ -14,7 +14,8 @@ for spec in "$@"; do
   for tag in old new; do
     tree=$([ $tag = new ] && echo . || echo "$OLD"); cache=$([ $tag = new ] && echo /dev/shm/hc || echo /dev/shm/hc_old)
     echo "== $tag $spec"
-    (cd "$tree" && HYBRID_CACHE=$cache timeout 120 python3 eval/profile_layers.py --model /dev/shm/v2lite \
+    probe=eval/probes/profile_layers.py; [ -f "$tree/$probe" ] || probe=eval/profile_layers.py   # older trees
+    (cd "$tree" && HYBRID_CACHE=$cache timeout 120 python3 $probe --model /dev/shm/v2lite \
       --gpu-memory 12GiB --max-seq-len 272 --mode $m --prefetch $p --batch-size $b --new-tokens ${TOKENS:-48} \
       --out "$OUT/ab/${tag}_${m}_${p}_bs$b.json" 2>&1 | grep -E "\| step |predicted")
   done

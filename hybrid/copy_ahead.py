@@ -2,7 +2,7 @@
 
 A prefill chunk of a few hundred tokens needs nearly every expert of every layer (256 tokens x top-6 of 64 leave
 none out when routing is near uniform), but layer L+1's routing is known only after layer L's combine and L+1's
-attention and router: ~2 ms at 256 tokens in which the PCIe lane idles (eval/prefill_trace.py). Copies queued
+attention and router: ~2 ms at 256 tokens in which the PCIe lane idles (eval/probes/prefill_trace.py). Copies queued
 after layer L's (and after its CPU results, which would otherwise wait behind them on the copy engine) fill that
 gap, and layer L+1 plans with them as resident. How many: the PCIe lane's idle time
 before each prefill layer's routing (by the cost model), learned as the prefill goes, in whole copies. Pure Python."""

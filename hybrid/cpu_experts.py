@@ -17,7 +17,7 @@ from .cpu_kernel import DTYPES, NATIVE, KernelUnavailable, load
 from .model import gated_ffn
 
 NATIVE_MAX_TOKENS = 8          # tokens per expert up to which the native kernel is used (faster at 1-8 tokens,
-                               # slower at 16 than torch's AMX path on the GPU box: eval/kernel_probe.py)
+                               # slower at 16 than torch's AMX path on the GPU box: eval/probes/kernel_probe.py)
 KINDS = ("auto", "native", "torch")
 TILES = {"auto": None, "off": 0, "emulate": 2}      # emulate: the tile path in plain C++ (tests without AMX)
 

@@ -29,7 +29,7 @@ def usable_cpus() -> list[int]:
 def default_threads(gpu: bool) -> int:
     """All usable cores; with a GPU all but one: the spare core absorbs the CUDA driver's and Python's other
     threads, which would otherwise stall one member of the team (0.25 vs 0.39 ms per 1-token expert with 15 vs 16
-    threads on the 16-core GPU box, eval/lane_probe.py)."""
+    threads on the 16-core GPU box, eval/probes/lane_probe.py)."""
     cores = len(usable_cpus())
     return max(1, cores - 1) if gpu else cores
 
