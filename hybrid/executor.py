@@ -27,7 +27,7 @@ from .layer_timer import LayerTimer
 from .next_layer import NextLayerCopies
 from .phases import PhaseLog
 from .prefetch import Prefetcher
-from .scheduler import LaneState
+from .scheduler import LaneState, LayerPlan
 from .stats import RunStats
 
 
@@ -47,7 +47,7 @@ class OffloadedExperts:
         self.w13_all, self.w2_all = cache.stacked()
         self.timer = LayerTimer(self.copy.cuda)
         self.phases = PhaseLog()
-        self.window_ms = 0.0                   # the current layer's predicted time
+        self.plan: LayerPlan | None = None     # the current layer's plan
         self.issued = 0.0                      # when the current layer's copies were issued (perf_counter, s)
         self.feedback = LaneFeedback(decode_tokens)
         self.acct = Accounting(cfg.moe_layers[0], cache, prefetcher, self.feedback, planner.costs)
@@ -103,7 +103,8 @@ class OffloadedExperts:
                           room, wave)
         resident = self.cache.residents(layer)
         plan = self.planner.plan(tokens, resident | ahead.keys() if ahead else resident, lanes)
-        self.window_ms = plan.predicted_ms
+        plan.prefetch, plan.ahead = self.next.choose(layer, None if pred is None else host[:, K:], not small)
+        self.plan = plan
         self.phases.mark("planned")
         job = self.cpu_work.start(layer, plan.cpu, flat, counts, xh, K)
         hits = [(e, ahead[e] if e in ahead else self.cache.slot_of(layer, e)) for e in plan.hits]
@@ -161,13 +162,12 @@ class OffloadedExperts:
         self.phases.mark("launched")
         self._gpu_groups(call.layer, hits, waves, lay.rows, offs, xs, ys)
         wsort = call.w.reshape(-1)[perm].unsqueeze(1)                                     # [T*K, 1]
-        later = self._prefetch_then_cpu(call, host, lay, xh, ys, job, copy_ahead=T > self.decode_tokens)
+        later = self._prefetch_then_cpu(call, host, lay, xh, ys, job)
         out = combine(x, tok, ys, wsort)
         self.copies.issue(*later)
         return out
 
-    def _prefetch_then_cpu(self, call, host, lay, xh: torch.Tensor, ys: torch.Tensor, job,
-                           copy_ahead: bool = False) -> tuple[int | None, list]:
+    def _prefetch_then_cpu(self, call, host, lay, xh: torch.Tensor, ys: torch.Tensor, job) -> tuple[int | None, list]:
         """Once the GPU side is queued: the next layer's prefetch copies (and in prefill its copies made ahead),
         then this layer's CPU experts into ys (collected from the pool if `job` started them there, else
         computed now). -> (layer, copies) still to issue, once the caller has queued the combine.
@@ -178,8 +178,8 @@ class OffloadedExperts:
         K = call.idx.shape[1]
         pred = host[:, K:] if self.prefetcher and call.pred is not None else None
         if pred is not None:
-            self.next.prefetch(call.layer, pred, self.window_ms)
-        later = self.next.copy_ahead(call.layer, pred) if copy_ahead else (None, [])
+            self.next.prefetch(call.layer, pred, self.plan.prefetch, self.plan.predicted_ms)
+        later = self.next.copy_ahead(call.layer, self.plan.ahead)
         self.phases.mark("queued")
         if lay.cpu_segments:
             out = self.cpu_work.finish(job, xh.shape[0], self.issued) if job else \

@@ -32,20 +32,31 @@ class NextLayerCopies:
             self.cache.release(ahead.pop(e))     # a later copy into the slot queues behind this one
         return ahead
 
-    def copy_ahead(self, layer: int, pred_host) -> tuple[int | None, Wave]:
-        """Some of the next layer's uncached experts, each with a staging slot held until the next layer's GEMM
-        over its hits has read it -> (next layer, [(expert, slot)]) for the caller to copy in."""
+    def choose(self, layer: int, pred_host, prefill: bool) -> tuple[list[int], list[int]]:
+        """The next layer's part of this layer's plan -> (prefetch candidates best first, experts to copy ahead).
+        pred_host [T, K]: the next layer's experts guessed per token, or None."""
         nxt = self.next_layer.get(layer)
-        n = self.policy.count() if nxt is not None and self.policy is not None else 0
+        if nxt is None:
+            return [], []
+        prefetch = self.prefetcher.choose(pred_host, self.cache.residents(nxt)) if pred_host is not None else []
+        n = self.policy.count() if prefill and self.policy is not None else 0
         if n <= 0:
-            return nxt, []
+            return prefetch, []
         predicted = None
         if pred_host is not None:
             votes = np.bincount(pred_host.reshape(-1), minlength=self.experts)
             predicted = [e for e in np.argsort(-votes, kind="stable").tolist() if votes[e]]
-        chosen = CopyAhead.choose(n, self.experts, self.cache.residents(nxt), self.cache.value_fn(nxt), predicted)
+        value = self.cache.value_fn(nxt)
+        return prefetch, CopyAhead.choose(n, self.experts, self.cache.residents(nxt), value, predicted)
+
+    def copy_ahead(self, layer: int, experts: list[int]) -> tuple[int | None, Wave]:
+        """Staging slots, held until the next layer's GEMM over its hits has read them, for the planned copies made
+        ahead -> (next layer, [(expert, slot)]) for the caller to copy in."""
+        nxt = self.next_layer.get(layer)
+        if nxt is None or not experts:
+            return nxt, []
         wave = []
-        for e in chosen:
+        for e in experts:
             slot = self.cache.staging_slot()
             self.cache.hold(slot)
             wave.append((e, slot))
@@ -54,16 +65,15 @@ class NextLayerCopies:
         self.acct.stats.experts.copied_ahead += len(wave)
         return nxt, wave
 
-    def prefetch(self, layer: int, pred_host, window_ms: float) -> None:
-        """Copy the guessed experts of the next layer into its share: only what the PCIe lane can move before
-        that layer routes (this layer's predicted `window_ms`, less the backlog)."""
+    def prefetch(self, layer: int, pred_host, candidates: list[int], window_ms: float) -> None:
+        """Copy the planned candidates into the next layer's share: only what the PCIe lane can move before that
+        layer routes (this layer's predicted `window_ms`, less the backlog now)."""
         nxt = self.prefetcher.next[layer]
         predicted = set(pred_host.reshape(-1).tolist())
         c = self.costs
         room = int((window_ms + c.layer_overhead_ms - self.copies.backlog_ms()) / c.fetch_ms)
-        chosen = self.prefetcher.choose(pred_host, self.cache.residents(nxt))[:max(0, room)]
         wave = []
-        for e in chosen:
+        for e in candidates[:max(0, room)]:
             slot = self.cache.admit(nxt, e, predicted)
             if slot is None:
                 break

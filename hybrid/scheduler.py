@@ -15,14 +15,18 @@ STEP_MS = 0.05         # lane times are rounded to this for memoising plans
 
 @dataclass
 class LayerPlan:
-    """What a layer does with each expert it needs, and how its copies go out. Next-layer copies (prefetch, copies
-    made ahead) are decided by next_layer.py once this layer's GPU work is queued: they use the PCIe backlog then."""
+    """What a layer does with each expert it needs, how its copies go out, and what it copies for the next layer.
+    The planner fills in the layer's own part; next_layer.NextLayerCopies.choose the next layer's. The executor
+    admits slots and issues copies as the plan says; of `prefetch` it copies as many as the PCIe lane can move before
+    the next routing, by the backlog it measures when it issues them."""
     hits: list[int] = field(default_factory=list)     # cached: computed on the GPU
     fetch: list[int] = field(default_factory=list)    # copied to the GPU, then computed there
     cpu: list[int] = field(default_factory=list)      # computed on the CPU with the activations shipped
     predicted_ms: float = 0.0
     waves: list[list[int]] = field(default_factory=list)   # the fetches in the order of their GEMMs
     one_wave: bool = False            # decode's fixed-shape path: all copies in one wave, one GEMM behind them
+    prefetch: list[int] = field(default_factory=list)      # the next layer's guessed, uncached experts, best first
+    ahead: list[int] = field(default_factory=list)         # prefill: the next layer's experts to copy ahead
 
     def with_waves(self, lanes: "LaneState") -> "LayerPlan":
         """One wave where the fetches fit the decode path's room (lanes.max_fetch), else waves of

@@ -78,8 +78,8 @@ def test_copies_made_ahead_are_queued_after_the_layers_cpu_results(tiny, monkeyp
     log = []
     issue, run_cpu, choose = ExpertCopies.issue, CpuWork.run, NextLayerCopies.copy_ahead
 
-    def chosen(self, layer, pred):
-        nxt, wave = choose(self, layer, pred)
+    def chosen(self, layer, experts):
+        nxt, wave = choose(self, layer, experts)
         log.append(("ahead", layer, id(wave) if wave else None))
         return nxt, wave
     monkeypatch.setattr(NextLayerCopies, "copy_ahead", chosen)

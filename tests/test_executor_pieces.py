@@ -82,3 +82,28 @@ def test_layer_timer_pairs_marks_with_predictions():
     assert predicted == [0.7] and len(measured) == 1 and measured[0] >= 0
     timer.rewind()
     assert timer.read() == ([], [])
+
+
+def test_the_next_layers_part_of_a_plan_and_its_copies():
+    import numpy as np
+    from hybrid.copy_ahead import CopyAhead
+    from hybrid.next_layer import NextLayerCopies
+    from hybrid.prefetch import Prefetcher
+    cache, acct, copies = pieces(slots=9, staging=6)
+    first, nxt = CFG.moe_layers[:2]
+    cache.place(nxt, 4)                                             # one of the guesses is cached already
+    ahead = CopyAhead(copies.fetch_ms, 2)
+    ahead.observe(10 * copies.fetch_ms)                             # a gap of many copies: capped at 2
+    nl = NextLayerCopies(CFG.moe_layers, CFG.n_routed_experts, cache, copies, acct, CostModel.defaults(),
+                         Prefetcher(CFG), ahead)
+    guess = np.array([[4, 9], [9, 2]])                              # next layer's experts guessed per token
+    prefetch, chosen = nl.choose(first, guess, prefill=False)
+    assert prefetch == [9, 2] and chosen == []                      # uncached, most-voted first; no copy-ahead
+    prefetch, chosen = nl.choose(first, guess, prefill=True)
+    assert chosen[:2] == [9, 2] and len(chosen) == 2                # predicted ones first, as many as the gap
+    assert nl.choose(CFG.moe_layers[-1], guess, prefill=True) == ([], [])     # the last layer has no next
+    nl.prefetch(first, guess, prefetch, window_ms=10.0)
+    assert cache.residents(nxt) >= {9, 2} and acct.stats.experts.prefetched == 2
+    layer, wave = nl.copy_ahead(first, [5, 6])
+    assert layer == nxt and all(cache.is_staging(s) for _, s in wave) and cache.held_count == 2
+    assert nl.take_ahead(nxt, {5: 1}, prefill=True) == {5: wave[0][1]} and cache.held_count == 1
