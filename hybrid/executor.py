@@ -103,7 +103,6 @@ class OffloadedExperts:
                           room, wave)
         resident = self.cache.residents(layer)
         plan = self.planner.plan(tokens, resident | ahead.keys() if ahead else resident, lanes)
-        plan.prefetch, plan.ahead = self.next.choose(layer, None if pred is None else host[:, K:], not small)
         self.plan = plan
         self.phases.mark("planned")
         job = self.cpu_work.start(layer, plan.cpu, flat, counts, xh, K)
@@ -173,13 +172,16 @@ class OffloadedExperts:
         computed now). -> (layer, copies) still to issue, once the caller has queued the combine.
 
         The copy engine runs a small host-to-device copy queued on the compute stream (the CPU experts'
-        results) only after the expert copies queued before it, on another stream (prefill traces, session 9):
+        results) only after the expert copies queued before it, on another stream (seen in prefill traces):
         copies made ahead go out after the CPU results, or they would hold up this layer's combine."""
-        K = call.idx.shape[1]
+        T, K = call.idx.shape
         pred = host[:, K:] if self.prefetcher and call.pred is not None else None
-        if pred is not None:
-            self.next.prefetch(call.layer, pred, self.plan.prefetch, self.plan.predicted_ms)
-        later = self.next.copy_ahead(call.layer, self.plan.ahead)
+        plan = self.plan
+        plan.prefetch = self.next.choose_prefetch(call.layer, pred)
+        if pred is not None:                  # also with no candidate: the guess is scored for recall
+            self.next.prefetch(call.layer, pred, plan.prefetch, plan.predicted_ms)
+        plan.ahead = self.next.choose_ahead(call.layer, pred, T > self.decode_tokens)
+        later = self.next.copy_ahead(call.layer, plan.ahead)
         self.phases.mark("queued")
         if lay.cpu_segments:
             out = self.cpu_work.finish(job, xh.shape[0], self.issued) if job else \

@@ -32,22 +32,26 @@ class NextLayerCopies:
             self.cache.release(ahead.pop(e))     # a later copy into the slot queues behind this one
         return ahead
 
-    def choose(self, layer: int, pred_host, prefill: bool) -> tuple[list[int], list[int]]:
-        """The next layer's part of this layer's plan -> (prefetch candidates best first, experts to copy ahead).
-        pred_host [T, K]: the next layer's experts guessed per token, or None."""
+    def choose_prefetch(self, layer: int, pred_host) -> list[int]:
+        """The next layer's guessed, uncached experts, best first (pred_host [T, K] guesses per token, or None)."""
         nxt = self.next_layer.get(layer)
-        if nxt is None:
-            return [], []
-        prefetch = self.prefetcher.choose(pred_host, self.cache.residents(nxt)) if pred_host is not None else []
-        n = self.policy.count() if prefill and self.policy is not None else 0
+        if nxt is None or pred_host is None:
+            return []
+        return self.prefetcher.choose(pred_host, self.cache.residents(nxt))
+
+    def choose_ahead(self, layer: int, pred_host, prefill: bool) -> list[int]:
+        """Prefill: the next layer's uncached experts to copy ahead, as many as the PCIe lane's measured idle gap
+        holds, the guessed ones first, then by the cache policy's value (after this layer's prefetch: it skips what
+        that admitted)."""
+        nxt = self.next_layer.get(layer)
+        n = self.policy.count() if nxt is not None and prefill and self.policy is not None else 0
         if n <= 0:
-            return prefetch, []
+            return []
         predicted = None
         if pred_host is not None:
             votes = np.bincount(pred_host.reshape(-1), minlength=self.experts)
             predicted = [e for e in np.argsort(-votes, kind="stable").tolist() if votes[e]]
-        value = self.cache.value_fn(nxt)
-        return prefetch, CopyAhead.choose(n, self.experts, self.cache.residents(nxt), value, predicted)
+        return CopyAhead.choose(n, self.experts, self.cache.residents(nxt), self.cache.value_fn(nxt), predicted)
 
     def copy_ahead(self, layer: int, experts: list[int]) -> tuple[int | None, Wave]:
         """Staging slots, held until the next layer's GEMM over its hits has read them, for the planned copies made

@@ -16,9 +16,11 @@ STEP_MS = 0.05         # lane times are rounded to this for memoising plans
 @dataclass
 class LayerPlan:
     """What a layer does with each expert it needs, how its copies go out, and what it copies for the next layer.
-    The planner fills in the layer's own part; next_layer.NextLayerCopies.choose the next layer's. The executor
+    The planner fills in the layer's own part at the routing sync; next_layer.NextLayerCopies the next layer's, once
+    the layer's own copies and GPU work are queued (choosing earlier would delay its CPU lane): the prefetch
+    candidates, then, after the prefetch is issued, the copies made ahead (which skip what it admitted). The executor
     admits slots and issues copies as the plan says; of `prefetch` it copies as many as the PCIe lane can move before
-    the next routing, by the backlog it measures when it issues them."""
+    the next routing, by the backlog it measures then."""
     hits: list[int] = field(default_factory=list)     # cached: computed on the GPU
     fetch: list[int] = field(default_factory=list)    # copied to the GPU, then computed there
     cpu: list[int] = field(default_factory=list)      # computed on the CPU with the activations shipped

@@ -97,13 +97,15 @@ def test_the_next_layers_part_of_a_plan_and_its_copies():
     nl = NextLayerCopies(CFG.moe_layers, CFG.n_routed_experts, cache, copies, acct, CostModel.defaults(),
                          Prefetcher(CFG), ahead)
     guess = np.array([[4, 9], [9, 2]])                              # next layer's experts guessed per token
-    prefetch, chosen = nl.choose(first, guess, prefill=False)
-    assert prefetch == [9, 2] and chosen == []                      # uncached, most-voted first; no copy-ahead
-    prefetch, chosen = nl.choose(first, guess, prefill=True)
-    assert chosen[:2] == [9, 2] and len(chosen) == 2                # predicted ones first, as many as the gap
-    assert nl.choose(CFG.moe_layers[-1], guess, prefill=True) == ([], [])     # the last layer has no next
+    prefetch = nl.choose_prefetch(first, guess)
+    assert prefetch == [9, 2] and nl.choose_ahead(first, guess, prefill=False) == []   # uncached, most-voted first
+    assert nl.choose_ahead(first, guess, prefill=True)[:2] == [9, 2]                   # guessed ones first
+    last = CFG.moe_layers[-1]
+    assert nl.choose_prefetch(last, guess) == [] and nl.choose_ahead(last, guess, True) == []   # no next layer
     nl.prefetch(first, guess, prefetch, window_ms=10.0)
     assert cache.residents(nxt) >= {9, 2} and acct.stats.experts.prefetched == 2
+    chosen = nl.choose_ahead(first, guess, prefill=True)
+    assert len(chosen) == 2 and not set(chosen) & {9, 2, 4}         # skips what the prefetch admitted
     layer, wave = nl.copy_ahead(first, [5, 6])
     assert layer == nxt and all(cache.is_staging(s) for _, s in wave) and cache.held_count == 2
     assert nl.take_ahead(nxt, {5: 1}, prefill=True) == {5: wave[0][1]} and cache.held_count == 1
