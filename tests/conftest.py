@@ -10,6 +10,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from hybrid.budget import plan_memory  # noqa: E402
+from hybrid.checkpoint import Checkpoint  # noqa: E402
+from hybrid.config import RunConfig  # noqa: E402
+from hybrid.engine import Engine  # noqa: E402
+from hybrid.runtime import staging_slots  # noqa: E402
 from hybrid.synthetic import PRESETS, write_checkpoint  # noqa: E402
 from hybrid.tokenizer import find_tokenizer_dir  # noqa: E402
 
@@ -38,3 +43,16 @@ def tokenizer_dir():
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
+
+
+def budget_for(tiny, slots, batch=3, seq=128):
+    """A --gpu-memory for the checkpoint that leaves exactly `slots` expert-cache slots (float32, no margin)."""
+    cfg = Checkpoint(tiny).config
+    p = plan_memory(cfg, 1 << 40, batch, seq, 4, 4096, staging_slots(cfg), margin=0)
+    return p.budget - (p.n_slots - slots) * p.slot_bytes
+
+
+def make(tiny, **kw):
+    """An engine on the checkpoint in float32, batch up to 3, 128 tokens of context, with RunConfig fields `kw`."""
+    run = RunConfig(dtype="float32", max_batch_size=3, max_seq_len=128, **kw)
+    return Engine(str(tiny), run, progress=False)

@@ -4,7 +4,7 @@ import pytest
 
 from hybrid.copy_ahead import CopyAhead
 from hybrid.sampling import SamplingParams
-from test_modes import budget_for, make
+from conftest import budget_for, make
 
 LONG = [[(7 * i + 3 * b) % 1000 + 10 for i in range(40)] for b in range(3)]     # 40-token prompts: prefill path
 

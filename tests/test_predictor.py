@@ -13,7 +13,8 @@ from hybrid.config import RunConfig
 from hybrid.engine import Engine, EngineError
 from hybrid.sampling import SamplingParams
 from hybrid.trace import load_trace
-from test_modes import SLOTS, budget_for
+from conftest import budget_for
+from test_modes import SLOTS
 
 TRAIN = [[(7 * i + 3 * j) % 5000 + 10 for j in range(6 + i % 5)] for i in range(12)]
 HELDOUT = [[(11 * i + 5 * j) % 7000 + 20 for j in range(7)] for i in range(4)]

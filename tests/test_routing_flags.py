@@ -8,7 +8,7 @@ from safetensors import safe_open
 from conftest import PROMPTS, rel_err
 from hybrid.config import ModelConfig
 from hybrid.synthetic import PRESETS, write_checkpoint
-from test_modes import budget_for, make
+from conftest import budget_for, make
 from hybrid.sampling import SamplingParams
 
 FLAGS = {"num_hidden_layers": 5, "moe_layer_freq": 2, "norm_topk_prob": True, "routed_scaling_factor": 2.5}
