@@ -9,12 +9,12 @@ import tempfile
 
 import torch
 
-from hybrid.calibration import default_path, measure
-from hybrid.cli import ArgParser, at_least, check_paths
-from hybrid.config import ConfigError, RunConfig
-from hybrid.engine import Engine
-from hybrid.sampling import SamplingParams
-from hybrid.synthetic import PRESETS, write_checkpoint
+from hybrid.offload.calibration import default_path, measure
+from hybrid.engine.cli import ArgParser, at_least, check_paths
+from hybrid.model.config import ConfigError, RunConfig
+from hybrid.engine.engine import Engine
+from hybrid.engine.sampling import SamplingParams
+from hybrid.model.synthetic import PRESETS, write_checkpoint
 
 
 def engine_overheads(device: torch.device, dtype: str, kernel: str, pool: bool,
@@ -83,5 +83,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from hybrid.errors import friendly
+    from hybrid.engine.errors import friendly
     friendly(main)

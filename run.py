@@ -12,11 +12,11 @@ import signal
 import sys
 import threading
 
-from hybrid.cli import ArgParser, at_least, check_paths, default_model, engine_args, run_config
-from hybrid.engine import Engine
-from hybrid.promptset import encode_record, read_records
-from hybrid.sampling import SamplingParams
-from hybrid.tokenizer import TokenizerError, load_tokenizer
+from hybrid.engine.cli import ArgParser, at_least, check_paths, default_model, engine_args, run_config
+from hybrid.engine.engine import Engine
+from hybrid.engine.promptset import encode_record, read_records
+from hybrid.engine.sampling import SamplingParams
+from hybrid.engine.tokenizer import TokenizerError, load_tokenizer
 
 DEFAULT_PROMPT = "Explain in two sentences why mixture-of-experts models are hard to fit on one GPU."
 
@@ -125,7 +125,7 @@ def parser() -> ArgParser:
     ap.add_argument("--tokenizer", help="tokenizer directory, or 'bytes' for UTF-8 bytes (default: the "
                                         "checkpoint's own)")
     ap.add_argument("--json", help="write the run statistics here (default: not saved)")
-    ap.add_argument("--record-trace", help="save routing traces (hybrid.trace format) of this run here "
+    ap.add_argument("--record-trace", help="save routing traces (hybrid.offload.trace format) of this run here "
                                            "(default: not recorded)")
     ap.add_argument("--prompts", help="JSONL prompt file: generate for each record, in batches of --batch-size "
                                       "(default: --prompt)")
@@ -177,5 +177,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from hybrid.errors import friendly
+    from hybrid.engine.errors import friendly
     friendly(main)

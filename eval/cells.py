@@ -7,17 +7,17 @@ from pathlib import Path
 import torch
 
 from common import hf_peer, load_prompts, write_atomic
-from hybrid.config import RunConfig
-from hybrid.engine import Engine
-from hybrid.sampling import SamplingParams
-from hybrid.tokenizer import load_tokenizer
+from hybrid.model.config import RunConfig
+from hybrid.engine.engine import Engine
+from hybrid.engine.sampling import SamplingParams
+from hybrid.engine.tokenizer import load_tokenizer
 
 WARM_PREFILLS = 2
 
 
 def refs_dir(a) -> Path:
     """Reference logits of this sweep's checkpoint: under the out-dir, one folder per checkpoint identity."""
-    from hybrid.checkpoint import Checkpoint
+    from hybrid.model.checkpoint import Checkpoint
     path = Path(a.out_dir) / "refs" / Checkpoint(a.model).identity()
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -49,7 +49,7 @@ def allocator_syncs() -> dict:
 def warm_prefill(e: Engine, prompts: list[list[int]]) -> float:
     """One prefill of the cell's prompts (and one token) before it is measured -> its TTFT in ms. A cell is
     measured after two: the first pays for new shapes (allocations, cuBLAS plans, pinned buffers), the second
-    captures the prefill graphs where the engine keeps them (hybrid.graphs.PrefillRunner)."""
+    captures the prefill graphs where the engine keeps them (hybrid.engine.graphs.PrefillRunner)."""
     return 1000 * e.generate(prompts, SamplingParams(max_new_tokens=1, stop_on_eos=False)).stats.ttft_s
 
 

@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hybrid.promptset import prompt_ids as load_prompts  # noqa: E402,F401  (re-exported for the eval scripts)
+from hybrid.engine.promptset import prompt_ids as load_prompts  # noqa: E402,F401  (re-exported for the eval scripts)
 DEFAULT_PROMPTS = ROOT / "eval" / "prompts.jsonl"
 
 
@@ -25,7 +25,7 @@ def code_digest() -> str:
     h = hashlib.sha256()
     files = sorted(ROOT.glob("*.py"))
     for folder in ("hybrid", "cost_model", "eval"):
-        files += sorted(p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".cpp"))
+        files += sorted(p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".cpp", ".h"))
     for f in files:
         h.update(str(f.relative_to(ROOT)).encode() + f.read_bytes())
     return h.hexdigest()[:16]
@@ -91,7 +91,7 @@ def hf_peer(model_dir: str, prompts: list[list[int]], new_tokens: int, max_memor
 
 def probe_args(ap, prompt_len: int = 128) -> None:
     """The options of the single-engine probes (profile_layers, piece_times): the engine's, plus prompts and output."""
-    from hybrid.cli import engine_args
+    from hybrid.engine.cli import engine_args
     engine_args(ap)
     ap.add_argument("--prompt-len", type=int, default=prompt_len)
     ap.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
@@ -100,8 +100,8 @@ def probe_args(ap, prompt_len: int = 128) -> None:
 
 def probe_engine(a):
     """-> (engine, one batch of prompts cut to --prompt-len) for a probe's parsed options."""
-    from hybrid.cli import default_model, make_engine
-    from hybrid.tokenizer import load_tokenizer
+    from hybrid.engine.cli import default_model, make_engine
+    from hybrid.engine.tokenizer import load_tokenizer
     a.model = a.model or str(default_model()[0])
     engine = make_engine(a)
     return engine, load_prompts(a.prompts, load_tokenizer(engine.ckpt.path), a.prompt_len, a.batch_size)

@@ -18,9 +18,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common import DEFAULT_PROMPTS, ROOT, code_digest, die_with_parent, meta, write_atomic
-from hybrid.checkpoint import Checkpoint
-from hybrid.cli import ArgParser, at_least, parse_bytes
-from hybrid.config import ConfigError
+from hybrid.model.checkpoint import Checkpoint
+from hybrid.engine.cli import ArgParser, at_least, parse_bytes
+from hybrid.model.config import ConfigError
 
 MODES = ("gpu", "fetch", "cpu", "hybrid")
 PEERS = ("transformers", "transformers+accelerate")
@@ -179,5 +179,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from hybrid.errors import friendly
+    from hybrid.engine.errors import friendly
     friendly(main)

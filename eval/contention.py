@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 from common import ROOT, meta, write_atomic
-from hybrid.cli import ArgParser, at_least, default_model, engine_args, run_config
-from hybrid.cpu_load import usable_cpus
-from hybrid.engine import Engine
-from hybrid.sampling import SamplingParams
+from hybrid.engine.cli import ArgParser, at_least, default_model, engine_args, run_config
+from hybrid.kernels.cpu_load import usable_cpus
+from hybrid.engine.engine import Engine
+from hybrid.engine.sampling import SamplingParams
 
 
 def spin(stop) -> None:
@@ -89,5 +89,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    from hybrid.errors import friendly
+    from hybrid.engine.errors import friendly
     friendly(main)

@@ -7,8 +7,8 @@
 OLD=$1; shift
 source eval/device_setup.sh ab
 mkdir -p /dev/shm/hc_old && cp /dev/shm/hc/costs.json /dev/shm/hc_old/
-python3 -m hybrid.cpu_kernel >/dev/null
-(cd "$OLD" && HYBRID_CACHE=/dev/shm/hc_old python3 -m hybrid.cpu_kernel >/dev/null)
+python3 -m hybrid.kernels.cpu_kernel >/dev/null
+(cd "$OLD" && HYBRID_CACHE=/dev/shm/hc_old python3 -m hybrid.kernels.cpu_kernel >/dev/null)
 for spec in "$@"; do
   IFS=: read -r m p b <<< "$spec"
   for tag in old new; do

@@ -10,13 +10,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hybrid.budget import plan_memory  # noqa: E402
-from hybrid.checkpoint import Checkpoint  # noqa: E402
-from hybrid.config import RunConfig  # noqa: E402
-from hybrid.engine import Engine  # noqa: E402
-from hybrid.runtime import staging_slots  # noqa: E402
-from hybrid.synthetic import PRESETS, write_checkpoint  # noqa: E402
-from hybrid.tokenizer import find_tokenizer_dir  # noqa: E402
+from hybrid.offload.budget import plan_memory  # noqa: E402
+from hybrid.model.checkpoint import Checkpoint  # noqa: E402
+from hybrid.model.config import RunConfig  # noqa: E402
+from hybrid.engine.engine import Engine  # noqa: E402
+from hybrid.offload.runtime import staging_slots  # noqa: E402
+from hybrid.model.synthetic import PRESETS, write_checkpoint  # noqa: E402
+from hybrid.engine.tokenizer import find_tokenizer_dir  # noqa: E402
 
 PROMPTS = [[100000, 549, 6077, 280, 7239, 317, 11, 22, 33, 44, 55, 66], [5, 6, 7], [9, 8, 7, 6, 5, 4, 3]]
 

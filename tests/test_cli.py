@@ -5,8 +5,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from hybrid.checkpoint import Checkpoint
-from hybrid.synthetic import PRESETS, write_checkpoint
+from hybrid.model.checkpoint import Checkpoint
+from hybrid.model.synthetic import PRESETS, write_checkpoint
 
 
 def run(*args, stdin=None):
@@ -40,7 +40,7 @@ def test_synthetic_is_deterministic_and_copies_the_tokenizer(tmp_path, tokenizer
     assert ck.dtypes["lm_head.weight"] == "BF16" and len(ck.shapes) == len(ck.weight_map)
 
 
-@pytest.mark.parametrize("module", ["hybrid.synthetic"])
+@pytest.mark.parametrize("module", ["hybrid.model.synthetic"])
 def test_module_entry_point_help(module):
     r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "--preset" in r.stdout
@@ -80,7 +80,7 @@ def test_every_option_says_its_default():
 
 
 def test_the_byte_tokenizer_never_prints_control_bytes():
-    from hybrid.tokenizer import ByteTokenizer
+    from hybrid.engine.tokenizer import ByteTokenizer
     text = ByteTokenizer().decode([72, 105, 7, 27, 10, 0xC3, 0xA9, 4000])
     assert text == "Hi\\x07\\x1b\né<id 4000>"
     assert all(c.isprintable() or c == "\n" for c in text)

@@ -2,8 +2,8 @@
 when copies happen, never the function computed, and copies made ahead are counted as misses, not hits."""
 import pytest
 
-from hybrid.copy_ahead import CopyAhead
-from hybrid.sampling import SamplingParams
+from hybrid.planning.copy_ahead import CopyAhead
+from hybrid.engine.sampling import SamplingParams
 from conftest import budget_for, make
 
 LONG = [[(7 * i + 3 * b) % 1000 + 10 for i in range(40)] for b in range(3)]     # 40-token prompts: prefill path
@@ -70,9 +70,9 @@ def test_cpu_mode_never_copies_ahead(tiny):
 def test_copies_made_ahead_are_queued_after_the_layers_cpu_results(tiny, monkeypatch):
     """A small copy on the compute stream waits behind expert copies queued before it on the copy engine: a
     layer's CPU results go out before the copies it makes ahead for the next layer."""
-    from hybrid.cpu_work import CpuWork
-    from hybrid.expert_copies import ExpertCopies
-    from hybrid.next_layer import NextLayerCopies
+    from hybrid.offload.cpu_work import CpuWork
+    from hybrid.offload.expert_copies import ExpertCopies
+    from hybrid.offload.next_layer import NextLayerCopies
     monkeypatch.setattr(CopyAhead, "count", lambda self: 3)
     e = make(tiny, mode="hybrid", gpu_memory=budget_for(tiny, 12))
     log = []

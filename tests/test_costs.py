@@ -4,7 +4,7 @@ import json
 import torch
 
 from cost_model.costs import CostModel, Curve, load_costs
-from hybrid.calibration import fingerprint, measure
+from hybrid.offload.calibration import fingerprint, measure
 
 
 def test_curve_interpolates_extrapolates_and_fits_monotone():

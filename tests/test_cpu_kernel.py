@@ -8,8 +8,8 @@ import platform
 import pytest
 import torch
 
-from hybrid import cpu_kernel
-from hybrid.cpu_experts import CpuExperts, torch_experts
+from hybrid.kernels import cpu_kernel
+from hybrid.kernels.cpu_experts import CpuExperts, torch_experts
 
 BASELINE = "x86-64-v2" if platform.machine() in ("x86_64", "AMD64") else "armv8-a"
 BUILDS = [("native", "off"), ("native", "emulate"), ("native", "auto"), (BASELINE, "off"), (BASELINE, "emulate")]
@@ -72,7 +72,7 @@ def test_build_is_keyed_and_atomic(tmp_path, monkeypatch):
 @pytest.mark.parametrize("counts", [[1, 2, 1], [1, 6, 2]])         # 6 > max_tokens: the torch path gathers
 def test_run_rows_reads_inputs_through_the_row_map(counts):
     import numpy as np
-    from hybrid.cpu_experts import pointer_table
+    from hybrid.kernels.cpu_experts import pointer_table
     _, w13, w2, starts, counts = experts(counts, torch.float32)
     x = torch.randn(5, 64)                                           # 5 tokens in token order
     rows = np.random.default_rng(0).integers(0, 5, sum(counts)).astype(np.int64)
@@ -97,7 +97,7 @@ def test_auto_tiles_follow_the_hardware_and_the_baseline_build_has_none():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pool_runs_the_same_kernel_asynchronously(dtype, march):
     import numpy as np
-    from hybrid.cpu_experts import pointer_table
+    from hybrid.kernels.cpu_experts import pointer_table
     inline = CpuExperts("native", tiles="off", march=march)
     pooled = CpuExperts("native", pool_threads=3, tiles="off", march=march)
     assert pooled.label == "native+pool" and inline.label == "native"
@@ -119,7 +119,7 @@ def test_pool_runs_the_same_kernel_asynchronously(dtype, march):
 
 def test_start_rows_declines_what_the_pool_cannot_take():
     import numpy as np
-    from hybrid.cpu_experts import pointer_table
+    from hybrid.kernels.cpu_experts import pointer_table
     _, w13, w2, starts, counts = experts([2, 5], torch.float32)
     views, x, out = list(zip(w13, w2)), torch.randn(3, 64), torch.empty(7, 64)
     segs, rows = [(0, 0, 2), (1, 2, 5)], np.zeros(7, dtype=np.int32)
@@ -160,7 +160,7 @@ def test_tile_prefetch_changes_no_result():
 
 def test_tile_path_on_the_pool_reads_through_the_row_map():
     import numpy as np
-    from hybrid.cpu_experts import pointer_table
+    from hybrid.kernels.cpu_experts import pointer_table
     inline = CpuExperts("native", tiles="emulate")
     pooled = CpuExperts("native", pool_threads=3, tiles="emulate")
     for seed, counts in enumerate([[20, 3, 1], [9, 40]]):

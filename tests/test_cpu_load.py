@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from hybrid.config import RunConfig
-from hybrid.cpu_experts import CpuExperts, pointer_table
-from hybrid.cpu_load import CoreWatch, core_watch, threads_for, usable_cpus
-from hybrid.engine import Engine
-from hybrid.sampling import SamplingParams
+from hybrid.model.config import RunConfig
+from hybrid.kernels.cpu_experts import CpuExperts, pointer_table
+from hybrid.kernels.cpu_load import CoreWatch, core_watch, threads_for, usable_cpus
+from hybrid.engine.engine import Engine
+from hybrid.engine.sampling import SamplingParams
 
 
 def spin(stop) -> None:
@@ -94,8 +94,8 @@ def test_pool_members_sit_out_and_results_stay_equal():
 
 
 def test_a_gpu_machines_lane_keeps_a_core_for_the_driving_thread():
-    from hybrid.cpu_load import default_threads
-    from hybrid.lanes import CpuLane
+    from hybrid.kernels.cpu_load import default_threads
+    from hybrid.offload.lanes import CpuLane
     cores = len(usable_cpus())
     lane = CpuLane(None, cuda=True, kernel="native")
     assert lane.threads == default_threads(True) == max(1, cores - 1) == torch.get_num_threads()

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from conftest import ROOT
-from hybrid.budget import BudgetError, check_host_ram, plan_memory
-from hybrid.checkpoint import Checkpoint, CheckpointError
-from hybrid.config import ConfigError, RunConfig
-from hybrid.engine import Engine, EngineError
+from hybrid.offload.budget import BudgetError, check_host_ram, plan_memory
+from hybrid.model.checkpoint import Checkpoint, CheckpointError
+from hybrid.model.config import ConfigError, RunConfig
+from hybrid.engine.engine import Engine, EngineError
+from hybrid.engine.sampling import SamplingParams
 
 
 @pytest.fixture
@@ -67,7 +68,7 @@ def test_missing_config_field(copy):
 def test_prompt_longer_than_context(tiny):
     e = Engine(str(tiny), RunConfig(dtype="float32", max_seq_len=16), progress=False)
     with pytest.raises(EngineError, match="prompt of 20 tokens \\+ 4 new tokens exceeds the context of 16"):
-        e.generate([[1] * 20], __import__("hybrid.sampling").sampling.SamplingParams(max_new_tokens=4))
+        e.generate([[1] * 20], SamplingParams(max_new_tokens=4))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
@@ -148,7 +149,7 @@ def test_an_integer_expert_tensor_is_refused(copy):
 def run_cli(argv, capsys):
     """run.py in this process, as its __main__ calls it: -> (exit code, stderr)."""
     import run
-    from hybrid.errors import friendly
+    from hybrid.engine.errors import friendly
     with pytest.raises(SystemExit) as exit_:
         friendly(lambda: run.main(argv))
     return exit_.value.code, capsys.readouterr().err
@@ -176,7 +177,7 @@ def test_bad_arguments_fail_in_one_line_before_loading(tiny, capsys, argv, messa
 
 
 def test_a_model_without_tokenizer_needs_one_named(tiny, tmp_path, capsys, monkeypatch):
-    import hybrid.tokenizer as tk
+    import hybrid.engine.tokenizer as tk
     monkeypatch.setattr(tk, "SEARCH", ())                     # no shared tokenizer on this machine
     code, err = run_cli(["--model", str(tiny), "--device", "cpu"], capsys)
     assert code == 2 and err.startswith("error: no tokenizer.json in") and "--tokenizer bytes" in err

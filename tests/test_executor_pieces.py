@@ -5,15 +5,15 @@ from types import SimpleNamespace
 import torch
 
 from cost_model.costs import CostModel
-from hybrid.accounting import Accounting, LayerOutcome
-from hybrid.config import ModelConfig
-from hybrid.expert_cache import ExpertCache
-from hybrid.expert_copies import ExpertCopies
-from hybrid.lane_feedback import LaneFeedback
-from hybrid.lanes import CopyLane
-from hybrid.layer_timer import LayerTimer
-from hybrid.stats import RunStats
-from hybrid.synthetic import PRESETS
+from hybrid.offload.accounting import Accounting, LayerOutcome
+from hybrid.model.config import ModelConfig
+from hybrid.offload.expert_cache import ExpertCache
+from hybrid.offload.expert_copies import ExpertCopies
+from hybrid.planning.lane_feedback import LaneFeedback
+from hybrid.offload.lanes import CopyLane
+from hybrid.offload.layer_timer import LayerTimer
+from hybrid.offload.stats import RunStats
+from hybrid.model.synthetic import PRESETS
 
 CFG = ModelConfig.from_dict(PRESETS["tiny"][0])         # 3 MoE layers x 16 experts
 
@@ -86,9 +86,9 @@ def test_layer_timer_pairs_marks_with_predictions():
 
 def test_the_next_layers_part_of_a_plan_and_its_copies():
     import numpy as np
-    from hybrid.copy_ahead import CopyAhead
-    from hybrid.next_layer import NextLayerCopies
-    from hybrid.prefetch import Prefetcher
+    from hybrid.planning.copy_ahead import CopyAhead
+    from hybrid.offload.next_layer import NextLayerCopies
+    from hybrid.planning.prefetch import Prefetcher
     cache, acct, copies = pieces(slots=9, staging=6)
     first, nxt = CFG.moe_layers[:2]
     cache.place(nxt, 4)                                             # one of the guesses is cached already

@@ -2,9 +2,9 @@
 import numpy as np
 
 from cost_model.costs import CostModel, Curve
-from hybrid.config import ModelConfig
-from hybrid.lane_feedback import LAG_CAP_MS, PREFILL_LAG_CAP_MS, SCALE_RANGE, LaneFeedback
-from hybrid.prefetch import Prefetcher
+from hybrid.model.config import ModelConfig
+from hybrid.planning.lane_feedback import LAG_CAP_MS, PREFILL_LAG_CAP_MS, SCALE_RANGE, LaneFeedback
+from hybrid.planning.prefetch import Prefetcher
 
 
 def test_lag_is_capped_and_decays_without_cpu_work():

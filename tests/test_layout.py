@@ -1,9 +1,9 @@
 """The v2-lite preset has the published checkpoint's names, shapes, count and size (FACTS.md), without writing it."""
-from hybrid.config import ModelConfig
-from hybrid.layout import model_specs, numel
-from hybrid.synthetic import PRESETS, split_shards
+from hybrid.model.config import ModelConfig
+from hybrid.model.layout import model_specs, numel
+from hybrid.model.synthetic import PRESETS, split_shards
 
-FACTS = {  # per layer i unless said; written out independently of hybrid/layout.py
+FACTS = {  # per layer i unless said; written out independently of hybrid/model/layout.py
     "model.embed_tokens.weight": (102400, 2048), "lm_head.weight": (102400, 2048), "model.norm.weight": (2048,),
     "input_layernorm.weight": (2048,), "post_attention_layernorm.weight": (2048,),
     "self_attn.q_proj.weight": (3072, 2048), "self_attn.kv_a_proj_with_mqa.weight": (576, 2048),

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from conftest import PROMPTS, budget_for, make, rel_err
-from hybrid.config import RunConfig
-from hybrid.engine import Engine
-from hybrid.sampling import SamplingParams
+from hybrid.model.config import RunConfig
+from hybrid.engine.engine import Engine
+from hybrid.engine.sampling import SamplingParams
 
 SLOTS = 20      # of 48 routed experts in the tiny model: many misses
 
@@ -54,14 +54,14 @@ def test_hybrid_records_predicted_and_measured_layer_times(tiny):
     assert all(m > 0 for m in s.layer_meas_ms) and "layer_time_median_rel_err" in s.summary()
     fb = e.backend.feedback
     assert fb.scale and all(0.4 <= v <= 2.5 for v in fb.scale.values())
-    from hybrid.lane_feedback import LAG_CAP_MS, PREFILL_LAG_CAP_MS
+    from hybrid.planning.lane_feedback import LAG_CAP_MS, PREFILL_LAG_CAP_MS
     caps = {T: LAG_CAP_MS if T <= fb.decode_tokens else PREFILL_LAG_CAP_MS for T in fb.lag}
     assert fb.lag and all(-caps[T] <= v <= caps[T] for T, v in fb.lag.items())     # decode / prefill caps
     assert fb.lag[len(PROMPTS)] < 0          # decode: the pool starts the CPU lane before the copies are issued
 
 
 def test_gpu_mode_refuses_a_budget_that_cannot_hold_every_expert(tiny):
-    from hybrid.budget import BudgetError
+    from hybrid.offload.budget import BudgetError
     with pytest.raises(BudgetError, match="mode gpu keeps every expert resident"):
         make(tiny, gpu_memory=budget_for(tiny, SLOTS))
 
@@ -81,7 +81,7 @@ def test_hybrid_uses_both_layer_paths_and_stays_exact(tiny, gpu_run, monkeypatch
 def test_tile_path_runs_prefill_experts_on_the_pool_and_matches_torch(tiny, monkeypatch):
     """bf16 prefill puts more than 8 tokens on CPU experts: with the kernel's tile path (emulated here; AMX on
     the GPU box) the pool takes them as the layer starts, and the logits match torch's CPU path."""
-    from hybrid.cpu_experts import CpuExperts
+    from hybrid.kernels.cpu_experts import CpuExperts
     took, orig = [], CpuExperts.start_rows
 
     def spy(self, x, rows, out, views, ptrs, segs):

@@ -1,10 +1,10 @@
 """Cache policies evict in the documented order; the slot cache honours protection and admission."""
 import torch
 
-from hybrid.cache_policy import LFUDecay, LRU, Static
-from hybrid.config import ModelConfig
-from hybrid.expert_cache import ExpertCache
-from hybrid.synthetic import PRESETS
+from hybrid.offload.cache_policy import LFUDecay, LRU, Static
+from hybrid.model.config import ModelConfig
+from hybrid.offload.expert_cache import ExpertCache
+from hybrid.model.synthetic import PRESETS
 
 
 def test_lru_evicts_least_recently_used():

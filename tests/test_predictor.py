@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import PROMPTS, ROOT
-from hybrid import predictor
-from hybrid.config import RunConfig
-from hybrid.engine import Engine, EngineError
-from hybrid.sampling import SamplingParams
-from hybrid.trace import load_trace
+from hybrid.offload import predictor
+from hybrid.model.config import RunConfig
+from hybrid.engine.engine import Engine, EngineError
+from hybrid.engine.sampling import SamplingParams
+from hybrid.offload.trace import load_trace
 from conftest import budget_for
 from test_modes import SLOTS
 
@@ -32,7 +32,7 @@ def record(tiny, prompts, path):
 def trained(tiny, tmp_path_factory):
     d = tmp_path_factory.mktemp("pred")
     train_trace, test_trace = record(tiny, TRAIN, d / "train.npz"), record(tiny, HELDOUT, d / "test.npz")
-    from hybrid.checkpoint import Checkpoint
+    from hybrid.model.checkpoint import Checkpoint
     ck = Checkpoint(tiny)
     routers = {L: ck.get(f"model.layers.{L}.mlp.gate.weight").float() for L in train_trace["layers"]}
     untrained = {(L, 1): predictor.ExpertMLP(routers[M]) for L, M in zip(train_trace["layers"], train_trace["layers"][1:])}
@@ -49,7 +49,7 @@ def test_trace_rows_line_up_across_layers(trained):
 
 
 def test_predictor_learns_well_above_chance_on_heldout(trained, tiny):
-    from hybrid.checkpoint import Checkpoint
+    from hybrid.model.checkpoint import Checkpoint
     _, test, models, _, untrained = trained
     ck = Checkpoint(tiny)
     routers = {L: ck.get(f"model.layers.{L}.mlp.gate.weight").float() for L in test["layers"]}
@@ -98,7 +98,7 @@ def test_cli_records_trains_and_evaluates(tiny, tmp_path):
                         "--max-new-tokens", "16", "--record-trace", str(tmp_path / "t.npz"), "--tokenizer", "bytes"],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    base = [sys.executable, "-m", "hybrid.predictor"]
+    base = [sys.executable, "-m", "hybrid.offload.predictor"]
     args = ["--model", str(tiny), "--trace", str(tmp_path / "t.npz"), "--predictors", str(tmp_path / "p.pt")]
     r = subprocess.run(base + ["train", *args, "--k", "1", "--epochs", "5"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr

@@ -2,10 +2,10 @@
 import torch
 
 from conftest import PROMPTS, rel_err
-from hybrid.config import RunConfig
-from hybrid.engine import Engine
-from hybrid.model import LatentCache
-from hybrid.sampling import SamplingParams
+from hybrid.model.config import RunConfig
+from hybrid.engine.engine import Engine
+from hybrid.model.deepseek import LatentCache
+from hybrid.engine.sampling import SamplingParams
 
 
 def engine(tiny, **kw):
@@ -75,7 +75,7 @@ def test_static_decode_path_equals_eager_decode(tiny):
 
 
 def test_attention_in_query_blocks_is_exact(tiny, monkeypatch):
-    import hybrid.model
+    import hybrid.model.deepseek
     full = engine(tiny).logits(PROMPTS[0])
-    monkeypatch.setattr(hybrid.model, "ATTN_SCORE_ELEMS", 4 * 12 * 3)      # 3 queries per block
+    monkeypatch.setattr(hybrid.model.deepseek, "ATTN_SCORE_ELEMS", 4 * 12 * 3)      # 3 queries per block
     assert rel_err(engine(tiny).logits(PROMPTS[0]), full) <= 1e-6

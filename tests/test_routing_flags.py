@@ -6,10 +6,10 @@ import torch
 from safetensors import safe_open
 
 from conftest import PROMPTS, rel_err
-from hybrid.config import ModelConfig
-from hybrid.synthetic import PRESETS, write_checkpoint
+from hybrid.model.config import ModelConfig
+from hybrid.model.synthetic import PRESETS, write_checkpoint
 from conftest import budget_for, make
-from hybrid.sampling import SamplingParams
+from hybrid.engine.sampling import SamplingParams
 
 FLAGS = {"num_hidden_layers": 5, "moe_layer_freq": 2, "norm_topk_prob": True, "routed_scaling_factor": 2.5}
 

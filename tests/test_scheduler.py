@@ -5,7 +5,7 @@ from itertools import product
 from math import prod
 
 from cost_model.costs import CostModel, Curve
-from hybrid.scheduler import EXACT_LIMIT, CpuPlanner, FetchPlanner, LaneState, MakespanPlanner, makespan
+from hybrid.planning.scheduler import EXACT_LIMIT, CpuPlanner, FetchPlanner, LaneState, MakespanPlanner, makespan
 
 
 def costs(seed=0):
@@ -148,7 +148,7 @@ def test_a_late_cpu_lane_moves_misses_to_pcie_and_is_costed():
 
 def test_cpu_rows_are_the_tail_of_the_full_layout():
     import numpy as np
-    from hybrid.layer_layout import cpu_rows, layer_layout
+    from hybrid.offload.layer_layout import cpu_rows, layer_layout
     rng = np.random.default_rng(1)
     K, E = 3, 12
     flat = np.concatenate([rng.choice(E, K, replace=False) for _ in range(7)])        # 7 tokens, top-3
@@ -164,7 +164,7 @@ def test_cpu_rows_are_the_tail_of_the_full_layout():
 
 
 def test_plans_carry_their_copy_waves():
-    from hybrid.scheduler import FetchPlanner, LaneState
+    from hybrid.planning.scheduler import FetchPlanner, LaneState
     tokens = {e: 1 for e in range(7)}
     decode = FetchPlanner().plan(tokens, {0}, LaneState(max_fetch=6, wave_size=2))
     assert decode.one_wave and decode.waves == [decode.fetch] and len(decode.fetch) == 6

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from hybrid.checkpoint import Checkpoint
-from hybrid.synthetic import PRESETS, write_checkpoint
+from hybrid.model.checkpoint import Checkpoint
+from hybrid.model.synthetic import PRESETS, write_checkpoint
 
 SWEEP = ROOT / "eval" / "compare_modes.py"
 

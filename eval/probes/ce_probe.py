@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
-from hybrid.calibration import _median_ms  # noqa: E402
+from hybrid.offload.calibration import _median_ms  # noqa: E402
 from eval.common import meta  # noqa: E402
 
 EXPERT_BYTES = 3 * 2048 * 1408 * 2

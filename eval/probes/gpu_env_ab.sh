@@ -8,7 +8,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 HYBRID_CACHE=/dev/shm/hc HYBRID_TOKENIZER=$PWD/.tok
 SETTING=$1; shift
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/envab"
-python3 -m hybrid.synthetic --preset v2-lite --out /dev/shm/v2lite --tokenizer .tok 2>/dev/null
+python3 -m hybrid.model.synthetic --preset v2-lite --out /dev/shm/v2lite --tokenizer .tok 2>/dev/null
 for env in "" "$SETTING"; do
   tag=${env:-default}; tag=${tag//[^A-Za-z0-9]/_}
   echo "== $tag"

@@ -6,7 +6,7 @@ export PYTHONUNBUFFERED=1 HYBRID_CACHE=/dev/shm/hc HYBRID_TOKENIZER=$PWD/.tok
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/profile"
 lscpu | grep -E "^(CPU\(s\)|Thread|Core|Socket|Model name|L3|NUMA)" ; cat /sys/devices/system/cpu/cpu15/topology/thread_siblings_list
 python3 eval/probes/lane_probe.py --threads ${PROBE_THREADS:-16,15,12} --out "$OUT/profile/probe.json" | python3 eval/probes/probe_table.py
-python3 -m hybrid.synthetic --preset v2-lite --out /dev/shm/v2lite --tokenizer .tok 2>/dev/null
+python3 -m hybrid.model.synthetic --preset v2-lite --out /dev/shm/v2lite --tokenizer .tok 2>/dev/null
 timeout 200 python3 calibrate.py --out /dev/shm/hc/costs.json 2>&1 | grep -v "it/s" | tail -3
 cp /dev/shm/hc/costs.json "$OUT/profile/costs.json"
 # spec: mode:prefetch[:threads[:batch[:extra,flags]]], e.g. hybrid:gate::16:--no-lookahead

@@ -10,7 +10,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 HYBRID_TOKENIZER=$PWD/.tok
 OUT=${OUT:-/tmp/out}; D="$OUT/variants"; mkdir -p "$D"
 [ -f /dev/shm/v2lite/config.json ] || \
-  python3 -m hybrid.synthetic --preset v2-lite --out /dev/shm/v2lite --tokenizer .tok 2>/dev/null
+  python3 -m hybrid.model.synthetic --preset v2-lite --out /dev/shm/v2lite --tokenizer .tok 2>/dev/null
 [ "${CE_PROBE:-0}" = 1 ] && python3 eval/probes/ce_probe.py --out "$D/ce_probe.json"
 flags() {  # flags NAME [calibrate]: variant NAME's flags (only those calibrate.py takes, with "calibrate")
   local spec; spec=$(tr ' ' '\n' <<< "$VARIANTS" | grep "^$1=" | cut -d= -f2- | tr , ' ')

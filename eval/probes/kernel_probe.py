@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
-from hybrid.cpu_experts import CpuExperts  # noqa: E402
+from hybrid.kernels.cpu_experts import CpuExperts  # noqa: E402
 
 H, I, N_HOST = 2048, 1408, 96
 NUMEL = 3 * H * I

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from eval.common import meta, probe_args, probe_engine  # noqa: E402
-from hybrid.sampling import SamplingParams  # noqa: E402
+from hybrid.engine.sampling import SamplingParams  # noqa: E402
 
 BIG_COPY = 1 << 20          # bytes: an expert copy, not an index or activation upload
 

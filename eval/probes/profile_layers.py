@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from eval.common import meta, probe_args, probe_engine  # noqa: E402
-from hybrid.sampling import SamplingParams  # noqa: E402
+from hybrid.engine.sampling import SamplingParams  # noqa: E402
 
 
 def between_layers_ms(rows: list[dict]) -> float:

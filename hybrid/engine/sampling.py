@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError
+from ..model.config import ConfigError
 
 
 @dataclass

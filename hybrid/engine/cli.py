@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .config import CHOICES, ConfigError, RunConfig, cache_dir
+from ..model.config import CHOICES, ConfigError, RunConfig, cache_dir
 from .tokenizer import find_tokenizer_dir
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
@@ -73,7 +73,7 @@ def check_paths(a: argparse.Namespace, inputs=(), outputs=()) -> None:
 def default_model(preset: str = "small") -> tuple[Path, bool]:
     """The embedded default: a small synthetic checkpoint, written once into the cache directory.
     -> (its folder, whether it was written now)."""
-    from .synthetic import PRESETS, write_checkpoint
+    from ..model.synthetic import PRESETS, write_checkpoint
     path = cache_dir() / f"synthetic-{preset}"
     if (path / "model.safetensors.index.json").exists():
         return path, False

@@ -55,8 +55,8 @@ class CpuLane:
 
     def __init__(self, threads: int | None = None, cuda: bool = True, kernel: str = "auto", pool: bool = True,
                  tiles: str = "auto", spin_us: int = 2000, prefetch: bool = True):
-        from .cpu_experts import CpuExperts
-        from .cpu_load import default_threads
+        from ..kernels.cpu_experts import CpuExperts
+        from ..kernels.cpu_load import default_threads
         if threads or cuda:
             torch.set_num_threads(threads or default_threads(cuda))
         self.threads = torch.get_num_threads()

@@ -4,12 +4,12 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
+from ..model.checkpoint import CheckpointError
+from ..model.config import ConfigError
 
 
 def user_errors() -> tuple[type, ...]:
-    from .budget import BudgetError
+    from ..offload.budget import BudgetError
     from .engine import EngineError
     return (CheckpointError, ConfigError, EngineError, BudgetError, FileNotFoundError)
 

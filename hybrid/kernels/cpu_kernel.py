@@ -1,7 +1,7 @@
 """Builds and loads `cpu_kernel.cpp`, the native CPU-expert kernel for decode-sized calls, through ctypes.
 
 Compiled once per machine (`-march=native`: the build is keyed by the CPU model) into the cache folder
-(`config.cache_dir()`/kernels); `python -m hybrid.cpu_kernel` builds it ahead of time.
+(`config.cache_dir()`/kernels); `python -m hybrid.kernels.cpu_kernel` builds it ahead of time.
 Needs a C++ compiler (COMPILER, g++) with OpenMP; where there is none, `load()` says why and callers use
 torch's path."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import cache_dir
+from ..model.config import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 HEADERS = [Path(__file__).with_name(h) for h in ("cpu_tiles.h", "cpu_pool.h")]

@@ -1,6 +1,6 @@
 """Write synthetic DeepSeek-V2 checkpoints in the published Hugging Face layout, with seeded random weights.
 
-    python -m hybrid.synthetic --preset v2-lite --out /dev/shm/v2lite [--tokenizer DIR]
+    python -m hybrid.model.synthetic --preset v2-lite --out /dev/shm/v2lite [--tokenizer DIR]
 """
 from __future__ import annotations
 

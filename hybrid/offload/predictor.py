@@ -1,7 +1,7 @@
 """Trained expert predictors: at MoE layer L, a small MLP predicts the experts layer L+k will route to.
 
-    python -m hybrid.predictor train --model DIR --trace T.npz --k 1,2,3     # saves next to the calibration data
-    python -m hybrid.predictor eval  --model DIR --trace HELDOUT.npz --out R.json [--plot R.png]
+    python -m hybrid.offload.predictor train --model DIR --trace T.npz --k 1,2,3     # saves next to the calibration data
+    python -m hybrid.offload.predictor eval  --model DIR --trace HELDOUT.npz --out R.json [--plot R.png]
 The k=1 predictor drives `--prefetch mlp`. Evaluation compares it with the next layer's router applied early
 (`gate`) and with "the same experts as the previous token" on held-out sequences."""
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint
-from .config import cache_dir
+from ..model.checkpoint import Checkpoint
+from ..model.config import cache_dir
 from .trace import load_trace
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import ConfigError
+from ..model.config import ConfigError
 
 
 def read_records(path: str | Path) -> list[dict]:

@@ -9,9 +9,9 @@ import torch
 
 from cost_model.costs import load_costs
 from .budget import MARGIN, UNLIMITED, BudgetError, MemoryPlan, plan_memory, size
-from .checkpoint import Checkpoint
-from .config import ConfigError, ModelConfig, RunConfig
-from .experts import ResidentExperts
+from ..model.checkpoint import Checkpoint
+from ..model.config import ConfigError, ModelConfig, RunConfig
+from .resident import ResidentExperts
 
 AUTO_MARGIN = 512 * 2**20     # mode auto leaves this much of the free GPU memory to others
 
@@ -94,13 +94,13 @@ def build_backend(cfg: ModelConfig, ckpt: Checkpoint, run: RunConfig, device: to
 
 
 def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: bool):
-    from .copy_ahead import CopyAhead
+    from ..planning.copy_ahead import CopyAhead
     from .executor import OffloadedExperts
     from .expert_cache import ExpertCache
     from .expert_store import ExpertStore
     from .lanes import CpuLane
-    from .prefetch import Prefetcher
-    from .scheduler import PLANNERS
+    from ..planning.prefetch import Prefetcher
+    from ..planning.scheduler import PLANNERS
     cuda = device.type == "cuda"
     store = ExpertStore(cfg, ckpt, dtype, pin=cuda, progress=progress)
     n_slots = plan.n_slots if run.cache_slots is None else min(plan.n_slots, run.cache_slots)

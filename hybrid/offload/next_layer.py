@@ -7,10 +7,10 @@ import time
 import numpy as np
 
 from .accounting import Accounting
-from .copy_ahead import CopyAhead
+from ..planning.copy_ahead import CopyAhead
 from .expert_cache import ExpertCache
 from .expert_copies import ExpertCopies, Wave
-from .prefetch import Prefetcher
+from ..planning.prefetch import Prefetcher
 
 
 class NextLayerCopies:

@@ -4,7 +4,7 @@ The prediction itself (layer L+1's router applied to layer L's MoE input) is com
 graph-captured step (`DeepseekV2.predict_next`), so it costs no extra host synchronisation."""
 from __future__ import annotations
 
-from .config import ModelConfig
+from ..model.config import ModelConfig
 
 
 class Prefetcher:

@@ -12,22 +12,22 @@ import numpy as np
 import torch
 
 from .accounting import Accounting, LayerOutcome
-from .config import ModelConfig
-from .copy_ahead import CopyAhead
+from ..model.config import ModelConfig
+from ..planning.copy_ahead import CopyAhead
 from .cpu_work import CpuWork
 from .expert_cache import ExpertCache
 from .expert_copies import ExpertCopies
 from .expert_store import ExpertStore
-from .experts import grouped_ffn
-from .lane_feedback import LaneFeedback
+from .resident import grouped_ffn
+from ..planning.lane_feedback import LaneFeedback
 from .lanes import CopyLane, CpuLane, PinnedBuffer
 from .layer_graph import LayerGraph, combine
 from .layer_layout import layer_layout
 from .layer_timer import LayerTimer
 from .next_layer import NextLayerCopies
 from .phases import PhaseLog
-from .prefetch import Prefetcher
-from .scheduler import LaneState, LayerPlan
+from ..planning.prefetch import Prefetcher
+from ..planning.scheduler import LaneState, LayerPlan
 from .stats import RunStats
 
 

@@ -9,15 +9,15 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint
-from .cpu_load import core_watch, default_threads
-from .config import RunConfig
-from .layout import model_specs
+from ..model.checkpoint import Checkpoint
+from ..kernels.cpu_load import core_watch, default_threads
+from ..model.config import RunConfig
+from ..model.layout import model_specs
 from .graphs import DecodeRunner, PrefillRunner
-from .model import DeepseekV2, LatentCache, StepState
-from .runtime import build_backend, choose_mode, cuda_context_bytes
+from ..model.deepseek import DeepseekV2, LatentCache, StepState
+from ..offload.runtime import build_backend, choose_mode, cuda_context_bytes
 from .sampling import Sampler, SamplingParams
-from .stats import RunStats
+from ..offload.stats import RunStats
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 NEG = -1e30
@@ -84,12 +84,12 @@ class Engine:
                                                self.run.prefill_graph_tokens)
 
     def install_predictors(self, path: str | None) -> None:
-        """Use trained k=1 predictors (hybrid.predictor) for the next-layer guesses that drive prefetch."""
-        from . import predictor
+        """Use trained k=1 predictors (hybrid.offload.predictor) for the next-layer guesses that drive prefetch."""
+        from ..offload import predictor
         path = path or predictor.default_path(self.ckpt.path)
         if not os.path.exists(path):
             raise EngineError(f"--prefetch mlp needs trained predictors for this checkpoint, none at {path}: "
-                              "record a trace (run.py --record-trace) and run `python -m hybrid.predictor train`")
+                              "record a trace (run.py --record-trace) and run `python -m hybrid.offload.predictor train`")
         try:
             models = predictor.load(path, predictor.checkpoint_key(self.ckpt.path))
         except ValueError as e:
@@ -100,7 +100,7 @@ class Engine:
 
     def record_trace(self, max_tokens: int = 4096):
         """Record routing traces from now on (eager decode: graphs cannot copy to the host); returns the recorder."""
-        from .trace import TraceRecorder
+        from ..offload.trace import TraceRecorder
         self.recorder = TraceRecorder(self.model.experts, max_tokens)
         self.model.experts = self.recorder
         if self.decoder is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .experts import grouped_ffn
+from .resident import grouped_ffn
 
 
 def combine(x: torch.Tensor, tok: torch.Tensor, ys: torch.Tensor, wsort: torch.Tensor) -> torch.Tensor:

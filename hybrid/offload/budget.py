@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ModelConfig
-from .layout import non_expert_numel
+from ..model.config import ModelConfig
+from ..model.layout import non_expert_numel
 
 GiB, MiB = 2**30, 2**20
 MARGIN = 384 * MiB            # allocator rounding and fragmentation, cuBLAS workspaces
@@ -55,7 +55,7 @@ def workspace_bytes(cfg: ModelConfig, batch: int, seq_len: int, chunk_tokens: in
     q = max(1, min(seq_len, chunk_tokens // batch))           # queries per sequence in one chunk
     T = batch * q
     H, C = cfg.num_attention_heads, cfg.kv_lora_rank
-    from .model import ATTN_SCORE_ELEMS
+    from ..model.deepseek import ATTN_SCORE_ELEMS
     attn = min(batch * H * q * seq_len, ATTN_SCORE_ELEMS) * (4 * 3 + itemsize) + 2 * batch * H * q * C * itemsize \
         + batch * q * seq_len * 4
     dense = T * cfg.intermediate_size * 3 * itemsize
@@ -83,7 +83,7 @@ def plan_memory(cfg: ModelConfig, budget: int, batch: int, seq_len: int, itemsiz
                 graph_tokens: int = 0) -> MemoryPlan:
     """Split `budget` bytes; raise BudgetError naming what does not fit. graph_tokens: the largest prefill
     captured as a graph, 0 for none."""
-    from .model import LatentCache
+    from ..model.deepseek import LatentCache
     non_expert = non_expert_numel(cfg) * itemsize
     kv = LatentCache.nbytes(cfg, batch, seq_len, itemsize)
     ws = workspace_bytes(cfg, batch, seq_len, chunk_tokens, itemsize) + margin \

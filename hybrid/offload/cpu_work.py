@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from .accounting import Accounting
-from .cpu_experts import pointer_table
+from ..kernels.cpu_experts import pointer_table
 from .expert_store import ExpertStore
-from .lane_feedback import LaneFeedback
+from ..planning.lane_feedback import LaneFeedback
 from .lanes import CpuLane, PinnedBuffer
 from .layer_layout import cpu_rows
 from .phases import PhaseLog

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .expert_cache import ExpertCache
-from .lane_feedback import LaneFeedback
-from .prefetch import Prefetcher
+from ..planning.lane_feedback import LaneFeedback
+from ..planning.prefetch import Prefetcher
 from .stats import RunStats
 
 

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from cost_model.costs import CostModel, Curve
-from .config import cache_dir
+from ..model.config import cache_dir
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -29,7 +29,7 @@ def cpu_model() -> str:
 def fingerprint(device: torch.device, threads: int | None, kernel: str = "torch") -> dict:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     if not threads:
-        from .cpu_load import default_threads
+        from ..kernels.cpu_load import default_threads
         threads = default_threads(device.type == "cuda")
     return {"gpu": gpu, "cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads, "cpu_kernel": kernel}
 
@@ -92,7 +92,7 @@ class Bench:
         return _median_ms(one, reps, self.cuda)
 
     def gpu_ms(self, n: int, reps: int = 20) -> float:
-        from .experts import expert_ffn
+        from .resident import expert_ffn
         x = torch.randn(n, self.hidden, device=self.device).to(self.slot.dtype)
         w13, w2 = self.views(self.slot)
         expert_ffn(x, w13, w2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .cache_policy import make_policy
-from .config import ModelConfig
+from ..model.config import ModelConfig
 
 
 class ExpertCache:

@@ -20,7 +20,7 @@ class ExpertCounters:
     prefetched: int = 0
     prefetch_used: int = 0
     prefetch_recall: float = 0.0
-    copied_ahead: int = 0             # prefill copies made during the previous layer (hybrid/copy_ahead.py)
+    copied_ahead: int = 0             # prefill copies made during the previous layer (hybrid/planning/copy_ahead.py)
     copied_ahead_used: int = 0
     cpu_busy_s: float = 0.0           # wall time the CPU lane spent computing experts
     per_layer_hits: dict = field(default_factory=dict)

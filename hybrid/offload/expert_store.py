@@ -10,9 +10,9 @@ import torch
 from tqdm import tqdm
 
 from .budget import check_host_ram
-from .checkpoint import Checkpoint
-from .config import ModelConfig
-from .experts import read_expert
+from ..model.checkpoint import Checkpoint
+from ..model.config import ModelConfig
+from .resident import read_expert
 
 
 def huge_page_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

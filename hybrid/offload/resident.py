@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint
-from .config import ModelConfig
-from .model import gated_ffn
+from ..model.checkpoint import Checkpoint
+from ..model.config import ModelConfig
+from ..model.deepseek import gated_ffn
 
 
 expert_ffn = gated_ffn           # one routed expert: the same SiLU-gated feed-forward

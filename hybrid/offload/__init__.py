@@ -1,0 +1,1 @@
+"""The offloading runtime: expert store and cache, the executor and its pieces, memory budget, statistics."""
