@@ -70,8 +70,6 @@ def test_offload_modes_without_a_budget_say_so_in_mib(tiny):
 
 
 def test_every_option_says_its_default():
-    import argparse
-
     import run as run_py
     ap = run_py.parser()
     for action in ap._actions:
