@@ -186,3 +186,11 @@ def test_a_model_without_tokenizer_needs_one_named(tiny, tmp_path, capsys, monke
 def test_a_named_calibration_file_must_exist(tiny):
     with pytest.raises(ConfigError, match="calibration file /no/such/costs.json does not exist"):
         Engine(str(tiny), RunConfig(dtype="float32", mode="hybrid", costs_path="/no/such/costs.json"), progress=False)
+
+
+def test_mode_auto_leaves_a_margin_and_refuses_a_full_gpu():
+    from hybrid.offload.runtime import AUTO_MARGIN, auto_budget
+    assert auto_budget(8 * 2**30, None) == 8 * 2**30 - AUTO_MARGIN
+    assert auto_budget(8 * 2**30, 3 * 2**30) == 3 * 2**30                    # --gpu-memory wins
+    with pytest.raises(BudgetError, match="mode auto: only 300.0 MiB of GPU memory is free"):
+        auto_budget(300 * 2**20, None)

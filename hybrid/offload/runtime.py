@@ -35,18 +35,31 @@ def graph_tokens(run: RunConfig, device: torch.device) -> int:
 
 
 def memory_plan(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize: int, context: int) -> MemoryPlan:
+    """How run.gpu_memory (default: all free memory; unlimited on the CPU) splits for this run."""
     cuda = device.type == "cuda"
     budget = run.gpu_memory
     if budget is None:
         budget = torch.cuda.mem_get_info(device)[0] + context if cuda else UNLIMITED
-    plan = plan_memory(cfg, budget, run.max_batch_size, run.max_seq_len, itemsize, run.prefill_chunk_tokens,
+    return plan_memory(cfg, budget, run.max_batch_size, run.max_seq_len, itemsize, run.prefill_chunk_tokens,
                        staging_slots(cfg) if run.mode != "gpu" else 0, context,
                        margin=MARGIN if cuda else 0, graph_tokens=graph_tokens(run, device))
-    if cuda and run.gpu_memory is not None:
-        total = torch.cuda.get_device_properties(device).total_memory
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.cuda.set_per_process_memory_fraction(min(1.0, plan.allocator_limit / total), index)
-    return plan
+
+
+def limit_allocator(plan: MemoryPlan, device: torch.device) -> None:
+    """Hold torch's allocator to the plan's share of the device (the budget less the CUDA context)."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, plan.allocator_limit / total), index)
+
+
+def auto_budget(free: int, requested: int | None) -> int:
+    """Mode auto's budget: the one asked for, else the free memory less AUTO_MARGIN."""
+    if requested is not None:
+        return requested
+    if free <= AUTO_MARGIN:
+        raise BudgetError(f"mode auto: only {size(free)} of GPU memory is free, less than the {size(AUTO_MARGIN)} it "
+                          "leaves to others: free some, pass --gpu-memory, or use --device cpu")
+    return free - AUTO_MARGIN
 
 
 def machine_fingerprint(device: torch.device, threads: int | None, kernel: str) -> dict:
@@ -64,8 +77,7 @@ def choose_mode(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize
     with a budget of the free memory less AUTO_MARGIN. -> (the run with a concrete mode, one line saying why)."""
     if device.type != "cuda":
         return replace(run, mode="gpu"), "mode auto: no GPU, everything resident on the CPU"
-    free = torch.cuda.mem_get_info(device)[0] + context
-    budget = run.gpu_memory or free - AUTO_MARGIN
+    budget = auto_budget(torch.cuda.mem_get_info(device)[0] + context, run.gpu_memory)
     trial = replace(run, mode="gpu", gpu_memory=budget)
     try:
         room = memory_plan(cfg, trial, device, itemsize, context).cache_bytes
@@ -84,6 +96,8 @@ def build_backend(cfg: ModelConfig, ckpt: Checkpoint, run: RunConfig, device: to
     context holds (outside the allocator, inside the budget)."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
     plan = memory_plan(cfg, run, device, itemsize, context)
+    if device.type == "cuda" and run.gpu_memory is not None:
+        limit_allocator(plan, device)
     if run.mode == "gpu":
         need = experts_bytes(cfg, itemsize)
         if run.gpu_memory is not None and need > plan.cache_bytes:
