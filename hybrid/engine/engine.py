@@ -9,15 +9,15 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ..model.checkpoint import Checkpoint
 from ..kernels.cpu_load import core_watch, default_threads
+from ..model.checkpoint import Checkpoint
 from ..model.config import RunConfig
-from ..model.layout import model_specs
-from .graphs import DecodeRunner, PrefillRunner
 from ..model.deepseek import DeepseekV2, LatentCache, StepState
+from ..model.layout import model_specs
 from ..offload.runtime import build_backend, choose_mode, cuda_context_bytes
-from .sampling import Sampler, SamplingParams
 from ..offload.stats import RunStats
+from .graphs import DecodeRunner, PrefillRunner
+from .sampling import Sampler, SamplingParams
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 NEG = -1e30

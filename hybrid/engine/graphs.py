@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..offload.budget import GRAPH_TOKENS_KEPT
 from ..model.deepseek import DeepseekV2, LatentCache, MoECall, StepState
+from ..offload.budget import GRAPH_TOKENS_KEPT
 
 
 class StaticStep:

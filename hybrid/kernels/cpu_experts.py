@@ -13,8 +13,8 @@ from typing import List
 import numpy as np
 import torch
 
-from .cpu_kernel import DTYPES, NATIVE, KernelUnavailable, load
 from ..model.deepseek import gated_ffn
+from .cpu_kernel import DTYPES, NATIVE, KernelUnavailable, load
 
 NATIVE_MAX_TOKENS = 8          # tokens per expert up to which the native kernel is used (faster at 1-8 tokens,
                                # slower at 16 than torch's AMX path on the GPU box: eval/probes/kernel_probe.py)

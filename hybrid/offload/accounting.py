@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .expert_cache import ExpertCache
 from ..planning.lane_feedback import LaneFeedback
 from ..planning.prefetch import Prefetcher
+from .expert_cache import ExpertCache
 from .stats import RunStats
 
 

@@ -8,10 +8,10 @@ import time
 import numpy as np
 import torch
 
-from .accounting import Accounting
 from ..kernels.cpu_experts import pointer_table
-from .expert_store import ExpertStore
 from ..planning.lane_feedback import LaneFeedback
+from .accounting import Accounting
+from .expert_store import ExpertStore
 from .lanes import CpuLane, PinnedBuffer
 from .layer_layout import cpu_rows
 from .phases import PhaseLog

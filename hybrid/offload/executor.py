@@ -11,23 +11,23 @@ import time
 import numpy as np
 import torch
 
-from .accounting import Accounting, LayerOutcome
 from ..model.config import ModelConfig
 from ..planning.copy_ahead import CopyAhead
+from ..planning.lane_feedback import LaneFeedback
+from ..planning.prefetch import Prefetcher
+from ..planning.scheduler import LaneState, LayerPlan
+from .accounting import Accounting, LayerOutcome
 from .cpu_work import CpuWork
 from .expert_cache import ExpertCache
 from .expert_copies import ExpertCopies
 from .expert_store import ExpertStore
-from .resident import grouped_ffn
-from ..planning.lane_feedback import LaneFeedback
 from .lanes import CopyLane, CpuLane, PinnedBuffer
 from .layer_graph import LayerGraph, combine
 from .layer_layout import layer_layout
 from .layer_timer import LayerTimer
 from .next_layer import NextLayerCopies
 from .phases import PhaseLog
-from ..planning.prefetch import Prefetcher
-from ..planning.scheduler import LaneState, LayerPlan
+from .resident import grouped_ffn
 from .stats import RunStats
 
 
@@ -98,9 +98,9 @@ class OffloadedExperts:
         small = T <= self.decode_tokens              # decode: every copy in one wave, bounded by the staging room
         room = len(self.cache.staging) + self.cache.room(layer, tokens) if small else None
         ahead = self.next.take_ahead(layer, tokens, not small)
-        wave = max(1, (len(self.cache.staging) - self.cache.held_count) // 2)        # held: copied ahead
+        wave_size = max(1, (len(self.cache.staging) - self.cache.held_count) // 2)   # held: copied ahead
         lanes = LaneState(self.copies.backlog_ms(), self.feedback.lag_ms(T), self.feedback.cpu_scale(T), penalty,
-                          room, wave)
+                          room, wave_size)
         resident = self.cache.residents(layer)
         plan = self.planner.plan(tokens, resident | ahead.keys() if ahead else resident, lanes)
         self.plan = plan

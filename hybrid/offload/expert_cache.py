@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .cache_policy import make_policy
 from ..model.config import ModelConfig
+from .cache_policy import make_policy
 
 
 class ExpertCache:

@@ -9,9 +9,9 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from .budget import check_host_ram
 from ..model.checkpoint import Checkpoint
 from ..model.config import ModelConfig
+from .budget import check_host_ram
 from .resident import read_expert
 
 

@@ -6,11 +6,11 @@ import time
 
 import numpy as np
 
-from .accounting import Accounting
 from ..planning.copy_ahead import CopyAhead
+from ..planning.prefetch import Prefetcher
+from .accounting import Accounting
 from .expert_cache import ExpertCache
 from .expert_copies import ExpertCopies, Wave
-from ..planning.prefetch import Prefetcher
 
 
 class NextLayerCopies:

@@ -8,9 +8,9 @@ from dataclasses import replace
 import torch
 
 from cost_model.costs import load_costs
-from .budget import MARGIN, UNLIMITED, BudgetError, MemoryPlan, plan_memory, size
 from ..model.checkpoint import Checkpoint
 from ..model.config import ConfigError, ModelConfig, RunConfig
+from .budget import MARGIN, UNLIMITED, BudgetError, MemoryPlan, plan_memory, size
 from .resident import ResidentExperts
 
 AUTO_MARGIN = 512 * 2**20     # mode auto leaves this much of the free GPU memory to others
