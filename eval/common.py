@@ -40,11 +40,12 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def die_with_parent() -> None:
-    """For subprocess's preexec_fn (Linux): the child is killed when the process that started it dies, even by
-    SIGKILL, so a killed sweep leaves no job running."""
+    """For subprocess's preexec_fn: the child is killed when the process that started it dies, even by SIGKILL,
+    so a killed sweep leaves no job running (Linux; elsewhere nothing)."""
     import ctypes
     import signal
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)        # PR_SET_PDEATHSIG
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)    # PR_SET_PDEATHSIG
 
 
 def meta() -> dict:

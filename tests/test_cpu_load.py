@@ -101,3 +101,27 @@ def test_a_gpu_machines_lane_keeps_a_core_for_the_driving_thread():
     assert lane.threads == default_threads(True) == max(1, cores - 1) == torch.get_num_threads()
     assert lane.experts.pool_threads == lane.members(lane.threads) == max(1, lane.threads - 1)
     assert default_threads(False) == cores
+
+
+def nice_spin(stop) -> None:
+    import os
+    os.nice(19)
+    spin(stop)
+
+
+def others_with(target) -> float:
+    """What the watch sees while `target` spins a core in another process."""
+    stop = mp.Event()
+    proc = mp.Process(target=target, args=(stop,), daemon=True)
+    proc.start()
+    try:
+        watch = CoreWatch(interval_s=0.1)
+        time.sleep(0.6)
+        return watch.others
+    finally:
+        stop.set()
+        proc.join()
+
+
+def test_a_niced_neighbour_keeps_its_core_ours():
+    assert others_with(spin) - others_with(nice_spin) >= 0.5       # the niced one's time is not counted
