@@ -134,7 +134,8 @@ def parser() -> ArgParser:
 
 def args(argv: list[str] | None):
     a = parser().parse_args(argv)
-    check_paths(a, inputs=("model", "costs", "tokenizer", "prompts", "predictors"), outputs=("json", "record_trace"))
+    tokenizer = () if a.tokenizer == "bytes" else ("tokenizer",)
+    check_paths(a, inputs=("model", "costs", "prompts", "predictors", *tokenizer), outputs=("json", "record_trace"))
     return a
 
 

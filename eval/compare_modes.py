@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import subprocess
 import sys
@@ -107,11 +108,11 @@ def load(out_dir: Path) -> list[dict]:
 def save(out_dir: Path, rows: list[dict]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "results.json", json.dumps({"meta": meta(), "rows": rows}, indent=1))
-    with tempfile.NamedTemporaryFile("w", newline="", dir=out_dir, delete=False, suffix=".tmp") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    Path(f.name).replace(out_dir / "results.csv")
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(out_dir / "results.csv", text.getvalue())
 
 
 def table(rows: list[dict]) -> None:
@@ -146,8 +147,8 @@ def sweep(a, out_dir: Path, rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """Runs every job with a cell not yet measured under these settings -> (all rows, the rows of these settings).
     Rows of other settings (another checkpoint, budget, code...) stay in the file untouched."""
     identity, code = Checkpoint(a.model).identity(), code_digest()
-    wanted = {(m, b): {(m, b, n, *job_settings(a, m, identity, code).values()) for n in lens}
-              for m, b, lens in jobs(a)}
+    settings = {m: job_settings(a, m, identity, code) for m, _, _ in jobs(a)}
+    wanted = {(m, b): {(m, b, n, *settings[m].values()) for n in lens} for m, b, lens in jobs(a)}
     every = set().union(*wanted.values())
     done = {key(r) for r in rows if not r.get("error")} & every
     if done:
@@ -156,7 +157,7 @@ def sweep(a, out_dir: Path, rows: list[dict]) -> tuple[list[dict], list[dict]]:
     rows = [r for r in rows if key(r) not in every or key(r) in done]        # failed cells are run again
     todo = [(m, b, lens) for m, b, lens in jobs(a) if wanted[m, b] - done]
     for mode, batch, lens in tqdm(todo, desc="sweep", unit="job"):
-        rows += run_one(mode, batch, lens, job_settings(a, mode, identity, code))
+        rows += run_one(mode, batch, lens, settings[mode])
         save(out_dir, rows)
     return rows, [r for r in rows if key(r) in every]
 

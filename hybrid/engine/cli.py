@@ -62,7 +62,7 @@ def check_paths(a: argparse.Namespace, inputs=(), outputs=()) -> None:
     """Before anything is loaded: each named input file or folder exists, each output's folder exists."""
     for name in inputs:
         value = getattr(a, name, None)
-        if value and value != "bytes" and not Path(value).exists():
+        if value and not Path(value).exists():
             raise ConfigError(f"--{name.replace('_', '-')} {value}: no such file or directory")
     for name in outputs:
         value = getattr(a, name, None)
