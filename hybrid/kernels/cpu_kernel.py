@@ -40,29 +40,27 @@ def _cpu_model() -> str:
 
 
 def library_path(march: str = NATIVE) -> Path:
-    cxx = COMPILER
     texts = [f.read_text() for f in [SOURCE, *HEADERS]]
     machine = _cpu_model() if march == NATIVE else ""
-    key = hashlib.sha256("\n".join([*texts, cxx, *FLAGS, march, machine]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([*texts, COMPILER, *FLAGS, march, machine]).encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"cpu_kernel-{key}.so"
 
 
 def build(path: Path, march: str = NATIVE) -> Path:
     """Compile the kernel for `-march=<march>` into `path` (atomically: concurrent builders never see a partial
     file)."""
-    cxx = COMPILER
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cxx, *FLAGS, f"-march={march}", str(SOURCE), "-o", tmp], capture_output=True,
+        res = subprocess.run([COMPILER, *FLAGS, f"-march={march}", str(SOURCE), "-o", tmp], capture_output=True,
                              text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:
         os.unlink(tmp)
-        raise KernelUnavailable(f"cannot run the C++ compiler {cxx!r}: {e}") from None
+        raise KernelUnavailable(f"cannot run the C++ compiler {COMPILER!r}: {e}") from None
     if res.returncode != 0:
         os.unlink(tmp)
-        raise KernelUnavailable(f"{cxx} failed to build {SOURCE.name}: {res.stderr.strip()[-600:]}")
+        raise KernelUnavailable(f"{COMPILER} failed to build {SOURCE.name}: {res.stderr.strip()[-600:]}")
     os.replace(tmp, path)
     return path
 
