@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ..model.deepseek import gated_ffn
-from .cpu_kernel import DTYPES, NATIVE, KernelUnavailable, load
+from ..model.quant import ExpertLayout, dequantize_parts
+from .cpu_kernel import DTYPES, NATIVE, WFMT, KernelUnavailable, load
 
 NATIVE_MAX_TOKENS = 8          # tokens per expert up to which the native kernel is used (faster at 1-8 tokens,
                                # slower at 16 than torch's AMX path on the GPU box: eval/probes/kernel_probe.py)
@@ -49,15 +50,19 @@ class CpuExperts:
     so the caller can queue GPU work meanwhile; idle pool threads spin `spin_us` before they sleep.
     tiles: "auto" (calls with more than max_tokens tokens on an expert take the AMX tile path where this machine
     has it), "off", or "emulate" (the tile path's plain C++ emulation, for tests). march: the kernel's build
-    target (tests also build a baseline without AVX-512 and AMX)."""
+    target (tests also build a baseline without AVX-512 and AMX). quant: the layout of quantized experts (then
+    w13 / w2 are their planes, quant.split_planes); the native kernel takes them at any token count, on its
+    vector path."""
 
     def __init__(self, kind: str = "auto", max_tokens: int = NATIVE_MAX_TOKENS, pool_threads: int = 0,
-                 spin_us: int = 0, tiles: str = "auto", march: str = NATIVE):
+                 spin_us: int = 0, tiles: str = "auto", march: str = NATIVE, quant: ExpertLayout | None = None):
         if kind not in KINDS:
             raise ValueError(f"unknown CPU expert kernel {kind!r}: choose one of {', '.join(KINDS)}")
         if tiles not in TILES:
             raise ValueError(f"unknown tile setting {tiles!r}: choose one of {', '.join(TILES)}")
-        self.lib, self.why, self.max_tokens = None, "", max_tokens
+        self.lib, self.why, self.quant = None, "", quant
+        self.max_tokens = max_tokens if quant is None else 1 << 30
+        self.wfmt = WFMT[quant.fmt] if quant else 0
         if kind != "torch":
             try:
                 self.lib = load(march)
@@ -75,7 +80,18 @@ class CpuExperts:
 
     def _fits(self, x: torch.Tensor, inter: int) -> bool:
         """Whether the native kernel takes this dtype and these sizes at all."""
-        return self.lib is not None and x.dtype in DTYPES and x.shape[1] % 16 == 0 and inter % 16 == 0
+        q = 32 if self.quant else 16
+        return self.lib is not None and x.dtype in DTYPES and x.shape[1] % q == 0 and inter % q == 0
+
+    def _inter(self, w2) -> int:
+        return self.quant.w2.cols if self.quant else w2.shape[1]
+
+    def _dense(self, w13: list, w2: list, dtype: torch.dtype) -> tuple[list, list]:
+        """The weights as torch's path takes them (quantized experts dequantized)."""
+        if self.quant is None:
+            return w13, w2
+        pairs = [dequantize_parts(self.quant, a, b, dtype) for a, b in zip(w13, w2)]
+        return [a for a, _ in pairs], [b for _, b in pairs]
 
     def _mode(self, x: torch.Tensor, inter: int, counts) -> int | None:
         """How the native kernel runs a call: 0 vector path, 1/2 tile path (AMX / emulated), None: not at all."""
@@ -88,7 +104,7 @@ class CpuExperts:
 
     def run(self, x: torch.Tensor, out: torch.Tensor, w13: list, w2: list, starts: list, counts: list) -> None:
         """x, out: [rows, H]; expert j (weights w13[j] [2I, H], w2[j] [H, I]) owns rows starts[j]..+counts[j]."""
-        inter = w2[0].shape[1]
+        inter = self._inter(w2[0])
         mode = self._mode(x, inter, counts)
         if mode:
             self._native(x, None, out, pointer_table(list(zip(w13, w2))), starts, counts, inter, tiles=mode)
@@ -99,12 +115,12 @@ class CpuExperts:
         if big:                                  # torch's OpenMP team runs this call: the pool sleeps
             if self.pool_threads:
                 self.lib.moe_pool_park()
-            torch_experts(x, out, [w13[j] for j in big], [w2[j] for j in big], [starts[j] for j in big],
-                          [counts[j] for j in big])
+            torch_experts(x, out, *self._dense([w13[j] for j in big], [w2[j] for j in big], x.dtype),
+                          [starts[j] for j in big], [counts[j] for j in big])
         if small:
             ptrs = pointer_table([(w13[j], w2[j]) for j in small])
             self._native(x, None, out, ptrs, [starts[j] for j in small], [counts[j] for j in small],
-                         w2[0].shape[1], pool=not big)
+                         inter, pool=not big)
 
     def run_rows(self, x: torch.Tensor, rows: np.ndarray, out: torch.Tensor, views: list, ptrs: np.ndarray,
                  segments: list[tuple[int, int, int]], gather: torch.Tensor) -> None:
@@ -112,7 +128,7 @@ class CpuExperts:
         the layer's input in token order, rows [n] the token of each output row; views[e] = (w13, w2) and
         ptrs = pointer_table(views). The native kernel reads x through rows; torch gathers into `gather` first."""
         experts, starts, counts = zip(*segments)
-        inter = views[0][1].shape[1]
+        inter = self._inter(views[0][1])
         mode = self._mode(x, inter, counts)
         if mode is not None:
             self._native(x, rows, out, ptrs[list(experts)], starts, counts, inter, tiles=mode)
@@ -127,7 +143,7 @@ class CpuExperts:
         """`run_rows` on the pool, returning at once: True if started (then `wait` before reading out or
         starting another), False if this call does not fit the pool (no pool, too many tokens, dtype)."""
         experts, starts, counts = zip(*segments)
-        inter = views[0][1].shape[1]
+        inter = self._inter(views[0][1])
         mode = self._mode(x, inter, counts)
         if not self.pool_threads or mode is None:
             return False
@@ -162,7 +178,7 @@ class CpuExperts:
         xr = None if rows is None else np.ascontiguousarray(rows, dtype=np.int32)
         args = (DTYPES[x.dtype], len(ct), w13p.ctypes.data, w2p.ctypes.data, st.ctypes.data, ct.ctypes.data,
                 x.data_ptr(), None if xr is None else xr.ctypes.data, out.data_ptr(), n_rows, H, inter,
-                base, base + in_f * f, base + (in_f + gu_f) * f, tiles)
+                base, base + in_f * f, base + (in_f + gu_f) * f, tiles, self.wfmt)
         return args, (w13p, w2p, st, ct, xr, x, out, self.scratch)
 
     def _native(self, x, rows, out, ptrs: np.ndarray, starts, counts, inter: int, pool: bool = True,

@@ -126,6 +126,7 @@ struct Job {                                  // one call's arguments (see moe_c
     int rows, H, I;
     float *xf, *gu, *h;
     int tiles = 0;                            // 0: vector path; 1: AMX tiles; 2: their emulation
+    int wfmt = 0;                             // weights: 0 as the activations; 1 q8; 2 q4 (cpu_quant.h)
     const int *bexp = nullptr, *boff = nullptr;   // tile path: expert of each 16-token block, first block of each
     int nblocks = 0;
 
@@ -140,8 +141,11 @@ struct Job {                                  // one call's arguments (see moe_c
     }
 };
 
+#include "cpu_quant.h"
+
 // Items [lo, hi) of one phase. xf [rows, H]: input as fp32; gu [rows, 2I]: gate | up; h [rows, I]: silu(gate) * up.
-template <typename W>
+// W: the activations' type (and the weights' where F == 0); F: the weight format (Job::wfmt).
+template <typename W, int F>
 void run_phase(const Job &jb, int phase, long lo, long hi) {
     const int H = jb.H, I = jb.I;
     const W *const *w13 = (const W *const *)jb.w13, *const *w2 = (const W *const *)jb.w2;
@@ -156,6 +160,11 @@ void run_phase(const Job &jb, int phase, long lo, long hi) {
         for (long r = lo; r < hi; r++) {
             int j, i;
             split(r, 2 * I / RB, j, i);
+            if (F) {
+                qrows_all_tokens<F, W>(qmat<F>(jb.w13[j], 2 * I, H), (long)i * RB, xf + (size_t)starts[j] * H,
+                                       counts[j], gu + (size_t)starts[j] * 2 * I + i * RB, 2 * I);
+                continue;
+            }
             rows_all_tokens(w13[j] + (size_t)i * RB * H, xf + (size_t)starts[j] * H, H, counts[j],
                             gu + (size_t)starts[j] * 2 * I + i * RB, 2 * I);
         }
@@ -175,7 +184,11 @@ void run_phase(const Job &jb, int phase, long lo, long hi) {
             const W *w = w2[j] + (size_t)o * RB * I;
             for (int t0 = 0; t0 < counts[j]; t0 += TB) {
                 int tn = counts[j] - t0 < TB ? counts[j] - t0 : TB;
-                rows_all_tokens(w, h + (size_t)(starts[j] + t0) * I, I, tn, y, RB);
+                if (F)
+                    qrows_all_tokens<F, W>(qmat<F>(jb.w2[j], H, I), (long)o * RB, h + (size_t)(starts[j] + t0) * I,
+                                           tn, y, RB);
+                else
+                    rows_all_tokens(w, h + (size_t)(starts[j] + t0) * I, I, tn, y, RB);
                 for (int t = 0; t < tn; t++)
                     for (int q = 0; q < RB; q++) store(out + (size_t)(starts[j] + t0 + t) * H + o * RB + q, y[t * RB + q]);
             }
@@ -199,13 +212,20 @@ inline void set_blocks(Job &jb, std::vector<int> &buf) {
     jb.boff = buf.data(), jb.bexp = buf.data() + jb.n, jb.nblocks = (int)buf.size() - jb.n;
 }
 
+template <typename W>
+inline void run_fmt(const Job &jb, int phase, long lo, long hi) {
+    if (jb.wfmt == 1) run_phase<W, 1>(jb, phase, lo, hi);
+    else if (jb.wfmt == 2) run_phase<W, 2>(jb, phase, lo, hi);
+    else run_phase<W, 0>(jb, phase, lo, hi);
+}
+
 inline void run_items(const Job &jb, int phase, long lo, long hi) {
 #if MOE_HW_TILES
     if (jb.tiles == 1) return run_tile_phase<HwTiles>(jb, phase, lo, hi);
 #endif
     if (jb.tiles) run_tile_phase<EmuTiles>(jb, phase, lo, hi);
-    else if (jb.dtype == 0) run_phase<float>(jb, phase, lo, hi);
-    else run_phase<uint16_t>(jb, phase, lo, hi);
+    else if (jb.dtype == 0) run_fmt<float>(jb, phase, lo, hi);
+    else run_fmt<uint16_t>(jb, phase, lo, hi);
 }
 
 inline void tiles_on(const Job &jb) {         // tile registers are per thread: configure before, free after
@@ -245,8 +265,9 @@ Pool *pool = nullptr;
 extern "C" {
 
 // Checks shared by both entry points: 0, or the error code the caller reports.
-static int check(int dtype, int H, int I, int tiles) {
+static int check(int dtype, int H, int I, int tiles, int wfmt) {
     if (H % 16 || I % 16) return 1;
+    if (wfmt < 0 || wfmt > 2 || (wfmt && (tiles || H % 32 || I % 32))) return 6;
     if (dtype != 0 && dtype != 1) return 2;
     if (tiles < 0 || tiles > 2 || (tiles && (dtype != 1 || H % 32 || I % 32))) return 4;
     if (tiles == 1 && !hw_tiles()) return 5;
@@ -257,11 +278,13 @@ static int check(int dtype, int H, int I, int tiles) {
 // [starts[j], starts[j] + counts[j]); row r's input is x[xrows[r]] (x[r] if xrows is null). H, I % 16 == 0.
 // tiles 0: vector path, scratch xf [rows*H], gu [rows*2I], h [rows*I] floats. tiles 1 (AMX) / 2 (emulated):
 // bf16, H, I % 32 == 0; with P = 16 * sum(ceil(counts / 16)) padded rows, scratch xf [P*H/2], gu [P*2I], h [P*I/2].
+// wfmt 0: weights in the activations' dtype; 1 (q8) / 2 (q4): quantized (cpu_quant.h), vector path, H, I % 32 == 0;
+// w13[j] / w2[j] then point at each matrix's planes.
 int moe_cpu_experts(int dtype, int n, const void *const *w13, const void *const *w2, const int *starts,
                     const int *counts, const void *x, const int *xrows, void *out, int rows, int H, int I,
-                    float *xf, float *gu, float *h, int tiles) {
-    if (int err = check(dtype, H, I, tiles)) return err;
-    Job jb{dtype, n, w13, w2, starts, counts, x, xrows, out, rows, H, I, xf, gu, h, tiles};
+                    float *xf, float *gu, float *h, int tiles, int wfmt) {
+    if (int err = check(dtype, H, I, tiles, wfmt)) return err;
+    Job jb{dtype, n, w13, w2, starts, counts, x, xrows, out, rows, H, I, xf, gu, h, tiles, wfmt};
     std::vector<int> blocks;
     set_blocks(jb, blocks);
 #pragma omp parallel
@@ -275,11 +298,11 @@ int moe_cpu_experts(int dtype, int n, const void *const *w13, const void *const 
 // at once; moe_pool_wait() blocks until it is done. One job at a time; its buffers must outlive the wait.
 int moe_pool_start(int threads, long spin_ns, int dtype, int n, const void *const *w13, const void *const *w2,
                    const int *starts, const int *counts, const void *x, const int *xrows, void *out, int rows,
-                   int H, int I, float *xf, float *gu, float *h, int tiles) {
-    if (int err = check(dtype, H, I, tiles)) return err;
+                   int H, int I, float *xf, float *gu, float *h, int tiles, int wfmt) {
+    if (int err = check(dtype, H, I, tiles, wfmt)) return err;
     if (threads < 1) return 3;
     if (pool == nullptr) pool = new Pool(threads, spin_ns);
-    pool->start(Job{dtype, n, w13, w2, starts, counts, x, xrows, out, rows, H, I, xf, gu, h, tiles});
+    pool->start(Job{dtype, n, w13, w2, starts, counts, x, xrows, out, rows, H, I, xf, gu, h, tiles, wfmt});
     return 0;
 }
 

@@ -19,11 +19,12 @@ import torch
 from ..model.config import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
-HEADERS = [Path(__file__).with_name(h) for h in ("cpu_tiles.h", "cpu_pool.h")]
+HEADERS = [Path(__file__).with_name(h) for h in ("cpu_tiles.h", "cpu_pool.h", "cpu_quant.h")]
 FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-pthread", "-shared", "-fPIC", "-Wno-psabi"]
 COMPILER = "g++"
 NATIVE = "native"             # -march for the runtime's build; tests also build a baseline one (no AVX-512, no AMX)
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+WFMT = {"bf16": 0, "q8": 1, "q4": 2}      # the kernel's weight formats ("bf16": the activations' own dtype)
 
 
 class KernelUnavailable(RuntimeError):
@@ -76,7 +77,7 @@ def load(march: str = NATIVE) -> ctypes.CDLL:
         raise KernelUnavailable(f"cannot load {path}: {e}") from None
     P = ctypes.c_void_p
     lib.moe_cpu_experts.argtypes = [ctypes.c_int, ctypes.c_int, P, P, P, P, P, P, P, ctypes.c_int, ctypes.c_int,
-                                    ctypes.c_int, P, P, P, ctypes.c_int]
+                                    ctypes.c_int, P, P, P, ctypes.c_int, ctypes.c_int]
     lib.moe_cpu_experts.restype = ctypes.c_int
     lib.moe_pool_start.argtypes = [ctypes.c_int, ctypes.c_long] + lib.moe_cpu_experts.argtypes
     lib.moe_pool_start.restype = ctypes.c_int

@@ -1,0 +1,98 @@
+// Quantized expert weights for the vector path (included by cpu_kernel.cpp): a matrix [R, C] in quant.py's
+// planes, groups of 32 along each row. F = 1 (q8): int8 q [R, C], fp16 d [R, C/32]; w = d q.
+// F = 2 (q4): nibbles [R, C/2] (byte i of a group: q[i] low, q[i + 16] high), fp16 d, m [R, C/32]; w = d q + m.
+// Weights are dequantized in registers, in fp32 (d q is exact, + m rounds once, as in torch's reference), and,
+// for bf16 activations, rounded to bf16 as the dequantized bf16 model holds them. Activations stay fp32.
+
+struct QMat {
+    const uint8_t *q;
+    const uint16_t *d, *m;                    // fp16 bits
+    int C;                                    // columns (the reduction length)
+};
+
+template <int F>
+inline QMat qmat(const void *base, int R, int C) {
+    const uint8_t *b = (const uint8_t *)base;
+    const size_t qb = F == 1 ? (size_t)R * C : (size_t)R * C / 2;
+    const size_t groups = (size_t)R * C / 32;
+    const uint16_t *d = (const uint16_t *)(b + qb);
+    return QMat{b, d, F == 2 ? d + groups : nullptr, C};
+}
+
+inline float from_fp16(uint16_t h) {
+    const uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0) return (s ? -1.f : 1.f) * std::ldexp((float)m, -24);     // zero and subnormals
+    const uint32_t u = e == 31 ? s | 0x7f800000u | (m << 13) : s | ((e + 112) << 23) | (m << 13);
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+inline vf round_bf16(vf v) {                  // round to nearest even, as torch's fp32 -> bf16 (finite values)
+    vu u = (vu)v;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (vf)(u & 0xffff0000u);
+}
+
+typedef uint8_t vb __attribute__((vector_size(VL)));
+typedef int8_t vsb __attribute__((vector_size(VL)));
+typedef int32_t vi __attribute__((vector_size(4 * VL)));
+
+// Row r's weights at columns k..k+31 (k % 32 == 0) as 32 / VL fp32 vectors, in column order.
+template <int F, typename T>
+inline void qgroup(const QMat &w, long r, int k, vf *out) {
+    const size_t g = (size_t)r * (w.C / 32) + k / 32;
+    const float d = from_fp16(w.d[g]);
+    if (F == 1) {
+        const int8_t *q = (const int8_t *)w.q + (size_t)r * w.C + k;
+        for (int v = 0; v < 32 / VL; v++) {
+            vsb b;
+            std::memcpy(&b, q + v * VL, sizeof b);
+            out[v] = __builtin_convertvector(__builtin_convertvector(b, vi), vf) * d;
+        }
+    } else {
+        const uint8_t *q = w.q + (size_t)r * (w.C / 2) + k / 2;
+        const float m = from_fp16(w.m[g]);
+        for (int v = 0; v < 32 / VL; v++) {
+            const int half = v * VL / 16, off = (v * VL) % 16;
+            vb b;
+            std::memcpy(&b, q + off, sizeof b);
+            const vb nib = half ? (vb)(b >> 4) : (vb)(b & 15);
+            out[v] = __builtin_convertvector(__builtin_convertvector(nib, vi), vf) * d + m;
+        }
+    }
+    if (sizeof(T) == 2)
+        for (int v = 0; v < 32 / VL; v++) out[v] = round_bf16(out[v]);
+}
+
+// y[t * ldt + r] = sum_k W[r0 + r, k] * x[t * K + k] for r < RN, t < TN (K = w.C).
+template <int F, typename T, int RN, int TN>
+inline void qtile(const QMat &w, long r0, const float *x, float *y, long ldt) {
+    const int K = w.C;
+    vf acc[RN][TN] = {};
+    for (int k = 0; k < K; k += 32) {
+        vf wv[RN][32 / VL];
+        for (int r = 0; r < RN; r++) qgroup<F, T>(w, r0 + r, k, wv[r]);
+        for (int t = 0; t < TN; t++)
+            for (int v = 0; v < 32 / VL; v++) {
+                vf xv = load(x + (size_t)t * K + k + v * VL);
+                for (int r = 0; r < RN; r++) acc[r][t] += wv[r][v] * xv;
+            }
+    }
+    for (int t = 0; t < TN; t++)
+        for (int r = 0; r < RN; r++) y[t * ldt + r] = hsum(acc[r][t]);
+}
+
+// RB rows from r0 against T token rows of x, as rows_all_tokens does for unquantized weights.
+template <int F, typename T>
+inline void qrows_all_tokens(const QMat &w, long r0, const float *x, int T_, float *y, long ldt) {
+    const int K = w.C;
+    int t = 0;
+    for (; t + TB <= T_; t += TB) qtile<F, T, RB, TB>(w, r0, x + (size_t)t * K, y + t * ldt, ldt);
+    switch (T_ - t) {
+        case 3: qtile<F, T, RB, 3>(w, r0, x + (size_t)t * K, y + t * ldt, ldt); break;
+        case 2: qtile<F, T, RB, 2>(w, r0, x + (size_t)t * K, y + t * ldt, ldt); break;
+        case 1: qtile<F, T, RB, 1>(w, r0, x + (size_t)t * K, y + t * ldt, ldt); break;
+        default: break;
+    }
+}

@@ -1,0 +1,176 @@
+"""Grouped expert FFNs over quantized expert slots (quant.py's q8 / q4 planes): Triton kernels that dequantize
+in registers and multiply on tensor cores, with fp32 accumulation.
+
+`grouped_qffn(xs, offs, slots, lay)` is the quantized twin of resident.grouped_ffn: rows of xs grouped by slot
+(group g ends at offs[g]) through each slot's expert. Two kernels: gate and up together, whose programs write
+h = silu(gate) * up, then down. A program owns one active slot and a block of output columns and walks the slot's
+rows in blocks of BM; its grid is fixed by the shapes (no host synchronisation: it can be captured in a CUDA
+graph), the active slots are found on the device. Intermediate values are rounded to the compute dtype where
+torch's path rounds them (after each linear, after silu, after the product).
+
+On a CPU device (tests) the same function runs in torch: each active slot's expert dequantized, then the FFN."""
+from __future__ import annotations
+
+import torch
+
+from ..model.deepseek import gated_ffn
+from ..model.quant import GROUP, ExpertLayout, Matrix, dequantize_expert
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:               # CPU-only installs: the torch path below serves them
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _dequant_tile(q_ptr, d_ptr, m_ptr, rows, k0, K: tl.constexpr, BITS: tl.constexpr, BK: tl.constexpr):
+        """Weights [BN, BK] of `rows` (row indices, masked by the caller) at columns k0..k0+BK, as fp32 -> for q4
+        (low half [BN, BK/2], high half [BN, BK/2]), columns of the halves given by _halves; for q8 one tile."""
+        if BITS == 8:
+            k = k0 + tl.arange(0, BK)
+            q = tl.load(q_ptr + rows[:, None] * K + k[None, :]).to(tl.float32)
+            d = tl.load(d_ptr + rows[:, None] * (K // 32) + (k // 32)[None, :]).to(tl.float32)
+            return q * d, q * d
+        j = tl.arange(0, BK // 2)
+        b = tl.load(q_ptr + rows[:, None] * (K // 2) + (k0 // 2 + j)[None, :])
+        g = rows[:, None] * (K // 32) + (k0 // 32 + j // 16)[None, :]
+        d = tl.load(d_ptr + g).to(tl.float32)
+        m = tl.load(m_ptr + g).to(tl.float32)
+        lo = (b & 15).to(tl.float32) * d + m
+        hi = (b >> 4).to(tl.float32) * d + m
+        return lo, hi
+
+    @triton.jit
+    def _dot_tile(acc, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, rows, k0, K: tl.constexpr, BITS: tl.constexpr, BK: tl.constexpr,
+                  PREC: tl.constexpr):
+        """acc [BM, BN] += x[xrow, k0:k0+BK] @ W[rows, k0:k0+BK]^T."""
+        a, b = _dequant_tile(q_ptr, d_ptr, m_ptr, rows, k0, K, BITS, BK)
+        dt = x_ptr.dtype.element_ty
+        if BITS == 8:
+            k = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + xrow[:, None] * K + k[None, :], mask=rmask[:, None], other=0.0)
+            return acc + tl.dot(x, tl.trans(a.to(dt)), input_precision=PREC)
+        j = tl.arange(0, BK // 2)
+        klo = k0 + (j // 16) * 32 + j % 16
+        x_lo = tl.load(x_ptr + xrow[:, None] * K + klo[None, :], mask=rmask[:, None], other=0.0)
+        x_hi = tl.load(x_ptr + xrow[:, None] * K + (klo + 16)[None, :], mask=rmask[:, None], other=0.0)
+        acc = acc + tl.dot(x_lo, tl.trans(a.to(dt)), input_precision=PREC)
+        return acc + tl.dot(x_hi, tl.trans(b.to(dt)), input_precision=PREC)
+
+    @triton.jit
+    def _group_rows(bounds_ptr, order_ptr):
+        """This program's slot and its rows [start, end) (bounds: [0, offs...])."""
+        s = tl.load(order_ptr + tl.program_id(1))
+        return s, tl.load(bounds_ptr + s), tl.load(bounds_ptr + s + 1)
+
+    @triton.jit
+    def _gate_up_kernel(x_ptr, h_ptr, bounds_ptr, order_ptr, q_ptr, d_ptr, m_ptr, slot_bytes, I: tl.constexpr, K: tl.constexpr,
+                        BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        PREC: tl.constexpr):
+        s, start, end = _group_rows(bounds_ptr, order_ptr)
+        q_ptr += s.to(tl.int64) * slot_bytes          # planes of slot s ([2I, K]: gate rows, then up rows)
+        d_ptr += s.to(tl.int64) * slot_bytes // 2
+        m_ptr += s.to(tl.int64) * slot_bytes // 2
+        n = tl.program_id(0) * BN + tl.arange(0, BN)
+        dt = x_ptr.dtype.element_ty
+        r0 = start
+        while r0 < end:                               # (a while loop: Triton's interpreter takes no range here)
+            xrow = r0 + tl.arange(0, BM)
+            rmask = xrow < end
+            r0 += BM
+            g = tl.zeros((BM, BN), dtype=tl.float32)
+            u = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                g = _dot_tile(g, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, n, k0, K, BITS, BK, PREC)
+                u = _dot_tile(u, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, n + I, k0, K, BITS, BK, PREC)
+            gr = g.to(dt).to(tl.float32)
+            silu = (gr / (1.0 + tl.exp(-gr))).to(dt).to(tl.float32)
+            h = (silu * u.to(dt).to(tl.float32)).to(dt)
+            tl.store(h_ptr + xrow[:, None] * I + n[None, :], h, mask=rmask[:, None])
+
+    @triton.jit
+    def _down_kernel(h_ptr, y_ptr, bounds_ptr, order_ptr, q_ptr, d_ptr, m_ptr, slot_bytes, N: tl.constexpr, K: tl.constexpr,
+                     BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+        s, start, end = _group_rows(bounds_ptr, order_ptr)
+        q_ptr += s.to(tl.int64) * slot_bytes
+        d_ptr += s.to(tl.int64) * slot_bytes // 2
+        m_ptr += s.to(tl.int64) * slot_bytes // 2
+        n = tl.program_id(0) * BN + tl.arange(0, BN)
+        r0 = start
+        while r0 < end:
+            xrow = r0 + tl.arange(0, BM)
+            rmask = xrow < end
+            r0 += BM
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                acc = _dot_tile(acc, h_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, n, k0, K, BITS, BK, PREC)
+            tl.store(y_ptr + xrow[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+def _block(n: int, want: int) -> int:
+    """The largest power of two <= want dividing n (at least 16: tl.dot's smallest side)."""
+    b = want
+    while b > 16 and n % b:
+        b //= 2
+    return b
+
+
+def _planes(slots: torch.Tensor, mat: Matrix):
+    """Base pointers' tensors for the kernels: q, d, m of slot 0 (m = d for q8, unused)."""
+    q, d, m = mat.planes(slots[:1])
+    return q, d, d if m is None else m
+
+
+def active_order(offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (bounds [S + 1]: 0 then offs, the slots with rows first (stable) [S] int32), on the device."""
+    bounds = torch.cat([offs.new_zeros(1), offs])                                            # [S + 1]
+    return bounds, torch.argsort((bounds.diff() == 0).to(torch.int8), stable=True).to(torch.int32)
+
+
+def triton_grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tensor, lay: ExpertLayout,
+                        bm: int | None = None) -> torch.Tensor:
+    """xs [N, Hd] (rows grouped by slot, group g ending at offs[g]), slots [S, nbytes] uint8 -> [N, Hd]."""
+    N, Hd = xs.shape
+    S, I = slots.shape[0], lay.w2.cols
+    prec = "ieee" if xs.dtype == torch.float32 else "tf32"
+    bm = bm or (16 if N <= 128 else 64)
+    bounds, order = active_order(offs)
+    groups = min(N, S)
+    h = torch.empty(N, I, dtype=xs.dtype, device=xs.device)
+    y = torch.empty(N, Hd, dtype=xs.dtype, device=xs.device)
+    bits, bk = lay.w13.bits, 128 if lay.w13.bits == 4 else 64
+    if N == 0:
+        return y
+    bn = _block(I, 64)
+    q, d, m = _planes(slots, lay.w13)
+    _gate_up_kernel[(I // bn, groups)](xs, h, bounds, order, q, d, m, slots.stride(0), I, Hd, BITS=bits, BM=bm,
+                                       BN=bn, BK=_block(Hd, bk), PREC=prec)
+    bn = _block(Hd, 64)
+    q, d, m = _planes(slots, lay.w2)
+    _down_kernel[(Hd // bn, groups)](h, y, bounds, order, q, d, m, slots.stride(0), Hd, I, BITS=bits, BM=bm, BN=bn,
+                                     BK=_block(I, bk), PREC=prec)
+    return y
+
+
+def torch_grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tensor, lay: ExpertLayout) -> torch.Tensor:
+    """The reference: each active slot's expert dequantized, then the SiLU-gated FFN (synchronises: CPU only)."""
+    ys = torch.zeros_like(xs)
+    start = 0
+    for s, end in enumerate(offs.tolist()):
+        if end > start:
+            w13, w2 = dequantize_expert(lay, slots[s], xs.dtype)
+            ys[start:end] = gated_ffn(xs[start:end], w13, w2)
+        start = end
+    return ys
+
+
+def grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tensor, lay: ExpertLayout) -> torch.Tensor:
+    if xs.device.type == "cuda":
+        if triton is None:
+            raise RuntimeError("quantized experts on a GPU need Triton (pip install triton)")
+        return triton_grouped_qffn(xs, offs, slots, lay)
+    return torch_grouped_qffn(xs, offs, slots, lay)
+
+
+__all__ = ["GROUP", "grouped_qffn", "triton_grouped_qffn", "torch_grouped_qffn", "active_order"]
