@@ -1,6 +1,7 @@
 """Shared fixtures: one tiny synthetic checkpoint per session and the transformers reference on it."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+os.environ["TRITON_INTERPRET"] = "1"      # Triton kernels run in its interpreter, on CPU tensors (read at import)
 
+from hybrid.model.quant import expert_bytes  # noqa: E402
 from hybrid.offload.budget import plan_memory  # noqa: E402
 from hybrid.model.checkpoint import Checkpoint  # noqa: E402
 from hybrid.model.config import RunConfig  # noqa: E402
@@ -45,10 +48,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def budget_for(tiny, slots, batch=3, seq=128):
+def budget_for(tiny, slots, batch=3, seq=128, experts="bf16"):
     """A --gpu-memory for the checkpoint that leaves exactly `slots` expert-cache slots (float32, no margin)."""
     cfg = Checkpoint(tiny).config
-    p = plan_memory(cfg, 1 << 40, batch, seq, 4, 4096, staging_slots(cfg), margin=0)
+    p = plan_memory(cfg, 1 << 40, batch, seq, 4, 4096, staging_slots(cfg), margin=0,
+                    slot_bytes=expert_bytes(cfg, experts, 4))
     return p.budget - (p.n_slots - slots) * p.slot_bytes
 
 

@@ -88,6 +88,9 @@ def engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--mode", default="auto", choices=CHOICES["mode"],
                     help="where routed experts run: gpu (all resident), fetch (copied over PCIe), cpu, hybrid "
                          "(per expert, by the cost model), auto (gpu if the model fits, else hybrid)")
+    ap.add_argument("--experts", default="bf16", choices=CHOICES["experts"],
+                    help="routed experts' format: bf16 (as in the checkpoint, in the compute dtype), q8 or q4 "
+                         "(8/4-bit groups of 32, quantized once and kept in the cache folder)")
     ap.add_argument("--device", default="cuda" if gpu else "cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--dtype", default=None, choices=CHOICES["dtype"],
                     help="compute dtype (default: bfloat16 on a GPU, float32 on the CPU)")
@@ -132,7 +135,7 @@ def engine_args(ap: argparse.ArgumentParser) -> None:
 
 def run_config(a: argparse.Namespace) -> RunConfig:
     dtype = a.dtype or ("bfloat16" if str(a.device).startswith("cuda") else "float32")
-    return RunConfig(device=a.device, dtype=dtype, mode=a.mode, gpu_memory=a.gpu_memory,
+    return RunConfig(device=a.device, dtype=dtype, mode=a.mode, experts=a.experts, gpu_memory=a.gpu_memory,
                      cache_policy=a.cache_policy, prefetch=a.prefetch, max_batch_size=a.batch_size,
                      max_seq_len=a.max_seq_len, cpu_threads=a.cpu_threads, cpu_kernel=a.cpu_kernel,
                      cpu_pool=a.cpu_pool == "on", cpu_tiles=a.cpu_tiles, copy_ahead=a.copy_ahead == "on",

@@ -172,7 +172,9 @@ class ModelConfig:
 
 
 MODES = ("auto", "gpu", "fetch", "cpu", "hybrid")
-CHOICES = {"dtype": ("bfloat16", "float16", "float32"), "mode": MODES, "cache_policy": ("lfu", "lru", "static"),
+EXPERT_FORMATS = ("bf16", "q8", "q4")   # routed experts: unquantized (in the compute dtype), 8-bit, 4-bit (quant.py)
+CHOICES = {"dtype": ("bfloat16", "float16", "float32"), "mode": MODES, "experts": EXPERT_FORMATS,
+           "cache_policy": ("lfu", "lru", "static"),
            "prefetch": ("none", "gate", "mlp"), "cpu_kernel": ("auto", "native", "torch"),
            "cpu_tiles": ("auto", "off", "emulate")}
 AT_LEAST = {"max_batch_size": 1, "max_seq_len": 1, "prefill_chunk_tokens": 1, "cache_slots": 0, "cpu_threads": 1,
@@ -186,6 +188,7 @@ class RunConfig:
     device: str = "cpu"                   # cpu | cuda | cuda:N
     dtype: str = "bfloat16"
     mode: str = "gpu"                     # auto | gpu | fetch | cpu | hybrid (auto: gpu if it fits, else hybrid)
+    experts: str = "bf16"                 # routed experts' format: bf16 (as loaded) | q8 | q4 (quantized once)
     gpu_memory: int | None = None         # bytes for everything on the compute device; None = no budget
     cache_policy: str = "lfu"             # lfu | lru | static
     prefetch: str = "none"                # none | gate | mlp

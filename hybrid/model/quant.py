@@ -15,10 +15,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .config import ConfigError, ModelConfig
+from .config import EXPERT_FORMATS, ConfigError, ModelConfig
 
 GROUP = 32
-FORMATS = ("bf16", "q8", "q4")
+FORMATS = EXPERT_FORMATS
 BITS = {"bf16": 16, "q8": 8, "q4": 4}
 
 

@@ -22,8 +22,8 @@ class CpuWork:
                  phases: PhaseLog, hidden: int, pin: bool):
         self.lane, self.store, self.feedback, self.acct, self.phases = lane, store, feedback, acct, phases
         self.ptrs = {layer: pointer_table(views) for layer, views in store.views.items()}
-        self.host_in = PinnedBuffer(hidden, store.flat.dtype, pin)
-        self.host_out = PinnedBuffer(hidden, store.flat.dtype, pin)
+        self.host_in = PinnedBuffer(hidden, store.dtype, pin)
+        self.host_out = PinnedBuffer(hidden, store.dtype, pin)
 
     def start(self, layer: int, cpu: list[int], flat: np.ndarray, counts: np.ndarray, xh: torch.Tensor, K: int):
         """Hand the layer's CPU experts to the pool now, before any copy or GPU work is queued; -> what `finish`

@@ -27,7 +27,6 @@ from .layer_layout import layer_layout
 from .layer_timer import LayerTimer
 from .next_layer import NextLayerCopies
 from .phases import PhaseLog
-from .resident import grouped_ffn
 from .stats import RunStats
 
 
@@ -42,9 +41,9 @@ class OffloadedExperts:
         self.prefetcher, self.decode_tokens = prefetcher, decode_tokens
         self.wants_guess = prefetcher is not None
         pin = device.type == "cuda"
-        self.host_x = PinnedBuffer(cfg.hidden_size, store.flat.dtype, pin)
+        self.host_x = PinnedBuffer(cfg.hidden_size, store.dtype, pin)
         self.index_buf = PinnedBuffer(1, torch.int32, pin)
-        self.w13_all, self.w2_all = cache.stacked()
+        self.ffn = cache.grouped()
         self.timer = LayerTimer(self.copy.cuda)
         self.phases = PhaseLog()
         self.plan: LayerPlan | None = None     # the current layer's plan
@@ -143,9 +142,10 @@ class OffloadedExperts:
 
     def _layer_graph(self, call) -> LayerGraph:
         if not (call.static and self.copy.cuda):
-            return LayerGraph(call, self.w13_all, self.w2_all, capture=False)
+            return LayerGraph(call, self.ffn, self.cache.n_total, capture=False)
         if id(call) not in self.graphs:
-            self.graphs[id(call)] = LayerGraph(call, self.w13_all, self.w2_all, capture=True, pool=self.pool)
+            self.graphs[id(call)] = LayerGraph(call, self.ffn, self.cache.n_total, capture=True,
+                                                   pool=self.pool)
         return self.graphs[id(call)]
 
     def _grouped(self, call, hits, waves, cpu, flat, counts, xh, host, job) -> torch.Tensor:
@@ -209,12 +209,12 @@ class OffloadedExperts:
         a, b = rows[0]
         self.copies.wait_landed(hits)
         if b > a:
-            ys[a:b] = grouped_ffn(xs[a:b], offs[0], self.w13_all, self.w2_all)
+            ys[a:b] = self.ffn(xs[a:b], offs[0])
         self.copies.read_queued(hits)                # copies made ahead sit in staging slots
         for i, wave in enumerate(waves):
             self.copies.wait_landed(wave)
             a, b = rows[i + 1]
-            ys[a:b] = grouped_ffn(xs[a:b], offs[i + 1], self.w13_all, self.w2_all)
+            ys[a:b] = self.ffn(xs[a:b], offs[i + 1])
             self.copies.read_queued(wave)
             if i + 2 < len(waves):
                 self.copies.issue(layer, waves[i + 2])

@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 
 from ..model.config import ModelConfig
+from ..model.quant import ExpertLayout
 from .cache_policy import make_policy
+from .resident import slot_ffn
 
 
 class ExpertCache:
@@ -14,11 +16,12 @@ class ExpertCache:
     ahead for the next layer (hold / release). Staging slots are never looked up by expert."""
 
     def __init__(self, cfg: ModelConfig, n_slots: int, n_staging: int, dtype: torch.dtype, device,
-                 policy: str = "lfu"):
-        self.cfg = cfg
+                 policy: str = "lfu", quant: ExpertLayout | None = None):
+        self.cfg, self.quant = cfg, quant
         layers = cfg.moe_layers
         n_slots = min(n_slots, len(layers) * cfg.n_routed_experts)
-        self._slots = torch.empty(n_slots + n_staging, cfg.expert_numel, dtype=dtype, device=device)
+        row, dtype = (cfg.expert_numel, dtype) if quant is None else (quant.nbytes, torch.uint8)
+        self._slots = torch.empty(n_slots + n_staging, row, dtype=dtype, device=device)
         share, extra = divmod(n_slots, len(layers))
         self.layer_slots: dict[int, list[int]] = {}
         s = 0
@@ -167,10 +170,6 @@ class ExpertCache:
         for pol in self._policies.values():
             pol.tick()
 
-    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every slot's w13 [S, 2I, Hd] and w2 [S, Hd, I] as strided views, for grouped GEMMs over slots."""
-        I, Hd, n = self.cfg.moe_intermediate_size, self.cfg.hidden_size, self.cfg.expert_numel
-        S = self._slots.shape[0]
-        w13 = self._slots.as_strided((S, 2 * I, Hd), (n, Hd, 1))
-        w2 = self._slots.as_strided((S, Hd, I), (n, I, 1), self._slots.storage_offset() + 2 * I * Hd)
-        return w13, w2
+    def grouped(self):
+        """The grouped FFN over every slot, for GEMMs over slots: ffn(xs [N, Hd], offs [S]) -> [N, Hd]."""
+        return slot_ffn(self._slots, self.cfg, self.quant)

@@ -16,7 +16,7 @@ Wave = list[tuple[int, int]]        # (expert, slot) pairs copied back to back
 class ExpertCopies:
     def __init__(self, lane: CopyLane, cache: ExpertCache, store: ExpertStore, acct: Accounting, fetch_ms: float):
         self.lane, self.cache, self.store, self.acct, self.fetch_ms = lane, cache, store, acct, fetch_ms
-        self.expert_bytes = store.numel * store.flat.element_size()
+        self.expert_bytes = store.expert_bytes
         self.until = 0.0                 # when the copies queued so far should be done (perf_counter, s)
 
     def backlog_ms(self) -> float:

@@ -11,7 +11,9 @@ from tqdm import tqdm
 
 from ..model.checkpoint import Checkpoint
 from ..model.config import ModelConfig
+from ..model.quant import ExpertLayout, split_planes
 from .budget import check_host_ram
+from .quantized import load_quantized
 from .resident import read_expert
 
 
@@ -34,22 +36,28 @@ def pin_in_place(t: torch.Tensor) -> bool:
 
 
 class ExpertStore:
-    """flat[layer_row, expert] is one expert: gate [I, Hd], up [I, Hd] (together w13), down [Hd, I]."""
+    """flat[layer_row, expert] is one expert: gate [I, Hd], up [I, Hd] (together w13), down [Hd, I], in the compute
+    dtype; or, with `quant`, the expert's quantized planes (uint8, quant.py), made once and kept on disk
+    (quantized.py). `views[layer][e]` = (w13, w2): weight matrices, or each matrix's planes."""
 
     def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, pin: bool,
-                 progress: bool = True, threads: int = 8):
-        self.cfg = cfg
+                 progress: bool = True, threads: int = 8, quant: ExpertLayout | None = None):
+        self.cfg, self.quant, self.dtype = cfg, quant, dtype
         self.rows = {layer: r for r, layer in enumerate(cfg.moe_layers)}
-        E, self.numel = cfg.n_routed_experts, cfg.expert_numel
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        check_host_ram(len(self.rows) * E * self.numel * itemsize, psutil.virtual_memory().available)
-        self.flat = huge_page_tensor((len(self.rows), E, self.numel), dtype)
+        E = cfg.n_routed_experts
+        self.numel, store_dtype = (cfg.expert_numel, dtype) if quant is None else (quant.nbytes, torch.uint8)
+        self.expert_bytes = self.numel * torch.empty(0, dtype=store_dtype).element_size()
+        check_host_ram(len(self.rows) * E * self.expert_bytes, psutil.virtual_memory().available)
+        self.flat = huge_page_tensor((len(self.rows), E, self.numel), store_dtype)
         self.buffers = {layer: list(self.flat[r].unbind(0)) for layer, r in self.rows.items()}
-        keys = [(layer, e) for layer in cfg.moe_layers for e in range(E)]
-        with ThreadPoolExecutor(threads) as ex:
-            for _ in tqdm(ex.map(lambda k: self._load(ckpt, *k), keys), total=len(keys),
-                          desc="experts -> host", disable=not progress):
-                pass
+        if quant is None:
+            keys = [(layer, e) for layer in cfg.moe_layers for e in range(E)]
+            with ThreadPoolExecutor(threads) as ex:
+                for _ in tqdm(ex.map(lambda k: self._load(ckpt, *k), keys), total=len(keys),
+                              desc="experts -> host", disable=not progress):
+                    pass
+        else:
+            self.path = load_quantized(self.flat, self.rows, cfg, ckpt, quant, progress, threads)
         self.views = {layer: [self.weights(layer, e) for e in range(E)] for layer in self.rows}
         self.pinned = pin and all(pin_in_place(self.flat[r]) for r in range(len(self.rows)))
         if pin and not self.pinned:
@@ -69,8 +77,13 @@ class ExpertStore:
     def buffer(self, layer: int, e: int) -> torch.Tensor:
         return self.buffers[layer][e]
 
+    def layer(self, layer: int) -> torch.Tensor:
+        """The layer's experts [E, one expert]."""
+        return self.flat[self.rows[layer]]
+
     def weights(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return split_expert(self.buffer(layer, e), self.cfg)
+        buf = self.buffer(layer, e)
+        return split_expert(buf, self.cfg) if self.quant is None else split_planes(self.quant, buf)
 
 
 def raw(t: torch.Tensor) -> np.ndarray:

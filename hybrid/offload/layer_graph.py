@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from .resident import grouped_ffn
-
 
 def combine(x: torch.Tensor, tok: torch.Tensor, ys: torch.Tensor, wsort: torch.Tensor) -> torch.Tensor:
     """Sum each token's expert outputs ys [T*K, Hd] (sorted rows, token tok [T*K]) weighted by wsort [T*K, 1]."""
@@ -21,10 +19,10 @@ class LayerGraph:
     """index (int32, filled from pinned host memory per call): [perm (R) | hit offsets (S) | fetched offsets (S) |
     hit rows (1)], R = T*K rows, S slots."""
 
-    def __init__(self, call, w13_all: torch.Tensor, w2_all: torch.Tensor, capture: bool, pool=None):
+    def __init__(self, call, ffn, n_slots: int, capture: bool, pool=None):
         T, K = call.idx.shape
-        self.call, self.K, self.R, self.S = call, K, T * K, w13_all.shape[0]
-        self.w13, self.w2 = w13_all, w2_all
+        self.call, self.K, self.R, self.S = call, K, T * K, n_slots
+        self.ffn = ffn                       # the grouped FFN over every slot (ExpertCache.grouped)
         dev = call.x.device
         self.index = torch.zeros(self.R + 2 * self.S + 1, dtype=torch.int32, device=dev)
         self.row = torch.arange(self.R, dtype=torch.int32, device=dev)[:, None]            # [R, 1]
@@ -38,11 +36,11 @@ class LayerGraph:
         self.tok = perm // self.K
         self.xs = self.call.x.index_select(0, self.tok)                                     # [R, Hd]
         self.wsort = self.call.w.reshape(-1)[perm].unsqueeze(1)                             # [R, 1]
-        self.ys_hit = grouped_ffn(self.xs, self.index[R:R + S], self.w13, self.w2)          # [R, Hd]
+        self.ys_hit = self.ffn(self.xs, self.index[R:R + S])                               # [R, Hd]
 
     def _fetched(self) -> None:
         R, S = self.R, self.S
-        self.ys = grouped_ffn(self.xs, self.index[R + S:R + 2 * S], self.w13, self.w2)    # [R, Hd]
+        self.ys = self.ffn(self.xs, self.index[R + S:R + 2 * S])                           # [R, Hd]
 
     def _post(self) -> None:
         ys = torch.where(self.row < self.index[-1:], self.ys_hit, self.ys)                  # [R, Hd]

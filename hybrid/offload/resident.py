@@ -1,13 +1,18 @@
 """Routed-expert computation shared by every runtime, and the resident backend (mode `gpu`)."""
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..kernels.quant_gpu import grouped_qffn
 from ..model.checkpoint import Checkpoint
 from ..model.config import ModelConfig
 from ..model.deepseek import gated_ffn
+from ..model.quant import ExpertLayout
 
 
 expert_ffn = gated_ffn           # one routed expert: the same SiLU-gated feed-forward
@@ -23,37 +28,48 @@ def grouped_ffn(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: tor
     return torch._grouped_mm(F.silu(g) * u, w2.transpose(1, 2), offs=offs)          # [N, Hd]
 
 
-def grouped_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
-                    w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """All routed experts of a layer in two grouped GEMMs, with no host synchronisation.
+def slot_ffn(slots: torch.Tensor, cfg: ModelConfig, quant: ExpertLayout | None) -> Callable:
+    """The grouped FFN over every slot of `slots` ([S, one expert]: bf16 weights, or a quantized expert's bytes):
+    ffn(xs [N, Hd], offs [S]) -> [N, Hd]."""
+    if quant is not None:
+        return partial(grouped_qffn, slots=slots, lay=quant)
+    I, Hd, n = cfg.moe_intermediate_size, cfg.hidden_size, cfg.expert_numel
+    S = slots.shape[0]
+    w13 = slots.as_strided((S, 2 * I, Hd), (n, Hd, 1))
+    w2 = slots.as_strided((S, Hd, I), (n, I, 1), slots.storage_offset() + 2 * I * Hd)
+    return partial(grouped_ffn, w13=w13, w2=w2)
 
-    x [T, Hd], idx/w [T, K], w13 [E, 2I, Hd], w2 [E, Hd, I] -> [T, Hd]."""
+
+def grouped_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, ffn: Callable, E: int) -> torch.Tensor:
+    """All routed experts of a layer in one grouped FFN (`slot_ffn` over its E experts), with no host
+    synchronisation. x [T, Hd], idx/w [T, K] -> [T, Hd]."""
     T, K = idx.shape
     flat = idx.reshape(-1)                                                   # [T*K]
     order = torch.argsort(flat, stable=True)                                 # [T*K]
-    counts = torch.zeros(w13.shape[0], dtype=torch.int64, device=x.device)
+    counts = torch.zeros(E, dtype=torch.int64, device=x.device)
     offs = counts.scatter_add_(0, flat, torch.ones_like(flat)).cumsum(0).to(torch.int32)  # [E], no host sync
     tok = order // K
-    y = grouped_ffn(x.index_select(0, tok), offs, w13, w2)                   # [T*K, Hd]
+    y = ffn(x.index_select(0, tok), offs)                                    # [T*K, Hd]
     y = (y * w.reshape(-1)[order, None]).to(x.dtype)
     return torch.zeros_like(x).index_add_(0, tok, y)
 
 
 class ResidentExperts:
-    """Every routed expert stacked on the compute device: the `gpu` mode and the speed ceiling."""
+    """Every routed expert stacked on the compute device: the `gpu` mode and the speed ceiling. Quantized
+    experts (`quant`) stay quantized there."""
 
-    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, device, dtype: torch.dtype, progress: bool = True):
-        E, I, Hd = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
-        self.w13, self.w2 = {}, {}
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, device, dtype: torch.dtype, progress: bool = True,
+                 quant: ExpertLayout | None = None, host=None):
+        E = cfg.n_routed_experts
+        self.E, self.ffn = E, {}
         for layer in tqdm(cfg.moe_layers, desc="experts -> device", disable=not progress):
-            w13 = torch.empty(E, 2 * I, Hd, dtype=dtype, device=device)
-            w2 = torch.empty(E, Hd, I, dtype=dtype, device=device)
-            for e in range(E):
-                g, u, d = read_expert(ckpt, layer, e)
-                w13[e, :I].copy_(g)
-                w13[e, I:].copy_(u)
-                w2[e].copy_(d)
-            self.w13[layer], self.w2[layer] = w13, w2
+            if quant is not None:
+                slots = host.layer(layer).to(device)                         # [E, bytes]
+            else:
+                slots = torch.empty(E, cfg.expert_numel, dtype=dtype, device=device)
+                for e in range(E):
+                    slots[e].copy_(torch.cat([t.reshape(-1) for t in read_expert(ckpt, layer, e)]))
+            self.ffn[layer] = slot_ffn(slots, cfg, quant)
 
     capturable = True
 
@@ -69,4 +85,4 @@ class ResidentExperts:
         """Nothing pending."""
 
     def forward(self, call) -> torch.Tensor:
-        return grouped_experts(call.x, call.idx, call.w, self.w13[call.layer], self.w2[call.layer])
+        return grouped_experts(call.x, call.idx, call.w, self.ffn[call.layer], self.E)

@@ -10,7 +10,9 @@ import torch
 from cost_model.costs import load_costs
 from ..model.checkpoint import Checkpoint
 from ..model.config import ConfigError, ModelConfig, RunConfig
+from ..model.quant import ExpertLayout, expert_bytes, layout
 from .budget import MARGIN, UNLIMITED, BudgetError, MemoryPlan, plan_memory, size
+from .expert_store import ExpertStore
 from .resident import ResidentExperts
 
 AUTO_MARGIN = 512 * 2**20     # mode auto leaves this much of the free GPU memory to others
@@ -42,7 +44,8 @@ def memory_plan(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize
         budget = torch.cuda.mem_get_info(device)[0] + context if cuda else UNLIMITED
     return plan_memory(cfg, budget, run.max_batch_size, run.max_seq_len, itemsize, run.prefill_chunk_tokens,
                        staging_slots(cfg) if run.mode != "gpu" else 0, context,
-                       margin=MARGIN if cuda else 0, graph_tokens=graph_tokens(run, device))
+                       margin=MARGIN if cuda else 0, graph_tokens=graph_tokens(run, device),
+                       slot_bytes=expert_bytes(cfg, run.experts, itemsize))
 
 
 def limit_allocator(plan: MemoryPlan, device: torch.device) -> None:
@@ -67,8 +70,13 @@ def machine_fingerprint(device: torch.device, threads: int | None, kernel: str) 
     return fingerprint(device, threads, kernel)
 
 
-def experts_bytes(cfg: ModelConfig, itemsize: int) -> int:
-    return len(cfg.moe_layers) * cfg.n_routed_experts * cfg.expert_numel * itemsize
+def experts_bytes(cfg: ModelConfig, run: RunConfig, itemsize: int) -> int:
+    """Every routed expert in the run's format."""
+    return len(cfg.moe_layers) * cfg.n_routed_experts * expert_bytes(cfg, run.experts, itemsize)
+
+
+def quant_layout(cfg: ModelConfig, run: RunConfig) -> ExpertLayout | None:
+    return None if run.experts == "bf16" else layout(cfg, run.experts)
 
 
 def choose_mode(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize: int,
@@ -83,7 +91,7 @@ def choose_mode(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize
         room = memory_plan(cfg, trial, device, itemsize, context).cache_bytes
     except BudgetError:
         room = 0
-    need = experts_bytes(cfg, itemsize)
+    need = experts_bytes(cfg, run, itemsize)
     if need <= room:
         return replace(run, mode="gpu"), f"mode auto: gpu, every expert resident ({size(need)} fit in {size(budget)})"
     return replace(run, mode="hybrid", gpu_memory=budget), \
@@ -99,11 +107,13 @@ def build_backend(cfg: ModelConfig, ckpt: Checkpoint, run: RunConfig, device: to
     if device.type == "cuda" and run.gpu_memory is not None:
         limit_allocator(plan, device)
     if run.mode == "gpu":
-        need = experts_bytes(cfg, itemsize)
+        need = experts_bytes(cfg, run, itemsize)
         if run.gpu_memory is not None and need > plan.cache_bytes:
             raise BudgetError(f"mode gpu keeps every expert resident ({size(need)}) but the budget "
                               f"leaves {size(plan.cache_bytes)} for them: use --mode auto|fetch|cpu|hybrid")
-        return ResidentExperts(cfg, ckpt, device, dtype, progress)
+        quant = quant_layout(cfg, run)
+        host = None if quant is None else ExpertStore(cfg, ckpt, dtype, pin=False, progress=progress, quant=quant)
+        return ResidentExperts(cfg, ckpt, device, dtype, progress, quant, host)
     return build_offloaded(cfg, ckpt, run, device, dtype, plan, progress)
 
 
@@ -111,14 +121,14 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
     from ..planning.copy_ahead import CopyAhead
     from .executor import OffloadedExperts
     from .expert_cache import ExpertCache
-    from .expert_store import ExpertStore
     from .lanes import CpuLane
     from ..planning.prefetch import Prefetcher
     from ..planning.scheduler import PLANNERS
     cuda = device.type == "cuda"
-    store = ExpertStore(cfg, ckpt, dtype, pin=cuda, progress=progress)
+    quant = quant_layout(cfg, run)
+    store = ExpertStore(cfg, ckpt, dtype, pin=cuda, progress=progress, quant=quant)
     n_slots = plan.n_slots if run.cache_slots is None else min(plan.n_slots, run.cache_slots)
-    cache = ExpertCache(cfg, n_slots, staging_slots(cfg), dtype, device, run.cache_policy)
+    cache = ExpertCache(cfg, n_slots, staging_slots(cfg), dtype, device, run.cache_policy, quant)
     for layer in cfg.moe_layers:
         for e in range(cfg.n_routed_experts):
             slot = cache.place(layer, e)
@@ -126,7 +136,7 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
                 break
             cache.view(slot).copy_(store.buffer(layer, e))
     lane = CpuLane(run.cpu_threads, cuda, run.cpu_kernel, run.cpu_pool, run.cpu_tiles, run.cpu_pool_spin_us,
-                   run.cpu_prefetch)
+                   run.cpu_prefetch, quant)
     if lane.experts.why and progress:
         print(f"CPU experts: torch path ({lane.experts.why})", file=sys.stderr)
     if run.costs_path is not None and not os.path.exists(run.costs_path):

@@ -1,0 +1,175 @@
+"""Quantized experts (q8, q4): the format, the kernels, and the engine computing the dequantized model's function
+in every mode, against transformers loaded with the dequantized expert weights."""
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import PROMPTS, budget_for, make, rel_err
+from hybrid.engine.sampling import SamplingParams
+from hybrid.kernels.cpu_experts import CpuExperts
+from hybrid.kernels.quant_gpu import torch_grouped_qffn, triton_grouped_qffn
+from hybrid.model.checkpoint import Checkpoint
+from hybrid.model.config import ConfigError, ModelConfig
+from hybrid.model.deepseek import gated_ffn
+from hybrid.model.quant import (GROUP, Matrix, dequantize_expert, dequantize_matrix, dequantize_parts, layout,
+                                quantize_expert, quantize_matrix, split_planes)
+from hybrid.model.synthetic import PRESETS
+from hybrid.offload.quantized import quantized_path
+
+CFG = ModelConfig.from_dict({**PRESETS["tiny"][0], "hidden_size": 96, "moe_intermediate_size": 64})
+GREEDY = SamplingParams(max_new_tokens=10, stop_on_eos=False)
+
+
+def experts(fmt, n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lay = layout(CFG, fmt)
+    I, H = 64, 96
+    return lay, torch.stack([quantize_expert(lay, torch.randn(I, H, generator=g) * .1,
+                                             torch.randn(I, H, generator=g) * .1,
+                                             torch.randn(H, I, generator=g) * .1) for _ in range(n)])
+
+
+@pytest.mark.parametrize("bits, tol", [(8, 0.01), (4, 0.12)])
+def test_quantization_round_trips_and_requantizing_changes_nothing(bits, tol):
+    w = torch.randn(64, 96) * 0.02
+    mat = Matrix(64, 96, bits, 0)
+    buf = quantize_matrix(w, bits)
+    assert buf.numel() == mat.nbytes == 64 * 96 * bits // 8 + 64 * 3 * 2 * (2 if bits == 4 else 1)
+    deq = dequantize_matrix(buf, mat)
+    assert 0 < rel_err(deq, w) < tol
+    assert torch.equal(quantize_matrix(deq, bits), buf)
+
+
+def test_q4_packs_nibbles_in_ggml_block_order_with_scale_and_min():
+    w = torch.arange(32, dtype=torch.float32).reshape(1, 32) * 0.5 - 3.0     # d = 0.5, m = -3, q = 0..15, 15..
+    w[0, 16:] = w[0, :16]
+    q, d, m = Matrix(1, 32, 4, 0).planes(quantize_matrix(w, 4))
+    assert d.item() == 0.5 and m.item() == -3.0
+    assert q[0].tolist() == [i | (i << 4) for i in range(16)]               # byte i: q[i] low, q[i + 16] high
+
+
+def test_q8_is_symmetric_with_one_fp16_scale_per_32():
+    w = torch.linspace(-1, 1, 64).reshape(1, 64)
+    q, d, m = Matrix(1, 64, 8, 0).planes(quantize_matrix(w, 8))
+    assert m is None and d.dtype == torch.float16 and d.shape == (1, 64 // GROUP)
+    assert q.dtype == torch.int8 and q.abs().max().item() == 127
+
+
+def test_formats_need_rows_in_whole_groups():
+    with pytest.raises(ConfigError, match="multiples of 32"):
+        layout(ModelConfig.from_dict({**PRESETS["tiny"][0], "moe_intermediate_size": 48}), "q4")
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("march", ["native", "x86-64-v2"])
+@pytest.mark.parametrize("pool", [0, 2])
+def test_cpu_kernel_reads_quantized_experts_exactly(fmt, march, pool):
+    lay, bufs = experts(fmt, 3)
+    views = [split_planes(lay, b) for b in bufs]
+    starts, counts = [0, 1, 6], [1, 5, 20]                                 # 20: more than the dense kernel takes
+    for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        k = CpuExperts("native", pool_threads=pool, march=march, quant=lay)
+        x = torch.randn(26, 96).to(dt)
+        out = torch.empty_like(x)
+        k.run(x, out, [v[0] for v in views], [v[1] for v in views], starts, counts)
+        ref = torch.cat([gated_ffn(x[s:s + c], *dequantize_parts(lay, *views[j], dt))
+                         for j, (s, c) in enumerate(zip(starts, counts))])
+        assert rel_err(out.float(), ref.float()) <= tol
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_triton_grouped_kernel_matches_the_dequantized_reference(fmt):
+    """Runs in Triton's interpreter (conftest sets TRITON_INTERPRET): float32, empty slots, a slot with more rows
+    than a block."""
+    lay, slots = experts(fmt, 5)
+    counts = torch.tensor([2, 0, 19, 0, 1])
+    offs = counts.cumsum(0).to(torch.int32)
+    xs = torch.randn(int(counts.sum()), 96)
+    ref = torch_grouped_qffn(xs, offs, slots, lay)
+    assert rel_err(triton_grouped_qffn(xs, offs, slots, lay, bm=16), ref) <= 1e-5
+    w13, w2 = dequantize_expert(lay, slots[2], torch.float32)
+    assert rel_err(ref[2:21], gated_ffn(xs[2:21], w13, w2)) <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def dequantized(tiny, tmp_path_factory):
+    """The tiny checkpoint with its routed experts replaced by their q8 / q4 dequantized weights, loaded in
+    transformers: the function the engine must compute."""
+    from transformers import AutoModelForCausalLM
+    ckpt, models = Checkpoint(tiny), {}
+    for fmt in ("q8", "q4"):
+        lay, out = layout(ckpt.config, fmt), tmp_path_factory.mktemp(f"deq_{fmt}")
+        for f in tiny.iterdir():
+            if f.suffix != ".safetensors":
+                shutil.copy(f, out / f.name)
+                continue
+            tensors = load_file(f)
+            for layer in ckpt.config.moe_layers:
+                for e in range(ckpt.config.n_routed_experts):
+                    names = ckpt.expert_names(layer, e)
+                    if names[0] in tensors:
+                        w13, w2 = dequantize_expert(lay, quantize_expert(lay, *(ckpt.get(n) for n in names)),
+                                                    torch.float32)
+                        I = w13.shape[0] // 2
+                        tensors.update(zip(names, (w13[:I], w13[I:], w2)))
+            save_file(tensors, out / f.name)
+        models[fmt] = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    return models
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_resident_quantized_engine_equals_transformers_with_dequantized_experts(tiny, dequantized, fmt):
+    e = make(tiny, experts=fmt)
+    for p in PROMPTS:
+        with torch.no_grad():
+            assert rel_err(e.logits(p), dequantized[fmt](torch.tensor([p])).logits[0]) <= 1e-4
+    out = e.generate(PROMPTS, GREEDY)                                       # a padded batch of three
+    for p, toks in zip(PROMPTS, out.tokens):
+        with torch.no_grad():
+            ref = dequantized[fmt].generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
+                                            min_new_tokens=10)[0, len(p):].tolist()
+        assert toks == ref
+
+
+@pytest.fixture(scope="module")
+def resident(tiny):
+    runs = {}
+    for fmt in ("q8", "q4"):
+        e = make(tiny, experts=fmt)
+        runs[fmt] = e.generate(PROMPTS, GREEDY).tokens, e.logits(PROMPTS[0])
+    return runs
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("mode", ["fetch", "cpu", "hybrid"])
+@pytest.mark.parametrize("prefetch", ["none", "gate"])
+def test_every_mode_computes_the_same_quantized_function(tiny, resident, fmt, mode, prefetch):
+    tokens, logits = resident[fmt]
+    e = make(tiny, experts=fmt, mode=mode, prefetch=prefetch, gpu_memory=budget_for(tiny, 20, experts=fmt))
+    assert e.backend.cache.n_slots == 20 and e.backend.cpu.experts.kind == "native"
+    out = e.generate(PROMPTS, GREEDY)
+    assert out.tokens == tokens
+    assert rel_err(e.logits(PROMPTS[0]), logits) <= 1e-4
+    x = out.stats.experts
+    assert x.misses > 0
+    assert x.fetched_bytes == x.fetched * layout(e.cfg, fmt).nbytes
+
+
+def test_quantized_experts_are_kept_on_disk_and_read_back(tiny):
+    path = quantized_path(Checkpoint(tiny), "q4")
+    path.unlink(missing_ok=True)
+    first = make(tiny, experts="q4", mode="fetch", gpu_memory=budget_for(tiny, 20, experts="q4"))
+    stamp = path.stat().st_mtime_ns
+    second = make(tiny, experts="q4", mode="cpu", gpu_memory=budget_for(tiny, 20, experts="q4"))
+    assert path.stat().st_mtime_ns == stamp and second.backend.store.path == path
+    assert torch.equal(first.backend.store.flat, second.backend.store.flat)
+
+
+def test_quantized_slots_count_their_real_size_in_the_budget(tiny):
+    budget = budget_for(tiny, 20)                                           # 20 float32 expert slots
+    q4 = make(tiny, experts="q4", mode="fetch", gpu_memory=budget)
+    cfg = q4.cfg
+    ratio = cfg.expert_numel * 4 / layout(cfg, "q4").nbytes
+    assert q4.backend.cache.n_slots >= min(len(cfg.moe_layers) * cfg.n_routed_experts, int(20 * ratio) - 1)
