@@ -14,6 +14,9 @@
 #include <cstdint>
 #include <cstring>
 #include <omp.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <vector>
 #include <version>

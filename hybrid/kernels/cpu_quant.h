@@ -3,6 +3,7 @@
 // F = 2 (q4): nibbles [R, C/2] (byte i of a group: q[i] low, q[i + 16] high), fp16 d, m [R, C/32]; w = d q + m.
 // Weights are dequantized in registers, in fp32 (d q is exact, + m rounds once, as in torch's reference), and,
 // for bf16 activations, rounded to bf16 as the dequantized bf16 model holds them. Activations stay fp32.
+// Included inside cpu_kernel.cpp's anonymous namespace (which includes <immintrin.h> on x86).
 
 struct QMat {
     const uint8_t *q;
@@ -20,6 +21,9 @@ inline QMat qmat(const void *base, int R, int C) {
 }
 
 inline float from_fp16(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#endif
     const uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
     if (e == 0) return (s ? -1.f : 1.f) * std::ldexp((float)m, -24);     // zero and subnormals
     const uint32_t u = e == 31 ? s | 0x7f800000u | (m << 13) : s | ((e + 112) << 23) | (m << 13);
@@ -34,9 +38,36 @@ inline vf round_bf16(vf v) {                  // round to nearest even, as torch
     return (vf)(u & 0xffff0000u);
 }
 
-typedef uint8_t vb __attribute__((vector_size(VL)));
-typedef int8_t vsb __attribute__((vector_size(VL)));
-typedef int32_t vi __attribute__((vector_size(4 * VL)));
+#if defined(__AVX512F__)
+inline vf widen_s8(const int8_t *p) {        // VL int8 -> fp32
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+inline vf nibbles(const uint8_t *p, int high) {   // VL bytes -> their low (or high) nibbles as fp32
+    __m128i b = _mm_loadu_si128((const __m128i *)p);
+    b = high ? _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15)) : _mm_and_si128(b, _mm_set1_epi8(15));
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+}
+#elif defined(__AVX2__)
+inline vf widen_s8(const int8_t *p) {
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+inline vf nibbles(const uint8_t *p, int high) {
+    __m128i b = _mm_loadl_epi64((const __m128i *)p);
+    b = high ? _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15)) : _mm_and_si128(b, _mm_set1_epi8(15));
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+}
+#else                                         // plain C++ (compilers widen these lane by lane)
+inline vf widen_s8(const int8_t *p) {
+    vf v;
+    for (int i = 0; i < VL; i++) v[i] = (float)p[i];
+    return v;
+}
+inline vf nibbles(const uint8_t *p, int high) {
+    vf v;
+    for (int i = 0; i < VL; i++) v[i] = (float)(high ? p[i] >> 4 : p[i] & 15);
+    return v;
+}
+#endif
 
 // Row r's weights at columns k..k+31 (k % 32 == 0) as 32 / VL fp32 vectors, in column order.
 template <int F, typename T>
@@ -45,21 +76,11 @@ inline void qgroup(const QMat &w, long r, int k, vf *out) {
     const float d = from_fp16(w.d[g]);
     if (F == 1) {
         const int8_t *q = (const int8_t *)w.q + (size_t)r * w.C + k;
-        for (int v = 0; v < 32 / VL; v++) {
-            vsb b;
-            std::memcpy(&b, q + v * VL, sizeof b);
-            out[v] = __builtin_convertvector(__builtin_convertvector(b, vi), vf) * d;
-        }
+        for (int v = 0; v < 32 / VL; v++) out[v] = widen_s8(q + v * VL) * d;
     } else {
         const uint8_t *q = w.q + (size_t)r * (w.C / 2) + k / 2;
         const float m = from_fp16(w.m[g]);
-        for (int v = 0; v < 32 / VL; v++) {
-            const int half = v * VL / 16, off = (v * VL) % 16;
-            vb b;
-            std::memcpy(&b, q + off, sizeof b);
-            const vb nib = half ? (vb)(b >> 4) : (vb)(b & 15);
-            out[v] = __builtin_convertvector(__builtin_convertvector(nib, vi), vf) * d + m;
-        }
+        for (int v = 0; v < 32 / VL; v++) out[v] = nibbles(q + (v * VL) % 16, v * VL / 16) * d + m;
     }
     if (sizeof(T) == 2)
         for (int v = 0; v < 32 / VL; v++) out[v] = round_bf16(out[v]);
@@ -83,16 +104,28 @@ inline void qtile(const QMat &w, long r0, const float *x, float *y, long ldt) {
         for (int r = 0; r < RN; r++) y[t * ldt + r] = hsum(acc[r][t]);
 }
 
-// RB rows from r0 against T token rows of x, as rows_all_tokens does for unquantized weights.
+// RB rows from r0 against T token rows of x, as rows_all_tokens does for unquantized weights. Up to TB tokens
+// dequantize in registers; more dequantize the RB rows once into a buffer (L1-sized) that every token block reads.
 template <int F, typename T>
 inline void qrows_all_tokens(const QMat &w, long r0, const float *x, int T_, float *y, long ldt) {
     const int K = w.C;
-    int t = 0;
-    for (; t + TB <= T_; t += TB) qtile<F, T, RB, TB>(w, r0, x + (size_t)t * K, y + t * ldt, ldt);
-    switch (T_ - t) {
-        case 3: qtile<F, T, RB, 3>(w, r0, x + (size_t)t * K, y + t * ldt, ldt); break;
-        case 2: qtile<F, T, RB, 2>(w, r0, x + (size_t)t * K, y + t * ldt, ldt); break;
-        case 1: qtile<F, T, RB, 1>(w, r0, x + (size_t)t * K, y + t * ldt, ldt); break;
+    if (T_ > TB) {
+        thread_local std::vector<float> rows;
+        rows.resize((size_t)RB * K);
+        for (int r = 0; r < RB; r++)
+            for (int k = 0; k < K; k += 32) {
+                vf v[32 / VL];
+                qgroup<F, T>(w, r0 + r, k, v);
+                std::memcpy(rows.data() + (size_t)r * K + k, v, sizeof v);
+            }
+        rows_all_tokens(rows.data(), x, K, T_, y, ldt);
+        return;
+    }
+    switch (T_) {
+        case 4: qtile<F, T, RB, 4>(w, r0, x, y, ldt); break;
+        case 3: qtile<F, T, RB, 3>(w, r0, x, y, ldt); break;
+        case 2: qtile<F, T, RB, 2>(w, r0, x, y, ldt); break;
+        case 1: qtile<F, T, RB, 1>(w, r0, x, y, ldt); break;
         default: break;
     }
 }

@@ -1,0 +1,121 @@
+"""Expert kernels per weight format on the GPU box: the grouped FFN over cache slots (bf16 torch._grouped_mm,
+q8 / q4 Triton) at decode and prefill row counts, replayed from a CUDA graph where the runtime replays it, and
+the native CPU kernel per format at 1-16 tokens per expert with weights from DRAM. Each GPU result is checked
+against the dequantized reference. One JSON object with every row; a table at the end.
+
+    python eval/probes/quant_kernel_probe.py [--out probe.json]"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch  # noqa: E402
+
+from hybrid.kernels.cpu_experts import CpuExperts  # noqa: E402
+from hybrid.kernels.quant_gpu import torch_grouped_qffn  # noqa: E402
+from hybrid.model.config import ModelConfig  # noqa: E402
+from hybrid.model.quant import expert_bytes, layout, quantize_expert, split_planes  # noqa: E402
+from hybrid.model.synthetic import PRESETS  # noqa: E402
+from hybrid.offload.resident import slot_ffn  # noqa: E402
+
+CFG = ModelConfig.from_dict(PRESETS["v2-lite"][0])
+H, I = CFG.hidden_size, CFG.moe_intermediate_size
+
+
+def slots_for(fmt: str, n: int, device) -> torch.Tensor:
+    one = [torch.randn(I, H) * 0.02, torch.randn(I, H) * 0.02, torch.randn(H, I) * 0.02]
+    if fmt == "bf16":
+        row = torch.cat([t.reshape(-1) for t in one]).bfloat16()
+    else:
+        row = quantize_expert(layout(CFG, fmt), *one)
+    return row.to(device).expand(n, -1).contiguous()
+
+
+def gpu_ms(ffn, xs, offs, graph: bool, reps: int = 50) -> float:
+    ffn(xs, offs)
+    torch.cuda.synchronize()
+    run = lambda: ffn(xs, offs)  # noqa: E731
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            ffn(xs, offs)
+        run = g.replay
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def gpu_rows(fmt: str, S: int = 256) -> list[dict]:
+    dev = torch.device("cuda")
+    slots = slots_for(fmt, S, dev)
+    quant = None if fmt == "bf16" else layout(CFG, fmt)
+    ffn = slot_ffn(slots, CFG, quant)
+    rows = []
+    for tokens, active in ((1, 6), (8, 6), (16, 6), (96, 48), (3072, 64)):       # rows per expert, experts
+        counts = torch.zeros(S, dtype=torch.int64)
+        counts[torch.arange(active) * (S // active)] = tokens
+        offs = counts.cumsum(0).to(torch.int32).to(dev)
+        xs = (torch.randn(int(counts.sum()), H, device=dev) * 0.5).bfloat16()
+        err = None
+        if quant is not None:
+            ref = torch_grouped_qffn(xs, offs.cpu(), slots, quant)
+            err = ((ffn(xs, offs).float() - ref.float()).norm() / ref.float().norm()).item()
+        ms = gpu_ms(ffn, xs, offs, graph=tokens * active <= 96)
+        nbytes = active * expert_bytes(CFG, fmt, 2)
+        rows.append({"lane": "gpu", "format": fmt, "tokens_per_expert": tokens, "experts": active, "ms": ms,
+                     "us_per_expert": 1000 * ms / active, "weight_gb_s": nbytes / ms / 1e6, "rel_err": err})
+    return rows
+
+
+def cpu_rows(fmt: str, n_host: int = 96, threads: int = 15) -> list[dict]:
+    quant = None if fmt == "bf16" else layout(CFG, fmt)
+    host = slots_for(fmt, n_host, "cpu")
+    k = CpuExperts("native", pool_threads=threads - 1, quant=quant, tiles="off", max_tokens=1 << 30)
+    torch.set_num_threads(threads)
+    views = [split_planes(quant, host[j]) if quant else (host[j][:2 * I * H].view(2 * I, H),
+                                                          host[j][2 * I * H:].view(H, I)) for j in range(n_host)]
+    rows = []
+    for tokens in (1, 4, 16):
+        x = torch.randn(tokens * 6, H).bfloat16()
+        out = torch.empty_like(x)
+        times = []
+        for c in range(30):
+            js = [(6 * c + j) % n_host for j in range(6)]
+            t = time.perf_counter()
+            k.run(x, out, [views[j][0] for j in js], [views[j][1] for j in js], [j * tokens for j in range(6)],
+                  [tokens] * 6)
+            times.append(1000 * (time.perf_counter() - t))
+        ms = statistics.median(times[3:])
+        rows.append({"lane": "cpu", "format": fmt, "tokens_per_expert": tokens, "experts": 6, "ms": ms,
+                     "us_per_expert": 1000 * ms / 6, "weight_gb_s": 6 * expert_bytes(CFG, fmt, 2) / ms / 1e6})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="quant_kernel_probe.json")
+    a = ap.parse_args()
+    rows = []
+    for fmt in ("bf16", "q8", "q4"):
+        rows += gpu_rows(fmt) + cpu_rows(fmt)
+    Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                       "rows": rows}, indent=1))
+    print("lane format tok/exp experts    ms  us/expert  GB/s  rel_err")
+    for r in rows:
+        print(f"{r['lane']:4} {r['format']:5} {r['tokens_per_expert']:7} {r['experts']:7} {r['ms']:7.3f} "
+              f"{r['us_per_expert']:8.1f} {r['weight_gb_s']:7.1f}  {r.get('rel_err')}")
+
+
+if __name__ == "__main__":
+    main()
