@@ -1,6 +1,7 @@
 """Measure this machine's offloading costs once (PCIe copy, GPU and CPU expert time, transfers) for --mode hybrid.
 
     python calibrate.py                 # writes ~/.cache/hybrid-moe/costs.json for this machine
+    python calibrate.py --experts q4    # the same for 4-bit experts: costs-q4.json
 """
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ import torch
 
 from hybrid.offload.calibration import default_path, measure
 from hybrid.engine.cli import ArgParser, at_least, check_paths
-from hybrid.model.config import ConfigError, RunConfig
+from hybrid.model.config import CHOICES, ConfigError, RunConfig
 from hybrid.engine.engine import Engine
 from hybrid.engine.sampling import SamplingParams
 from hybrid.model.synthetic import PRESETS, write_checkpoint
 
 
 def engine_overheads(device: torch.device, dtype: str, kernel: str, pool: bool,
-                     tiles: str = "auto", prefetch: bool = True) -> tuple[float, float]:
+                     tiles: str = "auto", prefetch: bool = True, experts: str = "bf16") -> tuple[float, float]:
     """Per-MoE-layer fixed costs measured in the real runtime on a tiny model, whose expert math is negligible:
     (overhead of a layer whose experts are all cached, extra cost of handing a layer's experts to the CPU lane)."""
     config, shards = PRESETS["tiny"]
@@ -26,7 +27,8 @@ def engine_overheads(device: torch.device, dtype: str, kernel: str, pool: bool,
     with tempfile.TemporaryDirectory() as tmp:
         path = write_checkpoint(tmp, config, shards, progress=False)
         for mode, slots in (("fetch", None), ("cpu", 0)):
-            run = RunConfig(device=str(device), dtype=dtype, mode=mode, max_seq_len=64, cache_slots=slots,
+            run = RunConfig(device=str(device), dtype=dtype, mode=mode, experts=experts, max_seq_len=64,
+                            cache_slots=slots,
                             cpu_kernel=kernel, cpu_pool=pool, cpu_tiles=tiles, cpu_prefetch=prefetch)
             e = Engine(str(path), run, progress=False)
             e.generate([[1, 2, 3, 4]], SamplingParams(max_new_tokens=4))
@@ -39,7 +41,10 @@ def engine_overheads(device: torch.device, dtype: str, kernel: str, pool: bool,
 def main(argv: list[str] | None = None) -> None:
     ap = ArgParser(description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    ap.add_argument("--out", default=str(default_path()), help="where the calibration JSON goes")
+    ap.add_argument("--experts", default="bf16", choices=CHOICES["experts"],
+                    help="expert weight format to calibrate (as run.py's --experts)")
+    ap.add_argument("--out", help="where the calibration JSON goes (default: this machine's for the format, "
+                                  "costs.json or costs-<format>.json in the cache folder)")
     ap.add_argument("--hidden", type=int, default=2048, help="expert shape (DeepSeek-V2-Lite: 2048)")
     ap.add_argument("--inter", type=int, default=1408, help="expert intermediate size (V2-Lite: 1408)")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
@@ -55,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cpu-prefetch", default="on", choices=["on", "off"],
                     help="the tile path's software prefetch of the next weight rows (as run.py's)")
     a = ap.parse_args(argv)
+    a.out = a.out or str(default_path(a.experts))
     default_path().parent.mkdir(parents=True, exist_ok=True)
     check_paths(a, outputs=("out",))
     if a.device not in ("cpu", "cuda"):
@@ -70,10 +76,13 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     pool = a.cpu_pool == "on"
     prefetch = a.cpu_prefetch == "on"
+    if a.experts != "bf16" and (a.hidden % 32 or a.inter % 32):
+        raise ConfigError(f"--experts {a.experts} needs --hidden and --inter to be multiples of 32")
     model = measure(device, a.hidden, a.inter, dtype, a.threads, tokens, kernel=a.cpu_kernel, pool=pool,
-                    tiles=a.cpu_tiles, prefetch=prefetch)
+                    tiles=a.cpu_tiles, prefetch=prefetch, experts=a.experts)
     model.layer_overhead_ms, model.cpu_dispatch_ms = engine_overheads(device, str(dtype).split(".")[-1],
-                                                                      a.cpu_kernel, pool, a.cpu_tiles, prefetch)
+                                                                      a.cpu_kernel, pool, a.cpu_tiles, prefetch,
+                                                                      a.experts)
     model.to_json(a.out)
     print(json.dumps({"fetch_ms": round(model.fetch_ms, 4), "layer_overhead_ms": round(model.layer_overhead_ms, 4),
                       "cpu_dispatch_ms": round(model.cpu_dispatch_ms, 4),

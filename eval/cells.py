@@ -16,9 +16,10 @@ WARM_PREFILLS = 2
 
 
 def refs_dir(a) -> Path:
-    """Reference logits of this sweep's checkpoint: under the out-dir, one folder per checkpoint identity."""
+    """Reference logits of this sweep's checkpoint: under the out-dir, one folder per checkpoint identity and
+    expert format."""
     from hybrid.model.checkpoint import Checkpoint
-    path = Path(a.out_dir) / "refs" / Checkpoint(a.model).identity()
+    path = Path(a.out_dir) / "refs" / Checkpoint(a.model).identity() / a.experts
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -31,6 +32,7 @@ def make_engine(a, mode: str, batch: int, seq: int) -> Engine:
     mode, _, prefetch = mode.partition("+")
     cuda = torch.cuda.is_available()
     run = RunConfig(device="cuda" if cuda else "cpu", dtype="bfloat16" if cuda else "float32", mode=mode,
+                    experts=a.experts,
                     prefetch=prefetch or "none", gpu_memory=a.gpu_memory if cuda and mode != "gpu" else None,
                     cache_policy=a.cache_policy, max_batch_size=batch, max_seq_len=seq)
     return Engine(a.model, run, progress=False)

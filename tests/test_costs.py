@@ -57,3 +57,15 @@ def test_calibrate_script_measures_runtime_overheads(tmp_path):
     assert r.returncode == 0, r.stderr
     d = json.loads(out.read_text())
     assert d["layer_overhead_ms"] > 0 and d["cpu_dispatch_ms"] >= 0 and d["source"] == "calibrated"
+
+
+def test_each_expert_format_has_its_own_calibration(tmp_path):
+    dev = torch.device("cpu")
+    q4 = measure(dev, hidden=64, inter=32, dtype=torch.float32, threads=1, tokens=(1, 4), n_host=4,
+                 progress=False, experts="q4")
+    assert q4.fingerprint["experts"] == "q4" and q4.cpu_ms(1) > 0 and q4.gpu_ms(4) > 0
+    q4.to_json(tmp_path / "q4.json")
+    as_bf16 = fingerprint(dev, 1, q4.fingerprint["cpu_kernel"], "bf16")
+    model, why = load_costs(tmp_path / "q4.json", as_bf16)
+    assert model.source == "defaults" and "experts" in why
+    assert load_costs(tmp_path / "q4.json", {**as_bf16, "experts": "q4"})[0].source == "calibrated"

@@ -6,12 +6,14 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
 
 from cost_model.costs import CostModel, Curve
 from ..model.config import cache_dir
+from ..model.quant import layout, quantize_expert, split_planes
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -26,16 +28,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def fingerprint(device: torch.device, threads: int | None, kernel: str = "torch") -> dict:
+def fingerprint(device: torch.device, threads: int | None, kernel: str = "torch", experts: str = "bf16") -> dict:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     if not threads:
         from ..kernels.cpu_load import default_threads
         threads = default_threads(device.type == "cuda")
-    return {"gpu": gpu, "cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads, "cpu_kernel": kernel}
+    return {"gpu": gpu, "cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads, "cpu_kernel": kernel,
+            "experts": experts}
 
 
-def default_path() -> Path:
-    return cache_dir() / "costs.json"
+def default_path(experts: str = "bf16") -> Path:
+    """This machine's calibration for an expert format (each format has its own copy and expert times)."""
+    return cache_dir() / ("costs.json" if experts == "bf16" else f"costs-{experts}.json")
 
 
 def _median_ms(fn, reps: int, cuda: bool, before=None) -> float:
@@ -59,21 +63,29 @@ def _median_ms(fn, reps: int, cuda: bool, before=None) -> float:
 
 
 class Bench:
-    """Expert-shaped buffers: `n_host` distinct experts in host memory (pinned on CUDA) and one device slot."""
+    """Expert-shaped buffers in a weight format: `n_host` distinct experts in host memory (pinned on CUDA) and
+    one device slot."""
 
-    def __init__(self, device: torch.device, hidden: int, inter: int, dtype: torch.dtype, n_host: int):
+    def __init__(self, device: torch.device, hidden: int, inter: int, dtype: torch.dtype, n_host: int,
+                 experts: str = "bf16"):
         self.device, self.cuda, self.hidden, self.inter = device, device.type == "cuda", hidden, inter
-        numel = 3 * hidden * inter
-        one = (torch.randn(numel) * 0.02).to(dtype)
-        self.host = torch.empty(n_host, numel, dtype=dtype)
-        self.host.copy_(one.expand(n_host, numel))          # distinct addresses are what matters, not values
+        shape = SimpleNamespace(hidden_size=hidden, moe_intermediate_size=inter, expert_numel=3 * hidden * inter)
+        self.quant = None if experts == "bf16" else layout(shape, experts)
+        self.ffn_cfg, self.dtype = shape, dtype
+        ws = [torch.randn(inter, hidden) * 0.02, torch.randn(inter, hidden) * 0.02, torch.randn(hidden, inter) * 0.02]
+        one = torch.cat([w.reshape(-1) for w in ws]).to(dtype) if self.quant is None else \
+            quantize_expert(self.quant, *ws)
+        self.host = torch.empty(n_host, one.numel(), dtype=one.dtype)
+        self.host.copy_(one.expand(n_host, -1))             # distinct addresses are what matters, not values
         if self.cuda:
             self.host = self.host.pin_memory()
-        self.slot = torch.empty(numel, dtype=dtype, device=device)
+        self.slot = torch.empty(one.numel(), dtype=one.dtype, device=device)
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.cpu_run = None             # the runtime's CPU-expert call (CpuExperts.run), set by measure()
 
     def views(self, buf):
+        if self.quant is not None:
+            return split_planes(self.quant, buf)
         h, i = self.hidden, self.inter
         return buf[:2 * i * h].view(2 * i, h), buf[2 * i * h:].view(h, i)
 
@@ -92,16 +104,18 @@ class Bench:
         return _median_ms(one, reps, self.cuda)
 
     def gpu_ms(self, n: int, reps: int = 20) -> float:
-        from .resident import expert_ffn
-        x = torch.randn(n, self.hidden, device=self.device).to(self.slot.dtype)
-        w13, w2 = self.views(self.slot)
-        expert_ffn(x, w13, w2)
-        return _median_ms(lambda: expert_ffn(x, w13, w2), reps, self.cuda)
+        """One expert of n tokens on the device, through the runtime's grouped FFN over one slot."""
+        from .resident import slot_ffn
+        x = torch.randn(n, self.hidden, device=self.device).to(self.dtype)
+        ffn = slot_ffn(self.slot[None], self.ffn_cfg, self.quant)
+        offs = torch.tensor([n], dtype=torch.int32, device=self.device)
+        ffn(x, offs)
+        return _median_ms(lambda: ffn(x, offs), reps, self.cuda)
 
     def cpu_ms(self, n: int, experts: int = 1, reps: int = 24) -> float:
         """One call of the runtime's CPU path over `experts` distinct experts of n tokens each (weights from
         DRAM), on this thread as the runtime runs it: just after queueing expert copies, so the PCIe lane is busy."""
-        x = torch.randn(n * experts, self.hidden).to(self.host.dtype)
+        x = torch.randn(n * experts, self.hidden).to(self.dtype)
         out = torch.empty_like(x)
         k = [0]
 
@@ -135,7 +149,7 @@ class Bench:
                 self.slot.copy_(self.host[(7 * j) % self.host.shape[0]], non_blocking=True)
 
     def xfer_ms(self, rows: int, reps: int = 20) -> float:
-        x = torch.randn(rows, self.hidden, device=self.device).to(self.slot.dtype)
+        x = torch.randn(rows, self.hidden, device=self.device).to(self.dtype)
         buf = torch.empty(rows, self.hidden, dtype=x.dtype, pin_memory=self.cuda)
 
         def one():
@@ -148,11 +162,13 @@ class Bench:
 
 def measure(device: torch.device, hidden: int = 2048, inter: int = 1408, dtype: torch.dtype = torch.bfloat16,
             threads: int | None = None, tokens=TOKENS, n_host: int = 96, progress: bool = True,
-            kernel: str = "auto", pool: bool = True, tiles: str = "auto", prefetch: bool = True) -> CostModel:
-    """Run every microbenchmark and fit the curves; CPU experts run with the thread setting the runtime uses."""
+            kernel: str = "auto", pool: bool = True, tiles: str = "auto", prefetch: bool = True,
+            experts: str = "bf16") -> CostModel:
+    """Run every microbenchmark and fit the curves for experts in format `experts`; CPU experts run with the
+    thread setting the runtime uses."""
     from .lanes import CpuLane
-    lane = CpuLane(threads, device.type == "cuda", kernel, pool, tiles, prefetch=prefetch)
-    bench = Bench(device, hidden, inter, dtype, n_host)
+    bench = Bench(device, hidden, inter, dtype, n_host, experts)
+    lane = CpuLane(threads, device.type == "cuda", kernel, pool, tiles, prefetch=prefetch, quant=bench.quant)
     bench.cpu_run = lane.experts.run
     steps = tqdm(total=3 * len(tokens) + 2, desc="calibrating", disable=not progress)
     fetch = bench.fetch_ms()
@@ -174,7 +190,7 @@ def measure(device: torch.device, hidden: int = 2048, inter: int = 1408, dtype: 
     steps.close()
     return CostModel(fetch_ms=fetch, gpu_ms=Curve.fit(gpu), cpu_ms=Curve.fit(cpu), xfer_ms=Curve.fit(xfer),
                      layer_overhead_ms=overhead,
-                     fingerprint=fingerprint(device, threads or lane.threads, lane.experts.label),
+                     fingerprint=fingerprint(device, threads or lane.threads, lane.experts.label, experts),
                      source="calibrated")
 
 

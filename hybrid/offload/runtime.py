@@ -65,9 +65,9 @@ def auto_budget(free: int, requested: int | None) -> int:
     return free - AUTO_MARGIN
 
 
-def machine_fingerprint(device: torch.device, threads: int | None, kernel: str) -> dict:
+def machine_fingerprint(device: torch.device, threads: int | None, kernel: str, experts: str = "bf16") -> dict:
     from .calibration import fingerprint
-    return fingerprint(device, threads, kernel)
+    return fingerprint(device, threads, kernel, experts)
 
 
 def experts_bytes(cfg: ModelConfig, run: RunConfig, itemsize: int) -> int:
@@ -141,8 +141,8 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
         print(f"CPU experts: torch path ({lane.experts.why})", file=sys.stderr)
     if run.costs_path is not None and not os.path.exists(run.costs_path):
         raise ConfigError(f"calibration file {run.costs_path} does not exist (run `python calibrate.py --out ...`)")
-    costs, why = load_costs(run.costs_path or default_costs_path(),
-                            machine_fingerprint(device, run.cpu_threads, lane.experts.label))
+    costs, why = load_costs(run.costs_path or default_costs_path(run.experts),
+                            machine_fingerprint(device, run.cpu_threads, lane.experts.label, run.experts))
     if run.mode == "hybrid" and progress:
         print(f"cost model: {why}", file=sys.stderr)
     planner = PLANNERS[run.mode](costs)
@@ -154,6 +154,6 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
                             copy_ahead=ahead)
 
 
-def default_costs_path() -> str:
+def default_costs_path(experts: str = "bf16") -> str:
     from .calibration import default_path
-    return str(default_path())
+    return str(default_path(experts))
