@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from hybrid.kernels.cpu_experts import CpuExperts  # noqa: E402
-from hybrid.kernels.quant_gpu import torch_grouped_qffn  # noqa: E402
+from hybrid.kernels.quant_gpu import torch_grouped_qffn, triton_grouped_qffn  # noqa: E402
 from hybrid.model.config import ModelConfig  # noqa: E402
 from hybrid.model.quant import expert_bytes, layout, quantize_expert, split_planes  # noqa: E402
 from hybrid.model.synthetic import PRESETS  # noqa: E402
@@ -56,25 +56,37 @@ def gpu_ms(ffn, xs, offs, graph: bool, reps: int = 50) -> float:
     return statistics.median(times)
 
 
+TILES = [None, (16, 32, 256), (16, 64, 128), (16, 16, 256), (16, 32, 64)]    # (bm, bn, bk); None: the default
+
+
 def gpu_rows(fmt: str, S: int = 256) -> list[dict]:
     dev = torch.device("cuda")
     slots = slots_for(fmt, S, dev)
     quant = None if fmt == "bf16" else layout(CFG, fmt)
-    ffn = slot_ffn(slots, CFG, quant)
     rows = []
     for tokens, active in ((1, 6), (8, 6), (16, 6), (96, 48), (3072, 64)):       # rows per expert, experts
         counts = torch.zeros(S, dtype=torch.int64)
         counts[torch.arange(active) * (S // active)] = tokens
         offs = counts.cumsum(0).to(torch.int32).to(dev)
         xs = (torch.randn(int(counts.sum()), H, device=dev) * 0.5).bfloat16()
-        err = None
-        if quant is not None:
-            ref = torch_grouped_qffn(xs, offs.cpu(), slots, quant)
-            err = ((ffn(xs, offs).float() - ref.float()).norm() / ref.float().norm()).item()
-        ms = gpu_ms(ffn, xs, offs, graph=tokens * active <= 96)
-        nbytes = active * expert_bytes(CFG, fmt, 2)
-        rows.append({"lane": "gpu", "format": fmt, "tokens_per_expert": tokens, "experts": active, "ms": ms,
-                     "us_per_expert": 1000 * ms / active, "weight_gb_s": nbytes / ms / 1e6, "rel_err": err})
+        ref = None if quant is None else torch_grouped_qffn(xs, offs.cpu(), slots, quant)
+        tiles = TILES if quant is not None and tokens * active <= 96 else [None]
+        for tile in tiles:
+            if tile is None:
+                ffn = slot_ffn(slots, CFG, quant)
+            else:
+                ffn = lambda x, o, t=tile: triton_grouped_qffn(x, o, slots, quant, *t)  # noqa: E731
+            try:
+                err = None if ref is None else \
+                    ((ffn(xs, offs).float() - ref.float()).norm() / ref.float().norm()).item()
+                ms = gpu_ms(ffn, xs, offs, graph=tokens * active <= 96)
+            except Exception as e:                          # one tile that does not compile is one row
+                rows.append({"lane": "gpu", "format": fmt, "tile": tile, "error": repr(e)[-300:]})
+                continue
+            nbytes = active * expert_bytes(CFG, fmt, 2)
+            rows.append({"lane": "gpu", "format": fmt, "tile": tile, "tokens_per_expert": tokens,
+                         "experts": active, "ms": ms, "us_per_expert": 1000 * ms / active,
+                         "weight_gb_s": nbytes / ms / 1e6, "rel_err": err})
     return rows
 
 
@@ -111,10 +123,14 @@ def main() -> None:
         rows += gpu_rows(fmt) + cpu_rows(fmt)
     Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                        "rows": rows}, indent=1))
-    print("lane format tok/exp experts    ms  us/expert  GB/s  rel_err")
+    print("lane format tile          tok/exp experts    ms  us/expert  GB/s  rel_err")
     for r in rows:
-        print(f"{r['lane']:4} {r['format']:5} {r['tokens_per_expert']:7} {r['experts']:7} {r['ms']:7.3f} "
-              f"{r['us_per_expert']:8.1f} {r['weight_gb_s']:7.1f}  {r.get('rel_err')}")
+        if "error" in r:
+            print(f"{r['lane']:4} {r['format']:5} {str(r['tile']):14} failed: {r['error'][-160:]}")
+            continue
+        err = "" if r.get("rel_err") is None else f"{r['rel_err']:.2e}"
+        print(f"{r['lane']:4} {r['format']:5} {str(r.get('tile')):14}{r['tokens_per_expert']:7} {r['experts']:7} "
+              f"{r['ms']:7.3f} {r['us_per_expert']:8.1f} {r['weight_gb_s']:7.1f}  {err}")
 
 
 if __name__ == "__main__":

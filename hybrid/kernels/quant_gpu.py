@@ -24,39 +24,31 @@ except ImportError:               # CPU-only installs: the torch path below serv
 
 if triton is not None:
     @triton.jit
-    def _dequant_tile(q_ptr, d_ptr, m_ptr, rows, k0, K: tl.constexpr, BITS: tl.constexpr, BK: tl.constexpr):
-        """Weights [BN, BK] of `rows` (row indices, masked by the caller) at columns k0..k0+BK, as fp32 -> for q4
-        (low half [BN, BK/2], high half [BN, BK/2]), columns of the halves given by _halves; for q8 one tile."""
-        if BITS == 8:
-            k = k0 + tl.arange(0, BK)
-            q = tl.load(q_ptr + rows[:, None] * K + k[None, :]).to(tl.float32)
-            d = tl.load(d_ptr + rows[:, None] * (K // 32) + (k // 32)[None, :]).to(tl.float32)
-            return q * d, q * d
-        j = tl.arange(0, BK // 2)
-        b = tl.load(q_ptr + rows[:, None] * (K // 2) + (k0 // 2 + j)[None, :])
-        g = rows[:, None] * (K // 32) + (k0 // 32 + j // 16)[None, :]
-        d = tl.load(d_ptr + g).to(tl.float32)
-        m = tl.load(m_ptr + g).to(tl.float32)
-        lo = (b & 15).to(tl.float32) * d + m
-        hi = (b >> 4).to(tl.float32) * d + m
-        return lo, hi
-
-    @triton.jit
-    def _dot_tile(acc, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, rows, k0, K: tl.constexpr, BITS: tl.constexpr, BK: tl.constexpr,
-                  PREC: tl.constexpr):
-        """acc [BM, BN] += x[xrow, k0:k0+BK] @ W[rows, k0:k0+BK]^T."""
-        a, b = _dequant_tile(q_ptr, d_ptr, m_ptr, rows, k0, K, BITS, BK)
+    def _dot_tile(acc, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, rows, k0, K: tl.constexpr, BITS: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+        """acc [BM, BN] += x[xrow, k0:k0+BK] @ W[rows, k0:k0+BK]^T, W dequantized here: one scale (and min) per
+        32 columns, loaded once per group and broadcast."""
         dt = x_ptr.dtype.element_ty
+        sidx = rows[:, None] * (K // 32) + (k0 // 32 + tl.arange(0, BK // 32))[None, :]           # [BN, G]
+        d = tl.load(d_ptr + sidx).to(tl.float32)[:, :, None]                                      # [BN, G, 1]
         if BITS == 8:
             k = k0 + tl.arange(0, BK)
+            q = tl.load(q_ptr + rows[:, None] * K + k[None, :]).to(tl.float32)                    # [BN, BK]
+            w = tl.reshape(tl.reshape(q, (BN, BK // 32, 32)) * d, (BN, BK))
             x = tl.load(x_ptr + xrow[:, None] * K + k[None, :], mask=rmask[:, None], other=0.0)
-            return acc + tl.dot(x, tl.trans(a.to(dt)), input_precision=PREC)
-        j = tl.arange(0, BK // 2)
-        klo = k0 + (j // 16) * 32 + j % 16
-        x_lo = tl.load(x_ptr + xrow[:, None] * K + klo[None, :], mask=rmask[:, None], other=0.0)
-        x_hi = tl.load(x_ptr + xrow[:, None] * K + (klo + 16)[None, :], mask=rmask[:, None], other=0.0)
-        acc = acc + tl.dot(x_lo, tl.trans(a.to(dt)), input_precision=PREC)
-        return acc + tl.dot(x_hi, tl.trans(b.to(dt)), input_precision=PREC)
+            acc = acc + tl.dot(x, tl.trans(w.to(dt)), input_precision=PREC)
+        else:
+            m = tl.load(m_ptr + sidx).to(tl.float32)[:, :, None]
+            j = tl.arange(0, BK // 2)
+            b = tl.reshape(tl.load(q_ptr + rows[:, None] * (K // 2) + (k0 // 2 + j)[None, :]), (BN, BK // 32, 16))
+            lo = tl.reshape((b & 15).to(tl.float32) * d + m, (BN, BK // 2))    # columns g*32 + i
+            hi = tl.reshape((b >> 4).to(tl.float32) * d + m, (BN, BK // 2))    # columns g*32 + 16 + i
+            klo = k0 + (j // 16) * 32 + j % 16
+            x_lo = tl.load(x_ptr + xrow[:, None] * K + klo[None, :], mask=rmask[:, None], other=0.0)
+            x_hi = tl.load(x_ptr + xrow[:, None] * K + (klo + 16)[None, :], mask=rmask[:, None], other=0.0)
+            acc = acc + tl.dot(x_lo, tl.trans(lo.to(dt)), input_precision=PREC)
+            acc = acc + tl.dot(x_hi, tl.trans(hi.to(dt)), input_precision=PREC)
+        return acc
 
     @triton.jit
     def _group_rows(bounds_ptr, order_ptr):
@@ -82,8 +74,8 @@ if triton is not None:
             g = tl.zeros((BM, BN), dtype=tl.float32)
             u = tl.zeros((BM, BN), dtype=tl.float32)
             for k0 in range(0, K, BK):
-                g = _dot_tile(g, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, n, k0, K, BITS, BK, PREC)
-                u = _dot_tile(u, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, n + I, k0, K, BITS, BK, PREC)
+                g = _dot_tile(g, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, n, k0, K, BITS, BN, BK, PREC)
+                u = _dot_tile(u, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, n + I, k0, K, BITS, BN, BK, PREC)
             gr = g.to(dt).to(tl.float32)
             silu = (gr / (1.0 + tl.exp(-gr))).to(dt).to(tl.float32)
             h = (silu * u.to(dt).to(tl.float32)).to(dt)
@@ -104,14 +96,14 @@ if triton is not None:
             r0 += BM
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k0 in range(0, K, BK):
-                acc = _dot_tile(acc, h_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, n, k0, K, BITS, BK, PREC)
+                acc = _dot_tile(acc, h_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, n, k0, K, BITS, BN, BK, PREC)
             tl.store(y_ptr + xrow[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
 def _block(n: int, want: int) -> int:
-    """The largest power of two <= want dividing n (at least 16: tl.dot's smallest side)."""
+    """The largest power of two <= want dividing n (at least 32: one quantization group)."""
     b = want
-    while b > 16 and n % b:
+    while b > 32 and n % b:
         b //= 2
     return b
 
@@ -129,27 +121,30 @@ def active_order(offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def triton_grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tensor, lay: ExpertLayout,
-                        bm: int | None = None) -> torch.Tensor:
-    """xs [N, Hd] (rows grouped by slot, group g ending at offs[g]), slots [S, nbytes] uint8 -> [N, Hd]."""
+                        bm: int | None = None, bn: int | None = None, bk: int | None = None) -> torch.Tensor:
+    """xs [N, Hd] (rows grouped by slot, group g ending at offs[g]), slots [S, nbytes] uint8 -> [N, Hd].
+    bm, bn, bk: the tile (rows, output columns, reduction); by default chosen by N (decode or prefill)."""
     N, Hd = xs.shape
     S, I = slots.shape[0], lay.w2.cols
+    y = torch.empty(N, Hd, dtype=xs.dtype, device=xs.device)
+    if N == 0:
+        return y
     prec = "ieee" if xs.dtype == torch.float32 else "tf32"
-    bm = bm or (16 if N <= 128 else 64)
+    small = N <= 128
+    bm = bm or (16 if small else 64)
+    bn, bk = bn or (32 if small else 64), bk or (128 if small else 64)
     bounds, order = active_order(offs)
     groups = min(N, S)
     h = torch.empty(N, I, dtype=xs.dtype, device=xs.device)
-    y = torch.empty(N, Hd, dtype=xs.dtype, device=xs.device)
-    bits, bk = lay.w13.bits, 128 if lay.w13.bits == 4 else 64
-    if N == 0:
-        return y
-    bn = _block(I, 64)
+    bits = lay.w13.bits
     q, d, m = _planes(slots, lay.w13)
-    _gate_up_kernel[(I // bn, groups)](xs, h, bounds, order, q, d, m, slots.stride(0), I, Hd, BITS=bits, BM=bm,
-                                       BN=bn, BK=_block(Hd, bk), PREC=prec)
-    bn = _block(Hd, 64)
+    bn1 = _block(I, bn)
+    _gate_up_kernel[(I // bn1, groups)](xs, h, bounds, order, q, d, m, slots.stride(0), I, Hd, BITS=bits, BM=bm,
+                                        BN=bn1, BK=_block(Hd, bk), PREC=prec)
     q, d, m = _planes(slots, lay.w2)
-    _down_kernel[(Hd // bn, groups)](h, y, bounds, order, q, d, m, slots.stride(0), Hd, I, BITS=bits, BM=bm, BN=bn,
-                                     BK=_block(I, bk), PREC=prec)
+    bn2 = _block(Hd, bn)
+    _down_kernel[(Hd // bn2, groups)](h, y, bounds, order, q, d, m, slots.stride(0), Hd, I, BITS=bits, BM=bm,
+                                      BN=bn2, BK=_block(I, bk), PREC=prec)
     return y
 
 

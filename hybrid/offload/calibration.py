@@ -16,6 +16,7 @@ from ..model.config import cache_dir
 from ..model.quant import layout, quantize_expert, split_planes
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+GRAPH_TOKENS = 16             # expert calls up to this many tokens are timed as graph replays (decode steps)
 
 
 def cpu_model() -> str:
@@ -110,7 +111,13 @@ class Bench:
         ffn = slot_ffn(self.slot[None], self.ffn_cfg, self.quant)
         offs = torch.tensor([n], dtype=torch.int32, device=self.device)
         ffn(x, offs)
-        return _median_ms(lambda: ffn(x, offs), reps, self.cuda)
+        run = lambda: ffn(x, offs)  # noqa: E731
+        if self.cuda and n <= GRAPH_TOKENS:                 # decode: the runtime replays it from a CUDA graph
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                ffn(x, offs)
+            run = graph.replay
+        return _median_ms(run, reps, self.cuda)
 
     def cpu_ms(self, n: int, experts: int = 1, reps: int = 24) -> float:
         """One call of the runtime's CPU path over `experts` distinct experts of n tokens each (weights from
