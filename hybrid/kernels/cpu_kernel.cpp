@@ -164,7 +164,7 @@ void run_phase(const Job &jb, int phase, long lo, long hi) {
             int j, i;
             split(r, 2 * I / RB, j, i);
             if (F) {
-                qrows_all_tokens<F, W>(qmat<F>(jb.w13[j], 2 * I, H), (long)i * RB, xf + (size_t)starts[j] * H,
+                qrows_all_tokens<F>(qmat<F>(jb.w13[j], 2 * I, H), (long)i * RB, xf + (size_t)starts[j] * H,
                                        counts[j], gu + (size_t)starts[j] * 2 * I + i * RB, 2 * I);
                 continue;
             }
@@ -188,7 +188,7 @@ void run_phase(const Job &jb, int phase, long lo, long hi) {
             for (int t0 = 0; t0 < counts[j]; t0 += TB) {
                 int tn = counts[j] - t0 < TB ? counts[j] - t0 : TB;
                 if (F)
-                    qrows_all_tokens<F, W>(qmat<F>(jb.w2[j], H, I), (long)o * RB, h + (size_t)(starts[j] + t0) * I,
+                    qrows_all_tokens<F>(qmat<F>(jb.w2[j], H, I), (long)o * RB, h + (size_t)(starts[j] + t0) * I,
                                            tn, y, RB);
                 else
                     rows_all_tokens(w, h + (size_t)(starts[j] + t0) * I, I, tn, y, RB);
