@@ -173,3 +173,18 @@ def test_quantized_slots_count_their_real_size_in_the_budget(tiny):
     cfg = q4.cfg
     ratio = cfg.expert_numel * 4 / layout(cfg, "q4").nbytes
     assert q4.backend.cache.n_slots >= min(len(cfg.moe_layers) * cfg.n_routed_experts, int(20 * ratio) - 1)
+
+
+def test_quality_script_compares_each_format_with_the_unquantized_experts(tiny, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out = tmp_path / "quality.json"
+    r = subprocess.run([sys.executable, str(ROOT / "eval" / "quant_quality.py"), "--model", str(tiny), "--tokenizer",
+                        "bytes", "--tokens", "16", "--count", "2", "--out", str(out)], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    rows = {row["experts"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["q8"]["positions"] == 32 and 0 < rows["q8"]["logits_rel_err"] < rows["q4"]["logits_rel_err"] < 0.2
+    assert 0 <= rows["q4"]["kl_mean"] and 0 <= rows["q4"]["top1_agreement"] <= 1
