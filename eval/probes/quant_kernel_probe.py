@@ -56,7 +56,10 @@ def gpu_ms(ffn, xs, offs, graph: bool, reps: int = 50) -> float:
     return statistics.median(times)
 
 
-TILES = [None, (16, 32, 256), (16, 64, 128), (16, 16, 256), (16, 32, 64)]    # (bm, bn, bk); None: the default
+# (bm, bn, bk, warps, stages); None: the default
+TILES = [None, (16, 32, 256, 4, 3), (16, 64, 128, 4, 3), (16, 32, 128, 2, 3), (16, 32, 128, 4, 4)]
+PREFILL_TILES = [None, (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 128, 8, 2), (32, 128, 64, 4, 3),
+                 (64, 64, 128, 4, 4), (128, 64, 64, 4, 3)]
 
 
 def gpu_rows(fmt: str, S: int = 256) -> list[dict]:
@@ -70,7 +73,7 @@ def gpu_rows(fmt: str, S: int = 256) -> list[dict]:
         offs = counts.cumsum(0).to(torch.int32).to(dev)
         xs = (torch.randn(int(counts.sum()), H, device=dev) * 0.5).bfloat16()
         ref = None if quant is None else torch_grouped_qffn(xs, offs.cpu(), slots, quant)
-        tiles = TILES if quant is not None and tokens * active <= 96 else [None]
+        tiles = [None] if quant is None else TILES if tokens * active <= 96 else PREFILL_TILES
         for tile in tiles:
             if tile is None:
                 ffn = slot_ffn(slots, CFG, quant)

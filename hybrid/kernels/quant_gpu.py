@@ -121,9 +121,11 @@ def active_order(offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def triton_grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tensor, lay: ExpertLayout,
-                        bm: int | None = None, bn: int | None = None, bk: int | None = None) -> torch.Tensor:
+                        bm: int | None = None, bn: int | None = None, bk: int | None = None,
+                        warps: int = 4, stages: int = 3) -> torch.Tensor:
     """xs [N, Hd] (rows grouped by slot, group g ending at offs[g]), slots [S, nbytes] uint8 -> [N, Hd].
-    bm, bn, bk: the tile (rows, output columns, reduction); by default chosen by N (decode or prefill)."""
+    bm, bn, bk: the tile (rows, output columns, reduction); by default chosen by N (decode or prefill); warps and
+    stages: Triton's launch options."""
     N, Hd = xs.shape
     S, I = slots.shape[0], lay.w2.cols
     y = torch.empty(N, Hd, dtype=xs.dtype, device=xs.device)
@@ -140,11 +142,11 @@ def triton_grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tenso
     q, d, m = _planes(slots, lay.w13)
     bn1 = _block(I, bn)
     _gate_up_kernel[(I // bn1, groups)](xs, h, bounds, order, q, d, m, slots.stride(0), I, Hd, BITS=bits, BM=bm,
-                                        BN=bn1, BK=_block(Hd, bk), PREC=prec)
+                                        BN=bn1, BK=_block(Hd, bk), PREC=prec, num_warps=warps, num_stages=stages)
     q, d, m = _planes(slots, lay.w2)
     bn2 = _block(Hd, bn)
     _down_kernel[(Hd // bn2, groups)](h, y, bounds, order, q, d, m, slots.stride(0), Hd, I, BITS=bits, BM=bm,
-                                      BN=bn2, BK=_block(I, bk), PREC=prec)
+                                      BN=bn2, BK=_block(I, bk), PREC=prec, num_warps=warps, num_stages=stages)
     return y
 
 
