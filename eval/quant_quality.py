@@ -9,7 +9,6 @@ and near-flat logits flip their top-1 on small errors. Writes JSON (with run met
     python eval/quant_quality.py --model DIR [--formats q8,q4] [--out eval/results/quant_h200/quality.json]"""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 

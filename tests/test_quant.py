@@ -188,3 +188,34 @@ def test_quality_script_compares_each_format_with_the_unquantized_experts(tiny, 
     rows = {row["experts"]: row for row in json.loads(out.read_text())["rows"]}
     assert rows["q8"]["positions"] == 32 and 0 < rows["q8"]["logits_rel_err"] < rows["q4"]["logits_rel_err"] < 0.2
     assert 0 <= rows["q4"]["kl_mean"] and 0 <= rows["q4"]["top1_agreement"] <= 1
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_triton_dequantize_kernel_writes_the_dequantized_matrices(fmt):
+    from hybrid.kernels.quant_scratch import _dequant_matrix
+    lay, slots = experts(fmt, 4)
+    ids = torch.tensor([3, 1], dtype=torch.int32)
+    for mat in (lay.w13, lay.w2):
+        out = torch.empty(2, mat.rows, mat.cols)
+        _dequant_matrix(slots, mat, ids, out)
+        assert torch.equal(out, dequantize_matrix(slots[[3, 1]], mat))
+
+
+def test_scratch_ffn_chunks_active_slots_and_matches_the_reference():
+    from hybrid.kernels.quant_scratch import CHUNK, ScratchFFN
+    lay, slots = experts("q4", 2 * CHUNK + 3)
+    counts = torch.tensor([(s * 7) % 5 for s in range(slots.shape[0])])          # some slots empty
+    assert (counts > 0).sum() > CHUNK
+    offs = counts.cumsum(0).to(torch.int32)
+    xs = torch.randn(int(counts.sum()), 96)
+    got = ScratchFFN(slots, lay, torch.float32)(xs, offs.numpy())
+    assert rel_err(got, torch_grouped_qffn(xs, offs, slots, lay)) <= 1e-6
+
+
+def test_long_prefill_takes_the_scratch_path_and_stays_exact(tiny):
+    e = make(tiny, experts="q4", mode="fetch", gpu_memory=budget_for(tiny, 20, experts="q4"))
+    calls, scratch = [], e.backend.scratch
+    e.backend.scratch = lambda xs, ends: calls.append(xs.shape[0]) or scratch(xs, ends)
+    prompt = [(7 * i) % 500 + 3 for i in range(100)]
+    assert rel_err(e.logits(prompt), make(tiny, experts="q4").logits(prompt)) <= 1e-4
+    assert calls and min(calls) >= 128

@@ -55,6 +55,12 @@ def gated_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Ten
     return F.linear(F.silu(g) * u, w2)
 
 
+def grouped_ffn(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """gated_ffn for rows of xs grouped by expert (group g ends at offs[g]) through w13 [G, 2I, Hd], w2 [G, Hd, I]."""
+    g, u = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)    # [N, I] each
+    return torch._grouped_mm(F.silu(g) * u, w2.transpose(1, 2), offs=offs)          # [N, Hd]
+
+
 class MLP:
     """SiLU-gated feed-forward with gate and up fused in one matrix [2I, H]."""
 

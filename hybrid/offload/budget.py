@@ -80,14 +80,15 @@ def prefill_graph_bytes(cfg: ModelConfig, max_tokens: int, itemsize: int) -> int
 
 def plan_memory(cfg: ModelConfig, budget: int, batch: int, seq_len: int, itemsize: int, chunk_tokens: int,
                 staging_slots: int, context: int = 0, min_slots: int = 0, margin: int = MARGIN,
-                graph_tokens: int = 0, slot_bytes: int | None = None) -> MemoryPlan:
+                graph_tokens: int = 0, slot_bytes: int | None = None, scratch: int = 0) -> MemoryPlan:
     """Split `budget` bytes; raise BudgetError naming what does not fit. graph_tokens: the largest prefill
-    captured as a graph, 0 for none; slot_bytes: one expert's bytes (default: unquantized, at itemsize)."""
+    captured as a graph, 0 for none; slot_bytes: one expert's bytes (default: unquantized, at itemsize);
+    scratch: prefill's dequantized experts (quantized slots)."""
     from ..model.deepseek import LatentCache
     non_expert = non_expert_numel(cfg) * itemsize
     kv = LatentCache.nbytes(cfg, batch, seq_len, itemsize)
     ws = workspace_bytes(cfg, batch, seq_len, chunk_tokens, itemsize) + margin \
-        + prefill_graph_bytes(cfg, graph_tokens, itemsize)
+        + prefill_graph_bytes(cfg, graph_tokens, itemsize) + scratch
     slot = cfg.expert_numel * itemsize if slot_bytes is None else slot_bytes
     staging = staging_slots * slot
     fixed = context + non_expert + kv + ws + staging

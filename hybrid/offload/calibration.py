@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from cost_model.costs import CostModel, Curve
+from ..kernels.quant_scratch import MIN_ROWS as SCRATCH_MIN_ROWS, ScratchFFN
 from ..model.config import cache_dir
 from ..model.quant import layout, quantize_expert, split_planes
 
@@ -108,8 +110,12 @@ class Bench:
         """One expert of n tokens on the device, through the runtime's grouped FFN over one slot."""
         from .resident import slot_ffn
         x = torch.randn(n, self.hidden, device=self.device).to(self.dtype)
-        ffn = slot_ffn(self.slot[None], self.ffn_cfg, self.quant)
         offs = torch.tensor([n], dtype=torch.int32, device=self.device)
+        if self.quant is not None and n >= SCRATCH_MIN_ROWS:      # as the executor runs prefill-sized groups
+            scratch, ends = ScratchFFN(self.slot[None], self.quant, self.dtype), np.array([n])
+            ffn = lambda x, _: scratch(x, ends)  # noqa: E731
+        else:
+            ffn = slot_ffn(self.slot[None], self.ffn_cfg, self.quant)
         ffn(x, offs)
         run = lambda: ffn(x, offs)  # noqa: E731
         if self.cuda and n <= GRAPH_TOKENS:                 # decode: the runtime replays it from a CUDA graph

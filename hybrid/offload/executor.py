@@ -11,6 +11,7 @@ import time
 import numpy as np
 import torch
 
+from ..kernels.quant_scratch import MIN_ROWS as SCRATCH_MIN_ROWS
 from ..model.config import ModelConfig
 from ..planning.copy_ahead import CopyAhead
 from ..planning.lane_feedback import LaneFeedback
@@ -44,6 +45,7 @@ class OffloadedExperts:
         self.host_x = PinnedBuffer(cfg.hidden_size, store.dtype, pin)
         self.index_buf = PinnedBuffer(1, torch.int32, pin)
         self.ffn = cache.grouped()
+        self.scratch = cache.scratch_ffn(store.dtype)       # quantized slots: prefill's FFN over a bf16 scratch
         self.timer = LayerTimer(self.copy.cuda)
         self.phases = PhaseLog()
         self.plan: LayerPlan | None = None     # the current layer's plan
@@ -159,7 +161,7 @@ class OffloadedExperts:
         xs = x.index_select(0, tok)                                                        # [T*K, Hd]
         ys = torch.empty_like(xs)
         self.phases.mark("launched")
-        self._gpu_groups(call.layer, hits, waves, lay.rows, offs, xs, ys)
+        self._gpu_groups(call.layer, hits, waves, lay, offs, xs, ys)
         wsort = call.w.reshape(-1)[perm].unsqueeze(1)                                     # [T*K, 1]
         later = self._prefetch_then_cpu(call, host, lay, xh, ys, job)
         out = combine(x, tok, ys, wsort)
@@ -205,16 +207,23 @@ class OffloadedExperts:
         buf = self._pinned(lay.perm, lay.offs.reshape(-1))
         return buf.to(self.device, non_blocking=True) if self.copy.cuda else buf.clone()
 
-    def _gpu_groups(self, layer: int, hits, waves, rows, offs, xs, ys) -> None:
-        a, b = rows[0]
+    def _gpu_groups(self, layer: int, hits, waves, lay, offs, xs, ys) -> None:
         self.copies.wait_landed(hits)
-        if b > a:
-            ys[a:b] = self.ffn(xs[a:b], offs[0])
+        self._group(0, lay, offs, xs, ys)
         self.copies.read_queued(hits)                # copies made ahead sit in staging slots
         for i, wave in enumerate(waves):
             self.copies.wait_landed(wave)
-            a, b = rows[i + 1]
-            ys[a:b] = self.ffn(xs[a:b], offs[i + 1])
+            self._group(i + 1, lay, offs, xs, ys)
             self.copies.read_queued(wave)
             if i + 2 < len(waves):
                 self.copies.issue(layer, waves[i + 2])
+
+    def _group(self, g: int, lay, offs, xs, ys) -> None:
+        """GPU group g's rows: quantized slots with many rows through the bf16 scratch, the rest fused."""
+        a, b = lay.rows[g]
+        if b == a:
+            return
+        if self.scratch is not None and b - a >= SCRATCH_MIN_ROWS:
+            ys[a:b] = self.scratch(xs[a:b], lay.offs[g])
+        else:
+            ys[a:b] = self.ffn(xs[a:b], offs[g])

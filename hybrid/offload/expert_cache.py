@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..model.config import ModelConfig
+from ..kernels.quant_scratch import ScratchFFN
 from ..model.quant import ExpertLayout
 from .cache_policy import make_policy
 from .resident import slot_ffn
@@ -173,3 +174,7 @@ class ExpertCache:
     def grouped(self):
         """The grouped FFN over every slot, for GEMMs over slots: ffn(xs [N, Hd], offs [S]) -> [N, Hd]."""
         return slot_ffn(self._slots, self.cfg, self.quant)
+
+    def scratch_ffn(self, dtype: torch.dtype) -> ScratchFFN | None:
+        """For quantized slots, prefill's FFN over a bf16 scratch: ffn(xs, slot_ends (host)); else None."""
+        return None if self.quant is None else ScratchFFN(self._slots, self.quant, dtype)

@@ -5,13 +5,12 @@ from functools import partial
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..kernels.quant_gpu import grouped_qffn
 from ..model.checkpoint import Checkpoint
 from ..model.config import ModelConfig
-from ..model.deepseek import gated_ffn
+from ..model.deepseek import gated_ffn, grouped_ffn
 from ..model.quant import ExpertLayout
 
 
@@ -20,12 +19,6 @@ expert_ffn = gated_ffn           # one routed expert: the same SiLU-gated feed-f
 
 def read_expert(ckpt: Checkpoint, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(ckpt.get(n) for n in ckpt.expert_names(layer, expert))
-
-
-def grouped_ffn(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """Rows of xs grouped by expert (group g ends at offs[g]) through w13 [G, 2I, Hd] and w2 [G, Hd, I]."""
-    g, u = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)    # [N, I] each
-    return torch._grouped_mm(F.silu(g) * u, w2.transpose(1, 2), offs=offs)          # [N, Hd]
 
 
 def slot_ffn(slots: torch.Tensor, cfg: ModelConfig, quant: ExpertLayout | None) -> Callable:

@@ -10,6 +10,7 @@ import torch
 from cost_model.costs import load_costs
 from ..model.checkpoint import Checkpoint
 from ..model.config import ConfigError, ModelConfig, RunConfig
+from ..kernels.quant_scratch import CHUNK as SCRATCH_CHUNK
 from ..model.quant import ExpertLayout, expert_bytes, layout
 from .budget import MARGIN, UNLIMITED, BudgetError, MemoryPlan, plan_memory, size
 from .expert_store import ExpertStore
@@ -45,7 +46,12 @@ def memory_plan(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize
     return plan_memory(cfg, budget, run.max_batch_size, run.max_seq_len, itemsize, run.prefill_chunk_tokens,
                        staging_slots(cfg) if run.mode != "gpu" else 0, context,
                        margin=MARGIN if cuda else 0, graph_tokens=graph_tokens(run, device),
-                       slot_bytes=expert_bytes(cfg, run.experts, itemsize))
+                       slot_bytes=expert_bytes(cfg, run.experts, itemsize), scratch=scratch_bytes(cfg, run, itemsize))
+
+
+def scratch_bytes(cfg: ModelConfig, run: RunConfig, itemsize: int) -> int:
+    """Offloading quantized experts: prefill dequantizes a few at a time into a scratch (kernels/quant_scratch.py)."""
+    return SCRATCH_CHUNK * cfg.expert_numel * itemsize if run.experts != "bf16" and run.mode != "gpu" else 0
 
 
 def limit_allocator(plan: MemoryPlan, device: torch.device) -> None:

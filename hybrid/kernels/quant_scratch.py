@@ -1,0 +1,90 @@
+"""Prefill over quantized expert slots: the active slots dequantized into a bf16 scratch, a few at a time (one
+Triton kernel each time, memory-bound), then torch's grouped GEMM over the scratch. Where many tokens share an
+expert this is faster than dequantizing inside the GEMM (quant_gpu.py): 0.26 ms per expert of 48 tokens there,
+about 0.1 ms for cuBLAS on bf16 weights (H200). The caller knows on the host which slots hold rows, so nothing
+synchronises."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..model.deepseek import grouped_ffn
+from ..model.quant import ExpertLayout, Matrix, dequantize_expert
+from .quant_gpu import triton
+
+CHUNK = 8                     # experts dequantized at once: the scratch is CHUNK bf16 experts (138 MB for V2-Lite)
+MIN_ROWS = 128                # groups of fewer rows stay on quant_gpu's fused kernels
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _dequant_kernel(q_ptr, d_ptr, m_ptr, ids_ptr, out_ptr, slot_bytes, R: tl.constexpr, C: tl.constexpr,
+                        BITS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+        """out[i, rows, cols] = matrix of slot ids[i], dequantized (a block of BR rows x BC columns)."""
+        s = tl.load(ids_ptr + tl.program_id(0)).to(tl.int64)
+        q_ptr += s * slot_bytes
+        d_ptr += s * slot_bytes // 2
+        m_ptr += s * slot_bytes // 2
+        out_ptr += tl.program_id(0).to(tl.int64) * R * C
+        r = tl.program_id(1) * BR + tl.arange(0, BR)[:, None]                                    # [BR, 1]
+        if BITS == 8:
+            c = tl.program_id(2) * BC + tl.arange(0, BC)[None, :]                                # [1, BC]
+            w = tl.load(q_ptr + r * C + c).to(tl.float32) * tl.load(d_ptr + r * (C // 32) + c // 32).to(tl.float32)
+            tl.store(out_ptr + r * C + c, w.to(out_ptr.dtype.element_ty))
+        else:
+            j = tl.program_id(2) * (BC // 2) + tl.arange(0, BC // 2)[None, :]                    # byte in the row
+            b = tl.load(q_ptr + r * (C // 2) + j)
+            g = r * (C // 32) + j // 16
+            d = tl.load(d_ptr + g).to(tl.float32)
+            m = tl.load(m_ptr + g).to(tl.float32)
+            col = (j // 16) * 32 + j % 16
+            tl.store(out_ptr + r * C + col, ((b & 15).to(tl.float32) * d + m).to(out_ptr.dtype.element_ty))
+            tl.store(out_ptr + r * C + col + 16, ((b >> 4).to(tl.float32) * d + m).to(out_ptr.dtype.element_ty))
+
+
+def _dequant_matrix(slots: torch.Tensor, mat: Matrix, ids: torch.Tensor, out: torch.Tensor) -> None:
+    q, d, m = mat.planes(slots[:1])
+    m = d if m is None else m
+    BR, BC = 8, 256 if mat.cols % 256 == 0 else 128 if mat.cols % 128 == 0 else 32
+    _dequant_kernel[(ids.shape[0], mat.rows // BR, mat.cols // BC)](q, d, m, ids, out, slots.stride(0), mat.rows,
+                                                                    mat.cols, BITS=mat.bits, BR=BR, BC=BC)
+
+
+class ScratchFFN:
+    """ffn(xs [N, Hd], slot_ends [S] (host: cumulative rows per slot)) -> [N, Hd], for the slots of `slots`."""
+
+    def __init__(self, slots: torch.Tensor, lay: ExpertLayout, dtype: torch.dtype):
+        I, Hd = lay.w2.cols, lay.w2.rows
+        self.slots, self.lay, self.cuda = slots, lay, slots.device.type == "cuda"
+        self.w13 = torch.empty(CHUNK, 2 * I, Hd, dtype=dtype, device=slots.device)
+        self.w2 = torch.empty(CHUNK, Hd, I, dtype=dtype, device=slots.device)
+
+    def _dequantize(self, ids: np.ndarray) -> None:
+        n = ids.shape[0]
+        if not self.cuda:
+            for i, s in enumerate(ids.tolist()):
+                self.w13[i], self.w2[i] = dequantize_expert(self.lay, self.slots[s], self.w13.dtype)
+            return
+        dev = self._upload(ids)
+        _dequant_matrix(self.slots, self.lay.w13, dev, self.w13[:n])
+        _dequant_matrix(self.slots, self.lay.w2, dev, self.w2[:n])
+
+    def _upload(self, values: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32))
+        return host.pin_memory().to(self.slots.device, non_blocking=True) if self.cuda else host
+
+    def __call__(self, xs: torch.Tensor, slot_ends: np.ndarray) -> torch.Tensor:
+        counts = np.diff(slot_ends, prepend=0)
+        active = np.flatnonzero(counts)
+        ys = torch.empty_like(xs)
+        r0 = 0
+        for c in range(0, active.shape[0], CHUNK):
+            ids = active[c:c + CHUNK]
+            n, rows = ids.shape[0], counts[ids]
+            r1 = r0 + int(rows.sum())
+            self._dequantize(ids)
+            offs = self._upload(np.cumsum(rows))
+            ys[r0:r1] = grouped_ffn(xs[r0:r1], offs, self.w13[:n], self.w2[:n])
+            r0 = r1
+        return ys
