@@ -39,6 +39,20 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_results(out_dir: Path, rows: list[dict], fields: list[str]) -> None:
+    """results.json (rows and this run's metadata) and results.csv (the named fields) in out_dir, atomically."""
+    import csv
+    import io
+    import json
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "results.json", json.dumps({"meta": meta(), "rows": rows}, indent=1))
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(out_dir / "results.csv", text.getvalue())
+
+
 def die_with_parent() -> None:
     """For subprocess's preexec_fn: the child is killed when the process that started it dies, even by SIGKILL,
     so a killed sweep leaves no job running (Linux; elsewhere nothing)."""

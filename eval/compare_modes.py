@@ -8,8 +8,6 @@ same, and says which. Reference logits for the precision check live under the ou
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import subprocess
 import sys
@@ -18,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common import DEFAULT_PROMPTS, ROOT, code_digest, die_with_parent, meta, write_atomic
+from common import DEFAULT_PROMPTS, ROOT, code_digest, die_with_parent, write_results
 from hybrid.model.checkpoint import Checkpoint
 from hybrid.engine.cli import ArgParser, at_least, parse_bytes
 from hybrid.model.config import ConfigError
@@ -107,13 +105,7 @@ def load(out_dir: Path) -> list[dict]:
 
 
 def save(out_dir: Path, rows: list[dict]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "results.json", json.dumps({"meta": meta(), "rows": rows}, indent=1))
-    text = io.StringIO(newline="")
-    w = csv.DictWriter(text, fieldnames=FIELDS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    write_atomic(out_dir / "results.csv", text.getvalue())
+    write_results(out_dir, rows, FIELDS)
 
 
 def table(rows: list[dict]) -> None:

@@ -9,12 +9,10 @@ weights, gpu_budget_gib, batch_size, prompt_tokens) -> results.json, results.csv
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 from pathlib import Path
 
-from common import ROOT, meta, write_atomic
+from common import ROOT, write_results
 
 FIELDS = ["system", "weights", "setting", "gpu_budget_gib", "batch_size", "prompt_tokens", "decode_tok_s",
           "prefill_tok_s", "ttft_ms", "peak_gpu_gib", "hit_rate", "cpu_share", "gb_over_pcie", "same_run"]
@@ -82,12 +80,7 @@ def main() -> None:
     mine = ours(d / "raw")
     rows = mine + llamacpp(d / "llamacpp.json", sorted({r["gpu_budget_gib"] for r in mine}))
     rows.sort(key=lambda r: (r["gpu_budget_gib"], r["batch_size"], r["prompt_tokens"], r["system"], r["weights"]))
-    write_atomic(d / "results.json", json.dumps({"meta": meta(), "rows": rows}, indent=1))
-    text = io.StringIO(newline="")
-    w = csv.DictWriter(text, fieldnames=FIELDS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    write_atomic(d / "results.csv", text.getvalue())
+    write_results(d, rows, FIELDS)
     plot(rows, d)
     print(f"{'GiB':>5} {'bs':>3} {'len':>4}  {'system':<10}{'weights':<8}{'decode':>8}{'prefill':>9}{'peak':>6}")
     for r in rows:
