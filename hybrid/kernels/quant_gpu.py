@@ -1,12 +1,13 @@
 """Grouped expert FFNs over quantized expert slots (quant.py's q8 / q4 planes): Triton kernels that dequantize
 in registers and multiply on tensor cores, with fp32 accumulation.
 
-`grouped_qffn(xs, offs, slots, lay)` is the quantized twin of resident.grouped_ffn: rows of xs grouped by slot
+`grouped_qffn(xs, offs, slots, lay)` is the quantized twin of deepseek.grouped_ffn: rows of xs grouped by slot
 (group g ends at offs[g]) through each slot's expert. Two kernels: gate and up together, whose programs write
 h = silu(gate) * up, then down. A program owns one active slot and a block of output columns and walks the slot's
 rows in blocks of BM; its grid is fixed by the shapes (no host synchronisation: it can be captured in a CUDA
 graph), the active slots are found on the device. Intermediate values are rounded to the compute dtype where
-torch's path rounds them (after each linear, after silu, after the product).
+torch's path rounds them (after each linear, after silu, after the product). Prefill-sized groups whose slots
+the host knows go through quant_scratch.py instead.
 
 On a CPU device (tests) the same function runs in torch: each active slot's expert dequantized, then the FFN."""
 from __future__ import annotations
