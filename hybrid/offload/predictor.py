@@ -64,14 +64,16 @@ def split_rows(seq: np.ndarray, val_share: float = 0.2) -> tuple[np.ndarray, np.
     return np.flatnonzero(~val), np.flatnonzero(val)
 
 
-def fit(model: "ExpertMLP", x: torch.Tensor, y: torch.Tensor, val: tuple, epochs: int) -> "ExpertMLP":
-    """Adam on binary cross-entropy, keeping the state with the best validation recall (the start included)."""
+def fit(model: "ExpertMLP", x: torch.Tensor, y: torch.Tensor, val: tuple, epochs: int,
+        gen: torch.Generator | None = None) -> "ExpertMLP":
+    """Adam on binary cross-entropy, keeping the state with the best validation recall (the start included);
+    batches shuffled with `gen`."""
     xv, idx_v = val
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
     with torch.no_grad():
         best, state = recall_at_k(model(xv).cpu(), idx_v), copy.deepcopy(model.state_dict())
     for _ in range(epochs):
-        for batch in torch.randperm(len(x), device=x.device).split(256):
+        for batch in torch.randperm(len(x), generator=gen).to(x.device).split(256):
             opt.zero_grad()
             F.binary_cross_entropy_with_logits(model(x[batch]), y[batch]).backward()
             opt.step()
@@ -84,17 +86,21 @@ def fit(model: "ExpertMLP", x: torch.Tensor, y: torch.Tensor, val: tuple, epochs
 
 
 def train(trace: dict, routers: dict[int, torch.Tensor], ks: list[int], epochs: int = 40, device: str = "cpu",
-          progress: bool = True) -> dict[tuple[int, int], ExpertMLP]:
-    """One predictor per (layer L, distance k) for L+k's routing, early-stopped on held-out sequences."""
+          progress: bool = True, seed: int = 0) -> dict[tuple[int, int], ExpertMLP]:
+    """One predictor per (layer L, distance k) for L+k's routing, early-stopped on held-out sequences;
+    initialisation and shuffling seeded (the same trace trains the same predictors)."""
     layers, out = trace["layers"], {}
     tr, va = split_rows(trace["seq"])
     pairs = [(L, k) for k in ks for i, L in enumerate(layers) if i + k < len(layers)]
-    for L, k in tqdm(pairs, desc="training predictors", disable=not progress):
+    for i, (L, k) in enumerate(tqdm(pairs, desc="training predictors", disable=not progress)):
         x = torch.from_numpy(trace["x"][L]).float().to(device)
         target = layers[layers.index(L) + k]
         y = multi_hot(trace["idx"][target], routers[target].shape[0]).to(device)
-        model = ExpertMLP(routers[target]).to(device)
-        out[(L, k)] = fit(model, x[tr], y[tr], (x[va], trace["idx"][target][va]), epochs).cpu().eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + i)
+            model = ExpertMLP(routers[target]).to(device)
+        gen = torch.Generator().manual_seed(seed + i)
+        out[(L, k)] = fit(model, x[tr], y[tr], (x[va], trace["idx"][target][va]), epochs, gen).cpu().eval()
     return out
 
 
