@@ -12,7 +12,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ["TRITON_INTERPRET"] = "1"      # Triton kernels run in its interpreter, on CPU tensors (read at import)
 
-from hybrid.kernels.quant_scratch import CHUNK as SCRATCH_CHUNK  # noqa: E402
 from hybrid.model.quant import expert_bytes  # noqa: E402
 from hybrid.offload.budget import plan_memory  # noqa: E402
 from hybrid.model.checkpoint import Checkpoint  # noqa: E402
@@ -49,12 +48,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def budget_for(tiny, slots, batch=3, seq=128, experts="bf16"):
-    """A --gpu-memory for the checkpoint that leaves exactly `slots` expert-cache slots (float32, no margin)."""
+def budget_for(tiny, slots, batch=3, seq=128, experts="bf16", scratch=0):
+    """A --gpu-memory for the checkpoint that leaves exactly `slots` expert-cache slots (float32, no margin), with
+    a prefill scratch of `scratch` experts for quantized ones (pass the same as RunConfig.prefill_scratch)."""
     cfg = Checkpoint(tiny).config
     p = plan_memory(cfg, 1 << 40, batch, seq, 4, 4096, staging_slots(cfg), margin=0,
                     slot_bytes=expert_bytes(cfg, experts, 4),
-                    scratch=0 if experts == "bf16" else SCRATCH_CHUNK * cfg.expert_numel * 4)
+                    scratch_expert=0 if experts == "bf16" else cfg.expert_numel * 4, scratch_experts=scratch)
     return p.budget - (p.n_slots - slots) * p.slot_bytes
 
 

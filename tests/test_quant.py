@@ -147,7 +147,8 @@ def resident(tiny):
 @pytest.mark.parametrize("prefetch", ["none", "gate"])
 def test_every_mode_computes_the_same_quantized_function(tiny, resident, fmt, mode, prefetch):
     tokens, logits = resident[fmt]
-    e = make(tiny, experts=fmt, mode=mode, prefetch=prefetch, gpu_memory=budget_for(tiny, 20, experts=fmt))
+    e = make(tiny, experts=fmt, mode=mode, prefetch=prefetch, prefill_scratch=0,
+             gpu_memory=budget_for(tiny, 20, experts=fmt))
     assert e.backend.cache.n_slots == 20 and e.backend.cpu.experts.kind == "native"
     out = e.generate(PROMPTS, GREEDY)
     assert out.tokens == tokens
@@ -160,9 +161,9 @@ def test_every_mode_computes_the_same_quantized_function(tiny, resident, fmt, mo
 def test_quantized_experts_are_kept_on_disk_and_read_back(tiny):
     path = quantized_path(Checkpoint(tiny), "q4")
     path.unlink(missing_ok=True)
-    first = make(tiny, experts="q4", mode="fetch", gpu_memory=budget_for(tiny, 20, experts="q4"))
+    first = make(tiny, experts="q4", mode="fetch", prefill_scratch=0, gpu_memory=budget_for(tiny, 20, experts="q4"))
     stamp = path.stat().st_mtime_ns
-    second = make(tiny, experts="q4", mode="cpu", gpu_memory=budget_for(tiny, 20, experts="q4"))
+    second = make(tiny, experts="q4", mode="cpu", prefill_scratch=0, gpu_memory=budget_for(tiny, 20, experts="q4"))
     assert path.stat().st_mtime_ns == stamp and second.backend.store.path == path
     assert torch.equal(first.backend.store.flat, second.backend.store.flat)
 
@@ -213,9 +214,25 @@ def test_scratch_ffn_chunks_active_slots_and_matches_the_reference():
 
 
 def test_long_prefill_takes_the_scratch_path_and_stays_exact(tiny):
-    e = make(tiny, experts="q4", mode="fetch", gpu_memory=budget_for(tiny, 20, experts="q4"))
+    e = make(tiny, experts="q4", mode="fetch", prefill_scratch=8, gpu_memory=budget_for(tiny, 20, experts="q4", scratch=8))
+    assert e.backend.cache.n_slots == 20 and e.backend.scratch.chunk == 8
     calls, scratch = [], e.backend.scratch
     e.backend.scratch = lambda xs, ends: calls.append(xs.shape[0]) or scratch(xs, ends)
     prompt = [(7 * i) % 500 + 3 for i in range(100)]
     assert rel_err(e.logits(prompt), make(tiny, experts="q4").logits(prompt)) <= 1e-4
     assert calls and min(calls) >= 128
+
+
+def test_prefill_scratch_takes_at_most_a_quarter_of_the_cache_room(tiny):
+    from hybrid.offload.budget import plan_memory
+    cfg, per = Checkpoint(tiny).config, Checkpoint(tiny).config.expert_numel * 4
+    q4 = layout(cfg, "q4").nbytes
+
+    def plan(budget, want=None):
+        return plan_memory(cfg, budget, 1, 64, 4, 4096, 18, margin=0, slot_bytes=q4, scratch_expert=per,
+                           scratch_experts=want)
+    base = plan(1 << 40).budget - plan(1 << 40).cache_bytes - 8 * per     # what everything but cache and scratch takes
+    for room in (0, per, 3 * per, 4 * per, 9 * per, 40 * per):
+        p = plan(base + room)
+        assert p.scratch_experts == min(8, room // (4 * per)) and p.scratch_experts * per <= room / 4
+    assert plan(base + 40 * per, want=0).scratch_experts == 0 and "prefill scratch: 8" in plan(1 << 40).describe()

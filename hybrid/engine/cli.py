@@ -130,6 +130,10 @@ def engine_args(ap: argparse.ArgumentParser) -> None:
                     default=512,
                     help="prompts of at most this many tokens (batch x length) whose shape was seen before prefill "
                          "from CUDA graphs (the launches between MoE layers replayed); 0: never")
+    ap.add_argument("--prefill-scratch", type=at_least(0),
+                    help="with --experts q8|q4 offloaded: experts prefill dequantizes at once into a bf16 scratch "
+                         "(0: none, prefill on the fused kernels); default: up to 8, taking at most a quarter of "
+                         "the expert cache's room")
     ap.add_argument("--costs", help="calibration JSON (default: this machine's, from calibrate.py)")
 
 
@@ -141,7 +145,7 @@ def run_config(a: argparse.Namespace) -> RunConfig:
                      cpu_pool=a.cpu_pool == "on", cpu_tiles=a.cpu_tiles, copy_ahead=a.copy_ahead == "on",
                      cpu_pool_spin_us=a.cpu_pool_spin_us, cpu_prefetch=a.cpu_prefetch == "on", costs_path=a.costs,
                      predictor_path=a.predictors, lookahead=a.lookahead,
-                     prefill_graph_tokens=a.prefill_graph_tokens)
+                     prefill_graph_tokens=a.prefill_graph_tokens, prefill_scratch=a.prefill_scratch)
 
 
 def make_engine(a: argparse.Namespace):

@@ -12,7 +12,7 @@ from ..model.deepseek import grouped_ffn
 from ..model.quant import ExpertLayout, Matrix, dequantize_expert
 from .quant_gpu import triton
 
-CHUNK = 8                     # experts dequantized at once: the scratch is CHUNK bf16 experts (138 MB for V2-Lite)
+CHUNK = 8                     # experts dequantized at once by default (a scratch of 138 MB for V2-Lite in bf16)
 MIN_ROWS = 128                # groups of fewer rows stay on quant_gpu's fused kernels
 
 if triton is not None:
@@ -54,11 +54,11 @@ def _dequant_matrix(slots: torch.Tensor, mat: Matrix, ids: torch.Tensor, out: to
 class ScratchFFN:
     """ffn(xs [N, Hd], slot_ends [S] (host: cumulative rows per slot)) -> [N, Hd], for the slots of `slots`."""
 
-    def __init__(self, slots: torch.Tensor, lay: ExpertLayout, dtype: torch.dtype):
+    def __init__(self, slots: torch.Tensor, lay: ExpertLayout, dtype: torch.dtype, chunk: int = CHUNK):
         I, Hd = lay.w2.cols, lay.w2.rows
-        self.slots, self.lay, self.cuda = slots, lay, slots.device.type == "cuda"
-        self.w13 = torch.empty(CHUNK, 2 * I, Hd, dtype=dtype, device=slots.device)
-        self.w2 = torch.empty(CHUNK, Hd, I, dtype=dtype, device=slots.device)
+        self.slots, self.lay, self.cuda, self.chunk = slots, lay, slots.device.type == "cuda", chunk
+        self.w13 = torch.empty(chunk, 2 * I, Hd, dtype=dtype, device=slots.device)
+        self.w2 = torch.empty(chunk, Hd, I, dtype=dtype, device=slots.device)
 
     def _dequantize(self, ids: np.ndarray) -> None:
         n = ids.shape[0]
@@ -79,8 +79,8 @@ class ScratchFFN:
         active = np.flatnonzero(counts)
         ys = torch.empty_like(xs)
         r0 = 0
-        for c in range(0, active.shape[0], CHUNK):
-            ids = active[c:c + CHUNK]
+        for c in range(0, active.shape[0], self.chunk):
+            ids = active[c:c + self.chunk]
             n, rows = ids.shape[0], counts[ids]
             r1 = r0 + int(rows.sum())
             self._dequantize(ids)

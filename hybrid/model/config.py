@@ -178,7 +178,7 @@ CHOICES = {"dtype": ("bfloat16", "float16", "float32"), "mode": MODES, "experts"
            "prefetch": ("none", "gate", "mlp"), "cpu_kernel": ("auto", "native", "torch"),
            "cpu_tiles": ("auto", "off", "emulate")}
 AT_LEAST = {"max_batch_size": 1, "max_seq_len": 1, "prefill_chunk_tokens": 1, "cache_slots": 0, "cpu_threads": 1,
-            "gpu_memory": 1, "prefill_graph_tokens": 0, "cpu_pool_spin_us": 0}
+            "gpu_memory": 1, "prefill_graph_tokens": 0, "cpu_pool_spin_us": 0, "prefill_scratch": 0}
 
 
 @dataclass
@@ -208,6 +208,8 @@ class RunConfig:
     costs_path: str | None = None         # calibration JSON; None = the default location
     static_decode: bool = True            # decode from static buffers over the whole cache (graph-ready)
     cuda_graphs: bool = True              # on CUDA, replay static decode steps from captured graphs
+    prefill_scratch: int | None = None    # quantized experts offloaded: experts prefill dequantizes at once into a
+                                          # bf16 scratch (0: none; None: up to 8, at most 1/4 of the cache's room)
     prefill_graph_tokens: int = 512       # whole-prompt prefills of <= this many tokens (batch x length) whose shape
                                           # was seen before run from static buffers (graphs on CUDA); 0: never
 

@@ -30,6 +30,7 @@ class MemoryPlan:
     staging: int          # ring of slots for fetched experts that the cache does not keep
     slot_bytes: int
     n_slots: int
+    scratch_experts: int = 0   # quantized experts: how many prefill dequantizes at once (in the workspace)
 
     @property
     def cache_bytes(self) -> int:
@@ -44,7 +45,9 @@ class MemoryPlan:
         """One line; `experts`: how many routed experts the model has (caps the cache of an unlimited run)."""
         slots = self.n_slots if experts is None else min(self.n_slots, experts)
         parts = (f"context {size(self.context)} + weights {size(self.non_expert)} + KV {size(self.kv_cache)} + "
-                 f"workspace {size(self.workspace)} + staging {size(self.staging)} + "
+                 f"workspace {size(self.workspace)}"
+                 + (f" (prefill scratch: {self.scratch_experts} experts)" if self.scratch_experts else "")
+                 + f" + staging {size(self.staging)} + "
                  f"cache {slots} experts ({size(slots * self.slot_bytes)})")
         head = "no budget (--gpu-memory not set):" if self.budget >= UNLIMITED else f"budget {size(self.budget)} ="
         return f"{head} {parts}"
@@ -80,17 +83,24 @@ def prefill_graph_bytes(cfg: ModelConfig, max_tokens: int, itemsize: int) -> int
 
 def plan_memory(cfg: ModelConfig, budget: int, batch: int, seq_len: int, itemsize: int, chunk_tokens: int,
                 staging_slots: int, context: int = 0, min_slots: int = 0, margin: int = MARGIN,
-                graph_tokens: int = 0, slot_bytes: int | None = None, scratch: int = 0) -> MemoryPlan:
+                graph_tokens: int = 0, slot_bytes: int | None = None, scratch_expert: int = 0,
+                scratch_experts: int | None = None, scratch_max: int = 8) -> MemoryPlan:
     """Split `budget` bytes; raise BudgetError naming what does not fit. graph_tokens: the largest prefill
-    captured as a graph, 0 for none; slot_bytes: one expert's bytes (default: unquantized, at itemsize);
-    scratch: prefill's dequantized experts (quantized slots)."""
+    captured as a graph, 0 for none; slot_bytes: one expert's bytes (default: unquantized, at itemsize).
+    Quantized slots: prefill dequantizes `scratch_experts` experts of `scratch_expert` bytes at once; None: up to
+    scratch_max, as long as the scratch takes at most a quarter of what the cache would otherwise get."""
     from ..model.deepseek import LatentCache
     non_expert = non_expert_numel(cfg) * itemsize
     kv = LatentCache.nbytes(cfg, batch, seq_len, itemsize)
     ws = workspace_bytes(cfg, batch, seq_len, chunk_tokens, itemsize) + margin \
-        + prefill_graph_bytes(cfg, graph_tokens, itemsize) + scratch
+        + prefill_graph_bytes(cfg, graph_tokens, itemsize)
     slot = cfg.expert_numel * itemsize if slot_bytes is None else slot_bytes
     staging = staging_slots * slot
+    n_scratch = 0
+    if scratch_expert:
+        room = max(0, budget - (context + non_expert + kv + ws + staging))
+        n_scratch = min(scratch_max, room // (4 * scratch_expert)) if scratch_experts is None else scratch_experts
+        ws += n_scratch * scratch_expert
     fixed = context + non_expert + kv + ws + staging
     if budget < fixed + min_slots * slot:
         raise BudgetError(
@@ -99,7 +109,7 @@ def plan_memory(cfg: ModelConfig, budget: int, batch: int, seq_len: int, itemsiz
             f"{size(kv)}, workspace {size(ws)}, CUDA context {size(context)} and "
             f"expert staging {size(staging)}: at least {size(fixed + min_slots * slot)}")
     n_slots = (budget - fixed) // slot
-    return MemoryPlan(budget, context, non_expert, kv, ws, staging, slot, int(n_slots))
+    return MemoryPlan(budget, context, non_expert, kv, ws, staging, slot, int(n_slots), int(n_scratch))
 
 
 def check_host_ram(need: int, available: int, what: str = "the routed-expert store") -> None:

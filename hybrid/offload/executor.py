@@ -36,7 +36,7 @@ class OffloadedExperts:
 
     def __init__(self, cfg: ModelConfig, store: ExpertStore, cache: ExpertCache, planner, device: torch.device,
                  cpu_lane: CpuLane, prefetcher: Prefetcher | None = None, decode_tokens: int = 16,
-                 copy_ahead: CopyAhead | None = None):
+                 copy_ahead: CopyAhead | None = None, scratch_experts: int = 0):
         self.cfg, self.store, self.cache, self.planner = cfg, store, cache, planner
         self.device, self.copy, self.cpu = device, CopyLane(device), cpu_lane
         self.prefetcher, self.decode_tokens = prefetcher, decode_tokens
@@ -45,7 +45,7 @@ class OffloadedExperts:
         self.host_x = PinnedBuffer(cfg.hidden_size, store.dtype, pin)
         self.index_buf = PinnedBuffer(1, torch.int32, pin)
         self.ffn = cache.grouped()
-        self.scratch = cache.scratch_ffn(store.dtype)       # quantized slots: prefill's FFN over a bf16 scratch
+        self.scratch = cache.scratch_ffn(store.dtype, scratch_experts)    # quantized: prefill over a bf16 scratch
         self.timer = LayerTimer(self.copy.cuda)
         self.phases = PhaseLog()
         self.plan: LayerPlan | None = None     # the current layer's plan

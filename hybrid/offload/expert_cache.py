@@ -175,6 +175,7 @@ class ExpertCache:
         """The grouped FFN over every slot, for GEMMs over slots: ffn(xs [N, Hd], offs [S]) -> [N, Hd]."""
         return slot_ffn(self._slots, self.cfg, self.quant)
 
-    def scratch_ffn(self, dtype: torch.dtype) -> ScratchFFN | None:
-        """For quantized slots, prefill's FFN over a bf16 scratch: ffn(xs, slot_ends (host)); else None."""
-        return None if self.quant is None else ScratchFFN(self._slots, self.quant, dtype)
+    def scratch_ffn(self, dtype: torch.dtype, experts: int) -> ScratchFFN | None:
+        """For quantized slots, prefill's FFN over a bf16 scratch of `experts` experts: ffn(xs, slot_ends (host));
+        None for unquantized slots or no scratch."""
+        return None if self.quant is None or experts < 1 else ScratchFFN(self._slots, self.quant, dtype, experts)

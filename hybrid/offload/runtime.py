@@ -46,12 +46,15 @@ def memory_plan(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize
     return plan_memory(cfg, budget, run.max_batch_size, run.max_seq_len, itemsize, run.prefill_chunk_tokens,
                        staging_slots(cfg) if run.mode != "gpu" else 0, context,
                        margin=MARGIN if cuda else 0, graph_tokens=graph_tokens(run, device),
-                       slot_bytes=expert_bytes(cfg, run.experts, itemsize), scratch=scratch_bytes(cfg, run, itemsize))
+                       slot_bytes=expert_bytes(cfg, run.experts, itemsize),
+                       scratch_expert=scratch_expert_bytes(cfg, run, itemsize), scratch_experts=run.prefill_scratch,
+                       scratch_max=SCRATCH_CHUNK)
 
 
-def scratch_bytes(cfg: ModelConfig, run: RunConfig, itemsize: int) -> int:
-    """Offloading quantized experts: prefill dequantizes a few at a time into a scratch (kernels/quant_scratch.py)."""
-    return SCRATCH_CHUNK * cfg.expert_numel * itemsize if run.experts != "bf16" and run.mode != "gpu" else 0
+def scratch_expert_bytes(cfg: ModelConfig, run: RunConfig, itemsize: int) -> int:
+    """Offloading quantized experts: prefill dequantizes a few at a time into a scratch (kernels/quant_scratch.py)
+    of this many bytes each; 0 where there is none."""
+    return cfg.expert_numel * itemsize if run.experts != "bf16" and run.mode != "gpu" else 0
 
 
 def limit_allocator(plan: MemoryPlan, device: torch.device) -> None:
@@ -157,7 +160,7 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
         print(f"memory: {plan.describe(len(cfg.moe_layers) * cfg.n_routed_experts)}", file=sys.stderr)
     ahead = CopyAhead(costs.fetch_ms, staging_slots(cfg) // 3) if run.copy_ahead and run.mode != "cpu" else None
     return OffloadedExperts(cfg, store, cache, planner, device, lane, prefetch, decode_tokens=run.max_batch_size,
-                            copy_ahead=ahead)
+                            copy_ahead=ahead, scratch_experts=plan.scratch_experts)
 
 
 def default_costs_path(experts: str = "bf16") -> str:
