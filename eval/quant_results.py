@@ -35,10 +35,12 @@ def ours(raw: Path) -> list[dict]:
 
 
 def llamacpp(path: Path, budgets: list[float]) -> list[dict]:
+    """llama.cpp's rows (eval/llamacpp_bench.py's JSON) at the budgets their peaks fit; decode may be one figure
+    or one per prompt length."""
     peer = json.loads(path.read_text())
     best: dict[tuple, dict] = {}
     for s in peer["rows"]:
-        fits = [b for b in budgets if s["peak_gpu_gib"] <= b]
+        fits = [b for b in budgets if s["peak_gpu_gib"] is not None and s["peak_gpu_gib"] <= b]
         if not fits:
             continue
         key = (min(fits), s["batch_size"])
@@ -47,8 +49,10 @@ def llamacpp(path: Path, budgets: list[float]) -> list[dict]:
     rows = []
     for (budget, batch), s in sorted(best.items()):
         for prompt, pre in s["prefill_tok_s"].items():
+            dec = s["decode_tok_s"]
             rows.append({"system": "llama.cpp", "weights": "Q4_K_M", "setting": s["setting"], "gpu_budget_gib": budget,
-                         "batch_size": batch, "prompt_tokens": int(prompt), "decode_tok_s": s["decode_tok_s"],
+                         "batch_size": batch, "prompt_tokens": int(prompt),
+                         "decode_tok_s": dec.get(prompt) if isinstance(dec, dict) else dec,
                          "prefill_tok_s": pre, "ttft_ms": 1000 * int(prompt) * batch / pre,
                          "peak_gpu_gib": s["peak_gpu_gib"], "same_run": peer["same_run"]})
     return rows
@@ -85,7 +89,7 @@ def main() -> None:
     print(f"{'GiB':>5} {'bs':>3} {'len':>4}  {'system':<10}{'weights':<8}{'decode':>8}{'prefill':>9}{'peak':>6}")
     for r in rows:
         print(f"{r['gpu_budget_gib']:5.0f} {r['batch_size']:3} {r['prompt_tokens']:4}  {r['system']:<10}"
-              f"{r['weights']:<8}{r['decode_tok_s']:8.1f}{r['prefill_tok_s']:9.0f}{r['peak_gpu_gib']:6.2f}")
+              f"{r['weights']:<8}{r['decode_tok_s'] or 0:8.1f}{r['prefill_tok_s']:9.0f}{r['peak_gpu_gib']:6.2f}")
 
 
 if __name__ == "__main__":
