@@ -18,8 +18,8 @@ WARM_PREFILLS = 2
 def refs_dir(a) -> Path:
     """Reference logits of this sweep's checkpoint: under the out-dir, one folder per checkpoint identity and
     expert format."""
-    from hybrid.model.checkpoint import Checkpoint
-    path = Path(a.out_dir) / "refs" / Checkpoint(a.model).identity() / a.experts
+    from hybrid.model.gguf_checkpoint import open_checkpoint
+    path = Path(a.out_dir) / "refs" / open_checkpoint(a.model).identity() / a.experts
     path.mkdir(parents=True, exist_ok=True)
     return path
 

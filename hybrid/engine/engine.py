@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from ..kernels.cpu_load import core_watch, default_threads
-from ..model.checkpoint import Checkpoint
+from ..model.gguf_checkpoint import open_checkpoint
 from ..model.config import RunConfig
 from ..model.deepseek import DeepseekV2, LatentCache, StepState
 from ..model.layout import model_specs
@@ -50,7 +50,7 @@ class Engine:
         self.run = run or RunConfig()
         self.device = resolve_device(self.run.device)
         self.dtype = DTYPES[self.run.dtype]
-        self.ckpt = Checkpoint(model_dir)
+        self.ckpt = open_checkpoint(model_dir)
         self.cfg = self.ckpt.config
         self.ckpt.check_shapes(model_specs(self.cfg))
         self.context_bytes = cuda_context_bytes(self.device) if self.device.type == "cuda" else 0

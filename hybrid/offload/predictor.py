@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..model.checkpoint import Checkpoint
+from ..model.gguf_checkpoint import open_checkpoint
 from ..model.config import cache_dir
 from .trace import load_trace
 
@@ -42,7 +42,7 @@ class ExpertMLP(torch.nn.Module):
 
 
 def checkpoint_key(model_dir: str | Path) -> str:
-    return Checkpoint(model_dir).identity()
+    return open_checkpoint(model_dir).identity()
 
 
 def default_path(model_dir: str | Path) -> Path:
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", help="eval: JSON table")
     ap.add_argument("--plot", help="eval: PNG of recall per layer")
     a = ap.parse_args(argv)
-    ck = Checkpoint(a.model)
+    ck = open_checkpoint(a.model)
     key = checkpoint_key(a.model)
     path = Path(a.predictors) if a.predictors else default_path(a.model)
     trace = load_trace(a.trace)

@@ -1,0 +1,155 @@
+"""A llama.cpp GGUF file (architecture deepseek2) read as a checkpoint: the config from its metadata, tensors by
+their Hugging Face names, dequantized on read (gguf's dequantizer: every type llama.cpp writes), memory-mapped.
+
+Names: `blk.N.attn_q` is `model.layers.N.self_attn.q_proj`, and so on (NAMES); the routed experts of a layer are one
+tensor `blk.N.ffn_{gate,up,down}_exps` [experts, rows, cols], expert e read as a slab. Attention's kv_b appears as
+`attn_kv_b` in older files and as `attn_k_b` [H, kv_lora, nope] + `attn_v_b` [H, v, kv_lora] in newer ones; both
+give kv_b_proj [H * (nope + v), kv_lora]. The config's YaRN `mscale` is not in the metadata: taken equal to
+`mscale_all_dim` (as in DeepSeek-V2 and V2-Lite). Not read yet: the tokenizer and chat template in the metadata (pass
+--tokenizer), and the experts' own block formats (they are dequantized, as every other tensor)."""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError
+from .config import ModelConfig
+
+NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+         "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+         "attn_kv_b": "self_attn.kv_b_proj", "attn_output": "self_attn.o_proj", "ffn_gate_inp": "mlp.gate",
+         "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+         "ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
+         "ffn_down_shexp": "mlp.shared_experts.down_proj"}
+GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+          "output.weight": "lm_head.weight"}
+EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def config_from_metadata(reader) -> dict:
+    """The Hugging Face config.json fields of a deepseek2 GGUF."""
+    arch = _field(reader, "general.architecture")
+    if arch != "deepseek2":
+        raise CheckpointError(f"GGUF architecture {arch!r} is not supported: only deepseek2 (DeepSeek-V2 / V2-Lite)")
+    g = lambda key, default=None: _field(reader, f"deepseek2.{key}", default)  # noqa: E731
+    rope = g("rope.dimension_count")
+    mult = g("rope.scaling.yarn_log_multiplier", 0.0)
+    scaling = None
+    if g("rope.scaling.type") == "yarn":
+        scaling = {"type": "yarn", "factor": g("rope.scaling.factor"), "beta_fast": g("rope.scaling.yarn_beta_fast"),
+                   "beta_slow": g("rope.scaling.yarn_beta_slow"), "mscale": mult / 0.1, "mscale_all_dim": mult / 0.1,
+                   "original_max_position_embeddings": g("rope.scaling.original_context_length")}
+    groups = g("expert_group_count", 1)
+    return {"model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"],
+            "hidden_size": g("embedding_length"), "intermediate_size": g("feed_forward_length"),
+            "moe_intermediate_size": g("expert_feed_forward_length"), "num_hidden_layers": g("block_count"),
+            "num_attention_heads": g("attention.head_count"), "num_key_value_heads": g("attention.head_count"),
+            "n_routed_experts": g("expert_count"), "num_experts_per_tok": g("expert_used_count"),
+            "n_shared_experts": g("expert_shared_count"), "first_k_dense_replace": g("leading_dense_block_count"),
+            "kv_lora_rank": g("attention.kv_lora_rank"), "q_lora_rank": g("attention.q_lora_rank"),
+            "qk_rope_head_dim": rope, "qk_nope_head_dim": g("attention.key_length_mla", g("attention.key_length")) - rope,
+            "v_head_dim": g("attention.value_length_mla", g("attention.value_length")),
+            "rope_theta": g("rope.freq_base"), "rope_scaling": scaling, "rms_norm_eps": g("attention.layer_norm_rms_epsilon"),
+            "max_position_embeddings": g("context_length"), "vocab_size": g("vocab_size"),
+            "routed_scaling_factor": g("expert_weights_scale", 1.0), "norm_topk_prob": bool(g("expert_weights_norm", False)),
+            "n_group": groups, "topk_group": g("expert_group_used_count", 1), "scoring_func": "softmax",
+            "topk_method": "greedy" if groups == 1 else "group_limited_greedy", "moe_layer_freq": 1,
+            "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": "output.weight" not in
+            {t.name for t in reader.tensors},
+            "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id", 100000),
+            "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id", 100001)}
+
+
+class GgufCheckpoint:
+    """The Checkpoint interface (config, get, expert_names, identity, check_shapes) over one GGUF file."""
+
+    def __init__(self, path: str | Path):
+        from gguf import GGUFReader
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"GGUF file {self.path} does not exist")
+        try:
+            self.reader = GGUFReader(str(self.path))
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"{self.path.name} is not a readable GGUF file: {e}") from None
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.config = ModelConfig.from_dict(config_from_metadata(self.reader))
+
+    def _array(self, name: str) -> np.ndarray:
+        from gguf.quants import dequantize
+        if name not in self.tensors:
+            raise CheckpointError(f"tensor {name} is not in {self.path.name}")
+        t = self.tensors[name]
+        try:
+            return dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise CheckpointError(f"tensor {name} has type {t.tensor_type.name}, which gguf cannot dequantize") \
+                from None
+
+    def _kv_b(self, layer: int) -> np.ndarray:
+        p = f"blk.{layer}"
+        if f"{p}.attn_kv_b.weight" in self.tensors:
+            return self._array(f"{p}.attn_kv_b.weight")
+        k, v = self._array(f"{p}.attn_k_b.weight"), self._array(f"{p}.attn_v_b.weight")    # [H, C, n], [H, v, C]
+        return np.concatenate([k.transpose(0, 2, 1), v], axis=1).reshape(-1, k.shape[1])   # [H*(n+v), C]
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor by its Hugging Face name, dequantized to float32."""
+        if name in GLOBAL.values():
+            return torch.from_numpy(self._array(next(k for k, v in GLOBAL.items() if v == name)).copy())
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+        if m is None:
+            raise CheckpointError(f"tensor {name} has no counterpart in a deepseek2 GGUF")
+        layer, rest = int(m[1]), m[2]
+        e = re.fullmatch(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)", rest)
+        if e is not None:
+            kind = next(k for k, v in EXPERTS.items() if v == e[2])
+            t = self.tensors.get(f"blk.{layer}.{kind}.weight")
+            if t is None:
+                raise CheckpointError(f"tensor blk.{layer}.{kind}.weight is not in {self.path.name}")
+            from gguf.quants import dequantize
+            return torch.from_numpy(dequantize(t.data[int(e[1])], t.tensor_type).copy())
+        if rest == "self_attn.kv_b_proj":
+            return torch.from_numpy(np.array(self._kv_b(layer)))
+        kind = next((k for k, v in NAMES.items() if v == rest), None)
+        if kind is None:
+            raise CheckpointError(f"tensor {name} has no counterpart in a deepseek2 GGUF")
+        return torch.from_numpy(self._array(f"blk.{layer}.{kind}.weight").copy())
+
+    def check_shapes(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Fail with the first tensor whose shape differs from what the metadata implies (read lazily: the layer
+        norms and the first layer's tensors, which name every kind but the experts)."""
+        for name, shape in expected.items():
+            if name.startswith("model.layers.") and not name.startswith(("model.layers.0.", "model.layers.1.")):
+                continue
+            if ".experts." in name and ".experts.0." not in name:
+                continue
+            got = tuple(self.get(name).shape)
+            if got != tuple(shape):
+                raise CheckpointError(f"tensor {name} has shape {list(got)} in {self.path.name}, expected "
+                                      f"{list(shape)} from its metadata")
+
+    def identity(self) -> str:
+        """16 hex digits naming the weights: the metadata's config and the first router's values."""
+        h = hashlib.sha1(repr(sorted(config_from_metadata(self.reader).items())).encode())
+        h.update(self.get(f"model.layers.{self.config.moe_layers[0]}.mlp.gate.weight").numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def expert_names(self, layer: int, expert: int) -> tuple[str, str, str]:
+        p = f"model.layers.{layer}.mlp.experts.{expert}"
+        return f"{p}.gate_proj.weight", f"{p}.up_proj.weight", f"{p}.down_proj.weight"
+
+
+def open_checkpoint(path: str | Path):
+    """A checkpoint directory (Hugging Face layout) or a .gguf file."""
+    from .checkpoint import Checkpoint
+    return GgufCheckpoint(path) if str(path).endswith(".gguf") else Checkpoint(path)

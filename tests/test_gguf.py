@@ -1,0 +1,157 @@
+"""GGUF files (llama.cpp's deepseek2) read as checkpoints: written here with gguf's writer (F32, and Q8_0 / Q4_0
+through its quantizer) and, where ../shared has llama.cpp's source, by llama.cpp's own converter."""
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFWriter
+from gguf.quants import dequantize, quantize
+from safetensors.torch import load_file, save_file
+
+from conftest import PROMPTS, ROOT, make, rel_err
+from hybrid.engine.engine import Engine
+from hybrid.engine.sampling import SamplingParams
+from hybrid.model.checkpoint import Checkpoint, CheckpointError
+from hybrid.model.config import RunConfig
+from hybrid.model.gguf_checkpoint import EXPERTS, GLOBAL, NAMES
+
+PEER = ROOT.parent / "shared" / "peers" / "llamacpp"
+RUN = dict(dtype="float32", max_batch_size=3, max_seq_len=128)
+
+
+def metadata(w: GGUFWriter, c) -> None:
+    """The deepseek2 keys llama.cpp's converter writes (newer files: MLA key/value lengths)."""
+    u, f = w.add_uint32, w.add_float32
+    for key, value in (("block_count", c.num_hidden_layers), ("context_length", c.max_position_embeddings),
+                       ("embedding_length", c.hidden_size), ("feed_forward_length", c.intermediate_size),
+                       ("attention.head_count", c.num_attention_heads), ("attention.head_count_kv", 1),
+                       ("expert_count", c.n_routed_experts), ("expert_used_count", c.num_experts_per_tok),
+                       ("expert_shared_count", c.n_shared_experts), ("leading_dense_block_count", c.first_k_dense_replace),
+                       ("expert_feed_forward_length", c.moe_intermediate_size), ("vocab_size", c.vocab_size),
+                       ("attention.kv_lora_rank", c.kv_lora_rank), ("rope.dimension_count", c.qk_rope_head_dim),
+                       ("attention.key_length", c.kv_lora_rank + c.qk_rope_head_dim),
+                       ("attention.value_length", c.kv_lora_rank),
+                       ("attention.key_length_mla", c.qk_nope_head_dim + c.qk_rope_head_dim),
+                       ("attention.value_length_mla", c.v_head_dim), ("expert_gating_func", 1)):
+        u(f"deepseek2.{key}", value)
+    rs = c.rope_scaling
+    w.add_string("deepseek2.rope.scaling.type", "yarn")
+    for key, value in (("rope.freq_base", c.rope_theta), ("attention.layer_norm_rms_epsilon", c.rms_norm_eps),
+                       ("expert_weights_scale", c.routed_scaling_factor), ("rope.scaling.factor", rs["factor"]),
+                       ("rope.scaling.yarn_beta_fast", rs["beta_fast"]), ("rope.scaling.yarn_beta_slow", rs["beta_slow"]),
+                       ("rope.scaling.yarn_log_multiplier", 0.1 * rs["mscale_all_dim"])):
+        f(f"deepseek2.{key}", value)
+    u("deepseek2.rope.scaling.original_context_length", rs["original_max_position_embeddings"])
+
+
+def gguf_tensors(ckpt: Checkpoint, split_kv_b: bool):
+    """(GGUF name, float32 array) in llama.cpp's layout."""
+    c = ckpt.config
+    for g, hf in GLOBAL.items():
+        yield g, ckpt.get(hf).float().numpy()
+    for L in range(c.num_hidden_layers):
+        for g, hf in NAMES.items():
+            name = f"model.layers.{L}.{hf}.weight"
+            if name not in ckpt:
+                continue
+            w = ckpt.get(name).float().numpy()
+            if g == "attn_kv_b" and split_kv_b:
+                H, n = c.num_attention_heads, c.qk_nope_head_dim
+                per = w.reshape(H, n + c.v_head_dim, -1)
+                yield f"blk.{L}.attn_k_b.weight", np.ascontiguousarray(per[:, :n].transpose(0, 2, 1))
+                yield f"blk.{L}.attn_v_b.weight", np.ascontiguousarray(per[:, n:])
+                continue
+            yield f"blk.{L}.{g}.weight", w
+        if L in c.moe_layers:
+            for g, hf in EXPERTS.items():
+                yield f"blk.{L}.{g}.weight", np.stack([ckpt.get(f"model.layers.{L}.mlp.experts.{e}.{hf}.weight")
+                                                       .float().numpy() for e in range(c.n_routed_experts)])
+
+
+def write_gguf(tiny, path, qtype=Q.F32, split_kv_b=True):
+    """The tiny checkpoint as a GGUF; 2-D and expert matrices in `qtype` (norms stay F32)."""
+    ckpt = Checkpoint(tiny)
+    w = GGUFWriter(str(path), "deepseek2")
+    metadata(w, ckpt.config)
+    for name, a in gguf_tensors(ckpt, split_kv_b):
+        if qtype != Q.F32 and a.ndim >= 2 and a.shape[-1] % 32 == 0:
+            w.add_tensor(name, quantize(a, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("split_kv_b", [True, False])
+def test_f32_gguf_computes_the_checkpoints_function(tiny, tmp_path, split_kv_b):
+    path = write_gguf(tiny, tmp_path / "tiny.gguf", split_kv_b=split_kv_b)
+    e, ref = Engine(str(path), RunConfig(**RUN), progress=False), make(tiny)
+    assert rel_err(e.logits(PROMPTS[0]), ref.logits(PROMPTS[0])) <= 1e-6
+    greedy = SamplingParams(max_new_tokens=8, stop_on_eos=False)
+    assert e.generate(PROMPTS, greedy).tokens == ref.generate(PROMPTS, greedy).tokens
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0])
+def test_quantized_gguf_equals_transformers_with_ggufs_dequantized_weights(tiny, tmp_path, qtype):
+    from transformers import AutoModelForCausalLM
+    path = write_gguf(tiny, tmp_path / "q.gguf", qtype, split_kv_b=False)   # kv_b's rows quantized as in the oracle
+    deq = tmp_path / "deq"
+    deq.mkdir()
+    for f in tiny.iterdir():                              # the oracle: each tensor through gguf's quantizer and back
+        if f.suffix != ".safetensors":
+            shutil.copy(f, deq / f.name)
+            continue
+        tensors = load_file(f)
+        for name, t in tensors.items():
+            a = t.float().numpy()
+            if a.ndim == 2 and a.shape[-1] % 32 == 0:
+                tensors[name] = torch.from_numpy(dequantize(quantize(a, qtype), qtype).copy())
+        save_file(tensors, deq / f.name)
+    oracle = AutoModelForCausalLM.from_pretrained(str(deq), dtype=torch.float32).eval()
+    e = Engine(str(path), RunConfig(**RUN), progress=False)
+    for p in PROMPTS:
+        with torch.no_grad():
+            assert rel_err(e.logits(p), oracle(torch.tensor([p])).logits[0]) <= 1e-4
+    greedy = SamplingParams(max_new_tokens=8, stop_on_eos=False)
+    for p, toks in zip(PROMPTS, e.generate(PROMPTS, greedy).tokens):
+        with torch.no_grad():
+            ref = oracle.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        assert toks == ref[0, len(p):].tolist()
+
+
+def test_other_architectures_and_broken_files_are_one_clear_error(tmp_path):
+    w = GGUFWriter(str(tmp_path / "llama.gguf"), "llama")
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match="architecture 'llama' is not supported"):
+        Engine(str(tmp_path / "llama.gguf"), RunConfig(**RUN), progress=False)
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(CheckpointError, match="not a readable GGUF"):
+        Engine(str(tmp_path / "bad.gguf"), RunConfig(**RUN), progress=False)
+
+
+@pytest.mark.skipif(not (PEER / "lcpp.tgz").exists(), reason="no llama.cpp source in ../shared/peers/llamacpp")
+def test_llamacpps_own_converter_at_f32_gives_the_checkpoints_logits(tiny, tmp_path, tokenizer_dir):
+    with tarfile.open(PEER / "lcpp.tgz") as t:
+        t.extractall(tmp_path, filter="data")
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny, hf)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / f, hf / f)
+    out = tmp_path / "tiny-f32.gguf"
+    r = subprocess.run([sys.executable, str(PEER / "convert.py"), str(tmp_path / "llama.cpp"), str(hf),
+                        "--outtype", "f32", "--outfile", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    e = Engine(str(out), RunConfig(**RUN), progress=False)
+    assert rel_err(e.logits(PROMPTS[0]), make(tiny).logits(PROMPTS[0])) <= 1e-6
