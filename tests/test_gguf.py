@@ -13,7 +13,7 @@ from gguf import GGUFWriter
 from gguf.quants import dequantize, quantize
 from safetensors.torch import load_file, save_file
 
-from conftest import PROMPTS, ROOT, make, rel_err
+from conftest import PROMPTS, ROOT, budget_for, make, rel_err
 from hybrid.engine.engine import Engine
 from hybrid.engine.sampling import SamplingParams
 from hybrid.model.checkpoint import Checkpoint, CheckpointError
@@ -101,8 +101,42 @@ def test_f32_gguf_computes_the_checkpoints_function(tiny, tmp_path, split_kv_b):
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0])
 def test_quantized_gguf_equals_transformers_with_ggufs_dequantized_weights(tiny, tmp_path, qtype):
-    from transformers import AutoModelForCausalLM
     path = write_gguf(tiny, tmp_path / "q.gguf", qtype, split_kv_b=False)   # kv_b's rows quantized as in the oracle
+    oracle = dequantized_oracle(tiny, tmp_path, qtype)
+    e = Engine(str(path), RunConfig(**RUN), progress=False)
+    for p in PROMPTS:
+        with torch.no_grad():
+            assert rel_err(e.logits(p), oracle(torch.tensor([p])).logits[0]) <= 1e-4
+    greedy = SamplingParams(max_new_tokens=8, stop_on_eos=False)
+    for p, toks in zip(PROMPTS, e.generate(PROMPTS, greedy).tokens):
+        with torch.no_grad():
+            ref = oracle.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        assert toks == ref[0, len(p):].tolist()
+
+
+@pytest.mark.parametrize("qtype, fmt", [(Q.Q8_0, "q8"), (Q.Q4_0, "q4")])
+@pytest.mark.parametrize("mode", ["gpu", "fetch", "hybrid"])
+def test_q8_0_and_q4_0_experts_are_carried_without_requantizing(tiny, tmp_path, qtype, fmt, mode):
+    path = write_gguf(tiny, tmp_path / "q.gguf", qtype, split_kv_b=False)
+    oracle = dequantized_oracle(tiny, tmp_path, qtype)
+    budget = None if mode == "gpu" else budget_for(tiny, 20, experts=fmt)
+    e = Engine(str(path), RunConfig(**RUN, experts=fmt, mode=mode, gpu_memory=budget, prefill_scratch=0),
+               progress=False)
+    with torch.no_grad():
+        assert rel_err(e.logits(PROMPTS[0]), oracle(torch.tensor([PROMPTS[0]])).logits[0]) <= 1e-4
+    if mode != "gpu":
+        assert e.backend.store.path == path                  # carried from the file, nothing written to the cache
+
+
+def test_a_format_that_does_not_match_the_files_blocks_is_one_clear_error(tiny, tmp_path):
+    path = write_gguf(tiny, tmp_path / "q8.gguf", Q.Q8_0, split_kv_b=False)
+    with pytest.raises(CheckpointError, match="carries Q4_0 experts, but .* is Q8_0"):
+        Engine(str(path), RunConfig(**RUN, experts="q4"), progress=False)
+
+
+def dequantized_oracle(tiny, tmp_path, qtype):
+    """transformers on the tiny checkpoint with each 2-D tensor through gguf's quantizer and back."""
+    from transformers import AutoModelForCausalLM
     deq = tmp_path / "deq"
     deq.mkdir()
     for f in tiny.iterdir():                              # the oracle: each tensor through gguf's quantizer and back
@@ -115,16 +149,7 @@ def test_quantized_gguf_equals_transformers_with_ggufs_dequantized_weights(tiny,
             if a.ndim == 2 and a.shape[-1] % 32 == 0:
                 tensors[name] = torch.from_numpy(dequantize(quantize(a, qtype), qtype).copy())
         save_file(tensors, deq / f.name)
-    oracle = AutoModelForCausalLM.from_pretrained(str(deq), dtype=torch.float32).eval()
-    e = Engine(str(path), RunConfig(**RUN), progress=False)
-    for p in PROMPTS:
-        with torch.no_grad():
-            assert rel_err(e.logits(p), oracle(torch.tensor([p])).logits[0]) <= 1e-4
-    greedy = SamplingParams(max_new_tokens=8, stop_on_eos=False)
-    for p, toks in zip(PROMPTS, e.generate(PROMPTS, greedy).tokens):
-        with torch.no_grad():
-            ref = oracle.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
-        assert toks == ref[0, len(p):].tolist()
+    return AutoModelForCausalLM.from_pretrained(str(deq), dtype=torch.float32).eval()
 
 
 def test_other_architectures_and_broken_files_are_one_clear_error(tmp_path):

@@ -5,8 +5,12 @@ Names: `blk.N.attn_q` is `model.layers.N.self_attn.q_proj`, and so on (NAMES); t
 tensor `blk.N.ffn_{gate,up,down}_exps` [experts, rows, cols], expert e read as a slab. Attention's kv_b appears as
 `attn_kv_b` in older files and as `attn_k_b` [H, kv_lora, nope] + `attn_v_b` [H, v, kv_lora] in newer ones; both
 give kv_b_proj [H * (nope + v), kv_lora]. The config's YaRN `mscale` is not in the metadata: taken equal to
-`mscale_all_dim` (as in DeepSeek-V2 and V2-Lite). Not read yet: the tokenizer and chat template in the metadata (pass
---tokenizer), and the experts' own block formats (they are dequantized, as every other tensor)."""
+`mscale_all_dim` (as in DeepSeek-V2 and V2-Lite).
+
+Experts stored as Q8_0 or Q4_0 are carried into quant.py's q8 / q4 planes block for block (`expert_planes`: the
+same scales and values, Q4_0's offset of 8 as the min -8d), so `--experts q8|q4` runs them without requantizing;
+other types (Q4_K, Q5_0, ...) are dequantized (`--experts bf16`). Not read yet: the tokenizer and chat template in
+the metadata (pass --tokenizer)."""
 from __future__ import annotations
 
 import hashlib
@@ -18,6 +22,9 @@ import torch
 
 from .checkpoint import CheckpointError
 from .config import ModelConfig
+from .quant import ExpertLayout
+
+CARRIED = {"q8": "Q8_0", "q4": "Q4_0"}           # expert formats a GGUF block type maps onto exactly
 
 NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
          "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
@@ -124,6 +131,32 @@ class GgufCheckpoint:
         if kind is None:
             raise CheckpointError(f"tensor {name} has no counterpart in a deepseek2 GGUF")
         return torch.from_numpy(self._array(f"blk.{layer}.{kind}.weight").copy())
+
+    def expert_planes(self, layer: int, e: int, lay: ExpertLayout) -> torch.Tensor:
+        """Expert e of a layer in lay's planes, taken from its Q8_0 / Q4_0 blocks as they are -> [lay.nbytes]."""
+        mats = []
+        for kinds in (("ffn_gate_exps", "ffn_up_exps"), ("ffn_down_exps",)):
+            parts = [self._blocks(f"blk.{layer}.{k}.weight", e, lay.fmt) for k in kinds]
+            mats.append([np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))])
+        return torch.from_numpy(np.concatenate([a.reshape(-1).view(np.uint8) for m in mats for a in m]))
+
+    def _blocks(self, name: str, e: int, fmt: str) -> tuple[np.ndarray, ...]:
+        """(q, d[, m]) of one expert's matrix: q int8 [R, C] or packed nibbles [R, C/2], d (and m) fp16 [R, C/32]."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"tensor {name} is not in {self.path.name}")
+        if t.tensor_type.name != CARRIED[fmt]:
+            raise CheckpointError(f"--experts {fmt} carries {CARRIED[fmt]} experts, but {name} in {self.path.name} "
+                                  f"is {t.tensor_type.name}: use --experts bf16 (dequantized) or the format that "
+                                  f"matches ({', '.join(f'{v} -> {k}' for k, v in CARRIED.items())})")
+        raw = np.asarray(t.data[e])                                                  # [R, row bytes]
+        R, width = raw.shape[0], 34 if fmt == "q8" else 18
+        b = raw.reshape(R, -1, width)                                                 # [R, C/32, block]
+        d = np.ascontiguousarray(b[..., :2]).view(np.float16)[..., 0]                # [R, C/32]
+        q = np.ascontiguousarray(b[..., 2:]).reshape(R, -1)
+        if fmt == "q8":
+            return q.view(np.int8), d
+        return q, d, (d * np.float16(-8)).astype(np.float16)                         # w = d q - 8 d
 
     def check_shapes(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Fail with the first tensor whose shape differs from what the metadata implies (read lazily: the layer
