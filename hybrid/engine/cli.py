@@ -84,7 +84,8 @@ def default_model(preset: str = "small") -> tuple[Path, bool]:
 
 def engine_args(ap: argparse.ArgumentParser) -> None:
     gpu = torch.cuda.is_available()
-    ap.add_argument("--model", help="checkpoint directory (Hugging Face layout); default: a small synthetic one")
+    ap.add_argument("--model", help="checkpoint directory (Hugging Face layout) or a llama.cpp .gguf file; default: a "
+                                    "small synthetic checkpoint")
     ap.add_argument("--mode", default="auto", choices=CHOICES["mode"],
                     help="where routed experts run: gpu (all resident), fetch (copied over PCIe), cpu, hybrid "
                          "(per expert, by the cost model), auto (gpu if the model fits, else hybrid)")
