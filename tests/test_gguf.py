@@ -73,12 +73,14 @@ def gguf_tensors(ckpt: Checkpoint, split_kv_b: bool):
                                                        .float().numpy() for e in range(c.n_routed_experts)])
 
 
-def write_gguf(tiny, path, qtype=Q.F32, split_kv_b=True):
-    """The tiny checkpoint as a GGUF; 2-D and expert matrices in `qtype` (norms stay F32)."""
+def write_gguf(tiny, path, qtype=Q.F32, split_kv_b=True, drop=()):
+    """The tiny checkpoint as a GGUF; 2-D and expert matrices in `qtype` (norms stay F32); tensors in `drop` left out."""
     ckpt = Checkpoint(tiny)
     w = GGUFWriter(str(path), "deepseek2")
     metadata(w, ckpt.config)
     for name, a in gguf_tensors(ckpt, split_kv_b):
+        if name in drop:
+            continue
         if qtype != Q.F32 and a.ndim >= 2 and a.shape[-1] % 32 == 0:
             w.add_tensor(name, quantize(a, qtype), raw_dtype=qtype)
         else:
@@ -164,6 +166,12 @@ def test_other_architectures_and_broken_files_are_one_clear_error(tmp_path):
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(CheckpointError, match="not a readable GGUF"):
         Engine(str(tmp_path / "bad.gguf"), RunConfig(**RUN), progress=False)
+
+
+def test_a_missing_tensor_is_named_before_anything_loads(tiny, tmp_path):
+    path = write_gguf(tiny, tmp_path / "t.gguf", drop=("blk.2.ffn_up_exps.weight",))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.mlp\.experts\.0\.up_proj\.weight is missing"):
+        Engine(str(path), RunConfig(**RUN), progress=False)
 
 
 @pytest.mark.skipif(not (PEER / "lcpp.tgz").exists(), reason="no llama.cpp source in ../shared/peers/llamacpp")

@@ -158,15 +158,33 @@ class GgufCheckpoint:
             return q.view(np.int8), d
         return q, d, (d * np.float16(-8)).astype(np.float16)                         # w = d q - 8 d
 
+    def _shape(self, name: str) -> tuple[int, ...] | None:
+        """A tensor's shape by its Hugging Face name, from the file's tensor table (nothing dequantized)."""
+        def dims(g: str) -> tuple[int, ...] | None:
+            t = self.tensors.get(g)
+            return None if t is None else tuple(int(n) for n in reversed(t.shape))
+        if name in GLOBAL.values():
+            return dims(next(k for k, v in GLOBAL.items() if v == name))
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+        if m is None:
+            return None
+        p, rest = f"blk.{m[1]}", m[2]
+        e = re.fullmatch(r"mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)", rest)
+        if e is not None:
+            d = dims(f"{p}.{next(k for k, v in EXPERTS.items() if v == e[1])}.weight")
+            return None if d is None else d[1:]
+        if rest == "self_attn.kv_b_proj" and f"{p}.attn_kv_b.weight" not in self.tensors:
+            k, v = dims(f"{p}.attn_k_b.weight"), dims(f"{p}.attn_v_b.weight")       # [H, C, n], [H, v, C]
+            return None if k is None or v is None else (k[0] * (k[2] + v[1]), k[1])
+        kind = next((k for k, v in NAMES.items() if v == rest), None)
+        return None if kind is None else dims(f"{p}.{kind}.weight")
+
     def check_shapes(self, expected: dict[str, tuple[int, ...]]) -> None:
-        """Fail with the first tensor whose shape differs from what the metadata implies (read lazily: the layer
-        norms and the first layer's tensors, which name every kind but the experts)."""
+        """Fail with the first tensor that is missing or whose shape differs from what the metadata implies."""
         for name, shape in expected.items():
-            if name.startswith("model.layers.") and not name.startswith(("model.layers.0.", "model.layers.1.")):
-                continue
-            if ".experts." in name and ".experts.0." not in name:
-                continue
-            got = tuple(self.get(name).shape)
+            got = self._shape(name)
+            if got is None:
+                raise CheckpointError(f"tensor {name} is missing from {self.path.name}")
             if got != tuple(shape):
                 raise CheckpointError(f"tensor {name} has shape {list(got)} in {self.path.name}, expected "
                                       f"{list(shape)} from its metadata")
