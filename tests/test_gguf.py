@@ -174,6 +174,12 @@ def test_a_missing_tensor_is_named_before_anything_loads(tiny, tmp_path):
         Engine(str(path), RunConfig(**RUN), progress=False)
 
 
+def test_a_gguf_files_tokenizer_is_the_tokenizer_json_beside_it(tmp_path):
+    from hybrid.engine.tokenizer import find_tokenizer_dir
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert find_tokenizer_dir(tmp_path / "model-Q8_0.gguf") == tmp_path
+
+
 @pytest.mark.skipif(not (PEER / "lcpp.tgz").exists(), reason="no llama.cpp source in ../shared/peers/llamacpp")
 def test_llamacpps_own_converter_at_f32_gives_the_checkpoints_logits(tiny, tmp_path, tokenizer_dir):
     with tarfile.open(PEER / "lcpp.tgz") as t:

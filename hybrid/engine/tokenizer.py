@@ -13,8 +13,10 @@ SEARCH = (
 
 
 def find_tokenizer_dir(model_dir: str | Path | None = None) -> Path | None:
-    """The checkpoint's own tokenizer if it has one, else $HYBRID_TOKENIZER, ./.tok, ../shared/tokenizer/..."""
-    for cand in ([str(model_dir)] if model_dir else []) + list(SEARCH):
+    """The checkpoint's own tokenizer if it has one (a GGUF file's: tokenizer.json beside it), else
+    $HYBRID_TOKENIZER, ./.tok, ../shared/tokenizer/..."""
+    own = Path(model_dir).parent if model_dir and str(model_dir).endswith(".gguf") else model_dir
+    for cand in ([str(own)] if own else []) + list(SEARCH):
         if cand and (Path(cand) / "tokenizer.json").exists():
             return Path(cand)
     return None
