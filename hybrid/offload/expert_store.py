@@ -14,7 +14,7 @@ from ..model.config import ModelConfig
 from ..model.quant import ExpertLayout, split_planes
 from .budget import check_host_ram
 from .quantized import load_quantized
-from .resident import read_expert
+from .resident import read_expert, split_expert
 
 
 def huge_page_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -89,9 +89,3 @@ class ExpertStore:
 def raw(t: torch.Tensor) -> np.ndarray:
     """The bytes of a contiguous tensor as a numpy array (numpy has no bfloat16)."""
     return t.contiguous().view(torch.uint8).numpy()
-
-
-def split_expert(buf: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of one flat expert buffer: w13 [2I, Hd] and w2 [Hd, I]."""
-    I, Hd = cfg.moe_intermediate_size, cfg.hidden_size
-    return buf[:2 * I * Hd].view(2 * I, Hd), buf[2 * I * Hd:].view(Hd, I)

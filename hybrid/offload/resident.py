@@ -21,6 +21,12 @@ def read_expert(ckpt: Checkpoint, layer: int, expert: int) -> tuple[torch.Tensor
     return tuple(ckpt.get(n) for n in ckpt.expert_names(layer, expert))
 
 
+def split_expert(buf: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of one flat expert buffer: w13 [2I, Hd] and w2 [Hd, I]."""
+    I, Hd = cfg.moe_intermediate_size, cfg.hidden_size
+    return buf[:2 * I * Hd].view(2 * I, Hd), buf[2 * I * Hd:].view(Hd, I)
+
+
 def slot_ffn(slots: torch.Tensor, cfg: ModelConfig, quant: ExpertLayout | None) -> Callable:
     """The grouped FFN over every slot of `slots` ([S, one expert]: bf16 weights, or a quantized expert's bytes):
     ffn(xs [N, Hd], offs [S]) -> [N, Hd]."""
@@ -61,7 +67,10 @@ class ResidentExperts:
             else:
                 slots = torch.empty(E, cfg.expert_numel, dtype=dtype, device=device)
                 for e in range(E):
-                    slots[e].copy_(torch.cat([t.reshape(-1) for t in read_expert(ckpt, layer, e)]))
+                    w13, w2 = split_expert(slots[e], cfg)
+                    g, u, d = read_expert(ckpt, layer, e)
+                    for dst, src in ((w13[:g.shape[0]], g), (w13[g.shape[0]:], u), (w2, d)):
+                        dst.copy_(src)
             self.ffn[layer] = slot_ffn(slots, cfg, quant)
 
     capturable = True
