@@ -109,7 +109,7 @@ def _block(n: int, want: int) -> int:
     return b
 
 
-def _planes(slots: torch.Tensor, mat: Matrix):
+def plane_pointers(slots: torch.Tensor, mat: Matrix):
     """Base pointers' tensors for the kernels: q, d, m of slot 0 (m = d for q8, unused)."""
     q, d, m = mat.planes(slots[:1])
     return q, d, d if m is None else m
@@ -140,11 +140,11 @@ def triton_grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tenso
     groups = min(N, S)
     h = torch.empty(N, I, dtype=xs.dtype, device=xs.device)
     bits = lay.w13.bits
-    q, d, m = _planes(slots, lay.w13)
+    q, d, m = plane_pointers(slots, lay.w13)
     bn1 = _block(I, bn)
     _gate_up_kernel[(I // bn1, groups)](xs, h, bounds, order, q, d, m, slots.stride(0), I, Hd, BITS=bits, BM=bm,
                                         BN=bn1, BK=_block(Hd, bk), PREC=prec, num_warps=warps, num_stages=stages)
-    q, d, m = _planes(slots, lay.w2)
+    q, d, m = plane_pointers(slots, lay.w2)
     bn2 = _block(Hd, bn)
     _down_kernel[(Hd // bn2, groups)](h, y, bounds, order, q, d, m, slots.stride(0), Hd, I, BITS=bits, BM=bm,
                                       BN=bn2, BK=_block(I, bk), PREC=prec, num_warps=warps, num_stages=stages)

@@ -10,7 +10,7 @@ import torch
 
 from ..model.deepseek import grouped_ffn
 from ..model.quant import ExpertLayout, Matrix, dequantize_expert
-from .quant_gpu import triton
+from .quant_gpu import plane_pointers, triton
 
 CHUNK = 8                     # experts dequantized at once by default (a scratch of 138 MB for V2-Lite in bf16)
 MIN_ROWS = 128                # groups of fewer rows stay on quant_gpu's fused kernels
@@ -44,8 +44,7 @@ if triton is not None:
 
 
 def _dequant_matrix(slots: torch.Tensor, mat: Matrix, ids: torch.Tensor, out: torch.Tensor) -> None:
-    q, d, m = mat.planes(slots[:1])
-    m = d if m is None else m
+    q, d, m = plane_pointers(slots, mat)
     BR, BC = 8, 256 if mat.cols % 256 == 0 else 128 if mat.cols % 128 == 0 else 32
     _dequant_kernel[(ids.shape[0], mat.rows // BR, mat.cols // BC)](q, d, m, ids, out, slots.stride(0), mat.rows,
                                                                     mat.cols, BITS=mat.bits, BR=BR, BC=BC)
