@@ -35,6 +35,7 @@ NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
           "output.weight": "lm_head.weight"}
 EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+KV_B = "attn_kv_b.weight"                         # absent in newer files: attn_k_b + attn_v_b instead
 
 
 def _field(reader, key: str, default=None):
@@ -91,46 +92,46 @@ class GgufCheckpoint:
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.config = ModelConfig.from_dict(config_from_metadata(self.reader))
 
-    def _array(self, name: str) -> np.ndarray:
+    def _source(self, name: str) -> tuple[str | None, int | None]:
+        """The GGUF tensor behind a Hugging Face name and the expert's slab in it (None: the whole tensor);
+        (None, None) where a deepseek2 GGUF has no such tensor."""
+        glob = {v: k for k, v in GLOBAL.items()}
+        if name in glob:
+            return glob[name], None
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+        if m is None:
+            return None, None
+        e = re.fullmatch(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)", m[2])
+        if e is not None:
+            return f"blk.{m[1]}.{next(k for k, v in EXPERTS.items() if v == e[2])}.weight", int(e[1])
+        kind = next((k for k, v in NAMES.items() if v == m[2]), None)
+        return (None, None) if kind is None else (f"blk.{m[1]}.{kind}.weight", None)
+
+    def _array(self, name: str, expert: int | None = None) -> np.ndarray:
+        """A GGUF tensor (or one expert's slab of it), dequantized to float32."""
         from gguf.quants import dequantize
         if name not in self.tensors:
             raise CheckpointError(f"tensor {name} is not in {self.path.name}")
         t = self.tensors[name]
         try:
-            return dequantize(t.data, t.tensor_type)
+            return dequantize(t.data if expert is None else t.data[expert], t.tensor_type)
         except NotImplementedError:
             raise CheckpointError(f"tensor {name} has type {t.tensor_type.name}, which gguf cannot dequantize") \
                 from None
 
-    def _kv_b(self, layer: int) -> np.ndarray:
-        p = f"blk.{layer}"
-        if f"{p}.attn_kv_b.weight" in self.tensors:
-            return self._array(f"{p}.attn_kv_b.weight")
-        k, v = self._array(f"{p}.attn_k_b.weight"), self._array(f"{p}.attn_v_b.weight")    # [H, C, n], [H, v, C]
-        return np.concatenate([k.transpose(0, 2, 1), v], axis=1).reshape(-1, k.shape[1])   # [H*(n+v), C]
+    def _split_kv_b(self, name: str) -> bool:
+        return name.endswith(KV_B) and name not in self.tensors
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor by its Hugging Face name, dequantized to float32."""
-        if name in GLOBAL.values():
-            return torch.from_numpy(self._array(next(k for k, v in GLOBAL.items() if v == name)).copy())
-        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
-        if m is None:
+        src, expert = self._source(name)
+        if src is None:
             raise CheckpointError(f"tensor {name} has no counterpart in a deepseek2 GGUF")
-        layer, rest = int(m[1]), m[2]
-        e = re.fullmatch(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)", rest)
-        if e is not None:
-            kind = next(k for k, v in EXPERTS.items() if v == e[2])
-            t = self.tensors.get(f"blk.{layer}.{kind}.weight")
-            if t is None:
-                raise CheckpointError(f"tensor blk.{layer}.{kind}.weight is not in {self.path.name}")
-            from gguf.quants import dequantize
-            return torch.from_numpy(dequantize(t.data[int(e[1])], t.tensor_type).copy())
-        if rest == "self_attn.kv_b_proj":
-            return torch.from_numpy(np.array(self._kv_b(layer)))
-        kind = next((k for k, v in NAMES.items() if v == rest), None)
-        if kind is None:
-            raise CheckpointError(f"tensor {name} has no counterpart in a deepseek2 GGUF")
-        return torch.from_numpy(self._array(f"blk.{layer}.{kind}.weight").copy())
+        if self._split_kv_b(src):
+            p = src[:-len(KV_B)]
+            k, v = self._array(f"{p}attn_k_b.weight"), self._array(f"{p}attn_v_b.weight")   # [H, C, n], [H, v, C]
+            return torch.from_numpy(np.concatenate([k.transpose(0, 2, 1), v], axis=1).reshape(-1, k.shape[1]))
+        return torch.from_numpy(self._array(src, expert).copy())
 
     def expert_planes(self, layer: int, e: int, lay: ExpertLayout) -> torch.Tensor:
         """Expert e of a layer in lay's planes, taken from its Q8_0 / Q4_0 blocks as they are -> [lay.nbytes]."""
@@ -163,21 +164,15 @@ class GgufCheckpoint:
         def dims(g: str) -> tuple[int, ...] | None:
             t = self.tensors.get(g)
             return None if t is None else tuple(int(n) for n in reversed(t.shape))
-        if name in GLOBAL.values():
-            return dims(next(k for k, v in GLOBAL.items() if v == name))
-        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
-        if m is None:
+        src, expert = self._source(name)
+        if src is None:
             return None
-        p, rest = f"blk.{m[1]}", m[2]
-        e = re.fullmatch(r"mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)", rest)
-        if e is not None:
-            d = dims(f"{p}.{next(k for k, v in EXPERTS.items() if v == e[1])}.weight")
-            return None if d is None else d[1:]
-        if rest == "self_attn.kv_b_proj" and f"{p}.attn_kv_b.weight" not in self.tensors:
-            k, v = dims(f"{p}.attn_k_b.weight"), dims(f"{p}.attn_v_b.weight")       # [H, C, n], [H, v, C]
+        if self._split_kv_b(src):
+            p = src[:-len(KV_B)]
+            k, v = dims(f"{p}attn_k_b.weight"), dims(f"{p}attn_v_b.weight")          # [H, C, n], [H, v, C]
             return None if k is None or v is None else (k[0] * (k[2] + v[1]), k[1])
-        kind = next((k for k, v in NAMES.items() if v == rest), None)
-        return None if kind is None else dims(f"{p}.{kind}.weight")
+        d = dims(src)
+        return d if d is None or expert is None else d[1:]
 
     def check_shapes(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Fail with the first tensor that is missing or whose shape differs from what the metadata implies."""
