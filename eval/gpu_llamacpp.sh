@@ -5,15 +5,12 @@
 # --n-cpu-moe (eval/llamacpp_bench.py) into $OUT/llamacpp/llamacpp.json. ~9 minutes on the H200 box; everything stays in
 # /dev/shm for the next call on the same machine (this engine's runs: eval/gpu_quant.sh).
 #   bash eval/gpu_llamacpp.sh "0,9,15,21" "9,15"
-set -uo pipefail
-export PYTHONUNBUFFERED=1 HYBRID_CACHE=/dev/shm/hc HYBRID_TOKENIZER=$PWD/.tok
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/llamacpp"
+source eval/device_setup.sh llamacpp none
 L=/dev/shm/llama.cpp; SRC=/dev/shm/llama-src; G=/dev/shm/gguf; mkdir -p $G $SRC
 if [ ! -x $L/build/bin/llama-bench ]; then
   bash .peer/build.sh $L > $G/build.log 2>&1 &
   BUILD=$!
 fi
-[ -f /dev/shm/v2lite/config.json ] || python3 -m hybrid.model.synthetic --preset v2-lite --out /dev/shm/v2lite --tokenizer .tok 2>/dev/null
 [ -f $SRC/llama.cpp/convert_hf_to_gguf.py ] || tar xzf .peer/lcpp.tgz -C $SRC      # the converter's own copy
 [ -f $G/model-bf16.gguf ] || { time python3 .peer/convert.py $SRC/llama.cpp /dev/shm/v2lite --outtype bf16 \
   --outfile $G/model-bf16.gguf > $G/convert.log 2>&1; } 2>&1 | grep real
