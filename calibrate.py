@@ -12,7 +12,7 @@ import torch
 
 from hybrid.offload.calibration import default_path, measure
 from hybrid.engine.cli import ArgParser, at_least, check_paths
-from hybrid.model.config import CHOICES, ConfigError, RunConfig
+from hybrid.model.config import EXPERT_FORMATS, ConfigError, RunConfig
 from hybrid.engine.engine import Engine
 from hybrid.engine.sampling import SamplingParams
 from hybrid.model.synthetic import PRESETS, write_checkpoint
@@ -23,6 +23,7 @@ def engine_overheads(device: torch.device, dtype: str, kernel: str, pool: bool,
     """Per-MoE-layer fixed costs measured in the real runtime on a tiny model, whose expert math is negligible:
     (overhead of a layer whose experts are all cached, extra cost of handing a layer's experts to the CPU lane)."""
     config, shards = PRESETS["tiny"]
+    config = {**config, "hidden_size": 256} if experts == "q4k" else config     # q4k: rows of whole 256-blocks
     medians = []
     with tempfile.TemporaryDirectory() as tmp:
         path = write_checkpoint(tmp, config, shards, progress=False)
@@ -41,7 +42,7 @@ def engine_overheads(device: torch.device, dtype: str, kernel: str, pool: bool,
 def main(argv: list[str] | None = None) -> None:
     ap = ArgParser(description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    ap.add_argument("--experts", default="bf16", choices=CHOICES["experts"],
+    ap.add_argument("--experts", default="bf16", choices=EXPERT_FORMATS,
                     help="expert weight format to calibrate (as run.py's --experts)")
     ap.add_argument("--out", help="where the calibration JSON goes (default: this machine's for the format, "
                                   "costs.json or costs-<format>.json in the cache folder)")
@@ -76,8 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     pool = a.cpu_pool == "on"
     prefetch = a.cpu_prefetch == "on"
-    if a.experts != "bf16" and (a.hidden % 32 or a.inter % 32):
-        raise ConfigError(f"--experts {a.experts} needs --hidden and --inter to be multiples of 32")
+    if a.experts != "bf16" and (a.hidden % 32 or a.inter % 32 or a.experts == "q4k" and a.hidden % 256):
+        raise ConfigError(f"--experts {a.experts} needs --hidden and --inter to be multiples of 32 (q4k: --hidden "
+                          "of 256)")
     model = measure(device, a.hidden, a.inter, dtype, a.threads, tokens, kernel=a.cpu_kernel, pool=pool,
                     tiles=a.cpu_tiles, prefetch=prefetch, experts=a.experts)
     model.layer_overhead_ms, model.cpu_dispatch_ms = engine_overheads(device, str(dtype).split(".")[-1],

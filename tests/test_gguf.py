@@ -1,5 +1,6 @@
 """GGUF files (llama.cpp's deepseek2) read as checkpoints: written here with gguf's writer (F32, and Q8_0 / Q4_0
 through its quantizer) and, where ../shared has llama.cpp's source, by llama.cpp's own converter."""
+import re
 import shutil
 import subprocess
 import sys
@@ -16,10 +17,14 @@ from safetensors.torch import load_file, save_file
 from conftest import PROMPTS, ROOT, budget_for, make, rel_err
 from hybrid.engine.engine import Engine
 from hybrid.engine.sampling import SamplingParams
+from hybrid.engine.tokenizer import TokenizerError, load_tokenizer
 from hybrid.model.checkpoint import Checkpoint, CheckpointError
 from hybrid.model.config import RunConfig
-from hybrid.model.gguf_checkpoint import EXPERTS, GLOBAL, NAMES
+from hybrid.model.ggml_blocks import encode_q4_k, encode_q5_0
+from hybrid.model.gguf_checkpoint import EXPERTS, GLOBAL, NAMES, GgufCheckpoint
+from hybrid.model.synthetic import PRESETS, write_checkpoint
 
+ENCODE = {Q.Q4_K: encode_q4_k, Q.Q5_0: encode_q5_0, Q.Q8_0: lambda m: quantize(m, Q.Q8_0)}
 PEER = ROOT.parent / "shared" / "peers" / "llamacpp"
 RUN = dict(dtype="float32", max_batch_size=3, max_seq_len=128)
 
@@ -73,15 +78,19 @@ def gguf_tensors(ckpt: Checkpoint, split_kv_b: bool):
                                                        .float().numpy() for e in range(c.n_routed_experts)])
 
 
-def write_gguf(tiny, path, qtype=Q.F32, split_kv_b=True, drop=()):
-    """The tiny checkpoint as a GGUF; 2-D and expert matrices in `qtype` (norms stay F32); tensors in `drop` left out."""
+def write_gguf(tiny, path, qtype=Q.F32, split_kv_b=True, drop=(), experts=None):
+    """The tiny checkpoint as a GGUF; 2-D and expert matrices in `qtype` (norms stay F32); tensors in `drop` left out;
+    experts(name) -> a block type for an expert tensor, written by ggml_blocks' encoders."""
     ckpt = Checkpoint(tiny)
     w = GGUFWriter(str(path), "deepseek2")
     metadata(w, ckpt.config)
     for name, a in gguf_tensors(ckpt, split_kv_b):
         if name in drop:
             continue
-        if qtype != Q.F32 and a.ndim >= 2 and a.shape[-1] % 32 == 0:
+        if experts is not None and "_exps" in name:
+            t = experts(name)
+            w.add_tensor(name, np.stack([ENCODE[t](m) for m in a]), raw_dtype=t)
+        elif qtype != Q.F32 and a.ndim >= 2 and a.shape[-1] % 32 == 0:
             w.add_tensor(name, quantize(a, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(name, a)
@@ -105,7 +114,7 @@ def test_f32_gguf_computes_the_checkpoints_function(tiny, tmp_path, split_kv_b):
 def test_quantized_gguf_equals_transformers_with_ggufs_dequantized_weights(tiny, tmp_path, qtype):
     path = write_gguf(tiny, tmp_path / "q.gguf", qtype, split_kv_b=False)   # kv_b's rows quantized as in the oracle
     oracle = dequantized_oracle(tiny, tmp_path, qtype)
-    e = Engine(str(path), RunConfig(**RUN), progress=False)
+    e = Engine(str(path), RunConfig(**RUN, experts="bf16"), progress=False)      # experts dequantized on read
     for p in PROMPTS:
         with torch.no_grad():
             assert rel_err(e.logits(p), oracle(torch.tensor([p])).logits[0]) <= 1e-4
@@ -132,26 +141,71 @@ def test_q8_0_and_q4_0_experts_are_carried_without_requantizing(tiny, tmp_path, 
 
 def test_a_format_that_does_not_match_the_files_blocks_is_one_clear_error(tiny, tmp_path):
     path = write_gguf(tiny, tmp_path / "q8.gguf", Q.Q8_0, split_kv_b=False)
-    with pytest.raises(CheckpointError, match="carries Q4_0 experts, but .* is Q8_0"):
+    with pytest.raises(CheckpointError, match="carries Q4_0 blocks into .*, but q8.gguf has Q8_0: use --experts auto "
+                                              r"\(for this file q8\)"):
         Engine(str(path), RunConfig(**RUN, experts="q4"), progress=False)
 
 
-def dequantized_oracle(tiny, tmp_path, qtype):
-    """transformers on the tiny checkpoint with each 2-D tensor through gguf's quantizer and back."""
+def dequantized_oracle(tiny, tmp_path, qtype=None, types=None):
+    """transformers on the tiny checkpoint with each 2-D tensor through gguf's quantizer (or, with types(name) ->
+    a block type, each routed expert through ggml_blocks' encoder) and back through gguf's dequantizer."""
     from transformers import AutoModelForCausalLM
     deq = tmp_path / "deq"
     deq.mkdir()
-    for f in tiny.iterdir():                              # the oracle: each tensor through gguf's quantizer and back
+    for f in tiny.iterdir():
         if f.suffix != ".safetensors":
             shutil.copy(f, deq / f.name)
             continue
         tensors = load_file(f)
         for name, t in tensors.items():
-            a = t.float().numpy()
-            if a.ndim == 2 and a.shape[-1] % 32 == 0:
+            a, m = t.float().numpy(), re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.\d+\.(\w+)\.weight", name)
+            if types is not None and m is not None:
+                kind = types(f"blk.{m[1]}.{next(k for k, v in EXPERTS.items() if v == m[2])}.weight")
+                tensors[name] = torch.from_numpy(dequantize(ENCODE[kind](a), kind).copy())
+            elif qtype is not None and a.ndim == 2 and a.shape[-1] % 32 == 0:
                 tensors[name] = torch.from_numpy(dequantize(quantize(a, qtype), qtype).copy())
         save_file(tensors, deq / f.name)
     return AutoModelForCausalLM.from_pretrained(str(deq), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """The tiny model with rows of 256 (Q4_K's block) and a small vocabulary."""
+    config, shards = PRESETS["tiny"]
+    config = {**config, "hidden_size": 256, "vocab_size": 1024, "bos_token_id": 1, "eos_token_id": 2}
+    return write_checkpoint(tmp_path_factory.mktemp("wide"), config, shards, seed=2, progress=False)
+
+
+def q4_k_m(name: str):
+    """Expert block types as llama-quantize's Q4_K_M gives V2-Lite: gate/up Q4_K, down Q5_0 or Q8_0 by layer."""
+    if "down" not in name:
+        return Q.Q4_K
+    return Q.Q8_0 if int(name.split(".")[1]) % 2 else Q.Q5_0
+
+
+@pytest.mark.parametrize("mode", ["gpu", "fetch", "hybrid"])
+def test_q4_k_m_experts_move_into_q4k_planes_and_compute_the_files_function(wide, tmp_path, mode):
+    path = write_gguf(wide, tmp_path / "m.gguf", experts=q4_k_m)
+    assert GgufCheckpoint(path).native_format() == "q4k"
+    oracle = dequantized_oracle(wide, tmp_path, types=q4_k_m)
+    budget = None if mode == "gpu" else budget_for(wide, 20, experts="q4k")
+    e = Engine(str(path), RunConfig(**RUN, mode=mode, gpu_memory=budget, prefill_scratch=0), progress=False)
+    assert e.run.experts == "q4k"
+    prompts = [[1, 5, 900, 17, 33, 4, 8], [9, 8, 7]]
+    for p in prompts:
+        with torch.no_grad():
+            assert rel_err(e.logits(p), oracle(torch.tensor([p])).logits[0]) <= 1e-4
+    for p, toks in zip(prompts, e.generate(prompts, SamplingParams(max_new_tokens=8, stop_on_eos=False)).tokens):
+        with torch.no_grad():
+            ref = oracle.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        assert toks == ref[0, len(p):].tolist()
+
+
+def test_own_q4_k_and_q5_0_encoders_write_blocks_ggufs_dequantizer_reads():
+    w = np.random.default_rng(0).standard_normal((16, 512)).astype(np.float32)
+    for kind, tol in ((Q.Q4_K, 0.15), (Q.Q5_0, 0.07)):
+        back = dequantize(ENCODE[kind](w), kind)
+        assert back.shape == w.shape and 0 < np.linalg.norm(back - w) / np.linalg.norm(w) < tol
 
 
 def test_other_architectures_and_broken_files_are_one_clear_error(tmp_path):
@@ -174,7 +228,7 @@ def test_a_missing_tensor_is_named_before_anything_loads(tiny, tmp_path):
         Engine(str(path), RunConfig(**RUN), progress=False)
 
 
-def test_a_gguf_files_tokenizer_is_the_tokenizer_json_beside_it(tmp_path):
+def test_a_gguf_without_tokenizer_metadata_takes_the_tokenizer_json_beside_it(tmp_path):
     from hybrid.engine.tokenizer import find_tokenizer_dir
     (tmp_path / "tokenizer.json").write_text("{}")
     assert find_tokenizer_dir(tmp_path / "model-Q8_0.gguf") == tmp_path
@@ -194,3 +248,41 @@ def test_llamacpps_own_converter_at_f32_gives_the_checkpoints_logits(tiny, tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     e = Engine(str(out), RunConfig(**RUN), progress=False)
     assert rel_err(e.logits(PROMPTS[0]), make(tiny).logits(PROMPTS[0])) <= 1e-6
+    assert not (tmp_path / "tokenizer.json").exists()                # the tokenizer comes from the metadata alone
+    own, ref = load_tokenizer(out), load_tokenizer(None, tokenizer_dir)
+    for text in ("Hello world! 12345", "你好，世界。", " spaces\n\nand lines\r\n\t", "émigré Ωmega ＡＢＣ", "x**2  # c"):
+        assert own.encode(text) == ref.encode(text) and own.decode(own.encode(text)) == text
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    assert own.chat(chat) == ref.chat(chat) and own.chat(chat)[0] == own.bos_token_id == 100000
+
+
+def write_tokenizer_gguf(path, pre="deepseek-llm"):
+    """A GGUF holding only a small byte-level BPE tokenizer in llama.cpp's keys."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    alphabet = sorted(ByteLevel.alphabet())
+    tokens = alphabet + ["he", "ll", "hell", "hello", "Ġw", "<|bos|>", "<|eos|>"]
+    w = GGUFWriter(str(path), "deepseek2")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (len(tokens) - 2) + [3, 3])
+    w.add_token_merges(["h e", "l l", "he ll", "hell o", "Ġ w"])
+    w.add_bos_token_id(len(tokens) - 2)
+    w.add_eos_token_id(len(tokens) - 1)
+    w.add_chat_template("{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% endfor %}")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path, tokens
+
+
+def test_a_ggufs_tokenizer_and_chat_template_come_from_its_metadata(tmp_path):
+    path, tokens = write_tokenizer_gguf(tmp_path / "t.gguf")
+    tok = load_tokenizer(path)
+    ids = tok.encode("hello world 42")
+    assert [tokens[i] for i in ids[:2]] == ["hello", "Ġw"] and tok.decode(ids) == "hello world 42"
+    assert [tokens[i] for i in tok.encode("42")] == ["4", "2"]                    # digits one by one
+    assert tok.chat([{"role": "user", "content": "hello"}]) == [tokens.index("<|bos|>")] + tok.encode("user: hello")
+    with pytest.raises(TokenizerError, match=r"pre-tokenizer qwen2\) is not supported"):
+        load_tokenizer(write_tokenizer_gguf(tmp_path / "q.gguf", pre="qwen2")[0])

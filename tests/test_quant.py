@@ -1,4 +1,4 @@
-"""Quantized experts (q8, q4): the format, the kernels, and the engine computing the dequantized model's function
+"""Quantized experts (q8, q4, q4k): the format, the kernels, and the engine computing the dequantized model's function
 in every mode, against transformers loaded with the dequantized expert weights."""
 import shutil
 
@@ -18,41 +18,43 @@ from hybrid.model.quant import (GROUP, Matrix, dequantize_expert, dequantize_mat
 from hybrid.model.synthetic import PRESETS
 from hybrid.offload.quantized import quantized_path
 
-CFG = ModelConfig.from_dict({**PRESETS["tiny"][0], "hidden_size": 96, "moe_intermediate_size": 64})
+CFG = ModelConfig.from_dict({**PRESETS["tiny"][0], "hidden_size": 256, "moe_intermediate_size": 64})
+FORMATS = ["q8", "q4", "q4k"]
 GREEDY = SamplingParams(max_new_tokens=10, stop_on_eos=False)
 
 
 def experts(fmt, n=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     lay = layout(CFG, fmt)
-    I, H = 64, 96
+    I, H = 64, 256
     return lay, torch.stack([quantize_expert(lay, torch.randn(I, H, generator=g) * .1,
                                              torch.randn(I, H, generator=g) * .1,
                                              torch.randn(H, I, generator=g) * .1) for _ in range(n)])
 
 
-@pytest.mark.parametrize("bits, tol", [(8, 0.01), (4, 0.12)])
-def test_quantization_round_trips_and_requantizing_changes_nothing(bits, tol):
-    w = torch.randn(64, 96) * 0.02
-    mat = Matrix(64, 96, bits, 0)
-    buf = quantize_matrix(w, bits)
-    assert buf.numel() == mat.nbytes == 64 * 96 * bits // 8 + 64 * 3 * 2 * (2 if bits == 4 else 1)
+@pytest.mark.parametrize("kind, bits, tol", [("q8", 8.5, 0.01), ("q4", 5, 0.12), ("q4k", 4.625, 0.12)])
+def test_quantization_round_trips_and_requantizing_changes_nothing(kind, bits, tol):
+    w = torch.randn(64, 512) * 0.02
+    mat = Matrix(64, 512, kind, 0)
+    buf = quantize_matrix(w, kind)
+    assert buf.numel() == mat.nbytes == 64 * 512 * bits / 8
     deq = dequantize_matrix(buf, mat)
     assert 0 < rel_err(deq, w) < tol
-    assert torch.equal(quantize_matrix(deq, bits), buf)
+    if kind != "q4k":               # (Q4_K's rounding of its 6-bit scales is not idempotent)
+        assert torch.equal(quantize_matrix(deq, kind), buf)
 
 
 def test_q4_packs_nibbles_in_ggml_block_order_with_scale_and_min():
     w = torch.arange(32, dtype=torch.float32).reshape(1, 32) * 0.5 - 3.0     # d = 0.5, m = -3, q = 0..15, 15..
     w[0, 16:] = w[0, :16]
-    q, d, m = Matrix(1, 32, 4, 0).planes(quantize_matrix(w, 4))
+    q, d, m, _, _ = Matrix(1, 32, "q4", 0).planes(quantize_matrix(w, "q4"))
     assert d.item() == 0.5 and m.item() == -3.0
     assert q[0].tolist() == [i | (i << 4) for i in range(16)]               # byte i: q[i] low, q[i + 16] high
 
 
 def test_q8_is_symmetric_with_one_fp16_scale_per_32():
     w = torch.linspace(-1, 1, 64).reshape(1, 64)
-    q, d, m = Matrix(1, 64, 8, 0).planes(quantize_matrix(w, 8))
+    q, d, m, _, _ = Matrix(1, 64, "q8", 0).planes(quantize_matrix(w, "q8"))
     assert m is None and d.dtype == torch.float16 and d.shape == (1, 64 // GROUP)
     assert q.dtype == torch.int8 and q.abs().max().item() == 127
 
@@ -60,9 +62,23 @@ def test_q8_is_symmetric_with_one_fp16_scale_per_32():
 def test_formats_need_rows_in_whole_groups():
     with pytest.raises(ConfigError, match="multiples of 32"):
         layout(ModelConfig.from_dict({**PRESETS["tiny"][0], "moe_intermediate_size": 48}), "q4")
+    with pytest.raises(ConfigError, match="multiple of 256"):
+        layout(ModelConfig.from_dict(PRESETS["tiny"][0]), "q4k")
 
 
-@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_q4k_is_q4_k_gate_up_with_a_q8_down_and_dequantizes_as_gguf_does():
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+    from hybrid.model.ggml_blocks import encode_q4_k
+    lay = layout(CFG, "q4k")
+    assert (lay.w13.kind, lay.w2.kind) == ("q4k", "q8")
+    w = torch.randn(128, 256) * 0.02
+    want = dequantize(encode_q4_k(w.numpy()), Q.Q4_K)
+    assert torch.equal(dequantize_matrix(quantize_matrix(w, "q4k"), Matrix(128, 256, "q4k", 0)),
+                       torch.from_numpy(want))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("march", ["native", "x86-64-v2"])
 @pytest.mark.parametrize("pool", [0, 2])
 def test_cpu_kernel_reads_quantized_experts_exactly(fmt, march, pool):
@@ -71,7 +87,7 @@ def test_cpu_kernel_reads_quantized_experts_exactly(fmt, march, pool):
     starts, counts = [0, 1, 6], [1, 5, 20]                                 # 20: more than the dense kernel takes
     for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         k = CpuExperts("native", pool_threads=pool, march=march, quant=lay)
-        x = torch.randn(26, 96).to(dt)
+        x = torch.randn(26, 256).to(dt)
         out = torch.empty_like(x)
         k.run(x, out, [v[0] for v in views], [v[1] for v in views], starts, counts)
         ref = torch.cat([gated_ffn(x[s:s + c], *dequantize_parts(lay, *views[j], dt))
@@ -79,14 +95,14 @@ def test_cpu_kernel_reads_quantized_experts_exactly(fmt, march, pool):
         assert rel_err(out.float(), ref.float()) <= tol
 
 
-@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_triton_grouped_kernel_matches_the_dequantized_reference(fmt):
     """Runs in Triton's interpreter (conftest sets TRITON_INTERPRET): float32, empty slots, a slot with more rows
     than a block."""
     lay, slots = experts(fmt, 5)
     counts = torch.tensor([2, 0, 19, 0, 1])
     offs = counts.cumsum(0).to(torch.int32)
-    xs = torch.randn(int(counts.sum()), 96)
+    xs = torch.randn(int(counts.sum()), 256)
     ref = torch_grouped_qffn(xs, offs, slots, lay)
     assert rel_err(triton_grouped_qffn(xs, offs, slots, lay, bm=16), ref) <= 1e-5
     w13, w2 = dequantize_expert(lay, slots[2], torch.float32)
@@ -191,7 +207,7 @@ def test_quality_script_compares_each_format_with_the_unquantized_experts(tiny, 
     assert 0 <= rows["q4"]["kl_mean"] and 0 <= rows["q4"]["top1_agreement"] <= 1
 
 
-@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_triton_dequantize_kernel_writes_the_dequantized_matrices(fmt):
     from hybrid.kernels.quant_scratch import _dequant_matrix
     lay, slots = experts(fmt, 4)
@@ -208,7 +224,7 @@ def test_scratch_ffn_chunks_active_slots_and_matches_the_reference():
     counts = torch.tensor([(s * 7) % 5 for s in range(slots.shape[0])])          # some slots empty
     assert (counts > 0).sum() > CHUNK
     offs = counts.cumsum(0).to(torch.int32)
-    xs = torch.randn(int(counts.sum()), 96)
+    xs = torch.randn(int(counts.sum()), 256)
     got = ScratchFFN(slots, lay, torch.float32)(xs, offs.numpy())
     assert rel_err(got, torch_grouped_qffn(xs, offs, slots, lay)) <= 1e-6
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -53,6 +53,8 @@ class Engine:
         self.ckpt = open_checkpoint(model_dir)
         self.cfg = self.ckpt.config
         self.ckpt.check_shapes(model_specs(self.cfg))
+        if self.run.experts == "auto":         # a GGUF's own block format, moved in as it is; else bf16
+            self.run = replace(self.run, experts=self.ckpt.native_format())
         self.context_bytes = cuda_context_bytes(self.device) if self.device.type == "cuda" else 0
         self.most_threads = self.run.cpu_threads or default_threads(self.device.type == "cuda")
         torch.set_num_threads(self.most_threads)

@@ -1,4 +1,5 @@
-"""Tokenizer loading (transformers, from the checkpoint directory), and UTF-8 bytes where a run asks for them."""
+"""Tokenizer loading (transformers, from the checkpoint directory or a GGUF file's metadata), and UTF-8 bytes where
+a run asks for them."""
 from __future__ import annotations
 
 import os
@@ -53,13 +54,24 @@ class ByteTokenizer:
 class HFTokenizer:
     """transformers' tokenizer; plain encoding adds no BOS (the chat template emits it), as the model was trained."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None, tok=None):
         try:       # tokenizer.json read directly: the published tokenizer_config names a class it is not
             from transformers import TokenizersBackend as Loader
         except ImportError:
             from transformers import AutoTokenizer as Loader
-        self.tok = Loader.from_pretrained(str(path))
+        self.tok = tok or Loader.from_pretrained(str(path))
         self.bos_token_id, self.eos_token_id = self.tok.bos_token_id, self.tok.eos_token_id
+
+    @classmethod
+    def from_gguf(cls, reader) -> "HFTokenizer":
+        """The tokenizer and chat template in a GGUF's metadata (gguf_tokenizer.py)."""
+        from transformers import PreTrainedTokenizerFast
+        from .gguf_tokenizer import build
+        try:
+            tok, meta = build(reader)
+        except ValueError as e:
+            raise TokenizerError(str(e)) from None
+        return cls(None, PreTrainedTokenizerFast(tokenizer_object=tok, **meta))
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
@@ -73,10 +85,17 @@ class HFTokenizer:
 
 
 def load_tokenizer(model_dir: str | Path | None = None, explicit: str | Path | None = None):
-    """The tokenizer in `explicit` ("bytes": UTF-8 bytes), else the checkpoint's own, else one of SEARCH;
+    """The tokenizer in `explicit` ("bytes": UTF-8 bytes), else the checkpoint's own (a GGUF's in its metadata),
+    else one of SEARCH;
     raises TokenizerError where there is none."""
     if explicit == "bytes":
         return ByteTokenizer()
+    if not explicit and str(model_dir).endswith(".gguf") and Path(model_dir).is_file():
+        from gguf import GGUFReader
+        from .gguf_tokenizer import has_tokenizer
+        reader = GGUFReader(str(model_dir))
+        if has_tokenizer(reader):
+            return HFTokenizer.from_gguf(reader)
     path = Path(explicit) if explicit else find_tokenizer_dir(model_dir)
     if path is None:
         raise TokenizerError(f"no tokenizer.json in {model_dir} (nor in $HYBRID_TOKENIZER, ./.tok or "

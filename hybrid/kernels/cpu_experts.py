@@ -15,7 +15,7 @@ import torch
 
 from ..model.deepseek import gated_ffn
 from ..model.quant import ExpertLayout, dequantize_parts
-from .cpu_kernel import DTYPES, NATIVE, WFMT, KernelUnavailable, load
+from .cpu_kernel import DTYPES, NATIVE, KernelUnavailable, load
 
 NATIVE_MAX_TOKENS = 8          # tokens per expert up to which the native kernel is used (faster at 1-8 tokens,
                                # slower at 16 than torch's AMX path on the GPU box: eval/probes/kernel_probe.py)
@@ -62,7 +62,7 @@ class CpuExperts:
             raise ValueError(f"unknown tile setting {tiles!r}: choose one of {', '.join(TILES)}")
         self.lib, self.why, self.quant = None, "", quant
         self.max_tokens = max_tokens if quant is None else 1 << 30
-        self.wfmt = WFMT[quant.fmt] if quant else 0
+        self.wfmt = quant.code if quant else 0
         if kind != "torch":
             try:
                 self.lib = load(march)

@@ -129,7 +129,7 @@ struct Job {                                  // one call's arguments (see moe_c
     int rows, H, I;
     float *xf, *gu, *h;
     int tiles = 0;                            // 0: vector path; 1: AMX tiles; 2: their emulation
-    int wfmt = 0;                             // weights: 0 as the activations; 1 q8; 2 q4 (cpu_quant.h)
+    int wfmt = 0;                             // weights: 0 as the activations; else w13's kind + 4 w2's (cpu_quant.h)
     const int *bexp = nullptr, *boff = nullptr;   // tile path: expert of each 16-token block, first block of each
     int nblocks = 0;
 
@@ -147,8 +147,8 @@ struct Job {                                  // one call's arguments (see moe_c
 #include "cpu_quant.h"
 
 // Items [lo, hi) of one phase. xf [rows, H]: input as fp32; gu [rows, 2I]: gate | up; h [rows, I]: silu(gate) * up.
-// W: the activations' type (and the weights' where F == 0); F: the weight format (Job::wfmt).
-template <typename W, int F>
+// W: the activations' type (and the weights' where F == 0); F, F2: w13's and w2's kinds (Job::wfmt).
+template <typename W, int F, int F2>
 void run_phase(const Job &jb, int phase, long lo, long hi) {
     const int H = jb.H, I = jb.I;
     const W *const *w13 = (const W *const *)jb.w13, *const *w2 = (const W *const *)jb.w2;
@@ -187,8 +187,8 @@ void run_phase(const Job &jb, int phase, long lo, long hi) {
             const W *w = w2[j] + (size_t)o * RB * I;
             for (int t0 = 0; t0 < counts[j]; t0 += TB) {
                 int tn = counts[j] - t0 < TB ? counts[j] - t0 : TB;
-                if (F)
-                    qrows_all_tokens<F>(qmat<F>(jb.w2[j], H, I), (long)o * RB, h + (size_t)(starts[j] + t0) * I,
+                if (F2)
+                    qrows_all_tokens<F2>(qmat<F2>(jb.w2[j], H, I), (long)o * RB, h + (size_t)(starts[j] + t0) * I,
                                            tn, y, RB);
                 else
                     rows_all_tokens(w, h + (size_t)(starts[j] + t0) * I, I, tn, y, RB);
@@ -217,9 +217,10 @@ inline void set_blocks(Job &jb, std::vector<int> &buf) {
 
 template <typename W>
 inline void run_fmt(const Job &jb, int phase, long lo, long hi) {
-    if (jb.wfmt == 1) run_phase<W, 1>(jb, phase, lo, hi);
-    else if (jb.wfmt == 2) run_phase<W, 2>(jb, phase, lo, hi);
-    else run_phase<W, 0>(jb, phase, lo, hi);
+    if (jb.wfmt == 1 + 4 * 1) run_phase<W, 1, 1>(jb, phase, lo, hi);
+    else if (jb.wfmt == 2 + 4 * 2) run_phase<W, 2, 2>(jb, phase, lo, hi);
+    else if (jb.wfmt == 3 + 4 * 1) run_phase<W, 3, 1>(jb, phase, lo, hi);
+    else run_phase<W, 0, 0>(jb, phase, lo, hi);
 }
 
 inline void run_items(const Job &jb, int phase, long lo, long hi) {
@@ -270,7 +271,8 @@ extern "C" {
 // Checks shared by both entry points: 0, or the error code the caller reports.
 static int check(int dtype, int H, int I, int tiles, int wfmt) {
     if (H % 16 || I % 16) return 1;
-    if (wfmt < 0 || wfmt > 2 || (wfmt && (tiles || H % 32 || I % 32))) return 6;
+    if (wfmt != 0 && wfmt != 5 && wfmt != 10 && wfmt != 7) return 6;
+    if (wfmt && (tiles || H % (wfmt == 7 ? 256 : 32) || I % 32)) return 6;
     if (dtype != 0 && dtype != 1) return 2;
     if (tiles < 0 || tiles > 2 || (tiles && (dtype != 1 || H % 32 || I % 32))) return 4;
     if (tiles == 1 && !hw_tiles()) return 5;
@@ -281,8 +283,8 @@ static int check(int dtype, int H, int I, int tiles, int wfmt) {
 // [starts[j], starts[j] + counts[j]); row r's input is x[xrows[r]] (x[r] if xrows is null). H, I % 16 == 0.
 // tiles 0: vector path, scratch xf [rows*H], gu [rows*2I], h [rows*I] floats. tiles 1 (AMX) / 2 (emulated):
 // bf16, H, I % 32 == 0; with P = 16 * sum(ceil(counts / 16)) padded rows, scratch xf [P*H/2], gu [P*2I], h [P*I/2].
-// wfmt 0: weights in the activations' dtype; 1 (q8) / 2 (q4): quantized (cpu_quant.h), vector path, H, I % 32 == 0;
-// w13[j] / w2[j] then point at each matrix's planes.
+// wfmt 0: weights in the activations' dtype; else quantized (cpu_quant.h), w13's kind + 4 x w2's: 5 (q8, q8),
+// 10 (q4, q4), 7 (q4k, q8); vector path, H, I % 32 == 0 (q4k: H % 256); w13[j] / w2[j] point at their planes.
 int moe_cpu_experts(int dtype, int n, const void *const *w13, const void *const *w2, const int *starts,
                     const int *counts, const void *x, const int *xrows, void *out, int rows, int H, int I,
                     float *xf, float *gu, float *h, int tiles, int wfmt) {

@@ -24,7 +24,6 @@ FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-pthread", "-shared", "-fPIC", "-Wno-
 COMPILER = "g++"
 NATIVE = "native"             # -march for the runtime's build; tests also build a baseline one (no AVX-512, no AMX)
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-WFMT = {"bf16": 0, "q8": 1, "q4": 2}      # the kernel's weight formats ("bf16": the activations' own dtype)
 
 
 class KernelUnavailable(RuntimeError):

@@ -1,6 +1,7 @@
 // Quantized expert weights for the vector path (included by cpu_kernel.cpp): a matrix [R, C] in quant.py's
 // planes, groups of 32 along each row. F = 1 (q8): int8 q [R, C], fp16 d [R, C/32]; w = d q.
 // F = 2 (q4): nibbles [R, C/2] (byte i of a group: q[i] low, q[i + 16] high), fp16 d, m [R, C/32]; w = d q + m.
+// F = 3 (q4k): nibbles as q4, fp16 d, dmin [R, C/256], uint8 sc, mn [R, C/32]; w = (d sc) q - dmin mn.
 // Weights are dequantized in registers, in fp32 (d q is exact, + m rounds once, as in torch's reference), and used
 // as they are: with bf16 activations they are not rounded to bf16 as a bf16 copy of the dequantized model would
 // hold them (that rounding cost 1.3x the kernel's time; it changes products by at most 2^-9 relative, the order of
@@ -9,7 +10,8 @@
 
 struct QMat {
     const uint8_t *q;
-    const uint16_t *d, *m;                    // fp16 bits
+    const uint16_t *d, *m;                    // fp16 bits (q4k: d and dmin per 256 columns)
+    const uint8_t *sc, *mn;                   // q4k: 6-bit scale and min per 32 columns
     int C;                                    // columns (the reduction length)
 };
 
@@ -19,7 +21,11 @@ inline QMat qmat(const void *base, int R, int C) {
     const size_t qb = F == 1 ? (size_t)R * C : (size_t)R * C / 2;
     const size_t groups = (size_t)R * C / 32;
     const uint16_t *d = (const uint16_t *)(b + qb);
-    return QMat{b, d, F == 2 ? d + groups : nullptr, C};
+    if (F == 3) {
+        const uint8_t *sc = (const uint8_t *)(d + 2 * groups / 8);
+        return QMat{b, d, d + groups / 8, sc, sc + groups, C};
+    }
+    return QMat{b, d, F == 2 ? d + groups : nullptr, nullptr, nullptr, C};
 }
 
 inline float from_fp16(uint16_t h) {
@@ -69,13 +75,13 @@ inline vf nibbles(const uint8_t *p, int high) {
 template <int F>
 inline void qgroup(const QMat &w, long r, int k, vf *out) {
     const size_t g = (size_t)r * (w.C / 32) + k / 32;
-    const float d = from_fp16(w.d[g]);
+    const float d = F == 3 ? from_fp16(w.d[g / 8]) * (float)w.sc[g] : from_fp16(w.d[g]);
     if (F == 1) {
         const int8_t *q = (const int8_t *)w.q + (size_t)r * w.C + k;
         for (int v = 0; v < 32 / VL; v++) out[v] = widen_s8(q + v * VL) * d;
     } else {
         const uint8_t *q = w.q + (size_t)r * (w.C / 2) + k / 2;
-        const float m = from_fp16(w.m[g]);
+        const float m = F == 3 ? -(from_fp16(w.m[g / 8]) * (float)w.mn[g]) : from_fp16(w.m[g]);
         for (int v = 0; v < 32 / VL; v++) out[v] = nibbles(q + (v * VL) % 16, v * VL / 16) * d + m;
     }
 }

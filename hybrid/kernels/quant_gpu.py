@@ -25,21 +25,34 @@ except ImportError:               # CPU-only installs: the torch path below serv
 
 if triton is not None:
     @triton.jit
-    def _dot_tile(acc, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, rows, k0, K: tl.constexpr, BITS: tl.constexpr,
-                  BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    def _group_scales(d_ptr, m_ptr, sc_ptr, mn_ptr, rows, k0, K: tl.constexpr, BK: tl.constexpr,
+                      KIND: tl.constexpr):
+        """Scale and min [BN, G, 1] (fp32) of the groups of 32 in columns k0..k0+BK of `rows` (q8: min unused)."""
+        g = k0 // 32 + tl.arange(0, BK // 32)
+        sidx = rows[:, None] * (K // 32) + g[None, :]                                              # [BN, G]
+        if KIND == 3:                 # q4k: fp16 d, dmin per 256 columns times 6-bit sc, mn per 32
+            kidx = rows[:, None] * (K // 256) + (g // 8)[None, :]
+            d = tl.load(d_ptr + kidx).to(tl.float32) * tl.load(sc_ptr + sidx).to(tl.float32)
+            m = -(tl.load(m_ptr + kidx).to(tl.float32) * tl.load(mn_ptr + sidx).to(tl.float32))
+        else:
+            d = tl.load(d_ptr + sidx).to(tl.float32)
+            m = tl.load(m_ptr + sidx).to(tl.float32) if KIND == 2 else d
+        return d[:, :, None], m[:, :, None]
+
+    @triton.jit
+    def _dot_tile(acc, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, rows, k0, K: tl.constexpr,
+                  KIND: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
         """acc [BM, BN] += x[xrow, k0:k0+BK] @ W[rows, k0:k0+BK]^T, W dequantized here: one scale (and min) per
         32 columns, loaded once per group and broadcast."""
         dt = x_ptr.dtype.element_ty
-        sidx = rows[:, None] * (K // 32) + (k0 // 32 + tl.arange(0, BK // 32))[None, :]           # [BN, G]
-        d = tl.load(d_ptr + sidx).to(tl.float32)[:, :, None]                                      # [BN, G, 1]
-        if BITS == 8:
+        d, m = _group_scales(d_ptr, m_ptr, sc_ptr, mn_ptr, rows, k0, K, BK, KIND)                  # [BN, G, 1]
+        if KIND == 1:
             k = k0 + tl.arange(0, BK)
             q = tl.load(q_ptr + rows[:, None] * K + k[None, :]).to(tl.float32)                    # [BN, BK]
             w = tl.reshape(tl.reshape(q, (BN, BK // 32, 32)) * d, (BN, BK))
             x = tl.load(x_ptr + xrow[:, None] * K + k[None, :], mask=rmask[:, None], other=0.0)
             acc = acc + tl.dot(x, tl.trans(w.to(dt)), input_precision=PREC)
         else:
-            m = tl.load(m_ptr + sidx).to(tl.float32)[:, :, None]
             j = tl.arange(0, BK // 2)
             b = tl.reshape(tl.load(q_ptr + rows[:, None] * (K // 2) + (k0 // 2 + j)[None, :]), (BN, BK // 32, 16))
             lo = tl.reshape((b & 15).to(tl.float32) * d + m, (BN, BK // 2))    # columns g*32 + i
@@ -58,14 +71,18 @@ if triton is not None:
         return s, tl.load(bounds_ptr + s), tl.load(bounds_ptr + s + 1)
 
     @triton.jit
-    def _gate_up_kernel(x_ptr, h_ptr, bounds_ptr, order_ptr, q_ptr, d_ptr, m_ptr, slot_bytes, I: tl.constexpr, K: tl.constexpr,
-                        BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        PREC: tl.constexpr):
+    def slot_planes(q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s, slot_bytes):
+        """The plane pointers of slot s (slots are rows of slot_bytes bytes; d and m hold fp16)."""
+        off = s.to(tl.int64) * slot_bytes
+        return q_ptr + off, d_ptr + off // 2, m_ptr + off // 2, sc_ptr + off, mn_ptr + off
+
+    @triton.jit
+    def _gate_up_kernel(x_ptr, h_ptr, bounds_ptr, order_ptr, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, slot_bytes,
+                        I: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        BK: tl.constexpr, PREC: tl.constexpr):
         s, start, end = _group_rows(bounds_ptr, order_ptr)
-        q_ptr += s.to(tl.int64) * slot_bytes          # planes of slot s ([2I, K]: gate rows, then up rows)
-        d_ptr += s.to(tl.int64) * slot_bytes // 2
-        m_ptr += s.to(tl.int64) * slot_bytes // 2
-        n = tl.program_id(0) * BN + tl.arange(0, BN)
+        q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr = slot_planes(q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s, slot_bytes)
+        n = tl.program_id(0) * BN + tl.arange(0, BN)  # output columns; the slot's [2I, K] holds gate rows, then up
         dt = x_ptr.dtype.element_ty
         r0 = start
         while r0 < end:                               # (a while loop: Triton's interpreter takes no range here)
@@ -75,20 +92,21 @@ if triton is not None:
             g = tl.zeros((BM, BN), dtype=tl.float32)
             u = tl.zeros((BM, BN), dtype=tl.float32)
             for k0 in range(0, K, BK):
-                g = _dot_tile(g, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, n, k0, K, BITS, BN, BK, PREC)
-                u = _dot_tile(u, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, n + I, k0, K, BITS, BN, BK, PREC)
+                g = _dot_tile(g, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, n, k0, K, KIND, BN, BK,
+                              PREC)
+                u = _dot_tile(u, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, n + I, k0, K, KIND, BN,
+                              BK, PREC)
             gr = g.to(dt).to(tl.float32)
             silu = (gr / (1.0 + tl.exp(-gr))).to(dt).to(tl.float32)
             h = (silu * u.to(dt).to(tl.float32)).to(dt)
             tl.store(h_ptr + xrow[:, None] * I + n[None, :], h, mask=rmask[:, None])
 
     @triton.jit
-    def _down_kernel(h_ptr, y_ptr, bounds_ptr, order_ptr, q_ptr, d_ptr, m_ptr, slot_bytes, N: tl.constexpr, K: tl.constexpr,
-                     BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    def _down_kernel(h_ptr, y_ptr, bounds_ptr, order_ptr, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, slot_bytes,
+                     N: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr, PREC: tl.constexpr):
         s, start, end = _group_rows(bounds_ptr, order_ptr)
-        q_ptr += s.to(tl.int64) * slot_bytes
-        d_ptr += s.to(tl.int64) * slot_bytes // 2
-        m_ptr += s.to(tl.int64) * slot_bytes // 2
+        q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr = slot_planes(q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s, slot_bytes)
         n = tl.program_id(0) * BN + tl.arange(0, BN)
         r0 = start
         while r0 < end:
@@ -97,7 +115,8 @@ if triton is not None:
             r0 += BM
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k0 in range(0, K, BK):
-                acc = _dot_tile(acc, h_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, n, k0, K, BITS, BN, BK, PREC)
+                acc = _dot_tile(acc, h_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, n, k0, K, KIND, BN,
+                                BK, PREC)
             tl.store(y_ptr + xrow[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
@@ -109,10 +128,10 @@ def _block(n: int, want: int) -> int:
     return b
 
 
-def plane_pointers(slots: torch.Tensor, mat: Matrix):
-    """Base pointers' tensors for the kernels: q, d, m of slot 0 (m = d for q8, unused)."""
-    q, d, m = mat.planes(slots[:1])
-    return q, d, d if m is None else m
+def plane_pointers(slots: torch.Tensor, mat: Matrix) -> tuple[torch.Tensor, ...]:
+    """Base pointers' tensors for the kernels: q, d, m, sc, mn of slot 0 (a plane the kind lacks: q, unused)."""
+    p = mat.planes(slots[:1])
+    return tuple(p.q if t is None else t for t in p)
 
 
 def active_order(offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,15 +158,14 @@ def triton_grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tenso
     bounds, order = active_order(offs)
     groups = min(N, S)
     h = torch.empty(N, I, dtype=xs.dtype, device=xs.device)
-    bits = lay.w13.bits
-    q, d, m = plane_pointers(slots, lay.w13)
-    bn1 = _block(I, bn)
-    _gate_up_kernel[(I // bn1, groups)](xs, h, bounds, order, q, d, m, slots.stride(0), I, Hd, BITS=bits, BM=bm,
-                                        BN=bn1, BK=_block(Hd, bk), PREC=prec, num_warps=warps, num_stages=stages)
-    q, d, m = plane_pointers(slots, lay.w2)
+    bn1, bk1 = _block(I, bn), _block(Hd, bk)
+    _gate_up_kernel[(I // bn1, groups)](xs, h, bounds, order, *plane_pointers(slots, lay.w13), slots.stride(0), I,
+                                        Hd, KIND=lay.w13.code, BM=bm, BN=bn1, BK=bk1, PREC=prec, num_warps=warps,
+                                        num_stages=stages)
     bn2 = _block(Hd, bn)
-    _down_kernel[(Hd // bn2, groups)](h, y, bounds, order, q, d, m, slots.stride(0), Hd, I, BITS=bits, BM=bm,
-                                      BN=bn2, BK=_block(I, bk), PREC=prec, num_warps=warps, num_stages=stages)
+    _down_kernel[(Hd // bn2, groups)](h, y, bounds, order, *plane_pointers(slots, lay.w2), slots.stride(0), Hd, I,
+                                      KIND=lay.w2.code, BM=bm, BN=bn2, BK=_block(I, bk), PREC=prec, num_warps=warps,
+                                      num_stages=stages)
     return y
 
 

@@ -18,17 +18,17 @@ MIN_ROWS = 128                # groups of fewer rows stay on quant_gpu's fused k
 if triton is not None:
     import triton.language as tl
 
+    from .quant_gpu import slot_planes
+
     @triton.jit
-    def _dequant_kernel(q_ptr, d_ptr, m_ptr, ids_ptr, out_ptr, slot_bytes, R: tl.constexpr, C: tl.constexpr,
-                        BITS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    def _dequant_kernel(q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, ids_ptr, out_ptr, slot_bytes, R: tl.constexpr,
+                        C: tl.constexpr, KIND: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
         """out[i, rows, cols] = matrix of slot ids[i], dequantized (a block of BR rows x BC columns)."""
         s = tl.load(ids_ptr + tl.program_id(0)).to(tl.int64)
-        q_ptr += s * slot_bytes
-        d_ptr += s * slot_bytes // 2
-        m_ptr += s * slot_bytes // 2
+        q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr = slot_planes(q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s, slot_bytes)
         out_ptr += tl.program_id(0).to(tl.int64) * R * C
         r = tl.program_id(1) * BR + tl.arange(0, BR)[:, None]                                    # [BR, 1]
-        if BITS == 8:
+        if KIND == 1:
             c = tl.program_id(2) * BC + tl.arange(0, BC)[None, :]                                # [1, BC]
             w = tl.load(q_ptr + r * C + c).to(tl.float32) * tl.load(d_ptr + r * (C // 32) + c // 32).to(tl.float32)
             tl.store(out_ptr + r * C + c, w.to(out_ptr.dtype.element_ty))
@@ -36,18 +36,23 @@ if triton is not None:
             j = tl.program_id(2) * (BC // 2) + tl.arange(0, BC // 2)[None, :]                    # byte in the row
             b = tl.load(q_ptr + r * (C // 2) + j)
             g = r * (C // 32) + j // 16
-            d = tl.load(d_ptr + g).to(tl.float32)
-            m = tl.load(m_ptr + g).to(tl.float32)
+            if KIND == 3:
+                k = r * (C // 256) + j // 128
+                d = tl.load(d_ptr + k).to(tl.float32) * tl.load(sc_ptr + g).to(tl.float32)
+                m = -(tl.load(m_ptr + k).to(tl.float32) * tl.load(mn_ptr + g).to(tl.float32))
+            else:
+                d = tl.load(d_ptr + g).to(tl.float32)
+                m = tl.load(m_ptr + g).to(tl.float32)
             col = (j // 16) * 32 + j % 16
             tl.store(out_ptr + r * C + col, ((b & 15).to(tl.float32) * d + m).to(out_ptr.dtype.element_ty))
             tl.store(out_ptr + r * C + col + 16, ((b >> 4).to(tl.float32) * d + m).to(out_ptr.dtype.element_ty))
 
 
 def _dequant_matrix(slots: torch.Tensor, mat: Matrix, ids: torch.Tensor, out: torch.Tensor) -> None:
-    q, d, m = plane_pointers(slots, mat)
     BR, BC = 8, 256 if mat.cols % 256 == 0 else 128 if mat.cols % 128 == 0 else 32
-    _dequant_kernel[(ids.shape[0], mat.rows // BR, mat.cols // BC)](q, d, m, ids, out, slots.stride(0), mat.rows,
-                                                                    mat.cols, BITS=mat.bits, BR=BR, BC=BC)
+    _dequant_kernel[(ids.shape[0], mat.rows // BR, mat.cols // BC)](*plane_pointers(slots, mat), ids, out,
+                                                                    slots.stride(0), mat.rows, mat.cols,
+                                                                    KIND=mat.code, BR=BR, BC=BC)
 
 
 class ScratchFFN:

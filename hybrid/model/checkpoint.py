@@ -114,6 +114,10 @@ class Checkpoint:
                 raise CheckpointError(f"tensor {name} is stored as {self.dtypes[name]}; weights must be one of "
                                       f"{', '.join(FLOAT_DTYPES)}")
 
+    def native_format(self) -> str:
+        """The expert format the weights are stored in (`--experts auto`): a Hugging Face checkpoint's are bf16."""
+        return "bf16"
+
     def identity(self) -> str:
         """16 hex digits naming the weights: config.json plus the first router's values (synthetic checkpoints
         of one preset differ only in values). Keys predictors and sweep results."""

@@ -172,8 +172,8 @@ class ModelConfig:
 
 
 MODES = ("auto", "gpu", "fetch", "cpu", "hybrid")
-EXPERT_FORMATS = ("bf16", "q8", "q4")   # routed experts: unquantized (in the compute dtype), 8-bit, 4-bit (quant.py)
-CHOICES = {"dtype": ("bfloat16", "float16", "float32"), "mode": MODES, "experts": EXPERT_FORMATS,
+EXPERT_FORMATS = ("bf16", "q8", "q4", "q4k")   # routed experts: unquantized (compute dtype), 8-bit, 4-bit (quant.py)
+CHOICES = {"dtype": ("bfloat16", "float16", "float32"), "mode": MODES, "experts": ("auto",) + EXPERT_FORMATS,
            "cache_policy": ("lfu", "lru", "static"),
            "prefetch": ("none", "gate", "mlp"), "cpu_kernel": ("auto", "native", "torch"),
            "cpu_tiles": ("auto", "off", "emulate")}
@@ -188,7 +188,8 @@ class RunConfig:
     device: str = "cpu"                   # cpu | cuda | cuda:N
     dtype: str = "bfloat16"
     mode: str = "gpu"                     # auto | gpu | fetch | cpu | hybrid (auto: gpu if it fits, else hybrid)
-    experts: str = "bf16"                 # routed experts' format: bf16 (as loaded) | q8 | q4 (quantized once)
+    experts: str = "auto"                 # routed experts' format: bf16 (as loaded) | q8 | q4 | q4k (quantized once
+                                          # or moved from a GGUF's blocks) | auto (a GGUF's own, else bf16)
     gpu_memory: int | None = None         # bytes for everything on the compute device; None = no budget
     cache_policy: str = "lfu"             # lfu | lru | static
     prefetch: str = "none"                # none | gate | mlp

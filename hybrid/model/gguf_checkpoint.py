@@ -7,10 +7,10 @@ tensor `blk.N.ffn_{gate,up,down}_exps` [experts, rows, cols], expert e read as a
 give kv_b_proj [H * (nope + v), kv_lora]. The config's YaRN `mscale` is not in the metadata: taken equal to
 `mscale_all_dim` (as in DeepSeek-V2 and V2-Lite).
 
-Experts stored as Q8_0 or Q4_0 are carried into quant.py's q8 / q4 planes block for block (`expert_planes`: the
-same scales and values, Q4_0's offset of 8 as the min -8d), so `--experts q8|q4` runs them without requantizing;
-other types (Q4_K, Q5_0, ...) are dequantized (`--experts bf16`). Not read yet: the tokenizer and chat template in
-the metadata (pass --tokenizer)."""
+The routed experts' blocks move into quant.py's planes without requantizing (`layer_planes`, ggml_blocks.py): Q8_0
+and Q5_0 into q8, Q4_0 into q4, Q4_K into q4k; `native_format` names the format a file's expert types fit (Q4_K_M:
+q4k), which `--experts auto` takes; other expert types run dequantized (bf16). The tokenizer and chat template in
+the metadata are read by engine/gguf_tokenizer.py."""
 from __future__ import annotations
 
 import hashlib
@@ -22,9 +22,12 @@ import torch
 
 from .checkpoint import CheckpointError
 from .config import ModelConfig
-from .quant import ExpertLayout
+from . import ggml_blocks
+from .quant import MATRICES, ExpertLayout
 
-CARRIED = {"q8": "Q8_0", "q4": "Q4_0"}           # expert formats a GGUF block type maps onto exactly
+CARRIED = {"q8": {"Q8_0", "Q5_0"}, "q4": {"Q4_0"}, "q4k": {"Q4_K"}}    # block types that move into each plane kind
+PLANES = {"q8": ggml_blocks.q8_planes, "q4": lambda raw, _: ggml_blocks.q4_planes(raw),
+          "q4k": lambda raw, _: ggml_blocks.q4k_planes(raw)}              # (raw rows, block type) -> planes
 
 NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
          "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
@@ -133,31 +136,41 @@ class GgufCheckpoint:
             return torch.from_numpy(np.concatenate([k.transpose(0, 2, 1), v], axis=1).reshape(-1, k.shape[1]))
         return torch.from_numpy(self._array(src, expert).copy())
 
-    def expert_planes(self, layer: int, e: int, lay: ExpertLayout) -> torch.Tensor:
-        """Expert e of a layer in lay's planes, taken from its Q8_0 / Q4_0 blocks as they are -> [lay.nbytes]."""
-        mats = []
-        for kinds in (("ffn_gate_exps", "ffn_up_exps"), ("ffn_down_exps",)):
-            parts = [self._blocks(f"blk.{layer}.{k}.weight", e, lay.fmt) for k in kinds]
-            mats.append([np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))])
-        return torch.from_numpy(np.concatenate([a.reshape(-1).view(np.uint8) for m in mats for a in m]))
+    def layer_planes(self, layer: int, lay: ExpertLayout) -> torch.Tensor:
+        """A layer's experts in lay's planes, moved from the file's blocks without requantizing -> [E, lay.nbytes]."""
+        parts = []
+        for kinds, mat in ((("ffn_gate_exps", "ffn_up_exps"), lay.w13), (("ffn_down_exps",), lay.w2)):
+            per = []
+            for k in kinds:
+                raw, kind = self._expert_blocks(f"blk.{layer}.{k}.weight", mat.kind, lay.fmt)   # [E, R, row bytes]
+                E, R = raw.shape[:2]
+                per.append([p.reshape(E, R, -1) for p in PLANES[mat.kind](raw.reshape(E * R, -1), kind)])
+            planes = [np.concatenate(p, axis=1) for p in zip(*per)]                  # gate's rows, then up's
+            parts += [np.ascontiguousarray(p).reshape(p.shape[0], -1).view(np.uint8) for p in planes]
+        return torch.from_numpy(np.concatenate(parts, axis=1))
 
-    def _blocks(self, name: str, e: int, fmt: str) -> tuple[np.ndarray, ...]:
-        """(q, d[, m]) of one expert's matrix: q int8 [R, C] or packed nibbles [R, C/2], d (and m) fp16 [R, C/32]."""
+    def _expert_blocks(self, name: str, kind: str, fmt: str) -> tuple[np.ndarray, str]:
+        """(the experts' rows of raw blocks [E, R, row bytes], their type), checked to move into `kind`'s planes."""
         t = self.tensors.get(name)
         if t is None:
             raise CheckpointError(f"tensor {name} is not in {self.path.name}")
-        if t.tensor_type.name != CARRIED[fmt]:
-            raise CheckpointError(f"--experts {fmt} carries {CARRIED[fmt]} experts, but {name} in {self.path.name} "
-                                  f"is {t.tensor_type.name}: use --experts bf16 (dequantized) or the format that "
-                                  f"matches ({', '.join(f'{v} -> {k}' for k, v in CARRIED.items())})")
-        raw = np.asarray(t.data[e])                                                  # [R, row bytes]
-        R, width = raw.shape[0], 34 if fmt == "q8" else 18
-        b = raw.reshape(R, -1, width)                                                 # [R, C/32, block]
-        d = np.ascontiguousarray(b[..., :2]).view(np.float16)[..., 0]                # [R, C/32]
-        q = np.ascontiguousarray(b[..., 2:]).reshape(R, -1)
-        if fmt == "q8":
-            return q.view(np.int8), d
-        return q, d, (d * np.float16(-8)).astype(np.float16)                         # w = d q - 8 d
+        if t.tensor_type.name not in CARRIED[kind]:
+            raise CheckpointError(f"--experts {fmt} carries {' or '.join(sorted(CARRIED[kind]))} blocks into "
+                                  f"{name}, but {self.path.name} has {t.tensor_type.name}: use --experts auto "
+                                  f"(for this file {self.native_format()}) or bf16 (dequantized)")
+        return np.asarray(t.data), t.tensor_type.name
+
+    def native_format(self) -> str:
+        """The expert format whose planes this file's expert blocks move into unchanged (bf16: none fits, the
+        experts are dequantized)."""
+        def types(kinds: tuple[str, ...]) -> set[str]:
+            return {self.tensors[n].tensor_type.name for L in self.config.moe_layers for k in kinds
+                    if (n := f"blk.{L}.{k}.weight") in self.tensors}
+        w13, w2 = types(("ffn_gate_exps", "ffn_up_exps")), types(("ffn_down_exps",))
+        for fmt, (k13, k2) in MATRICES.items():
+            if w13 <= CARRIED[k13] and w2 <= CARRIED[k2]:
+                return fmt
+        return "bf16"
 
     def _shape(self, name: str) -> tuple[int, ...] | None:
         """A tensor's shape by its Hugging Face name, from the file's tensor table (nothing dequantized)."""

@@ -1,33 +1,49 @@
-"""Routed-expert weight formats: the checkpoint's own (bf16), q8 and q4, and the function they define.
+"""Routed-expert weight formats: the checkpoint's own (bf16), q8, q4 and q4k, and the function they define.
 
 A quantized matrix [R, C] is cut into groups of GROUP = 32 weights along each row (llama.cpp's block size) and
-stored as planes, one after another in the expert's byte buffer:
-- q8: int8 q [R, C], fp16 scale d [R, C/32]; w = d * q (llama.cpp's Q8_0, planar).
+stored as planes, one after another in the expert's byte buffer (a Matrix's `kind`):
+- q8: int8 q [R, C], fp16 scale d [R, C/32]; w = d * q (llama.cpp's Q8_0, planar; Q5_0 moves in as q - 16).
 - q4: nibbles [R, C/2], fp16 scale d and fp16 min m [R, C/32]; w = d * q + m, q in 0..15 (Q4_1, planar). Within a
   group byte i holds q[i] in its low nibble and q[i + 16] in its high one, as in ggml's blocks, so Q4_0
-  (m = -8d) and Q4_1 files can be carried without requantizing; Q4_K's scales (d * sc, an fp16 times a 6-bit
-  integer) round to fp16.
-An expert is w13 = [gate; up] ([2I, Hd]) then w2 = down ([Hd, I]). The model's function with quantized experts is
-the model whose expert weights are `dequantize`d (in fp32, then cast to the compute dtype)."""
+  (m = -8d) and Q4_1 files can be carried without requantizing.
+- q4k: Q4_K, planar: nibbles as q4, fp16 d and dmin [R, C/256], 6-bit sc and mn (one byte each) [R, C/32];
+  w = (d sc) q - dmin mn, each product exact in fp32 (ggml_blocks.py moves Q4_K blocks in, and encodes them).
+An expert is w13 = [gate; up] ([2I, Hd]) then w2 = down ([Hd, I]). Format q4k is q4k gate/up with a q8 down (what
+llama.cpp's Q4_K_M holds for V2-Lite: its downs are Q5_0 or Q8_0, rows of 1,408 fitting no 256-block). The model's
+function with quantized experts is the model whose expert weights are `dequantize`d (in fp32, then cast)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
+from . import ggml_blocks
 from .config import EXPERT_FORMATS, ConfigError, ModelConfig
 
 GROUP = 32
+SUPER = 256                   # q4k's block of d and dmin
 FORMATS = EXPERT_FORMATS
-BITS = {"bf16": 16, "q8": 8, "q4": 4}
+KINDS = {"q8": 1, "q4": 2, "q4k": 3}      # a matrix's kind -> its code in the kernels (cpu_quant.h, quant_gpu.py)
+MATRICES = {"q8": ("q8", "q8"), "q4": ("q4", "q4"), "q4k": ("q4k", "q8")}   # format -> kinds of (w13, w2)
+
+
+class Planes(NamedTuple):
+    """Views of one matrix's planes; fields a kind lacks are None."""
+    q: torch.Tensor               # int8 [..., R, C] (q8) or nibbles uint8 [..., R, C/2]
+    d: torch.Tensor               # fp16 [..., R, C/32] (q4k: [..., R, C/256])
+    m: torch.Tensor | None        # fp16 min [..., R, C/32] (q4); dmin [..., R, C/256] (q4k)
+    sc: torch.Tensor | None = None    # uint8 [..., R, C/32] (q4k)
+    mn: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class Matrix:
-    """One quantized matrix's planes in an expert buffer: q (rows x cols x bits/8 bytes), scales, then mins (q4)."""
+    """One quantized matrix's planes in an expert buffer: q, then its scales (Planes' order)."""
     rows: int
     cols: int
-    bits: int
+    kind: str
     offset: int                  # bytes from the start of the expert buffer
 
     @property
@@ -35,25 +51,39 @@ class Matrix:
         return self.rows * self.cols // GROUP
 
     @property
+    def code(self) -> int:
+        return KINDS[self.kind]
+
+    @property
     def q_bytes(self) -> int:
-        return self.rows * self.cols * self.bits // 8
+        return self.rows * self.cols // (1 if self.kind == "q8" else 2)
+
+    @property
+    def scale_bytes(self) -> int:
+        if self.kind == "q4k":
+            return 4 * self.groups * GROUP // SUPER + 2 * self.groups
+        return 2 * self.groups * (1 if self.kind == "q8" else 2)
 
     @property
     def nbytes(self) -> int:
-        return self.q_bytes + 2 * self.groups * (2 if self.bits == 4 else 1)
+        return self.q_bytes + self.scale_bytes
 
-    def planes(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Views of the planes in buf [..., expert bytes] (uint8): q [..., R, C*bits/8] (int8 for q8, uint8 for
-        q4), d [..., R, C/32] fp16, m [..., R, C/32] fp16 or None."""
+    def planes(self, buf: torch.Tensor) -> Planes:
+        """Views of the planes in buf [..., expert bytes] (uint8)."""
         lead, R, C, o = buf.shape[:-1], self.rows, self.cols, self.offset
-        q = buf[..., o:o + self.q_bytes].reshape(*lead, R, C * self.bits // 8)
-        q = q.view(torch.int8) if self.bits == 8 else q
-        s = o + self.q_bytes
-        d = buf[..., s:s + 2 * self.groups].view(torch.float16).reshape(*lead, R, C // GROUP)
-        if self.bits == 8:
-            return q, d, None
-        s += 2 * self.groups
-        return q, d, buf[..., s:s + 2 * self.groups].view(torch.float16).reshape(*lead, R, C // GROUP)
+        q = buf[..., o:o + self.q_bytes].reshape(*lead, R, -1)
+        at = [o + self.q_bytes]
+
+        def take(n: int, dtype: torch.dtype) -> torch.Tensor:       # the next plane of n columns per row
+            s, nb = at[0], R * n * (2 if dtype == torch.float16 else 1)
+            at[0] += nb
+            return buf[..., s:s + nb].view(dtype).reshape(*lead, R, n)
+        if self.kind == "q8":
+            return Planes(q.view(torch.int8), take(C // GROUP, torch.float16), None)
+        if self.kind == "q4":
+            return Planes(q, take(C // GROUP, torch.float16), take(C // GROUP, torch.float16))
+        d, dmin = take(C // SUPER, torch.float16), take(C // SUPER, torch.float16)
+        return Planes(q, d, dmin, take(C // GROUP, torch.uint8), take(C // GROUP, torch.uint8))
 
 
 @dataclass(frozen=True)
@@ -67,16 +97,24 @@ class ExpertLayout:
     def nbytes(self) -> int:
         return self.w13.nbytes + self.w2.nbytes
 
+    @property
+    def code(self) -> int:
+        """The native kernel's format code: w13's kind + 4 x w2's."""
+        return self.w13.code + 4 * self.w2.code
+
 
 def layout(cfg: ModelConfig, fmt: str) -> ExpertLayout:
-    if fmt not in ("q8", "q4"):
-        raise ValueError(f"{fmt!r} is not a quantized expert format: choose q8 or q4")
+    if fmt not in MATRICES:
+        raise ValueError(f"{fmt!r} is not a quantized expert format: choose one of {', '.join(MATRICES)}")
     I, Hd = cfg.moe_intermediate_size, cfg.hidden_size
     if I % GROUP or Hd % GROUP:
         raise ConfigError(f"--experts {fmt} needs hidden_size ({Hd}) and moe_intermediate_size ({I}) to be "
                           f"multiples of {GROUP}")
-    w13 = Matrix(2 * I, Hd, BITS[fmt], 0)
-    return ExpertLayout(fmt, w13, Matrix(Hd, I, BITS[fmt], w13.nbytes))
+    if fmt == "q4k" and Hd % SUPER:
+        raise ConfigError(f"--experts q4k needs hidden_size ({Hd}) to be a multiple of {SUPER}")
+    k13, k2 = MATRICES[fmt]
+    w13 = Matrix(2 * I, Hd, k13, 0)
+    return ExpertLayout(fmt, w13, Matrix(Hd, I, k2, w13.nbytes))
 
 
 def expert_bytes(cfg: ModelConfig, fmt: str, itemsize: int) -> int:
@@ -84,11 +122,18 @@ def expert_bytes(cfg: ModelConfig, fmt: str, itemsize: int) -> int:
     return cfg.expert_numel * itemsize if fmt == "bf16" else layout(cfg, fmt).nbytes
 
 
-def quantize_matrix(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """w [R, C] (any float dtype) -> its planes as bytes [R*C*bits/8 + scales (+ mins)], round to nearest."""
+def plane_bytes(planes) -> torch.Tensor:
+    """Numpy planes (in Planes' order) -> one matrix's bytes [nbytes] (uint8)."""
+    return torch.from_numpy(np.concatenate([np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in planes]))
+
+
+def quantize_matrix(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """w [R, C] (any float dtype) -> its planes as bytes [Matrix.nbytes], round to nearest."""
     R, C = w.shape
+    if kind == "q4k":
+        return plane_bytes(ggml_blocks.q4k_planes(ggml_blocks.encode_q4_k(w.float().numpy())))
     g = w.float().reshape(R, C // GROUP, GROUP)                                         # [R, G, 32]
-    if bits == 8:
+    if kind == "q8":
         d = (g.abs().amax(-1) / 127).half()                                              # [R, G]
         inv = torch.where(d == 0, 0.0, 1 / d.float())
         q = torch.round(g * inv[..., None]).clamp_(-127, 127).to(torch.int8)
@@ -101,23 +146,34 @@ def quantize_matrix(w: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat([packed.reshape(-1), d.reshape(-1).view(torch.uint8), m.reshape(-1).view(torch.uint8)])
 
 
+def group_scales(p: Planes, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each group's scale and min in fp32 [..., R, C/32] (min None for q8): q4k's two levels multiplied out."""
+    if kind == "q8":
+        return p.d.float(), None
+    if kind == "q4":
+        return p.d.float(), p.m.float()
+    per = p.sc.shape[-1] // p.d.shape[-1]
+    return (p.d.float().repeat_interleave(per, -1) * p.sc.float(),
+            -(p.m.float().repeat_interleave(per, -1) * p.mn.float()))
+
+
 def dequantize_matrix(buf: torch.Tensor, mat: Matrix) -> torch.Tensor:
     """buf [..., expert bytes] -> the matrix's weights [..., R, C] in float32."""
-    q, d, m = mat.planes(buf)
-    lead, R, G = q.shape[:-2], mat.rows, mat.cols // GROUP
-    if mat.bits == 8:
-        w = q.float().reshape(*lead, R, G, GROUP) * d.float()[..., None]
+    p = mat.planes(buf)
+    d, m = group_scales(p, mat.kind)
+    lead, R, G = p.q.shape[:-2], mat.rows, mat.cols // GROUP
+    if mat.kind == "q8":
+        w = p.q.float().reshape(*lead, R, G, GROUP) * d[..., None]
     else:
-        b = q.reshape(*lead, R, G, GROUP // 2)
+        b = p.q.reshape(*lead, R, G, GROUP // 2)
         nib = torch.cat([b & 15, b >> 4], dim=-1).float()                                # [..., R, G, 32]
-        w = nib * d.float()[..., None] + m.float()[..., None]
+        w = nib * d[..., None] + m[..., None]
     return w.reshape(*lead, R, mat.cols)
 
 
 def quantize_expert(lay: ExpertLayout, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """gate, up [I, Hd], down [Hd, I] -> the expert's bytes [lay.nbytes] (uint8)."""
-    bits = lay.w13.bits
-    return torch.cat([quantize_matrix(torch.cat([gate, up]), bits), quantize_matrix(down, bits)])
+    return torch.cat([quantize_matrix(torch.cat([gate, up]), lay.w13.kind), quantize_matrix(down, lay.w2.kind)])
 
 
 def dequantize_expert(lay: ExpertLayout, buf: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,19 +55,23 @@ def quantize_into(flat: torch.Tensor, layers: dict[int, int], ckpt: Checkpoint, 
             pass
 
 
-def carry_into(flat: torch.Tensor, layers: dict[int, int], ckpt, lay: ExpertLayout, progress: bool) -> None:
-    """A GGUF's experts, block for block (no requantizing: gguf_checkpoint.expert_planes)."""
-    for layer, row in tqdm(layers.items(), desc=f"experts <- {ckpt.path.name}", disable=not progress):
-        for e in range(flat.shape[1]):
-            flat[row, e].copy_(ckpt.expert_planes(layer, e, lay))
+def carry_into(flat: torch.Tensor, layers: dict[int, int], ckpt, lay: ExpertLayout, progress: bool,
+               threads: int) -> None:
+    """A GGUF's experts, block for block (no requantizing: gguf_checkpoint.layer_planes), a layer per thread."""
+    def one(layer: int) -> None:
+        flat[layers[layer]].copy_(ckpt.layer_planes(layer, lay))
+    with ThreadPoolExecutor(threads) as ex:
+        for _ in tqdm(ex.map(one, layers), total=len(layers), desc=f"experts <- {ckpt.path.name}",
+                      disable=not progress):
+            pass
 
 
 def load_quantized(flat: torch.Tensor, layers: dict[int, int], cfg: ModelConfig, ckpt: Checkpoint,
                    lay: ExpertLayout, progress: bool = True, threads: int = 8) -> Path:
     """Fill flat [moe layers, experts, lay.nbytes] (uint8) with the checkpoint's experts in lay.fmt: carried from
     a GGUF's blocks, from the file kept on disk, or quantized now (then written there). -> the file's path."""
-    if hasattr(ckpt, "expert_planes"):
-        carry_into(flat, layers, ckpt, lay, progress)
+    if hasattr(ckpt, "layer_planes"):
+        carry_into(flat, layers, ckpt, lay, progress, threads)
         return ckpt.path
     path = quantized_path(ckpt, lay.fmt)
     if path.exists() and read_file(path, flat, layers, progress):
