@@ -60,5 +60,5 @@ def budget_for(tiny, slots, batch=3, seq=128, experts="bf16", scratch=0):
 
 def make(tiny, **kw):
     """An engine on the checkpoint in float32, batch up to 3, 128 tokens of context, with RunConfig fields `kw`."""
-    run = RunConfig(dtype="float32", max_batch_size=3, max_seq_len=128, **kw)
+    run = RunConfig(**{"dtype": "float32", "max_batch_size": 3, "max_seq_len": 128, **kw})
     return Engine(str(tiny), run, progress=False)

@@ -101,6 +101,22 @@ class LatentCache:
         view.c, view.pe = self.c[:, :b], self.pe[:, :b]
         return view
 
+    def row(self, r: int) -> "LatentCache":
+        """A view on sequence r alone."""
+        view = object.__new__(LatentCache)
+        view.c, view.pe = self.c[:, r:r + 1], self.pe[:, r:r + 1]
+        return view
+
+    def copy_row(self, src: int, dst: int) -> None:
+        self.c[:, dst].copy_(self.c[:, src])
+        self.pe[:, dst].copy_(self.pe[:, src])
+
+    def shift(self, rows: int, by: int, length: int) -> None:
+        """Move the first `rows` sequences' slots [max(0, -by), length) by `by` slots (left if negative)."""
+        lo = max(0, -by)
+        for t in (self.c, self.pe):
+            t[:, :rows, lo + by:length + by] = t[:, :rows, lo:length].clone()
+
     @staticmethod
     def nbytes(cfg: ModelConfig, batch: int, length: int, itemsize: int) -> int:
         return cfg.num_hidden_layers * batch * length * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * itemsize

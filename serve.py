@@ -1,0 +1,76 @@
+"""Serve the model over the OpenAI API (chat and text completions, streamed or not), batching concurrent requests
+continuously: sequences join the running batch between decode steps and leave it as they finish.
+
+    python serve.py                                              # small synthetic model, 127.0.0.1:8000
+    python serve.py --model DIR_OR.gguf --gpu-memory 8GiB --max-batch-size 16 --port 8000
+    curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "NAME", "messages": [{"role": "user", "content": "Hello"}]}'
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hybrid.engine.cli import ArgParser, at_least, check_paths, default_model, engine_args, run_config
+from hybrid.engine.engine import Engine
+from hybrid.model.config import ConfigError
+from hybrid.engine.tokenizer import TokenizerError, load_tokenizer
+
+
+def parser() -> ArgParser:
+    ap = ArgParser(description=__doc__)
+    engine_args(ap, "--max-batch-size", 16, "sequences decoded together at most (rows of the running batch)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    ap.add_argument("--port", type=at_least(1), default=8000, help="TCP port")
+    ap.add_argument("--max-waiting", type=at_least(1), default=64,
+                    help="requests waiting for a row at most; more are answered 503")
+    ap.add_argument("--served-model-name", help="the model's id in the API (default: the checkpoint's name)")
+    ap.add_argument("--tokenizer", help="tokenizer folder, or 'bytes' for UTF-8 bytes (default: the checkpoint's)")
+    return ap
+
+
+def build(argv: list[str] | None = None):
+    """-> (FastAPI app, batcher, host, port) from the command line; nothing served yet."""
+    a = parser().parse_args(argv)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+        from hybrid.server.api import make_app
+        from hybrid.server.batcher import Batcher
+    except ImportError as e:
+        raise ConfigError(f"serve.py needs {e.name}: pip install -r requirements.txt") from None
+    check_paths(a, inputs=("model", "costs", "predictors", *(() if a.tokenizer == "bytes" else ("tokenizer",))))
+    run = run_config(a)
+    if a.model is None:
+        path, fresh = default_model()
+        a.model = str(path)
+        print(f"note: no --model given: {'wrote' if fresh else 'using'} a small synthetic checkpoint with random "
+              f"weights at {path}; its output is gibberish by design", file=sys.stderr)
+    try:
+        tok = load_tokenizer(a.model, a.tokenizer)
+    except TokenizerError:
+        if a.tokenizer:
+            raise
+        print("warning: no tokenizer found for the model: serving UTF-8 bytes", file=sys.stderr)
+        tok = load_tokenizer(a.model, "bytes")
+    engine = Engine(a.model, run)
+    if engine.mode_note:
+        print(engine.mode_note, file=sys.stderr)
+    name = a.served_model_name or Path(a.model).name
+    batcher = Batcher(engine, max_waiting=a.max_waiting)
+    return make_app(batcher, tok, name), batcher, a.host, a.port
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+    app, batcher, host, port = build(argv)
+    print(f"serving {app.state.model_name!r} on http://{host}:{port}/v1", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        batcher.close()
+
+
+if __name__ == "__main__":
+    from hybrid.engine.errors import friendly
+    friendly(main)

@@ -1,0 +1,202 @@
+"""The OpenAI-compatible server (serve.py) on the tiny model, driven by the official openai client: models, chat
+and completions, streaming, concurrent clients against the same requests one by one, a client that goes away,
+bad requests, a full waiting room; and the continuous-batching rows (engine/slots.py) against generation alone."""
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from conftest import make
+from hybrid.engine.sampling import SamplingParams
+from hybrid.engine.slots import Slots
+from hybrid.engine.tokenizer import ByteTokenizer
+from hybrid.server.batcher import Overloaded
+from hybrid.server.sequence import Sequence
+from hybrid.server.text import TextStream
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    import uvicorn
+    import serve
+    app, batcher, _, _ = serve.build(["--model", str(tiny), "--device", "cpu", "--dtype", "float32", "--tokenizer",
+                                      "bytes", "--max-batch-size", "8", "--max-seq-len", "160", "--mode", "gpu"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}", app.state.model_name, batcher
+    srv.should_exit = True
+    thread.join(10)
+    batcher.close()
+
+
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0)
+
+
+def test_models_chat_completion_and_streaming(server):
+    c, name = client(server), server[1]
+    assert [m.id for m in c.models.list()] == [name]
+    chat = c.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                     temperature=0)
+    assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 6
+    assert chat.usage.prompt_tokens == len(ByteTokenizer().chat([{"role": "user", "content": "hi"}]))
+    text = c.completions.create(model=name, prompt="abc", max_tokens=5, temperature=0)
+    assert text.usage.prompt_tokens == 3 and text.choices[0].text
+    chunks = list(c.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                            temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens == 6
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == chat.choices[0].message.content
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    streamed = c.completions.create(model=name, prompt="abc", max_tokens=5, temperature=0, stream=True)
+    assert "".join(ch.choices[0].text for ch in streamed) == text.choices[0].text
+    assert httpx.get(server[0] + "/health").json()["status"] == "ok"
+
+
+def test_eight_concurrent_clients_get_what_each_request_gets_alone(server):
+    c, name, batcher = client(server), server[1], server[2]
+    asks = [(f"prompt {i} " + "x" * (i % 5), 4 + (i * 3) % 9) for i in range(24)]
+
+    def ask(a):
+        r = c.completions.create(model=name, prompt=a[0], max_tokens=a[1], temperature=0)
+        return r.choices[0].text, r.usage.completion_tokens
+    alone = [ask(a) for a in asks]
+    sizes, step = [], batcher.slots.step
+    batcher.slots.step = lambda tokens: sizes.append(len(tokens)) or step(tokens)
+    try:
+        with ThreadPoolExecutor(8) as ex:
+            together = list(ex.map(ask, asks))
+    finally:
+        batcher.slots.step = step
+    assert together == alone
+    assert max(sizes) >= 4                              # the requests really ran side by side
+
+
+def test_a_client_that_goes_away_mid_stream_frees_its_row(server):
+    url, name, batcher = server
+    body = {"model": name, "prompt": "a long answer", "max_tokens": 120, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+    for _ in range(200):
+        if batcher.running == 0:
+            break
+        time.sleep(0.05)
+    assert batcher.running == 0
+    assert 'hybrid_requests_total{finish_reason="cancelled"}' in httpx.get(url + "/metrics").text
+    ok = client(server).completions.create(model=name, prompt="still here", max_tokens=3, temperature=0)
+    assert ok.usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"model": "other"}, "model"), ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"), ({"n": 2}, "n"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": []}, "messages"), ({"max_tokens": 150}, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role")])
+def test_bad_requests_are_openai_errors_with_status_400(server, change, param):
+    url, name, _ = server
+    body = {"model": name, "messages": [{"role": "user", "content": "x" * 20}], **change}
+    r = httpx.post(url + "/v1/chat/completions", json=body)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["type"] == "invalid_request_error" and err["param"] == param, err
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def test_a_full_waiting_room_answers_503(server):
+    url, name, batcher = server
+    limit, batcher.max_waiting = batcher.max_waiting, 0
+    try:
+        r = httpx.post(url + "/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 2})
+    finally:
+        batcher.max_waiting = limit
+    assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+
+
+def test_prometheus_metrics_count_requests_tokens_and_latency(server):
+    client(server).completions.create(model=server[1], prompt="count me", max_tokens=4, temperature=0)
+    text = httpx.get(server[0] + "/metrics").text
+    for name in ("hybrid_requests_total", "hybrid_prompt_tokens_total", "hybrid_generation_tokens_total",
+                 "hybrid_time_to_first_token_seconds_bucket", "hybrid_inter_token_latency_seconds_count",
+                 "hybrid_running_sequences", "hybrid_waiting_sequences", "hybrid_expert_hit_rate",
+                 "hybrid_pcie_bytes_total", "hybrid_cpu_share"):
+        assert name in text, name
+    generated = float(next(l for l in text.splitlines() if l.startswith("hybrid_generation_tokens_total")).split()[1])
+    assert generated >= 4
+
+
+def test_stop_strings_end_the_text_and_unfinished_characters_are_held():
+    s = TextStream(ByteTokenizer(), ["END"])
+    out = [s.add(b) for b in "ok E".encode()]
+    assert "".join(d for d, _ in out) == "ok " and not any(stop for _, stop in out)   # "E" may start "END"
+    assert s.add(ord("N")) == ("", False) and s.add(ord("D")) == ("", True) and s.text == "ok "
+    s = TextStream(ByteTokenizer(), ["END"])
+    text = "".join(s.add(b)[0] for b in "abENDzz".encode())
+    assert text == "ab" and s.flush() == ""
+    s = TextStream(ByteTokenizer(), [])
+    e_acute = "é".encode()
+    assert s.add(e_acute[0]) == ("", False) and s.add(e_acute[1]) == ("é", False)
+
+
+def test_overloaded_when_the_waiting_room_is_full(tiny):
+    from hybrid.server.batcher import Batcher
+    b = Batcher(make(tiny, max_batch_size=1), max_waiting=1)
+    try:
+        tok = ByteTokenizer()
+        long = Sequence([1, 2, 3], SamplingParams(120, stop_on_eos=False), TextStream(tok, []), lambda ev: None)
+        b.submit(long)
+        while b.running == 0:                         # the long one holds the only row
+            time.sleep(0.01)
+        b.submit(Sequence([4], SamplingParams(2), TextStream(tok, []), lambda ev: None))
+        with pytest.raises(Overloaded):
+            b.submit(Sequence([5], SamplingParams(2), TextStream(tok, []), lambda ev: None))
+        long.cancelled.set()
+    finally:
+        b.close()
+
+
+def test_rows_joining_and_leaving_compute_what_each_sequence_computes_alone(tiny):
+    e = make(tiny, max_batch_size=4, max_seq_len=40)
+    prompts = [[5, 6, 7, 8, 9], [100, 200, 300], list(range(1, 25)), [42], [7] * 12, [3, 1, 4, 1, 5]]
+    new = [10, 12, 6, 15, 8, 9]
+    alone = [e.generate([p], SamplingParams(n, stop_on_eos=False)).tokens[0] for p, n in zip(prompts, new)]
+    slots, out, row_of, todo, shifts = Slots(e), {}, {}, list(range(len(prompts))), []
+    e.cache.shift = (lambda f: lambda rows, by, length: shifts.append(by) or f(rows, by, length))(e.cache.shift)
+    for step in range(200):
+        if todo and step % 2 == 0 and slots.fits(len(prompts[todo[0]]), new[todo[0]]):
+            i = todo.pop(0)
+            r, logits = slots.join(prompts[i], new[i])
+            row_of[r], out[i] = i, [int(logits.argmax())]
+        if slots.n:
+            logits = slots.step([out[row_of[r]][-1] for r in range(slots.n)])
+            for r in range(slots.n):
+                out[row_of[r]].append(int(logits[r].argmax()))
+            for r in reversed(range(slots.n)):
+                if len(out[row_of[r]]) >= new[row_of[r]]:
+                    last = slots.leave(r)
+                    row_of[r] = row_of[last]
+        if not todo and slots.n == 0:
+            break
+    assert [out[i][:new[i]] for i in range(len(prompts))] == alone
+    assert any(b > 0 for b in shifts) and any(b < 0 for b in shifts)     # made room both ways
+
+
+def test_load_test_script_measures_each_concurrency_level(server, tmp_path):
+    import sys
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "eval"))
+    import serve_bench
+    serve_bench.main(["--url", server[0], "--concurrency", "1,3", "--requests", "3", "--max-tokens", "5",
+                      "--out-dir", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["concurrency"] for r in rows] == [1, 3] and all(r["failed"] == 0 for r in rows)
+    assert all(r["completion_tokens"] == 15 and r["output_tok_s"] > 0 and r["ttft_ms_p50"] > 0 for r in rows)
