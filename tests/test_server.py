@@ -61,6 +61,16 @@ def test_models_chat_completion_and_streaming(server):
     streamed = c.completions.create(model=name, prompt="abc", max_tokens=5, temperature=0, stream=True)
     assert "".join(ch.choices[0].text for ch in streamed) == text.choices[0].text
     assert httpx.get(server[0] + "/health").json()["status"] == "ok"
+    parts = c.chat.completions.create(model=name, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}], max_tokens=6, temperature=0)
+    assert parts.choices[0].message.content == chat.choices[0].message.content      # text parts joined
+
+
+def test_sampled_requests_follow_their_seed(server):
+    c, name = client(server), server[1]
+    ask = lambda seed: c.completions.create(model=name, prompt="roll", max_tokens=8, temperature=1.0,  # noqa: E731
+                                            seed=seed).choices[0].text
+    assert ask(7) == ask(7) and len({ask(s) for s in range(4)}) > 1
 
 
 def test_eight_concurrent_clients_get_what_each_request_gets_alone(server):

@@ -112,10 +112,12 @@ class LatentCache:
         self.pe[:, dst].copy_(self.pe[:, src])
 
     def shift(self, rows: int, by: int, length: int) -> None:
-        """Move the first `rows` sequences' slots [max(0, -by), length) by `by` slots (left if negative)."""
+        """Move the first `rows` sequences' slots [max(0, -by), length) by `by` slots (left if negative); a layer at
+        a time, so the temporary copy is one layer's."""
         lo = max(0, -by)
         for t in (self.c, self.pe):
-            t[:, :rows, lo + by:length + by] = t[:, :rows, lo:length].clone()
+            for layer in t:
+                layer[:rows, lo + by:length + by] = layer[:rows, lo:length].clone()
 
     @staticmethod
     def nbytes(cfg: ModelConfig, batch: int, length: int, itemsize: int) -> int:

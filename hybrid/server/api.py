@@ -51,7 +51,7 @@ def make_app(batcher: Batcher, tokenizer, model_name: str) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        prompt = tokenizer.chat([m.model_dump() for m in body.messages])
+        prompt = tokenizer.chat([m.plain() for m in body.messages])
         return await respond(served, body, prompt, request, chat=True)
 
     @app.post("/v1/completions")

@@ -70,10 +70,8 @@ class Batcher:
             self._admit()
             n = self.slots.n
             if n:
-                tokens = [self.rows[r].tokens[-1] for r in range(n)]
-                logits = self.slots.step(tokens).cpu()                                    # [n, V]
-                for r in range(n):
-                    self._push(r, logits[r])
+                logits = self.slots.step([self.rows[r].tokens[-1] for r in range(n)])     # [n, V]
+                self._push_all(logits)
         finally:
             self.engine.backend.end(stats)
             self._retire()
@@ -97,12 +95,20 @@ class Batcher:
                 seq.finish("error", error=f"{type(e).__name__}: {e}")
                 raise
             self.rows[r] = seq
-            self._push(r, logits.cpu())
+            self._push(r, int(logits.argmax()) if seq.greedy else seq.sample(logits))
 
-    def _push(self, r: int, logits: torch.Tensor) -> None:
+    def _push_all(self, logits: torch.Tensor) -> None:
+        """Each running row's next token: greedy ones from one argmax on the device (only [n] ids cross to the
+        host), sampled ones from their own row of logits."""
+        greedy = logits.argmax(-1).tolist()
+        for r in range(len(greedy)):
+            seq = self.rows[r]
+            self._push(r, greedy[r] if seq.greedy else seq.sample(logits[r]))
+
+    def _push(self, r: int, token: int) -> None:
         seq = self.rows[r]
         first = not seq.tokens
-        seq.push(logits)
+        seq.push(token)
         self.metrics.token(seq, first)
 
     def _retire(self) -> None:

@@ -52,9 +52,19 @@ class Sampling(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class Part(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    """A chat message; content as a string or as text parts (joined); a developer message is a system one."""
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Part]
+
+    def plain(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class ChatRequest(Sampling):

@@ -40,9 +40,16 @@ class Sequence:
     def done(self) -> bool:
         return self.finish_reason is not None or self.cancelled.is_set()
 
-    def push(self, logits: torch.Tensor) -> None:
-        """The next token from this sequence's logits [V] (float32, on the host); emits its text or the end."""
-        token = int(self.sampler(logits[None])[0])
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature <= 0
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """A token drawn from this sequence's logits [V] (float32) with its own temperature, top-p and seed."""
+        return int(self.sampler(logits[None].float().cpu())[0])
+
+    def push(self, token: int) -> None:
+        """The sequence's next token: emits its text, or the end."""
         self.tokens.append(token)
         self.token_times.append(time.perf_counter())
         if self.params.stop_on_eos and token == self.eos:
