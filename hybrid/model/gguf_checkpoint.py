@@ -167,6 +167,8 @@ class GgufCheckpoint:
             return {self.tensors[n].tensor_type.name for L in self.config.moe_layers for k in kinds
                     if (n := f"blk.{L}.{k}.weight") in self.tensors}
         w13, w2 = types(("ffn_gate_exps", "ffn_up_exps")), types(("ffn_down_exps",))
+        if not w13 or not w2:
+            return "bf16"
         for fmt, (k13, k2) in MATRICES.items():
             if w13 <= CARRIED[k13] and w2 <= CARRIED[k2]:
                 return fmt
