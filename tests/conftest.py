@@ -31,6 +31,14 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def wide(tmp_path_factory) -> Path:
+    """The tiny model with rows of 256 (Q4_K's block) and a small vocabulary."""
+    config, shards = PRESETS["tiny"]
+    config = {**config, "hidden_size": 256, "vocab_size": 1024, "bos_token_id": 1, "eos_token_id": 2}
+    return write_checkpoint(tmp_path_factory.mktemp("wide"), config, shards, seed=2, progress=False)
+
+
+@pytest.fixture(scope="session")
 def reference(tiny):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32).eval()

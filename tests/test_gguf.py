@@ -22,7 +22,6 @@ from hybrid.model.checkpoint import Checkpoint, CheckpointError
 from hybrid.model.config import RunConfig
 from hybrid.model.ggml_blocks import encode_q4_k, encode_q5_0
 from hybrid.model.gguf_checkpoint import EXPERTS, GLOBAL, NAMES, GgufCheckpoint
-from hybrid.model.synthetic import PRESETS, write_checkpoint
 
 ENCODE = {Q.Q4_K: encode_q4_k, Q.Q5_0: encode_q5_0, Q.Q8_0: lambda m: quantize(m, Q.Q8_0)}
 PEER = ROOT.parent / "shared" / "peers" / "llamacpp"
@@ -166,14 +165,6 @@ def dequantized_oracle(tiny, tmp_path, qtype=None, types=None):
                 tensors[name] = torch.from_numpy(dequantize(quantize(a, qtype), qtype).copy())
         save_file(tensors, deq / f.name)
     return AutoModelForCausalLM.from_pretrained(str(deq), dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def wide(tmp_path_factory):
-    """The tiny model with rows of 256 (Q4_K's block) and a small vocabulary."""
-    config, shards = PRESETS["tiny"]
-    config = {**config, "hidden_size": 256, "vocab_size": 1024, "bos_token_id": 1, "eos_token_id": 2}
-    return write_checkpoint(tmp_path_factory.mktemp("wide"), config, shards, seed=2, progress=False)
 
 
 def q4_k_m(name: str):

@@ -109,30 +109,50 @@ def test_triton_grouped_kernel_matches_the_dequantized_reference(fmt):
     assert rel_err(ref[2:21], gated_ffn(xs[2:21], w13, w2)) <= 1e-6
 
 
+def dequantized_model(path, fmt: str, out):
+    """transformers on the checkpoint at `path` with its routed experts replaced by their `fmt` dequantized
+    weights: the function the engine must compute."""
+    from transformers import AutoModelForCausalLM
+    ckpt = Checkpoint(path)
+    lay = layout(ckpt.config, fmt)
+    for f in path.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, out / f.name)
+            continue
+        tensors = load_file(f)
+        for layer in ckpt.config.moe_layers:
+            for e in range(ckpt.config.n_routed_experts):
+                names = ckpt.expert_names(layer, e)
+                if names[0] in tensors:
+                    w13, w2 = dequantize_expert(lay, quantize_expert(lay, *(ckpt.get(n) for n in names)),
+                                                torch.float32)
+                    I = w13.shape[0] // 2
+                    tensors.update(zip(names, (w13[:I], w13[I:], w2)))
+        save_file(tensors, out / f.name)
+    return AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+
+
 @pytest.fixture(scope="module")
 def dequantized(tiny, tmp_path_factory):
-    """The tiny checkpoint with its routed experts replaced by their q8 / q4 dequantized weights, loaded in
-    transformers: the function the engine must compute."""
-    from transformers import AutoModelForCausalLM
-    ckpt, models = Checkpoint(tiny), {}
-    for fmt in ("q8", "q4"):
-        lay, out = layout(ckpt.config, fmt), tmp_path_factory.mktemp(f"deq_{fmt}")
-        for f in tiny.iterdir():
-            if f.suffix != ".safetensors":
-                shutil.copy(f, out / f.name)
-                continue
-            tensors = load_file(f)
-            for layer in ckpt.config.moe_layers:
-                for e in range(ckpt.config.n_routed_experts):
-                    names = ckpt.expert_names(layer, e)
-                    if names[0] in tensors:
-                        w13, w2 = dequantize_expert(lay, quantize_expert(lay, *(ckpt.get(n) for n in names)),
-                                                    torch.float32)
-                        I = w13.shape[0] // 2
-                        tensors.update(zip(names, (w13[:I], w13[I:], w2)))
-            save_file(tensors, out / f.name)
-        models[fmt] = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-    return models
+    return {fmt: dequantized_model(tiny, fmt, tmp_path_factory.mktemp(f"deq_{fmt}")) for fmt in ("q8", "q4")}
+
+
+@pytest.fixture(scope="module")
+def q4k_oracle(wide, tmp_path_factory):
+    return dequantized_model(wide, "q4k", tmp_path_factory.mktemp("deq_q4k"))
+
+
+@pytest.mark.parametrize("mode", ["gpu", "fetch", "hybrid"])
+def test_q4k_quantized_from_a_checkpoint_computes_the_dequantized_function(wide, q4k_oracle, mode):
+    oracle = q4k_oracle
+    budget = None if mode == "gpu" else budget_for(wide, 20, experts="q4k")
+    e = make(wide, experts="q4k", mode=mode, gpu_memory=budget, prefill_scratch=0)
+    prompts = [[1, 5, 900, 17, 33, 4, 8], [9, 8, 7]]
+    for p, toks in zip(prompts, e.generate(prompts, GREEDY).tokens):
+        with torch.no_grad():
+            assert rel_err(e.logits(p), oracle(torch.tensor([p])).logits[0]) <= 1e-4
+            assert toks == oracle.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
+                                           min_new_tokens=10)[0, len(p):].tolist()
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
