@@ -8,9 +8,10 @@
 source eval/device_setup.sh llamacpp none
 L=/dev/shm/llama.cpp; SRC=/dev/shm/llama-src; G=/dev/shm/gguf; mkdir -p $G $SRC
 if [ ! -x $L/build/bin/llama-bench ]; then
-  # the vendored tree has no tools/ui, which llama-server's build needs: build the benches and the quantizer only
-  sed 's/-DLLAMA_BUILD_SERVER=ON/-DLLAMA_BUILD_SERVER=OFF/; s/ llama-server//' .peer/build.sh > .peer/build-noserver.sh
-  bash .peer/build-noserver.sh $L > $G/build.log 2>&1 &
+  # the vendored tree lacks tools/ui, which llama-server's build needs: put the asset-less stand-in there first
+  # (build.sh extracts the same tree over it and keeps it)
+  tar xzf .peer/lcpp.tgz -C "$(dirname $L)" && mkdir -p $L/tools/ui && cp eval/peer/llamacpp_ui/* $L/tools/ui/
+  bash .peer/build.sh $L > $G/build.log 2>&1 &
   BUILD=$!
 fi
 [ -f $SRC/llama.cpp/convert_hf_to_gguf.py ] || tar xzf .peer/lcpp.tgz -C $SRC      # the converter's own copy

@@ -1,26 +1,42 @@
 #!/usr/bin/env bash
-# Device call: serve.py on the synthetic V2-Lite, loaded by eval/serve_bench.py on loopback at each concurrency,
-# into $OUT/serve/. Carry `.tok` and `.whl`: wheels of fastapi, uvicorn, prometheus_client and httpx for the box's
-# Python (it has no package registry; `pip download --only-binary=:all: --python-version 3.12 ...` makes them).
-#   bash eval/gpu_serve.sh "--mode gpu" "1,4,8,16"
-SERVE_ARGS=$1; LEVELS=${2:-1,4,8,16}
-source eval/device_setup.sh serve none
+# Device call: serve.py loaded by eval/serve_bench.py on loopback at each concurrency, and, given llama-server options,
+# llama-server (built by eval/gpu_llamacpp.sh earlier on the same machine) on llama.cpp's Q4_K_M file with the same
+# levels, into $OUT/serve/<system>/. Carry `.tok` and `.whl`: wheels of fastapi, uvicorn, prometheus_client and httpx
+# for the box's Python, which has no package registry (`pip download --only-binary=:all: --python-version 3.12 ...`).
+#   bash eval/gpu_serve.sh "--model /dev/shm/v2lite --mode gpu" "1,4,8,16"
+#   CALIBRATE=q4k bash eval/gpu_serve.sh "--model /dev/shm/gguf/model-Q4_K_M.gguf --gpu-memory 8GiB --prefetch gate" \
+#       "1,4,8,16" "-ncmoe 9"
+SERVE_ARGS=$1; LEVELS=${2:-1,4,8,16}; PEER_ARGS=${3:-}
+source eval/device_setup.sh serve "${CALIBRATE:-none}"
+[ -d /dev/shm/llama-src/llama.cpp/gguf-py ] && export PYTHONPATH=/dev/shm/llama-src/llama.cpp/gguf-py${PYTHONPATH:+:$PYTHONPATH}
 if ! python3 -c "import fastapi, uvicorn, prometheus_client, httpx" 2>/dev/null; then
   # into a folder of its own: the box's Python may refuse installs into its environment (PEP 668)
   pip install -q --no-index --find-links .whl --target /dev/shm/pylib fastapi uvicorn prometheus_client httpx || exit 2
   export PYTHONPATH=/dev/shm/pylib${PYTHONPATH:+:$PYTHONPATH}
 fi
+
+serve_and_bench() {       # NAME PORT COMMAND...: start the server, wait until it answers, load it, stop it
+  local name=$1 port=$2; shift 2
+  mkdir -p "$OUT/serve/$name"
+  "$@" > "$OUT/serve/$name/server.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 300); do            # until it answers, or give up at once if the server died
+    kill -0 $pid 2>/dev/null || { echo "error: $name exited:"; tail -5 "$OUT/serve/$name/server.log"; return 2; }
+    python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=2)" \
+      2>/dev/null && break
+    sleep 1
+  done
+  timeout "${BENCH_TIMEOUT:-240}" python3 eval/serve_bench.py --url "http://127.0.0.1:$port" --system "$name" \
+    --concurrency "$LEVELS" --requests "${REQUESTS:-32}" --max-tokens "${MAX_TOKENS:-128}" \
+    --out-dir "$OUT/serve/$name" 2>&1 | tail -6
+  kill $pid; wait $pid 2>/dev/null
+  tail -c 2000 "$OUT/serve/$name/server.log" > "$OUT/serve/$name/server.tail"; rm "$OUT/serve/$name/server.log"
+}
+
 # shellcheck disable=SC2086
-python3 serve.py --model /dev/shm/v2lite $SERVE_ARGS --port 8011 --served-model-name v2lite > "$OUT/serve/server.log" 2>&1 &
-PID=$!
-for _ in $(seq 300); do            # until it answers, or gives up at once if the server died
-  kill -0 $PID 2>/dev/null || { echo "error: the server exited:"; tail -5 "$OUT/serve/server.log"; exit 2; }
-  python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8011/health', timeout=2)" \
-    2>/dev/null && break
-  sleep 1
-done
-timeout "${BENCH_TIMEOUT:-240}" python3 eval/serve_bench.py --url http://127.0.0.1:8011 --concurrency "$LEVELS" \
-  --requests "${REQUESTS:-16}" --max-tokens "${MAX_TOKENS:-64}" --out-dir "$OUT/serve" 2>&1 | tail -8
-python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8011/metrics').read().decode())" \
-  | grep -E "^hybrid_(requests|generation_tokens|expert_hit_rate|cpu_share|pcie)" 
-kill $PID; tail -3 "$OUT/serve/server.log"
+serve_and_bench this 8011 python3 serve.py $SERVE_ARGS --max-batch-size 16 --max-seq-len 1024 --port 8011
+if [ -n "$PEER_ARGS" ]; then
+  # shellcheck disable=SC2086
+  serve_and_bench llama-server 8012 /dev/shm/llama.cpp/build/bin/llama-server -m /dev/shm/gguf/model-Q4_K_M.gguf \
+    -ngl 99 -np 16 -c $((16 * 1024)) -lm none --port 8012 $PEER_ARGS
+fi

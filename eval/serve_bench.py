@@ -56,7 +56,8 @@ async def level(url: str, model: str, prompts: list[list[dict]], clients: int, r
             except (httpx.HTTPError, json.JSONDecodeError) as e:
                 results.append({"error": f"{type(e).__name__}: {e}"})
     t0 = time.perf_counter()
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients + 4)) as http:
+    # a connection per request: llama-server closes idle kept-alive connections, which a reused one then meets
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)) as http:
         await asyncio.gather(*(worker(http) for _ in range(clients)))
     wall = time.perf_counter() - t0
     ok = [r for r in results if "error" not in r]
