@@ -123,6 +123,11 @@ def test_bad_requests_are_openai_errors_with_status_400(server, change, param):
     assert httpx.get(url + "/health").status_code == 200
 
 
+def test_an_empty_prompt_is_a_400(server):
+    r = httpx.post(server[0] + "/v1/completions", json={"model": server[1], "prompt": ""})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "the prompt is empty"
+
+
 def test_a_full_waiting_room_answers_503(server):
     url, name, batcher = server
     limit, batcher.max_waiting = batcher.max_waiting, 0

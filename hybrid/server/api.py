@@ -72,11 +72,13 @@ async def respond(srv: Served, body: Sampling, prompt: list[int], request: Reque
     """Checks the request against the model and its context, queues it, and answers (streamed or whole)."""
     if body.model != srv.model:
         raise ApiError(400, f"model {body.model!r} is not served here: {srv.model!r}", "model", "model_not_found")
-    context = srv.batcher.engine.context_len
+    context, param = srv.batcher.engine.context_len, "messages" if chat else "prompt"
+    if not prompt:
+        raise ApiError(400, "the prompt is empty", param)
     new = body.new_tokens() or context - len(prompt)
-    if not prompt or len(prompt) + new > context:
+    if len(prompt) + new > context:
         raise ApiError(400, f"the prompt's {len(prompt)} tokens + {new} new tokens exceed the context of "
-                            f"{context} tokens", "messages" if chat else "prompt", "context_length_exceeded")
+                            f"{context} tokens", param, "context_length_exceeded")
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
     seq = Sequence(prompt, SamplingParams(new, body.temperature, body.top_p, body.seed),
                    TextStream(srv.tokenizer, body.stops()),
