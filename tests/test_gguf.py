@@ -251,15 +251,15 @@ def write_tokenizer_gguf(path, pre="deepseek-llm"):
     """A GGUF holding only a small byte-level BPE tokenizer in llama.cpp's keys."""
     from tokenizers.pre_tokenizers import ByteLevel
     alphabet = sorted(ByteLevel.alphabet())
-    tokens = alphabet + ["he", "ll", "hell", "hello", "Ġw", "<|bos|>", "<|eos|>"]
+    tokens = alphabet + ["he", "ll", "hell", "hello", "Ġw", "<|bos|>", "<|eos|>", "[PAD]"]
     w = GGUFWriter(str(path), "deepseek2")
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
-    w.add_token_types([1] * (len(tokens) - 2) + [3, 3])
+    w.add_token_types([1] * (len(tokens) - 3) + [3, 3, 5])
     w.add_token_merges(["h e", "l l", "he ll", "hell o", "Ġ w"])
-    w.add_bos_token_id(len(tokens) - 2)
-    w.add_eos_token_id(len(tokens) - 1)
+    w.add_bos_token_id(len(tokens) - 3)
+    w.add_eos_token_id(len(tokens) - 2)
     w.add_chat_template("{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% endfor %}")
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -274,6 +274,7 @@ def test_a_ggufs_tokenizer_and_chat_template_come_from_its_metadata(tmp_path):
     ids = tok.encode("hello world 42")
     assert [tokens[i] for i in ids[:2]] == ["hello", "Ġw"] and tok.decode(ids) == "hello world 42"
     assert [tokens[i] for i in tok.encode("42")] == ["4", "2"]                    # digits one by one
+    assert tok.decode(ids + [tokens.index("[PAD]"), tokens.index("<|eos|>")]) == "hello world 42"   # never text
     assert tok.chat([{"role": "user", "content": "hello"}]) == [tokens.index("<|bos|>")] + tok.encode("user: hello")
     with pytest.raises(TokenizerError, match=r"pre-tokenizer qwen2\) is not supported"):
         load_tokenizer(write_tokenizer_gguf(tmp_path / "q.gguf", pre="qwen2")[0])

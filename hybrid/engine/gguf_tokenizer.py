@@ -14,7 +14,7 @@ PRE_SPLITS = {
         '[一-龥ࠀ-一가-\ud7ff]+',
     ),
 }
-CONTROL, USER_DEFINED = 3, 4            # llama.cpp's token types that are special tokens
+CONTROL, USER_DEFINED, UNUSED = 3, 4, 5   # llama.cpp's token types beside normal ones (1)
 
 
 def _field(reader, key: str, default=None):
@@ -41,8 +41,10 @@ def build(reader):
         + [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                                                     use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    special = [i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)]
-    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
+    # control and unused (padding) tokens are special: never text; user-defined ones match whole and read as text
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                            for i, t in enumerate(types) if t in (CONTROL, UNUSED)])
+    tok.add_tokens([AddedToken(tokens[i], normalized=False) for i, t in enumerate(types) if t == USER_DEFINED])
     ids = {k: _field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos")}
     return tok, {"bos_token": tokens[ids["bos"]] if ids["bos"] is not None else None,
                  "eos_token": tokens[ids["eos"]] if ids["eos"] is not None else None,
