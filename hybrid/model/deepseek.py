@@ -149,13 +149,13 @@ class MLAttention:
             return F.linear(x, self.q_proj)
         return F.linear(self.q_a_norm(F.linear(x, self.q_a)), self.q_b)
 
-    def __call__(self, x: torch.Tensor, cache: LatentCache, st: StepState, cos, sin) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cache: LatentCache, st: StepState, rot: torch.Tensor) -> torch.Tensor:
         cfg, (B, T, _) = self.cfg, x.shape
         H, Dn, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
         q = self._q(x).view(B, T, H, cfg.qk_head_dim)
-        q_nope, q_pe = q[..., :Dn], Rope.apply(q[..., Dn:], cos, sin)                # [B, T, H, Dn], [B, T, H, R]
+        q_nope, q_pe = q[..., :Dn], Rope.apply(q[..., Dn:], rot)                     # [B, T, H, Dn], [B, T, H, R]
         c, k_pe = F.linear(x, self.kv_a).split([C, cfg.qk_rope_head_dim], dim=-1)
-        c, k_pe = self.kv_norm(c), Rope.apply(k_pe, cos, sin)                          # [B, T, C], [B, T, R]
+        c, k_pe = self.kv_norm(c), Rope.apply(k_pe, rot)                               # [B, T, C], [B, T, R]
         if st.write_index is None:
             cache.c[self.i, :, st.start:st.start + T] = c
             cache.pe[self.i, :, st.start:st.start + T] = k_pe
@@ -249,9 +249,9 @@ class DeepseekV2:
 
         Everything between two yields is free of host synchronisation, so it can be captured as a CUDA graph."""
         x = F.embedding(ids, self.embed)                                                  # [B, T, Hd]
-        cos, sin = self.rope.cos_sin(st.positions)
+        rot = self.rope.rotation(st.positions)                                            # [B, T, R/2]
         for in_norm, attn, post_norm, mlp in self.layers:
-            x = x + attn(in_norm(x), cache, st, cos, sin)
+            x = x + attn(in_norm(x), cache, st, rot)
             h = post_norm(x)
             if not isinstance(mlp, MoE):
                 x = x + mlp(h)

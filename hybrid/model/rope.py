@@ -38,23 +38,22 @@ def yarn_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class Rope:
-    """cos/sin tables for given positions, and their application to adjacent (even, odd) pairs."""
+    """Rotations for given positions, applied to adjacent (even, odd) pairs as one complex multiply."""
 
     def __init__(self, cfg: ModelConfig, device: torch.device | str):
         inv_freq, self.scale = yarn_inv_freq(cfg)
         self.inv_freq = inv_freq.to(device)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq          # [B, T, R/2]
-        return freqs.cos() * self.scale, freqs.sin() * self.scale
+    def rotation(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions [B, T] -> scale * e^(i pos freq) [B, T, R/2] complex64."""
+        freqs = positions[..., None].float() * self.inv_freq                             # [B, T, R/2]
+        return torch.polar(torch.full_like(freqs, self.scale), freqs)
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, T, ..., R] with pairs (2i, 2i+1); returns the rotated x in half-split order (evens, then odds).
-
-        q and k both come back in that order, so their dot products equal the interleaved original."""
-        while cos.dim() < x.dim():
-            cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-        xf = x.float()
-        xe, xo = xf[..., 0::2], xf[..., 1::2]
-        return torch.cat((xe * cos - xo * sin, xe * sin + xo * cos), dim=-1).to(x.dtype)
+    def apply(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        """x [B, T, ..., R] with pairs (2i, 2i+1) taken as complex numbers, rotated by rot [B, T, R/2]: the pairs
+        stay where they are (q and k are rotated alike, so their dot products are the original's)."""
+        while rot.dim() < x.dim():
+            rot = rot.unsqueeze(-2)
+        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))                     # [..., R/2]
+        return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
