@@ -107,7 +107,8 @@ def engine_args(ap: argparse.ArgumentParser, batch_flag: str = "--batch-size", b
     ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                     help="with prefetch: plan each layer alone (on-demand copies not charged for displaced prefetches)")
     ap.add_argument("--predictors", help="trained predictor file for --prefetch mlp (default: by checkpoint)")
-    ap.add_argument(batch_flag, dest="batch_size", metavar="N", type=at_least(1), default=batch_default, help=batch_help)
+    ap.add_argument(batch_flag, dest="batch_size", metavar="N", type=at_least(1), default=batch_default,
+                    help=batch_help)
     ap.add_argument("--max-seq-len", type=at_least(1), default=4096, help="KV cache tokens per sequence")
     ap.add_argument("--cpu-threads", type=at_least(1),
                     help="CPU threads (default: all cores but one with a GPU, all cores without; fewer while other "

@@ -167,8 +167,9 @@ class MLAttention:
         q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, self.w_uk)                         # [B, H, T, C]
         q_pe = q_pe.transpose(1, 2)                                                      # [B, H, T, R]
         block = max(1, ATTN_SCORE_ELEMS // (B * H * st.kv_len))
-        o_lat = torch.cat([self._attend(q_lat[:, :, t:t + block], q_pe[:, :, t:t + block], kc, kpe,
-                                        st.mask[:, :, t:t + block]) for t in range(0, T, block)], dim=2)
+        parts = [self._attend(q_lat[:, :, t:t + block], q_pe[:, :, t:t + block], kc, kpe, st.mask[:, :, t:t + block])
+                 for t in range(0, T, block)]
+        o_lat = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)                  # [B, H, T, C]
         o = torch.einsum("bhtc,hvc->bthv", o_lat, self.w_uv).reshape(B, T, -1)          # [B, T, H*Dv]
         return F.linear(o, self.o_proj)
 
