@@ -123,6 +123,17 @@ def test_bad_requests_are_openai_errors_with_status_400(server, change, param):
     assert httpx.get(url + "/health").status_code == 200
 
 
+def test_a_request_that_ends_at_its_first_token_takes_no_step(server):
+    c, name, batcher = client(server), server[1], server[2]
+    sizes, step = [], batcher.slots.step
+    batcher.slots.step = lambda tokens: sizes.append(len(tokens)) or step(tokens)
+    try:
+        r = c.completions.create(model=name, prompt="one", max_tokens=1, temperature=0)
+    finally:
+        batcher.slots.step = step
+    assert r.usage.completion_tokens == 1 and r.choices[0].finish_reason == "length" and sizes == []
+
+
 def test_an_empty_prompt_is_a_400(server):
     r = httpx.post(server[0] + "/v1/completions", json={"model": server[1], "prompt": ""})
     assert r.status_code == 400 and r.json()["error"]["message"] == "the prompt is empty"

@@ -68,6 +68,7 @@ class Batcher:
         self.engine.backend.begin(stats)
         try:
             self._admit()
+            self._retire()                   # those that ended at their first token take no step
             n = self.slots.n
             if n:
                 logits = self.slots.step([self.rows[r].tokens[-1] for r in range(n)])     # [n, V]

@@ -49,7 +49,9 @@ class Sequence:
         return int(self.sampler(logits[None].float().cpu())[0])
 
     def push(self, token: int) -> None:
-        """The sequence's next token: emits its text, or the end."""
+        """The sequence's next token: emits its text, or the end (nothing once it has ended)."""
+        if self.finish_reason is not None:
+            return
         self.tokens.append(token)
         self.token_times.append(time.perf_counter())
         if self.params.stop_on_eos and token == self.eos:
