@@ -87,8 +87,9 @@ class Batcher:
                 if not seq.cancelled.is_set() and not self.slots.fits(len(seq.prompt), seq.params.max_new_tokens):
                     return
                 self.waiting.popleft()
-            if seq.cancelled.is_set():
+            if seq.cancelled.is_set():          # its client went away while it waited
                 seq.finish("cancelled")
+                self.metrics.finished(seq)
                 continue
             try:
                 r, logits = self.slots.join(seq.prompt, seq.params.max_new_tokens)
