@@ -40,19 +40,21 @@ def read_file(path: Path, flat: torch.Tensor, layers: dict[int, int], progress: 
     return True
 
 
+def _on_threads(work, items: list, threads: int, desc: str, progress: bool) -> None:
+    """work(item) for every item on `threads` threads, with a progress bar."""
+    with ThreadPoolExecutor(threads) as ex:
+        for _ in tqdm(ex.map(work, items), total=len(items), desc=desc, disable=not progress):
+            pass
+
+
 def quantize_into(flat: torch.Tensor, layers: dict[int, int], ckpt: Checkpoint, lay: ExpertLayout,
                   progress: bool, threads: int) -> None:
-    E = flat.shape[1]
-
     def one(key: tuple[int, int]) -> None:
         layer, e = key
         g, u, d = (ckpt.get(n) for n in ckpt.expert_names(layer, e))
         flat[layers[layer], e].copy_(quantize_expert(lay, g, u, d))
-    keys = [(layer, e) for layer in layers for e in range(E)]
-    with ThreadPoolExecutor(threads) as ex:
-        for _ in tqdm(ex.map(one, keys), total=len(keys), desc=f"quantizing experts to {lay.fmt}",
-                      disable=not progress):
-            pass
+    keys = [(layer, e) for layer in layers for e in range(flat.shape[1])]
+    _on_threads(one, keys, threads, f"quantizing experts to {lay.fmt}", progress)
 
 
 def carry_into(flat: torch.Tensor, layers: dict[int, int], ckpt, lay: ExpertLayout, progress: bool,
@@ -60,10 +62,7 @@ def carry_into(flat: torch.Tensor, layers: dict[int, int], ckpt, lay: ExpertLayo
     """A GGUF's experts, block for block (no requantizing: gguf_checkpoint.layer_planes), a layer per thread."""
     def one(layer: int) -> None:
         flat[layers[layer]].copy_(ckpt.layer_planes(layer, lay))
-    with ThreadPoolExecutor(threads) as ex:
-        for _ in tqdm(ex.map(one, layers), total=len(layers), desc=f"experts <- {ckpt.path.name}",
-                      disable=not progress):
-            pass
+    _on_threads(one, list(layers), threads, f"experts <- {ckpt.path.name}", progress)
 
 
 def load_quantized(flat: torch.Tensor, layers: dict[int, int], cfg: ModelConfig, ckpt: Checkpoint,
