@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q5_0": 22, "Q4_K": 144}
-BLOCK_WEIGHTS = {"Q8_0": 32, "Q4_0": 32, "Q5_0": 32, "Q4_K": 256}
 
 
 def _blocks(raw: np.ndarray, kind: str) -> np.ndarray:
@@ -75,6 +74,16 @@ def q4k_planes(raw: np.ndarray) -> tuple[np.ndarray, ...]:
     lo, hi = pairs[..., :16], pairs[..., 16:]
     q = np.stack([(lo & 15) | (hi << 4), (lo >> 4) | (hi & 0xF0)], axis=3)           # [R, S, 4, 2, 16]
     return q.reshape(R, -1), _fp16(b[..., 0:2]), _fp16(b[..., 2:4]), sc.reshape(R, -1), mn.reshape(R, -1)
+
+
+def planes(raw: np.ndarray, block_type: str) -> tuple[np.ndarray, ...]:
+    """Rows of blocks of one of BLOCK_BYTES' types -> the planes of the kind they move into (gguf_checkpoint's
+    CARRIED): Q8_0 and Q5_0 -> q8, Q4_0 -> q4, Q4_K -> q4k."""
+    if block_type == "Q4_0":
+        return q4_planes(raw)
+    if block_type == "Q4_K":
+        return q4k_planes(raw)
+    return q8_planes(raw, block_type)
 
 
 def encode_q5_0(w: np.ndarray) -> np.ndarray:

@@ -26,8 +26,6 @@ from . import ggml_blocks
 from .quant import MATRICES, ExpertLayout
 
 CARRIED = {"q8": {"Q8_0", "Q5_0"}, "q4": {"Q4_0"}, "q4k": {"Q4_K"}}    # block types that move into each plane kind
-PLANES = {"q8": ggml_blocks.q8_planes, "q4": lambda raw, _: ggml_blocks.q4_planes(raw),
-          "q4k": lambda raw, _: ggml_blocks.q4k_planes(raw)}              # (raw rows, block type) -> planes
 
 NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
          "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
@@ -142,11 +140,11 @@ class GgufCheckpoint:
         for kinds, mat in ((("ffn_gate_exps", "ffn_up_exps"), lay.w13), (("ffn_down_exps",), lay.w2)):
             per = []
             for k in kinds:
-                raw, kind = self._expert_blocks(f"blk.{layer}.{k}.weight", mat.kind, lay.fmt)   # [E, R, row bytes]
+                raw, block = self._expert_blocks(f"blk.{layer}.{k}.weight", mat.kind, lay.fmt)  # [E, R, row bytes]
                 E, R = raw.shape[:2]
-                per.append([p.reshape(E, R, -1) for p in PLANES[mat.kind](raw.reshape(E * R, -1), kind)])
-            planes = [np.concatenate(p, axis=1) for p in zip(*per)]                  # gate's rows, then up's
-            parts += [np.ascontiguousarray(p).reshape(p.shape[0], -1).view(np.uint8) for p in planes]
+                per.append([p.reshape(E, R, -1) for p in ggml_blocks.planes(raw.reshape(E * R, -1), block)])
+            joined = [np.concatenate(p, axis=1) for p in zip(*per)]                  # gate's rows, then up's
+            parts += [np.ascontiguousarray(p).reshape(p.shape[0], -1).view(np.uint8) for p in joined]
         return torch.from_numpy(np.concatenate(parts, axis=1))
 
     def _expert_blocks(self, name: str, kind: str, fmt: str) -> tuple[np.ndarray, str]:
