@@ -3,6 +3,8 @@ byte-level BPE from the token list and merges, the pre-tokenizer its `tokenizer.
 as special tokens, and the chat template. transformers 5 does not read deepseek2 GGUF tokenizers itself."""
 from __future__ import annotations
 
+from ..model.gguf_checkpoint import field
+
 # Pre-tokenizers by `tokenizer.ggml.pre`: regular expressions split off in turn (each piece kept), then single
 # digits, then bytes mapped to characters. deepseek-llm: DeepSeek-V2 / V2-Lite (their tokenizer.json's).
 PRE_SPLITS = {
@@ -17,11 +19,6 @@ PRE_SPLITS = {
 CONTROL, USER_DEFINED, UNUSED = 3, 4, 5   # llama.cpp's token types beside normal ones (1)
 
 
-def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
-
-
 def has_tokenizer(reader) -> bool:
     return "tokenizer.ggml.tokens" in reader.fields
 
@@ -29,12 +26,12 @@ def has_tokenizer(reader) -> bool:
 def build(reader):
     """-> (tokenizers.Tokenizer, {bos_token, eos_token, chat_template}); ValueError naming what is unsupported."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    kind, pre = _field(reader, "tokenizer.ggml.model"), _field(reader, "tokenizer.ggml.pre", "default")
+    kind, pre = field(reader, "tokenizer.ggml.model"), field(reader, "tokenizer.ggml.pre", "default")
     if kind != "gpt2" or pre not in PRE_SPLITS:
         raise ValueError(f"the GGUF's tokenizer ({kind}, pre-tokenizer {pre}) is not supported: gpt2 with "
                          f"{', '.join(PRE_SPLITS)}; pass --tokenizer DIR with its tokenizer.json")
-    tokens, types = _field(reader, "tokenizer.ggml.tokens"), _field(reader, "tokenizer.ggml.token_type")
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
+    merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges")]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_SPLITS[pre]]
@@ -45,7 +42,7 @@ def build(reader):
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                             for i, t in enumerate(types) if t in (CONTROL, UNUSED)])
     tok.add_tokens([AddedToken(tokens[i], normalized=False) for i, t in enumerate(types) if t == USER_DEFINED])
-    ids = {k: _field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos")}
+    ids = {k: field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos")}
     return tok, {"bos_token": tokens[ids["bos"]] if ids["bos"] is not None else None,
                  "eos_token": tokens[ids["eos"]] if ids["eos"] is not None else None,
-                 "chat_template": _field(reader, "tokenizer.chat_template")}
+                 "chat_template": field(reader, "tokenizer.chat_template")}

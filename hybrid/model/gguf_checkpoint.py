@@ -39,17 +39,18 @@ EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exp
 KV_B = "attn_kv_b.weight"                         # absent in newer files: attn_k_b + attn_v_b instead
 
 
-def _field(reader, key: str, default=None):
+def field(reader, key: str, default=None):
+    """A metadata value of a GGUFReader, or `default` where the key is absent."""
     f = reader.fields.get(key)
     return default if f is None else f.contents()
 
 
 def config_from_metadata(reader) -> dict:
     """The Hugging Face config.json fields of a deepseek2 GGUF."""
-    arch = _field(reader, "general.architecture")
+    arch = field(reader, "general.architecture")
     if arch != "deepseek2":
         raise CheckpointError(f"GGUF architecture {arch!r} is not supported: only deepseek2 (DeepSeek-V2 / V2-Lite)")
-    g = lambda key, default=None: _field(reader, f"deepseek2.{key}", default)  # noqa: E731
+    g = lambda key, default=None: field(reader, f"deepseek2.{key}", default)  # noqa: E731
     rope = g("rope.dimension_count")
     mult = g("rope.scaling.yarn_log_multiplier", 0.0)
     scaling = None
@@ -74,8 +75,8 @@ def config_from_metadata(reader) -> dict:
             "topk_method": "greedy" if groups == 1 else "group_limited_greedy", "moe_layer_freq": 1,
             "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": "output.weight" not in
             {t.name for t in reader.tensors},
-            "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id", 100000),
-            "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id", 100001)}
+            "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id", 100000),
+            "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id", 100001)}
 
 
 class GgufCheckpoint:
