@@ -27,13 +27,17 @@ SUPER = 256                   # q4k's block of d and dmin
 FORMATS = EXPERT_FORMATS
 KINDS = {"q8": 1, "q4": 2, "q4k": 3}      # a matrix's kind -> its code in the kernels (cpu_quant.h, quant_gpu.py)
 MATRICES = {"q8": ("q8", "q8"), "q4": ("q4", "q4"), "q4k": ("q4k", "q8")}   # format -> kinds of (w13, w2)
+SCALE_PLANES = {                          # kind -> the planes after q, in order: (weights per value, dtype)
+    "q8": ((GROUP, torch.float16),),
+    "q4": ((GROUP, torch.float16), (GROUP, torch.float16)),
+    "q4k": ((SUPER, torch.float16), (SUPER, torch.float16), (GROUP, torch.uint8), (GROUP, torch.uint8))}
 
 
 class Planes(NamedTuple):
     """Views of one matrix's planes; fields a kind lacks are None."""
     q: torch.Tensor               # int8 [..., R, C] (q8) or nibbles uint8 [..., R, C/2]
     d: torch.Tensor               # fp16 [..., R, C/32] (q4k: [..., R, C/256])
-    m: torch.Tensor | None        # fp16 min [..., R, C/32] (q4); dmin [..., R, C/256] (q4k)
+    m: torch.Tensor | None = None     # fp16 min [..., R, C/32] (q4); dmin [..., R, C/256] (q4k)
     sc: torch.Tensor | None = None    # uint8 [..., R, C/32] (q4k)
     mn: torch.Tensor | None = None
 
@@ -47,10 +51,6 @@ class Matrix:
     offset: int                  # bytes from the start of the expert buffer
 
     @property
-    def groups(self) -> int:
-        return self.rows * self.cols // GROUP
-
-    @property
     def code(self) -> int:
         return KINDS[self.kind]
 
@@ -60,9 +60,7 @@ class Matrix:
 
     @property
     def scale_bytes(self) -> int:
-        if self.kind == "q4k":
-            return 4 * self.groups * GROUP // SUPER + 2 * self.groups
-        return 2 * self.groups * (1 if self.kind == "q8" else 2)
+        return sum(self.rows * self.cols // per * dtype.itemsize for per, dtype in SCALE_PLANES[self.kind])
 
     @property
     def nbytes(self) -> int:
@@ -70,20 +68,14 @@ class Matrix:
 
     def planes(self, buf: torch.Tensor) -> Planes:
         """Views of the planes in buf [..., expert bytes] (uint8)."""
-        lead, R, C, o = buf.shape[:-1], self.rows, self.cols, self.offset
-        q = buf[..., o:o + self.q_bytes].reshape(*lead, R, -1)
-        at = [o + self.q_bytes]
-
-        def take(n: int, dtype: torch.dtype) -> torch.Tensor:       # the next plane of n columns per row
-            s, nb = at[0], R * n * (2 if dtype == torch.float16 else 1)
-            at[0] += nb
-            return buf[..., s:s + nb].view(dtype).reshape(*lead, R, n)
-        if self.kind == "q8":
-            return Planes(q.view(torch.int8), take(C // GROUP, torch.float16), None)
-        if self.kind == "q4":
-            return Planes(q, take(C // GROUP, torch.float16), take(C // GROUP, torch.float16))
-        d, dmin = take(C // SUPER, torch.float16), take(C // SUPER, torch.float16)
-        return Planes(q, d, dmin, take(C // GROUP, torch.uint8), take(C // GROUP, torch.uint8))
+        lead, R, C, at = buf.shape[:-1], self.rows, self.cols, self.offset + self.q_bytes
+        q = buf[..., self.offset:at].reshape(*lead, R, -1)
+        scales = []
+        for per, dtype in SCALE_PLANES[self.kind]:
+            n = R * (C // per) * dtype.itemsize
+            scales.append(buf[..., at:at + n].view(dtype).reshape(*lead, R, C // per))
+            at += n
+        return Planes(q.view(torch.int8) if self.kind == "q8" else q, *scales)
 
 
 @dataclass(frozen=True)
