@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import openai
@@ -38,6 +39,17 @@ def server(tiny):
     srv.should_exit = True
     thread.join(10)
     batcher.close()
+
+
+@contextmanager
+def step_sizes(batcher):
+    """The number of rows of every decode step the batcher runs meanwhile."""
+    sizes, step = [], batcher.slots.step
+    batcher.slots.step = lambda tokens: sizes.append(len(tokens)) or step(tokens)
+    try:
+        yield sizes
+    finally:
+        batcher.slots.step = step
 
 
 def client(server):
@@ -82,13 +94,8 @@ def test_concurrent_clients_get_what_each_request_gets_alone(server, clients):
         r = c.completions.create(model=name, prompt=a[0], max_tokens=a[1], temperature=0)
         return r.choices[0].text, r.usage.completion_tokens
     alone = [ask(a) for a in asks]
-    sizes, step = [], batcher.slots.step
-    batcher.slots.step = lambda tokens: sizes.append(len(tokens)) or step(tokens)
-    try:
-        with ThreadPoolExecutor(clients) as ex:
-            together = list(ex.map(ask, asks))
-    finally:
-        batcher.slots.step = step
+    with step_sizes(batcher) as sizes, ThreadPoolExecutor(clients) as ex:
+        together = list(ex.map(ask, asks))
     assert together == alone
     assert max(sizes) >= clients // 2                   # the requests really ran side by side
 
@@ -125,12 +132,8 @@ def test_bad_requests_are_openai_errors_with_status_400(server, change, param):
 
 def test_a_request_that_ends_at_its_first_token_takes_no_step(server):
     c, name, batcher = client(server), server[1], server[2]
-    sizes, step = [], batcher.slots.step
-    batcher.slots.step = lambda tokens: sizes.append(len(tokens)) or step(tokens)
-    try:
+    with step_sizes(batcher) as sizes:
         r = c.completions.create(model=name, prompt="one", max_tokens=1, temperature=0)
-    finally:
-        batcher.slots.step = step
     assert r.usage.completion_tokens == 1 and r.choices[0].finish_reason == "length" and sizes == []
 
 
