@@ -12,11 +12,10 @@ import signal
 import sys
 import threading
 
-from hybrid.engine.cli import ArgParser, at_least, check_paths, default_model, engine_args, run_config
+from hybrid.engine.cli import ArgParser, at_least, check_paths, engine_args, model_and_tokenizer, run_config
 from hybrid.engine.engine import Engine
 from hybrid.engine.promptset import encode_record, read_records
 from hybrid.engine.sampling import SamplingParams
-from hybrid.engine.tokenizer import TokenizerError, load_tokenizer
 
 DEFAULT_PROMPT = "Explain in two sentences why mixture-of-experts models are hard to fit on one GPU."
 
@@ -139,28 +138,11 @@ def args(argv: list[str] | None):
     return a
 
 
-def load_default_tokenizer(model: str, explicit: str | None):
-    """The default synthetic model's tokenizer; UTF-8 bytes, with a warning, where no tokenizer files exist here."""
-    try:
-        return load_tokenizer(model, explicit)
-    except TokenizerError:
-        print("warning: no tokenizer files here (../shared/tokenizer or $HYBRID_TOKENIZER): the synthetic model "
-              "reads and writes UTF-8 bytes", file=sys.stderr)
-        return load_tokenizer(model, "bytes")
-
-
 def main(argv: list[str] | None = None) -> None:
     a = args(argv)
     run = run_config(a)                                                             # both checked before loading
     params = SamplingParams(a.max_new_tokens, a.temperature, a.top_p, a.seed)
-    if a.model is None:
-        path, fresh = default_model()
-        a.model = str(path)
-        print(f"note: no --model given: {'wrote' if fresh else 'using'} a small synthetic checkpoint with random "
-              f"weights at {path}; its output is gibberish by design", file=sys.stderr)
-        tok = load_default_tokenizer(a.model, a.tokenizer)
-    else:
-        tok = load_tokenizer(a.model, a.tokenizer)
+    tok = model_and_tokenizer(a)
     records = read_records(a.prompts) if a.prompts else []
     engine = Engine(a.model, run)
     if engine.mode_note:

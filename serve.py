@@ -11,10 +11,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from hybrid.engine.cli import ArgParser, at_least, check_paths, default_model, engine_args, run_config
+from hybrid.engine.cli import ArgParser, at_least, check_paths, engine_args, model_and_tokenizer, run_config
 from hybrid.engine.engine import Engine
 from hybrid.model.config import ConfigError
-from hybrid.engine.tokenizer import TokenizerError, load_tokenizer
 
 
 def parser() -> ArgParser:
@@ -41,18 +40,7 @@ def build(argv: list[str] | None = None):
         raise ConfigError(f"serve.py needs {e.name}: pip install -r requirements.txt") from None
     check_paths(a, inputs=("model", "costs", "predictors", *(() if a.tokenizer == "bytes" else ("tokenizer",))))
     run = run_config(a)
-    if a.model is None:
-        path, fresh = default_model()
-        a.model = str(path)
-        print(f"note: no --model given: {'wrote' if fresh else 'using'} a small synthetic checkpoint with random "
-              f"weights at {path}; its output is gibberish by design", file=sys.stderr)
-    try:
-        tok = load_tokenizer(a.model, a.tokenizer)
-    except TokenizerError:
-        if a.tokenizer:
-            raise
-        print("warning: no tokenizer found for the model: serving UTF-8 bytes", file=sys.stderr)
-        tok = load_tokenizer(a.model, "bytes")
+    tok = model_and_tokenizer(a, bytes_if_missing=True)
     engine = Engine(a.model, run)
     if engine.mode_note:
         print(engine.mode_note, file=sys.stderr)

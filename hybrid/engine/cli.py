@@ -82,6 +82,27 @@ def default_model(preset: str = "small") -> tuple[Path, bool]:
     return path, True
 
 
+def model_and_tokenizer(a: argparse.Namespace, bytes_if_missing: bool = False):
+    """Sets a.model to the embedded default where none was given (saying so) -> the model's tokenizer: a.tokenizer,
+    else the model's own. UTF-8 bytes, with a warning, where none is found for the default model, or for any model
+    with bytes_if_missing and no --tokenizer."""
+    from .tokenizer import TokenizerError, load_tokenizer
+    default = a.model is None
+    if default:
+        path, fresh = default_model()
+        a.model = str(path)
+        print(f"note: no --model given: {'wrote' if fresh else 'using'} a small synthetic checkpoint with random "
+              f"weights at {path}; its output is gibberish by design", file=sys.stderr)
+    try:
+        return load_tokenizer(a.model, a.tokenizer)
+    except TokenizerError:
+        if not (default or bytes_if_missing and not a.tokenizer):
+            raise
+        print(f"warning: no tokenizer for {Path(a.model).name} (nor in ../shared/tokenizer or $HYBRID_TOKENIZER): "
+              "it reads and writes UTF-8 bytes", file=sys.stderr)
+        return load_tokenizer(a.model, "bytes")
+
+
 def engine_args(ap: argparse.ArgumentParser, batch_flag: str = "--batch-size", batch_default: int = 1,
                 batch_help: str = "sequences generated together") -> None:
     gpu = torch.cuda.is_available()
