@@ -31,7 +31,8 @@ def replay_ms(graph: torch.cuda.CUDAGraph, reps: int) -> float:
     return a.elapsed_time(b) / reps
 
 
-def kernel_table(graph: torch.cuda.CUDAGraph, reps: int, top: int = 25) -> list[dict]:
+def kernel_table(graph: torch.cuda.CUDAGraph, reps: int, top: int = 25) -> tuple[list[dict], dict]:
+    """-> the `top` kernels of one replay by GPU time, and the totals over all of them (launches, us)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
@@ -40,7 +41,8 @@ def kernel_table(graph: torch.cuda.CUDAGraph, reps: int, top: int = 25) -> list[
     rows = [{"kernel": e.key[:90], "calls_per_replay": e.count / reps,
              "us_per_replay": e.device_time_total / reps} for e in prof.key_averages()
             if e.device_time_total > 0]
-    return sorted(rows, key=lambda r: -r["us_per_replay"])[:top]
+    totals = {"launches": sum(r["calls_per_replay"] for r in rows), "us": sum(r["us_per_replay"] for r in rows)}
+    return sorted(rows, key=lambda r: -r["us_per_replay"])[:top], totals
 
 
 def main() -> None:
@@ -48,6 +50,7 @@ def main() -> None:
     probe_args(ap)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--kernels", action="store_true", help="also list the kernels of one attention piece")
+    ap.add_argument("--top", type=int, default=25, help="kernels listed with --kernels")
     a = ap.parse_args()
     engine, prompt = probe_engine(a)
     engine.generate(prompt, SamplingParams(max_new_tokens=4))                    # captures the decode graphs
@@ -68,9 +71,9 @@ def main() -> None:
         print("  expert graphs of one layer (ms):", {k: round(v, 4) for k, v in report["layer_graph_ms"].items()})
     if a.kernels:
         target = step.pieces[len(step.pieces) // 2]
-        report["kernels"] = kernel_table(target, 10)
-        total = sum(r["us_per_replay"] for r in report["kernels"])
-        print(f"  kernels of piece {len(step.pieces) // 2} (top {len(report['kernels'])}, {total:.1f} us):")
+        report["kernels"], report["kernel_totals"] = kernel_table(target, 10, a.top)
+        t = report["kernel_totals"]
+        print(f"  piece {len(step.pieces) // 2}: {t['launches']:.0f} kernels, {t['us']:.1f} us of kernel time; top:")
         for r in report["kernels"]:
             print(f"    {r['us_per_replay']:8.2f} us  x{r['calls_per_replay']:.0f}  {r['kernel']}")
     if a.out:

@@ -142,10 +142,11 @@ def active_order(offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def triton_grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tensor, lay: ExpertLayout,
                         bm: int | None = None, bn: int | None = None, bk: int | None = None,
-                        warps: int = 4, stages: int = 3) -> torch.Tensor:
+                        warps: int = 4, stages: int = 3, grouping: tuple | None = None) -> torch.Tensor:
     """xs [N, Hd] (rows grouped by slot, group g ending at offs[g]), slots [S, nbytes] uint8 -> [N, Hd].
     bm, bn, bk: the tile (rows, output columns, reduction); by default chosen by N (decode or prefill); warps and
-    stages: Triton's launch options."""
+    stages: Triton's launch options; grouping: (bounds [S + 1], the slots with rows first [S]) as
+    fused.group_by_expert gives them, when the caller has them (else found here from offs)."""
     N, Hd = xs.shape
     S, I = slots.shape[0], lay.w2.cols
     y = torch.empty(N, Hd, dtype=xs.dtype, device=xs.device)
@@ -155,7 +156,7 @@ def triton_grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tenso
     small = N <= 128                 # decode-sized; tiles measured best on the H200 (quant_h200/kernel_probe*.json)
     bm = bm or (16 if small else 128)
     bn, bk = bn or (32 if small else 64), bk or (128 if small else 64)
-    bounds, order = active_order(offs)
+    bounds, order = grouping or active_order(offs)
     groups = min(N, S)
     h = torch.empty(N, I, dtype=xs.dtype, device=xs.device)
     bn1, bk1 = _block(I, bn), _block(Hd, bk)
@@ -169,7 +170,8 @@ def triton_grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tenso
     return y
 
 
-def torch_grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tensor, lay: ExpertLayout) -> torch.Tensor:
+def torch_grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tensor, lay: ExpertLayout,
+                       grouping: tuple | None = None) -> torch.Tensor:
     """The reference: each active slot's expert dequantized, then the SiLU-gated FFN (synchronises: CPU only)."""
     ys = torch.zeros_like(xs)
     start = 0
@@ -181,11 +183,12 @@ def torch_grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tensor
     return ys
 
 
-def grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tensor, lay: ExpertLayout) -> torch.Tensor:
+def grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tensor, lay: ExpertLayout,
+                 grouping: tuple | None = None) -> torch.Tensor:
     if xs.device.type == "cuda":
         if triton is None:
             raise RuntimeError("quantized experts on a GPU need Triton (pip install triton)")
-        return triton_grouped_qffn(xs, offs, slots, lay)
+        return triton_grouped_qffn(xs, offs, slots, lay, grouping=grouping)
     return torch_grouped_qffn(xs, offs, slots, lay)
 
 

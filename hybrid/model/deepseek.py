@@ -10,6 +10,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
+from . import fused
 from .config import ModelConfig
 from .rope import Rope
 
@@ -40,12 +41,17 @@ class ExpertBackend(Protocol):
 
 
 class RMSNorm:
+    """weight * x * rsqrt(mean(x^2) + eps), normalised in fp32 and rounded to x's dtype before the weight."""
+
     def __init__(self, weight: torch.Tensor, eps: float):
         self.weight, self.eps = weight, eps
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)           # x * rsqrt(mean(x^2) + eps), in fp32
-        return self.weight * xf.to(x.dtype)
+        return fused.add_rms_norm(x, None, self.weight, self.eps)[1]
+
+    def add(self, x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual step: -> (x + d, this norm of it)."""
+        return fused.add_rms_norm(x, d, self.weight, self.eps)
 
 
 def gated_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -55,10 +61,12 @@ def gated_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Ten
     return F.linear(F.silu(g) * u, w2)
 
 
-def grouped_ffn(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """gated_ffn for rows of xs grouped by expert (group g ends at offs[g]) through w13 [G, 2I, Hd], w2 [G, Hd, I]."""
-    g, u = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)    # [N, I] each
-    return torch._grouped_mm(F.silu(g) * u, w2.transpose(1, 2), offs=offs)          # [N, Hd]
+def grouped_ffn(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                grouping: tuple | None = None) -> torch.Tensor:
+    """gated_ffn for rows of xs grouped by expert (group g ends at offs[g]) through w13 [G, 2I, Hd], w2 [G, Hd, I].
+    (`grouping`, the bounds and the groups with rows first, is a hint for the quantized twin.)"""
+    gu = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)                       # [N, 2I]
+    return torch._grouped_mm(fused.silu_mul(gu), w2.transpose(1, 2), offs=offs)      # [N, Hd]
 
 
 class MLP:
@@ -69,7 +77,8 @@ class MLP:
         self.w2 = w(f"{prefix}.down_proj.weight")                                                  # [H, I]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return gated_ffn(x, self.w13, self.w2)
+        """gated_ffn, with the SiLU product fused on a GPU."""
+        return F.linear(fused.silu_mul(F.linear(x, self.w13)), self.w2)
 
 
 @dataclass
@@ -153,23 +162,19 @@ class MLAttention:
         cfg, (B, T, _) = self.cfg, x.shape
         H, Dn, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
         q = self._q(x).view(B, T, H, cfg.qk_head_dim)
-        q_nope, q_pe = q[..., :Dn], Rope.apply(q[..., Dn:], rot)                     # [B, T, H, Dn], [B, T, H, R]
-        c, k_pe = F.linear(x, self.kv_a).split([C, cfg.qk_rope_head_dim], dim=-1)
-        c, k_pe = self.kv_norm(c), Rope.apply(k_pe, rot)                               # [B, T, C], [B, T, R]
-        if st.write_index is None:
-            cache.c[self.i, :, st.start:st.start + T] = c
-            cache.pe[self.i, :, st.start:st.start + T] = k_pe
-        else:
-            cache.c[self.i].index_copy_(1, st.write_index, c)
-            cache.pe[self.i].index_copy_(1, st.write_index, k_pe)
+        q_nope, q_pe = fused.mla_prep(q, F.linear(x, self.kv_a), rot, self.kv_norm.weight, self.kv_norm.eps,
+                                      cache.c[self.i], cache.pe[self.i], st.start, st.write_index)  # [B,T,H,Dn|R]
         kc = cache.c[self.i, :, :st.kv_len]                                              # [B, S, C]
         kpe = cache.pe[self.i, :, :st.kv_len]                                            # [B, S, R]
         q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, self.w_uk)                         # [B, H, T, C]
         q_pe = q_pe.transpose(1, 2)                                                      # [B, H, T, R]
-        block = max(1, ATTN_SCORE_ELEMS // (B * H * st.kv_len))
-        parts = [self._attend(q_lat[:, :, t:t + block], q_pe[:, :, t:t + block], kc, kpe, st.mask[:, :, t:t + block])
-                 for t in range(0, T, block)]
-        o_lat = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)                  # [B, H, T, C]
+        if fused.decode_attends(q_lat, q_pe):
+            o_lat = fused.decode_attention(q_lat, q_pe, kc, kpe, st.mask, cfg.softmax_scale)  # [B, H, 1, C]
+        else:
+            block = max(1, ATTN_SCORE_ELEMS // (B * H * st.kv_len))
+            parts = [self._attend(q_lat[:, :, t:t + block], q_pe[:, :, t:t + block], kc, kpe,
+                                  st.mask[:, :, t:t + block]) for t in range(0, T, block)]
+            o_lat = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)              # [B, H, T, C]
         o = torch.einsum("bhtc,hvc->bthv", o_lat, self.w_uv).reshape(B, T, -1)          # [B, T, H*Dv]
         return F.linear(o, self.o_proj)
 
@@ -201,12 +206,14 @@ class MoE:
         norm_topk_prob the top-k weights are normalised to sum 1 and *not* scaled; otherwise they are scaled by
         routed_scaling_factor (DeepSeek-V3 normalises and then scales; transformers ignores norm_topk_prob)."""
         cfg = self.cfg
+        if cfg.topk_method != "group_limited_greedy":
+            return fused.route_topk(h, self.gate, cfg.num_experts_per_tok,
+                                    cfg.norm_topk_prob and cfg.num_experts_per_tok > 1, cfg.routed_scaling_factor)
         scores = F.linear(h.float(), self.gate).softmax(dim=-1)                           # [T, E]
-        if cfg.topk_method == "group_limited_greedy":
-            grouped = scores.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
-            keep = grouped.max(-1).values.topk(cfg.topk_group, dim=-1).indices         # [T, G']
-            gmask = torch.zeros_like(grouped[..., 0]).scatter_(1, keep, 1.0).bool()
-            scores = (grouped * gmask.unsqueeze(-1)).view_as(scores)
+        grouped = scores.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+        keep = grouped.max(-1).values.topk(cfg.topk_group, dim=-1).indices             # [T, G']
+        gmask = torch.zeros_like(grouped[..., 0]).scatter_(1, keep, 1.0).bool()
+        scores = (grouped * gmask.unsqueeze(-1)).view_as(scores)
         w, idx = scores.topk(cfg.num_experts_per_tok, dim=-1, sorted=False)
         if cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
             return idx, w / (w.sum(-1, keepdim=True) + 1e-20)
@@ -251,11 +258,12 @@ class DeepseekV2:
         Everything between two yields is free of host synchronisation, so it can be captured as a CUDA graph."""
         x = F.embedding(ids, self.embed)                                                  # [B, T, Hd]
         rot = self.rope.rotation(st.positions)                                            # [B, T, R/2]
-        for in_norm, attn, post_norm, mlp in self.layers:
-            x = x + attn(in_norm(x), cache, st, rot)
-            h = post_norm(x)
+        h = self.layers[0][0](x)
+        norms = [n for n, *_ in self.layers[1:]] + [self.norm]    # each layer's output goes to the next one's norm
+        for (_, attn, post_norm, mlp), out_norm in zip(self.layers, norms):
+            x, h = post_norm.add(x, attn(h, cache, st, rot))
             if not isinstance(mlp, MoE):
-                x = x + mlp(h)
+                x, h = out_norm.add(x, mlp(h))
                 continue
             B, T, Hd = h.shape
             hf = h.reshape(-1, Hd)
@@ -268,9 +276,8 @@ class DeepseekV2:
             routed = yield MoECall(mlp.i, hr, idx, w, pred)
             if st.rows is not None:
                 routed = torch.zeros_like(hf).index_copy_(0, st.rows, routed)
-            x = x + (routed + shared).view(B, T, Hd)
-        x = self.norm(x[:, -1] if last_only else x)
-        yield F.linear(x, self.lm_head).float()
+            x, h = out_norm.add(x, (routed + shared).view(B, T, Hd))
+        yield F.linear(h[:, -1] if last_only else h, self.lm_head).float()
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, cache: LatentCache, st: StepState, last_only: bool = True,

@@ -11,6 +11,7 @@ from ..kernels.quant_gpu import grouped_qffn
 from ..model.checkpoint import Checkpoint
 from ..model.config import ModelConfig
 from ..model.deepseek import gated_ffn, grouped_ffn
+from ..model.fused import combine, group_by_expert
 from ..model.quant import ExpertLayout
 
 
@@ -42,15 +43,9 @@ def slot_ffn(slots: torch.Tensor, cfg: ModelConfig, quant: ExpertLayout | None) 
 def grouped_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, ffn: Callable, E: int) -> torch.Tensor:
     """All routed experts of a layer in one grouped FFN (`slot_ffn` over its E experts), with no host
     synchronisation. x [T, Hd], idx/w [T, K] -> [T, Hd]."""
-    T, K = idx.shape
-    flat = idx.reshape(-1)                                                   # [T*K]
-    order = torch.argsort(flat, stable=True)                                 # [T*K]
-    counts = torch.zeros(E, dtype=torch.int64, device=x.device)
-    offs = counts.scatter_add_(0, flat, torch.ones_like(flat)).cumsum(0).to(torch.int32)  # [E], no host sync
-    tok = order // K
-    y = ffn(x.index_select(0, tok), offs)                                    # [T*K, Hd]
-    y = (y * w.reshape(-1)[order, None]).to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, tok, y)
+    g = group_by_expert(idx, E)
+    y = ffn(x.index_select(0, g.rows), g.bounds[1:], grouping=g[1:3])       # [T*K, Hd] in sorted order
+    return combine(y, g.rank, w)
 
 
 class ResidentExperts:
