@@ -160,7 +160,7 @@ class MLAttention:
 
     def __call__(self, x: torch.Tensor, cache: LatentCache, st: StepState, rot: torch.Tensor) -> torch.Tensor:
         cfg, (B, T, _) = self.cfg, x.shape
-        H, Dn, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
+        H = cfg.num_attention_heads
         q = self._q(x).view(B, T, H, cfg.qk_head_dim)
         q_nope, q_pe = fused.mla_prep(q, F.linear(x, self.kv_a), rot, self.kv_norm.weight, self.kv_norm.eps,
                                       cache.c[self.i], cache.pe[self.i], st.start, st.write_index)  # [B,T,H,Dn|R]
