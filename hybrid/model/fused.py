@@ -131,9 +131,10 @@ if triton is not None:
                      mask=hm)
 
     @triton.jit
-    def _merge_kernel(ws_m, ws_l, ws_o, o_ptr, B, NS, NSP: tl.constexpr, HP: tl.constexpr, C: tl.constexpr):
+    def _merge_kernel(ws_m, ws_l, ws_o, o_ptr, B, NS, NSP: tl.constexpr, HP: tl.constexpr, C: tl.constexpr,
+                      BC: tl.constexpr):
         b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
-        c, sp = tl.arange(0, C), tl.arange(0, NSP)
+        c, sp = tl.program_id(2) * BC + tl.arange(0, BC), tl.arange(0, NSP)
         spm = sp < NS
         m = tl.load(ws_m + (b * NS + sp) * HP + h, mask=spm, other=-1e30)                          # [NSP]
         scale = tl.exp(m - tl.max(m, axis=0))
@@ -154,19 +155,28 @@ if triton is not None:
         tl.store(out_ptr + r * os + c, (s * u).to(g.dtype), mask=m)
 
     @triton.jit
-    def _route_kernel(h_ptr, g_ptr, idx_ptr, w_ptr, hs, scale, Hd: tl.constexpr, E: tl.constexpr,
-                      EP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr, NORM: tl.constexpr):
+    def _logits_kernel(h_ptr, g_ptr, out_ptr, hs, Hd: tl.constexpr, E: tl.constexpr, EB: tl.constexpr,
+                       BH: tl.constexpr):
+        """Router logits of token program_id(0) for experts EB * program_id(1) + [0, EB), in fp32."""
         t = tl.program_id(0).to(tl.int64)
-        e = tl.arange(0, EP)
+        e = tl.program_id(1) * EB + tl.arange(0, EB)
         em = e < E
-        acc = tl.zeros((EP,), dtype=tl.float32)
+        acc = tl.zeros((EB,), dtype=tl.float32)
         for k0 in range(0, Hd, BH):
             k = k0 + tl.arange(0, BH)
             km = k < Hd
             hv = tl.load(h_ptr + t * hs + k, mask=km, other=0.0).to(tl.float32)
             gv = tl.load(g_ptr + e[:, None] * Hd + k[None, :], mask=em[:, None] & km[None, :], other=0.0)
-            gv = gv.to(tl.float32)
-            acc += tl.sum(gv * hv[None, :], axis=1)
+            acc += tl.sum(gv.to(tl.float32) * hv[None, :], axis=1)
+        tl.store(out_ptr + t * E + e, acc, mask=em)
+
+    @triton.jit
+    def _topk_kernel(l_ptr, idx_ptr, w_ptr, scale, E: tl.constexpr, EP: tl.constexpr, K: tl.constexpr,
+                     KP: tl.constexpr, NORM: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        e = tl.arange(0, EP)
+        em = e < E
+        acc = tl.load(l_ptr + t * E + e, mask=em, other=0.0)
         logits = tl.where(em, acc, float("-inf"))
         p = tl.exp(logits - tl.max(logits, axis=0))
         p = p / tl.sum(p, axis=0)                                                        # softmax [EP]
@@ -285,13 +295,16 @@ def decode_attends(q_lat: torch.Tensor, q_pe: torch.Tensor) -> bool:
 
 
 def decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kc: torch.Tensor, kpe: torch.Tensor,
-                     mask: torch.Tensor, scale: float, chunk: int = 256) -> torch.Tensor:
+                     mask: torch.Tensor, scale: float, chunk: int | None = None) -> torch.Tensor:
     """Attention of one new token per sequence over the latent cache, flash-decoding style: q_lat [B, H, 1, C],
     q_pe [B, H, 1, R], kc [B, S, C], kpe [B, S, R], mask [B, 1, 1, S] additive -> o_lat [B, H, 1, C] (a view of
-    [H, B, C] storage). Sequences are cut in chunks of `chunk` slots, merged after; blocks of masked slots (padding,
-    the unwritten rest of a graph's capacity) are skipped, so the work follows the written length."""
+    [H, B, C] storage). Each sequence is cut in chunks of `chunk` slots (by default at most 64 chunks of a
+    multiple of 32), one program each, merged after; blocks of masked slots (padding, the unwritten rest of a
+    graph's capacity) are skipped, so the work follows the written length."""
     B, H, _, C = q_lat.shape
-    S, R = kc.shape[1], kpe.shape[-1]
+    S, R, BS = kc.shape[1], kpe.shape[-1], 32
+    blocks = triton.cdiv(S, BS)
+    chunk = chunk or BS * triton.cdiv(blocks, min(64, blocks))
     HP, ns = max(16, triton.next_power_of_2(H)), triton.cdiv(S, chunk)
     o = torch.empty(H, B, C, dtype=q_lat.dtype, device=q_lat.device)
     split = ns > 1
@@ -300,10 +313,12 @@ def decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kc: torch.Tensor, 
     prec = "ieee" if q_lat.dtype == torch.float32 else "tf32"
     _decode_attn_kernel[(B, ns)](q_lat, q_pe, kc, kpe, mask, o, *ws, scale, S, chunk, q_lat.stride(0),
                                  q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kc.stride(0), kc.stride(1),
-                                 kpe.stride(0), kpe.stride(1), mask.stride(0), H=H, HP=HP, C=C, R=R, BS=32,
+                                 kpe.stride(0), kpe.stride(1), mask.stride(0), H=H, HP=HP, C=C, R=R, BS=BS,
                                  SPLIT=split, PREC=prec, num_warps=8)
     if split:
-        _merge_kernel[(B, H)](*ws, o, B, ns, NSP=triton.next_power_of_2(ns), HP=HP, C=C, num_warps=4)
+        bc = min(C, 128)
+        _merge_kernel[(B, H, C // bc)](*ws, o, B, ns, NSP=triton.next_power_of_2(ns), HP=HP, C=C, BC=bc,
+                                       num_warps=4)
     return o.permute(1, 0, 2).unsqueeze(2)
 
 
@@ -328,12 +343,17 @@ def route_topk(h: torch.Tensor, gate: torch.Tensor, k: int, norm: bool,
         w, idx = F.linear(h.float(), gate).softmax(dim=-1).topk(k, dim=-1, sorted=False)
         return idx, (w / (w.sum(-1, keepdim=True) + 1e-20) if norm else w * scale)
     T, (E, Hd) = h.shape[0], gate.shape
+    logits = torch.empty(T, E, dtype=torch.float32, device=h.device)
     idx = torch.empty(T, k, dtype=torch.int64, device=h.device)
     w = torch.empty(T, k, dtype=torch.float32, device=h.device)
-    if T:
-        _route_kernel[(T,)](h, gate, idx, w, h.stride(0), scale, Hd=Hd, E=E, EP=triton.next_power_of_2(E), K=k,
-                            KP=triton.next_power_of_2(k), BH=min(128, triton.next_power_of_2(Hd)), NORM=norm,
-                            num_warps=8)
+    if T > 16:                        # a prefill: one GEMM
+        logits = F.linear(h.float(), gate)
+    elif T:                           # decode: the gate's rows spread over programs
+        _logits_kernel[(T, triton.cdiv(E, 8))](h, gate, logits, h.stride(0), Hd=Hd, E=E, EB=8,
+                                                BH=min(256, triton.next_power_of_2(Hd)), num_warps=4)
+    if T:                             # then one program per token picks
+        _topk_kernel[(T,)](logits, idx, w, scale, E=E, EP=triton.next_power_of_2(E), K=k,
+                           KP=triton.next_power_of_2(k), NORM=norm, num_warps=1)
     return idx, w
 
 
