@@ -348,9 +348,9 @@ def route_topk(h: torch.Tensor, gate: torch.Tensor, k: int, norm: bool,
     w = torch.empty(T, k, dtype=torch.float32, device=h.device)
     if T > 16:                        # a prefill: one GEMM
         logits = F.linear(h.float(), gate)
-    elif T:                           # decode: the gate's rows spread over programs
-        _logits_kernel[(T, triton.cdiv(E, 8))](h, gate, logits, h.stride(0), Hd=Hd, E=E, EB=8,
-                                                BH=min(256, triton.next_power_of_2(Hd)), num_warps=4)
+    elif T:                           # decode: a program per (token, expert): one row of the gate each
+        _logits_kernel[(T, E)](h, gate, logits, h.stride(0), Hd=Hd, E=E, EB=1,
+                               BH=min(4096, triton.next_power_of_2(Hd)), num_warps=4)
     if T:                             # then one program per token picks
         _topk_kernel[(T,)](logits, idx, w, scale, E=E, EP=triton.next_power_of_2(E), K=k,
                            KP=triton.next_power_of_2(k), NORM=norm, num_warps=1)
