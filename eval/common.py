@@ -4,8 +4,10 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -120,3 +122,29 @@ def probe_engine(a):
     a.model = a.model or str(default_model()[0])
     engine = make_engine(a)
     return engine, load_prompts(a.prompts, load_tokenizer(engine.ckpt.path), a.prompt_len, a.batch_size)
+
+
+class PeakGpu:
+    """The largest `nvidia-smi` memory.used (GiB) seen while the block runs; None without nvidia-smi."""
+
+    def __init__(self, every_s: float = 0.1):
+        self.every_s, self.peak, self.stop = every_s, None, threading.Event()
+        self.smi = shutil.which("nvidia-smi")
+
+    def _sample(self) -> None:
+        while not self.stop.wait(self.every_s):
+            out = subprocess.run([self.smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True).stdout.split()
+            if out:
+                self.peak = max(self.peak or 0.0, float(out[0]) / 1024)
+
+    def __enter__(self) -> "PeakGpu":
+        if self.smi:
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.smi:
+            self.thread.join()

@@ -9,42 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import threading
 from pathlib import Path
 
-from common import meta, write_atomic
+from common import PeakGpu, meta, write_atomic
 from hybrid.engine.cli import ArgParser, at_least, check_paths
 from hybrid.model.config import ConfigError
 
 PROMPTS = (128, 512)
-
-
-class PeakGpu:
-    """The largest `nvidia-smi` memory.used (GiB) seen while the block runs; None without nvidia-smi."""
-
-    def __init__(self, every_s: float = 0.1):
-        self.every_s, self.peak, self.stop = every_s, None, threading.Event()
-        self.smi = shutil.which("nvidia-smi")
-
-    def _sample(self) -> None:
-        while not self.stop.wait(self.every_s):
-            out = subprocess.run([self.smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True).stdout.split()
-            if out:
-                self.peak = max(self.peak or 0.0, float(out[0]) / 1024)
-
-    def __enter__(self) -> "PeakGpu":
-        if self.smi:
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        if self.smi:
-            self.thread.join()
 
 
 def json_lines(text: str) -> list[dict]:

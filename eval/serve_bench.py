@@ -16,10 +16,10 @@ from pathlib import Path
 
 import httpx
 
-from common import DEFAULT_PROMPTS, write_results
+from common import DEFAULT_PROMPTS, PeakGpu, write_results
 
 FIELDS = ["system", "concurrency", "requests", "failed", "output_tok_s", "ttft_ms_p50", "ttft_ms_p90", "itl_ms_p50",
-          "itl_ms_p90", "completion_tokens", "wall_s"]
+          "itl_ms_p90", "completion_tokens", "wall_s", "peak_gpu_gib"]
 
 
 async def one(http: httpx.AsyncClient, url: str, body: dict, timeout: float) -> dict:
@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [json.loads(line)["messages"] for line in Path(a.prompts).read_text().splitlines() if line.strip()]
     rows = []
     for c in (int(x) for x in a.concurrency.split(",")):
-        rows.append(asyncio.run(level(a.url, model, prompts, c, max(a.requests, c), a)))
-        r = rows[-1]
+        with PeakGpu() as peak:               # the whole machine's GPU memory: the server's, on a box of its own
+            r = asyncio.run(level(a.url, model, prompts, c, max(a.requests, c), a))
+        rows.append({**r, "peak_gpu_gib": peak.peak})
         print(f"{a.system} c={c:<3} {r['output_tok_s']:8.1f} tok/s  TTFT p50 {r['ttft_ms_p50']:7.0f} ms  "
               f"ITL p50 {r['itl_ms_p50']:6.1f} ms  failed {r['failed']}", flush=True)
     write_results(Path(a.out_dir), rows, FIELDS)

@@ -42,14 +42,16 @@ def server(tiny):
 
 
 @contextmanager
-def step_sizes(batcher):
-    """The number of rows of every decode step the batcher runs meanwhile."""
-    sizes, step = [], batcher.slots.step
+def step_sizes(batcher, joins: list | None = None):
+    """The number of rows of every decode step the batcher runs meanwhile (and of every join, into `joins`)."""
+    sizes, step, join = [], batcher.slots.step, batcher.slots.join
     batcher.slots.step = lambda tokens: sizes.append(len(tokens)) or step(tokens)
+    if joins is not None:
+        batcher.slots.join = lambda prompts, news: joins.append(len(prompts)) or join(prompts, news)
     try:
         yield sizes
     finally:
-        batcher.slots.step = step
+        batcher.slots.step, batcher.slots.join = step, join
 
 
 def client(server):
@@ -94,10 +96,12 @@ def test_concurrent_clients_get_what_each_request_gets_alone(server, clients):
         r = c.completions.create(model=name, prompt=a[0], max_tokens=a[1], temperature=0)
         return r.choices[0].text, r.usage.completion_tokens
     alone = [ask(a) for a in asks]
-    with step_sizes(batcher) as sizes, ThreadPoolExecutor(clients) as ex:
+    joins = []
+    with step_sizes(batcher, joins) as sizes, ThreadPoolExecutor(clients) as ex:
         together = list(ex.map(ask, asks))
     assert together == alone
     assert max(sizes) >= clients // 2                   # the requests really ran side by side
+    assert sum(joins) == len(asks) and max(joins) > 1   # and some joined in one prefill
 
 
 def test_a_client_that_goes_away_mid_stream_frees_its_row(server):
@@ -199,13 +203,16 @@ def test_rows_joining_and_leaving_compute_what_each_sequence_computes_alone(tiny
     prompts = [[5, 6, 7, 8, 9], [100, 200, 300], list(range(1, 25)), [42], [7] * 12, [3, 1, 4, 1, 5]]
     new = [10, 12, 6, 15, 8, 9]
     alone = [e.generate([p], SamplingParams(n, stop_on_eos=False)).tokens[0] for p, n in zip(prompts, new)]
-    slots, out, row_of, todo, shifts = Slots(e), {}, {}, list(range(len(prompts))), []
+    slots, out, row_of, todo, shifts, joins = Slots(e), {}, {}, list(range(len(prompts))), [], []
     e.cache.shift = (lambda f: lambda rows, by, length: shifts.append(by) or f(rows, by, length))(e.cache.shift)
     for step in range(200):
-        if todo and step % 2 == 0 and slots.fits(len(prompts[todo[0]]), new[todo[0]]):
-            i = todo.pop(0)
-            r, logits = slots.join(prompts[i], new[i])
-            row_of[r], out[i] = i, [int(logits.argmax())]
+        k = 2 if step % 4 == 0 else 1            # sometimes two prompts join in one prefill
+        if todo and step % 2 == 0 and slots.fits([len(prompts[i]) for i in todo[:k]], [new[i] for i in todo[:k]]):
+            joining, todo = todo[:k], todo[k:]
+            joins.append(len(joining))
+            r0, logits = slots.join([prompts[i] for i in joining], [new[i] for i in joining])
+            for j, i in enumerate(joining):
+                row_of[r0 + j], out[i] = i, [int(logits[j].argmax())]
         if slots.n:
             logits = slots.step([out[row_of[r]][-1] for r in range(slots.n)])
             for r in range(slots.n):
@@ -218,6 +225,7 @@ def test_rows_joining_and_leaving_compute_what_each_sequence_computes_alone(tiny
             break
     assert [out[i][:new[i]] for i in range(len(prompts))] == alone
     assert any(b > 0 for b in shifts) and any(b < 0 for b in shifts)     # made room both ways
+    assert 2 in joins
 
 
 def test_load_test_script_measures_each_concurrency_level(server, tmp_path):

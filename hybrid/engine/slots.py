@@ -1,8 +1,9 @@
 """Continuous batching on one engine: sequences join and leave a running batch at step boundaries.
 
-All rows share one timeline of cache slots: a decode step writes slot `cur` of every active row. A sequence joins
-by having its prompt prefilled alone into the next free row, ending at `cur` (its own slots start at `first[r]`,
-from which its positions count, and the slots before are masked out), then takes part in the next step. Active
+All rows share one timeline of cache slots: a decode step writes slot `cur` of every active row. Sequences join
+by having their prompts prefilled together (left-padded, one forward: each expert's weights are read once for all
+of them) into the next free rows, ending at `cur` (a row's own slots start at `first[r]`, from which its positions
+count, and the slots before are masked out), then take part in the next step. Active
 rows are always 0..n-1 (a leaving row takes the last row's contents), so a step is the engine's usual decode over
 the first n rows, CUDA graphs included. Slots run out as the timeline grows: before a join every row moves left by
 the slots no row uses, and a prompt longer than `cur` moves the rows right to make room for it."""
@@ -24,14 +25,13 @@ class Slots:
         self.n = 0
         self.cur = 0
 
-    def fits(self, prompt_len: int, max_new: int) -> bool:
-        """Whether a sequence of this prompt and at most max_new new tokens can join now."""
-        if self.n == self.rows:
+    def fits(self, prompt_lens: list[int], max_news: list[int]) -> bool:
+        """Whether sequences of these prompt lengths and at most these new tokens can join now, together."""
+        if self.n + len(prompt_lens) > self.rows:
             return False
-        if self.n == 0:
-            return prompt_len + max_new - 1 <= self.cap
-        cur = max(self.cur - int(self.first[:self.n].min()), prompt_len)
-        return cur + max(max_new - 1, *self.left[:self.n]) <= self.cap
+        longest = max(prompt_lens)
+        cur = longest if self.n == 0 else max(self.cur - int(self.first[:self.n].min()), longest)
+        return cur + max([m - 1 for m in max_news] + self.left[:self.n]) <= self.cap
 
     def _shift(self, by: int) -> None:
         if by == 0:
@@ -41,28 +41,33 @@ class Slots:
         self.cur += by
         self.valid[:self.n] = torch.arange(self.cap)[None] >= self.first[:self.n, None]
 
-    def join(self, prompt: list[int], max_new: int) -> tuple[int, torch.Tensor]:
-        """Prefill `prompt` into a new row -> (the row, logits of its last token [V] float32). Check `fits` first."""
-        self.e._check([prompt], max_new)
-        if not self.fits(len(prompt), max_new):
-            raise RuntimeError("no room for this sequence now: check fits() before join()")
-        P = len(prompt)
+    def join(self, prompts: list[list[int]], max_news: list[int]) -> tuple[int, torch.Tensor]:
+        """Prefill `prompts` into new rows -> (their first row, logits of each one's last token [k, V] float32);
+        the k rows follow each other. Check `fits` first."""
+        for p, m in zip(prompts, max_news):
+            self.e._check([p], m)
+        if not self.fits([len(p) for p in prompts], max_news):
+            raise RuntimeError("no room for these sequences now: check fits() before join()")
+        P, k, r0 = max(len(p) for p in prompts), len(prompts), self.n
         if self.n == 0:
             self.cur = P
         else:
             self._shift(-int(self.first[:self.n].min()))
             self._shift(max(0, P - self.cur))
-        r, start = self.n, self.cur - P
-        self.n += 1
-        self.first[r], self.left[r] = start, max_new - 1
-        self.valid[r] = torch.arange(self.cap) >= start
-        ids = torch.tensor([prompt], device=self.e.device)
-        chunk, view = self.e.run.prefill_chunk_tokens, self.e.cache.row(r)
+        ids = torch.zeros(k, P, dtype=torch.long)
+        for i, (p, m) in enumerate(zip(prompts, max_news)):
+            r = r0 + i
+            self.first[r], self.left[r] = self.cur - len(p), m - 1
+            self.valid[r] = torch.arange(self.cap) >= self.first[r]
+            ids[i, P - len(p):] = torch.tensor(p)
+        self.n += k
+        ids, start, view = ids.to(self.e.device), self.cur - P, self.e.cache.rows(r0, r0 + k)
+        chunk = max(1, self.e.run.prefill_chunk_tokens // k)
         for s in range(0, P, chunk):
             T = min(chunk, P - s)
-            st = self.e._state(self.valid[r:r + 1], self.first[r:r + 1], start + s, T)
+            st = self.e._state(self.valid[r0:r0 + k], self.first[r0:r0 + k], start + s, T)
             logits = self.e.model.forward(ids[:, s:s + T], view, st)
-        return r, logits[0].float()
+        return r0, logits.float()
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Each active row's last token (row order) -> next-token logits [n, V] float32; writes slot `cur`."""

@@ -110,10 +110,10 @@ class LatentCache:
         view.c, view.pe = self.c[:, :b], self.pe[:, :b]
         return view
 
-    def row(self, r: int) -> "LatentCache":
-        """A view on sequence r alone."""
+    def rows(self, a: int, b: int) -> "LatentCache":
+        """A view on sequences a..b-1."""
         view = object.__new__(LatentCache)
-        view.c, view.pe = self.c[:, r:r + 1], self.pe[:, r:r + 1]
+        view.c, view.pe = self.c[:, a:b], self.pe[:, a:b]
         return view
 
     def copy_row(self, src: int, dst: int) -> None:

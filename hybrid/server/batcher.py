@@ -1,8 +1,9 @@
 """Continuous batching: one thread owns the engine and runs steps; requests join and leave between steps.
 
-Each iteration admits waiting sequences while the batch has a free row and cache room (each prompt prefilled alone
-into its row: engine/slots.py), runs one decode step over every running sequence, and frees the rows of those that
-finished, stopped or were cancelled (their client went away). Requests beyond the waiting room are refused."""
+Each iteration admits waiting sequences while the batch has free rows and cache room (their prompts prefilled
+together, up to JOIN_TOKENS padded tokens at a time: engine/slots.py), runs one decode step over every running
+sequence, and frees the rows of those that finished, stopped or were cancelled (their client went away). Requests
+beyond the waiting room are refused."""
 from __future__ import annotations
 
 import threading
@@ -16,6 +17,10 @@ from ..engine.slots import Slots
 from ..offload.stats import RunStats
 from .metrics import Metrics
 from .sequence import Sequence
+
+
+JOIN_TOKENS = 2048      # padded prompt tokens prefilled in one join: more waits for the next iteration, so running
+                        # sequences' next tokens are not held up behind one long joint prefill
 
 
 class Overloaded(RuntimeError):
@@ -80,24 +85,40 @@ class Batcher:
 
     def _admit(self) -> None:
         while True:
+            joining = self._next_joining()
+            if not joining:
+                return
+            try:
+                r0, logits = self.slots.join([q.prompt for q in joining], [q.params.max_new_tokens for q in joining])
+            except Exception as e:
+                for q in joining:
+                    q.finish("error", error=f"{type(e).__name__}: {e}")
+                raise
+            for i, seq in enumerate(joining):
+                self.rows[r0 + i] = seq
+                self._push(r0 + i, int(logits[i].argmax()) if seq.greedy else seq.sample(logits[i]))
+
+    def _next_joining(self) -> list[Sequence]:
+        """The waiting sequences, in order, that fit into the batch together (and JOIN_TOKENS); cancelled ones
+        met on the way end here."""
+        joining: list[Sequence] = []
+        while True:
             with self.cond:
                 if not self.waiting:
-                    return
+                    return joining
                 seq = self.waiting[0]
-                if not seq.cancelled.is_set() and not self.slots.fits(len(seq.prompt), seq.params.max_new_tokens):
-                    return
+                if not seq.cancelled.is_set():
+                    lens = [len(q.prompt) for q in joining] + [len(seq.prompt)]
+                    news = [q.params.max_new_tokens for q in joining] + [seq.params.max_new_tokens]
+                    too_long = joining and len(lens) * max(lens) > JOIN_TOKENS
+                    if too_long or not self.slots.fits(lens, news):
+                        return joining
                 self.waiting.popleft()
             if seq.cancelled.is_set():          # its client went away while it waited
                 seq.finish("cancelled")
                 self.metrics.finished(seq)
                 continue
-            try:
-                r, logits = self.slots.join(seq.prompt, seq.params.max_new_tokens)
-            except Exception as e:
-                seq.finish("error", error=f"{type(e).__name__}: {e}")
-                raise
-            self.rows[r] = seq
-            self._push(r, int(logits.argmax()) if seq.greedy else seq.sample(logits))
+            joining.append(seq)
 
     def _push_all(self, logits: torch.Tensor) -> None:
         """Each running row's next token: greedy ones from one argmax on the device (only [n] ids cross to the
