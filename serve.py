@@ -50,13 +50,34 @@ def build(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> None:
+    """HTTP on a thread of its own, the batcher's loop on this one (Batcher says why) until Ctrl-C."""
+    import threading
+    import time
+
     import uvicorn
     app, batcher, host, port = build(argv)
-    print(f"serving {app.state.model_name!r} on http://{host}:{port}/v1", file=sys.stderr)
+    web = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+
+    def listen() -> None:
+        try:
+            web.run()
+        except SystemExit:            # it could not start, and logged why
+            pass
+    http = threading.Thread(target=listen, name="http", daemon=True)
+    http.start()
+    while http.is_alive() and not web.started:
+        time.sleep(0.05)
+    if web.started:
+        print(f"serving {app.state.model_name!r} on http://{host}:{port}/v1", file=sys.stderr)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        batcher.run(stop=lambda: not http.is_alive())
+    except KeyboardInterrupt:
+        pass
     finally:
-        batcher.close()
+        web.should_exit = True
+        http.join(10)
+    if not web.started:
+        raise ConfigError(f"could not serve on {host}:{port} (uvicorn's message above says why)")
 
 
 if __name__ == "__main__":

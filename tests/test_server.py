@@ -27,6 +27,7 @@ def server(tiny):
     import serve
     app, batcher, _, _ = serve.build(["--model", str(tiny), "--device", "cpu", "--dtype", "float32", "--tokenizer",
                                       "bytes", "--max-batch-size", "16", "--max-seq-len", "160", "--mode", "gpu"])
+    batcher.start()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -183,7 +184,7 @@ def test_stop_strings_end_the_text_and_unfinished_characters_are_held():
 
 def test_overloaded_when_the_waiting_room_is_full(tiny):
     from hybrid.server.batcher import Batcher
-    b = Batcher(make(tiny, max_batch_size=1), max_waiting=1)
+    b = Batcher(make(tiny, max_batch_size=1), max_waiting=1).start()
     try:
         tok = ByteTokenizer()
         long = Sequence([1, 2, 3], SamplingParams(120, stop_on_eos=False), TextStream(tok, []), lambda ev: None)
@@ -238,3 +239,15 @@ def test_load_test_script_measures_each_concurrency_level(server, tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["concurrency"] for r in rows] == [1, 3] and all(r["failed"] == 0 for r in rows)
     assert all(r["completion_tokens"] == 15 and r["output_tok_s"] > 0 and r["ttft_ms_p50"] > 0 for r in rows)
+
+
+def test_serve_names_the_address_it_cannot_listen_on(tiny):
+    import serve
+    from hybrid.model.config import ConfigError
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"could not serve on 127.0.0.1:{port}"):
+            serve.main(["--model", str(tiny), "--device", "cpu", "--dtype", "float32", "--tokenizer", "bytes",
+                        "--max-seq-len", "64", "--port", str(port)])

@@ -28,6 +28,10 @@ class Overloaded(RuntimeError):
 
 
 class Batcher:
+    """Owns the engine. `run` is its loop: serve.py runs it on the main thread (where the engine's CPU work runs as
+    fast as in run.py: a second thread's OpenMP team measured 2x slower per token on a 2-core CPU, its workers'
+    spin-wait throttled); `start` runs it on a thread of its own instead (tests)."""
+
     def __init__(self, engine: Engine, max_waiting: int = 64, metrics: Metrics | None = None):
         self.engine, self.slots = engine, Slots(engine)
         self.max_waiting, self.metrics = max_waiting, metrics or Metrics()
@@ -35,8 +39,12 @@ class Batcher:
         self.rows: list[Sequence | None] = [None] * self.slots.rows
         self.cond = threading.Condition()
         self.closed = False
-        self.thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> "Batcher":
+        self.thread = threading.Thread(target=self.run, name="batcher", daemon=True)
         self.thread.start()
+        return self
 
     def submit(self, seq: Sequence) -> None:
         with self.cond:
@@ -49,18 +57,20 @@ class Batcher:
         with self.cond:
             self.closed = True
             self.cond.notify()
-        self.thread.join(timeout=10)
+        if self.thread is not None:
+            self.thread.join(timeout=10)
 
     @property
     def running(self) -> int:
         return self.slots.n
 
-    def _loop(self) -> None:
+    def run(self, stop=lambda: False) -> None:
+        """Iterate until `close()`, or until `stop()` holds (asked while idle, every half second)."""
         while True:
             with self.cond:
-                while not self.closed and not self.waiting and self.slots.n == 0:
-                    self.cond.wait()
-                if self.closed:
+                while not self.closed and not self.waiting and self.slots.n == 0 and not stop():
+                    self.cond.wait(0.5)
+                if self.closed or stop():
                     break
             try:
                 self._iteration()
