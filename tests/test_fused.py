@@ -6,7 +6,8 @@ import torch
 
 from conftest import PROMPTS, make, rel_err
 from hybrid.engine.sampling import SamplingParams
-from hybrid.model import fused
+from hybrid.model import fused, fused_moe
+from hybrid.model.decode_attention import decode_attention
 
 pytestmark = pytest.mark.skipif(fused.triton is None, reason="Triton is not installed")
 
@@ -70,7 +71,7 @@ def test_decode_attention_is_softmax_attention_over_the_unmasked_slots(S, chunk)
     mask = torch.zeros(B, 1, 1, S)
     mask[0, ..., 35:] = -1e30                                      # a short sequence: the rest of the capacity
     mask[1, ..., :33] = -1e30                                      # left padding, whole blocks of it skipped
-    got = fused.decode_attention(ql, qp, kc, kp, mask, 0.3, chunk=chunk)
+    got = decode_attention(ql, qp, kc, kp, mask, 0.3, chunk=chunk)
     scores = (ql @ kc[:, None].transpose(-1, -2) + qp @ kp[:, None].transpose(-1, -2)) * 0.3 + mask
     assert got.shape == ql.shape and rel_err(got, scores.softmax(-1) @ kc[:, None]) <= 1e-5
 
@@ -84,8 +85,8 @@ def test_silu_mul_matches_the_twin(kernels):
 def test_router_picks_the_twins_experts_with_its_weights(kernels, norm, T):
     g = torch.Generator().manual_seed(1)
     h, gate = torch.randn(T, 96, generator=g), torch.randn(20, 96, generator=g)     # T > 16: logits by one GEMM
-    idx, w = fused.route_topk(h, gate, 6, norm, 2.5)
-    ref_idx, ref_w = twin(fused.route_topk, h, gate, 6, norm, 2.5)
+    idx, w = fused_moe.route_topk(h, gate, 6, norm, 2.5)
+    ref_idx, ref_w = twin(fused_moe.route_topk, h, gate, 6, norm, 2.5)
     order, ref_order = idx.argsort(-1), ref_idx.argsort(-1)
     assert torch.equal(idx.gather(1, order), ref_idx.gather(1, ref_order))
     assert torch.allclose(w.gather(1, order), ref_w.gather(1, ref_order), rtol=1e-5, atol=1e-7)
@@ -95,7 +96,7 @@ def test_router_picks_the_twins_experts_with_its_weights(kernels, norm, T):
 @pytest.mark.parametrize("T", [1, 5, 16])
 def test_grouping_is_the_stable_sort_of_the_picks(kernels, T):
     idx = torch.randint(0, 20, (T, 6), generator=torch.Generator().manual_seed(T))
-    got, ref = fused.group_by_expert(idx, 20), twin(fused.group_by_expert, idx, 20)
+    got, ref = fused_moe.group_by_expert(idx, 20), twin(fused_moe.group_by_expert, idx, 20)
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
     counts = torch.bincount(idx.reshape(-1), minlength=20)
@@ -107,8 +108,8 @@ def test_combine_weights_and_sums_each_tokens_picks(kernels):
     T, K, Hd = 4, 6, 80
     y, w = torch.randn(T * K, Hd), torch.rand(T, K)
     rank = torch.randperm(T * K).view(T, K).to(torch.int32)
-    got = fused.combine(y, rank, w)
-    assert rel_err(got, twin(fused.combine, y, rank, w)) <= 1e-6
+    got = fused_moe.combine(y, rank, w)
+    assert rel_err(got, twin(fused_moe.combine, y, rank, w)) <= 1e-6
     assert rel_err(got, (y[rank.long()] * w[..., None]).sum(1)) <= 1e-6
 
 

@@ -1,6 +1,7 @@
-"""The fused decode-step kernels (hybrid/model/fused.py) on the GPU in bfloat16, against their torch twins: how many
-outputs differ and by how much, and each one's time (eager launches, CUDA events) at decode and prefill sizes; with
---model, the whole model's logits through the kernels against the twins (rel. error, argmax agreement).
+"""The fused decode-step kernels (hybrid/model/fused.py, fused_moe.py) on the GPU in bfloat16, against their torch
+twins: how many outputs differ and by how much, and each one's time (eager launches, CUDA events) at decode and
+prefill sizes; with --model, the whole model's logits through the kernels against the twins (rel. error, argmax
+agreement).
 
     python eval/probes/fused_probe.py [--model DIR] [--out fused.json]"""
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from eval.common import meta  # noqa: E402
-from hybrid.model import fused  # noqa: E402
+from hybrid.model import fused, fused_moe  # noqa: E402
 
 HD, E, K, I = 2048, 64, 6, 1408        # V2-Lite's hidden size, routed experts, top-k, expert width
 
@@ -45,11 +46,11 @@ def cases(T: int) -> dict:
     idx = torch.stack([torch.randperm(E, device="cuda")[:K] for _ in range(T)])
     return {"add_rms_norm": (lambda *a: fused.add_rms_norm(*a)[1], x, d, w, 1e-6),
             "silu_mul": (fused.silu_mul, torch.randn(T * K, 2 * I, **bf)),
-            "route_topk": (lambda *a: fused.route_topk(*a)[1].sort(-1).values, x,
+            "route_topk": (lambda *a: fused_moe.route_topk(*a)[1].sort(-1).values, x,
                            torch.randn(E, HD, device="cuda").bfloat16().float(), K, True, 1.0),
-            "group_by_expert": (lambda *a: torch.cat([t.reshape(-1).long() for t in fused.group_by_expert(*a)]),
+            "group_by_expert": (lambda *a: torch.cat([t.reshape(-1).long() for t in fused_moe.group_by_expert(*a)]),
                                 idx, E),
-            "combine": (fused.combine, torch.randn(T * K, HD, **bf),
+            "combine": (fused_moe.combine, torch.randn(T * K, HD, **bf),
                         torch.randperm(T * K, device="cuda").view(T, K).to(torch.int32),
                         torch.rand(T, K, device="cuda"))}
 

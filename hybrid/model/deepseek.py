@@ -10,7 +10,8 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from . import fused
+from . import fused, fused_moe
+from .decode_attention import decode_attends, decode_attention
 from .config import ModelConfig
 from .rope import Rope
 
@@ -168,8 +169,8 @@ class MLAttention:
         kpe = cache.pe[self.i, :, :st.kv_len]                                            # [B, S, R]
         q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, self.w_uk)                         # [B, H, T, C]
         q_pe = q_pe.transpose(1, 2)                                                      # [B, H, T, R]
-        if fused.decode_attends(q_lat, q_pe):
-            o_lat = fused.decode_attention(q_lat, q_pe, kc, kpe, st.mask, cfg.softmax_scale)  # [B, H, 1, C]
+        if decode_attends(q_lat, q_pe):
+            o_lat = decode_attention(q_lat, q_pe, kc, kpe, st.mask, cfg.softmax_scale)  # [B, H, 1, C]
         else:
             block = max(1, ATTN_SCORE_ELEMS // (B * H * st.kv_len))
             parts = [self._attend(q_lat[:, :, t:t + block], q_pe[:, :, t:t + block], kc, kpe,
@@ -207,8 +208,8 @@ class MoE:
         routed_scaling_factor (DeepSeek-V3 normalises and then scales; transformers ignores norm_topk_prob)."""
         cfg = self.cfg
         if cfg.topk_method != "group_limited_greedy":
-            return fused.route_topk(h, self.gate, cfg.num_experts_per_tok,
-                                    cfg.norm_topk_prob and cfg.num_experts_per_tok > 1, cfg.routed_scaling_factor)
+            return fused_moe.route_topk(h, self.gate, cfg.num_experts_per_tok,
+                                        cfg.norm_topk_prob and cfg.num_experts_per_tok > 1, cfg.routed_scaling_factor)
         scores = F.linear(h.float(), self.gate).softmax(dim=-1)                           # [T, E]
         grouped = scores.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
         keep = grouped.max(-1).values.topk(cfg.topk_group, dim=-1).indices             # [T, G']

@@ -11,7 +11,7 @@ from ..kernels.quant_gpu import grouped_qffn
 from ..model.checkpoint import Checkpoint
 from ..model.config import ModelConfig
 from ..model.deepseek import gated_ffn, grouped_ffn
-from ..model.fused import combine, group_by_expert
+from ..model.fused_moe import combine, group_by_expert
 from ..model.quant import ExpertLayout
 
 
