@@ -24,8 +24,8 @@ from hybrid.model.synthetic import PRESETS  # noqa: E402
 
 CFG = ModelConfig.from_dict(PRESETS["v2-lite"][0])
 H, I = CFG.hidden_size, CFG.moe_intermediate_size
-VARIANTS = [None, ((4, 4), 32, 4), ((4, 11), 32, 4), ((8, 11), 32, 4), ((2, 2), 32, 4), ((4, 4), 64, 4),
-            ((4, 4), 32, 8)]       # None: quant_gpu's kernels; else (splits, bn, warps)
+VARIANTS = [None, ((4, 4), 32, 4), ((4, 11), 32, 4), ((8, 11), 32, 4), ((4, 4), 64, 4)]
+# None: quant_gpu's kernels; else (splits, bn, warps)
 
 
 def graph_us(fn, reps: int = 50) -> float:
@@ -43,6 +43,12 @@ def graph_us(fn, reps: int = 50) -> float:
         b.synchronize()
         times.append(1000 * a.elapsed_time(b))
     return statistics.median(times)
+
+
+def show(r: dict) -> None:
+    head = f"{r['format']:4} {str(r['variant']):18} {r['tokens']}x{r['experts']:<3}"
+    print(head, r["error"][-120:] if "error" in r else
+          f"{r['us']:7.1f} us  {r['weight_gb_s']:6.0f} GB/s  err {r['rel_err_vs_quant_gpu']:.1e}", flush=True)
 
 
 def rows_for(fmt: str, S: int = 64) -> list[dict]:
@@ -68,22 +74,23 @@ def rows_for(fmt: str, S: int = 64) -> list[dict]:
                 us = graph_us(fn)
             except Exception as e:                      # a variant that does not compile is one row
                 out.append({"format": fmt, "variant": v, "tokens": tokens, "experts": active, "error": repr(e)[-300:]})
+                show(out[-1])
                 continue
             out.append({"format": fmt, "variant": v, "tokens": tokens, "experts": active, "us": us,
                         "weight_gb_s": active * expert_bytes(CFG, fmt, 2) / us / 1e3, "rel_err_vs_quant_gpu": err})
+            show(out[-1])
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="split_probe.json")
+    ap.add_argument("--formats", default="q4,q4k,q8")
     a = ap.parse_args()
-    rows = [r for fmt in ("q4", "q4k", "q8") for r in rows_for(fmt)]
-    Path(a.out).write_text(json.dumps({**meta(), "rows": rows}, indent=1))
-    for r in rows:
-        head = f"{r['format']:4} {str(r['variant']):18} {r['tokens']}x{r['experts']:<3}"
-        print(head, r["error"][-120:] if "error" in r else
-              f"{r['us']:7.1f} us  {r['weight_gb_s']:6.0f} GB/s  err {r['rel_err_vs_quant_gpu']:.1e}")
+    rows = []
+    for fmt in a.formats.split(","):
+        rows += rows_for(fmt)
+        Path(a.out).write_text(json.dumps({**meta(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
