@@ -107,6 +107,11 @@ def test_split_reduction_kernels_match_the_dequantized_reference(fmt, splits):
     xs = torch.randn(int(counts.sum()), 256)
     ref = torch_grouped_qffn(xs, offs, slots, lay)
     assert rel_err(split_grouped_qffn(xs, offs, slots, lay, splits=splits), ref) <= 1e-5
+    few = counts.clamp(max=16)                                        # at most 16 rows a slot: one row block
+    offs = few.cumsum(0).to(torch.int32)
+    xs = xs[:int(few.sum())]
+    got = split_grouped_qffn(xs, offs, slots, lay, splits=splits, one_block=True)
+    assert rel_err(got, torch_grouped_qffn(xs, offs, slots, lay)) <= 1e-5
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

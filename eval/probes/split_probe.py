@@ -24,8 +24,9 @@ from hybrid.model.synthetic import PRESETS  # noqa: E402
 
 CFG = ModelConfig.from_dict(PRESETS["v2-lite"][0])
 H, I = CFG.hidden_size, CFG.moe_intermediate_size
-VARIANTS = [None, ((4, 4), 32, 4), ((4, 11), 32, 4), ((8, 11), 32, 4), ((4, 4), 64, 4)]
-# None: quant_gpu's kernels; else (splits, bn, warps)
+VARIANTS = [None, ((1, 1), 32, 4, True), ((1, 1), 64, 4, True), ((2, 2), 32, 4, True), ((4, 4), 32, 4, True),
+            ((4, 4), 64, 4, True), ((4, 4), 64, 4, False)]
+# None: quant_gpu's kernels; else (splits, bn, warps, one row block per slot)
 
 
 def graph_us(fn, reps: int = 50) -> float:
@@ -68,7 +69,7 @@ def rows_for(fmt: str, S: int = 64) -> list[dict]:
                 fn = lambda: triton_grouped_qffn(xs, offs, slots, lay, grouping=grouping)  # noqa: E731
             else:
                 fn = lambda v=v: split_grouped_qffn(xs, offs, slots, lay, splits=v[0], bn=v[1], warps=v[2],  # noqa: E731
-                                                    grouping=grouping)
+                                                    grouping=grouping, one_block=v[3])
             try:
                 err = ((fn().float() - ref).norm() / ref.norm()).item()
                 us = graph_us(fn)

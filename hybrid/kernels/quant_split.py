@@ -19,34 +19,45 @@ if triton is not None:
     from .quant_gpu import _dot_tile, _group_rows, slot_planes
 
     @triton.jit
+    def _partial_rows(x_ptr, ws_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, n, sp, OUT: tl.constexpr,
+                      HALF: tl.constexpr, K: tl.constexpr, KS: tl.constexpr, KIND: tl.constexpr, BM: tl.constexpr,
+                      BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+        a = tl.zeros((BM, BN), dtype=tl.float32)
+        b = tl.zeros((BM, BN), dtype=tl.float32)
+        for kk in range(0, KS, BK):
+            k0 = sp * KS + kk
+            a = _dot_tile(a, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, n, k0, K, KIND, BN, BK, PREC)
+            if HALF > 0:
+                b = _dot_tile(b, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, n + HALF, k0, K, KIND, BN,
+                              BK, PREC)
+        tl.store(ws_ptr + xrow[:, None] * OUT + n[None, :], a, mask=rmask[:, None])
+        if HALF > 0:
+            tl.store(ws_ptr + xrow[:, None] * OUT + (n + HALF)[None, :], b, mask=rmask[:, None])
+
+    @triton.jit
     def _partial_kernel(x_ptr, ws_ptr, bounds_ptr, order_ptr, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, slot_bytes, N,
                         OUT: tl.constexpr, HALF: tl.constexpr, K: tl.constexpr, KS: tl.constexpr,
                         KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        PREC: tl.constexpr):
+                        PREC: tl.constexpr, ONE_BLOCK: tl.constexpr):
         """ws[split, row, col] = x[row, KS split + (0..KS)] . W[col, same] for this slot's rows and BN of the OUT
-        output columns (HALF > 0: the columns come from rows c and c + HALF of W, gate and up)."""
+        output columns (HALF > 0: the columns come from rows c and c + HALF of W, gate and up). ONE_BLOCK: the
+        caller knows no slot has more than BM rows (then the reduction loop is the kernel's outer loop)."""
         s, start, end = _group_rows(bounds_ptr, order_ptr)
         q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr = slot_planes(q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s, slot_bytes)
         n = tl.program_id(0) * BN + tl.arange(0, BN)
         sp = tl.program_id(2)
         ws_ptr += sp.to(tl.int64) * N * OUT
-        r0 = start
-        while r0 < end:                               # (a while loop: Triton's interpreter takes no range here)
-            xrow = r0 + tl.arange(0, BM)
-            rmask = xrow < end
-            r0 += BM
-            a = tl.zeros((BM, BN), dtype=tl.float32)
-            b = tl.zeros((BM, BN), dtype=tl.float32)
-            for kk in range(0, KS, BK):
-                k0 = sp * KS + kk
-                a = _dot_tile(a, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, n, k0, K, KIND, BN, BK,
-                              PREC)
-                if HALF > 0:
-                    b = _dot_tile(b, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, n + HALF, k0, K, KIND,
-                                  BN, BK, PREC)
-            tl.store(ws_ptr + xrow[:, None] * OUT + n[None, :], a, mask=rmask[:, None])
-            if HALF > 0:
-                tl.store(ws_ptr + xrow[:, None] * OUT + (n + HALF)[None, :], b, mask=rmask[:, None])
+        if ONE_BLOCK:
+            xrow = start + tl.arange(0, BM)
+            _partial_rows(x_ptr, ws_ptr, xrow, xrow < end, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, n, sp, OUT, HALF, K,
+                          KS, KIND, BM, BN, BK, PREC)
+        else:
+            r0 = start
+            while r0 < end:                           # (a while loop: Triton's interpreter takes no range here)
+                xrow = r0 + tl.arange(0, BM)
+                _partial_rows(x_ptr, ws_ptr, xrow, xrow < end, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, n, sp, OUT, HALF,
+                              K, KS, KIND, BM, BN, BK, PREC)
+                r0 += BM
 
     @triton.jit
     def _finish_kernel(ws_ptr, out_ptr, N, OUT: tl.constexpr, COLS: tl.constexpr, SPLIT: tl.constexpr,
@@ -80,7 +91,7 @@ def split_of(K: int, want: int) -> tuple[int, int]:
 
 def split_grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tensor, lay: ExpertLayout,
                        splits: tuple[int, int] = (4, 4), bn: int = 32, warps: int = 4, stages: int = 3,
-                       grouping: tuple | None = None) -> torch.Tensor:
+                       grouping: tuple | None = None, one_block: bool = False) -> torch.Tensor:
     """quant_gpu.triton_grouped_qffn's function for decode-sized xs [N, Hd] (N <= ~128): `splits` caps the ranges
     of gate/up's and down's reductions; bn the output columns per program."""
     N, Hd = xs.shape
@@ -101,7 +112,7 @@ def split_grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tensor
         _partial_kernel[(cols // b, groups, split)](x, ws, bounds, order, *plane_pointers(slots, mat),
                                                     slots.stride(0), N, OUT=width, HALF=half, K=K, KS=K // split,
                                                     KIND=mat.code, BM=16, BN=b, BK=bk, PREC=prec, num_warps=warps,
-                                                    num_stages=stages)
+                                                    num_stages=stages, ONE_BLOCK=one_block)
         _finish_kernel[(N, triton.cdiv(cols, 1024))](ws, out, N, OUT=width, COLS=cols, SPLIT=split, SILU=half > 0,
                                                      BLOCK=1024, num_warps=4)
     return y
