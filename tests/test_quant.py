@@ -96,25 +96,6 @@ def test_cpu_kernel_reads_quantized_experts_exactly(fmt, march, pool):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("splits", [(2, 2), (4, 1)])
-def test_split_reduction_kernels_match_the_dequantized_reference(fmt, splits):
-    """Decode's path (quant_split.py) in Triton's interpreter: reductions of 256 and 64 columns cut in ranges."""
-    from hybrid.kernels.quant_split import split_grouped_qffn, split_of
-    assert split_of(1408, 4) == (4, 32) and split_of(1408, 2) == (2, 64) and split_of(2048, 4) == (4, 128)
-    lay, slots = experts(fmt, 5)
-    counts = torch.tensor([2, 0, 19, 0, 1])
-    offs = counts.cumsum(0).to(torch.int32)
-    xs = torch.randn(int(counts.sum()), 256)
-    ref = torch_grouped_qffn(xs, offs, slots, lay)
-    assert rel_err(split_grouped_qffn(xs, offs, slots, lay, splits=splits), ref) <= 1e-5
-    few = counts.clamp(max=16)                                        # at most 16 rows a slot: one row block
-    offs = few.cumsum(0).to(torch.int32)
-    xs = xs[:int(few.sum())]
-    got = split_grouped_qffn(xs, offs, slots, lay, splits=splits, one_block=True)
-    assert rel_err(got, torch_grouped_qffn(xs, offs, slots, lay)) <= 1e-5
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
 def test_triton_grouped_kernel_matches_the_dequantized_reference(fmt):
     """Runs in Triton's interpreter (conftest sets TRITON_INTERPRET): float32, empty slots, a slot with more rows
     than a block."""
