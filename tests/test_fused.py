@@ -36,6 +36,10 @@ def test_add_rms_norm_matches_the_twin(kernels):
     s_ref, h_ref = twin(fused.add_rms_norm, x, d, w, 1e-6)
     assert torch.equal(s, s_ref) and s.shape == h.shape == x.shape
     assert rel_err(h, h_ref) <= 1e-6
+    e = torch.randn(2, 3, 96, generator=g)
+    s3, h3 = fused.add_rms_norm(x, d, w, 1e-6, e)
+    s3_ref, h3_ref = twin(fused.add_rms_norm, x, d, w, 1e-6, e)
+    assert torch.equal(s3, s3_ref) and rel_err(h3, h3_ref) <= 1e-6 and torch.equal(s3, x + (d + e))
     alone = fused.add_rms_norm(x, None, w, 1e-6)
     assert alone[0] is x and rel_err(alone[1], twin(fused.add_rms_norm, x, None, w, 1e-6)[1]) <= 1e-6
 
@@ -47,14 +51,14 @@ def test_mla_prep_ropes_q_and_writes_the_cache_as_the_twin(kernels, graph):
     from hybrid.model.config import ModelConfig
     cfg = ModelConfig.from_dict(PRESETS["tiny"][0])
     B, T, H, C, R = 2, 1 if graph else 3, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    q = torch.randn(B, T, H, cfg.qk_nope_head_dim + R)
-    kv, w = torch.randn(B, T, C + R), torch.randn(C)
+    QW = H * (cfg.qk_nope_head_dim + R)
+    both, w = torch.randn(B, T, QW + C + R), torch.randn(C)          # q and kv as views of one projection
     rot = Rope(cfg, "cpu").rotation(torch.arange(5, 5 + T).expand(B, T))
     where = torch.tensor([7]) if graph else None
     outs = []
     for run in (fused.mla_prep, lambda *a: twin(fused.mla_prep, *a)):
-        cc, pc, qq = torch.zeros(B, 16, C), torch.zeros(B, 16, R), q.clone()
-        nope, pe = run(qq, kv.clone(), rot, w, 1e-6, cc, pc, 4, where)
+        cc, pc, out = torch.zeros(B, 16, C), torch.zeros(B, 16, R), both.clone()
+        nope, pe = run(out[..., :QW].view(B, T, H, -1), out[..., QW:], rot, w, 1e-6, cc, pc, 4, where)
         outs.append((nope, pe, cc, pc))
     for a, b in zip(*outs):
         assert rel_err(a, b) <= 1e-6

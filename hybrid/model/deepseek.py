@@ -50,9 +50,10 @@ class RMSNorm:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return fused.add_rms_norm(x, None, self.weight, self.eps)[1]
 
-    def add(self, x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual step: -> (x + d, this norm of it)."""
-        return fused.add_rms_norm(x, d, self.weight, self.eps)
+    def add(self, x: torch.Tensor, d: torch.Tensor,
+            d2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual step: -> (x + d, or x + (d + d2), and this norm of it)."""
+        return fused.add_rms_norm(x, d, self.weight, self.eps, d2)
 
 
 def gated_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -141,30 +142,33 @@ class MLAttention:
         p = f"model.layers.{i}.self_attn"
         self.cfg, self.i = cfg, i
         H, C = cfg.num_attention_heads, cfg.kv_lora_rank
-        if cfg.q_lora_rank is None:
-            self.q_proj = w(f"{p}.q_proj.weight")
-        else:
-            self.q_a = w(f"{p}.q_a_proj.weight")
+        q_in = w(f"{p}.q_proj.weight" if cfg.q_lora_rank is None else f"{p}.q_a_proj.weight")    # [Q, Hd]
+        if cfg.q_lora_rank is not None:
             self.q_a_norm = RMSNorm(w(f"{p}.q_a_layernorm.weight"), 1e-6)
             self.q_b = w(f"{p}.q_b_proj.weight")
-        self.kv_a = w(f"{p}.kv_a_proj_with_mqa.weight")                                 # [C+R, Hd]
+        # x's two projections (q's, or q's low-rank input; the latent and the key's rope part) in one GEMV
+        self.in_proj = torch.cat([q_in, w(f"{p}.kv_a_proj_with_mqa.weight")])           # [Q + C + R, Hd]
+        self.q_rows = q_in.shape[0]
         self.kv_norm = RMSNorm(w(f"{p}.kv_a_layernorm.weight"), 1e-6)
         kv_b = w(f"{p}.kv_b_proj.weight").view(H, cfg.qk_nope_head_dim + cfg.v_head_dim, C)
         self.w_uk = kv_b[:, :cfg.qk_nope_head_dim].contiguous()                          # [H, Dn, C]
         self.w_uv = kv_b[:, cfg.qk_nope_head_dim:].contiguous()                          # [H, Dv, C]
         self.o_proj = w(f"{p}.o_proj.weight")                                           # [Hd, H*Dv]
 
-    def _q(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cfg.q_lora_rank is None:
-            return F.linear(x, self.q_proj)
-        return F.linear(self.q_a_norm(F.linear(x, self.q_a)), self.q_b)
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, Hd] -> (q [B, T, H*(Dn+R)], kv [B, T, C+R]), views of one output where the layout allows."""
+        q, kv = F.linear(x, self.in_proj).split([self.q_rows, self.in_proj.shape[0] - self.q_rows], dim=-1)
+        if self.cfg.q_lora_rank is not None:
+            q = F.linear(self.q_a_norm(q), self.q_b)
+        return q, kv
 
     def __call__(self, x: torch.Tensor, cache: LatentCache, st: StepState, rot: torch.Tensor) -> torch.Tensor:
         cfg, (B, T, _) = self.cfg, x.shape
         H = cfg.num_attention_heads
-        q = self._q(x).view(B, T, H, cfg.qk_head_dim)
-        q_nope, q_pe = fused.mla_prep(q, F.linear(x, self.kv_a), rot, self.kv_norm.weight, self.kv_norm.eps,
-                                      cache.c[self.i], cache.pe[self.i], st.start, st.write_index)  # [B,T,H,Dn|R]
+        q, kv = self._project(x)
+        q_nope, q_pe = fused.mla_prep(q.view(B, T, H, cfg.qk_head_dim), kv, rot, self.kv_norm.weight,
+                                      self.kv_norm.eps, cache.c[self.i], cache.pe[self.i], st.start,
+                                      st.write_index)                                     # [B, T, H, Dn | R]
         kc = cache.c[self.i, :, :st.kv_len]                                              # [B, S, C]
         kpe = cache.pe[self.i, :, :st.kv_len]                                            # [B, S, R]
         q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, self.w_uk)                         # [B, H, T, C]
@@ -277,7 +281,7 @@ class DeepseekV2:
             routed = yield MoECall(mlp.i, hr, idx, w, pred)
             if st.rows is not None:
                 routed = torch.zeros_like(hf).index_copy_(0, st.rows, routed)
-            x, h = out_norm.add(x, (routed + shared).view(B, T, Hd))
+            x, h = out_norm.add(x, routed.view(B, T, Hd), shared.view(B, T, Hd))
         yield F.linear(h[:, -1] if last_only else h, self.lm_head).float()
 
     @torch.no_grad()

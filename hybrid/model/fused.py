@@ -28,15 +28,18 @@ def on_triton(t: torch.Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _add_norm_kernel(x_ptr, d_ptr, w_ptr, s_ptr, h_ptr, xs, ds, ss, hs, eps, N: tl.constexpr,
-                         BLOCK: tl.constexpr, ADD: tl.constexpr):
+    def _add_norm_kernel(x_ptr, d_ptr, e_ptr, w_ptr, s_ptr, h_ptr, xs, ds, es, ss, hs, eps, N: tl.constexpr,
+                         BLOCK: tl.constexpr, ADD: tl.constexpr, ADD2: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
         m = c < N
         x = tl.load(x_ptr + r * xs + c, mask=m, other=0.0)
         dt = x.dtype
         if ADD:
-            x = (x.to(tl.float32) + tl.load(d_ptr + r * ds + c, mask=m, other=0.0).to(tl.float32)).to(dt)
+            d = tl.load(d_ptr + r * ds + c, mask=m, other=0.0)
+            if ADD2:                                    # d + e first, rounded, as (routed + shared) is
+                d = (d.to(tl.float32) + tl.load(e_ptr + r * es + c, mask=m, other=0.0).to(tl.float32)).to(dt)
+            x = (x.to(tl.float32) + d.to(tl.float32)).to(dt)
             tl.store(s_ptr + r * ss + c, x, mask=m)
         xf = x.to(tl.float32)
         y = (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)).to(dt)
@@ -53,8 +56,8 @@ if triton is not None:
         tl.store(dst + 1, (ef * sin + o * cos).to(e.dtype), mask=mask)
 
     @triton.jit
-    def _mla_prep_kernel(q_ptr, kv_ptr, rot_ptr, w_ptr, c_ptr, pe_ptr, base_ptr, base, T, eps, c_sb, c_ss, pe_sb,
-                         pe_ss, H: tl.constexpr, HP: tl.constexpr, DQ: tl.constexpr, DN: tl.constexpr,
+    def _mla_prep_kernel(q_ptr, kv_ptr, rot_ptr, w_ptr, c_ptr, pe_ptr, base_ptr, base, T, eps, q_st, kv_st, c_sb,
+                         c_ss, pe_sb, pe_ss, H: tl.constexpr, HP: tl.constexpr, DQ: tl.constexpr, DN: tl.constexpr,
                          C: tl.constexpr, CP: tl.constexpr, R: tl.constexpr, BASE_PTR: tl.constexpr):
         tok = tl.program_id(0).to(tl.int64)                                               # b * T + t
         b, t = tok // T, tok % T
@@ -62,7 +65,7 @@ if triton is not None:
             pos = tl.load(base_ptr) + t
         else:
             pos = base + t
-        kv = kv_ptr + tok * (C + R)
+        kv = kv_ptr + tok * kv_st
         j = tl.arange(0, R // 2)
         cos, sin = tl.load(rot_ptr + tok * R + 2 * j), tl.load(rot_ptr + tok * R + 2 * j + 1)
         _rope_pairs(kv + C + 2 * j, pe_ptr + b * pe_sb + pos * pe_ss + 2 * j, cos, sin, j < R // 2)
@@ -74,7 +77,7 @@ if triton is not None:
         w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
         tl.store(c_ptr + b * c_sb + pos * c_ss + c, (w * y).to(lat.dtype), mask=cm)
         h = tl.arange(0, HP)
-        qp = q_ptr + tok * H * DQ + h[:, None] * DQ + DN + 2 * j[None, :]                    # [HP, R/2]
+        qp = q_ptr + tok * q_st + h[:, None] * DQ + DN + 2 * j[None, :]                      # [HP, R/2]
         _rope_pairs(qp, qp, cos[None, :], sin[None, :], (h < H)[:, None])
 
     @triton.jit
@@ -95,20 +98,23 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def add_rms_norm(x: torch.Tensor, d: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (s = x + d (or x when d is None), weight * rms_norm(s)), both in x's dtype, any leading shape."""
+def add_rms_norm(x: torch.Tensor, d: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 d2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (s = x + d, or x + (d + d2), or x when d is None; weight * rms_norm(s)), in x's dtype, any leading
+    shape."""
     if not on_triton(x):
-        s = x if d is None else x + d
+        s = x if d is None else x + (d if d2 is None else d + d2)
         return s, weight * F.rms_norm(s.float(), (s.shape[-1],), eps=eps).to(s.dtype)
     x2, Hd = _rows(x), x.shape[-1]
-    d2 = x2 if d is None else _rows(d)
+    dd = x2 if d is None else _rows(d)
+    ee = dd if d2 is None else _rows(d2)
     s = x if d is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     s2 = x2 if d is None else s.view(-1, Hd)
     h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0]:
-        _add_norm_kernel[(x2.shape[0],)](x2, d2, weight, s2, h, x2.stride(0), d2.stride(0), s2.stride(0), Hd, eps,
-                                         N=Hd, BLOCK=triton.next_power_of_2(Hd), ADD=d is not None, num_warps=4)
+        _add_norm_kernel[(x2.shape[0],)](x2, dd, ee, weight, s2, h, x2.stride(0), dd.stride(0), ee.stride(0),
+                                         s2.stride(0), Hd, eps, N=Hd, BLOCK=triton.next_power_of_2(Hd),
+                                         ADD=d is not None, ADD2=d2 is not None, num_warps=4)
     return s, h
 
 
@@ -120,8 +126,9 @@ def mla_prep(q: torch.Tensor, kv: torch.Tensor, rot: torch.Tensor, norm_w: torch
     cache c_cache [B, S, C], pe_cache [B, S, R] at slots start.. (or write_index[0].. when given, a graph's).
     rot [B, T, R/2] complex. -> (q_nope [B, T, H, Dn], q_pe [B, T, H, R])."""
     (B, T, H, DQ), (C, R) = q.shape, (c_cache.shape[-1], pe_cache.shape[-1])
-    flat = q.is_contiguous() and kv.is_contiguous() and c_cache.stride(-1) == pe_cache.stride(-1) == 1
-    if not (on_triton(q) and flat):
+    rows = (q.stride(3) == 1 and q.stride(2) == DQ and q.stride(0) == T * q.stride(1) and kv.stride(2) == 1
+            and kv.stride(0) == T * kv.stride(1) and c_cache.stride(-1) == pe_cache.stride(-1) == 1)
+    if not (on_triton(q) and rows):                 # (the kernel needs each token's q and kv at a fixed stride)
         q_pe = Rope.apply(q[..., DQ - R:], rot)
         c, k_pe = kv.split([C, R], dim=-1)
         c, k_pe = add_rms_norm(c, None, norm_w, eps)[1], Rope.apply(k_pe, rot)                 # [B, T, C], [B, T, R]
@@ -135,8 +142,9 @@ def mla_prep(q: torch.Tensor, kv: torch.Tensor, rot: torch.Tensor, norm_w: torch
     if B * T:
         rr = torch.view_as_real(rot).reshape(B * T, R)                                            # [BT, R] fp32
         base = write_index if write_index is not None else kv
-        _mla_prep_kernel[(B * T,)](q, kv, rr, norm_w, c_cache, pe_cache, base, start, T, eps, c_cache.stride(0),
-                                   c_cache.stride(1), pe_cache.stride(0), pe_cache.stride(1), H=H,
+        _mla_prep_kernel[(B * T,)](q, kv, rr, norm_w, c_cache, pe_cache, base, start, T, eps, q.stride(1),
+                                   kv.stride(1), c_cache.stride(0), c_cache.stride(1), pe_cache.stride(0),
+                                   pe_cache.stride(1), H=H,
                                    HP=triton.next_power_of_2(H), DQ=DQ, DN=DQ - R, C=C,
                                    CP=triton.next_power_of_2(C), R=R, BASE_PTR=write_index is not None,
                                    num_warps=4)
