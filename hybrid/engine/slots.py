@@ -1,12 +1,12 @@
 """Continuous batching on one engine: sequences join and leave a running batch at step boundaries.
 
-All rows share one timeline of cache slots: a decode step writes slot `cur` of every active row. Sequences join
-by having their prompts prefilled together (left-padded, one forward: each expert's weights are read once for all
-of them) into the next free rows, ending at `cur` (a row's own slots start at `first[r]`, from which its positions
-count, and the slots before are masked out), then take part in the next step. Active
-rows are always 0..n-1 (a leaving row takes the last row's contents), so a step is the engine's usual decode over
-the first n rows, CUDA graphs included. Slots run out as the timeline grows: before a join every row moves left by
-the slots no row uses, and a prompt longer than `cur` moves the rows right to make room for it."""
+All rows share one timeline of cache slots: a decode step writes slot `cur` of every active row. Sequences join by
+having their prompts prefilled together (left-padded, one forward: each expert's weights are read once for all of
+them) into the next free rows, ending at `cur` (a row's own slots start at `first[r]`, from which its positions
+count, and the slots before are masked out), then take part in the next step. Active rows are always 0..n-1 (a
+leaving row takes the last row's contents), so a step is the engine's usual decode over the first n rows, CUDA
+graphs included. Slots run out as the timeline grows: before a join every row moves left by the slots no row uses,
+and a prompt longer than `cur` moves the rows right to make room for it."""
 from __future__ import annotations
 
 import torch
@@ -33,13 +33,17 @@ class Slots:
         cur = longest if self.n == 0 else max(self.cur - int(self.first[:self.n].min()), longest)
         return cur + max([m - 1 for m in max_news] + self.left[:self.n]) <= self.cap
 
+    def _mark(self, a: int, b: int) -> None:
+        """Rows a..b-1 may attend to their own slots, from first[r] on."""
+        self.valid[a:b] = torch.arange(self.cap)[None] >= self.first[a:b, None]
+
     def _shift(self, by: int) -> None:
         if by == 0:
             return
         self.e.cache.shift(self.n, by, self.cur)
         self.first[:self.n] += by
         self.cur += by
-        self.valid[:self.n] = torch.arange(self.cap)[None] >= self.first[:self.n, None]
+        self._mark(0, self.n)
 
     def join(self, prompts: list[list[int]], max_news: list[int]) -> tuple[int, torch.Tensor]:
         """Prefill `prompts` into new rows -> (their first row, logits of each one's last token [k, V] float32);
@@ -56,11 +60,10 @@ class Slots:
             self._shift(max(0, P - self.cur))
         ids = torch.zeros(k, P, dtype=torch.long)
         for i, (p, m) in enumerate(zip(prompts, max_news)):
-            r = r0 + i
-            self.first[r], self.left[r] = self.cur - len(p), m - 1
-            self.valid[r] = torch.arange(self.cap) >= self.first[r]
+            self.first[r0 + i], self.left[r0 + i] = self.cur - len(p), m - 1
             ids[i, P - len(p):] = torch.tensor(p)
         self.n += k
+        self._mark(r0, self.n)
         ids, start, view = ids.to(self.e.device), self.cur - P, self.e.cache.rows(r0, r0 + k)
         chunk = max(1, self.e.run.prefill_chunk_tokens // k)
         for s in range(0, P, chunk):

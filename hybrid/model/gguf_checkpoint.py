@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import Checkpoint, CheckpointError
 from .config import ModelConfig
 from . import ggml_blocks
 from .quant import MATRICES, ExpertLayout
@@ -204,12 +204,9 @@ class GgufCheckpoint:
         h.update(self.get(f"model.layers.{self.config.moe_layers[0]}.mlp.gate.weight").numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def expert_names(self, layer: int, expert: int) -> tuple[str, str, str]:
-        p = f"model.layers.{layer}.mlp.experts.{expert}"
-        return f"{p}.gate_proj.weight", f"{p}.up_proj.weight", f"{p}.down_proj.weight"
+    expert_names = Checkpoint.expert_names           # experts go by their Hugging Face names here too
 
 
 def open_checkpoint(path: str | Path):
     """A checkpoint directory (Hugging Face layout) or a .gguf file."""
-    from .checkpoint import Checkpoint
     return GgufCheckpoint(path) if str(path).endswith(".gguf") else Checkpoint(path)

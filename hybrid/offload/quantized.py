@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ..model.checkpoint import Checkpoint
 from ..model.config import ModelConfig, cache_dir
 from ..model.quant import ExpertLayout, quantize_expert
+from .resident import read_expert
 
 QUANT_VERSION = 1             # bump when the quantizer or the layout changes: older files are not read
 
@@ -51,8 +52,7 @@ def quantize_into(flat: torch.Tensor, layers: dict[int, int], ckpt: Checkpoint, 
                   progress: bool, threads: int) -> None:
     def one(key: tuple[int, int]) -> None:
         layer, e = key
-        g, u, d = (ckpt.get(n) for n in ckpt.expert_names(layer, e))
-        flat[layers[layer], e].copy_(quantize_expert(lay, g, u, d))
+        flat[layers[layer], e].copy_(quantize_expert(lay, *read_expert(ckpt, layer, e)))
     keys = [(layer, e) for layer in layers for e in range(flat.shape[1])]
     _on_threads(one, keys, threads, f"quantizing experts to {lay.fmt}", progress)
 
