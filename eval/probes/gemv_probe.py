@@ -25,8 +25,9 @@ from hybrid.model.synthetic import PRESETS  # noqa: E402
 
 CFG = ModelConfig.from_dict(PRESETS["v2-lite"][0])
 H, I, S = CFG.hidden_size, CFG.moe_intermediate_size, 64
-SHAPES = [(16, 8, 4), (8, 8, 4), (32, 8, 4), (16, 4, 4), (16, 16, 4), (8, 16, 4), (16, 8, 2), (32, 4, 8), (64, 8, 8)]
-# (bn, groups, warps) of the matrix-vector kernels
+SHAPES = [(8, 8, 4, True), (16, 4, 4, True), (16, 8, 2, True), (16, 16, 4, True), (8, 8, 4, False),
+          (16, 4, 4, False), (16, 8, 2, False), (8, 16, 4, False), (32, 4, 8, False)]
+# (bn, groups, warps, weights rounded to bf16) of the matrix-vector kernels
 
 
 def slots_for(fmt: str) -> torch.Tensor:
@@ -87,7 +88,8 @@ def rows_for(fmt: str, tokens: list[int]) -> list[dict]:
         nbytes = int((counts > 0).sum()) * expert_bytes(CFG, fmt, 2)
         for shape in [None] + SHAPES:
             fn = (lambda: tiled(fmt, slots)(xs, offs)) if shape is None else \
-                (lambda s=shape: gemv_grouped_ffn(xs, offs, slots, lay, bn=s[0], groups=s[1], warps=s[2]))
+                (lambda s=shape: gemv_grouped_ffn(xs, offs, slots, lay, bn=s[0], groups=s[1], warps=s[2],
+                                                 round_weights=s[3]))
             try:
                 err = ((fn().float() - ref).norm() / ref.norm()).item()
                 us = graph_us(fn)
@@ -109,16 +111,17 @@ def main() -> None:
     tokens = [int(t) for t in a.tokens.split(",")]
     rows = [r for fmt in a.formats.split(",") for r in rows_for(fmt, tokens)]
     Path(a.out).write_text(json.dumps({**meta(), "rows": rows}, indent=1))
-    print("format tokens  tiled us  gemv (16,8,4) us  best gemv us  shape          GB/s  rel_err")
+    print("format tokens  tiled us  best gemv, rounded: us shape            not rounded: us shape            rel_err")
     for fmt in a.formats.split(","):
         for T in tokens:
-            cell = {str(r["shape"]): r for r in rows if r["format"] == fmt and r["tokens"] == T and "us" in r}
-            gemv = [r for r in cell.values() if r["kernel"] == "gemv"]
-            if "None" not in cell or not gemv:
+            cell = [r for r in rows if r["format"] == fmt and r["tokens"] == T and "us" in r]
+            tiled_us = [r["us"] for r in cell if r["kernel"] == "tiled"]
+            best = [min((r for r in cell if r["kernel"] == "gemv" and r["shape"][3] == rnd), key=lambda r: r["us"],
+                        default=None) for rnd in (True, False)]
+            if not tiled_us or None in best:
                 continue
-            best, base = min(gemv, key=lambda r: r["us"]), cell.get(str((16, 8, 4)), {"us": float("nan")})
-            print(f"{fmt:6} {T:6} {cell['None']['us']:9.1f} {base['us']:17.1f} {best['us']:13.1f}  "
-                  f"{str(best['shape']):12} {best['weight_gb_s']:6.0f}  {best['rel_err']:.1e}")
+            print(f"{fmt:6} {T:6} {tiled_us[0]:9.1f} {best[0]['us']:19.1f} {str(best[0]['shape'][:3]):14} "
+                  f"{best[1]['us']:16.1f} {str(best[1]['shape'][:3]):14} {best[1]['rel_err']:.1e}")
     for r in rows:
         if "error" in r:
             print(f"{r['format']} {r['tokens']} {r['shape']} failed: {r['error'][-200:]}")

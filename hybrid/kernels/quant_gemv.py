@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..model.quant import ExpertLayout
-from .quant_gpu import active_order, plane_pointers, slot_planes, triton
+from .quant_gpu import active_order, int8_float, nibble_float, plane_pointers, slot_planes, triton
 
 if triton is not None:
     import triton.language as tl
@@ -44,7 +44,7 @@ if triton is not None:
 
     @triton.jit
     def _tile(acc, x_ptr, xr, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, rows, k0, K: tl.constexpr, KIND: tl.constexpr,
-              G: tl.constexpr, W: tl.constexpr):
+              G: tl.constexpr, W: tl.constexpr, ROUND: tl.constexpr):
         """acc [BN, G, W] += w * x over columns k0 .. k0 + 32 G of weight rows `rows` and input row xr; groups past
         K are masked. KIND 0: bf16 weights; 1: q8; 2: q4; 3: q4k (W = 16: a byte holds columns i and i + 16)."""
         dt = x_ptr.dtype.element_ty
@@ -59,21 +59,25 @@ if triton is not None:
             acc += w * x
         elif KIND == 1:
             d, m = _scales(d_ptr, m_ptr, sc_ptr, mn_ptr, r3, g3, m3, K, KIND)
-            q = tl.load(q_ptr + r3 * K + col, mask=m3, other=0).to(tl.float32)
-            acc += (q * d).to(dt).to(tl.float32) * x
+            w = int8_float(tl.load(q_ptr + r3 * K + col, mask=m3, other=0)) * d
+            if ROUND:
+                w = w.to(dt).to(tl.float32)
+            acc += w * x
         else:
             d, m = _scales(d_ptr, m_ptr, sc_ptr, mn_ptr, r3, g3, m3, K, KIND)
-            b = tl.load(q_ptr + r3 * (K // 2) + g3 * 16 + i3, mask=m3, other=0)           # [BN, G, 16]
+            b = tl.load(q_ptr + r3 * (K // 2) + g3 * 16 + i3, mask=m3, other=0).to(tl.int32)   # [BN, G, 16]
             x_hi = tl.load(x_ptr + xr * K + col + 16, mask=m3, other=0.0).to(tl.float32)
-            lo = ((b & 15).to(tl.float32) * d + m).to(dt).to(tl.float32)
-            hi = ((b >> 4).to(tl.float32) * d + m).to(dt).to(tl.float32)
+            lo = nibble_float(b & 15) * d + m
+            hi = nibble_float(b >> 4) * d + m
+            if ROUND:
+                lo, hi = lo.to(dt).to(tl.float32), hi.to(dt).to(tl.float32)
             acc += lo * x + hi * x_hi
         return acc
 
     @triton.jit
     def _gate_up_gemv(x_ptr, h_ptr, bounds_ptr, order_ptr, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, slot_stride,
                       I: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, BN: tl.constexpr, G: tl.constexpr,
-                      W: tl.constexpr):
+                      W: tl.constexpr, ROUND: tl.constexpr):
         s = tl.load(order_ptr + tl.program_id(1))
         start, end = tl.load(bounds_ptr + s), tl.load(bounds_ptr + s + 1)
         q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr = slot_planes(q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s, slot_stride)
@@ -84,8 +88,8 @@ if triton is not None:
             g = tl.zeros((BN, G, W), dtype=tl.float32)
             u = tl.zeros((BN, G, W), dtype=tl.float32)
             for k0 in range(0, K, 32 * G):
-                g = _tile(g, x_ptr, r, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, n, k0, K, KIND, G, W)
-                u = _tile(u, x_ptr, r, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, n + I, k0, K, KIND, G, W)
+                g = _tile(g, x_ptr, r, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, n, k0, K, KIND, G, W, ROUND)
+                u = _tile(u, x_ptr, r, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, n + I, k0, K, KIND, G, W, ROUND)
             gr = tl.sum(tl.sum(g, 2), 1).to(dt).to(tl.float32)                              # [BN]
             silu = (gr / (1.0 + tl.exp(-gr))).to(dt).to(tl.float32)
             h = (silu * tl.sum(tl.sum(u, 2), 1).to(dt).to(tl.float32)).to(dt)
@@ -95,7 +99,7 @@ if triton is not None:
     @triton.jit
     def _down_gemv(h_ptr, y_ptr, bounds_ptr, order_ptr, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, slot_stride,
                    N: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, BN: tl.constexpr, G: tl.constexpr,
-                   W: tl.constexpr):
+                   W: tl.constexpr, ROUND: tl.constexpr):
         s = tl.load(order_ptr + tl.program_id(1))
         start, end = tl.load(bounds_ptr + s), tl.load(bounds_ptr + s + 1)
         q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr = slot_planes(q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s, slot_stride)
@@ -104,7 +108,7 @@ if triton is not None:
         while r < end:
             acc = tl.zeros((BN, G, W), dtype=tl.float32)
             for k0 in range(0, K, 32 * G):
-                acc = _tile(acc, h_ptr, r, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, n, k0, K, KIND, G, W)
+                acc = _tile(acc, h_ptr, r, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, n, k0, K, KIND, G, W, ROUND)
             tl.store(y_ptr + r * N + n, tl.sum(tl.sum(acc, 2), 1).to(y_ptr.dtype.element_ty))
             r += 1
 
@@ -118,7 +122,8 @@ def _planes(slots: torch.Tensor, mat, offset: int) -> tuple:
 
 
 def gemv_grouped_ffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tensor, lay: ExpertLayout | None,
-                     grouping: tuple | None = None, bn: int = 16, groups: int = 8, warps: int = 4) -> torch.Tensor:
+                     grouping: tuple | None = None, bn: int = 16, groups: int = 8, warps: int = 4,
+                     round_weights: bool = True) -> torch.Tensor:
     """xs [N, Hd] (rows grouped by slot, group g ending at offs[g]); slots [S, bytes] uint8 (lay: its format) or
     [S, expert numel] bf16 (lay None) -> [N, Hd]. bn: output rows per program; groups: 32-column groups per step
     of the reduction; warps: Triton's num_warps."""
@@ -134,7 +139,9 @@ def gemv_grouped_ffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tensor, 
     S, stride = min(N, slots.shape[0]), slots.stride(0)
     width = [32 if k < 2 else 16 for k in kinds]
     _gate_up_gemv[(I // min(bn, I), S)](xs, h, bounds, order, *_planes(slots, w13, 0), stride, I, Hd,
-                                        KIND=kinds[0], BN=min(bn, I), G=groups, W=width[0], num_warps=warps)
+                                        KIND=kinds[0], BN=min(bn, I), G=groups, W=width[0], ROUND=round_weights,
+                                        num_warps=warps)
     _down_gemv[(Hd // min(bn, Hd), S)](h, y, bounds, order, *_planes(slots, w2, 2 * I * Hd), stride, Hd, I,
-                                       KIND=kinds[1], BN=min(bn, Hd), G=groups, W=width[1], num_warps=warps)
+                                       KIND=kinds[1], BN=min(bn, Hd), G=groups, W=width[1], ROUND=round_weights,
+                                       num_warps=warps)
     return y
