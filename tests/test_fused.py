@@ -124,3 +124,19 @@ def test_a_forward_through_the_kernels_gives_the_twins_tokens(tiny, monkeypatch)
     monkeypatch.setattr(fused, "on_triton", lambda t: True)
     assert e.generate(PROMPTS, params).tokens == ref.tokens
     assert rel_err(e.logits(PROMPTS[0]), ref_logits) <= 1e-5
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_gemv_experts_match_the_grouped_ffn(groups):
+    """The bf16 decode path's matrix-vector kernels (float32 here): empty slots, several rows in a slot, a reduction
+    (64) shorter than one step of 8 groups."""
+    from hybrid.kernels.gemv_ffn import gemv_grouped_ffn
+    from hybrid.model.deepseek import gated_ffn
+    I, H, counts = 64, 256, torch.tensor([2, 0, 3, 0, 1])
+    offs = counts.cumsum(0).to(torch.int32)
+    slots = torch.randn(5, 3 * I * H) * .1
+    xs = torch.randn(int(counts.sum()), H)
+    bounds = [0] + offs.tolist()
+    ref = torch.cat([gated_ffn(xs[a:b], slots[s, :2 * I * H].view(2 * I, H), slots[s, 2 * I * H:].view(H, I))
+                     for s, (a, b) in enumerate(zip(bounds, bounds[1:]))])
+    assert rel_err(gemv_grouped_ffn(xs, offs, slots, bn=16, groups=groups), ref) <= 1e-5

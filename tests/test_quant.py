@@ -109,25 +109,6 @@ def test_triton_grouped_kernel_matches_the_dequantized_reference(fmt):
     assert rel_err(ref[2:21], gated_ffn(xs[2:21], w13, w2)) <= 1e-6
 
 
-@pytest.mark.parametrize("fmt", FORMATS + ["bf16"])
-def test_gemv_kernel_matches_the_dequantized_reference(fmt):
-    """The decode-sized matrix-vector kernels (interpreter, float32): empty slots, several rows in one slot, the
-    down projection's reduction (64) shorter than one step of groups."""
-    from hybrid.kernels.quant_gemv import gemv_grouped_ffn
-    counts = torch.tensor([2, 0, 3, 0, 1])
-    offs = counts.cumsum(0).to(torch.int32)
-    xs = torch.randn(int(counts.sum()), 256)
-    if fmt == "bf16":
-        lay, slots = None, torch.randn(5, 3 * 64 * 256) * .1
-        w13, w2 = slots[:, :2 * 64 * 256].view(5, 128, 256), slots[:, 2 * 64 * 256:].view(5, 256, 64)
-        ref = torch.cat([gated_ffn(xs[a:b], w13[s], w2[s]) for s, (a, b) in
-                         enumerate(zip([0] + offs[:-1].tolist(), offs.tolist()))])
-    else:
-        lay, slots = experts(fmt, 5)
-        ref = torch_grouped_qffn(xs, offs, slots, lay)
-    assert rel_err(gemv_grouped_ffn(xs, offs, slots, lay, bn=16, groups=4), ref) <= 1e-5
-
-
 def dequantized_model(path, fmt: str, out):
     """transformers on the checkpoint at `path` with its routed experts replaced by their `fmt` dequantized
     weights: the function the engine must compute."""

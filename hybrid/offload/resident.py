@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ..kernels.quant_gemv import GEMV_ROWS, gemv_grouped_ffn
+from ..kernels.gemv_ffn import GEMV_ROWS, gemv_grouped_ffn
 from ..kernels.quant_gpu import grouped_qffn
 from ..model.checkpoint import Checkpoint
 from ..model.config import ModelConfig
@@ -31,18 +31,15 @@ def split_expert(buf: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, tor
 
 def slot_ffn(slots: torch.Tensor, cfg: ModelConfig, quant: ExpertLayout | None) -> Callable:
     """The grouped FFN over every slot of `slots` ([S, one expert]: bf16 weights, or a quantized expert's bytes):
-    ffn(xs [N, Hd], offs [S]) -> [N, Hd]. On a GPU, up to GEMV_ROWS rows go through the matrix-vector kernels."""
+    ffn(xs [N, Hd], offs [S]) -> [N, Hd]. bf16 on a GPU: up to GEMV_ROWS rows through the matrix-vector kernels."""
     if quant is not None:
-        tiled = partial(grouped_qffn, slots=slots, lay=quant)
-    else:
-        I, Hd, n = cfg.moe_intermediate_size, cfg.hidden_size, cfg.expert_numel
-        S = slots.shape[0]
-        w13 = slots.as_strided((S, 2 * I, Hd), (n, Hd, 1))
-        w2 = slots.as_strided((S, Hd, I), (n, I, 1), slots.storage_offset() + 2 * I * Hd)
-        tiled = partial(grouped_ffn, w13=w13, w2=w2)
-    if not slots.is_cuda:
-        return tiled
-    return partial(_by_rows, partial(gemv_grouped_ffn, slots=slots, lay=quant), tiled)
+        return partial(grouped_qffn, slots=slots, lay=quant)
+    I, Hd, n = cfg.moe_intermediate_size, cfg.hidden_size, cfg.expert_numel
+    S = slots.shape[0]
+    w13 = slots.as_strided((S, 2 * I, Hd), (n, Hd, 1))
+    w2 = slots.as_strided((S, Hd, I), (n, I, 1), slots.storage_offset() + 2 * I * Hd)
+    tiled = partial(grouped_ffn, w13=w13, w2=w2)
+    return partial(_by_rows, partial(gemv_grouped_ffn, slots=slots), tiled) if slots.is_cuda else tiled
 
 
 def _by_rows(gemv: Callable, tiled: Callable, xs: torch.Tensor, offs: torch.Tensor,
