@@ -9,6 +9,7 @@ continuously: sequences join the running batch between decode steps and leave it
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from hybrid.engine.cli import ArgParser, at_least, check_paths, engine_args, model_and_tokenizer, run_config
@@ -19,6 +20,7 @@ from hybrid.model.config import ConfigError
 def parser() -> ArgParser:
     ap = ArgParser(description=__doc__)
     engine_args(ap, "--max-batch-size", 16, "sequences decoded together at most (rows of the running batch)")
+    ap.set_defaults(prefill_graph_tokens=0)   # joined prompts' shapes rarely repeat: the graphs' memory goes to experts
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
     ap.add_argument("--port", type=at_least(1), default=8000, help="TCP port")
     ap.add_argument("--max-waiting", type=at_least(1), default=64,
@@ -35,11 +37,11 @@ def build(argv: list[str] | None = None):
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
         from hybrid.server.api import make_app
-        from hybrid.server.batcher import Batcher
+        from hybrid.server.batcher import JOIN_TOKENS, Batcher
     except ImportError as e:
         raise ConfigError(f"serve.py needs {e.name}: pip install -r requirements.txt") from None
     check_paths(a, inputs=("model", "costs", "predictors", *(() if a.tokenizer == "bytes" else ("tokenizer",))))
-    run = run_config(a)
+    run = replace(run_config(a), prefill_chunk_tokens=JOIN_TOKENS)   # no prefill is larger: its workspace, no more
     tok = model_and_tokenizer(a, bytes_if_missing=True)
     engine = Engine(a.model, run)
     if engine.mode_note:

@@ -251,3 +251,21 @@ def test_serve_names_the_address_it_cannot_listen_on(tiny):
         with pytest.raises(ConfigError, match=f"could not serve on 127.0.0.1:{port}"):
             serve.main(["--model", str(tiny), "--device", "cpu", "--dtype", "float32", "--tokenizer", "bytes",
                         "--max-seq-len", "64", "--port", str(port)])
+
+
+def test_the_server_plans_memory_for_its_own_prefills(server):
+    """serve.py sizes the prefill workspace to one join and captures no prefill graphs: at 8 GiB on V2-Lite with
+    q4k experts that leaves the expert cache more slots than the engine's defaults would."""
+    import torch
+    from dataclasses import replace
+    from hybrid.model.config import ModelConfig
+    from hybrid.model.synthetic import PRESETS
+    from hybrid.offload.runtime import memory_plan
+    from hybrid.server.batcher import JOIN_TOKENS
+    run = server[2].engine.run
+    assert run.prefill_chunk_tokens == JOIN_TOKENS and run.prefill_graph_tokens == 0
+    cfg = ModelConfig.from_dict(PRESETS["v2-lite"][0])
+    ours = replace(run, mode="hybrid", experts="q4k", gpu_memory=8 * 2**30, max_seq_len=1024, dtype="bfloat16")
+    defaults = replace(ours, prefill_chunk_tokens=4096, prefill_graph_tokens=512)
+    slots = [memory_plan(cfg, r, torch.device("cuda"), 2, 0).n_slots for r in (ours, defaults)]   # no CUDA call
+    assert slots[0] > slots[1] * 1.1
