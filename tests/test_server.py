@@ -269,3 +269,18 @@ def test_the_server_plans_memory_for_its_own_prefills(server):
     defaults = replace(ours, prefill_chunk_tokens=4096, prefill_graph_tokens=512)
     slots = [memory_plan(cfg, r, torch.device("cuda"), 2, 0).n_slots for r in (ours, defaults)]   # no CUDA call
     assert slots[0] > slots[1] * 1.1
+
+
+def test_text_streams_decode_a_few_tokens_each_and_give_the_whole_decode(tokenizer_dir):
+    """Incremental text equals decoding all tokens at once (real tokenizer: multi-byte characters split over tokens,
+    spaces joined on), and no decode call covers more than a handful of tokens."""
+    from hybrid.engine.tokenizer import load_tokenizer
+    tok = load_tokenizer(tokenizer_dir)
+    ids = tok.encode("Grüße aus 北京! Ça va? 🙂🙂 — done.  Two  spaces.") * 3
+    longest = []
+    decode = tok.decode
+    tok.decode = lambda t: (longest.append(len(t)), decode(t))[1]
+    s = TextStream(tok, [])
+    text = "".join(s.add(t)[0] for t in ids) + s.flush()
+    tok.decode = decode
+    assert text == decode(ids) and max(longest) <= 8
