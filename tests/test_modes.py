@@ -111,7 +111,7 @@ def test_repeated_prompt_shapes_prefill_from_static_buffers_exactly(tiny, mode):
     e.generate(PROMPTS, params)                                   # padded batch: eager
     assert list(e.prefiller.steps) == [(1, 12)]
     ids = torch.tensor([PROMPTS[0]])
-    st = e._state(ids > -1, ids.new_zeros(1), 0, 12)
+    st = e.step_state(ids > -1, ids.new_zeros(1), 0, 12)
     eager = e.model.forward(ids, e.cache.batch(1), st)
     static = e.prefiller(ids, st.positions, st.mask)
     if mode == "gpu":

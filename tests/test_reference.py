@@ -38,9 +38,9 @@ def test_incremental_decode_equals_full_forward(tiny):
     valid = torch.ones(1, len(seq), dtype=torch.bool)
     pad = torch.zeros(1, dtype=torch.long)
     n = len(PROMPTS[0])
-    e.model.forward(torch.tensor([seq[:n]]), cache, e._state(valid, pad, 0, n))
+    e.model.forward(torch.tensor([seq[:n]]), cache, e.step_state(valid, pad, 0, n))
     for t in range(n, len(seq)):
-        step = e.model.forward(torch.tensor([[seq[t]]]), cache, e._state(valid, pad, t, 1))[0]
+        step = e.model.forward(torch.tensor([[seq[t]]]), cache, e.step_state(valid, pad, t, 1))[0]
         assert rel_err(step, full[t]) <= 1e-5
 
 

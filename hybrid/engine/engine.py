@@ -128,7 +128,8 @@ class Engine:
     def context_len(self) -> int:
         return min(self.run.max_seq_len, self.cfg.max_position_embeddings)
 
-    def _check(self, prompts: list[list[int]], max_new: int) -> None:
+    def check_prompts(self, prompts: list[list[int]], max_new: int) -> None:
+        """Raise EngineError unless every prompt has tokens in the vocabulary and fits the context and the batch."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise EngineError("every prompt needs at least one token")
         longest = max(len(p) for p in prompts)
@@ -142,8 +143,9 @@ class Engine:
         if bad:
             raise EngineError(f"token id {bad[0]} is outside the vocabulary of {self.cfg.vocab_size}")
 
-    def _state(self, valid: torch.Tensor, pad: torch.Tensor, start: int, T: int) -> StepState:
-        """valid [B, cap] bool on the host; pad [B] left-padding per row (host)."""
+    def step_state(self, valid: torch.Tensor, pad: torch.Tensor, start: int, T: int) -> StepState:
+        """A forward's positions and mask for T tokens written from cache slot `start`: valid [B, cap] bool, the
+        slots each row may attend to; pad [B] each row's left padding (both on the host)."""
         t = torch.arange(start, start + T)
         positions = (t[None, :] - pad[:, None]).clamp(min=0)                           # [B, T]
         keys = valid[:, :start + T]                                                      # [B, S]
@@ -159,7 +161,7 @@ class Engine:
         """Greedy or sampled generation for a batch of token-id prompts (left-padded together). `on_tokens` gets
         each step's tokens as they come; returning False from it ends the generation there."""
         params = params or SamplingParams()
-        self._check(prompts, params.max_new_tokens)
+        self.check_prompts(prompts, params.max_new_tokens)
         B, L = len(prompts), max(len(p) for p in prompts)
         cap = self.context_len
         pad = torch.tensor([L - len(p) for p in prompts])
@@ -179,7 +181,7 @@ class Engine:
         for s in range(0, L, chunk):
             T = min(chunk, L - s)
             self._rows(valid, s, T)
-            st = self._state(valid, pad, s, T)
+            st = self.step_state(valid, pad, s, T)
             logits = None
             if self.prefiller is not None and T == L and st.rows is None:
                 logits = self.prefiller(ids, st.positions, st.mask)
@@ -206,14 +208,16 @@ class Engine:
                 break
             self._rows(valid, L + step, 1)
             self.fit_threads()
-            logits = self._decode(tok, cache, valid, pad, L + step)
+            logits = self.decode_step(tok, cache, valid, pad, L + step)
         self._finish(stats)
         return Generation(out, stats)
 
-    def _decode(self, tok: torch.Tensor, cache: LatentCache, valid: torch.Tensor, pad: torch.Tensor,
-                start: int) -> torch.Tensor:
+    def decode_step(self, tok: torch.Tensor, cache: LatentCache, valid: torch.Tensor, pad: torch.Tensor,
+                    start: int) -> torch.Tensor:
+        """Each row's token tok [B] written at slot `start` -> next-token logits [B, V] (from the decode graphs
+        where the engine has them)."""
         if self.decoder is None:
-            return self.model.forward(tok[:, None], cache, self._state(valid, pad, start, 1))
+            return self.model.forward(tok[:, None], cache, self.step_state(valid, pad, start, 1))
         positions = (start - pad)[:, None]                                               # [B, 1]
         mask = additive(valid & (torch.arange(valid.shape[1]) <= start)[None])         # [B, cap]
         return self.decoder(tok, positions, mask[:, None, None], start)
@@ -231,10 +235,10 @@ class Engine:
     @torch.no_grad()
     def logits(self, prompt: list[int]) -> torch.Tensor:
         """Full-sequence logits [T, V] for one prompt (a single prefill; used by tests and checks)."""
-        self._check([prompt], 0)
+        self.check_prompts([prompt], 0)
         T = len(prompt)
         cache = LatentCache(self.cfg, 1, T, self.dtype, self.device)
-        st = self._state(torch.ones(1, T, dtype=torch.bool), torch.zeros(1, dtype=torch.long), 0, T)
+        st = self.step_state(torch.ones(1, T, dtype=torch.bool), torch.zeros(1, dtype=torch.long), 0, T)
         ids = torch.tensor([prompt], device=self.device)
         stats = RunStats(self.run.mode, 1, T, self.device.type)             # its own: the backend's counters of this pass land here
         self.backend.begin(stats)

@@ -49,7 +49,7 @@ class Slots:
         """Prefill `prompts` into new rows -> (their first row, logits of each one's last token [k, V] float32);
         the k rows follow each other. Check `fits` first."""
         for p, m in zip(prompts, max_news):
-            self.e._check([p], m)
+            self.e.check_prompts([p], m)
         if not self.fits([len(p) for p in prompts], max_news):
             raise RuntimeError("no room for these sequences now: check fits() before join()")
         P, k, r0 = max(len(p) for p in prompts), len(prompts), self.n
@@ -68,7 +68,7 @@ class Slots:
         chunk = max(1, self.e.run.prefill_chunk_tokens // k)
         for s in range(0, P, chunk):
             T = min(chunk, P - s)
-            st = self.e._state(self.valid[r0:r0 + k], self.first[r0:r0 + k], start + s, T)
+            st = self.e.step_state(self.valid[r0:r0 + k], self.first[r0:r0 + k], start + s, T)
             logits = self.e.model.forward(ids[:, s:s + T], view, st)
         return r0, logits.float()
 
@@ -78,7 +78,7 @@ class Slots:
         self.e.fit_threads()
         tok = torch.tensor(tokens, device=self.e.device)
         n = self.n
-        logits = self.e._decode(tok, self.e.cache.batch(n), self.valid[:n], self.first[:n], self.cur)
+        logits = self.e.decode_step(tok, self.e.cache.batch(n), self.valid[:n], self.first[:n], self.cur)
         self.cur += 1
         for r in range(n):
             self.left[r] -= 1
