@@ -36,18 +36,24 @@ if triton is not None:
         return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
 
     @triton.jit
+    def group_scale(d_ptr, m_ptr, sc_ptr, mn_ptr, g, k, KIND: tl.constexpr):
+        """Scale d and offset m (fp32) of the groups at index g of the per-32 planes (k: of q4k's per-256 planes),
+        so that w = q d + m (q8: m unused)."""
+        if KIND == 3:                 # q4k: fp16 d, dmin per 256 columns times 6-bit sc, mn per 32
+            d = tl.load(d_ptr + k).to(tl.float32) * tl.load(sc_ptr + g).to(tl.float32)
+            m = -(tl.load(m_ptr + k).to(tl.float32) * tl.load(mn_ptr + g).to(tl.float32))
+        else:
+            d = tl.load(d_ptr + g).to(tl.float32)
+            m = tl.load(m_ptr + g).to(tl.float32) if KIND == 2 else d
+        return d, m
+
+    @triton.jit
     def _group_scales(d_ptr, m_ptr, sc_ptr, mn_ptr, rows, k0, K: tl.constexpr, BK: tl.constexpr,
                       KIND: tl.constexpr):
-        """Scale and min [BN, G, 1] (fp32) of the groups of 32 in columns k0..k0+BK of `rows` (q8: min unused)."""
+        """Scale and min [BN, G, 1] (fp32) of the groups of 32 in columns k0..k0+BK of `rows`."""
         g = k0 // 32 + tl.arange(0, BK // 32)
-        sidx = rows[:, None] * (K // 32) + g[None, :]                                              # [BN, G]
-        if KIND == 3:                 # q4k: fp16 d, dmin per 256 columns times 6-bit sc, mn per 32
-            kidx = rows[:, None] * (K // 256) + (g // 8)[None, :]
-            d = tl.load(d_ptr + kidx).to(tl.float32) * tl.load(sc_ptr + sidx).to(tl.float32)
-            m = -(tl.load(m_ptr + kidx).to(tl.float32) * tl.load(mn_ptr + sidx).to(tl.float32))
-        else:
-            d = tl.load(d_ptr + sidx).to(tl.float32)
-            m = tl.load(m_ptr + sidx).to(tl.float32) if KIND == 2 else d
+        d, m = group_scale(d_ptr, m_ptr, sc_ptr, mn_ptr, rows[:, None] * (K // 32) + g[None, :],
+                           rows[:, None] * (K // 256) + (g // 8)[None, :], KIND)                 # [BN, G]
         return d[:, :, None], m[:, :, None]
 
     @triton.jit

@@ -18,7 +18,7 @@ MIN_ROWS = 128                # groups of fewer rows stay on quant_gpu's fused k
 if triton is not None:
     import triton.language as tl
 
-    from .quant_gpu import slot_planes
+    from .quant_gpu import group_scale, int8_float, nibble_float, slot_planes
 
     @triton.jit
     def _dequant_kernel(q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, ids_ptr, out_ptr, slot_bytes, R: tl.constexpr,
@@ -30,22 +30,17 @@ if triton is not None:
         r = tl.program_id(1) * BR + tl.arange(0, BR)[:, None]                                    # [BR, 1]
         if KIND == 1:
             c = tl.program_id(2) * BC + tl.arange(0, BC)[None, :]                                # [1, BC]
-            w = tl.load(q_ptr + r * C + c).to(tl.float32) * tl.load(d_ptr + r * (C // 32) + c // 32).to(tl.float32)
+            d, _ = group_scale(d_ptr, m_ptr, sc_ptr, mn_ptr, r * (C // 32) + c // 32, 0, KIND)
+            w = int8_float(tl.load(q_ptr + r * C + c)) * d
             tl.store(out_ptr + r * C + c, w.to(out_ptr.dtype.element_ty))
         else:
             j = tl.program_id(2) * (BC // 2) + tl.arange(0, BC // 2)[None, :]                    # byte in the row
-            b = tl.load(q_ptr + r * (C // 2) + j)
-            g = r * (C // 32) + j // 16
-            if KIND == 3:
-                k = r * (C // 256) + j // 128
-                d = tl.load(d_ptr + k).to(tl.float32) * tl.load(sc_ptr + g).to(tl.float32)
-                m = -(tl.load(m_ptr + k).to(tl.float32) * tl.load(mn_ptr + g).to(tl.float32))
-            else:
-                d = tl.load(d_ptr + g).to(tl.float32)
-                m = tl.load(m_ptr + g).to(tl.float32)
+            b = tl.load(q_ptr + r * (C // 2) + j).to(tl.int32)
+            d, m = group_scale(d_ptr, m_ptr, sc_ptr, mn_ptr, r * (C // 32) + j // 16, r * (C // 256) + j // 128,
+                               KIND)
             col = (j // 16) * 32 + j % 16
-            tl.store(out_ptr + r * C + col, ((b & 15).to(tl.float32) * d + m).to(out_ptr.dtype.element_ty))
-            tl.store(out_ptr + r * C + col + 16, ((b >> 4).to(tl.float32) * d + m).to(out_ptr.dtype.element_ty))
+            tl.store(out_ptr + r * C + col, (nibble_float(b & 15) * d + m).to(out_ptr.dtype.element_ty))
+            tl.store(out_ptr + r * C + col + 16, (nibble_float(b >> 4) * d + m).to(out_ptr.dtype.element_ty))
 
 
 def _dequant_matrix(slots: torch.Tensor, mat: Matrix, ids: torch.Tensor, out: torch.Tensor) -> None:
