@@ -79,7 +79,7 @@ def test_no_cuda_for_a_gpu_device(tiny):
 
 def test_budget_too_small_for_non_expert_weights(tiny):
     cfg = Checkpoint(tiny).config
-    with pytest.raises(BudgetError, match="too small: the non-expert weights need"):
+    with pytest.raises(BudgetError, match="too small: the non-expert weights on the GPU need"):
         plan_memory(cfg, 10 * 2**20, 1, 64, 4, 4096, 8, margin=0)
 
 

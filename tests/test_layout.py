@@ -47,3 +47,12 @@ def test_v2_lite_config_is_the_published_one():
     assert abs(cfg.softmax_scale - 0.114721) < 1e-6
     assert cfg.moe_layers == list(range(1, 27))
     assert cfg.expert_numel * 2 == 17_301_504
+
+
+def test_the_gpu_budget_counts_every_non_expert_weight_but_the_host_embedding_table():
+    from hybrid.model.layout import device_weight_numel, non_expert_numel
+    from hybrid.offload.budget import plan_memory
+    cfg = ModelConfig.from_dict(PRESETS["v2-lite"][0])
+    assert non_expert_numel(cfg) - device_weight_numel(cfg) == 102400 * 2048
+    plan = plan_memory(cfg, 12 * 2**30, 1, 512, 2, 4096, 18)
+    assert plan.non_expert == device_weight_numel(cfg) * 2 and 2.0 < plan.non_expert / 2**30 < 2.1

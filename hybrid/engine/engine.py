@@ -13,6 +13,7 @@ from ..kernels.cpu_load import core_watch, default_threads
 from ..model.gguf_checkpoint import open_checkpoint
 from ..model.config import RunConfig
 from ..model.deepseek import DeepseekV2, LatentCache, StepState
+from ..model.embedding import EMBED
 from ..model.layout import model_specs
 from ..offload.runtime import build_backend, choose_mode, cuda_context_bytes
 from ..offload.stats import RunStats
@@ -69,7 +70,8 @@ class Engine:
 
         def weight(name: str) -> torch.Tensor:      # streamed: nothing but the model keeps a reference
             bar.update()
-            return self.ckpt.get(name).to(self.device, self.dtype)
+            t = self.ckpt.get(name)
+            return t.to(dtype=self.dtype) if name == EMBED else t.to(self.device, self.dtype)   # the table: host
         self.model = DeepseekV2(self.cfg, weight, self.backend, self.device)
         bar.close()
         if self.run.prefetch == "mlp":
@@ -170,7 +172,6 @@ class Engine:
         for b, p in enumerate(prompts):
             valid[b, :pad[b]] = False
             ids[b, pad[b]:] = torch.tensor(p)
-        ids = ids.to(self.device)
         cache = self.cache.batch(B)
         sampler, stats = Sampler(params, self.device), RunStats(self.run.mode, B, L, self.device.type)
         self._reset_peak()
@@ -214,8 +215,7 @@ class Engine:
 
     def decode_step(self, tok: torch.Tensor, cache: LatentCache, valid: torch.Tensor, pad: torch.Tensor,
                     start: int) -> torch.Tensor:
-        """Each row's token tok [B] written at slot `start` -> next-token logits [B, V] (from the decode graphs
-        where the engine has them)."""
+        """Each row's token tok [B] written at slot `start` -> next-token logits [B, V] (graphs where it has them)."""
         if self.decoder is None:
             return self.model.forward(tok[:, None], cache, self.step_state(valid, pad, start, 1))
         positions = (start - pad)[:, None]                                               # [B, 1]
@@ -239,7 +239,7 @@ class Engine:
         T = len(prompt)
         cache = LatentCache(self.cfg, 1, T, self.dtype, self.device)
         st = self.step_state(torch.ones(1, T, dtype=torch.bool), torch.zeros(1, dtype=torch.long), 0, T)
-        ids = torch.tensor([prompt], device=self.device)
+        ids = torch.tensor([prompt])                                       # embedded on the host
         stats = RunStats(self.run.mode, 1, T, self.device.type)             # its own: the backend's counters of this pass land here
         self.backend.begin(stats)
         out = self.model.forward(ids, cache, st, last_only=False)[0]

@@ -21,7 +21,8 @@ class StaticStep:
     def __init__(self, model: DeepseekV2, cache: LatentCache, batch: int, device, capture: bool, tokens: int = 1,
                  pool=None):
         self.model, self.cache = model, cache.batch(batch)
-        self.ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
+        table = model.embed.table
+        self.x = torch.zeros(batch, tokens, table.shape[1], dtype=table.dtype, device=device)    # embedded input
         positions = torch.zeros(batch, tokens, dtype=torch.long, device=device)
         if tokens == 1:         # decode: attends over the whole cache, writes the slot `load` names
             cap = cache.capacity
@@ -38,14 +39,14 @@ class StaticStep:
 
     def load(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, start: int = 0) -> None:
         """ids, positions [B, T]; mask as StepState.mask; start: the cache slot written (decode only)."""
-        self.ids.copy_(ids)
+        self.x.copy_(self.model.embed(ids))
         self.st.positions.copy_(positions)
         self.st.mask.copy_(mask)
         if self.st.write_index is not None:
             self.st.write_index.fill_(start)
 
     def _drive(self, answer) -> torch.Tensor:
-        return self.model.forward(self.ids, self.cache, self.st, answer=answer)
+        return self.model.run(self.x, self.cache, self.st, answer=answer)
 
     def _capture(self) -> None:
         backend = self.model.experts
@@ -63,7 +64,7 @@ class StaticStep:
                 self.logits = self._drive(backend.forward)
             self.pieces = [g]
             return
-        gen = self.model.steps(self.ids, self.cache, self.st)
+        gen = self.model.steps(self.x, self.cache, self.st)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=pool):
             item = next(gen)

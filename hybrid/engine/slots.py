@@ -64,7 +64,7 @@ class Slots:
             ids[i, P - len(p):] = torch.tensor(p)
         self.n += k
         self._mark(r0, self.n)
-        ids, start, view = ids.to(self.e.device), self.cur - P, self.e.cache.rows(r0, r0 + k)
+        start, view = self.cur - P, self.e.cache.rows(r0, r0 + k)        # ids stay on the host: embedded there
         chunk = max(1, self.e.run.prefill_chunk_tokens // k)
         for s in range(0, P, chunk):
             T = min(chunk, P - s)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from . import fused, fused_moe
 from .decode_attention import decode_attends, decode_attention
+from .embedding import EMBED, TokenEmbedding
 from .config import ModelConfig
 from .rope import Rope
 
@@ -242,7 +243,7 @@ class DeepseekV2:
     def __init__(self, cfg: ModelConfig, w: Weights, experts: ExpertBackend, device):
         self.cfg, self.experts = cfg, experts
         self.predict_next = experts.wants_guess   # also apply the next MoE layer's router early (for prefetch)
-        self.embed = w("model.embed_tokens.weight")
+        self.embed = TokenEmbedding(w(EMBED), device)            # `w` gives this one on the host
         self.rope = Rope(cfg, device)
         self.layers = []
         for i in range(cfg.num_hidden_layers):
@@ -256,12 +257,12 @@ class DeepseekV2:
         # layer L -> scores [T, E] for layer L+1's experts from L's MoE input: the next router, or a trained predictor
         self.next_scores: dict[int, Callable] = {a.i: partial(F.linear, weight=b.gate) for a, b in zip(moe, moe[1:])}
 
-    def steps(self, ids: torch.Tensor, cache: LatentCache, st: StepState, last_only: bool = True):
-        """The forward pass as a generator: yields a MoECall at each MoE layer and expects the routed output
-        [T, Hd] back (`send`); finally yields logits [B, V] of the last position (or [B, T, V]), float32.
+    def steps(self, x: torch.Tensor, cache: LatentCache, st: StepState, last_only: bool = True):
+        """The forward pass from the embedded tokens x [B, T, Hd], as a generator: yields a MoECall at each MoE
+        layer and expects the routed output [T, Hd] back (`send`); finally yields logits [B, V] of the last
+        position (or [B, T, V]), float32.
 
         Everything between two yields is free of host synchronisation, so it can be captured as a CUDA graph."""
-        x = F.embedding(ids, self.embed)                                                  # [B, T, Hd]
         rot = self.rope.rotation(st.positions)                                            # [B, T, R/2]
         h = self.layers[0][0](x)
         norms = [n for n, *_ in self.layers[1:]] + [self.norm]    # each layer's output goes to the next one's norm
@@ -288,8 +289,14 @@ class DeepseekV2:
     def forward(self, ids: torch.Tensor, cache: LatentCache, st: StepState, last_only: bool = True,
                 answer: Callable[[MoECall], torch.Tensor] | None = None) -> torch.Tensor:
         """ids [B, T] -> logits; every MoE call is answered by `answer` (default: the expert backend)."""
+        return self.run(self.embed(ids), cache, st, last_only, answer)
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, cache: LatentCache, st: StepState, last_only: bool = True,
+            answer: Callable[[MoECall], torch.Tensor] | None = None) -> torch.Tensor:
+        """`forward` from the embedded tokens x [B, T, Hd] (a graph's static input)."""
         answer = answer or self.experts.forward
-        gen = self.steps(ids, cache, st, last_only)
+        gen = self.steps(x, cache, st, last_only)
         item = next(gen)
         while isinstance(item, MoECall):
             item = gen.send(answer(item))

@@ -63,3 +63,9 @@ def numel(shape: tuple[int, ...]) -> int:
 
 def non_expert_numel(cfg: ModelConfig) -> int:
     return sum(numel(s) for s in model_specs(cfg, experts=False).values())
+
+
+def device_weight_numel(cfg: ModelConfig) -> int:
+    """The non-expert weights on the compute device: all but the token-embedding table (kept on the host,
+    embedding.py)."""
+    return non_expert_numel(cfg) - cfg.vocab_size * cfg.hidden_size

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..model.config import ModelConfig
-from ..model.layout import non_expert_numel
+from ..model.layout import device_weight_numel
 
 GiB, MiB = 2**30, 2**20
 MARGIN = 384 * MiB            # allocator rounding and fragmentation, cuBLAS workspaces
@@ -90,7 +90,7 @@ def plan_memory(cfg: ModelConfig, budget: int, batch: int, seq_len: int, itemsiz
     Quantized slots: prefill dequantizes `scratch_experts` experts of `scratch_expert` bytes at once; None: up to
     scratch_max, as long as the scratch takes at most a quarter of what the cache would otherwise get."""
     from ..model.deepseek import LatentCache
-    non_expert = non_expert_numel(cfg) * itemsize
+    non_expert = device_weight_numel(cfg) * itemsize
     kv = LatentCache.nbytes(cfg, batch, seq_len, itemsize)
     ws = workspace_bytes(cfg, batch, seq_len, chunk_tokens, itemsize) + margin \
         + prefill_graph_bytes(cfg, graph_tokens, itemsize)
@@ -104,7 +104,7 @@ def plan_memory(cfg: ModelConfig, budget: int, batch: int, seq_len: int, itemsiz
     fixed = context + non_expert + kv + ws + staging
     if budget < fixed + min_slots * slot:
         raise BudgetError(
-            f"GPU memory budget {size(budget)} is too small: the non-expert weights need "
+            f"GPU memory budget {size(budget)} is too small: the non-expert weights on the GPU need "
             f"{size(non_expert)}, the KV cache for batch {batch} x {seq_len} tokens "
             f"{size(kv)}, workspace {size(ws)}, CUDA context {size(context)} and "
             f"expert staging {size(staging)}: at least {size(fixed + min_slots * slot)}")
