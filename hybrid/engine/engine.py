@@ -209,7 +209,7 @@ class Engine:
                 break
             self._rows(valid, L + step, 1)
             self.fit_threads()
-            logits = self.decode_step(tok, cache, valid, pad, L + step)
+            logits = self.decode_step(torch.tensor(host), cache, valid, pad, L + step)   # embedded on the host
         self._finish(stats)
         return Generation(out, stats)
 

@@ -39,7 +39,7 @@ class StaticStep:
 
     def load(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, start: int = 0) -> None:
         """ids, positions [B, T]; mask as StepState.mask; start: the cache slot written (decode only)."""
-        self.x.copy_(self.model.embed(ids))
+        self.model.embed(ids, out=self.x)
         self.st.positions.copy_(positions)
         self.st.mask.copy_(mask)
         if self.st.write_index is not None:

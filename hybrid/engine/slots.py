@@ -76,7 +76,7 @@ class Slots:
         """Each active row's last token (row order) -> next-token logits [n, V] float32; writes slot `cur`."""
         assert len(tokens) == self.n > 0 and self.cur < self.cap
         self.e.fit_threads()
-        tok = torch.tensor(tokens, device=self.e.device)
+        tok = torch.tensor(tokens)                   # embedded on the host
         n = self.n
         logits = self.e.decode_step(tok, self.e.cache.batch(n), self.valid[:n], self.first[:n], self.cur)
         self.cur += 1

@@ -20,9 +20,11 @@ class TokenEmbedding:
     def dim(self) -> int:
         return self.table.shape[1]
 
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [B, T] (on any device) -> rows [B, T, Hd] on the compute device."""
+    def __call__(self, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [B, T] (best on the host) -> rows [B, T, Hd] on the compute device, into `out` if given."""
         rows = F.embedding(ids.cpu(), self.table)                                         # [B, T, Hd]
-        if self.device.type != "cuda":
-            return rows.to(self.device)
-        return rows.pin_memory().to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            rows = rows.pin_memory()
+        if out is None:
+            return rows.to(self.device, non_blocking=True)
+        return out.copy_(rows, non_blocking=True)
