@@ -31,12 +31,16 @@ if triton is not None:
         return acc + w * x
 
     @triton.jit
-    def _gate_up_gemv(x_ptr, h_ptr, bounds_ptr, order_ptr, w_ptr, slot_stride, I: tl.constexpr, K: tl.constexpr,
-                      BN: tl.constexpr, G: tl.constexpr):
+    def _program(bounds_ptr, order_ptr, w_ptr, slot_stride, BN: tl.constexpr):
+        """This program's rows of xs [start, end), its slot's weights and its block of output rows."""
         s = tl.load(order_ptr + tl.program_id(1))
         start, end = tl.load(bounds_ptr + s), tl.load(bounds_ptr + s + 1)
-        w_ptr += s.to(tl.int64) * slot_stride
-        n = tl.program_id(0) * BN + tl.arange(0, BN)    # gate rows; up rows are n + I
+        return start, end, w_ptr + s.to(tl.int64) * slot_stride, tl.program_id(0) * BN + tl.arange(0, BN)
+
+    @triton.jit
+    def _gate_up_gemv(x_ptr, h_ptr, bounds_ptr, order_ptr, w_ptr, slot_stride, I: tl.constexpr, K: tl.constexpr,
+                      BN: tl.constexpr, G: tl.constexpr):
+        start, end, w_ptr, n = _program(bounds_ptr, order_ptr, w_ptr, slot_stride, BN)   # up rows: n + I
         dt = x_ptr.dtype.element_ty
         r = start
         while r < end:                                  # (a while loop: Triton's interpreter takes no range here)
@@ -54,10 +58,7 @@ if triton is not None:
     @triton.jit
     def _down_gemv(h_ptr, y_ptr, bounds_ptr, order_ptr, w_ptr, slot_stride, N: tl.constexpr, K: tl.constexpr,
                    BN: tl.constexpr, G: tl.constexpr):
-        s = tl.load(order_ptr + tl.program_id(1))
-        start, end = tl.load(bounds_ptr + s), tl.load(bounds_ptr + s + 1)
-        w_ptr += s.to(tl.int64) * slot_stride
-        n = tl.program_id(0) * BN + tl.arange(0, BN)
+        start, end, w_ptr, n = _program(bounds_ptr, order_ptr, w_ptr, slot_stride, BN)
         r = start
         while r < end:
             acc = tl.zeros((BN, G, 32), dtype=tl.float32)
