@@ -23,6 +23,18 @@ def between_layers_ms(rows: list[dict]) -> float:
     return statistics.mean(gaps) if gaps else 0.0
 
 
+def error_classes(rows: list[dict], meas: list[float], pred: list[float]) -> dict:
+    """The planner's predicted against the measured layer time, per kind of layer (which lanes its plan used):
+    median predicted and measured ms and the median relative error."""
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for r, m, p in zip(rows, meas, pred):
+        key = "+".join(k for k in ("hit", "fetch", "cpu") if r.get(f"n_{k}", 0)) or "none"
+        groups.setdefault(key, []).append((p, m))
+    return {k: {"layers": len(v), "pred_ms": statistics.median(p for p, _ in v),
+                "meas_ms": statistics.median(m for _, m in v),
+                "median_rel_err": statistics.median(abs(p - m) / m for p, m in v if m > 0)} for k, v in groups.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     probe_args(ap)
@@ -53,6 +65,12 @@ def main() -> None:
     st = report["stats"]
     print(f"  layer time predicted {st.get('layer_pred_ms_mean', 0):.3f} vs measured {st.get('layer_meas_ms_mean', 0):.3f} ms"
           f" | hit {st.get('hit_rate', 0):.3f} | prefetched {st.get('prefetched', 0)} used {st.get('prefetch_used', 0)}")
+    meas, pred = out.stats.layer_meas_ms, out.stats.layer_pred_ms
+    if len(meas) == len(rows):
+        report["error_by_kind"] = error_classes(rows, meas, pred)
+        for k, v in report["error_by_kind"].items():
+            print(f"  {k:14s} {v['layers']:5d} layers: predicted {v['pred_ms']:.3f} vs measured {v['meas_ms']:.3f} ms "
+                  f"(median error {100 * v['median_rel_err']:.0f}%)")
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=2, default=str))
 
