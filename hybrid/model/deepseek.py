@@ -238,12 +238,13 @@ class MoECall:
 
 
 class DeepseekV2:
-    """The whole network; weights come from `w(name)` already on the compute device in the compute dtype."""
+    """The whole network; weights come from `w(name)` in the compute dtype, on the compute device but for the
+    token-embedding table (host memory: embedding.py)."""
 
     def __init__(self, cfg: ModelConfig, w: Weights, experts: ExpertBackend, device):
         self.cfg, self.experts = cfg, experts
         self.predict_next = experts.wants_guess   # also apply the next MoE layer's router early (for prefetch)
-        self.embed = TokenEmbedding(w(EMBED), device)            # `w` gives this one on the host
+        self.embed = TokenEmbedding(w(EMBED), device)
         self.rope = Rope(cfg, device)
         self.layers = []
         for i in range(cfg.num_hidden_layers):
