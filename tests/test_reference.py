@@ -4,7 +4,7 @@ import torch
 from conftest import PROMPTS, rel_err
 from hybrid.model.config import RunConfig
 from hybrid.engine.engine import Engine
-from hybrid.model.deepseek import LatentCache
+from hybrid.model.latent_cache import LatentCache
 from hybrid.engine.sampling import SamplingParams
 
 

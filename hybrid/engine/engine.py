@@ -12,7 +12,8 @@ from tqdm import tqdm
 from ..kernels.cpu_load import core_watch, default_threads
 from ..model.gguf_checkpoint import open_checkpoint
 from ..model.config import RunConfig
-from ..model.deepseek import DeepseekV2, LatentCache, StepState
+from ..model.deepseek import DeepseekV2, StepState
+from ..model.latent_cache import LatentCache
 from ..model.embedding import EMBED
 from ..model.layout import model_specs
 from ..offload.runtime import build_backend, choose_mode, cuda_context_bytes

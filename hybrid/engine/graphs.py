@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..model.deepseek import DeepseekV2, LatentCache, MoECall, StepState
+from ..model.deepseek import DeepseekV2, MoECall, StepState
+from ..model.latent_cache import LatentCache
 from ..offload.budget import GRAPH_TOKENS_KEPT
 
 

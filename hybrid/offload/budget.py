@@ -89,7 +89,7 @@ def plan_memory(cfg: ModelConfig, budget: int, batch: int, seq_len: int, itemsiz
     captured as a graph, 0 for none; slot_bytes: one expert's bytes (default: unquantized, at itemsize).
     Quantized slots: prefill dequantizes `scratch_experts` experts of `scratch_expert` bytes at once; None: up to
     scratch_max, as long as the scratch takes at most a quarter of what the cache would otherwise get."""
-    from ..model.deepseek import LatentCache
+    from ..model.latent_cache import LatentCache
     non_expert = device_weight_numel(cfg) * itemsize
     kv = LatentCache.nbytes(cfg, batch, seq_len, itemsize)
     ws = workspace_bytes(cfg, batch, seq_len, chunk_tokens, itemsize) + margin \
