@@ -278,3 +278,17 @@ def test_a_ggufs_tokenizer_and_chat_template_come_from_its_metadata(tmp_path):
     assert tok.chat([{"role": "user", "content": "hello"}]) == [tokens.index("<|bos|>")] + tok.encode("user: hello")
     with pytest.raises(TokenizerError, match=r"pre-tokenizer qwen2\) is not supported"):
         load_tokenizer(write_tokenizer_gguf(tmp_path / "q.gguf", pre="qwen2")[0])
+
+
+def test_a_gguf_is_parsed_once_for_its_tokenizer_and_its_weights(tiny, tmp_path):
+    """The tokenizer and the checkpoint share one parse of the file; a file written anew is parsed anew."""
+    from hybrid.model.gguf_checkpoint import read_gguf
+    path, _ = write_tokenizer_gguf(tmp_path / "t.gguf")
+    load_tokenizer(path)
+    assert read_gguf(path) is read_gguf(str(path))
+    first = read_gguf(path)
+    path.unlink()
+    write_tokenizer_gguf(path, pre="qwen2")
+    assert read_gguf(path) is not first
+    model = write_gguf(tiny, tmp_path / "m.gguf")
+    assert GgufCheckpoint(model).reader is read_gguf(model)

@@ -91,9 +91,9 @@ def load_tokenizer(model_dir: str | Path | None = None, explicit: str | Path | N
     if explicit == "bytes":
         return ByteTokenizer()
     if not explicit and str(model_dir).endswith(".gguf") and Path(model_dir).is_file():
-        from gguf import GGUFReader
+        from ..model.gguf_checkpoint import read_gguf
         from .gguf_tokenizer import has_tokenizer
-        reader = GGUFReader(str(model_dir))
+        reader = read_gguf(model_dir)
         if has_tokenizer(reader):
             return HFTokenizer.from_gguf(reader)
     path = Path(explicit) if explicit else find_tokenizer_dir(model_dir)

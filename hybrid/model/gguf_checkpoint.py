@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -79,16 +80,29 @@ def config_from_metadata(reader) -> dict:
             "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id", 100001)}
 
 
+def read_gguf(path: str | Path):
+    """The file's GGUFReader, memory-mapped and parsed once per process while the file is unchanged (the tokenizer
+    and the checkpoint share it)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return _reader(str(p), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=4)
+def _reader(path: str, mtime_ns: int, size: int):
+    from gguf import GGUFReader
+    return GGUFReader(path)
+
+
 class GgufCheckpoint:
     """The Checkpoint interface (config, get, expert_names, identity, check_shapes) over one GGUF file."""
 
     def __init__(self, path: str | Path):
-        from gguf import GGUFReader
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"GGUF file {self.path} does not exist")
         try:
-            self.reader = GGUFReader(str(self.path))
+            self.reader = read_gguf(self.path)
         except (ValueError, OSError) as e:
             raise CheckpointError(f"{self.path.name} is not a readable GGUF file: {e}") from None
         self.tensors = {t.name: t for t in self.reader.tensors}
