@@ -1,4 +1,7 @@
-"""Plots of a sweep: latency and throughput against batch size, expert traffic, and the cost model's accuracy."""
+"""Plots of a sweep (latency and throughput against batch size, expert traffic, the cost model's accuracy) and of a
+serving run (`serve_bench.py`: throughput and latency against concurrency, one line per system).
+
+    python eval/plots.py serve DIR     # DIR holds one serve_bench folder per system; writes DIR/serve.png"""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -92,3 +95,48 @@ def make_plots(rows: list[dict], out_dir: Path) -> list[Path]:
     traffic(rows, paths[2])
     cost_model(rows, paths[3])
     return paths
+
+
+def serving(systems: dict[str, list[dict]], path: Path) -> None:
+    """Output tok/s, TTFT p50 and inter-token latency p50 against concurrency, a line per system."""
+    panels = (("output_tok_s", "output throughput (tok/s)"), ("ttft_ms_p50", "TTFT p50 (ms)"),
+              ("itl_ms_p50", "inter-token latency p50 (ms)"))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, (key, label) in zip(axes, panels):
+        for name, rows in systems.items():
+            rows = sorted((r for r in rows if r.get(key) is not None), key=lambda r: r["concurrency"])
+            ax.plot([r["concurrency"] for r in rows], [r[key] for r in rows], marker="o", label=name)
+        ax.set(xlabel="concurrent requests", ylabel=label)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fail(message: str) -> None:
+    import sys
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+    ap = argparse.ArgumentParser(description="plots of a serving run")
+    ap.add_argument("what", choices=["serve"])
+    ap.add_argument("dir", help="folder with one serve_bench.py results folder per system")
+    a = ap.parse_args(argv)
+    if not Path(a.dir).is_dir():
+        _fail(f"{a.dir} is not a folder (one serve_bench.py results folder per system)")
+    systems = {d.name: json.loads((d / "results.json").read_text())["rows"]
+               for d in sorted(Path(a.dir).iterdir()) if (d / "results.json").is_file()}
+    if not systems:
+        _fail(f"no <system>/results.json under {a.dir}")
+    serving(systems, Path(a.dir) / "serve.png")
+    print(Path(a.dir) / "serve.png")
+
+
+if __name__ == "__main__":
+    main()

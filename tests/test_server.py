@@ -234,11 +234,14 @@ def test_load_test_script_measures_each_concurrency_level(server, tmp_path):
     from conftest import ROOT
     sys.path.insert(0, str(ROOT / "eval"))
     import serve_bench
+    import plots
     serve_bench.main(["--url", server[0], "--concurrency", "1,3", "--requests", "3", "--max-tokens", "5",
-                      "--out-dir", str(tmp_path)])
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+                      "--out-dir", str(tmp_path / "this")])
+    rows = json.loads((tmp_path / "this" / "results.json").read_text())["rows"]
     assert [r["concurrency"] for r in rows] == [1, 3] and all(r["failed"] == 0 for r in rows)
     assert all(r["completion_tokens"] == 15 and r["output_tok_s"] > 0 and r["ttft_ms_p50"] > 0 for r in rows)
+    plots.main(["serve", str(tmp_path)])
+    assert (tmp_path / "serve.png").stat().st_size > 10_000
 
 
 def test_serve_names_the_address_it_cannot_listen_on(tiny):
