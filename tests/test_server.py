@@ -180,6 +180,11 @@ def test_stop_strings_end_the_text_and_unfinished_characters_are_held():
     s = TextStream(ByteTokenizer(), [])
     e_acute = "é".encode()
     assert s.add(e_acute[0]) == ("", False) and s.add(e_acute[1]) == ("é", False)
+    s = TextStream(ByteTokenizer(), ["é", "🙂!"])                  # stops that end or start in a split character
+    assert [s.add(b) for b in "aé".encode()] == [("a", False), ("", False), ("", True)] and s.text == "a"
+    s = TextStream(ByteTokenizer(), ["🙂!"])
+    text = "".join(s.add(b)[0] for b in "x🙂y🙂!z".encode())
+    assert text == "x🙂y" and s.text == "x🙂y"
 
 
 def test_overloaded_when_the_waiting_room_is_full(tiny):

@@ -16,10 +16,6 @@ class TokenEmbedding:
         self.table = table.cpu()                                                          # [V, Hd]
         self.device = torch.device(device)
 
-    @property
-    def dim(self) -> int:
-        return self.table.shape[1]
-
     def __call__(self, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """ids [B, T] (best on the host) -> rows [B, T, Hd] on the compute device, into `out` if given."""
         rows = F.embedding(ids.cpu(), self.table)                                         # [B, T, Hd]

@@ -17,16 +17,19 @@ class TextStream:
         self.kept = ""                # text of ids[:read]
         self.text = ""                # the text so far (cut at a stop string once one is reached)
         self.sent = 0                 # characters handed out
+        self.stopped = False
 
     def add(self, token: int) -> tuple[str, bool]:
-        """-> (new final text, whether a stop string was reached)."""
+        """-> (new final text, whether a stop string was reached); nothing more once one was."""
+        if self.stopped:
+            return "", True
         self.ids.append(token)
-        searched = len(self.text)
+        searched = len(self.kept)         # text before it is final and was searched when it came
         piece = self._piece()
         text = self.kept + piece
         hits = [i for i in (text.find(s, max(0, searched - len(s) + 1)) for s in self.stops) if i >= 0]
         if hits:
-            self.text = text[:min(hits)]
+            self.text, self.stopped = text[:min(hits)], True
             return self._take(len(self.text)), True
         self.text = text
         end = len(self.kept) + len(piece.rstrip("\ufffd"))
