@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
-from eval.common import meta  # noqa: E402
+from eval.common import gpu_median_ms, meta  # noqa: E402
 from hybrid.kernels.gemv_ffn import gemv_grouped_ffn  # noqa: E402
 from hybrid.model.config import ModelConfig  # noqa: E402
 from hybrid.model.deepseek import gated_ffn, grouped_ffn  # noqa: E402
@@ -46,22 +45,6 @@ def reference(slots: torch.Tensor, xs, offs) -> torch.Tensor:
                       for s, (a, b) in enumerate(zip(bounds, bounds[1:]))])
 
 
-def graph_us(fn, reps: int = 100) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(1000 * a.elapsed_time(b))
-    return statistics.median(times)
-
 
 def rows_for(tokens: list[int]) -> list[dict]:
     slots, out = slots_for(), []
@@ -77,7 +60,7 @@ def rows_for(tokens: list[int]) -> list[dict]:
                 (lambda s=shape: gemv_grouped_ffn(xs, offs, slots, bn=s[0], groups=s[1], warps=s[2]))
             try:
                 err = ((fn().float() - ref).norm() / ref.norm()).item()
-                us = graph_us(fn)
+                us = 1000 * gpu_median_ms(fn, reps=100)
             except Exception as e:            # a shape that does not compile is one row
                 out.append({"tokens": T, "shape": shape, "error": repr(e)[-300:]})
                 continue

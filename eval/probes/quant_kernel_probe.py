@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
+from eval.common import gpu_median_ms  # noqa: E402
 from hybrid.kernels.cpu_experts import CpuExperts  # noqa: E402
 from hybrid.kernels.quant_gpu import torch_grouped_qffn, triton_grouped_qffn  # noqa: E402
 from hybrid.model.config import ModelConfig  # noqa: E402
@@ -37,23 +38,7 @@ def slots_for(fmt: str, n: int, device) -> torch.Tensor:
 
 
 def gpu_ms(ffn, xs, offs, graph: bool, reps: int = 50) -> float:
-    ffn(xs, offs)
-    torch.cuda.synchronize()
-    run = lambda: ffn(xs, offs)  # noqa: E731
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            ffn(xs, offs)
-        run = g.replay
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return gpu_median_ms(lambda: ffn(xs, offs), reps, graph)
 
 
 # (bm, bn, bk, warps, stages); None: the default
