@@ -152,9 +152,12 @@ def engine_args(ap: argparse.ArgumentParser, batch_flag: str = "--batch-size", b
                     help="prefill: queue copies of the next layer's uncached experts behind this layer's, into the "
                          "PCIe lane's idle time before the next routing (modes fetch, hybrid)")
     ap.add_argument("--prefill-graph-tokens", type=at_least(0),
-                    default=512,
                     help="prompts of at most this many tokens (batch x length) whose shape was seen before prefill "
-                         "from CUDA graphs (the launches between MoE layers replayed); 0: never")
+                         "from CUDA graphs (the launches between MoE layers replayed); 0: never; default: the "
+                         "largest of 512/256/128 whose graphs take at most 1/24 of --gpu-memory")
+    ap.add_argument("--prefill-chunk-tokens", type=at_least(1),
+                    help="tokens per prefill forward (longer prompts run in chunks); default: the largest of "
+                         "4096/2048/1024/512 whose activations take at most 1/16 of --gpu-memory")
     ap.add_argument("--prefill-scratch", type=at_least(0),
                     help="with --experts q8|q4 offloaded: experts prefill dequantizes at once into a bf16 scratch "
                          "(0: none, prefill on the fused kernels); default: up to 8, taking at most a quarter of "
@@ -170,7 +173,8 @@ def run_config(a: argparse.Namespace) -> RunConfig:
                      cpu_pool=a.cpu_pool == "on", cpu_tiles=a.cpu_tiles, copy_ahead=a.copy_ahead == "on",
                      cpu_pool_spin_us=a.cpu_pool_spin_us, cpu_prefetch=a.cpu_prefetch == "on", costs_path=a.costs,
                      predictor_path=a.predictors, lookahead=a.lookahead,
-                     prefill_graph_tokens=a.prefill_graph_tokens, prefill_scratch=a.prefill_scratch)
+                     prefill_graph_tokens=a.prefill_graph_tokens, prefill_scratch=a.prefill_scratch,
+                     prefill_chunk_tokens=a.prefill_chunk_tokens)
 
 
 def make_engine(a: argparse.Namespace):

@@ -16,7 +16,7 @@ from ..model.deepseek import DeepseekV2, StepState
 from ..model.latent_cache import LatentCache
 from ..model.embedding import EMBED
 from ..model.layout import model_specs
-from ..offload.runtime import build_backend, choose_mode, cuda_context_bytes
+from ..offload.runtime import build_backend, choose_mode, cuda_context_bytes, with_workspace
 from ..offload.stats import RunStats
 from .graphs import DecodeRunner, PrefillRunner
 from .sampling import Sampler, SamplingParams
@@ -64,6 +64,7 @@ class Engine:
         if self.run.mode == "auto":
             self.run, self.mode_note = choose_mode(self.cfg, self.run, self.device, self.dtype.itemsize,
                                                    self.context_bytes)
+        self.run = with_workspace(self.cfg, self.run, self.device, self.dtype.itemsize, self.context_bytes)
         self.backend = build_backend(self.cfg, self.ckpt, self.run, self.device, self.dtype, progress,
                                      self.context_bytes)
         names = model_specs(self.cfg, experts=False)

@@ -197,7 +197,8 @@ class RunConfig:
     lookahead: bool = True                # with prefetch: on-demand copies pay for the prefetch they displace
     max_batch_size: int = 1
     max_seq_len: int = 4096               # KV cache capacity per sequence (prompt + new tokens)
-    prefill_chunk_tokens: int = 4096      # tokens per prefill forward (bounds activation memory)
+    prefill_chunk_tokens: int | None = None   # tokens per prefill forward (bounds activation memory); None: the
+                                          # largest of 4096/2048/1024/512 whose activations take <= 1/16 of gpu_memory
     cache_slots: int | None = None        # cap on GPU expert-cache slots (None: all the budget allows)
     cpu_threads: int | None = None        # CPU expert threads; None = all cores but the copy-issuing one
     cpu_kernel: str = "auto"              # CPU experts: native (built kernel) | torch | auto (native if it builds)
@@ -211,8 +212,9 @@ class RunConfig:
     cuda_graphs: bool = True              # on CUDA, replay static decode steps from captured graphs
     prefill_scratch: int | None = None    # quantized experts offloaded: experts prefill dequantizes at once into a
                                           # bf16 scratch (0: none; None: up to 8, at most 1/4 of the cache's room)
-    prefill_graph_tokens: int = 512       # whole-prompt prefills of <= this many tokens (batch x length) whose shape
-                                          # was seen before run from static buffers (graphs on CUDA); 0: never
+    prefill_graph_tokens: int | None = None   # whole-prompt prefills of <= this many tokens (batch x length) whose
+                                          # shape was seen before run from static buffers (graphs on CUDA); 0: never;
+                                          # None: the largest of 512/256/128 whose graphs take <= 1/24 of gpu_memory
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):

@@ -18,7 +18,7 @@ from .config import ModelConfig
 from .rope import Rope
 
 Weights = Callable[[str], torch.Tensor]
-ATTN_SCORE_ELEMS = 1 << 25     # scores computed at once (x 4 bytes, x ~3 live copies): bounds prefill workspace
+ATTN_SCORE_ELEMS = 1 << 23     # scores computed at once (x 4 bytes, x ~3 live copies): bounds prefill workspace
 
 
 class ExpertBackend(Protocol):

@@ -68,6 +68,24 @@ def workspace_bytes(cfg: ModelConfig, batch: int, seq_len: int, chunk_tokens: in
     return attn + max(dense, moe) + logits + hidden
 
 
+CHUNK_CHOICES = (4096, 2048, 1024, 512)
+GRAPH_CHOICES = (512, 256, 128, 0)
+WORKSPACE_SHARE = 16          # an automatic prefill chunk's activations take at most 1/16 of the budget
+GRAPH_SHARE = 24              # automatic prefill graphs at most 1/24
+
+
+def auto_chunk_tokens(cfg: ModelConfig, budget: int, batch: int, seq_len: int, itemsize: int) -> int:
+    """The largest prefill chunk (tokens per forward) whose activations fit 1/WORKSPACE_SHARE of `budget`: a
+    smaller chunk streams the offloaded experts once more per chunk but leaves the expert cache more slots."""
+    fits = [t for t in CHUNK_CHOICES if workspace_bytes(cfg, batch, seq_len, t, itemsize) * WORKSPACE_SHARE <= budget]
+    return fits[0] if fits else CHUNK_CHOICES[-1]
+
+
+def auto_graph_tokens(cfg: ModelConfig, budget: int, itemsize: int) -> int:
+    """The largest prefill captured as a graph whose pool fits 1/GRAPH_SHARE of `budget` (0: none)."""
+    return next(t for t in GRAPH_CHOICES if prefill_graph_bytes(cfg, t, itemsize) * GRAPH_SHARE <= budget)
+
+
 GRAPH_TOKENS_KEPT = 2         # captured prefill shapes hold at most this many times the largest one's tokens
 
 

@@ -67,6 +67,7 @@ class OffloadedExperts:
         self.timer.rewind()
 
     def end(self, stats: RunStats) -> None:
+        self.next.flush_prefetch()
         self.acct.settle()
         stats.layer_meas_ms, stats.layer_pred_ms = self.timer.read()
         if self.prefetcher:
@@ -81,6 +82,7 @@ class OffloadedExperts:
         pred = call.pred if self.prefetcher else None
         self.phases.start(layer)
         self.acct.settle()
+        self.next.flush_prefetch()
         self.phases.mark("settled")
         xh = self.host_x.rows(T)
         xh.copy_(x, non_blocking=True)                     # rides along with the sync: the CPU lane's input
@@ -135,12 +137,19 @@ class OffloadedExperts:
         self.copies.wait_landed(hits)                # prefetched hits may still be in flight
         self.phases.mark("launched")
         n_hit = lay.rows[0][1]
-        graph.hits(self._pinned(lay.perm, lay.offs[0], lay.offs[1] + n_hit, n_hit))
+        graph.hits(self.index_buf.pack(lay.perm, lay.offs[0], lay.offs[1] + n_hit, n_hit))
         self.copies.wait_landed(fetch)
         ys = graph.fetched(bool(fetch))
         self.copies.read_queued(hits + fetch)
-        self._prefetch_then_cpu(call, host, lay, xh, ys, job)
-        return graph.post()
+        if lay.cpu_segments:                         # the next layer's prefetch while the pool computes
+            self._prefetch_then_cpu(call, host, lay, xh, ys, job)
+            return graph.post()
+        out = graph.post()
+        self.phases.mark("queued")
+        self.feedback.note_lag(xh.shape[0], None)
+        K = call.idx.shape[1]
+        self.next.defer_prefetch(call.layer, host[:, K:] if self.prefetcher and call.pred is not None else None)
+        return out
 
     def _layer_graph(self, call) -> LayerGraph:
         if not (call.static and self.copy.cuda):
@@ -193,18 +202,8 @@ class OffloadedExperts:
             self.feedback.note_lag(xh.shape[0], None)
         return later
 
-    def _pinned(self, *parts) -> torch.Tensor:
-        """The parts (arrays or ints) back to back in pinned host memory, as int32."""
-        sizes = [v.shape[0] if isinstance(v, np.ndarray) else 1 for v in parts]
-        buf, arr = self.index_buf.vector(sum(sizes))
-        pos = 0
-        for v, n in zip(parts, sizes):
-            arr[pos:pos + n] = v
-            pos += n
-        return buf
-
     def _upload(self, lay) -> torch.Tensor:
-        buf = self._pinned(lay.perm, lay.offs.reshape(-1))
+        buf = self.index_buf.pack(lay.perm, lay.offs.reshape(-1))
         return buf.to(self.device, non_blocking=True) if self.copy.cuda else buf.clone()
 
     def _gpu_groups(self, layer: int, hits, waves, lay, offs, xs, ys) -> None:

@@ -103,3 +103,13 @@ class PinnedBuffer:
             self.flat[n] = self.rows(n)[:, 0]
         t = self.flat[n]
         return t, t.numpy()
+
+    def pack(self, *parts) -> torch.Tensor:
+        """The parts (arrays or ints) back to back in the (1-column) buffer -> its first elements as a tensor."""
+        sizes = [v.shape[0] if isinstance(v, np.ndarray) else 1 for v in parts]
+        buf, arr = self.vector(sum(sizes))
+        pos = 0
+        for v, n in zip(parts, sizes):
+            arr[pos:pos + n] = v
+            pos += n
+        return buf

@@ -12,7 +12,7 @@ from ..model.checkpoint import Checkpoint
 from ..model.config import ConfigError, ModelConfig, RunConfig
 from ..kernels.quant_scratch import CHUNK as SCRATCH_CHUNK
 from ..model.quant import ExpertLayout, expert_bytes, layout
-from .budget import MARGIN, UNLIMITED, BudgetError, MemoryPlan, plan_memory, size
+from .budget import MARGIN, UNLIMITED, BudgetError, MemoryPlan, auto_chunk_tokens, auto_graph_tokens, plan_memory, size
 from .expert_store import ExpertStore
 from .resident import ResidentExperts
 
@@ -37,12 +37,31 @@ def graph_tokens(run: RunConfig, device: torch.device) -> int:
     return run.prefill_graph_tokens if capture else 0
 
 
+def run_budget(run: RunConfig, device: torch.device, context: int) -> int:
+    """run.gpu_memory, else all free memory (unlimited on the CPU)."""
+    if run.gpu_memory is not None:
+        return run.gpu_memory
+    return torch.cuda.mem_get_info(device)[0] + context if device.type == "cuda" else UNLIMITED
+
+
+def with_workspace(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize: int,
+                   context: int) -> RunConfig:
+    """The run with a concrete prefill chunk and prefill-graph size: its own, else what its budget affords
+    (budget.auto_chunk_tokens, auto_graph_tokens)."""
+    budget = run_budget(run, device, context)
+    if run.prefill_chunk_tokens is None:
+        run = replace(run, prefill_chunk_tokens=auto_chunk_tokens(cfg, budget, run.max_batch_size, run.max_seq_len,
+                                                                  itemsize))
+    if run.prefill_graph_tokens is None:
+        run = replace(run, prefill_graph_tokens=auto_graph_tokens(cfg, budget, itemsize))
+    return run
+
+
 def memory_plan(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize: int, context: int) -> MemoryPlan:
-    """How run.gpu_memory (default: all free memory; unlimited on the CPU) splits for this run."""
+    """How the run's budget (run_budget) splits for this run."""
     cuda = device.type == "cuda"
-    budget = run.gpu_memory
-    if budget is None:
-        budget = torch.cuda.mem_get_info(device)[0] + context if cuda else UNLIMITED
+    budget = run_budget(run, device, context)
+    run = with_workspace(cfg, run, device, itemsize, context)
     return plan_memory(cfg, budget, run.max_batch_size, run.max_seq_len, itemsize, run.prefill_chunk_tokens,
                        staging_slots(cfg) if run.mode != "gpu" else 0, context,
                        margin=MARGIN if cuda else 0, graph_tokens=graph_tokens(run, device),
