@@ -173,3 +173,16 @@ def test_plans_carry_their_copy_waves():
     assert [e for w in prefill.waves for e in w] == prefill.fetch
     too_many = FetchPlanner().plan(tokens, set(), LaneState(max_fetch=6, wave_size=3))
     assert not too_many.one_wave and [len(w) for w in too_many.waves] == [3, 3, 1]
+
+
+def test_the_all_hits_plan_is_what_every_planner_plans_for_a_cached_layer():
+    """Decode's fast path (every needed expert cached) skips the lanes' state: its plan must be the one each
+    planner would have made, whatever the lanes' state, predicted time included."""
+    rng = random.Random(3)
+    for planner in (FetchPlanner(costs(1)), CpuPlanner(costs(2)), MakespanPlanner(costs(3))):
+        for _ in range(20):
+            tokens = {e: rng.randint(1, 16) for e in rng.sample(range(64), rng.randint(1, 40))}
+            lanes = LaneState(rng.uniform(0, 2), rng.uniform(-0.2, 0.5), rng.uniform(0.8, 2), rng.uniform(0, 1), 18)
+            full, fast = planner.plan(tokens, set(range(64)), lanes), planner.all_hits(tokens)
+            assert sorted(fast.hits) == sorted(full.hits) == sorted(tokens) and not fast.fetch and not fast.cpu
+            assert abs(fast.predicted_ms - full.predicted_ms) < 1e-9 and fast.one_wave and full.one_wave

@@ -75,8 +75,8 @@ class OffloadedExperts:
 
     def forward(self, call) -> torch.Tensor:
         """Critical path only: routing -> plan -> copies issued -> GPU work queued -> CPU experts computed here
-        while copies and GPU work proceed -> combine. The layer's bookkeeping (policy, statistics, next eviction
-        order) waits for the next layer's routing sync, when the host would otherwise idle."""
+        while copies and GPU work proceed -> combine. The previous layer's bookkeeping (and, at decode, its
+        next-layer prefetch) runs before the routing sync, while the GPU runs the attention piece."""
         layer, x, idx = call.layer, call.x, call.idx
         T, K = idx.shape
         pred = call.pred if self.prefetcher else None
@@ -93,19 +93,8 @@ class OffloadedExperts:
         counts = np.bincount(flat, minlength=self.cfg.n_routed_experts)
         nz = np.flatnonzero(counts)
         tokens = dict(zip(nz.tolist(), counts[nz].tolist()))
-        penalty = 0.0
-        if pred is not None:
-            c = self.planner.costs
-            penalty = self.prefetcher.penalty_ms(layer, host[:, K:], self.cache.residents, c.fetch_ms,
-                                                 c.cpu_ms(1) * self.feedback.cpu_scale(T))
         small = T <= self.decode_tokens              # decode: every copy in one wave, bounded by the staging room
-        room = len(self.cache.staging) + self.cache.room(layer, tokens) if small else None
-        ahead = self.next.take_ahead(layer, tokens, not small)
-        wave_size = max(1, (len(self.cache.staging) - self.cache.held_count) // 2)   # held: copied ahead
-        lanes = LaneState(self.copies.backlog_ms(), self.feedback.lag_ms(T), self.feedback.cpu_scale(T), penalty,
-                          room, wave_size)
-        resident = self.cache.residents(layer)
-        plan = self.planner.plan(tokens, resident | ahead.keys() if ahead else resident, lanes)
+        plan, ahead = self._plan(layer, host, tokens, small)
         self.plan = plan
         self.phases.mark("planned")
         job = self.cpu_work.start(layer, plan.cpu, flat, counts, xh, K)
@@ -128,6 +117,25 @@ class OffloadedExperts:
         self.acct.defer(LayerOutcome(layer, tokens, len(plan.hits), len(fetch), len(plan.cpu),
                                      sum(1 for e in plan.hits if e in ahead)))
         return out
+
+    def _plan(self, layer: int, host: np.ndarray, tokens: dict[int, int], small: bool) -> tuple[LayerPlan, dict]:
+        """The planner's plan for the layer, and the copies made ahead for it it uses ({expert: staging slot}).
+        A decode layer whose experts are all cached skips the lanes' state: nothing is left to choose."""
+        T, K = host.shape[0], self.cfg.num_experts_per_tok
+        resident = self.cache.residents(layer)
+        if small and not self.next.ahead and resident.issuperset(tokens):
+            return self.planner.all_hits(tokens), {}
+        penalty = 0.0
+        if host.shape[1] > K:                        # the next layer's guesses ride along: a copy's worth
+            c = self.planner.costs
+            penalty = self.prefetcher.penalty_ms(layer, host[:, K:], self.cache.residents, c.fetch_ms,
+                                                 c.cpu_ms(1) * self.feedback.cpu_scale(T))
+        room = len(self.cache.staging) + self.cache.room(layer, tokens) if small else None
+        ahead = self.next.take_ahead(layer, tokens, not small)
+        wave_size = max(1, (len(self.cache.staging) - self.cache.held_count) // 2)   # held: copied ahead
+        lanes = LaneState(self.copies.backlog_ms(), self.feedback.lag_ms(T), self.feedback.cpu_scale(T), penalty,
+                          room, wave_size)
+        return self.planner.plan(tokens, resident | ahead.keys() if ahead else resident, lanes), ahead
 
     def _decode(self, call, hits, fetch, cpu, flat, counts, xh, host, job) -> torch.Tensor:
         """Hits at once, fetched experts behind their copies, CPU experts here meanwhile: three fixed-shape
@@ -163,7 +171,8 @@ class OffloadedExperts:
         """The general case (prefill, large batches): hits, then one grouped GEMM per wave of fetches."""
         x, T, K = call.x, *call.idx.shape
         lay = layer_layout(flat, counts, [hits] + waves, cpu, self.cache.n_total)
-        dev = self._upload(lay)
+        buf = self.index_buf.pack(lay.perm, lay.offs.reshape(-1))
+        dev = buf.to(self.device, non_blocking=True) if self.copy.cuda else buf.clone()
         perm = dev[:T * K].long()                                                        # [T*K]
         offs = dev[T * K:].view(len(waves) + 1, -1)                                      # [G, S]
         tok = perm // K
@@ -201,10 +210,6 @@ class OffloadedExperts:
         else:
             self.feedback.note_lag(xh.shape[0], None)
         return later
-
-    def _upload(self, lay) -> torch.Tensor:
-        buf = self.index_buf.pack(lay.perm, lay.offs.reshape(-1))
-        return buf.to(self.device, non_blocking=True) if self.copy.cuda else buf.clone()
 
     def _gpu_groups(self, layer: int, hits, waves, lay, offs, xs, ys) -> None:
         self.copies.wait_landed(hits)

@@ -77,6 +77,18 @@ class FetchPlanner:
 
     def __init__(self, costs: CostModel | None = None):
         self.costs = costs or CostModel.defaults()
+        self.curves: dict[tuple[str, float], float] = {}        # (curve, x) -> ms: lookups are the hot path
+
+    def _ms(self, curve: str, x: float) -> float:
+        key = (curve, x)
+        if key not in self.curves:
+            self.curves[key] = getattr(self.costs, curve)(x)
+        return self.curves[key]
+
+    def all_hits(self, tokens: dict[int, int]) -> LayerPlan:
+        """Every needed expert is cached: one GPU group, nothing to choose (decode's fast path)."""
+        t = self.costs.layer_overhead_ms + sum(self._ms("gpu_ms", n) for n in tokens.values())
+        return LayerPlan(list(tokens), [], [], t, waves=[], one_wave=True)
 
     def plan(self, tokens: dict[int, int], cached: set[int], lanes: LaneState = LaneState()) -> LayerPlan:
         """tokens: expert -> rows routed to it; cached: experts resident on the GPU."""
@@ -109,13 +121,6 @@ class MakespanPlanner(FetchPlanner):
     def __init__(self, costs: CostModel | None = None):
         super().__init__(costs)
         self.memo: dict[tuple, tuple[tuple[int, ...], float]] = {}
-        self.curves: dict[tuple[str, float], float] = {}        # (curve, x) -> ms: lookups are the hot path
-
-    def _ms(self, curve: str, x: float) -> float:
-        key = (curve, x)
-        if key not in self.curves:
-            self.curves[key] = getattr(self.costs, curve)(x)
-        return self.curves[key]
 
     def plan(self, tokens: dict[int, int], cached: set[int], lanes: LaneState = LaneState()) -> LayerPlan:
         hits = [e for e in tokens if e in cached]
