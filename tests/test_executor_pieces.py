@@ -109,3 +109,26 @@ def test_the_next_layers_part_of_a_plan_and_its_copies():
     layer, wave = nl.copy_ahead(first, [5, 6])
     assert layer == nxt and all(cache.is_staging(s) for _, s in wave) and cache.held_count == 2
     assert nl.take_ahead(nxt, {5: 1}, prefill=True) == {5: wave[0][1]} and cache.held_count == 1
+
+
+def test_the_slot_table_holds_only_landed_experts_and_graphs_see_it_after_a_push():
+    """A slot enters the device's table once the stream has waited for its copy (`landed`), leaves it as soon as
+    it is reused (eviction), and the device copy (what a captured guess reads) changes only at a push."""
+    cache, acct, copies = pieces(slots=3, staging=3)                          # one slot per layer
+    layer, table = CFG.moe_layers[0], cache.table
+    (e1, s1), = copies.admit_and_issue(layer, [5], {5: 1})
+    assert not table.covers(layer, [5]) and table.mirror[layer, 5] == -1    # copied, not yet waited for
+    cache.landed(layer, [(5, s1)])
+    assert table.mirror[layer, 5] == s1 and not table.covers(layer, [5])   # not pushed yet
+    table.push()
+    assert table.covers(layer, [5]) and int(table.device[layer, 5]) == s1
+    (e2, s2), = copies.admit_and_issue(layer, [9], {9: 1})                  # evicts 5 from the layer's one slot
+    assert s2 == s1 and table.mirror[layer, 5] == -1 and table.mirror[layer, 9] == -1
+    cache.landed(layer, [(9, s2), (5, s1)])                                  # 5 is no longer the slot's owner
+    table.push()
+    assert not table.covers(layer, [5]) and table.covers(layer, [9]) and int(table.device[layer, 5]) == -1
+    other = CFG.moe_layers[1]
+    copies.slot_for(other, 3, {3: 1})                                        # fills its one slot
+    staged = copies.slot_for(other, 2, {2: 1, 3: 1})                         # 3 is needed too: 2 goes to staging
+    cache.landed(other, [(2, staged)])                                       # staging slots never enter it
+    assert cache.is_staging(staged) and table.mirror[other, 2] == -1

@@ -118,3 +118,20 @@ def test_repeated_prompt_shapes_prefill_from_static_buffers_exactly(tiny, mode):
         assert torch.equal(static, eager)
     else:       # which lane runs an expert changes as the cache fills (native CPU kernel vs grouped GEMM)
         assert rel_err(static, eager) <= 1e-5
+
+
+def test_decode_takes_the_guess_where_the_table_covers_every_pick_and_stays_exact(tiny, gpu_run):
+    """Batch-1 decode layers whose picks are all in the slot table take the output guessed before the routing
+    sync (guesses.py); the others run the plan. Every expert cached: nearly all decode layers guess; 20 of 48:
+    some; batch 3 (more picks than GUESS_TOKENS): none. The tokens equal mode gpu's in all three."""
+    from hybrid.offload.guesses import GUESS_TOKENS
+    ref = gpu_run[0].tokens
+    params = SamplingParams(max_new_tokens=10, stop_on_eos=False)
+    shares = []
+    for slots, prompts in ((48, PROMPTS[:1]), (SLOTS, PROMPTS[:1]), (48, PROMPTS)):
+        e = make(tiny, mode="hybrid", gpu_memory=budget_for(tiny, slots))
+        out = e.generate(prompts, params)
+        assert out.tokens == ref[:len(prompts)]
+        shares.append(out.stats.summary()["guessed_layer_share"])
+    assert len(PROMPTS) > GUESS_TOKENS and shares[2] == 0
+    assert shares[0] >= 0.8 and 0 < shares[1] < shares[0]

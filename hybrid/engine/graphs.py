@@ -35,6 +35,7 @@ class StaticStep:
         self.capture, self.pool = capture, pool
         self.pieces: list[torch.cuda.CUDAGraph] = []
         self.calls: list[MoECall] = []
+        self.guesses: list[torch.cuda.CUDAGraph | None] = []     # per MoE call: its backend's guess, if it makes one
         self.routed: torch.Tensor | None = None     # every layer's routed output, read by the piece after it
         self.logits: torch.Tensor | None = None
 
@@ -48,6 +49,13 @@ class StaticStep:
 
     def _drive(self, answer) -> torch.Tensor:
         return self.model.run(self.x, self.cache, self.st, answer=answer)
+
+    def _answer(self, call: MoECall) -> torch.Tensor:
+        """An eager step's MoE call: the backend's guess (offloaded decode), then its answer."""
+        backend = self.model.experts
+        if hasattr(backend, "guesses_for") and backend.guesses_for(call):
+            backend.guess(call)
+        return backend.forward(call)
 
     def _capture(self) -> None:
         backend = self.model.experts
@@ -70,9 +78,12 @@ class StaticStep:
         with torch.cuda.graph(g, pool=pool):
             item = next(gen)
         self.pieces.append(g)
+        guesses = getattr(backend, "guesses_for", None)
         while isinstance(item, MoECall):
             item.static = True
             self.calls.append(item)
+            self.guesses.append(self._capture_guess(backend.guess, item, pool) if guesses and guesses(item)
+                                else None)
             if self.routed is None:
                 self.routed = torch.zeros_like(item.x)
             g = torch.cuda.CUDAGraph()
@@ -81,13 +92,27 @@ class StaticStep:
             self.pieces.append(g)
         self.logits = item
 
+    @staticmethod
+    def _capture_guess(guess, call: MoECall, pool) -> torch.cuda.CUDAGraph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            guess(call)                                       # warm-up: Triton compiles, the allocator settles
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            guess(call)
+        return g
+
     def run(self) -> torch.Tensor:
         if not self.capture:
-            return self._drive(self.model.experts.forward)
+            return self._drive(self._answer)
         if not self.pieces:
             self._capture()
         self.pieces[0].replay()
-        for call, piece in zip(self.calls, self.pieces[1:]):
+        for call, guess, piece in zip(self.calls, self.guesses, self.pieces[1:]):
+            if guess is not None:
+                guess.replay()
             self.routed.copy_(self.model.experts.forward(call))
             piece.replay()
         return self.logits

@@ -15,6 +15,7 @@ if triton is not None:
     import triton.language as tl
 
 MAX_ORDER_PICKS = 128             # picks (tokens x top-k) the one-program sort takes; more go through torch
+MAX_ORDER_EXPERTS = 256           # experts (or cache slots) it counts over; more go through torch
 
 
 class Grouping(NamedTuple):
@@ -134,7 +135,7 @@ def group_by_expert(idx: torch.Tensor, E: int) -> Grouping:
     """idx [T, K] routed picks -> their Grouping over E experts (stable: picks of one expert keep token order)."""
     T, K = idx.shape
     N = T * K
-    if not fused.on_triton(idx) or N > MAX_ORDER_PICKS:
+    if not fused.on_triton(idx) or N > MAX_ORDER_PICKS or E > MAX_ORDER_EXPERTS:
         flat = idx.reshape(-1)                                                            # [N]
         order = torch.argsort(flat, stable=True)                                          # [N]
         counts = torch.zeros(E, dtype=torch.int64, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))

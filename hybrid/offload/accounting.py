@@ -20,6 +20,7 @@ class LayerOutcome:
     fetched: int
     cpu: int
     ahead_used: int              # hits that were copies made ahead (counted as misses)
+    guessed: bool = False        # the output was the guess made before the routing sync (guesses.py)
 
 
 class Accounting:
@@ -50,6 +51,8 @@ class Accounting:
         x.count(o.layer, o.hits - o.ahead_used, o.fetched + o.cpu + o.ahead_used)
         x.copied_ahead_used += o.ahead_used
         x.cpu_experts += o.cpu
+        x.layers += 1
+        x.guessed_layers += o.guessed
         if self.cpu_sample is not None:
             self.feedback.note_cpu(self.costs, *self.cpu_sample)
             self.cpu_sample = None

@@ -11,7 +11,6 @@ import time
 import numpy as np
 import torch
 
-from ..kernels.quant_scratch import MIN_ROWS as SCRATCH_MIN_ROWS
 from ..model.config import ModelConfig
 from ..planning.copy_ahead import CopyAhead
 from ..planning.lane_feedback import LaneFeedback
@@ -22,12 +21,14 @@ from .cpu_work import CpuWork
 from .expert_cache import ExpertCache
 from .expert_copies import ExpertCopies
 from .expert_store import ExpertStore
+from .guesses import GUESS_TOKENS, Guesses
 from .lanes import CopyLane, CpuLane, PinnedBuffer
 from .layer_graph import LayerGraph, combine
 from .layer_layout import layer_layout
 from .layer_timer import LayerTimer
 from .next_layer import NextLayerCopies
 from .phases import PhaseLog
+from .wave_groups import WaveGroups
 from .stats import RunStats
 
 
@@ -45,7 +46,6 @@ class OffloadedExperts:
         self.host_x = PinnedBuffer(cfg.hidden_size, store.dtype, pin)
         self.index_buf = PinnedBuffer(1, torch.int32, pin)
         self.ffn = cache.grouped()
-        self.scratch = cache.scratch_ffn(store.dtype, scratch_experts)    # quantized: prefill over a bf16 scratch
         self.timer = LayerTimer(self.copy.cuda)
         self.phases = PhaseLog()
         self.plan: LayerPlan | None = None     # the current layer's plan
@@ -57,6 +57,8 @@ class OffloadedExperts:
                                     planner.costs, prefetcher, copy_ahead)
         self.cpu_work = CpuWork(cpu_lane, store, self.feedback, self.acct, self.phases, cfg.hidden_size, pin)
         self.graphs: dict[int, LayerGraph] = {}            # id(static MoECall) -> its captured layer graphs
+        self.guesses = Guesses(cache, self.ffn, cfg.num_experts_per_tok * GUESS_TOKENS)
+        self.waves = WaveGroups(self.copies, self.ffn, cache.scratch_ffn(store.dtype, scratch_experts))
         self.pool = torch.cuda.graph_pool_handle() if self.copy.cuda else None
 
     def set_threads(self, threads: int) -> None:
@@ -67,7 +69,6 @@ class OffloadedExperts:
         self.timer.rewind()
 
     def end(self, stats: RunStats) -> None:
-        self.next.flush_prefetch()
         self.acct.settle()
         stats.layer_meas_ms, stats.layer_pred_ms = self.timer.read()
         if self.prefetcher:
@@ -75,14 +76,13 @@ class OffloadedExperts:
 
     def forward(self, call) -> torch.Tensor:
         """Critical path only: routing -> plan -> copies issued -> GPU work queued -> CPU experts computed here
-        while copies and GPU work proceed -> combine. The previous layer's bookkeeping (and, at decode, its
-        next-layer prefetch) runs before the routing sync, while the GPU runs the attention piece."""
+        while copies and GPU work proceed -> combine; or, where the slot table covered every pick, the `guess`.
+        Bookkeeping (policy, statistics, eviction order) waits for the next layer's routing sync."""
         layer, x, idx = call.layer, call.x, call.idx
         T, K = idx.shape
         pred = call.pred if self.prefetcher else None
         self.phases.start(layer)
         self.acct.settle()
-        self.next.flush_prefetch()
         self.phases.mark("settled")
         xh = self.host_x.rows(T)
         xh.copy_(x, non_blocking=True)                     # rides along with the sync: the CPU lane's input
@@ -93,6 +93,9 @@ class OffloadedExperts:
         counts = np.bincount(flat, minlength=self.cfg.n_routed_experts)
         nz = np.flatnonzero(counts)
         tokens = dict(zip(nz.tolist(), counts[nz].tolist()))
+        guessed = self.guesses.take(call, flat)
+        if guessed is not None:
+            return self._all_cached(call, host, tokens, start, guessed)
         small = T <= self.decode_tokens              # decode: every copy in one wave, bounded by the staging room
         plan, ahead = self._plan(layer, host, tokens, small)
         self.plan = plan
@@ -116,6 +119,27 @@ class OffloadedExperts:
         self.phases.mark("done")
         self.acct.defer(LayerOutcome(layer, tokens, len(plan.hits), len(fetch), len(plan.cpu),
                                      sum(1 for e in plan.hits if e in ahead)))
+        self.cache.table.push()                  # slots freed or landed in this layer, for the graphs after it
+        return out
+
+    def guesses_for(self, call) -> bool:
+        return self.guesses.wanted(call)                # decode-sized: `guess` computes something
+
+    def guess(self, call) -> None:
+        """Decode, before the host sees the routing (captured in the step's graph): the layer's output as if
+        every pick were cached, through the slots the table gives (guesses.py)."""
+        self.guesses.run(call)
+
+    def _all_cached(self, call, host, tokens: dict[int, int], start: float, out: torch.Tensor) -> torch.Tensor:
+        """Every pick was in the slot table the guess read: its output stands; the next layer's prefetch."""
+        self.plan = self.planner.all_hits(tokens)
+        self.phases.note(n_hit=len(tokens), n_fetch=0, n_cpu=0, n_ahead=0)
+        self._prefetch_next(call, host)
+        self.feedback.note_lag(call.idx.shape[0], None)
+        self.timer.span(start, self.plan.predicted_ms)
+        self.phases.mark("done")
+        self.acct.defer(LayerOutcome(call.layer, tokens, len(tokens), 0, 0, 0, guessed=True))
+        self.cache.table.push()
         return out
 
     def _plan(self, layer: int, host: np.ndarray, tokens: dict[int, int], small: bool) -> tuple[LayerPlan, dict]:
@@ -149,15 +173,9 @@ class OffloadedExperts:
         self.copies.wait_landed(fetch)
         ys = graph.fetched(bool(fetch))
         self.copies.read_queued(hits + fetch)
-        if lay.cpu_segments:                         # the next layer's prefetch while the pool computes
-            self._prefetch_then_cpu(call, host, lay, xh, ys, job)
-            return graph.post()
-        out = graph.post()
-        self.phases.mark("queued")
-        self.feedback.note_lag(xh.shape[0], None)
-        K = call.idx.shape[1]
-        self.next.defer_prefetch(call.layer, host[:, K:] if self.prefetcher and call.pred is not None else None)
-        return out
+        self.cache.landed(call.layer, hits + fetch)  # the stream waited for their copies: graphs may read them
+        self._prefetch_then_cpu(call, host, lay, xh, ys, job)
+        return graph.post()
 
     def _layer_graph(self, call) -> LayerGraph:
         if not (call.static and self.copy.cuda):
@@ -179,7 +197,8 @@ class OffloadedExperts:
         xs = x.index_select(0, tok)                                                        # [T*K, Hd]
         ys = torch.empty_like(xs)
         self.phases.mark("launched")
-        self._gpu_groups(call.layer, hits, waves, lay, offs, xs, ys)
+        self.waves.run(call.layer, hits, waves, lay, offs, xs, ys)
+        self.cache.landed(call.layer, hits + [f for w in waves for f in w])
         wsort = call.w.reshape(-1)[perm].unsqueeze(1)                                     # [T*K, 1]
         later = self._prefetch_then_cpu(call, host, lay, xh, ys, job)
         out = combine(x, tok, ys, wsort)
@@ -187,13 +206,22 @@ class OffloadedExperts:
         return out
 
     def _prefetch_then_cpu(self, call, host, lay, xh: torch.Tensor, ys: torch.Tensor, job) -> tuple[int | None, list]:
-        """Once the GPU side is queued: the next layer's prefetch copies (and in prefill its copies made ahead),
-        then this layer's CPU experts into ys (collected from the pool if `job` started them there, else
-        computed now). -> (layer, copies) still to issue, once the caller has queued the combine.
+        """Once the GPU side is queued: the next layer's copies (_prefetch_next), then this layer's CPU experts
+        into ys (from the pool if `job` started them there, else computed now). -> (layer, copies made ahead)
+        to issue once the caller has queued the combine: the copy engine runs the CPU results' small copy only
+        after expert copies queued before it (prefill traces), so those would hold up this layer's combine."""
+        K = call.idx.shape[1]
+        later = self._prefetch_next(call, host)
+        if lay.cpu_segments:
+            out = self.cpu_work.finish(job, xh.shape[0], self.issued) if job else \
+                self.cpu_work.run(call.layer, lay, xh, K, self.issued)
+            ys[lay.cpu_start:].copy_(out, non_blocking=True)
+        else:
+            self.feedback.note_lag(xh.shape[0], None)
+        return later
 
-        The copy engine runs a small host-to-device copy queued on the compute stream (the CPU experts'
-        results) only after the expert copies queued before it, on another stream (seen in prefill traces):
-        copies made ahead go out after the CPU results, or they would hold up this layer's combine."""
+    def _prefetch_next(self, call, host) -> tuple[int | None, list]:
+        """The next layer's prefetch copies, and in prefill its copies made ahead (-> those still to issue)."""
         T, K = call.idx.shape
         pred = host[:, K:] if self.prefetcher and call.pred is not None else None
         plan = self.plan
@@ -203,31 +231,4 @@ class OffloadedExperts:
         plan.ahead = self.next.choose_ahead(call.layer, pred, T > self.decode_tokens)
         later = self.next.copy_ahead(call.layer, plan.ahead)
         self.phases.mark("queued")
-        if lay.cpu_segments:
-            out = self.cpu_work.finish(job, xh.shape[0], self.issued) if job else \
-                self.cpu_work.run(call.layer, lay, xh, K, self.issued)
-            ys[lay.cpu_start:].copy_(out, non_blocking=True)
-        else:
-            self.feedback.note_lag(xh.shape[0], None)
         return later
-
-    def _gpu_groups(self, layer: int, hits, waves, lay, offs, xs, ys) -> None:
-        self.copies.wait_landed(hits)
-        self._group(0, lay, offs, xs, ys)
-        self.copies.read_queued(hits)                # copies made ahead sit in staging slots
-        for i, wave in enumerate(waves):
-            self.copies.wait_landed(wave)
-            self._group(i + 1, lay, offs, xs, ys)
-            self.copies.read_queued(wave)
-            if i + 2 < len(waves):
-                self.copies.issue(layer, waves[i + 2])
-
-    def _group(self, g: int, lay, offs, xs, ys) -> None:
-        """GPU group g's rows: quantized slots with many rows through the bf16 scratch, the rest fused."""
-        a, b = lay.rows[g]
-        if b == a:
-            return
-        if self.scratch is not None and b - a >= SCRATCH_MIN_ROWS:
-            ys[a:b] = self.scratch(xs[a:b], lay.offs[g])
-        else:
-            ys[a:b] = self.ffn(xs[a:b], offs[g])

@@ -8,6 +8,7 @@ from ..kernels.quant_scratch import ScratchFFN
 from ..model.quant import ExpertLayout
 from .cache_policy import make_policy
 from .resident import slot_ffn
+from .slot_table import SlotTable
 
 
 class ExpertCache:
@@ -42,6 +43,7 @@ class ExpertCache:
         self._resident: dict[int, set[int]] = {layer: set() for layer in layers}
         self._order: dict[int, list | None] = {layer: None for layer in layers}     # prepared eviction order
         self._views = list(self._slots.unbind(0))                                    # slot s as a [numel] view
+        self.table = SlotTable(cfg.num_hidden_layers, cfg.n_routed_experts, device)  # what graphs may read
 
     @property
     def n_total(self) -> int:
@@ -100,6 +102,13 @@ class ExpertCache:
         """What a new copy into `slot` must wait for (its last reader), or None."""
         return self._free[slot]
 
+    def landed(self, layer: int, members) -> None:
+        """The compute stream has waited for the copies into these (expert, slot) pairs: graphs queued from now
+        on may read the cached ones through the slot table."""
+        for e, s in members:
+            if s < self.n_slots and self._owner[s] == (layer, e):
+                self.table.set(layer, e, s)
+
     def touch(self, layer: int, experts) -> None:
         pol = self._policies[layer]
         for e in experts:
@@ -109,6 +118,7 @@ class ExpertCache:
     def _bind(self, slot: int, key: tuple[int, int]) -> None:
         old = self._owner[slot]
         if old is not None:
+            self.table.set(*old, -1)
             del self._where[old]
             self._resident[old[0]].discard(old[1])
             self._policies[old[0]].remove(old)

@@ -21,7 +21,6 @@ class NextLayerCopies:
         self.cache, self.copies, self.acct, self.costs = cache, copies, acct, costs
         self.prefetcher, self.policy = prefetcher, copy_ahead
         self.ahead: dict[int, dict[int, int]] = {}          # layer -> {expert: staging slot} copied ahead for it
-        self.deferred: tuple | None = None                  # (layer, guesses [T, K] or None): see defer_prefetch
 
     def take_ahead(self, layer: int, tokens: dict[int, int], prefill: bool) -> dict[int, int]:
         """The copies made ahead for this layer that it needs (the others' slots are released), after noting
@@ -86,17 +85,3 @@ class NextLayerCopies:
         self.copies.issue(nxt, wave)
         self.cache.prepare(nxt)
         self.acct.prefetch(nxt, predicted, {e for e, _ in wave})
-
-    def defer_prefetch(self, layer: int, pred_host) -> None:
-        """A decode layer without CPU experts queues its combine first and its next layer's prefetch after:
-        flush_prefetch chooses and issues it at the next layer's entry, while the GPU runs the attention piece
-        before that layer's routing (off the critical path)."""
-        self.deferred = (layer, pred_host)
-
-    def flush_prefetch(self) -> None:
-        """The deferred prefetch, if any, now; its window is the attention piece alone (no layer time left)."""
-        if self.deferred is None:
-            return
-        (layer, pred), self.deferred = self.deferred, None
-        if pred is not None:
-            self.prefetch(layer, pred, self.choose_prefetch(layer, pred), 0.0)

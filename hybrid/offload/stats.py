@@ -23,6 +23,8 @@ class ExpertCounters:
     copied_ahead: int = 0             # prefill copies made during the previous layer (hybrid/planning/copy_ahead.py)
     copied_ahead_used: int = 0
     cpu_busy_s: float = 0.0           # wall time the CPU lane spent computing experts
+    guessed_layers: int = 0           # decode layers whose output was the guess made before the routing sync
+    layers: int = 0                   # MoE layer calls
     per_layer_hits: dict = field(default_factory=dict)
     per_layer_misses: dict = field(default_factory=dict)
 
@@ -81,6 +83,7 @@ class RunStats:
             "cpu_ms_per_expert": 1000 * e.cpu_busy_s / e.cpu_experts if e.cpu_experts else 0.0,
             "prefetched": e.prefetched, "prefetch_used": e.prefetch_used, "prefetch_recall": e.prefetch_recall,
             "copied_ahead": e.copied_ahead, "copied_ahead_used": e.copied_ahead_used,
+            "guessed_layer_share": e.guessed_layers / e.layers if e.layers else 0.0,
         }
         if self.layer_meas_ms:
             errs = sorted(abs(p - m) / m for p, m in zip(self.layer_pred_ms, self.layer_meas_ms) if m > 0)

@@ -1,0 +1,48 @@
+"""Decode's guess at an offloaded layer: its routed output as if every pick were cached.
+
+Captured in the step's graph right after the router, it runs each pick through the cache slot the slot table
+gives (slot_table.py) before the host has seen the routing. When the table, as last pushed, holds every pick, the
+host takes the guess as the layer's output and the GPU never waits for the host's planning; otherwise it is
+dropped (picks without a slot read slot 0) and the layer runs the planned way. The guess is the resident
+backend's own computation (grouped over slots, one combine), so a taken guess equals mode gpu's output."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .expert_cache import ExpertCache
+from .resident import grouped_experts
+
+GUESS_TOKENS = 2          # decode batches of at most this many tokens guess (more picks rarely all hit)
+
+
+class Guesses:
+    def __init__(self, cache: ExpertCache, ffn, max_picks: int):
+        self.cache, self.ffn, self.max_picks = cache, ffn, max_picks
+        self.static: dict[int, torch.Tensor] = {}        # id(static MoECall) -> its guess (a graph's buffer)
+        self.eager: tuple[int, torch.Tensor] | None = None     # the last eager call's
+
+    def wanted(self, call) -> bool:
+        return call.idx.numel() <= self.max_picks
+
+    def run(self, call) -> None:
+        """Queue the guess for `call` (capturable: reads the device's slot table, no host sync)."""
+        if not self.wanted(call):
+            return
+        slots = self.cache.table.device[call.layer][call.idx].clamp_min(0).long()      # [T, K]
+        out = grouped_experts(call.x, slots, call.w, self.ffn, self.cache.n_total)     # [T, Hd]
+        if call.static:
+            self.static[id(call)] = out
+        else:
+            self.eager = (id(call), out)
+
+    def take(self, call, flat: np.ndarray) -> torch.Tensor | None:
+        """The guess for `call` if the table it read covered every pick (flat [T*K] expert ids), else None."""
+        if call.static:
+            out = self.static.get(id(call))
+        else:
+            out = self.eager[1] if self.eager and self.eager[0] == id(call) else None
+            self.eager = None
+        if out is None or not self.cache.table.covers(call.layer, flat):
+            return None
+        return out

@@ -1,0 +1,32 @@
+"""Prefill's GPU side of an offloaded layer: the hits' grouped FFN, then one per wave of fetched experts as its
+copies land, the wave after next issued behind each; quantized slots with many rows go through the bf16 scratch."""
+from __future__ import annotations
+
+from ..kernels.quant_scratch import MIN_ROWS as SCRATCH_MIN_ROWS
+from .expert_copies import ExpertCopies
+
+
+class WaveGroups:
+    def __init__(self, copies: ExpertCopies, ffn, scratch):
+        self.copies, self.ffn, self.scratch = copies, ffn, scratch
+
+    def run(self, layer: int, hits, waves, lay, offs, xs, ys) -> None:
+        """ys rows of every GPU group (lay.rows), each behind its copies; offs [G, S] on the device."""
+        self.copies.wait_landed(hits)
+        self._group(0, lay, offs, xs, ys)
+        self.copies.read_queued(hits)                # copies made ahead sit in staging slots
+        for i, wave in enumerate(waves):
+            self.copies.wait_landed(wave)
+            self._group(i + 1, lay, offs, xs, ys)
+            self.copies.read_queued(wave)
+            if i + 2 < len(waves):
+                self.copies.issue(layer, waves[i + 2])
+
+    def _group(self, g: int, lay, offs, xs, ys) -> None:
+        a, b = lay.rows[g]
+        if b == a:
+            return
+        if self.scratch is not None and b - a >= SCRATCH_MIN_ROWS:
+            ys[a:b] = self.scratch(xs[a:b], lay.offs[g])
+        else:
+            ys[a:b] = self.ffn(xs[a:b], offs[g])
