@@ -57,7 +57,7 @@ class OffloadedExperts:
                                     planner.costs, prefetcher, copy_ahead)
         self.cpu_work = CpuWork(cpu_lane, store, self.feedback, self.acct, self.phases, cfg.hidden_size, pin)
         self.graphs: dict[int, LayerGraph] = {}            # id(static MoECall) -> its captured layer graphs
-        self.guesses = Guesses(cache, self.ffn, cfg.num_experts_per_tok * GUESS_TOKENS)
+        self.guesses = Guesses(cache, self.ffn, 0 if prefetcher else cfg.num_experts_per_tok * GUESS_TOKENS)
         self.waves = WaveGroups(self.copies, self.ffn, cache.scratch_ffn(store.dtype, scratch_experts))
         self.pool = torch.cuda.graph_pool_handle() if self.copy.cuda else None
 
@@ -119,7 +119,7 @@ class OffloadedExperts:
         self.phases.mark("done")
         self.acct.defer(LayerOutcome(layer, tokens, len(plan.hits), len(fetch), len(plan.cpu),
                                      sum(1 for e in plan.hits if e in ahead)))
-        self.cache.table.push()                  # slots freed or landed in this layer, for the graphs after it
+        self.guesses.push()                      # slots freed or landed in this layer, for the graphs after it
         return out
 
     def guesses_for(self, call) -> bool:
@@ -139,7 +139,7 @@ class OffloadedExperts:
         self.timer.span(start, self.plan.predicted_ms)
         self.phases.mark("done")
         self.acct.defer(LayerOutcome(call.layer, tokens, len(tokens), 0, 0, 0, guessed=True))
-        self.cache.table.push()
+        self.guesses.push()
         return out
 
     def _plan(self, layer: int, host: np.ndarray, tokens: dict[int, int], small: bool) -> tuple[LayerPlan, dict]:
