@@ -15,7 +15,7 @@ if triton is not None:
     import triton.language as tl
 
 MAX_ORDER_PICKS = 128             # picks (tokens x top-k) the one-program sort takes; more go through torch
-MAX_ORDER_EXPERTS = 256           # experts (or cache slots) it counts over; more go through torch
+MAX_ORDER_EXPERTS = 128           # experts (or cache slots) it counts over ([E, E] in one program); more: torch
 
 
 class Grouping(NamedTuple):
