@@ -52,10 +52,11 @@ class StaticStep:
 
     def _answer(self, call: MoECall) -> torch.Tensor:
         """An eager step's MoE call: the backend's guess (offloaded decode), then its answer."""
-        backend = self.model.experts
-        if hasattr(backend, "guesses_for") and backend.guesses_for(call):
-            backend.guess(call)
-        return backend.forward(call)
+        guesses = getattr(self.model.experts, "guesses", None)
+        if guesses is not None and guesses.wanted(call):
+            guesses.push()
+            guesses.run(call)
+        return self.model.experts.forward(call)
 
     def _capture(self) -> None:
         backend = self.model.experts
@@ -78,12 +79,12 @@ class StaticStep:
         with torch.cuda.graph(g, pool=pool):
             item = next(gen)
         self.pieces.append(g)
-        guesses = getattr(backend, "guesses_for", None)
+        guesses = getattr(backend, "guesses", None)
         while isinstance(item, MoECall):
             item.static = True
             self.calls.append(item)
-            self.guesses.append(self._capture_guess(backend.guess, item, pool) if guesses and guesses(item)
-                                else None)
+            wanted = guesses is not None and guesses.wanted(item)
+            self.guesses.append(self._capture_guess(guesses.run, item, pool) if wanted else None)
             if self.routed is None:
                 self.routed = torch.zeros_like(item.x)
             g = torch.cuda.CUDAGraph()
@@ -112,6 +113,7 @@ class StaticStep:
         self.pieces[0].replay()
         for call, guess, piece in zip(self.calls, self.guesses, self.pieces[1:]):
             if guess is not None:
+                self.model.experts.guesses.push()          # the table's changes, on the stream before the guess
                 guess.replay()
             self.routed.copy_(self.model.experts.forward(call))
             piece.replay()

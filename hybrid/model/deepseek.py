@@ -22,7 +22,9 @@ ATTN_SCORE_ELEMS = 1 << 23     # scores computed at once (x 4 bytes, x ~3 live c
 
 
 class ExpertBackend(Protocol):
-    """Computes the routed experts of one MoE layer: sum_k w[t, k] * expert_{idx[t, k]}(x[t])."""
+    """Computes the routed experts of one MoE layer: sum_k w[t, k] * expert_{idx[t, k]}(x[t]). An offloading
+    backend may also have `guesses` (offload/guesses.py: the layer's output computed before the routing sync,
+    which engine/graphs.py launches; unrelated to the prefetch guess of `wants_guess`)."""
     capturable: bool     # True if forward never synchronises with the host (the whole step can be a CUDA graph)
     wants_guess: bool    # True if MoECall.pred (the next MoE layer's experts, guessed early) should be filled in
 

@@ -57,6 +57,7 @@ class OffloadedExperts:
                                     planner.costs, prefetcher, copy_ahead)
         self.cpu_work = CpuWork(cpu_lane, store, self.feedback, self.acct, self.phases, cfg.hidden_size, pin)
         self.graphs: dict[int, LayerGraph] = {}            # id(static MoECall) -> its captured layer graphs
+        # decode's guesses (guesses.py), launched by the step's graphs (engine/graphs.py) before forward
         self.guesses = Guesses(cache, self.ffn, 0 if prefetcher else cfg.num_experts_per_tok * GUESS_TOKENS)
         self.waves = WaveGroups(self.copies, self.ffn, cache.scratch_ffn(store.dtype, scratch_experts))
         self.pool = torch.cuda.graph_pool_handle() if self.copy.cuda else None
@@ -119,16 +120,7 @@ class OffloadedExperts:
         self.phases.mark("done")
         self.acct.defer(LayerOutcome(layer, tokens, len(plan.hits), len(fetch), len(plan.cpu),
                                      sum(1 for e in plan.hits if e in ahead)))
-        self.guesses.push()                      # slots freed or landed in this layer, for the graphs after it
         return out
-
-    def guesses_for(self, call) -> bool:
-        return self.guesses.wanted(call)                # decode-sized: `guess` computes something
-
-    def guess(self, call) -> None:
-        """Decode, before the host sees the routing (captured in the step's graph): the layer's output as if
-        every pick were cached, through the slots the table gives (guesses.py)."""
-        self.guesses.run(call)
 
     def _all_cached(self, call, host, tokens: dict[int, int], start: float, out: torch.Tensor) -> torch.Tensor:
         """Every pick was in the slot table the guess read: its output stands; the next layer's prefetch."""
@@ -139,7 +131,6 @@ class OffloadedExperts:
         self.timer.span(start, self.plan.predicted_ms)
         self.phases.mark("done")
         self.acct.defer(LayerOutcome(call.layer, tokens, len(tokens), 0, 0, 0, guessed=True))
-        self.guesses.push()
         return out
 
     def _plan(self, layer: int, host: np.ndarray, tokens: dict[int, int], small: bool) -> tuple[LayerPlan, dict]:

@@ -30,7 +30,7 @@ class Guesses:
         return call.idx.numel() <= self.max_picks
 
     def push(self) -> None:
-        """The slot table's changes to the device, where guesses read it."""
+        """The slot table's changes to the device, where guesses read it: before each guess is launched."""
         if self.max_picks:
             self.cache.table.push()
 

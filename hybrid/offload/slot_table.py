@@ -1,8 +1,8 @@
 """Which cached experts a captured decode step may read before the host has seen the routing.
 
 (layer, expert) -> cache slot, -1 where the expert is not cached, its copy may not have landed, or its slot is
-being reused. The host keeps the truth (`mirror`) and pushes its changes to the device between MoE layers on the
-compute stream, so that a graph replayed later reads the state of its launch; `pushed` is what the device holds."""
+being reused. The host keeps the truth (`mirror`) and pushes its changes to the device on the compute stream right
+before a guess is launched, so that the guess reads the state of its launch; `pushed` is what the device holds."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,6 +18,7 @@ class SlotTable:
         self.pushed = self.mirror.copy()
         self.device = torch.full((layers, experts), -1, dtype=torch.int32, device=device)     # [L, E]
         self.changed: set[tuple[int, int]] = set()
+        self._bulk: torch.Tensor | None = None
 
     def set(self, layer: int, e: int, slot: int) -> None:
         """The expert's slot (-1: none) from the next push on."""
@@ -35,8 +36,11 @@ class SlotTable:
         flight on the copy stream (measured: a per-layer table copy cost hybrid+gate about half its speed)."""
         if not self.changed:
             return
-        if len(self.changed) > BULK:
-            self.device.copy_(torch.from_numpy(self.mirror))               # after a prefill: rare, may wait
+        if len(self.changed) > BULK:                  # the first decode step after a prefill
+            self._bulk = torch.from_numpy(self.mirror.copy())
+            if self.device.is_cuda:
+                self._bulk = self._bulk.pin_memory()       # kept until the next bulk push: the copy reads it
+            self.device.copy_(self._bulk, non_blocking=True)
         else:
             for layer, e in self.changed:
                 self.device[layer, e].fill_(int(self.mirror[layer, e]))
