@@ -52,7 +52,7 @@ def test_the_watch_subtracts_this_process_time():
     watch.update((t + 1.0, busy + 1.5, mine + 0.5))   # 1.5 core-seconds busy in 1 s, 0.5 of them ours
     assert watch.others == pytest.approx(1.0)
     watch.update((t + 2.0, busy + 2.4, mine + 1.4))   # all of the next second's 0.9 was ours
-    assert watch.others == pytest.approx(0.0)
+    assert watch.others == pytest.approx(0.0, abs=1e-9)          # /proc counters are large: absolute slack
     t0, busy0, mine0 = CoreWatch(start=False)._last
     spin_until = time.time() + 0.3
     while time.time() < spin_until:                    # this process busy: its own time is counted as its own
