@@ -69,3 +69,15 @@ def test_each_expert_format_has_its_own_calibration(tmp_path):
     model, why = load_costs(tmp_path / "q4.json", as_bf16)
     assert model.source == "defaults" and "experts" in why
     assert load_costs(tmp_path / "q4.json", {**as_bf16, "experts": "q4"})[0].source == "calibrated"
+
+
+def test_the_calibrated_overhead_is_a_planned_layers(monkeypatch):
+    """calibrate.py times a layer whose experts are all cached through the plan (what the cost model prices), not
+    through a decode guess, which skips it (every expert of the tiny model is cached there)."""
+    import torch
+    import calibrate
+    from hybrid.offload.guesses import Guesses
+    outcomes, take = [], Guesses.take
+    monkeypatch.setattr(Guesses, "take", lambda self, call, flat: outcomes.append(take(self, call, flat)) or None)
+    calibrate.engine_overheads(torch.device("cpu"), "float32", "auto", True)
+    assert outcomes and all(o is None for o in outcomes)

@@ -66,8 +66,9 @@ def main() -> None:
     print(f"  layer time predicted {st.get('layer_pred_ms_mean', 0):.3f} vs measured {st.get('layer_meas_ms_mean', 0):.3f} ms"
           f" | hit {st.get('hit_rate', 0):.3f} | prefetched {st.get('prefetched', 0)} used {st.get('prefetch_used', 0)}")
     meas, pred = out.stats.layer_meas_ms, out.stats.layer_pred_ms
-    if len(meas) == len(rows):
-        report["error_by_kind"] = error_classes(rows, meas, pred)
+    planned = [r for r in rows if not r.get("guessed")]              # guessed layers have no layer time
+    if len(meas) == len(planned):
+        report["error_by_kind"] = error_classes(planned, meas, pred)
         for k, v in report["error_by_kind"].items():
             print(f"  {k:14s} {v['layers']:5d} layers: predicted {v['pred_ms']:.3f} vs measured {v['meas_ms']:.3f} ms "
                   f"(median error {100 * v['median_rel_err']:.0f}%)")

@@ -96,7 +96,7 @@ class OffloadedExperts:
         tokens = dict(zip(nz.tolist(), counts[nz].tolist()))
         guessed = self.guesses.take(call, flat)
         if guessed is not None:
-            return self._all_cached(call, host, tokens, start, guessed)
+            return self._all_cached(call, host, tokens, guessed)
         small = T <= self.decode_tokens              # decode: every copy in one wave, bounded by the staging room
         plan, ahead = self._plan(layer, host, tokens, small)
         self.plan = plan
@@ -122,13 +122,12 @@ class OffloadedExperts:
                                      sum(1 for e in plan.hits if e in ahead)))
         return out
 
-    def _all_cached(self, call, host, tokens: dict[int, int], start: float, out: torch.Tensor) -> torch.Tensor:
+    def _all_cached(self, call, host, tokens: dict[int, int], out: torch.Tensor) -> torch.Tensor:
         """Every pick was in the slot table the guess read: its output stands; the next layer's prefetch."""
         self.plan = self.planner.all_hits(tokens)
-        self.phases.note(n_hit=len(tokens), n_fetch=0, n_cpu=0, n_ahead=0)
+        self.phases.note(n_hit=len(tokens), n_fetch=0, n_cpu=0, n_ahead=0, guessed=1)
         self._prefetch_next(call, host)
-        self.feedback.note_lag(call.idx.shape[0], None)
-        self.timer.span(start, self.plan.predicted_ms)
+        self.feedback.note_lag(call.idx.shape[0], None)          # no layer time: the planner did not plan it
         self.phases.mark("done")
         self.acct.defer(LayerOutcome(call.layer, tokens, len(tokens), 0, 0, 0, guessed=True))
         return out
