@@ -33,7 +33,8 @@ class SlotTable:
     def push(self) -> None:
         """Queue the changes since the last push on the current stream. A few go as fill kernels, their values
         in the launch: no host-to-device copy, which the copy engine would queue behind the expert copies in
-        flight on the copy stream (measured: a per-layer table copy cost hybrid+gate about half its speed)."""
+        flight on the copy stream (the version that copied the table after every layer ran hybrid+gate at about
+        half its former speed on the box)."""
         if not self.changed:
             return
         if len(self.changed) > BULK:                  # the first decode step after a prefill
