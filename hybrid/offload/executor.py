@@ -84,6 +84,8 @@ class OffloadedExperts:
         pred = call.pred if self.prefetcher else None
         self.phases.start(layer)
         self.acct.settle()
+        if self.prefetcher is not None:              # re-rank with the experts prefetched for this layer, while
+            self.cache.prepare(layer)                # the GPU still runs its attention (off the critical path)
         self.phases.mark("settled")
         xh = self.host_x.rows(T)
         xh.copy_(x, non_blocking=True)                     # rides along with the sync: the CPU lane's input

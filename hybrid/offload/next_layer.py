@@ -83,5 +83,4 @@ class NextLayerCopies:
                 break
             wave.append((e, slot))
         self.copies.issue(nxt, wave)
-        self.cache.prepare(nxt)
-        self.acct.prefetch(nxt, predicted, {e for e, _ in wave})
+        self.acct.prefetch(nxt, predicted, {e for e, _ in wave})     # nxt's eviction order: at its entry
