@@ -35,15 +35,18 @@ def pieces(slots=6, staging=3):
 
 
 def test_copies_land_in_their_slots_and_are_counted():
+    import time
     cache, acct, copies = pieces()
     layer = CFG.moe_layers[0]
+    before = time.perf_counter()
     wave = copies.admit_and_issue(layer, [3, 7], {3: 1, 7: 2})
     assert [e for e, _ in wave] == [3, 7] and {cache.slot_of(layer, e) for e in (3, 7)} == {s for _, s in wave}
     for e, s in wave:
         assert torch.all(cache.view(s) == 1000.0 * layer + e)
     x = acct.stats.experts
     assert x.fetched == 2 and x.fetched_bytes == 2 * CFG.expert_numel * 4
-    assert 0 < copies.backlog_ms() <= 2 * copies.fetch_ms                      # the lane's clock runs
+    assert before + 2 * copies.fetch_ms / 1000 <= copies.until <= time.perf_counter() + 2 * copies.fetch_ms / 1000
+    assert copies.backlog_ms() <= 2 * copies.fetch_ms                          # the lane's clock runs
 
 
 def test_a_full_share_sends_copies_to_staging_and_holds_release_slots():
@@ -132,3 +135,17 @@ def test_the_slot_table_holds_only_landed_experts_and_graphs_see_it_after_a_push
     staged = copies.slot_for(other, 2, {2: 1, 3: 1})                         # 3 is needed too: 2 goes to staging
     cache.landed(other, [(2, staged)])                                       # staging slots never enter it
     assert cache.is_staging(staged) and table.mirror[other, 2] == -1
+
+
+def test_the_slot_table_pushes_many_changes_as_one_copy_and_few_as_fills():
+    from hybrid.offload.slot_table import BULK, SlotTable
+    table = SlotTable(4, 16, "cpu")
+    for i in range(BULK + 8):                                                 # after a prefill: many at once
+        table.set(i % 4, i // 4, i)
+    table.push()
+    assert torch.equal(table.device, torch.from_numpy(table.mirror)) and not table.changed
+    table.set(2, 3, -1)
+    table.set(1, 0, 7)
+    table.push()
+    assert torch.equal(table.device, torch.from_numpy(table.mirror)) and (table.pushed == table.mirror).all()
+    assert table.covers(1, [0]) and not table.covers(2, [3, 0])
