@@ -31,8 +31,7 @@ class Guesses:
 
     def push(self) -> None:
         """The slot table's changes to the device, where guesses read it: before each guess is launched."""
-        if self.max_picks:
-            self.cache.table.push()
+        self.cache.table.push()
 
     def run(self, call) -> None:
         """Queue the guess for `call` (capturable: reads the device's slot table, no host sync)."""

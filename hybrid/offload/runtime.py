@@ -48,6 +48,8 @@ def with_workspace(cfg: ModelConfig, run: RunConfig, device: torch.device, items
                    context: int) -> RunConfig:
     """The run with a concrete prefill chunk and prefill-graph size: its own, else what its budget affords
     (budget.auto_chunk_tokens, auto_graph_tokens)."""
+    if run.prefill_chunk_tokens is not None and run.prefill_graph_tokens is not None:
+        return run
     budget = run_budget(run, device, context)
     if run.prefill_chunk_tokens is None:
         run = replace(run, prefill_chunk_tokens=auto_chunk_tokens(cfg, budget, run.max_batch_size, run.max_seq_len,

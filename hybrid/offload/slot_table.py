@@ -42,8 +42,9 @@ class SlotTable:
             if self.device.is_cuda:
                 self._bulk = self._bulk.pin_memory()       # kept until the next bulk push: the copy reads it
             self.device.copy_(self._bulk, non_blocking=True)
+            self.pushed = self.mirror.copy()
         else:
             for layer, e in self.changed:
-                self.device[layer, e].fill_(int(self.mirror[layer, e]))
-        self.pushed = self.mirror.copy()
+                self.pushed[layer, e] = slot = self.mirror[layer, e]
+                self.device[layer, e].fill_(int(slot))
         self.changed.clear()
