@@ -149,3 +149,27 @@ def test_the_slot_table_pushes_many_changes_as_one_copy_and_few_as_fills():
     table.push()
     assert torch.equal(table.device, torch.from_numpy(table.mirror)) and (table.pushed == table.mirror).all()
     assert table.covers(1, [0]) and not table.covers(2, [3, 0])
+
+
+def test_prefetched_experts_enter_the_slot_table_before_landing_and_the_push_waits_for_their_copy(monkeypatch):
+    """A prefetch's copies are in flight when the next layer's guess is launched: their entries go in at once,
+    with the copy's event, and the push makes the compute stream wait for that event (only the latest: the copies
+    share one stream) before any guess reads them. Staging slots and slots reused since stay out."""
+    cache, acct, copies = pieces(slots=6, staging=2)
+    layer, table = CFG.moe_layers[1], cache.table
+    s3, s4 = cache.admit(layer, 3, set()), cache.admit(layer, 4, set())
+    cache.in_flight(layer, [(3, s3), (4, s4), (7, cache.staging_slot())], "copy-event-1")
+    cache.in_flight(layer, [(4, s4)], "copy-event-2")
+    assert table.mirror[layer, 3] == s3 and table.mirror[layer, 4] == s4 and table.mirror[layer, 7] == -1
+    waits = []
+
+    class Stream:
+        def wait_event(self, event):
+            waits.append(event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
+    table.push()
+    assert waits == ["copy-event-2"] and table.covers(layer, [3, 4]) and table.guarded is None
+    table.push()
+    assert waits == ["copy-event-2"]                                          # nothing new to wait for
+    cache.in_flight(layer, [(5, s3)], "copy-event-3")                         # slot s3 is 3's, not 5's
+    assert table.guarded is None and table.mirror[layer, 5] == -1

@@ -53,10 +53,19 @@ class StaticStep:
     def _answer(self, call: MoECall) -> torch.Tensor:
         """An eager step's MoE call: the backend's guess (offloaded decode), then its answer."""
         guesses = getattr(self.model.experts, "guesses", None)
-        if guesses is not None and guesses.wanted(call):
-            guesses.push()
-            guesses.run(call)
+        wanted = guesses is not None and guesses.wanted(call)
+        self._before(call, (lambda: guesses.run(call)) if wanted else None)
         return self.model.experts.forward(call)
+
+    def _before(self, call: MoECall, guess) -> None:
+        """Ahead of an offloading backend's forward: its routing sync queued, then the slot table's changes and
+        the `guess` (a callable, or None), which may wait for prefetch copies the host need not wait for."""
+        backend = self.model.experts
+        if hasattr(backend, "readback"):
+            backend.readback(call)
+        if guess is not None:
+            backend.guesses.push()
+            guess()
 
     def _capture(self) -> None:
         backend = self.model.experts
@@ -112,9 +121,7 @@ class StaticStep:
             self._capture()
         self.pieces[0].replay()
         for call, guess, piece in zip(self.calls, self.guesses, self.pieces[1:]):
-            if guess is not None:
-                self.model.experts.guesses.push()          # the table's changes, on the stream before the guess
-                guess.replay()
+            self._before(call, guess and guess.replay)
             self.routed.copy_(self.model.experts.forward(call))
             piece.replay()
         return self.logits

@@ -28,6 +28,7 @@ from .layer_layout import layer_layout
 from .layer_timer import LayerTimer
 from .next_layer import NextLayerCopies
 from .phases import PhaseLog
+from .readback import RoutingReadback
 from .wave_groups import WaveGroups
 from .stats import RunStats
 
@@ -43,7 +44,7 @@ class OffloadedExperts:
         self.prefetcher, self.decode_tokens = prefetcher, decode_tokens
         self.wants_guess = prefetcher is not None
         pin = device.type == "cuda"
-        self.host_x = PinnedBuffer(cfg.hidden_size, store.dtype, pin)
+        self.routing = RoutingReadback(cfg.hidden_size, store.dtype, pin)
         self.index_buf = PinnedBuffer(1, torch.int32, pin)
         self.ffn = cache.grouped()
         self.timer = LayerTimer(self.copy.cuda)
@@ -58,7 +59,7 @@ class OffloadedExperts:
         self.cpu_work = CpuWork(cpu_lane, store, self.feedback, self.acct, self.phases, cfg.hidden_size, pin)
         self.graphs: dict[int, LayerGraph] = {}            # id(static MoECall) -> its captured layer graphs
         # decode's guesses (guesses.py), launched by the step's graphs (engine/graphs.py) before forward
-        self.guesses = Guesses(cache, self.ffn, 0 if prefetcher else cfg.num_experts_per_tok * GUESS_TOKENS)
+        self.guesses = Guesses(cache, self.ffn, cfg.num_experts_per_tok * GUESS_TOKENS)
         self.waves = WaveGroups(self.copies, self.ffn, cache.scratch_ffn(store.dtype, scratch_experts))
         self.pool = torch.cuda.graph_pool_handle() if self.copy.cuda else None
 
@@ -75,11 +76,15 @@ class OffloadedExperts:
         if self.prefetcher:
             stats.experts.prefetch_recall = self.prefetcher.recall
 
+    def readback(self, call) -> None:
+        """Queue the layer's routing sync now (before its guess; forward waits for it)."""
+        self.routing.queue(call, self.prefetcher is not None and call.pred is not None)
+
     def forward(self, call) -> torch.Tensor:
         """Critical path only: routing -> plan -> copies issued -> GPU work queued -> CPU experts computed here
         while copies and GPU work proceed -> combine; or, where the slot table covered every pick, the `guess`.
         Bookkeeping (policy, statistics, eviction order) waits for the next layer's routing sync."""
-        layer, x, idx = call.layer, call.x, call.idx
+        layer, idx = call.layer, call.idx
         T, K = idx.shape
         pred = call.pred if self.prefetcher else None
         self.phases.start(layer)
@@ -87,9 +92,7 @@ class OffloadedExperts:
         if self.prefetcher is not None:              # re-rank with the experts prefetched for this layer, while
             self.cache.prepare(layer)                # the GPU still runs its attention (off the critical path)
         self.phases.mark("settled")
-        xh = self.host_x.rows(T)
-        xh.copy_(x, non_blocking=True)                     # rides along with the sync: the CPU lane's input
-        host = (idx if pred is None else torch.cat([idx, pred], dim=1)).cpu().numpy()   # the one sync
+        host, xh = self.routing.take(call, pred is not None)         # the one sync
         start = self.timer.mark()
         self.phases.mark("routed")
         flat = host[:, :K].reshape(-1)                                                    # [T*K]

@@ -109,6 +109,15 @@ class ExpertCache:
             if s < self.n_slots and self._owner[s] == (layer, e):
                 self.table.set(layer, e, s)
 
+    def in_flight(self, layer: int, members, event) -> None:
+        """Copies into these (expert, slot) pairs were queued (a prefetch) and fire `event` when landed: the slot
+        table holds the cached ones from the next push on, which makes the compute stream wait for `event`."""
+        members = [(e, s) for e, s in members if s < self.n_slots and self._owner[s] == (layer, e)]
+        for e, s in members:
+            self.table.set(layer, e, s)
+        if members and event is not None:
+            self.table.guard(event)
+
     def touch(self, layer: int, experts) -> None:
         pol = self._policies[layer]
         for e in experts:

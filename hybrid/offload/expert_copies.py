@@ -28,11 +28,11 @@ class ExpertCopies:
         slot = self.cache.admit(layer, e, protected)
         return self.cache.staging_slot() if slot is None else slot
 
-    def issue(self, layer: int, wave: Wave) -> None:
+    def issue(self, layer: int, wave: Wave):
         """Copy a wave of experts into their slots, back to back; a staging slot waits until its last reader is
-        done."""
+        done. -> the wave's completion event (None on CPU or for no copies)."""
         if not wave:
-            return
+            return None
         cache = self.cache
         after = [cache.free_event(s) for _, s in wave if cache.is_staging(s) and cache.free_event(s) is not None]
         done = self.lane.copy_many([(cache.view(s), self.store.buffers[layer][e]) for e, s in wave], after)
@@ -40,6 +40,7 @@ class ExpertCopies:
         for _, s in wave:
             cache.copied_into(s, done)
         self.acct.copies(len(wave), self.expert_bytes)
+        return done
 
     def admit_and_issue(self, layer: int, experts: list[int], tokens: dict[int, int]) -> Wave:
         """Decode: the first copy goes out as soon as it has a slot, the rest in one wave after it (admitting a

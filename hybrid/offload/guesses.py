@@ -1,7 +1,7 @@
 """Decode's guess at an offloaded layer: its routed output as if every pick were cached.
 
 Captured in the step's graph right after the router, it runs each pick through the cache slot the slot table
-gives (slot_table.py) before the host has seen the routing. When the table, as last pushed, holds every pick, the
+gives (slot_table.py) before the host has seen the routing (queued after the routing's readback, readback.py). When the table, as last pushed, holds every pick, the
 host takes the guess as the layer's output and the GPU never waits for the host's planning; otherwise it is
 dropped (picks without a slot read slot 0) and the layer runs the planned way. The guess is the resident
 backend's own computation (grouped over slots, one combine), so a taken guess equals mode gpu's output."""
@@ -18,8 +18,8 @@ GUESS_TOKENS = 2          # decode batches of at most this many tokens guess (mo
 
 class Guesses:
     """max_picks: the most picks (tokens x top-k) a guessing call has; 0: no guesses. With prefetch on, the
-    next layer's likely experts are still in flight when its guess is launched (outside the table), so a guess
-    would rarely be taken: the executor makes none then (hybrid+gate on the box: 7% of layers taken)."""
+    experts prefetched for a layer are in the table before their copies land: the push before its guess makes the
+    stream wait for those copies (slot_table.py), a wait the planned path would mostly make anyway for its hits."""
 
     def __init__(self, cache: ExpertCache, ffn, max_picks: int):
         self.cache, self.ffn, self.max_picks = cache, ffn, max_picks

@@ -82,5 +82,5 @@ class NextLayerCopies:
             if slot is None:
                 break
             wave.append((e, slot))
-        self.copies.issue(nxt, wave)
+        self.cache.in_flight(nxt, wave, self.copies.issue(nxt, wave))    # the next layer's guess may read them
         self.acct.prefetch(nxt, predicted, {e for e, _ in wave})     # nxt's eviction order: at its entry

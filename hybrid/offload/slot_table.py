@@ -1,8 +1,10 @@
 """Which cached experts a captured decode step may read before the host has seen the routing.
 
-(layer, expert) -> cache slot, -1 where the expert is not cached, its copy may not have landed, or its slot is
-being reused. The host keeps the truth (`mirror`) and pushes its changes to the device on the compute stream right
-before a guess is launched, so that the guess reads the state of its launch; `pushed` is what the device holds."""
+(layer, expert) -> cache slot, -1 where the expert is not cached or its slot is being reused. The host keeps the
+truth (`mirror`) and pushes its changes to the device on the compute stream right before a guess is launched, so
+that the guess reads the state of its launch; `pushed` is what the device holds. An entry whose copy is still in
+flight (a prefetch) comes with that copy's event, `guard`: the push makes the stream wait for it, so the guess
+reads the slot only once the copy has landed."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,6 +20,7 @@ class SlotTable:
         self.pushed = self.mirror.copy()
         self.device = torch.full((layers, experts), -1, dtype=torch.int32, device=device)     # [L, E]
         self.changed: set[tuple[int, int]] = set()
+        self.guarded = None               # the copy event the next push waits for
         self._bulk: torch.Tensor | None = None
 
     def set(self, layer: int, e: int, slot: int) -> None:
@@ -25,6 +28,11 @@ class SlotTable:
         if self.mirror[layer, e] != slot:
             self.mirror[layer, e] = slot
             self.changed.add((layer, e))
+
+    def guard(self, event) -> None:
+        """Entries set since the last push may be read only after `event` has fired. The copies go on one stream,
+        in order: the latest event stands for every earlier one."""
+        self.guarded = event
 
     def covers(self, layer: int, experts: np.ndarray) -> bool:
         """Whether the device table, as last pushed, holds a slot for every one of the layer's `experts`."""
@@ -34,7 +42,10 @@ class SlotTable:
         """Queue the changes since the last push on the current stream. A few go as fill kernels, their values
         in the launch: no host-to-device copy, which the copy engine would queue behind the expert copies in
         flight on the copy stream (the version that copied the table after every layer ran hybrid+gate at about
-        half its former speed on the box)."""
+        half its former speed on the box). Then the stream waits for the guarded copies."""
+        if self.guarded is not None:
+            torch.cuda.current_stream().wait_event(self.guarded)
+            self.guarded = None
         if not self.changed:
             return
         if len(self.changed) > BULK:                  # the first decode step after a prefill
