@@ -4,7 +4,7 @@
 # calibrate.py | tar -x -C .ab_base`). q4 experts quantized from the synthetic HF checkpoint (no llama.cpp needed),
 # 8 GiB, one calibration made by this code (it times the planned path, as the older code did):
 #   1. profile_layers.py, hybrid and hybrid+gate at batch 1, hybrid+gate at batch 16, both codes: $OUT/ab/<code>_<spec>.json
-#   2. compare_modes `gpu,hybrid` at batch 1: the guesses' tokens and logits beside mode gpu's on the GPU: $OUT/cells/
+#   2. compare_modes `gpu,hybrid` (or $CELL_MODES) at batch 1: the guesses' tokens and logits beside mode gpu's on the GPU: $OUT/cells/
 #   bash eval/probes/gpu_guess_ab.sh
 source eval/device_setup.sh ab q4
 ROOT=$PWD
@@ -20,6 +20,6 @@ for v in this base; do
   done
 done
 rm -f "$OUT/ab"/costs*.json
-timeout 120 python3 eval/compare_modes.py --model /dev/shm/v2lite --experts q4 --modes gpu,hybrid --gpu-memory 8GiB \
+timeout 150 python3 eval/compare_modes.py --model /dev/shm/v2lite --experts q4 --modes ${CELL_MODES:-gpu,hybrid} --gpu-memory 8GiB \
   --batch-sizes 1 --prompt-lens 128 --new-tokens 32 --out-dir "$OUT/cells" 2>&1 | grep -v "it/s\]" | tail -4
 rm -rf "$OUT/cells/refs" "$OUT/cells"/*.png "$OUT/cells"/*.csv
