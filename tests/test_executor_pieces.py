@@ -2,6 +2,7 @@
 layer timer, on a small config with a fake store (CPU: copies are synchronous, events are None)."""
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from cost_model.costs import CostModel
@@ -114,22 +115,19 @@ def test_the_next_layers_part_of_a_plan_and_its_copies():
     assert nl.take_ahead(nxt, {5: 1}, prefill=True) == {5: wave[0][1]} and cache.held_count == 1
 
 
-def test_the_slot_table_holds_only_landed_experts_and_graphs_see_it_after_a_push():
-    """A slot enters the device's table once the stream has waited for its copy (`landed`), leaves it as soon as
-    it is reused (eviction), and the device copy (what a captured guess reads) changes only at a push."""
+def test_the_slot_table_holds_only_landed_experts():
+    """A slot enters the table once the stream has waited for its copy (`landed`) and leaves it as soon as it is
+    reused (eviction); the lookup a guess makes reads it as it is then, 0 for experts without a slot."""
     cache, acct, copies = pieces(slots=3, staging=3)                          # one slot per layer
     layer, table = CFG.moe_layers[0], cache.table
     (e1, s1), = copies.admit_and_issue(layer, [5], {5: 1})
     assert not table.covers(layer, [5]) and table.mirror[layer, 5] == -1    # copied, not yet waited for
     cache.landed(layer, [(5, s1)])
-    assert table.mirror[layer, 5] == s1 and not table.covers(layer, [5])   # not pushed yet
-    table.push()
-    assert table.covers(layer, [5]) and int(table.device[layer, 5]) == s1
+    assert table.covers(layer, [5]) and table.lookup(layer, torch.tensor([[5, 3]])).tolist() == [[s1, 0]]
     (e2, s2), = copies.admit_and_issue(layer, [9], {9: 1})                  # evicts 5 from the layer's one slot
     assert s2 == s1 and table.mirror[layer, 5] == -1 and table.mirror[layer, 9] == -1
     cache.landed(layer, [(9, s2), (5, s1)])                                  # 5 is no longer the slot's owner
-    table.push()
-    assert not table.covers(layer, [5]) and table.covers(layer, [9]) and int(table.device[layer, 5]) == -1
+    assert not table.covers(layer, [5]) and table.covers(layer, [9])
     other = CFG.moe_layers[1]
     copies.slot_for(other, 3, {3: 1})                                        # fills its one slot
     staged = copies.slot_for(other, 2, {2: 1, 3: 1})                         # 3 is needed too: 2 goes to staging
@@ -137,24 +135,25 @@ def test_the_slot_table_holds_only_landed_experts_and_graphs_see_it_after_a_push
     assert cache.is_staging(staged) and table.mirror[other, 2] == -1
 
 
-def test_the_slot_table_pushes_many_changes_as_one_copy_and_few_as_fills():
-    from hybrid.offload.slot_table import BULK, SlotTable
+def test_the_lookup_kernel_reads_the_table_as_the_torch_path_does(monkeypatch):
+    """The guess's lookup on a GPU is a Triton kernel over the page-locked table (here in Triton's interpreter)."""
+    from hybrid.model import fused
+    from hybrid.offload.slot_table import SlotTable
+    if fused.triton is None:
+        pytest.skip("Triton is not installed")
     table = SlotTable(4, 16, "cpu")
-    for i in range(BULK + 8):                                                 # after a prefill: many at once
-        table.set(i % 4, i // 4, i)
-    table.push()
-    assert torch.equal(table.device, torch.from_numpy(table.mirror)) and not table.changed
-    table.set(2, 3, -1)
-    table.set(1, 0, 7)
-    table.push()
-    assert torch.equal(table.device, torch.from_numpy(table.mirror)) and (table.pushed == table.mirror).all()
-    assert table.covers(1, [0]) and not table.covers(2, [3, 0])
+    table.set(2, 3, 7)
+    table.set(2, 15, 11)
+    idx = torch.tensor([[3, 15, 0], [15, 4, 3]])
+    torch_path = table.lookup(2, idx)
+    monkeypatch.setattr(fused, "on_triton", lambda t: True)
+    assert torch.equal(table.lookup(2, idx), torch_path) and torch_path.tolist() == [[7, 11, 0], [11, 0, 7]]
 
 
-def test_prefetched_experts_enter_the_slot_table_before_landing_and_the_push_waits_for_their_copy(monkeypatch):
+def test_prefetched_experts_enter_the_slot_table_before_landing_and_the_guess_waits_for_their_copy(monkeypatch):
     """A prefetch's copies are in flight when the next layer's guess is launched: their entries go in at once,
-    with the copy's event, and the push makes the compute stream wait for that event (only the latest: the copies
-    share one stream) before any guess reads them. Staging slots and slots reused since stay out."""
+    with the copy's event, and the compute stream waits for that event (only the latest: the copies share one
+    stream) before a guess is queued. Staging slots and slots reused since stay out."""
     cache, acct, copies = pieces(slots=6, staging=2)
     layer, table = CFG.moe_layers[1], cache.table
     s3, s4 = cache.admit(layer, 3, set()), cache.admit(layer, 4, set())
@@ -167,9 +166,9 @@ def test_prefetched_experts_enter_the_slot_table_before_landing_and_the_push_wai
         def wait_event(self, event):
             waits.append(event)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
-    table.push()
+    table.wait_guarded()
     assert waits == ["copy-event-2"] and table.covers(layer, [3, 4]) and table.guarded is None
-    table.push()
+    table.wait_guarded()
     assert waits == ["copy-event-2"]                                          # nothing new to wait for
     cache.in_flight(layer, [(5, s3)], "copy-event-3")                         # slot s3 is 3's, not 5's
     assert table.guarded is None and table.mirror[layer, 5] == -1

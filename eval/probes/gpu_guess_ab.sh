@@ -3,7 +3,8 @@
 # table (REPORT section 3). Carry `.tok` and `.ab_base` (e.g. `git archive a7792ce hybrid cost_model eval run.py
 # calibrate.py | tar -x -C .ab_base`). q4 experts quantized from the synthetic HF checkpoint (no llama.cpp needed),
 # 8 GiB, one calibration made by this code (it times the planned path, as the older code did):
-#   1. profile_layers.py, hybrid and hybrid+gate at batch 1, hybrid+gate at batch 16, both codes: $OUT/ab/<code>_<spec>.json
+#   1. profile_layers.py, hybrid and hybrid+gate at batch 1, hybrid+gate at batch 16 (or $SPECS, prefetch:batch
+#      pairs), both codes: $OUT/ab/<code>_<spec>.json
 #   2. compare_modes `gpu,hybrid` (or $CELL_MODES) at batch 1: the guesses' tokens and logits beside mode gpu's on the GPU: $OUT/cells/
 #   bash eval/probes/gpu_guess_ab.sh
 source eval/device_setup.sh ab q4
@@ -11,7 +12,7 @@ ROOT=$PWD
 mkdir -p "$OUT/ab"
 for v in this base; do
   dir=$ROOT; [ $v = base ] && dir=$ROOT/.ab_base
-  for spec in none:1 gate:1 gate:16; do
+  for spec in ${SPECS:-none:1 gate:1 gate:16}; do
     IFS=: read -r p b <<< "$spec"
     echo "== $v hybrid+$p batch $b"
     (cd "$dir" && timeout 100 python3 eval/probes/profile_layers.py --model /dev/shm/v2lite --experts q4 \

@@ -111,7 +111,7 @@ class ExpertCache:
 
     def in_flight(self, layer: int, members, event) -> None:
         """Copies into these (expert, slot) pairs were queued (a prefetch) and fire `event` when landed: the slot
-        table holds the cached ones from the next push on, which makes the compute stream wait for `event`."""
+        table holds the cached ones at once, and the stream waits for `event` before the next guess."""
         members = [(e, s) for e, s in members if s < self.n_slots and self._owner[s] == (layer, e)]
         for e, s in members:
             self.table.set(layer, e, s)

@@ -1,10 +1,10 @@
 """Decode's guess at an offloaded layer: its routed output as if every pick were cached.
 
-Captured in the step's graph right after the router, it runs each pick through the cache slot the slot table
-gives (slot_table.py) before the host has seen the routing (queued after the routing's readback, readback.py). When the table, as last pushed, holds every pick, the
-host takes the guess as the layer's output and the GPU never waits for the host's planning; otherwise it is
-dropped (picks without a slot read slot 0) and the layer runs the planned way. The guess is the resident
-backend's own computation (grouped over slots, one combine), so a taken guess equals mode gpu's output."""
+Captured in the step's graph after the router (and after the routing's readback, readback.py), it runs each pick
+through the cache slot the slot table gives (slot_table.py) before the host has seen the routing. When the table
+holds every pick, the host takes the guess as the layer's output and the GPU never waits for the host's planning;
+otherwise it is dropped (picks without a slot read slot 0) and the layer runs the planned way. The guess is the
+resident backend's own computation (grouped over slots, one combine), so a taken guess equals mode gpu's output."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,7 +18,7 @@ GUESS_TOKENS = 2          # decode batches of at most this many tokens guess (mo
 
 class Guesses:
     """max_picks: the most picks (tokens x top-k) a guessing call has; 0: no guesses. With prefetch on, the
-    experts prefetched for a layer are in the table before their copies land: the push before its guess makes the
+    experts prefetched for a layer are in the table before their copies land: `push` before its guess makes the
     stream wait for those copies (slot_table.py), a wait the planned path would mostly make anyway for its hits."""
 
     def __init__(self, cache: ExpertCache, ffn, max_picks: int):
@@ -30,14 +30,14 @@ class Guesses:
         return call.idx.numel() <= self.max_picks
 
     def push(self) -> None:
-        """The slot table's changes to the device, where guesses read it: before each guess is launched."""
-        self.cache.table.push()
+        """Before each guess is queued: the stream waits for the copies the table's new entries await."""
+        self.cache.table.wait_guarded()
 
     def run(self, call) -> None:
         """Queue the guess for `call` (capturable: reads the device's slot table, no host sync)."""
         if not self.wanted(call):
             return
-        slots = self.cache.table.device[call.layer][call.idx].clamp_min(0).long()      # [T, K]
+        slots = self.cache.table.lookup(call.layer, call.idx)                            # [T, K]
         out = grouped_experts(call.x, slots, call.w, self.ffn, self.cache.n_total)     # [T, Hd]
         if call.static:
             self.static[id(call)] = out

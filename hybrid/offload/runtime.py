@@ -166,7 +166,6 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
                 break
             cache.view(slot).copy_(store.buffer(layer, e))
             cache.table.set(layer, e, slot)
-    cache.table.push()
     lane = CpuLane(run.cpu_threads, cuda, run.cpu_kernel, run.cpu_pool, run.cpu_tiles, run.cpu_pool_spin_us,
                    run.cpu_prefetch, quant)
     if lane.experts.why and progress:

@@ -1,61 +1,66 @@
 """Which cached experts a captured decode step may read before the host has seen the routing.
 
-(layer, expert) -> cache slot, -1 where the expert is not cached or its slot is being reused. The host keeps the
-truth (`mirror`) and pushes its changes to the device on the compute stream right before a guess is launched, so
-that the guess reads the state of its launch; `pushed` is what the device holds. An entry whose copy is still in
-flight (a prefetch) comes with that copy's event, `guard`: the push makes the stream wait for it, so the guess
-reads the slot only once the copy has landed."""
+(layer, expert) -> cache slot, -1 where the expert is not cached or its slot is being reused. The table lives in
+page-locked host memory, and the guess's lookup kernel reads it there when it runs: the host's writes need no
+copy. (Fill kernels that pushed the host's changes before each guess cost ~0.1 ms of host time per decode layer on
+the box; a host-to-device copy would queue behind the expert copies on the copy engine.)
+
+A taken guess read the row its host check sees: the host changes a layer's row only in that layer's planned path
+(after the check, when the guess is dropped) and, for prefetch, in the previous layer's forward (before the guess is
+queued). A prefetched expert's entry goes in before its copy lands, with the copy's event (`guard`): the stream
+waits for it (`wait_guarded`) before the next guess is queued."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from ..model import fused
 
-BULK = 32                 # changes pushed one by one (a fill kernel each) up to this many; more as one copy
+if fused.triton is not None:
+    tl = fused.tl
+
+    @fused.triton.jit
+    def _lookup_kernel(table_ptr, idx_ptr, out_ptr, row, N, E: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        m = i < N
+        e = tl.load(idx_ptr + i, mask=m, other=0)
+        s = tl.load(table_ptr + row * E + e, mask=m, other=0)
+        tl.store(out_ptr + i, tl.maximum(s, 0).to(tl.int64), mask=m)
 
 
 class SlotTable:
     def __init__(self, layers: int, experts: int, device):
-        self.mirror = np.full((layers, experts), -1, dtype=np.int32)
-        self.pushed = self.mirror.copy()
-        self.device = torch.full((layers, experts), -1, dtype=torch.int32, device=device)     # [L, E]
-        self.changed: set[tuple[int, int]] = set()
-        self.guarded = None               # the copy event the next push waits for
-        self._bulk: torch.Tensor | None = None
+        cuda = torch.device(device).type == "cuda"
+        self.host = torch.full((layers, experts), -1, dtype=torch.int32, pin_memory=cuda)     # [L, E]
+        self.mirror = self.host.numpy()                                                       # the same memory
+        self.guarded = None               # the copy event the stream waits for before the next guess
 
     def set(self, layer: int, e: int, slot: int) -> None:
-        """The expert's slot (-1: none) from the next push on."""
-        if self.mirror[layer, e] != slot:
-            self.mirror[layer, e] = slot
-            self.changed.add((layer, e))
+        """The expert's slot (-1: none), read by guesses queued from now on."""
+        self.mirror[layer, e] = slot
 
     def guard(self, event) -> None:
-        """Entries set since the last push may be read only after `event` has fired. The copies go on one stream,
-        in order: the latest event stands for every earlier one."""
+        """Entries set since the last `wait_guarded` may be read only after `event` has fired. The copies go on
+        one stream, in order: the latest event stands for every earlier one."""
         self.guarded = event
 
-    def covers(self, layer: int, experts: np.ndarray) -> bool:
-        """Whether the device table, as last pushed, holds a slot for every one of the layer's `experts`."""
-        return bool((self.pushed[layer, experts] >= 0).all())
-
-    def push(self) -> None:
-        """Queue the changes since the last push on the current stream. A few go as fill kernels, their values
-        in the launch: no host-to-device copy, which the copy engine would queue behind the expert copies in
-        flight on the copy stream (the version that copied the table after every layer ran hybrid+gate at about
-        half its former speed on the box). Then the stream waits for the guarded copies."""
+    def wait_guarded(self) -> None:
+        """Before a guess is queued: the compute stream waits for the guarded copy, if any."""
         if self.guarded is not None:
             torch.cuda.current_stream().wait_event(self.guarded)
             self.guarded = None
-        if not self.changed:
-            return
-        if len(self.changed) > BULK:                  # the first decode step after a prefill
-            self._bulk = torch.from_numpy(self.mirror.copy())
-            if self.device.is_cuda:
-                self._bulk = self._bulk.pin_memory()       # kept until the next bulk push: the copy reads it
-            self.device.copy_(self._bulk, non_blocking=True)
-            self.pushed = self.mirror.copy()
-        else:
-            for layer, e in self.changed:
-                self.pushed[layer, e] = slot = self.mirror[layer, e]
-                self.device[layer, e].fill_(int(slot))
-        self.changed.clear()
+
+    def covers(self, layer: int, experts: np.ndarray) -> bool:
+        """Whether the table holds a slot for every one of the layer's `experts`."""
+        return bool((self.mirror[layer, experts] >= 0).all())
+
+    def lookup(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
+        """idx [T, K] expert ids -> their slots [T, K] int64, 0 where the table has none (a guess then dropped),
+        read when the GPU runs it (capturable)."""
+        if not fused.on_triton(idx):
+            return self.host[layer][idx.cpu()].clamp_min(0).long().to(idx.device)
+        out = torch.empty_like(idx, dtype=torch.int64)
+        n = idx.numel()
+        _lookup_kernel[(1,)](self.host, idx.contiguous(), out, layer, n, E=self.host.shape[1],
+                             BLOCK=max(16, fused.triton.next_power_of_2(n)))
+        return out
