@@ -126,6 +126,34 @@ def test_a_forward_through_the_kernels_gives_the_twins_tokens(tiny, monkeypatch)
     assert rel_err(e.logits(PROMPTS[0]), ref_logits) <= 1e-5
 
 
+def test_host_reads_load_the_layout_and_merge_the_cpu_rows_as_the_twins(kernels):
+    """kernels/host_read.py: what a decode layer's graphs read from page-locked host memory (here plain CPU
+    tensors in Triton's interpreter)."""
+    from hybrid.kernels import host_read
+    src = torch.randint(-5, 1000, (2 * 1024 + 7,), dtype=torch.int32)
+    dst = torch.zeros_like(src)
+    host_read.load(dst, src)
+    assert torch.equal(dst, src)
+    R, Hd = 12, 1030                                       # a second column block, partly masked
+    for start in (0, 7, R):
+        ys, rows = torch.randn(R, Hd), torch.randn(R, Hd)
+        ref = ys.clone()
+        twin(host_read.merge_rows, ref, rows, torch.tensor([start], dtype=torch.int32))
+        host_read.merge_rows(ys, rows, torch.tensor([start], dtype=torch.int32))
+        assert torch.equal(ys, ref) and torch.equal(ys[start:], rows[:R - start])
+
+
+def test_hybrid_decode_through_the_kernels_gives_the_twins_tokens(tiny, monkeypatch):
+    """Mode hybrid with a small cache (guesses, slot lookups, layouts and CPU rows read from host memory)."""
+    from conftest import budget_for
+    e = make(tiny, mode="hybrid", prefetch="gate", gpu_memory=budget_for(tiny, 30))
+    params = SamplingParams(max_new_tokens=6, stop_on_eos=False)
+    ref = e.generate(PROMPTS[:1], params)
+    monkeypatch.setattr(fused, "on_triton", lambda t: True)
+    out = e.generate(PROMPTS[:1], params)
+    assert out.tokens == ref.tokens and out.stats.experts.cpu_experts > 0
+
+
 @pytest.mark.parametrize("groups", [1, 8])
 def test_gemv_experts_match_the_grouped_ffn(groups):
     """The bf16 decode path's matrix-vector kernels (float32 here): empty slots, several rows in a slot, a reduction

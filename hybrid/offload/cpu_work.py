@@ -25,13 +25,15 @@ class CpuWork:
         self.host_in = PinnedBuffer(hidden, store.dtype, pin)
         self.host_out = PinnedBuffer(hidden, store.dtype, pin)
 
-    def start(self, layer: int, cpu: list[int], flat: np.ndarray, counts: np.ndarray, xh: torch.Tensor, K: int):
-        """Hand the layer's CPU experts to the pool now, before any copy or GPU work is queued; -> what `finish`
-        needs, or None where they do not fit the pool (then `run` computes them later)."""
+    def start(self, layer: int, cpu: list[int], flat: np.ndarray, counts: np.ndarray, xh: torch.Tensor, K: int,
+              into: torch.Tensor | None = None):
+        """Hand the layer's CPU experts to the pool now, before any copy or GPU work is queued, their rows
+        computed into `into`'s first rows (default: a buffer of this lane's); -> what `finish` needs, or None
+        where they do not fit the pool (then `run` computes them later)."""
         if not cpu or not self.lane.experts.pool_threads:
             return None
         rows, segs = cpu_rows(flat, K, counts, cpu)
-        out = self.host_out.rows(rows.shape[0])
+        out = self._out(rows.shape[0], into)
         t0 = time.perf_counter()
         if not self.lane.experts.start_rows(xh, rows, out, self.store.views[layer], self.ptrs[layer], segs):
             return None
@@ -47,11 +49,16 @@ class CpuWork:
         self.phases.mark("cpu_end")
         return out
 
-    def run(self, layer: int, lay, xh: torch.Tensor, K: int, issued: float) -> torch.Tensor:
-        """The layer's CPU experts, now, on this thread -> output rows [n, Hd] in the layout's CPU order."""
+    def _out(self, n: int, into: torch.Tensor | None) -> torch.Tensor:
+        return self.host_out.rows(n) if into is None else into[:n]
+
+    def run(self, layer: int, lay, xh: torch.Tensor, K: int, issued: float,
+            into: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's CPU experts, now, on this thread -> output rows [n, Hd] in the layout's CPU order (the
+        first rows of `into` if given)."""
         rows = lay.perm[lay.cpu_start:] // K                                              # [n] token of each row
         n = rows.shape[0]
-        out = self.host_out.rows(n)
+        out = self._out(n, into)
         self.phases.mark("cpu_start")
         t0 = time.perf_counter()
         self.feedback.note_lag(xh.shape[0], 1000 * (t0 - issued))

@@ -106,14 +106,15 @@ class OffloadedExperts:
         plan, ahead = self._plan(layer, host, tokens, small)
         self.plan = plan
         self.phases.mark("planned")
-        job = self.cpu_work.start(layer, plan.cpu, flat, counts, xh, K)
+        graph = self._layer_graph(call) if plan.one_wave else None
+        job = self.cpu_work.start(layer, plan.cpu, flat, counts, xh, K, graph and graph.cpu_host)
         hits = [(e, ahead[e] if e in ahead else self.cache.slot_of(layer, e)) for e in plan.hits]
         self.phases.note(n_hit=len(hits), n_fetch=len(plan.fetch), n_cpu=len(plan.cpu), n_ahead=len(ahead))
         if plan.one_wave:
             fetch = self.copies.admit_and_issue(layer, plan.fetch, tokens)
             self.issued = time.perf_counter()
             self.phases.mark("issued")
-            out = self._decode(call, hits, fetch, plan.cpu, flat, counts, xh, host, job)
+            out = self._decode(call, graph, hits, fetch, plan.cpu, flat, counts, xh, host, job)
         else:
             waves = [[(e, self.copies.slot_for(layer, e, tokens)) for e in w] for w in plan.waves]
             fetch = [f for w in waves for f in w]
@@ -156,20 +157,19 @@ class OffloadedExperts:
                           room, wave_size)
         return self.planner.plan(tokens, resident | ahead.keys() if ahead else resident, lanes), ahead
 
-    def _decode(self, call, hits, fetch, cpu, flat, counts, xh, host, job) -> torch.Tensor:
-        """Hits at once, fetched experts behind their copies, CPU experts here meanwhile: three fixed-shape
-        pieces (replayed from CUDA graphs at decode)."""
+    def _decode(self, call, graph, hits, fetch, cpu, flat, counts, xh, host, job) -> torch.Tensor:
+        """Hits at once, fetched experts behind their copies, CPU experts here meanwhile (into the graph's host
+        rows): three fixed-shape pieces (replayed from CUDA graphs at decode)."""
         lay = layer_layout(flat, counts, [hits, fetch], cpu, self.cache.n_total)
-        graph = self._layer_graph(call)
         self.copies.wait_landed(hits)                # prefetched hits may still be in flight
         self.phases.mark("launched")
         n_hit = lay.rows[0][1]
-        graph.hits(self.index_buf.pack(lay.perm, lay.offs[0], lay.offs[1] + n_hit, n_hit))
+        graph.hits(lay.perm, lay.offs[0], lay.offs[1] + n_hit, n_hit, lay.cpu_start)
         self.copies.wait_landed(fetch)
-        ys = graph.fetched(bool(fetch))
+        graph.fetched(bool(fetch))
         self.copies.read_queued(hits + fetch)
         self.cache.landed(call.layer, hits + fetch)  # the stream waited for their copies: graphs may read them
-        self._prefetch_then_cpu(call, host, lay, xh, ys, job)
+        self._prefetch_then_cpu(call, host, lay, xh, job, cpu_out=graph.cpu_host)
         return graph.post()
 
     def _layer_graph(self, call) -> LayerGraph:
@@ -195,22 +195,25 @@ class OffloadedExperts:
         self.waves.run(call.layer, hits, waves, lay, offs, xs, ys)
         self.cache.landed(call.layer, hits + [f for w in waves for f in w])
         wsort = call.w.reshape(-1)[perm].unsqueeze(1)                                     # [T*K, 1]
-        later = self._prefetch_then_cpu(call, host, lay, xh, ys, job)
+        later = self._prefetch_then_cpu(call, host, lay, xh, job, ys=ys)
         out = combine(x, tok, ys, wsort)
         self.copies.issue(*later)
         return out
 
-    def _prefetch_then_cpu(self, call, host, lay, xh: torch.Tensor, ys: torch.Tensor, job) -> tuple[int | None, list]:
+    def _prefetch_then_cpu(self, call, host, lay, xh: torch.Tensor, job, ys: torch.Tensor | None = None,
+                           cpu_out: torch.Tensor | None = None) -> tuple[int | None, list]:
         """Once the GPU side is queued: the next layer's copies (_prefetch_next), then this layer's CPU experts
-        into ys (from the pool if `job` started them there, else computed now). -> (layer, copies made ahead)
-        to issue once the caller has queued the combine: the copy engine runs the CPU results' small copy only
-        after expert copies queued before it (prefill traces), so those would hold up this layer's combine."""
+        (from the pool if `job` started them there, else computed now, into `cpu_out` if given), copied into
+        the rows of `ys` past lay.cpu_start if given. -> (layer, copies made ahead) to issue once the caller
+        has queued the combine: the copy engine runs the CPU results' small copy only after expert copies
+        queued before it (prefill traces), so those would hold up this layer's combine."""
         K = call.idx.shape[1]
         later = self._prefetch_next(call, host)
         if lay.cpu_segments:
             out = self.cpu_work.finish(job, xh.shape[0], self.issued) if job else \
-                self.cpu_work.run(call.layer, lay, xh, K, self.issued)
-            ys[lay.cpu_start:].copy_(out, non_blocking=True)
+                self.cpu_work.run(call.layer, lay, xh, K, self.issued, cpu_out)
+            if ys is not None:
+                ys[lay.cpu_start:].copy_(out, non_blocking=True)
         else:
             self.feedback.note_lag(xh.shape[0], None)
         return later

@@ -1,13 +1,18 @@
 """The GPU side of one offloaded MoE layer at decode, as three CUDA graphs around the CPU experts.
 
-Rows are sorted [hits | fetched | CPU] once. `hits` gathers the rows and runs the cached experts at once;
-`fetched` runs the experts being copied in, queued behind their copies; `post` picks each row's result and
-combines. Both grouped GEMMs take every row (fixed shapes, so they can be captured): the hits GEMM stops after
-the hit rows, and the fetched GEMM's offsets start past them, so the hit rows fall to the first slot there and
-are discarded. CPU results overwrite the rows past the fetched ones. On a CPU device all of it runs eagerly."""
+Rows are sorted [hits | fetched | CPU] once. `hits` loads the layout from page-locked host memory, gathers the rows
+and runs the cached experts at once; `fetched` runs the experts being copied in, queued behind their copies; `post`
+takes the CPU experts' rows from page-locked host memory, picks each row's result and combines. Both grouped GEMMs
+take every row (fixed shapes, so they can be captured): the hits GEMM stops after the hit rows, and the fetched
+GEMM's offsets start past them, so the hit rows fall to the first slot there and are discarded. The host buffers
+are read by the GPU itself (kernels/host_read.py), not copied in through the copy engine, whose queue holds the
+expert copies. On a CPU device all of it runs eagerly."""
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from ..kernels import host_read
 
 
 def combine(x: torch.Tensor, tok: torch.Tensor, ys: torch.Tensor, wsort: torch.Tensor) -> torch.Tensor:
@@ -16,15 +21,19 @@ def combine(x: torch.Tensor, tok: torch.Tensor, ys: torch.Tensor, wsort: torch.T
 
 
 class LayerGraph:
-    """index (int32, filled from pinned host memory per call): [perm (R) | hit offsets (S) | fetched offsets (S) |
-    hit rows (1)], R = T*K rows, S slots."""
+    """index (int32, loaded from `index_host` per call): [perm (R) | hit offsets (S) | fetched offsets (S) | hit
+    rows (1) | first CPU row (1)], R = T*K rows, S slots; `cpu_host` [R, Hd]: the CPU experts' rows, in order."""
 
     def __init__(self, call, ffn, n_slots: int, capture: bool, pool=None):
         T, K = call.idx.shape
         self.call, self.K, self.R, self.S = call, K, T * K, n_slots
         self.ffn = ffn                       # the grouped FFN over every slot (ExpertCache.grouped)
         dev = call.x.device
-        self.index = torch.zeros(self.R + 2 * self.S + 1, dtype=torch.int32, device=dev)
+        pin = dev.type == "cuda"
+        self.index = torch.zeros(self.R + 2 * self.S + 2, dtype=torch.int32, device=dev)
+        self.index_host = torch.zeros(self.index.shape[0], dtype=torch.int32, pin_memory=pin)
+        self.index_np = self.index_host.numpy()
+        self.cpu_host = torch.zeros(self.R, call.x.shape[1], dtype=call.x.dtype, pin_memory=pin)     # [R, Hd]
         self.row = torch.arange(self.R, dtype=torch.int32, device=dev)[:, None]            # [R, 1]
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         if capture:
@@ -32,6 +41,7 @@ class LayerGraph:
 
     def _hits(self) -> None:
         R, S = self.R, self.S
+        host_read.load(self.index, self.index_host)
         perm = self.index[:R].long()                                                        # [R]
         self.tok = perm // self.K
         self.xs = self.call.x.index_select(0, self.tok)                                     # [R, Hd]
@@ -43,7 +53,8 @@ class LayerGraph:
         self.ys = self.ffn(self.xs, self.index[R + S:R + 2 * S])                           # [R, Hd]
 
     def _post(self) -> None:
-        ys = torch.where(self.row < self.index[-1:], self.ys_hit, self.ys)                  # [R, Hd]
+        ys = torch.where(self.row < self.index[-2:-1], self.ys_hit, self.ys)                # [R, Hd]
+        host_read.merge_rows(ys, self.cpu_host, self.index[-1:])
         self.out = combine(self.call.x, self.tok, ys, self.wsort)                          # [T, Hd]
 
     def _capture(self, pool) -> None:
@@ -66,18 +77,21 @@ class LayerGraph:
         else:
             fn()
 
-    def hits(self, index: torch.Tensor) -> None:
-        """Load the layout (from pinned host memory), gather the rows and run the cached experts."""
-        self.index.copy_(index, non_blocking=True)
+    def hits(self, perm: np.ndarray, hit_offs: np.ndarray, fetched_offs: np.ndarray, hit_rows: int,
+             cpu_start: int) -> None:
+        """Write the layout to host memory, then load it, gather the rows and run the cached experts (the graph
+        of the layer's previous call has run: the host has seen routings queued after it)."""
+        R, S, a = self.R, self.S, self.index_np
+        a[:R], a[R:R + S], a[R + S:R + 2 * S], a[-2], a[-1] = perm, hit_offs, fetched_offs, hit_rows, cpu_start
         self._run("hits", self._hits)
 
-    def fetched(self, any_fetched: bool = True) -> torch.Tensor:
-        """Run the fetched experts (queue this after their copies); -> the buffer whose CPU rows the caller fills.
-        With nothing fetched a captured graph skips the GEMM (its buffer is still there for the CPU rows)."""
+    def fetched(self, any_fetched: bool = True) -> None:
+        """Run the fetched experts (queue this after their copies). With nothing fetched a captured graph skips
+        the GEMM."""
         if any_fetched or not self.graphs:
             self._run("fetched", self._fetched)
-        return self.ys
 
     def post(self) -> torch.Tensor:
+        """Once the CPU experts' rows are in `cpu_host`: pick each row's result and combine -> [T, Hd]."""
         self._run("post", self._post)
         return self.out
