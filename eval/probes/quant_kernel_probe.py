@@ -1,9 +1,10 @@
 """Expert kernels per weight format on the GPU box: the grouped FFN over cache slots (bf16 torch._grouped_mm,
 q8 / q4 Triton) at decode and prefill row counts, replayed from a CUDA graph where the runtime replays it, and
 the native CPU kernel per format at 1-16 tokens per expert with weights from DRAM. Each GPU result is checked
-against the dequantized reference. One JSON object with every row; a table at the end.
+against the dequantized reference. One JSON object with every row; a table at the end. `--cpu-only` times the CPU
+kernel alone, one expert per call (with `--distinct 1 --threads 1`: one core's compute, the weights in cache).
 
-    python eval/probes/quant_kernel_probe.py [--out probe.json]"""
+    python eval/probes/quant_kernel_probe.py [--out probe.json] [--cpu-only --threads 1 --distinct 1 --formats q4]"""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
-from eval.common import gpu_median_ms  # noqa: E402
+from eval.common import gpu_median_ms, meta  # noqa: E402
 from hybrid.kernels.cpu_experts import CpuExperts  # noqa: E402
 from hybrid.kernels.quant_gpu import torch_grouped_qffn, triton_grouped_qffn  # noqa: E402
 from hybrid.model.config import ModelConfig  # noqa: E402
@@ -78,39 +79,48 @@ def gpu_rows(fmt: str, S: int = 256) -> list[dict]:
     return rows
 
 
-def cpu_rows(fmt: str, n_host: int = 96, threads: int = 15) -> list[dict]:
+def cpu_rows(fmt: str, n_host: int = 96, threads: int = 15, per_call: int = 6,
+             token_counts: tuple = (1, 4, 16)) -> list[dict]:
+    """`per_call` experts per kernel call, cycling through `n_host` distinct ones (1: one expert's weights stay
+    in cache, the kernel's compute alone)."""
     quant = None if fmt == "bf16" else layout(CFG, fmt)
     host = slots_for(fmt, n_host, "cpu")
-    k = CpuExperts("native", pool_threads=threads - 1, quant=quant, tiles="off", max_tokens=1 << 30)
+    k = CpuExperts("native", pool_threads=max(0, threads - 1), quant=quant, tiles="off", max_tokens=1 << 30)
     torch.set_num_threads(threads)
     views = [split_planes(quant, host[j]) if quant else (host[j][:2 * I * H].view(2 * I, H),
                                                           host[j][2 * I * H:].view(H, I)) for j in range(n_host)]
     rows = []
-    for tokens in (1, 4, 16):
-        x = torch.randn(tokens * 6, H).bfloat16()
+    for tokens in token_counts:
+        x = torch.randn(tokens * per_call, H).bfloat16()
         out = torch.empty_like(x)
         times = []
         for c in range(30):
-            js = [(6 * c + j) % n_host for j in range(6)]
+            js = [(per_call * c + j) % n_host for j in range(per_call)]
             t = time.perf_counter()
-            k.run(x, out, [views[j][0] for j in js], [views[j][1] for j in js], [j * tokens for j in range(6)],
-                  [tokens] * 6)
+            k.run(x, out, [views[j][0] for j in js], [views[j][1] for j in js],
+                  [j * tokens for j in range(per_call)], [tokens] * per_call)
             times.append(1000 * (time.perf_counter() - t))
         ms = statistics.median(times[3:])
-        rows.append({"lane": "cpu", "format": fmt, "tokens_per_expert": tokens, "experts": 6, "ms": ms,
-                     "us_per_expert": 1000 * ms / 6, "weight_gb_s": 6 * expert_bytes(CFG, fmt, 2) / ms / 1e6})
+        rows.append({"lane": "cpu", "format": fmt, "tokens_per_expert": tokens, "experts": per_call, "ms": ms,
+                     "threads": threads, "distinct_experts": n_host, "us_per_expert": 1000 * ms / per_call,
+                     "weight_gb_s": per_call * expert_bytes(CFG, fmt, 2) / ms / 1e6})
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="quant_kernel_probe.json")
+    ap.add_argument("--cpu-only", action="store_true", help="the CPU kernel alone (no GPU needed)")
+    ap.add_argument("--threads", type=int, default=15)
+    ap.add_argument("--distinct", type=int, default=96, help="distinct experts cycled through (1: in cache)")
+    ap.add_argument("--formats", default="bf16,q8,q4")
     a = ap.parse_args()
     rows = []
-    for fmt in ("bf16", "q8", "q4"):
-        rows += gpu_rows(fmt) + cpu_rows(fmt)
-    Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                       "rows": rows}, indent=1))
+    for fmt in a.formats.split(","):
+        gpu = [] if a.cpu_only else gpu_rows(fmt)
+        cpu = cpu_rows(fmt, a.distinct, a.threads, 1, (1, 2, 4)) if a.cpu_only else cpu_rows(fmt)
+        rows += gpu + cpu
+    Path(a.out).write_text(json.dumps({**meta(), "rows": rows}, indent=1))
     print("lane format tile          tok/exp experts    ms  us/expert  GB/s  rel_err")
     for r in rows:
         if "error" in r:
