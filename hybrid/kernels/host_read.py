@@ -43,9 +43,10 @@ def merge_rows(ys: torch.Tensor, src: torch.Tensor, start: torch.Tensor) -> None
     """ys [R, Hd] rows from int(start[0]) on <- src [R, Hd] (page-locked host) rows from 0 on; start: a
     one-element int32 tensor on ys's device, read when the GPU runs it."""
     R, Hd = ys.shape
-    if not fused.on_triton(ys):
-        s = int(start[0])
-        ys[s:].copy_(src[:R - s])
+    if not fused.on_triton(ys):             # no host sync (capturable where a CUDA device has no Triton)
+        row = torch.arange(R, device=ys.device)
+        rows = src.to(ys.device, non_blocking=True)[(row - start).clamp_min(0)]                       # [R, Hd]
+        ys.copy_(torch.where((row >= start)[:, None], rows, ys))
         return
     block = 1024
     _merge_kernel[(R, fused.triton.cdiv(Hd, block))](ys, src, start, Hd, BLOCK=block)

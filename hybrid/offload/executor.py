@@ -23,7 +23,7 @@ from .expert_copies import ExpertCopies
 from .expert_store import ExpertStore
 from .guesses import GUESS_TOKENS, Guesses
 from .lanes import CopyLane, CpuLane, PinnedBuffer
-from .layer_graph import LayerGraph, combine
+from .layer_graph import HostRows, LayerGraph, combine
 from .layer_layout import layer_layout
 from .layer_timer import LayerTimer
 from .next_layer import NextLayerCopies
@@ -58,6 +58,7 @@ class OffloadedExperts:
                                     planner.costs, prefetcher, copy_ahead)
         self.cpu_work = CpuWork(cpu_lane, store, self.feedback, self.acct, self.phases, cfg.hidden_size, pin)
         self.graphs: dict[int, LayerGraph] = {}            # id(static MoECall) -> its captured layer graphs
+        self.host_rows: dict[int, HostRows] = {}           # rows per call -> the layer graphs' host buffers
         # decode's guesses (guesses.py), launched by the step's graphs (engine/graphs.py) before forward
         self.guesses = Guesses(cache, self.ffn, cfg.num_experts_per_tok * GUESS_TOKENS)
         self.waves = WaveGroups(self.copies, self.ffn, cache.scratch_ffn(store.dtype, scratch_experts))
@@ -107,7 +108,7 @@ class OffloadedExperts:
         self.plan = plan
         self.phases.mark("planned")
         graph = self._layer_graph(call) if plan.one_wave else None
-        job = self.cpu_work.start(layer, plan.cpu, flat, counts, xh, K, graph and graph.cpu_host)
+        job = self.cpu_work.start(layer, plan.cpu, flat, counts, xh, K, graph and graph.host.cpu)
         hits = [(e, ahead[e] if e in ahead else self.cache.slot_of(layer, e)) for e in plan.hits]
         self.phases.note(n_hit=len(hits), n_fetch=len(plan.fetch), n_cpu=len(plan.cpu), n_ahead=len(ahead))
         if plan.one_wave:
@@ -169,15 +170,18 @@ class OffloadedExperts:
         graph.fetched(bool(fetch))
         self.copies.read_queued(hits + fetch)
         self.cache.landed(call.layer, hits + fetch)  # the stream waited for their copies: graphs may read them
-        self._prefetch_then_cpu(call, host, lay, xh, job, cpu_out=graph.cpu_host)
+        self._prefetch_then_cpu(call, host, lay, xh, job, cpu_out=graph.host.cpu)
         return graph.post()
 
     def _layer_graph(self, call) -> LayerGraph:
+        R = call.idx.numel()
+        if R not in self.host_rows:
+            self.host_rows[R] = HostRows(R, self.cache.n_total, self.cfg.hidden_size, call.x.dtype, self.copy.cuda)
         if not (call.static and self.copy.cuda):
-            return LayerGraph(call, self.ffn, self.cache.n_total, capture=False)
+            return LayerGraph(call, self.ffn, self.cache.n_total, self.host_rows[R], capture=False)
         if id(call) not in self.graphs:
-            self.graphs[id(call)] = LayerGraph(call, self.ffn, self.cache.n_total, capture=True,
-                                                   pool=self.pool)
+            self.graphs[id(call)] = LayerGraph(call, self.ffn, self.cache.n_total, self.host_rows[R], capture=True,
+                                               pool=self.pool)
         return self.graphs[id(call)]
 
     def _grouped(self, call, hits, waves, cpu, flat, counts, xh, host, job) -> torch.Tensor:

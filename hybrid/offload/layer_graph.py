@@ -20,20 +20,28 @@ def combine(x: torch.Tensor, tok: torch.Tensor, ys: torch.Tensor, wsort: torch.T
     return torch.zeros_like(x).index_add_(0, tok, (ys * wsort).to(x.dtype))
 
 
-class LayerGraph:
-    """index (int32, loaded from `index_host` per call): [perm (R) | hit offsets (S) | fetched offsets (S) | hit
-    rows (1) | first CPU row (1)], R = T*K rows, S slots; `cpu_host` [R, Hd]: the CPU experts' rows, in order."""
+class HostRows:
+    """A layer graph's page-locked host side for R rows: the layout `index` (int32 [R + 2S + 2]) and the CPU
+    experts' rows `cpu` ([R, Hd]). Kept by the executor per R and shared by every layer's graphs: the host writes
+    a layer's only after that layer's routing sync, which follows the previous layer's graphs on the stream."""
 
-    def __init__(self, call, ffn, n_slots: int, capture: bool, pool=None):
+    def __init__(self, R: int, n_slots: int, hidden: int, dtype: torch.dtype, pin: bool):
+        self.index = torch.zeros(R + 2 * n_slots + 2, dtype=torch.int32, pin_memory=pin)
+        self.index_np = self.index.numpy()
+        self.cpu = torch.zeros(R, hidden, dtype=dtype, pin_memory=pin)                             # [R, Hd]
+
+
+class LayerGraph:
+    """index (int32, loaded from the host's per call): [perm (R) | hit offsets (S) | fetched offsets (S) | hit
+    rows (1) | first CPU row (1)], R = T*K rows, S slots; the CPU experts' rows come from `host.cpu`, in order."""
+
+    def __init__(self, call, ffn, n_slots: int, host: HostRows, capture: bool, pool=None):
         T, K = call.idx.shape
         self.call, self.K, self.R, self.S = call, K, T * K, n_slots
         self.ffn = ffn                       # the grouped FFN over every slot (ExpertCache.grouped)
+        self.host = host
         dev = call.x.device
-        pin = dev.type == "cuda"
-        self.index = torch.zeros(self.R + 2 * self.S + 2, dtype=torch.int32, device=dev)
-        self.index_host = torch.zeros(self.index.shape[0], dtype=torch.int32, pin_memory=pin)
-        self.index_np = self.index_host.numpy()
-        self.cpu_host = torch.zeros(self.R, call.x.shape[1], dtype=call.x.dtype, pin_memory=pin)     # [R, Hd]
+        self.index = torch.zeros(host.index.shape[0], dtype=torch.int32, device=dev)
         self.row = torch.arange(self.R, dtype=torch.int32, device=dev)[:, None]            # [R, 1]
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         if capture:
@@ -41,7 +49,7 @@ class LayerGraph:
 
     def _hits(self) -> None:
         R, S = self.R, self.S
-        host_read.load(self.index, self.index_host)
+        host_read.load(self.index, self.host.index)
         perm = self.index[:R].long()                                                        # [R]
         self.tok = perm // self.K
         self.xs = self.call.x.index_select(0, self.tok)                                     # [R, Hd]
@@ -54,7 +62,7 @@ class LayerGraph:
 
     def _post(self) -> None:
         ys = torch.where(self.row < self.index[-2:-1], self.ys_hit, self.ys)                # [R, Hd]
-        host_read.merge_rows(ys, self.cpu_host, self.index[-1:])
+        host_read.merge_rows(ys, self.host.cpu, self.index[-1:])
         self.out = combine(self.call.x, self.tok, ys, self.wsort)                          # [T, Hd]
 
     def _capture(self, pool) -> None:
@@ -81,7 +89,7 @@ class LayerGraph:
              cpu_start: int) -> None:
         """Write the layout to host memory, then load it, gather the rows and run the cached experts (the graph
         of the layer's previous call has run: the host has seen routings queued after it)."""
-        R, S, a = self.R, self.S, self.index_np
+        R, S, a = self.R, self.S, self.host.index_np
         a[:R], a[R:R + S], a[R + S:R + 2 * S], a[-2], a[-1] = perm, hit_offs, fetched_offs, hit_rows, cpu_start
         self._run("hits", self._hits)
 
@@ -92,6 +100,6 @@ class LayerGraph:
             self._run("fetched", self._fetched)
 
     def post(self) -> torch.Tensor:
-        """Once the CPU experts' rows are in `cpu_host`: pick each row's result and combine -> [T, Hd]."""
+        """Once the CPU experts' rows are in `host.cpu`: pick each row's result and combine -> [T, Hd]."""
         self._run("post", self._post)
         return self.out

@@ -16,7 +16,7 @@ class RoutingReadback:
         self.cuda = cuda
         self.x = PinnedBuffer(hidden, dtype, cuda)
         self.ids = PinnedBuffer(1, torch.int64, cuda)
-        self.pending: tuple | None = None        # (id(call), ids [T, W], x rows [T, Hd], event)
+        self.pending: tuple | None = None        # (call, ids [T, W], x rows [T, Hd], event)
 
     def queue(self, call, with_pred: bool) -> None:
         """Copy call.idx (beside call.pred if `with_pred`) and call.x to the host, on the compute stream."""
@@ -30,11 +30,11 @@ class RoutingReadback:
         if self.cuda:
             event = torch.cuda.Event()
             event.record()
-        self.pending = (id(call), ids, xh, event)
+        self.pending = (call, ids, xh, event)
 
     def take(self, call, with_pred: bool) -> tuple[np.ndarray, torch.Tensor]:
         """Wait for call's readback (queued now if it was not) -> (ids [T, W] as a NumPy copy, x rows (pinned))."""
-        if self.pending is None or self.pending[0] != id(call):
+        if self.pending is None or self.pending[0] is not call:
             self.queue(call, with_pred)
         _, ids, xh, event = self.pending
         self.pending = None

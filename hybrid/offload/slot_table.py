@@ -57,8 +57,8 @@ class SlotTable:
     def lookup(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         """idx [T, K] expert ids -> their slots [T, K] int64, 0 where the table has none (a guess then dropped),
         read when the GPU runs it (capturable)."""
-        if not fused.on_triton(idx):
-            return self.host[layer][idx.cpu()].clamp_min(0).long().to(idx.device)
+        if not fused.on_triton(idx):         # a copy of the row (capturable; on a GPU behind the expert copies)
+            return self.host[layer].to(idx.device, non_blocking=True)[idx].clamp_min(0).long()
         out = torch.empty_like(idx, dtype=torch.int64)
         n = idx.numel()
         _lookup_kernel[(1,)](self.host, idx.contiguous(), out, layer, n, E=self.host.shape[1],
