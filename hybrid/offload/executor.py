@@ -23,7 +23,7 @@ from .expert_copies import ExpertCopies
 from .expert_store import ExpertStore
 from .guesses import GUESS_TOKENS, Guesses
 from .lanes import CopyLane, CpuLane, PinnedBuffer
-from .layer_graph import HostRows, LayerGraph, combine
+from .layer_graph import LayerGraphs, combine
 from .layer_layout import layer_layout
 from .layer_timer import LayerTimer
 from .next_layer import NextLayerCopies
@@ -57,12 +57,10 @@ class OffloadedExperts:
         self.next = NextLayerCopies(cfg.moe_layers, cfg.n_routed_experts, cache, self.copies, self.acct,
                                     planner.costs, prefetcher, copy_ahead)
         self.cpu_work = CpuWork(cpu_lane, store, self.feedback, self.acct, self.phases, cfg.hidden_size, pin)
-        self.graphs: dict[int, LayerGraph] = {}            # id(static MoECall) -> its captured layer graphs
-        self.host_rows: dict[int, HostRows] = {}           # rows per call -> the layer graphs' host buffers
+        self.layer_graphs = LayerGraphs(self.ffn, cache.n_total, cfg.hidden_size, self.copy.cuda)
         # decode's guesses (guesses.py), launched by the step's graphs (engine/graphs.py) before forward
         self.guesses = Guesses(cache, self.ffn, cfg.num_experts_per_tok * GUESS_TOKENS)
         self.waves = WaveGroups(self.copies, self.ffn, cache.scratch_ffn(store.dtype, scratch_experts))
-        self.pool = torch.cuda.graph_pool_handle() if self.copy.cuda else None
 
     def set_threads(self, threads: int) -> None:
         self.cpu.set_threads(threads)
@@ -107,7 +105,7 @@ class OffloadedExperts:
         plan, ahead = self._plan(layer, host, tokens, small)
         self.plan = plan
         self.phases.mark("planned")
-        graph = self._layer_graph(call) if plan.one_wave else None
+        graph = self.layer_graphs(call) if plan.one_wave else None
         job = self.cpu_work.start(layer, plan.cpu, flat, counts, xh, K, graph and graph.host.cpu)
         hits = [(e, ahead[e] if e in ahead else self.cache.slot_of(layer, e)) for e in plan.hits]
         self.phases.note(n_hit=len(hits), n_fetch=len(plan.fetch), n_cpu=len(plan.cpu), n_ahead=len(ahead))
@@ -172,17 +170,6 @@ class OffloadedExperts:
         self.cache.landed(call.layer, hits + fetch)  # the stream waited for their copies: graphs may read them
         self._prefetch_then_cpu(call, host, lay, xh, job, cpu_out=graph.host.cpu)
         return graph.post()
-
-    def _layer_graph(self, call) -> LayerGraph:
-        R = call.idx.numel()
-        if R not in self.host_rows:
-            self.host_rows[R] = HostRows(R, self.cache.n_total, self.cfg.hidden_size, call.x.dtype, self.copy.cuda)
-        if not (call.static and self.copy.cuda):
-            return LayerGraph(call, self.ffn, self.cache.n_total, self.host_rows[R], capture=False)
-        if id(call) not in self.graphs:
-            self.graphs[id(call)] = LayerGraph(call, self.ffn, self.cache.n_total, self.host_rows[R], capture=True,
-                                               pool=self.pool)
-        return self.graphs[id(call)]
 
     def _grouped(self, call, hits, waves, cpu, flat, counts, xh, host, job) -> torch.Tensor:
         """The general case (prefill, large batches): hits, then one grouped GEMM per wave of fetches."""

@@ -103,3 +103,24 @@ class LayerGraph:
         """Once the CPU experts' rows are in `host.cpu`: pick each row's result and combine -> [T, Hd]."""
         self._run("post", self._post)
         return self.out
+
+
+class LayerGraphs:
+    """The decode layer graphs: captured once per static MoE call on a GPU, built per call otherwise; their host
+    buffers kept per row count."""
+
+    def __init__(self, ffn, n_slots: int, hidden: int, cuda: bool):
+        self.ffn, self.n_slots, self.hidden, self.cuda = ffn, n_slots, hidden, cuda
+        self.captured: dict[int, LayerGraph] = {}          # id(static MoECall) -> its graphs
+        self.host: dict[int, HostRows] = {}
+        self.pool = torch.cuda.graph_pool_handle() if cuda else None
+
+    def __call__(self, call) -> LayerGraph:
+        R = call.idx.numel()
+        if R not in self.host:
+            self.host[R] = HostRows(R, self.n_slots, self.hidden, call.x.dtype, self.cuda)
+        if not (call.static and self.cuda):
+            return LayerGraph(call, self.ffn, self.n_slots, self.host[R], capture=False)
+        if id(call) not in self.captured:
+            self.captured[id(call)] = LayerGraph(call, self.ffn, self.n_slots, self.host[R], True, self.pool)
+        return self.captured[id(call)]
