@@ -34,7 +34,7 @@ class Guesses:
         self.cache.table.wait_guarded()
 
     def run(self, call) -> None:
-        """Queue the guess for `call` (capturable: reads the device's slot table, no host sync)."""
+        """Queue the guess for `call` (capturable: its lookup reads the slot table when it runs, no host sync)."""
         if not self.wanted(call):
             return
         slots = self.cache.table.lookup(call.layer, call.idx)                            # [T, K]
