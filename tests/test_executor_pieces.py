@@ -78,14 +78,31 @@ def test_accounting_settles_the_previous_layer_once():
     assert acct.cpu_sample is None and acct.feedback.scale                    # fed back to the planner
 
 
-def test_layer_timer_pairs_marks_with_predictions():
+def test_layer_timer_pairs_marks_with_predictions_and_hands_finished_spans_over_once():
     timer = LayerTimer(cuda=False)
     start = timer.mark()
-    timer.span(start, 0.7)
-    measured, predicted = timer.read()
-    assert predicted == [0.7] and len(measured) == 1 and measured[0] >= 0
+    timer.span(start, 0.7, 0.5, tokens=3)
+    (tokens, ms, model), = timer.finished()
+    assert tokens == 3 and model == 0.5 and ms >= 0 and timer.finished() == []
+    timer.span(timer.mark(), 0.2)                                   # no model figure: the prediction stands for it
+    measured, predicted, models = timer.read()
+    assert predicted == [0.7, 0.2] and models == [0.5, 0.2] and len(measured) == 2 and min(measured) >= 0
+    assert [s[0] for s in timer.finished()] == [0]
     timer.rewind()
-    assert timer.read() == ([], [])
+    assert timer.read() == ([], [], []) and timer.finished() == []
+
+
+def test_the_layer_time_correction_follows_the_residual_within_its_cap():
+    from hybrid.planning.lane_feedback import BIAS_CAP_MS
+    fb = LaneFeedback(decode_tokens=16)
+    assert fb.bias_ms(1) == 0.0
+    for _ in range(60):
+        fb.note_layer(1, 0.5, 0.4)
+    assert abs(fb.bias_ms(1) - 0.1) < 1e-3 and abs(fb.bias_ms(2) - 0.1) < 1e-3    # a new decode size borrows it
+    assert fb.bias_ms(512) == 0.0                                                  # prefill learns its own
+    for _ in range(200):
+        fb.note_layer(1, 100.0, 0.4)
+    assert abs(fb.bias_ms(1) - BIAS_CAP_MS[0]) < 1e-3
 
 
 def test_the_next_layers_part_of_a_plan_and_its_copies():

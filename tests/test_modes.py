@@ -138,3 +138,15 @@ def test_decode_takes_the_guess_where_the_table_covers_every_pick_and_stays_exac
         shares.append(out.stats.summary()["guessed_layer_share"])
     assert len(PROMPTS) > GUESS_TOKENS and shares[2] == 0
     assert shares[0] >= 0.8 and 0 < shares[1] <= shares[0] and 0 < shares[3] <= shares[0]
+
+
+def test_the_predicted_layer_time_carries_the_learned_residual(tiny):
+    """The first planned layer is predicted by the cost model alone; later ones add the running residual of the
+    layers measured so far (LaneFeedback.bias_ms); both errors are reported."""
+    e = make(tiny, mode="hybrid", gpu_memory=budget_for(tiny, 24))
+    out = e.generate(PROMPTS[:1], SamplingParams(max_new_tokens=8, stop_on_eos=False))
+    pred, model = out.stats.layer_pred_ms, out.stats.layer_model_ms
+    assert len(pred) == len(model) == len(out.stats.layer_meas_ms) > 2 and pred[0] == model[0]
+    assert any(p != m for p, m in zip(pred, model))
+    s = out.stats.summary()
+    assert s["layer_time_median_rel_err"] is not None and s["layer_time_median_rel_err_model"] is not None

@@ -50,6 +50,7 @@ class OffloadedExperts:
         self.timer = LayerTimer(self.copy.cuda)
         self.phases = PhaseLog()
         self.plan: LayerPlan | None = None     # the current layer's plan
+        self.predicted_ms = 0.0                # its predicted time, with the online correction (LaneFeedback)
         self.issued = 0.0                      # when the current layer's copies were issued (perf_counter, s)
         self.feedback = LaneFeedback(decode_tokens)
         self.acct = Accounting(cfg.moe_layers[0], cache, prefetcher, self.feedback, planner.costs)
@@ -71,7 +72,7 @@ class OffloadedExperts:
 
     def end(self, stats: RunStats) -> None:
         self.acct.settle()
-        stats.layer_meas_ms, stats.layer_pred_ms = self.timer.read()
+        stats.layer_meas_ms, stats.layer_pred_ms, stats.layer_model_ms = self.timer.read()
         if self.prefetcher:
             stats.experts.prefetch_recall = self.prefetcher.recall
 
@@ -93,6 +94,8 @@ class OffloadedExperts:
         self.phases.mark("settled")
         host, xh = self.routing.take(call, pred is not None)         # the one sync
         start = self.timer.mark()
+        for sample in self.timer.finished():                 # earlier layers' times, now on the host
+            self.feedback.note_layer(*sample)
         self.phases.mark("routed")
         flat = host[:, :K].reshape(-1)                                                    # [T*K]
         counts = np.bincount(flat, minlength=self.cfg.n_routed_experts)
@@ -103,7 +106,7 @@ class OffloadedExperts:
             return self._all_cached(call, host, tokens, guessed)
         small = T <= self.decode_tokens              # decode: every copy in one wave, bounded by the staging room
         plan, ahead = self._plan(layer, host, tokens, small)
-        self.plan = plan
+        self.plan, self.predicted_ms = plan, plan.predicted_ms + self.feedback.bias_ms(T)
         self.phases.mark("planned")
         graph = self.layer_graphs(call) if plan.one_wave else None
         job = self.cpu_work.start(layer, plan.cpu, flat, counts, xh, K, graph and graph.host.cpu)
@@ -121,7 +124,7 @@ class OffloadedExperts:
                 self.copies.issue(layer, wave)
             self.issued = time.perf_counter()
             out = self._grouped(call, hits, waves, plan.cpu, flat, counts, xh, host, job)
-        self.timer.span(start, plan.predicted_ms)
+        self.timer.span(start, self.predicted_ms, plan.predicted_ms, T)
         self.phases.mark("done")
         self.acct.defer(LayerOutcome(layer, tokens, len(plan.hits), len(fetch), len(plan.cpu),
                                      sum(1 for e in plan.hits if e in ahead)))
@@ -130,6 +133,7 @@ class OffloadedExperts:
     def _all_cached(self, call, host, tokens: dict[int, int], out: torch.Tensor) -> torch.Tensor:
         """Every pick was in the slot table the guess read: its output stands; the next layer's prefetch."""
         self.plan = self.planner.all_hits(tokens)
+        self.predicted_ms = self.plan.predicted_ms           # the planned layers' correction is not this one's
         self.phases.note(n_hit=len(tokens), n_fetch=0, n_cpu=0, n_ahead=0, guessed=1)
         self._prefetch_next(call, host)
         self.feedback.note_lag(call.idx.shape[0], None)          # no layer time: the planner did not plan it
@@ -216,7 +220,7 @@ class OffloadedExperts:
         plan = self.plan
         plan.prefetch = self.next.choose_prefetch(call.layer, pred)
         if pred is not None:                  # also with no candidate: the guess is scored for recall
-            self.next.prefetch(call.layer, pred, plan.prefetch, plan.predicted_ms)
+            self.next.prefetch(call.layer, pred, plan.prefetch, self.predicted_ms)
         plan.ahead = self.next.choose_ahead(call.layer, pred, T > self.decode_tokens)
         later = self.next.copy_ahead(call.layer, plan.ahead)
         self.phases.mark("queued")

@@ -14,11 +14,12 @@ class LayerTimer:
         self.cuda = cuda
         self.events: list = []
         self.used = 0
-        self.spans: list[tuple[object, object, float]] = []      # (start mark, end mark, predicted ms)
+        self.spans: list[tuple] = []        # (start mark, end mark, predicted ms, the model's own ms, tokens)
+        self.seen = 0                       # spans handed to `finished` so far
 
     def rewind(self) -> None:
         """A new run: forget the spans, reuse the events."""
-        self.used, self.spans = 0, []
+        self.used, self.spans, self.seen = 0, [], 0
 
     def mark(self):
         """A timestamp now (a recorded event on CUDA)."""
@@ -31,15 +32,29 @@ class LayerTimer:
         ev.record()
         return ev
 
-    def span(self, start, predicted_ms: float) -> None:
-        """One layer from `start` (a mark) to now, with the time the planner predicted for it."""
-        self.spans.append((start, self.mark(), predicted_ms))
+    def span(self, start, predicted_ms: float, model_ms: float | None = None, tokens: int = 0) -> None:
+        """One layer of `tokens` tokens from `start` (a mark) to now, with the time predicted for it (and the cost
+        model's own figure, before any online correction)."""
+        self.spans.append((start, self.mark(), predicted_ms, predicted_ms if model_ms is None else model_ms, tokens))
 
-    def read(self) -> tuple[list[float], list[float]]:
-        """(measured ms, predicted ms) per layer of the run; on CUDA this waits for the device."""
+    def _ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else 1000 * (b - a)
+
+    def finished(self) -> list[tuple[int, float, float]]:
+        """(tokens, measured ms, model ms) of the spans not returned before whose end the device has passed
+        (no wait: on CUDA it asks each end event)."""
+        out = []
+        while self.seen < len(self.spans):
+            a, b, _, model, tokens = self.spans[self.seen]
+            if self.cuda and not b.query():
+                break
+            out.append((tokens, self._ms(a, b), model))
+            self.seen += 1
+        return out
+
+    def read(self) -> tuple[list[float], list[float], list[float]]:
+        """(measured, predicted, the model's own) ms per layer of the run; on CUDA this waits for the device."""
         if self.cuda:
             torch.cuda.synchronize()
-            measured = [a.elapsed_time(b) for a, b, _ in self.spans]
-        else:
-            measured = [1000 * (b - a) for a, b, _ in self.spans]
-        return measured, [p for _, _, p in self.spans]
+        return ([self._ms(a, b) for a, b, *_ in self.spans], [s[2] for s in self.spans],
+                [s[3] for s in self.spans])

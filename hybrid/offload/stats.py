@@ -53,6 +53,7 @@ class RunStats:
     experts: ExpertCounters = field(default_factory=ExpertCounters)
     layer_pred_ms: list = field(default_factory=list)
     layer_meas_ms: list = field(default_factory=list)
+    layer_model_ms: list = field(default_factory=list)     # the cost model's own prediction (before the correction)
 
     @property
     def decode_s(self) -> float:
@@ -86,8 +87,10 @@ class RunStats:
             "guessed_layer_share": e.guessed_layers / e.layers if e.layers else 0.0,
         }
         if self.layer_meas_ms:
-            errs = sorted(abs(p - m) / m for p, m in zip(self.layer_pred_ms, self.layer_meas_ms) if m > 0)
-            out["layer_time_median_rel_err"] = errs[len(errs) // 2] if errs else None
+            for key, pred in (("layer_time_median_rel_err", self.layer_pred_ms),
+                              ("layer_time_median_rel_err_model", self.layer_model_ms)):
+                errs = sorted(abs(p - m) / m for p, m in zip(pred, self.layer_meas_ms) if m > 0)
+                out[key] = errs[len(errs) // 2] if errs else None
             out["layer_pred_ms_mean"] = statistics.mean(self.layer_pred_ms)
             out["layer_meas_ms_mean"] = statistics.mean(self.layer_meas_ms)
         return out

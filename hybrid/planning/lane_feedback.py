@@ -4,7 +4,9 @@ Calibration runs apart from the engine, and fresh machines of one kind differ (a
 0.20-0.29 ms in the engine on different H200 boxes), so two running means per token count correct the model:
 the host lag from issuing a layer's copies to starting its CPU experts, and the CPU lane's measured time relative
 to the calibrated one. A token count not seen yet borrows the nearest one seen on its side of the decode/prefill
-line (a prompt of a new length plans with what the last prefill learned, not with no lag at all). Pure Python."""
+line (a prompt of a new length plans with what the last prefill learned, not with no lag at all). A third running
+mean, of measured minus modelled layer time, corrects the predicted layer time (what the next layer's prefetch
+has room for, and the layer-time figures); it does not change which plan wins. Pure Python."""
 from __future__ import annotations
 
 import math
@@ -16,6 +18,7 @@ PREFILL_LAG_CAP_MS = 4.0       # prefill's CPU experts start after its GPU waves
 SCALE_RANGE = (0.4, 2.5)       # the CPU-cost correction stays within this
 KEEP = 0.9                     # weight of the old mean per sample
 DECAY = 0.98                   # lag kept per layer that ran no CPU experts
+BIAS_CAP_MS = (2.0, 20.0)      # a layer-time residual sample is clipped to this (decode, prefill)
 
 
 def _mean(table: dict[int, float], key: int, value: float) -> None:
@@ -28,6 +31,7 @@ class LaneFeedback:
         self.decode_tokens = decode_tokens   # token counts up to this are decode steps, above it prefill chunks
         self.lag: dict[int, float] = {}      # tokens -> ms from copies issued to CPU lane start (< 0: before)
         self.scale: dict[int, float] = {}    # tokens -> measured / modelled CPU lane time
+        self.bias: dict[int, float] = {}     # tokens -> measured minus modelled layer time, ms
 
     def _get(self, table: dict[int, float], T: int, default: float) -> float:
         if T in table:
@@ -40,6 +44,14 @@ class LaneFeedback:
 
     def cpu_scale(self, T: int) -> float:
         return self._get(self.scale, T, 1.0)
+
+    def bias_ms(self, T: int) -> float:
+        return self._get(self.bias, T, 0.0)
+
+    def note_layer(self, T: int, measured_ms: float, model_ms: float) -> None:
+        """A planned layer of T tokens took `measured_ms` where the cost model said `model_ms`."""
+        cap = BIAS_CAP_MS[T > self.decode_tokens]
+        _mean(self.bias, T, max(-cap, min(measured_ms - model_ms, cap)))
 
     def note_lag(self, T: int, ms: float | None) -> None:
         """A layer's lag, or None for a layer without CPU experts: the mean decays then, so that one bad
