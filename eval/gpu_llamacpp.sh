@@ -5,8 +5,9 @@
 # --n-cpu-moe (eval/llamacpp_bench.py) into $OUT/llamacpp/llamacpp.json. ~9 minutes on the H200 box; everything stays in
 # /dev/shm for the next call on the same machine (this engine's runs: eval/gpu_quant.sh).
 # A third argument benches the bf16 GGUF too (llama.cpp's bf16 settings) into $OUT/llamacpp/llamacpp_bf16.json, a
-# fourth the bf16 settings to bench memory-mapped as well (llamacpp_bf16_mmap.json).
-#   bash eval/gpu_llamacpp.sh "0,9,15,21" "9,15" ["0,19" ["19"]]
+# fourth the bf16 settings to bench memory-mapped as well (llamacpp_bf16_mmap.json), a fifth bf16's
+# llama-batched-bench settings (issue 21's batch 16 at 12 GiB).
+#   bash eval/gpu_llamacpp.sh "0,9,15,21" "9,15" ["0,19" ["19" ["19"]]]
 source eval/device_setup.sh llamacpp none
 L=/dev/shm/llama.cpp; SRC=/dev/shm/llama-src; G=/dev/shm/gguf; mkdir -p $G $SRC
 if [ ! -x $L/build/bin/llama-bench ]; then
@@ -26,6 +27,6 @@ ls -la $G | grep gguf
 timeout "${BENCH_TIMEOUT:-300}" python3 eval/llamacpp_bench.py --bin $L/build/bin --model $G/model-Q4_K_M.gguf \
   --ncmoe "$1" --batched-ncmoe "${2:-}" --out "$OUT/llamacpp/llamacpp.json" 2>&1 | tail -12
 [ -n "${3:-}" ] && timeout 240 python3 eval/llamacpp_bench.py --bin $L/build/bin --model $G/model-bf16.gguf \
-  --ncmoe "$3" --out "$OUT/llamacpp/llamacpp_bf16.json" 2>&1 | tail -6
+  --ncmoe "$3" --batched-ncmoe "${5:-}" --out "$OUT/llamacpp/llamacpp_bf16.json" 2>&1 | tail -6
 [ -n "${4:-}" ] && timeout 240 python3 eval/llamacpp_bench.py --bin $L/build/bin --model $G/model-bf16.gguf \
   --ncmoe "$4" --load-mode mmap --out "$OUT/llamacpp/llamacpp_bf16_mmap.json" 2>&1 | tail -6
