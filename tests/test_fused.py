@@ -144,13 +144,15 @@ def test_host_reads_load_the_layout_and_merge_the_cpu_rows_as_the_twins(kernels)
 
 
 def test_hybrid_decode_through_the_kernels_gives_the_twins_tokens(tiny, monkeypatch):
-    """Mode hybrid with a small cache (guesses, slot lookups, layouts and CPU rows read from host memory)."""
+    """Mode hybrid with a small cache (guesses, slot lookups, layouts and CPU rows read from host memory), after a
+    prefill of more tokens than decode's path takes (its layout read from host memory too)."""
     from conftest import budget_for
     e = make(tiny, mode="hybrid", prefetch="gate", gpu_memory=budget_for(tiny, 30))
     params = SamplingParams(max_new_tokens=6, stop_on_eos=False)
-    ref = e.generate(PROMPTS[:1], params)
+    prompt = [PROMPTS[0] + PROMPTS[2] + PROMPTS[0]]                                  # 31 tokens
+    ref = e.generate(prompt, params)
     monkeypatch.setattr(fused, "on_triton", lambda t: True)
-    out = e.generate(PROMPTS[:1], params)
+    out = e.generate(prompt, params)
     assert out.tokens == ref.tokens and out.stats.experts.cpu_experts > 0
 
 

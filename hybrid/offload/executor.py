@@ -11,6 +11,7 @@ import time
 import numpy as np
 import torch
 
+from ..kernels import host_read
 from ..model.config import ModelConfig
 from ..planning.copy_ahead import CopyAhead
 from ..planning.lane_feedback import LaneFeedback
@@ -180,7 +181,8 @@ class OffloadedExperts:
         x, T, K = call.x, *call.idx.shape
         lay = layer_layout(flat, counts, [hits] + waves, cpu, self.cache.n_total)
         buf = self.index_buf.pack(lay.perm, lay.offs.reshape(-1))
-        dev = buf.to(self.device, non_blocking=True) if self.copy.cuda else buf.clone()
+        dev = torch.empty_like(buf, device=self.device)
+        host_read.load(dev, buf)                     # not behind the waves' copies on the copy engine
         perm = dev[:T * K].long()                                                        # [T*K]
         offs = dev[T * K:].view(len(waves) + 1, -1)                                      # [G, S]
         tok = perm // K
