@@ -10,13 +10,14 @@ import torch
 from tqdm import tqdm
 
 from ..kernels.cpu_load import core_watch, default_threads
+from ..kernels.quant_gpu import QuantizedFFN
 from ..model.gguf_checkpoint import open_checkpoint
 from ..model.config import RunConfig
 from ..model.deepseek import DeepseekV2, StepState
 from ..model.latent_cache import LatentCache
 from ..model.embedding import EMBED
 from ..model.layout import model_specs
-from ..offload.runtime import build_backend, choose_mode, cuda_context_bytes, with_workspace
+from ..offload.runtime import build_backend, choose_mode, cuda_context_bytes, device_weight_bytes, with_workspace
 from ..offload.stats import RunStats
 from .graphs import DecodeRunner, PrefillRunner
 from .sampling import Sampler, SamplingParams
@@ -38,6 +39,25 @@ class Generation:
 def additive(allowed: torch.Tensor) -> torch.Tensor:
     """A boolean attention pattern as an additive float32 mask: 0 where allowed, NEG elsewhere."""
     return torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, NEG)
+
+
+def weight_getter(ckpt, device: torch.device, dtype: torch.dtype, bar) -> Callable[[str], torch.Tensor]:
+    """The model's weights, streamed from the checkpoint (nothing but the model keeps a reference) to the device,
+    the token-embedding table to host memory; with `shared_ffn`: a layer's shared experts kept in a GGUF file's
+    blocks where they fit a plane kind (GgufCheckpoint.shared_layout), else None."""
+    def weight(name: str) -> torch.Tensor:
+        bar.update()
+        t = ckpt.get(name)
+        return t.to(dtype=dtype) if name == EMBED else t.to(device, dtype)
+
+    def shared_ffn(layer: int) -> QuantizedFFN | None:
+        lay = ckpt.shared_layout(layer) if hasattr(ckpt, "shared_layout") else None
+        if lay is None:
+            return None
+        bar.update(3)
+        return QuantizedFFN(ckpt.shared_planes(layer, lay).to(device), lay)
+    weight.shared_ffn = shared_ffn
+    return weight
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,18 +83,16 @@ class Engine:
         self.mode_note = ""                    # what mode auto chose, and why
         if self.run.mode == "auto":
             self.run, self.mode_note = choose_mode(self.cfg, self.run, self.device, self.dtype.itemsize,
-                                                   self.context_bytes)
+                                                   self.context_bytes,
+                                                   device_weight_bytes(self.cfg, self.ckpt, self.dtype.itemsize))
         self.run = with_workspace(self.cfg, self.run, self.device, self.dtype.itemsize, self.context_bytes)
         self.backend = build_backend(self.cfg, self.ckpt, self.run, self.device, self.dtype, progress,
                                      self.context_bytes)
         names = model_specs(self.cfg, experts=False)
         bar = tqdm(total=len(names), desc="weights -> device", disable=not progress)
 
-        def weight(name: str) -> torch.Tensor:      # streamed: nothing but the model keeps a reference
-            bar.update()
-            t = self.ckpt.get(name)
-            return t.to(dtype=self.dtype) if name == EMBED else t.to(self.device, self.dtype)   # the table: host
-        self.model = DeepseekV2(self.cfg, weight, self.backend, self.device)
+        self.model = DeepseekV2(self.cfg, weight_getter(self.ckpt, self.device, self.dtype, bar), self.backend,
+                                self.device)
         bar.close()
         if self.run.prefetch == "mlp":
             self.install_predictors(self.run.predictor_path)

@@ -210,3 +210,15 @@ def grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tensor, lay:
     return torch_grouped_qffn(xs, offs, slots, lay)
 
 
+
+
+class QuantizedFFN:
+    """A gated FFN kept in quantized planes (a GGUF file's shared experts): x [N, Hd] -> [N, Hd] through the grouped
+    kernel as one slot (its torch twin on a CPU device); capturable."""
+
+    def __init__(self, planes: torch.Tensor, lay: ExpertLayout):
+        self.slots, self.lay = planes[None], lay                   # [1, nbytes] on the compute device
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        offs = torch.full((1,), x.shape[0], dtype=torch.int32, device=x.device)
+        return grouped_qffn(x, offs, self.slots, self.lay)

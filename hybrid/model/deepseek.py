@@ -17,7 +17,7 @@ from .latent_cache import LatentCache
 from .config import ModelConfig
 from .rope import Rope
 
-Weights = Callable[[str], torch.Tensor]
+Weights = Callable[[str], torch.Tensor]     # may carry shared_ffn(layer) -> a callable FFN, or None (MoE)
 ATTN_SCORE_ELEMS = 1 << 23     # scores computed at once (x 4 bytes, x ~3 live copies): bounds prefill workspace
 
 
@@ -167,7 +167,8 @@ class MoE:
         p = f"model.layers.{i}.mlp"
         self.cfg, self.i = cfg, i
         self.gate = w(f"{p}.gate.weight").float()                                       # [E, Hd]
-        self.shared = MLP(w, f"{p}.shared_experts")
+        quantized = getattr(w, "shared_ffn", None)     # layer -> its shared experts kept quantized, or None
+        self.shared = (quantized and quantized(i)) or MLP(w, f"{p}.shared_experts")
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [T, Hd] -> (idx [T, K] int64, weights [T, K] float32), as DeepSeek-V2's own code routes: with

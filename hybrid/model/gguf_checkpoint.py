@@ -9,8 +9,10 @@ give kv_b_proj [H * (nope + v), kv_lora]. The config's YaRN `mscale` is not in t
 
 The routed experts' blocks move into quant.py's planes without requantizing (`layer_planes`, ggml_blocks.py): Q8_0
 and Q5_0 into q8, Q4_0 into q4, Q4_K into q4k; `native_format` names the format a file's expert types fit (Q4_K_M:
-q4k), which `--experts auto` takes; other expert types run dequantized (bf16). The tokenizer and chat template in
-the metadata are read by engine/gguf_tokenizer.py."""
+q4k), which `--experts auto` takes; other expert types run dequantized (bf16). A layer's shared experts move the same
+way into one FFN's planes where their types fit a plane kind (`shared_layout`: Q4_K_M's Q4_K gate/up and Q4_K, Q5_0
+or Q8_0 down; not its Q6_K downs), else they are dequantized with the other tensors. The tokenizer and chat template
+in the metadata are read by engine/gguf_tokenizer.py."""
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +26,7 @@ import torch
 from .checkpoint import Checkpoint, CheckpointError
 from .config import ModelConfig
 from . import ggml_blocks
-from .quant import MATRICES, ExpertLayout
+from .quant import MATRICES, ExpertLayout, ffn_layout
 
 CARRIED = {"q8": {"Q8_0", "Q5_0"}, "q4": {"Q4_0"}, "q4k": {"Q4_K"}}    # block types that move into each plane kind
 
@@ -37,6 +39,8 @@ NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
           "output.weight": "lm_head.weight"}
 EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+EXPERT_FFN = tuple(EXPERTS)                                   # gate, up, down: a layer's routed experts
+SHARED_FFN = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")   # its shared experts, one FFN
 KV_B = "attn_kv_b.weight"                         # absent in newer files: attn_k_b + attn_v_b instead
 
 
@@ -151,11 +155,33 @@ class GgufCheckpoint:
 
     def layer_planes(self, layer: int, lay: ExpertLayout) -> torch.Tensor:
         """A layer's experts in lay's planes, moved from the file's blocks without requantizing -> [E, lay.nbytes]."""
+        return self._planes(layer, EXPERT_FFN, lay)
+
+    def shared_layout(self, layer: int) -> ExpertLayout | None:
+        """The planes a layer's shared experts (one FFN of width n_shared x I) move into unchanged, or None where a
+        block type has no plane kind (F32, F16, Q6_K, ...: they are dequantized with the other tensors)."""
+        t = [self.tensors.get(f"blk.{layer}.{k}.weight") for k in SHARED_FFN]
+        if None in t:
+            return None
+        kind = lambda *ts: next((k for k, c in CARRIED.items() if {x.tensor_type.name for x in ts} <= c), None)  # noqa: E731
+        k13, k2 = kind(t[0], t[1]), kind(t[2])
+        if k13 is None or k2 is None:
+            return None
+        return ffn_layout(int(t[0].shape[1]), int(t[0].shape[0]), (k13, k2), "shared")
+
+    def shared_planes(self, layer: int, lay: ExpertLayout) -> torch.Tensor:
+        """A layer's shared experts in lay's planes (shared_layout) -> [lay.nbytes]."""
+        return self._planes(layer, SHARED_FFN, lay)[0]
+
+    def _planes(self, layer: int, names: tuple[str, str, str], lay: ExpertLayout) -> torch.Tensor:
+        """gate, up, down blocks of a layer (one tensor each: [E, R, cols] for the routed experts, [R, cols] for
+        the shared ones) -> [E, lay.nbytes] (E = 1 for the shared ones)."""
         parts = []
-        for kinds, mat in ((("ffn_gate_exps", "ffn_up_exps"), lay.w13), (("ffn_down_exps",), lay.w2)):
+        for kinds, mat in ((names[:2], lay.w13), (names[2:], lay.w2)):
             per = []
             for k in kinds:
                 raw, block = self._expert_blocks(f"blk.{layer}.{k}.weight", mat.kind, lay.fmt)  # [E, R, row bytes]
+                raw = raw if raw.ndim == 3 else raw[None]
                 E, R = raw.shape[:2]
                 per.append([p.reshape(E, R, -1) for p in ggml_blocks.planes(raw.reshape(E * R, -1), block)])
             joined = [np.concatenate(p, axis=1) for p in zip(*per)]                  # gate's rows, then up's

@@ -104,9 +104,14 @@ def layout(cfg: ModelConfig, fmt: str) -> ExpertLayout:
                           f"multiples of {GROUP}")
     if fmt == "q4k" and Hd % SUPER:
         raise ConfigError(f"--experts q4k needs hidden_size ({Hd}) to be a multiple of {SUPER}")
-    k13, k2 = MATRICES[fmt]
-    w13 = Matrix(2 * I, Hd, k13, 0)
-    return ExpertLayout(fmt, w13, Matrix(Hd, I, k2, w13.nbytes))
+    return ffn_layout(I, Hd, MATRICES[fmt], fmt)
+
+
+def ffn_layout(I: int, Hd: int, kinds: tuple[str, str], fmt: str) -> ExpertLayout:
+    """A gated FFN of width I in planes of `kinds` (w13's, w2's): a routed expert's, or (a GGUF file's) shared
+    experts' as one FFN of width n_shared x I."""
+    w13 = Matrix(2 * I, Hd, kinds[0], 0)
+    return ExpertLayout(fmt, w13, Matrix(Hd, I, kinds[1], w13.nbytes))
 
 
 def expert_bytes(cfg: ModelConfig, fmt: str, itemsize: int) -> int:

@@ -102,13 +102,14 @@ def prefill_graph_bytes(cfg: ModelConfig, max_tokens: int, itemsize: int) -> int
 def plan_memory(cfg: ModelConfig, budget: int, batch: int, seq_len: int, itemsize: int, chunk_tokens: int,
                 staging_slots: int, context: int = 0, min_slots: int = 0, margin: int = MARGIN,
                 graph_tokens: int = 0, slot_bytes: int | None = None, scratch_expert: int = 0,
-                scratch_experts: int | None = None, scratch_max: int = 8) -> MemoryPlan:
+                scratch_experts: int | None = None, scratch_max: int = 8, weights: int | None = None) -> MemoryPlan:
     """Split `budget` bytes; raise BudgetError naming what does not fit. graph_tokens: the largest prefill
-    captured as a graph, 0 for none; slot_bytes: one expert's bytes (default: unquantized, at itemsize).
+    captured as a graph, 0 for none; slot_bytes: one expert's bytes (default: unquantized, at itemsize); weights:
+    the non-expert weights' bytes on the device (default: all of them at itemsize).
     Quantized slots: prefill dequantizes `scratch_experts` experts of `scratch_expert` bytes at once; None: up to
     scratch_max, as long as the scratch takes at most a quarter of what the cache would otherwise get."""
     from ..model.latent_cache import LatentCache
-    non_expert = device_weight_numel(cfg) * itemsize
+    non_expert = device_weight_numel(cfg) * itemsize if weights is None else weights
     kv = LatentCache.nbytes(cfg, batch, seq_len, itemsize)
     ws = workspace_bytes(cfg, batch, seq_len, chunk_tokens, itemsize) + margin \
         + prefill_graph_bytes(cfg, graph_tokens, itemsize)

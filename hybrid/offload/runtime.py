@@ -12,6 +12,7 @@ from ..model.checkpoint import Checkpoint
 from ..model.config import ConfigError, ModelConfig, RunConfig
 from ..kernels.quant_scratch import CHUNK as SCRATCH_CHUNK
 from ..model.quant import ExpertLayout, expert_bytes, layout
+from ..model.layout import device_weight_numel
 from .budget import MARGIN, UNLIMITED, BudgetError, MemoryPlan, auto_chunk_tokens, auto_graph_tokens, plan_memory, size
 from .expert_store import ExpertStore
 from .resident import ResidentExperts
@@ -59,8 +60,23 @@ def with_workspace(cfg: ModelConfig, run: RunConfig, device: torch.device, items
     return run
 
 
-def memory_plan(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize: int, context: int) -> MemoryPlan:
-    """How the run's budget (run_budget) splits for this run."""
+def device_weight_bytes(cfg: ModelConfig, ckpt, itemsize: int) -> int:
+    """The non-expert weights on the device: at itemsize, but a GGUF file's shared experts where they stay in their
+    blocks (GgufCheckpoint.shared_layout)."""
+    total = device_weight_numel(cfg) * itemsize
+    layout_of = getattr(ckpt, "shared_layout", None)
+    shared = 3 * cfg.hidden_size * cfg.moe_intermediate_size * cfg.n_shared_experts
+    for layer in cfg.moe_layers if layout_of else ():
+        lay = layout_of(layer)
+        if lay is not None:
+            total -= shared * itemsize - lay.nbytes
+    return total
+
+
+def memory_plan(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize: int, context: int,
+                weights: int | None = None) -> MemoryPlan:
+    """How the run's budget (run_budget) splits for this run (`weights`: device_weight_bytes, default all at
+    itemsize)."""
     cuda = device.type == "cuda"
     budget = run_budget(run, device, context)
     run = with_workspace(cfg, run, device, itemsize, context)
@@ -69,7 +85,7 @@ def memory_plan(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize
                        margin=MARGIN if cuda else 0, graph_tokens=graph_tokens(run, device),
                        slot_bytes=expert_bytes(cfg, run.experts, itemsize),
                        scratch_expert=scratch_expert_bytes(cfg, run, itemsize), scratch_experts=run.prefill_scratch,
-                       scratch_max=SCRATCH_CHUNK)
+                       scratch_max=SCRATCH_CHUNK, weights=weights)
 
 
 def scratch_expert_bytes(cfg: ModelConfig, run: RunConfig, itemsize: int) -> int:
@@ -110,7 +126,7 @@ def quant_layout(cfg: ModelConfig, run: RunConfig) -> ExpertLayout | None:
 
 
 def choose_mode(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize: int,
-                context: int) -> tuple[RunConfig, str]:
+                context: int, weights: int | None = None) -> tuple[RunConfig, str]:
     """Mode auto: everything resident if the experts fit (the free GPU memory, or --gpu-memory), else hybrid
     with a budget of the free memory less AUTO_MARGIN. -> (the run with a concrete mode, one line saying why)."""
     if device.type != "cuda":
@@ -118,7 +134,7 @@ def choose_mode(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize
     budget = auto_budget(torch.cuda.mem_get_info(device)[0] + context, run.gpu_memory)
     trial = replace(run, mode="gpu", gpu_memory=budget)
     try:
-        room = memory_plan(cfg, trial, device, itemsize, context).cache_bytes
+        room = memory_plan(cfg, trial, device, itemsize, context, weights).cache_bytes
     except BudgetError:
         room = 0
     need = experts_bytes(cfg, run, itemsize)
@@ -133,7 +149,7 @@ def build_backend(cfg: ModelConfig, ckpt: Checkpoint, run: RunConfig, device: to
     """The ExpertBackend for run.mode (a concrete mode: see choose_mode). `context` is the device memory the CUDA
     context holds (outside the allocator, inside the budget)."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    plan = memory_plan(cfg, run, device, itemsize, context)
+    plan = memory_plan(cfg, run, device, itemsize, context, device_weight_bytes(cfg, ckpt, itemsize))
     if device.type == "cuda" and run.gpu_memory is not None:
         limit_allocator(plan, device)
     if run.mode == "gpu":
