@@ -190,7 +190,8 @@ def test_q4_k_m_experts_move_into_q4k_planes_and_compute_the_files_function(wide
     budget = None if mode == "gpu" else budget_for(wide, 20, experts="q4k")
     e = Engine(str(path), RunConfig(**RUN, mode=mode, gpu_memory=budget, prefill_scratch=0), progress=False)
     assert e.run.experts == "q4k"
-    assert all(isinstance(m.shared, QuantizedFFN) for *_, m in e.model.layers[1:])   # shared experts in blocks
+    quantized = [isinstance(m.shared, QuantizedFFN) for *_, m in e.model.layers[1:]]   # shared experts in blocks
+    assert all(quantized) if mode != "gpu" else not any(quantized)                    # (offloading only)
     prompts = [[1, 5, 900, 17, 33, 4, 8], [9, 8, 7]]
     for p in prompts:
         with torch.no_grad():

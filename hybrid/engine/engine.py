@@ -17,7 +17,7 @@ from ..model.deepseek import DeepseekV2, StepState
 from ..model.latent_cache import LatentCache
 from ..model.embedding import EMBED
 from ..model.layout import model_specs
-from ..offload.runtime import build_backend, choose_mode, cuda_context_bytes, device_weight_bytes, with_workspace
+from ..offload.runtime import build_backend, choose_mode, cuda_context_bytes, with_workspace
 from ..offload.stats import RunStats
 from .graphs import DecodeRunner, PrefillRunner
 from .sampling import Sampler, SamplingParams
@@ -41,17 +41,19 @@ def additive(allowed: torch.Tensor) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, NEG)
 
 
-def weight_getter(ckpt, device: torch.device, dtype: torch.dtype, bar) -> Callable[[str], torch.Tensor]:
+def weight_getter(ckpt, device: torch.device, dtype: torch.dtype, bar,
+                  offloading: bool) -> Callable[[str], torch.Tensor]:
     """The model's weights, streamed from the checkpoint (nothing but the model keeps a reference) to the device,
-    the token-embedding table to host memory; with `shared_ffn`: a layer's shared experts kept in a GGUF file's
-    blocks where they fit a plane kind (GgufCheckpoint.shared_layout), else None."""
+    the token-embedding table to host memory; with `shared_ffn`: while offloading (memory is what the cache lacks;
+    all resident, the bf16 copies decode faster), a layer's shared experts kept in a GGUF file's blocks where they
+    fit a plane kind (GgufCheckpoint.shared_layout), else None."""
     def weight(name: str) -> torch.Tensor:
         bar.update()
         t = ckpt.get(name)
         return t.to(dtype=dtype) if name == EMBED else t.to(device, dtype)
 
     def shared_ffn(layer: int) -> QuantizedFFN | None:
-        lay = ckpt.shared_layout(layer) if hasattr(ckpt, "shared_layout") else None
+        lay = ckpt.shared_layout(layer) if offloading and hasattr(ckpt, "shared_layout") else None
         if lay is None:
             return None
         bar.update(3)
@@ -83,16 +85,15 @@ class Engine:
         self.mode_note = ""                    # what mode auto chose, and why
         if self.run.mode == "auto":
             self.run, self.mode_note = choose_mode(self.cfg, self.run, self.device, self.dtype.itemsize,
-                                                   self.context_bytes,
-                                                   device_weight_bytes(self.cfg, self.ckpt, self.dtype.itemsize))
+                                                   self.context_bytes)
         self.run = with_workspace(self.cfg, self.run, self.device, self.dtype.itemsize, self.context_bytes)
         self.backend = build_backend(self.cfg, self.ckpt, self.run, self.device, self.dtype, progress,
                                      self.context_bytes)
         names = model_specs(self.cfg, experts=False)
         bar = tqdm(total=len(names), desc="weights -> device", disable=not progress)
 
-        self.model = DeepseekV2(self.cfg, weight_getter(self.ckpt, self.device, self.dtype, bar), self.backend,
-                                self.device)
+        self.model = DeepseekV2(self.cfg, weight_getter(self.ckpt, self.device, self.dtype, bar,
+                                                        self.run.mode != "gpu"), self.backend, self.device)
         bar.close()
         if self.run.prefetch == "mlp":
             self.install_predictors(self.run.predictor_path)

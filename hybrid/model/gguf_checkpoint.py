@@ -11,7 +11,8 @@ The routed experts' blocks move into quant.py's planes without requantizing (`la
 and Q5_0 into q8, Q4_0 into q4, Q4_K into q4k; `native_format` names the format a file's expert types fit (Q4_K_M:
 q4k), which `--experts auto` takes; other expert types run dequantized (bf16). A layer's shared experts move the same
 way into one FFN's planes where their types fit a plane kind (`shared_layout`: Q4_K_M's Q4_K gate/up and Q4_K, Q5_0
-or Q8_0 down; not its Q6_K downs), else they are dequantized with the other tensors. The tokenizer and chat template
+or Q8_0 down; not its Q6_K downs), else they are dequantized with the other tensors (the engine keeps them in
+blocks only while offloading). The tokenizer and chat template
 in the metadata are read by engine/gguf_tokenizer.py."""
 from __future__ import annotations
 

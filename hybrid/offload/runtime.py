@@ -61,8 +61,8 @@ def with_workspace(cfg: ModelConfig, run: RunConfig, device: torch.device, items
 
 
 def device_weight_bytes(cfg: ModelConfig, ckpt, itemsize: int) -> int:
-    """The non-expert weights on the device: at itemsize, but a GGUF file's shared experts where they stay in their
-    blocks (GgufCheckpoint.shared_layout)."""
+    """The non-expert weights on the device of an offloading run: at itemsize, but a GGUF file's shared experts
+    where they stay in their blocks (GgufCheckpoint.shared_layout; all resident they are dequantized too)."""
     total = device_weight_numel(cfg) * itemsize
     layout_of = getattr(ckpt, "shared_layout", None)
     shared = 3 * cfg.hidden_size * cfg.moe_intermediate_size * cfg.n_shared_experts
@@ -149,7 +149,8 @@ def build_backend(cfg: ModelConfig, ckpt: Checkpoint, run: RunConfig, device: to
     """The ExpertBackend for run.mode (a concrete mode: see choose_mode). `context` is the device memory the CUDA
     context holds (outside the allocator, inside the budget)."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    plan = memory_plan(cfg, run, device, itemsize, context, device_weight_bytes(cfg, ckpt, itemsize))
+    plan = memory_plan(cfg, run, device, itemsize, context,
+                       device_weight_bytes(cfg, ckpt, itemsize) if run.mode != "gpu" else None)
     if device.type == "cuda" and run.gpu_memory is not None:
         limit_allocator(plan, device)
     if run.mode == "gpu":
