@@ -80,7 +80,8 @@ def gguf_tensors(ckpt: Checkpoint, split_kv_b: bool):
 
 def write_gguf(tiny, path, qtype=Q.F32, split_kv_b=True, drop=(), experts=None):
     """The tiny checkpoint as a GGUF; 2-D and expert matrices in `qtype` (norms stay F32); tensors in `drop` left out;
-    experts(name) -> a block type for a routed or shared expert tensor, written by ggml_blocks' encoders."""
+    experts(name) -> a block type for a routed or shared expert's or the dense MLP's tensor, written by ggml_blocks'
+    encoders."""
     ckpt = Checkpoint(tiny)
     w = GGUFWriter(str(path), "deepseek2")
     metadata(w, ckpt.config)
@@ -90,7 +91,7 @@ def write_gguf(tiny, path, qtype=Q.F32, split_kv_b=True, drop=(), experts=None):
         if experts is not None and "_exps" in name:
             t = experts(name)
             w.add_tensor(name, np.stack([ENCODE[t](m) for m in a]), raw_dtype=t)
-        elif experts is not None and "_shexp" in name:
+        elif experts is not None and re.fullmatch(r"blk\.\d+\.ffn_(gate|up|down)(_shexp)?\.weight", name):
             t = experts(name)
             w.add_tensor(name, ENCODE[t](a), raw_dtype=t)
         elif qtype != Q.F32 and a.ndim >= 2 and a.shape[-1] % 32 == 0:
@@ -151,7 +152,8 @@ def test_a_format_that_does_not_match_the_files_blocks_is_one_clear_error(tiny, 
 
 def dequantized_oracle(tiny, tmp_path, qtype=None, types=None):
     """transformers on the tiny checkpoint with each 2-D tensor through gguf's quantizer (or, with types(name) ->
-    a block type, each routed expert through ggml_blocks' encoder) and back through gguf's dequantizer."""
+    a block type, each routed expert, the shared experts and the dense MLP through ggml_blocks' encoders) and back
+    through gguf's dequantizer."""
     from transformers import AutoModelForCausalLM
     deq = tmp_path / "deq"
     deq.mkdir()
@@ -162,10 +164,10 @@ def dequantized_oracle(tiny, tmp_path, qtype=None, types=None):
         tensors = load_file(f)
         for name, t in tensors.items():
             a, m = t.float().numpy(), re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.\d+\.(\w+)\.weight", name)
-            shared = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.shared_experts\.(\w+)_proj\.weight", name)
-            if types is not None and (m is not None or shared is not None):
+            ffn = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.(shared_experts\.)?(\w+)_proj\.weight", name)
+            if types is not None and (m is not None or ffn is not None):
                 g = f"blk.{m[1]}.{next(k for k, v in EXPERTS.items() if v == m[2])}.weight" if m is not None else \
-                    f"blk.{shared[1]}.ffn_{shared[2]}_shexp.weight"
+                    f"blk.{ffn[1]}.ffn_{ffn[3]}{'_shexp' if ffn[2] else ''}.weight"
                 kind = types(g)
                 tensors[name] = torch.from_numpy(dequantize(ENCODE[kind](a), kind).copy())
             elif qtype is not None and a.ndim == 2 and a.shape[-1] % 32 == 0:
@@ -176,7 +178,8 @@ def dequantized_oracle(tiny, tmp_path, qtype=None, types=None):
 
 def q4_k_m(name: str):
     """Expert block types as llama-quantize's Q4_K_M gives V2-Lite: gate/up Q4_K, down Q5_0 or Q8_0 by layer
-    (routed and shared experts; the tiny shared down's rows of 64 fit no Q4_K or Q6_K block either)."""
+    (routed and shared experts and the dense MLP; the tiny downs' rows of 64 or 128 fit no Q4_K or Q6_K block
+    either)."""
     if "down" not in name:
         return Q.Q4_K
     return Q.Q8_0 if int(name.split(".")[1]) % 2 else Q.Q5_0
@@ -191,6 +194,7 @@ def test_q4_k_m_experts_move_into_q4k_planes_and_compute_the_files_function(wide
     e = Engine(str(path), RunConfig(**RUN, mode=mode, gpu_memory=budget, prefill_scratch=0), progress=False)
     assert e.run.experts == "q4k"
     quantized = [isinstance(m.shared, QuantizedFFN) for *_, m in e.model.layers[1:]]   # shared experts in blocks
+    quantized.append(isinstance(e.model.layers[0][3], QuantizedFFN))                   # the dense MLP too
     assert all(quantized) if mode != "gpu" else not any(quantized)                    # (offloading only)
     prompts = [[1, 5, 900, 17, 33, 4, 8], [9, 8, 7]]
     for p in prompts:
@@ -203,7 +207,7 @@ def test_q4_k_m_experts_move_into_q4k_planes_and_compute_the_files_function(wide
 
 
 def test_shared_experts_in_blocks_count_at_their_size_in_the_budget(wide, tmp_path):
-    """The memory plan counts carried shared experts at their planes' bytes; a file whose shared experts are F32
+    """The memory plan counts carried shared experts and dense MLPs at their planes' bytes; a file whose are F32
     (dequantized at load) counts them at the compute dtype's size."""
     from hybrid.model.layout import device_weight_numel
     from hybrid.offload.runtime import device_weight_bytes
@@ -211,10 +215,12 @@ def test_shared_experts_in_blocks_count_at_their_size_in_the_budget(wide, tmp_pa
         GgufCheckpoint(write_gguf(wide, tmp_path / "f.gguf"))
     cfg, full = m.config, device_weight_numel(m.config) * 2
     shared = 3 * cfg.hidden_size * cfg.moe_intermediate_size * cfg.n_shared_experts * 2
-    lays = [m.shared_layout(L) for L in cfg.moe_layers]
-    assert all(lay is not None and lay.w13.kind == "q4k" and lay.w2.kind == "q8" for lay in lays)
-    assert device_weight_bytes(cfg, m, 2) == full - sum(shared - lay.nbytes for lay in lays) < full
-    assert f.shared_layout(cfg.moe_layers[0]) is None and device_weight_bytes(cfg, f, 2) == full
+    lays = [m.ffn_layout(L, "shared") for L in cfg.moe_layers]
+    dense = m.ffn_layout(0, "dense")
+    assert all(lay is not None and lay.w13.kind == "q4k" and lay.w2.kind == "q8" for lay in lays + [dense])
+    saved = sum(shared - lay.nbytes for lay in lays) + 3 * cfg.hidden_size * cfg.intermediate_size * 2 - dense.nbytes
+    assert device_weight_bytes(cfg, m, 2) == full - saved < full
+    assert f.ffn_layout(cfg.moe_layers[0], "shared") is None and device_weight_bytes(cfg, f, 2) == full
 
 
 def test_own_q4_k_and_q5_0_encoders_write_blocks_ggufs_dequantizer_reads():

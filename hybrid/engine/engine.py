@@ -44,21 +44,21 @@ def additive(allowed: torch.Tensor) -> torch.Tensor:
 def weight_getter(ckpt, device: torch.device, dtype: torch.dtype, bar,
                   offloading: bool) -> Callable[[str], torch.Tensor]:
     """The model's weights, streamed from the checkpoint (nothing but the model keeps a reference) to the device,
-    the token-embedding table to host memory; with `shared_ffn`: while offloading (memory is what the cache lacks;
-    all resident, the bf16 copies decode faster), a layer's shared experts kept in a GGUF file's blocks where they
-    fit a plane kind (GgufCheckpoint.shared_layout), else None."""
+    the token-embedding table to host memory; with `quantized_ffn(layer, "shared" | "dense")`: while offloading
+    (memory is what the cache lacks; all resident, the bf16 copies decode faster), a layer's shared experts or dense
+    MLP kept in a GGUF file's blocks where they fit a plane kind (GgufCheckpoint.ffn_layout), else None."""
     def weight(name: str) -> torch.Tensor:
         bar.update()
         t = ckpt.get(name)
         return t.to(dtype=dtype) if name == EMBED else t.to(device, dtype)
 
-    def shared_ffn(layer: int) -> QuantizedFFN | None:
-        lay = ckpt.shared_layout(layer) if offloading and hasattr(ckpt, "shared_layout") else None
+    def quantized_ffn(layer: int, which: str) -> QuantizedFFN | None:
+        lay = ckpt.ffn_layout(layer, which) if offloading and hasattr(ckpt, "ffn_layout") else None
         if lay is None:
             return None
         bar.update(3)
-        return QuantizedFFN(ckpt.shared_planes(layer, lay).to(device), lay)
-    weight.shared_ffn = shared_ffn
+        return QuantizedFFN(ckpt.ffn_planes(layer, which, lay).to(device), lay)
+    weight.quantized_ffn = quantized_ffn
     return weight
 
 

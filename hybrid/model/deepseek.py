@@ -17,7 +17,7 @@ from .latent_cache import LatentCache
 from .config import ModelConfig
 from .rope import Rope
 
-Weights = Callable[[str], torch.Tensor]     # may carry shared_ffn(layer) -> a callable FFN, or None (MoE)
+Weights = Callable[[str], torch.Tensor]     # may carry quantized_ffn (see the function of that name)
 ATTN_SCORE_ELEMS = 1 << 23     # scores computed at once (x 4 bytes, x ~3 live copies): bounds prefill workspace
 
 
@@ -73,6 +73,13 @@ def grouped_ffn(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: tor
     (`grouping`, the bounds and the groups with rows first, is a hint for the quantized twin.)"""
     gu = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)                       # [N, 2I]
     return torch._grouped_mm(fused.silu_mul(gu), w2.transpose(1, 2), offs=offs)      # [N, Hd]
+
+
+def quantized_ffn(w: Weights, layer: int, which: str):
+    """The layer's shared experts ("shared") or dense MLP ("dense") as a callable FFN x [N, Hd] -> [N, Hd] that `w`
+    keeps in quantized blocks (w.quantized_ffn: a GGUF file's, while offloading), or None: an MLP of w's tensors."""
+    get = getattr(w, "quantized_ffn", None)
+    return get(layer, which) if get is not None else None
 
 
 class MLP:
@@ -167,8 +174,7 @@ class MoE:
         p = f"model.layers.{i}.mlp"
         self.cfg, self.i = cfg, i
         self.gate = w(f"{p}.gate.weight").float()                                       # [E, Hd]
-        quantized = getattr(w, "shared_ffn", None)     # layer -> its shared experts kept quantized, or None
-        self.shared = (quantized and quantized(i)) or MLP(w, f"{p}.shared_experts")
+        self.shared = quantized_ffn(w, i, "shared") or MLP(w, f"{p}.shared_experts")
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [T, Hd] -> (idx [T, K] int64, weights [T, K] float32), as DeepSeek-V2's own code routes: with
@@ -212,7 +218,7 @@ class DeepseekV2:
         self.layers = []
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}"
-            mlp = MoE(cfg, w, i) if cfg.is_moe_layer(i) else MLP(w, f"{p}.mlp")
+            mlp = MoE(cfg, w, i) if cfg.is_moe_layer(i) else quantized_ffn(w, i, "dense") or MLP(w, f"{p}.mlp")
             self.layers.append((RMSNorm(w(f"{p}.input_layernorm.weight"), cfg.rms_norm_eps), MLAttention(cfg, w, i),
                                 RMSNorm(w(f"{p}.post_attention_layernorm.weight"), cfg.rms_norm_eps), mlp))
         self.norm = RMSNorm(w("model.norm.weight"), cfg.rms_norm_eps)

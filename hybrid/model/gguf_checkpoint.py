@@ -10,9 +10,9 @@ give kv_b_proj [H * (nope + v), kv_lora]. The config's YaRN `mscale` is not in t
 The routed experts' blocks move into quant.py's planes without requantizing (`layer_planes`, ggml_blocks.py): Q8_0
 and Q5_0 into q8, Q4_0 into q4, Q4_K into q4k; `native_format` names the format a file's expert types fit (Q4_K_M:
 q4k), which `--experts auto` takes; other expert types run dequantized (bf16). A layer's shared experts move the same
-way into one FFN's planes where their types fit a plane kind (`shared_layout`: Q4_K_M's Q4_K gate/up and Q4_K, Q5_0
-or Q8_0 down; not its Q6_K downs), else they are dequantized with the other tensors (the engine keeps them in
-blocks only while offloading). The tokenizer and chat template
+way into one FFN's planes where their types fit a plane kind (`ffn_layout`: Q4_K_M's Q4_K gate/up and Q4_K, Q5_0
+or Q8_0 down; not its Q6_K downs), and so does the dense first layer's MLP; else they are dequantized with the other
+tensors (the engine keeps them in blocks only while offloading). The tokenizer and chat template
 in the metadata are read by engine/gguf_tokenizer.py."""
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight"
           "output.weight": "lm_head.weight"}
 EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 EXPERT_FFN = tuple(EXPERTS)                                   # gate, up, down: a layer's routed experts
-SHARED_FFN = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")   # its shared experts, one FFN
+FFNS = {"shared": ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"),   # a MoE layer's shared experts, one FFN
+        "dense": ("ffn_gate", "ffn_up", "ffn_down")}                        # a dense layer's MLP
 KV_B = "attn_kv_b.weight"                         # absent in newer files: attn_k_b + attn_v_b instead
 
 
@@ -158,21 +159,22 @@ class GgufCheckpoint:
         """A layer's experts in lay's planes, moved from the file's blocks without requantizing -> [E, lay.nbytes]."""
         return self._planes(layer, EXPERT_FFN, lay)
 
-    def shared_layout(self, layer: int) -> ExpertLayout | None:
-        """The planes a layer's shared experts (one FFN of width n_shared x I) move into unchanged, or None where a
-        block type has no plane kind (F32, F16, Q6_K, ...: they are dequantized with the other tensors)."""
-        t = [self.tensors.get(f"blk.{layer}.{k}.weight") for k in SHARED_FFN]
+    def ffn_layout(self, layer: int, which: str) -> ExpertLayout | None:
+        """The planes a layer's shared experts (`which` "shared": one FFN of width n_shared x I) or dense MLP
+        ("dense") move into unchanged, or None where a block type has no plane kind (F32, F16, Q6_K, ...: they are
+        dequantized with the other tensors)."""
+        t = [self.tensors.get(f"blk.{layer}.{k}.weight") for k in FFNS[which]]
         if None in t:
             return None
         kind = lambda *ts: next((k for k, c in CARRIED.items() if {x.tensor_type.name for x in ts} <= c), None)  # noqa: E731
         k13, k2 = kind(t[0], t[1]), kind(t[2])
         if k13 is None or k2 is None:
             return None
-        return ffn_layout(int(t[0].shape[1]), int(t[0].shape[0]), (k13, k2), "shared")
+        return ffn_layout(int(t[0].shape[1]), int(t[0].shape[0]), (k13, k2), which)
 
-    def shared_planes(self, layer: int, lay: ExpertLayout) -> torch.Tensor:
-        """A layer's shared experts in lay's planes (shared_layout) -> [lay.nbytes]."""
-        return self._planes(layer, SHARED_FFN, lay)[0]
+    def ffn_planes(self, layer: int, which: str, lay: ExpertLayout) -> torch.Tensor:
+        """A layer's shared experts or dense MLP in lay's planes (ffn_layout) -> [lay.nbytes]."""
+        return self._planes(layer, FFNS[which], lay)[0]
 
     def _planes(self, layer: int, names: tuple[str, str, str], lay: ExpertLayout) -> torch.Tensor:
         """gate, up, down blocks of a layer (one tensor each: [E, R, cols] for the routed experts, [R, cols] for

@@ -61,15 +61,15 @@ def with_workspace(cfg: ModelConfig, run: RunConfig, device: torch.device, items
 
 
 def device_weight_bytes(cfg: ModelConfig, ckpt, itemsize: int) -> int:
-    """The non-expert weights on the device of an offloading run: at itemsize, but a GGUF file's shared experts
-    where they stay in their blocks (GgufCheckpoint.shared_layout; all resident they are dequantized too)."""
+    """The non-expert weights on the device of an offloading run: at itemsize, but a GGUF file's shared experts and
+    dense MLPs where they stay in their blocks (GgufCheckpoint.ffn_layout; all resident they are dequantized too)."""
     total = device_weight_numel(cfg) * itemsize
-    layout_of = getattr(ckpt, "shared_layout", None)
-    shared = 3 * cfg.hidden_size * cfg.moe_intermediate_size * cfg.n_shared_experts
-    for layer in cfg.moe_layers if layout_of else ():
-        lay = layout_of(layer)
+    layout_of = getattr(ckpt, "ffn_layout", None)
+    for layer in range(cfg.num_hidden_layers) if layout_of else ():
+        moe = cfg.is_moe_layer(layer)
+        lay = layout_of(layer, "shared" if moe else "dense")
         if lay is not None:
-            total -= shared * itemsize - lay.nbytes
+            total -= 3 * lay.w2.rows * lay.w2.cols * itemsize - lay.nbytes
     return total
 
 
