@@ -58,13 +58,13 @@ class StaticStep:
         return self.model.experts.forward(call)
 
     def _before(self, call: MoECall, guess) -> None:
-        """Ahead of an offloading backend's forward: its routing sync queued, then the slot table's changes and
-        the `guess` (a callable, or None), which may wait for prefetch copies the host need not wait for."""
+        """Ahead of an offloading backend's forward: its routing sync queued, then the `guess` (a callable, or None)
+        behind the prefetch copies its slot table's entries await, which the host need not wait for."""
         backend = self.model.experts
         if hasattr(backend, "readback"):
             backend.readback(call)
         if guess is not None:
-            backend.guesses.push()
+            backend.guesses.wait_copies()
             guess()
 
     def _capture(self) -> None:

@@ -18,18 +18,18 @@ GUESS_TOKENS = 2          # decode batches of at most this many tokens guess (mo
 
 class Guesses:
     """max_picks: the most picks (tokens x top-k) a guessing call has; 0: no guesses. With prefetch on, the
-    experts prefetched for a layer are in the table before their copies land: `push` before its guess makes the
-    stream wait for those copies (slot_table.py), a wait the planned path would mostly make anyway for its hits."""
+    experts prefetched for a layer are in the table before their copies land: `wait_copies` before its guess makes
+    the stream wait for those copies (slot_table.py), a wait the planned path would mostly make anyway for its hits."""
 
     def __init__(self, cache: ExpertCache, ffn, max_picks: int):
         self.cache, self.ffn, self.max_picks = cache, ffn, max_picks
         self.static: dict[int, torch.Tensor] = {}        # id(static MoECall) -> its guess (a graph's buffer)
-        self.eager: tuple[int, torch.Tensor] | None = None     # the last eager call's
+        self.eager: tuple | None = None        # (the last eager call, its guess)
 
     def wanted(self, call) -> bool:
         return call.idx.numel() <= self.max_picks
 
-    def push(self) -> None:
+    def wait_copies(self) -> None:
         """Before each guess is queued: the stream waits for the copies the table's new entries await."""
         self.cache.table.wait_guarded()
 
@@ -42,14 +42,14 @@ class Guesses:
         if call.static:
             self.static[id(call)] = out
         else:
-            self.eager = (id(call), out)
+            self.eager = (call, out)
 
     def take(self, call, flat: np.ndarray) -> torch.Tensor | None:
         """The guess for `call` if the table it read covered every pick (flat [T*K] expert ids), else None."""
         if call.static:
             out = self.static.get(id(call))
         else:
-            out = self.eager[1] if self.eager and self.eager[0] == id(call) else None
+            out = self.eager[1] if self.eager and self.eager[0] is call else None
             self.eager = None
         if out is None or not self.cache.table.covers(call.layer, flat):
             return None

@@ -66,8 +66,7 @@ def device_weight_bytes(cfg: ModelConfig, ckpt, itemsize: int) -> int:
     total = device_weight_numel(cfg) * itemsize
     layout_of = getattr(ckpt, "ffn_layout", None)
     for layer in range(cfg.num_hidden_layers) if layout_of else ():
-        moe = cfg.is_moe_layer(layer)
-        lay = layout_of(layer, "shared" if moe else "dense")
+        lay = layout_of(layer, "shared" if cfg.is_moe_layer(layer) else "dense")
         if lay is not None:
             total -= 3 * lay.w2.rows * lay.w2.cols * itemsize - lay.nbytes
     return total
@@ -126,7 +125,7 @@ def quant_layout(cfg: ModelConfig, run: RunConfig) -> ExpertLayout | None:
 
 
 def choose_mode(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize: int,
-                context: int, weights: int | None = None) -> tuple[RunConfig, str]:
+                context: int) -> tuple[RunConfig, str]:
     """Mode auto: everything resident if the experts fit (the free GPU memory, or --gpu-memory), else hybrid
     with a budget of the free memory less AUTO_MARGIN. -> (the run with a concrete mode, one line saying why)."""
     if device.type != "cuda":
@@ -134,7 +133,7 @@ def choose_mode(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize
     budget = auto_budget(torch.cuda.mem_get_info(device)[0] + context, run.gpu_memory)
     trial = replace(run, mode="gpu", gpu_memory=budget)
     try:
-        room = memory_plan(cfg, trial, device, itemsize, context, weights).cache_bytes
+        room = memory_plan(cfg, trial, device, itemsize, context).cache_bytes
     except BudgetError:
         room = 0
     need = experts_bytes(cfg, run, itemsize)
