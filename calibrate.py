@@ -29,7 +29,7 @@ def engine_overheads(device: torch.device, dtype: str, kernel: str, pool: bool,
         path = write_checkpoint(tmp, config, shards, progress=False)
         for mode, slots in (("fetch", None), ("cpu", 0)):
             run = RunConfig(device=str(device), dtype=dtype, mode=mode, experts=experts, max_seq_len=64,
-                            cache_slots=slots,
+                            cache_slots=slots, cache_layout="spread",      # planned layers, none pinned
                             cpu_kernel=kernel, cpu_pool=pool, cpu_tiles=tiles, cpu_prefetch=prefetch)
             e = Engine(str(path), run, progress=False)
             e.backend.guesses.max_picks = 0         # the planned layer's overhead: a taken guess skips it

@@ -23,7 +23,7 @@ from hybrid.model.config import CHOICES, ConfigError
 
 MODES = ("gpu", "fetch", "cpu", "hybrid")
 PEERS = ("transformers", "transformers+accelerate")
-SETTINGS = ("checkpoint", "gpu_budget_gib", "tokens_asked", "cache_policy", "experts", "code_sha256")
+SETTINGS = ("checkpoint", "gpu_budget_gib", "tokens_asked", "cache_policy", "cache_layout", "experts", "code_sha256")
 FIELDS = ("mode", "batch_size", "prompt_tokens", "new_tokens", "ttft_ms", "ttft_first_ms", "tpot_ms_mean",
           "tpot_ms_p50", "tpot_ms_p90", "decode_tok_s", "e2e_tok_s", "prefill_tok_s", "peak_gpu_gib", "hit_rate",
           "gb_over_pcie", "cpu_share", "cpu_ms_per_expert", "prefetch_recall", "layer_pred_ms_mean",
@@ -43,7 +43,9 @@ def args(argv=None):
     ap.add_argument("--batch-sizes", default="1,4,8,16", help="comma-separated")
     ap.add_argument("--prompt-lens", default="128,256,512", help="comma-separated prompt tokens")
     ap.add_argument("--new-tokens", type=at_least(2), default=128, help="tokens generated per cell")
-    ap.add_argument("--cache-policy", default="lfu", choices=["lfu", "lru", "static"], help="expert cache policy")
+    ap.add_argument("--cache-policy", default="lfu", choices=CHOICES["cache_policy"], help="expert cache policy")
+    ap.add_argument("--cache-layout", default="layers", choices=CHOICES["cache_layout"],
+                    help="expert cache's slots: whole layers or an equal share per layer (run.py's --cache-layout)")
     ap.add_argument("--experts", default="auto", choices=CHOICES["experts"],
                     help="routed experts' format (as run.py's; auto: a GGUF's own, else bf16)")
     ap.add_argument("--peers", default="", help=f"comma-separated, of {', '.join(PEERS)} (prompt: the shortest)")
@@ -87,7 +89,8 @@ def job_settings(a, mode: str, identity: str, code: str) -> dict:
     resident = mode == "gpu" or mode == "transformers"
     tokens = {"transformers": a.peer_new_tokens, "transformers+accelerate": a.accelerate_new_tokens}
     return {"checkpoint": identity, "gpu_budget_gib": None if resident else a.gpu_memory / 2**30,
-            "tokens_asked": tokens.get(mode, a.new_tokens), "cache_policy": a.cache_policy, "experts": a.experts,
+            "tokens_asked": tokens.get(mode, a.new_tokens), "cache_policy": a.cache_policy,
+            "cache_layout": None if resident else a.cache_layout, "experts": a.experts,
             "code_sha256": code}
 
 

@@ -49,8 +49,8 @@ def test_staging_ring_skips_held_slots(tiny):
 def test_copy_ahead_is_exact_and_counted_as_misses(tiny, mode, prefetch, monkeypatch):
     ref = make(tiny).generate(LONG, SamplingParams(max_new_tokens=6, stop_on_eos=False))
     monkeypatch.setattr(CopyAhead, "count", lambda self: 4)
-    e = make(tiny, mode=mode, prefetch=prefetch, gpu_memory=budget_for(tiny, 12))
-    off = make(tiny, mode=mode, prefetch=prefetch, gpu_memory=budget_for(tiny, 12), copy_ahead=False)
+    kw = dict(mode=mode, prefetch=prefetch, gpu_memory=budget_for(tiny, 12), cache_layout="spread")  # all shares
+    e, off = make(tiny, **kw), make(tiny, copy_ahead=False, **kw)         # (no prefetch into held staging slots)
     assert off.backend.next.policy is None and e.backend.next.policy is not None
     out = e.generate(LONG, SamplingParams(max_new_tokens=6, stop_on_eos=False))
     assert out.tokens == ref.tokens

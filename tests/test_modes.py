@@ -122,7 +122,8 @@ def test_repeated_prompt_shapes_prefill_from_static_buffers_exactly(tiny, mode):
 
 def test_decode_takes_the_guess_where_the_table_covers_every_pick_and_stays_exact(tiny, gpu_run):
     """Batch-1 decode layers whose picks are all in the slot table take the output guessed before the routing
-    sync (guesses.py); the others run the plan. Every expert cached: nearly all decode layers guess; 36 of 48:
+    sync (guesses.py); the others run the plan. Under the spread layout (no layer pinned, every layer planned or
+    guessed), every expert cached: nearly all decode layers guess; 36 of 48:
     some (which ones the CPU lane keeps out of the cache varies with its timing); with gate prefetch too (its
     copies enter the table before they land); batch 3 (more picks than GUESS_TOKENS): none. The tokens equal mode
     gpu's."""
@@ -132,9 +133,9 @@ def test_decode_takes_the_guess_where_the_table_covers_every_pick_and_stays_exac
     shares = []
     for slots, prompts, prefetch in ((48, PROMPTS[:1], "none"), (36, PROMPTS[:1], "none"),
                                      (48, PROMPTS, "none"), (36, PROMPTS[:1], "gate")):
-        e = make(tiny, mode="hybrid", prefetch=prefetch, gpu_memory=budget_for(tiny, slots))
+        e = make(tiny, mode="hybrid", prefetch=prefetch, gpu_memory=budget_for(tiny, slots), cache_layout="spread")
         out = e.generate(prompts, params)
-        assert out.tokens == ref[:len(prompts)]
+        assert out.tokens == ref[:len(prompts)] and out.stats.experts.pinned_layers == 0
         shares.append(out.stats.summary()["guessed_layer_share"])
     assert len(PROMPTS) > GUESS_TOKENS and shares[2] == 0
     assert shares[0] >= 0.8 and 0 < shares[1] <= shares[0] and 0 < shares[3] <= shares[0]

@@ -123,6 +123,8 @@ def engine_args(ap: argparse.ArgumentParser, batch_flag: str = "--batch-size", b
                          "default: mode auto takes the free memory less 512 MiB, other modes all free memory")
     ap.add_argument("--cache-policy", default="lfu", choices=CHOICES["cache_policy"],
                     help="GPU expert cache: LFU with decay, LRU, or static (the first experts loaded stay)")
+    ap.add_argument("--cache-layout", default="layers", choices=CHOICES["cache_layout"], help="expert cache slots: "
+                    "whole layers (the last ones, run without the host) or an equal share per layer (spread)")
     ap.add_argument("--prefetch", default="none", choices=CHOICES["prefetch"],
                     help="predict the next layer's experts with its router (gate) or a trained predictor (mlp)")
     ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
@@ -134,8 +136,7 @@ def engine_args(ap: argparse.ArgumentParser, batch_flag: str = "--batch-size", b
     ap.add_argument("--cpu-threads", type=at_least(1),
                     help="CPU threads (default: all cores but one with a GPU, all cores without; fewer while other "
                          "processes keep cores busy)")
-    ap.add_argument("--cpu-kernel", default="auto",
-                    choices=CHOICES["cpu_kernel"],
+    ap.add_argument("--cpu-kernel", default="auto", choices=CHOICES["cpu_kernel"],
                     help="CPU experts: native kernel (built on first use) | torch | auto (native if it builds)")
     ap.add_argument("--cpu-pool", default="on", choices=["on", "off"],
                     help="native CPU kernel on its own thread pool, started before the layer's GPU work is queued "
@@ -146,8 +147,7 @@ def engine_args(ap: argparse.ArgumentParser, batch_flag: str = "--batch-size", b
     ap.add_argument("--cpu-pool-spin-us", type=at_least(0), default=2000,
                     help="with a GPU: how long idle pool members spin before they sleep (the next layer's job "
                          "usually comes within it)")
-    ap.add_argument("--cpu-prefetch", default="on", choices=["on", "off"],
-                    help="the tile path's software prefetch of the next weight rows into L2")
+    ap.add_argument("--cpu-prefetch", default="on", choices=["on", "off"], help="the tile path's software prefetch")
     ap.add_argument("--copy-ahead", default="on", choices=["on", "off"],
                     help="prefill: queue copies of the next layer's uncached experts behind this layer's, into the "
                          "PCIe lane's idle time before the next routing (modes fetch, hybrid)")
@@ -168,9 +168,9 @@ def engine_args(ap: argparse.ArgumentParser, batch_flag: str = "--batch-size", b
 def run_config(a: argparse.Namespace) -> RunConfig:
     dtype = a.dtype or ("bfloat16" if str(a.device).startswith("cuda") else "float32")
     return RunConfig(device=a.device, dtype=dtype, mode=a.mode, experts=a.experts, gpu_memory=a.gpu_memory,
-                     cache_policy=a.cache_policy, prefetch=a.prefetch, max_batch_size=a.batch_size,
-                     max_seq_len=a.max_seq_len, cpu_threads=a.cpu_threads, cpu_kernel=a.cpu_kernel,
-                     cpu_pool=a.cpu_pool == "on", cpu_tiles=a.cpu_tiles, copy_ahead=a.copy_ahead == "on",
+                     cache_policy=a.cache_policy, cache_layout=a.cache_layout, prefetch=a.prefetch,
+                     max_batch_size=a.batch_size, max_seq_len=a.max_seq_len, cpu_threads=a.cpu_threads,
+                     cpu_kernel=a.cpu_kernel, cpu_pool=a.cpu_pool == "on", cpu_tiles=a.cpu_tiles, copy_ahead=a.copy_ahead == "on",
                      cpu_pool_spin_us=a.cpu_pool_spin_us, cpu_prefetch=a.cpu_prefetch == "on", costs_path=a.costs,
                      predictor_path=a.predictors, lookahead=a.lookahead,
                      prefill_graph_tokens=a.prefill_graph_tokens, prefill_scratch=a.prefill_scratch,

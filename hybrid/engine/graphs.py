@@ -50,8 +50,15 @@ class StaticStep:
     def _drive(self, answer) -> torch.Tensor:
         return self.model.run(self.x, self.cache, self.st, answer=answer)
 
+    def _in_graph(self, item) -> bool:
+        """Whether `item` is a MoE call the backend answers without the host (a pinned layer)."""
+        in_graph = getattr(self.model.experts, "in_graph", None)
+        return isinstance(item, MoECall) and in_graph is not None and in_graph(item)
+
     def _answer(self, call: MoECall) -> torch.Tensor:
         """An eager step's MoE call: the backend's guess (offloaded decode), then its answer."""
+        if self._in_graph(call):
+            return self.model.experts.forward(call)
         guesses = getattr(self.model.experts, "guesses", None)
         wanted = guesses is not None and guesses.wanted(call)
         self._before(call, (lambda: guesses.run(call)) if wanted else None)
@@ -69,7 +76,7 @@ class StaticStep:
 
     def _capture(self) -> None:
         backend = self.model.experts
-        warm = backend.forward if backend.capturable else (lambda c: torch.zeros_like(c.x))
+        warm = backend.forward if backend.capturable else backend.warm
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -86,7 +93,7 @@ class StaticStep:
         gen = self.model.steps(self.x, self.cache, self.st)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=pool):
-            item = next(gen)
+            item = self._through(gen, next(gen))
         self.pieces.append(g)
         guesses = getattr(backend, "guesses", None)
         while isinstance(item, MoECall):
@@ -98,9 +105,15 @@ class StaticStep:
                 self.routed = torch.zeros_like(item.x)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
-                item = gen.send(self.routed)
+                item = self._through(gen, gen.send(self.routed))
             self.pieces.append(g)
         self.logits = item
+
+    def _through(self, gen, item):
+        """Answer the pinned layers' calls in the piece being captured, up to the next call the host must see."""
+        while self._in_graph(item):
+            item = gen.send(self.model.experts.forward(item))
+        return item
 
     @staticmethod
     def _capture_guess(guess, call: MoECall, pool) -> torch.cuda.CUDAGraph:

@@ -29,6 +29,7 @@ from .layer_layout import layer_layout
 from .layer_timer import LayerTimer
 from .next_layer import NextLayerCopies
 from .phases import PhaseLog
+from .pinned import PinnedLayers
 from .readback import RoutingReadback
 from .wave_groups import WaveGroups
 from .stats import RunStats
@@ -54,7 +55,9 @@ class OffloadedExperts:
         self.predicted_ms = 0.0                # its predicted time, with the online correction (LaneFeedback)
         self.issued = 0.0                      # when the current layer's copies were issued (perf_counter, s)
         self.feedback = LaneFeedback(decode_tokens)
-        self.acct = Accounting(cfg.moe_layers[0], cache, prefetcher, self.feedback, planner.costs)
+        self.pinned = PinnedLayers(cache, cfg.moe_layers, cfg.n_routed_experts)
+        first = next((layer for layer in cfg.moe_layers if layer not in self.pinned), cfg.moe_layers[0])
+        self.acct = Accounting(first, cache, prefetcher, self.feedback, planner.costs)
         self.copies = ExpertCopies(self.copy, cache, store, self.acct, planner.costs.fetch_ms)
         self.next = NextLayerCopies(cfg.moe_layers, cfg.n_routed_experts, cache, self.copies, self.acct,
                                     planner.costs, prefetcher, copy_ahead)
@@ -73,9 +76,17 @@ class OffloadedExperts:
 
     def end(self, stats: RunStats) -> None:
         self.acct.settle()
+        self.pinned.settle(stats)
         stats.layer_meas_ms, stats.layer_pred_ms, stats.layer_model_ms = self.timer.read()
         if self.prefetcher:
             stats.experts.prefetch_recall = self.prefetcher.recall
+
+    def in_graph(self, call) -> bool:
+        return call.layer in self.pinned          # no routing sync (pinned.py): the step's graphs take it in
+
+    def warm(self, call) -> torch.Tensor:
+        """An output for a warm-up pass before a capture (nothing counted, nothing planned)."""
+        return self.pinned.forward(call, count=False) if call.layer in self.pinned else torch.zeros_like(call.x)
 
     def readback(self, call) -> None:
         """Queue the layer's routing sync now (before its guess; forward waits for it)."""
@@ -86,6 +97,8 @@ class OffloadedExperts:
         while copies and GPU work proceed -> combine; or, where the slot table covered every pick, the `guess`.
         Bookkeeping (policy, statistics, eviction order) waits for the next layer's routing sync."""
         layer, idx = call.layer, call.idx
+        if layer in self.pinned:
+            return self.pinned.forward(call)
         T, K = idx.shape
         pred = call.pred if self.prefetcher else None
         self.phases.start(layer)
@@ -219,11 +232,6 @@ class OffloadedExperts:
         """The next layer's prefetch copies, and in prefill its copies made ahead (-> those still to issue)."""
         T, K = call.idx.shape
         pred = host[:, K:] if self.prefetcher and call.pred is not None else None
-        plan = self.plan
-        plan.prefetch = self.next.choose_prefetch(call.layer, pred)
-        if pred is not None:                  # also with no candidate: the guess is scored for recall
-            self.next.prefetch(call.layer, pred, plan.prefetch, self.predicted_ms)
-        plan.ahead = self.next.choose_ahead(call.layer, pred, T > self.decode_tokens)
-        later = self.next.copy_ahead(call.layer, plan.ahead)
+        later = self.next.queue(call.layer, pred, self.plan, self.predicted_ms, T > self.decode_tokens)
         self.phases.mark("queued")
         return later

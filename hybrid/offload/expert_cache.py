@@ -1,4 +1,10 @@
-"""GPU expert slots: each MoE layer owns a share of slots and a policy; a staging ring takes the rest."""
+"""GPU expert slots: each MoE layer owns a share of slots and a policy; a staging ring takes the rest.
+
+How the slots are shared between layers is the layout: `spread` gives every MoE layer an equal share; `layers` gives
+the last MoE layers whole shares (every expert, as llama.cpp's --n-cpu-moe keeps whole layers on the GPU), the
+remainder to the layer before them and nothing to the others. A whole share is pinned (pinned.py): its layer never
+misses, so it runs without the host. With routing as uniform as random weights give, both layouts hit as often,
+but `layers` puts the misses in fewer layers: fewer routing syncs, and the CPU lane gets several experts at once."""
 from __future__ import annotations
 
 import torch
@@ -18,17 +24,15 @@ class ExpertCache:
     ahead for the next layer (hold / release). Staging slots are never looked up by expert."""
 
     def __init__(self, cfg: ModelConfig, n_slots: int, n_staging: int, dtype: torch.dtype, device,
-                 policy: str = "lfu", quant: ExpertLayout | None = None):
-        self.cfg, self.quant = cfg, quant
+                 policy: str = "lfu", quant: ExpertLayout | None = None, layout: str = "spread"):
+        self.cfg, self.quant, self.device, self.layout = cfg, quant, torch.device(device), layout
         layers = cfg.moe_layers
         n_slots = min(n_slots, len(layers) * cfg.n_routed_experts)
         row, dtype = (cfg.expert_numel, dtype) if quant is None else (quant.nbytes, torch.uint8)
         self._slots = torch.empty(n_slots + n_staging, row, dtype=dtype, device=device)
-        share, extra = divmod(n_slots, len(layers))
         self.layer_slots: dict[int, list[int]] = {}
         s = 0
-        for k, layer in enumerate(layers):
-            n = share + (k < extra)
+        for layer, n in zip(layers, layer_shares(len(layers), n_slots, cfg.n_routed_experts, layout)):
             self.layer_slots[layer] = list(range(s, s + n))
             s += n
         self.n_slots = n_slots
@@ -63,6 +67,19 @@ class ExpertCache:
     def view(self, slot: int) -> torch.Tensor:
         """Slot `slot` as a flat [numel] tensor: the destination of a copy."""
         return self._views[slot]
+
+    def pinned(self, layer: int) -> bool:
+        """Whether the layout is `layers` and the layer's share holds every expert, expert e in its e-th slot (as
+        the initial placement puts them): it never misses, so nothing is ever evicted from it. (Under `spread`
+        every layer is planned, even when all fit: calibrate.py times that path.)"""
+        share = self.layer_slots[layer]
+        return self.layout == "layers" and len(share) == self.cfg.n_routed_experts and \
+            all(self._owner[s] == (layer, e) for e, s in enumerate(share))
+
+    def share_ffn(self, layer: int):
+        """The grouped FFN over a pinned layer's share, indexed by expert: ffn(xs [N, Hd], offs [E]) -> [N, Hd]."""
+        share = self.layer_slots[layer]
+        return slot_ffn(self._slots[share[0]:share[-1] + 1], self.cfg, self.quant)
 
     def is_staging(self, slot: int) -> bool:
         return slot >= self.n_slots
@@ -198,3 +215,18 @@ class ExpertCache:
         """For quantized slots, prefill's FFN over a bf16 scratch of `experts` experts: ffn(xs, slot_ends (host));
         None for unquantized slots or no scratch."""
         return None if self.quant is None or experts < 1 else ScratchFFN(self._slots, self.quant, dtype, experts)
+
+
+def layer_shares(n_layers: int, n_slots: int, experts: int, layout: str) -> list[int]:
+    """Slots per MoE layer, in layer order: `spread` equal shares; `layers` whole shares for the last layers, the
+    remainder to the one before them."""
+    if layout == "spread":
+        share, extra = divmod(n_slots, n_layers)
+        return [share + (k < extra) for k in range(n_layers)]
+    if layout != "layers":
+        raise ValueError(f"unknown cache layout {layout!r}: choose layers or spread")
+    whole, rest = divmod(n_slots, experts)
+    shares = [0] * n_layers + [experts] * whole
+    if rest:
+        shares[-whole - 1] = rest
+    return shares[-n_layers:]

@@ -27,7 +27,8 @@ class Guesses:
         self.eager: tuple | None = None        # (the last eager call, its guess)
 
     def wanted(self, call) -> bool:
-        return call.idx.numel() <= self.max_picks
+        """Small calls of layers whose share could hold a token's picks (a layer with none never guesses right)."""
+        return call.idx.numel() <= self.max_picks and len(self.cache.layer_slots[call.layer]) >= call.idx.shape[1]
 
     def wait_copies(self) -> None:
         """Before each guess is queued: the stream waits for the copies the table's new entries await."""

@@ -1,5 +1,6 @@
 """Copies for the next MoE layer, made while this one runs: prefetch of the experts its router (or a predictor)
-guesses, into the next layer's cache share, and in prefill copies made ahead into held staging slots."""
+guesses, into the next layer's cache share (held staging slots for a layer with no share), and in prefill copies
+made ahead into held staging slots."""
 from __future__ import annotations
 
 import time
@@ -21,6 +22,16 @@ class NextLayerCopies:
         self.cache, self.copies, self.acct, self.costs = cache, copies, acct, costs
         self.prefetcher, self.policy = prefetcher, copy_ahead
         self.ahead: dict[int, dict[int, int]] = {}          # layer -> {expert: staging slot} copied ahead for it
+        self.max_held = len(cache.staging) // 3             # staging slots a decode prefetch may hold
+
+    def queue(self, layer: int, pred_host, plan, window_ms: float, prefill: bool) -> tuple[int | None, Wave]:
+        """Once the layer's GPU work is queued: the next layer's prefetch (pred_host: its guessed experts per
+        token, or None), then in prefill the copies made ahead, noted in `plan` -> those copies, still to issue."""
+        plan.prefetch = self.choose_prefetch(layer, pred_host)
+        if pred_host is not None:             # also with no candidate: the guess is scored for recall
+            self.prefetch(layer, pred_host, plan.prefetch, window_ms)
+        plan.ahead = self.choose_ahead(layer, pred_host, prefill)
+        return self.copy_ahead(layer, plan.ahead)
 
     def take_ahead(self, layer: int, tokens: dict[int, int], prefill: bool) -> dict[int, int]:
         """The copies made ahead for this layer that it needs (the others' slots are released), after noting
@@ -51,7 +62,8 @@ class NextLayerCopies:
         if pred_host is not None:
             votes = np.bincount(pred_host.reshape(-1), minlength=self.experts)
             predicted = [e for e in np.argsort(-votes, kind="stable").tolist() if votes[e]]
-        return CopyAhead.choose(n, self.experts, self.cache.residents(nxt), self.cache.value_fn(nxt), predicted)
+        have = self.cache.residents(nxt) | self.ahead.get(nxt, {}).keys()          # prefetched into staging too
+        return CopyAhead.choose(n, self.experts, have, self.cache.value_fn(nxt), predicted)
 
     def copy_ahead(self, layer: int, experts: list[int]) -> tuple[int | None, Wave]:
         """Staging slots, held until the next layer's GEMM over its hits has read them, for the planned copies made
@@ -64,7 +76,7 @@ class NextLayerCopies:
             slot = self.cache.staging_slot()
             self.cache.hold(slot)
             wave.append((e, slot))
-        self.ahead[nxt] = dict(wave)
+        self.ahead[nxt] = {**self.ahead.get(nxt, {}), **dict(wave)}
         self.policy.issued = len(wave)
         self.acct.stats.experts.copied_ahead += len(wave)
         return nxt, wave
@@ -76,11 +88,17 @@ class NextLayerCopies:
         predicted = set(pred_host.reshape(-1).tolist())
         c = self.costs
         room = int((window_ms + c.layer_overhead_ms - self.copies.backlog_ms()) / c.fetch_ms)
-        wave = []
+        wave, held = [], {}
         for e in candidates[:max(0, room)]:
             slot = self.cache.admit(nxt, e, predicted)
+            if slot is None and not self.cache.layer_slots[nxt] and self.cache.held_count < self.max_held:
+                slot = held[e] = self.cache.staging_slot()      # a layer with no share: held like a copy ahead
+                self.cache.hold(slot)
             if slot is None:
                 break
             wave.append((e, slot))
+        if held:
+            self.ahead[nxt] = {**self.ahead.get(nxt, {}), **held}
+            self.acct.stats.experts.copied_ahead += len(held)
         self.cache.in_flight(nxt, wave, self.copies.issue(nxt, wave))    # the next layer's guess may read them
         self.acct.prefetch(nxt, predicted, {e for e, _ in wave})     # nxt's eviction order: at its entry

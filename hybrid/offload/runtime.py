@@ -174,7 +174,7 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
     quant = quant_layout(cfg, run)
     store = ExpertStore(cfg, ckpt, dtype, pin=cuda, progress=progress, quant=quant)
     n_slots = plan.n_slots if run.cache_slots is None else min(plan.n_slots, run.cache_slots)
-    cache = ExpertCache(cfg, n_slots, staging_slots(cfg), dtype, device, run.cache_policy, quant)
+    cache = ExpertCache(cfg, n_slots, staging_slots(cfg), dtype, device, run.cache_policy, quant, run.cache_layout)
     for layer in cfg.moe_layers:
         for e in range(cfg.n_routed_experts):
             slot = cache.place(layer, e)

@@ -20,10 +20,12 @@ class ExpertCounters:
     prefetched: int = 0
     prefetch_used: int = 0
     prefetch_recall: float = 0.0
-    copied_ahead: int = 0             # prefill copies made during the previous layer (hybrid/planning/copy_ahead.py)
+    copied_ahead: int = 0             # copies into held staging slots during the previous layer: prefill's
+                                      # (planning/copy_ahead.py), and prefetches for a layer with no cache share
     copied_ahead_used: int = 0
     cpu_busy_s: float = 0.0           # wall time the CPU lane spent computing experts
     guessed_layers: int = 0           # decode layers whose output was the guess made before the routing sync
+    pinned_layers: int = 0            # calls of pinned layers (every expert cached for good: no routing sync)
     layers: int = 0                   # MoE layer calls
     per_layer_hits: dict = field(default_factory=dict)
     per_layer_misses: dict = field(default_factory=dict)
@@ -85,6 +87,7 @@ class RunStats:
             "prefetched": e.prefetched, "prefetch_used": e.prefetch_used, "prefetch_recall": e.prefetch_recall,
             "copied_ahead": e.copied_ahead, "copied_ahead_used": e.copied_ahead_used,
             "guessed_layer_share": e.guessed_layers / e.layers if e.layers else 0.0,
+            "pinned_layer_share": e.pinned_layers / e.layers if e.layers else 0.0,
         }
         if self.layer_meas_ms:
             for key, pred in (("layer_time_median_rel_err", self.layer_pred_ms),

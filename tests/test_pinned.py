@@ -1,0 +1,97 @@
+"""The `layers` cache layout: whole shares for the last MoE layers, which run without the host (offload/pinned.py)."""
+import pytest
+import torch
+
+from conftest import PROMPTS, budget_for, make
+from hybrid.engine.sampling import SamplingParams
+from hybrid.offload.expert_cache import layer_shares
+from hybrid.offload.pinned import PinnedLayers, tally
+
+
+def test_layer_shares_give_whole_layers_from_the_last_or_equal_shares():
+    assert layer_shares(4, 9, 4, "layers") == [0, 1, 4, 4]
+    assert layer_shares(4, 8, 4, "layers") == [0, 0, 4, 4]
+    assert layer_shares(4, 3, 4, "layers") == [0, 0, 0, 3]
+    assert layer_shares(4, 16, 4, "layers") == [4, 4, 4, 4]
+    assert layer_shares(4, 9, 4, "spread") == [3, 2, 2, 2]
+    with pytest.raises(ValueError, match="layers or spread"):
+        layer_shares(4, 9, 4, "rows")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    return make(tiny).generate(PROMPTS, SamplingParams(max_new_tokens=8, stop_on_eos=False)).tokens
+
+
+@pytest.mark.parametrize("mode", ["fetch", "hybrid"])
+def test_pinned_layers_skip_the_routing_sync_and_count_what_they_served(tiny, reference, monkeypatch, mode):
+    """20 of 48 slots: the last MoE layer is whole (pinned), the one before has 4, the first none. The pinned
+    layer never reaches the host's routing sync; its distinct experts per call are tallied on the device and
+    counted as hits; the tokens equal mode gpu's."""
+    e = make(tiny, mode=mode, gpu_memory=budget_for(tiny, 20))
+    first, middle, last = e.cfg.moe_layers
+    cache = e.backend.cache
+    assert e.backend.pinned.layers == {last} and not cache.pinned(middle)
+    assert [len(cache.layer_slots[x]) for x in (first, middle, last)] == [0, 4, 16]
+    synced, distinct = [], []
+    take, forward = e.backend.routing.take, PinnedLayers.forward
+
+    def take_spy(call, *a):
+        synced.append(call.layer)
+        return take(call, *a)
+
+    def forward_spy(self, call, count=True):
+        distinct.append(len(set(call.idx.reshape(-1).tolist())))
+        return forward(self, call, count)
+    monkeypatch.setattr(e.backend.routing, "take", take_spy)
+    monkeypatch.setattr(PinnedLayers, "forward", forward_spy)
+    out = e.generate(PROMPTS, SamplingParams(max_new_tokens=8, stop_on_eos=False))
+    assert out.tokens == reference
+    x = out.stats.experts
+    assert last not in synced and synced.count(first) == len(distinct) > 1
+    assert x.pinned_layers == len(distinct) and x.layers == 3 * len(distinct)
+    assert x.per_layer_hits[last] == sum(distinct) and x.per_layer_misses[last] == 0
+    assert out.stats.summary()["pinned_layer_share"] == pytest.approx(1 / 3)
+
+
+def test_every_layer_whole_runs_offloading_modes_as_mode_gpu(tiny, reference):
+    e = make(tiny, mode="hybrid", gpu_memory=budget_for(tiny, 48))
+    out = e.generate(PROMPTS, SamplingParams(max_new_tokens=8, stop_on_eos=False))
+    assert out.tokens == reference
+    x = out.stats.experts
+    assert x.pinned_layers == x.layers > 0 and x.misses == 0 and x.fetched == 0 and x.cpu_experts == 0
+
+
+def test_the_tally_kernel_counts_as_the_torch_path_does(monkeypatch):
+    """On a GPU the tally is one Triton kernel (here in Triton's interpreter), blocks of 128 picks."""
+    from hybrid.model import fused
+    if fused.triton is None:
+        pytest.skip("Triton is not installed")
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 40, (75, 6), generator=g)                 # 450 picks: four blocks
+    idx[:, 0] = 3
+    want = torch.zeros(2, dtype=torch.int32)
+    tally(idx, want, 48)
+    tally(idx[:2], want, 48)
+    got = torch.zeros(2, dtype=torch.int32)
+    monkeypatch.setattr(fused, "on_triton", lambda t: True)
+    tally(idx, got, 48)
+    tally(idx[:2], got, 48)
+    distinct = len(set(idx.reshape(-1).tolist())) + len(set(idx[:2].reshape(-1).tolist()))
+    assert got.tolist() == want.tolist() == [distinct, 2]
+
+
+def test_gate_prefetch_for_a_layer_with_no_share_goes_to_held_staging_slots(tiny, reference, monkeypatch):
+    """16 of 48 slots: the last MoE layer whole, the others none. The first layer's prefetch for the second copies
+    into staging slots held until the second plans (as prefill's copies made ahead); exact, and used."""
+    e = make(tiny, mode="hybrid", prefetch="gate", gpu_memory=budget_for(tiny, 16))
+    first, middle, last = e.cfg.moe_layers
+    assert [len(e.backend.cache.layer_slots[x]) for x in (first, middle, last)] == [0, 0, 16]
+    held = []
+    hold = e.backend.cache.hold
+    monkeypatch.setattr(e.backend.cache, "hold", lambda s: (held.append(s), hold(s)))
+    out = e.generate(PROMPTS[:1], SamplingParams(max_new_tokens=8, stop_on_eos=False))
+    assert out.tokens == reference[:1]
+    x = out.stats.experts
+    assert x.prefetched > 0 and x.prefetch_used > 0 and x.copied_ahead_used >= x.prefetch_used
+    assert held and all(e.backend.cache.is_staging(s) for s in held) and e.backend.cache.held_count == 0
