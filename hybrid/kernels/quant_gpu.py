@@ -213,12 +213,13 @@ def grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tensor, lay:
 
 
 class QuantizedFFN:
-    """A gated FFN kept in quantized planes (a GGUF file's shared experts): x [N, Hd] -> [N, Hd] through the grouped
-    kernel as one slot (its torch twin on a CPU device); capturable."""
+    """A gated FFN kept in quantized planes (a GGUF file's shared experts or dense MLP): x [..., Hd] -> [..., Hd]
+    through the grouped kernel as one slot (its torch twin on a CPU device); capturable."""
 
     def __init__(self, planes: torch.Tensor, lay: ExpertLayout):
         self.slots, self.lay = planes[None], lay                   # [1, nbytes] on the compute device
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        offs = torch.full((1,), x.shape[0], dtype=torch.int32, device=x.device)
-        return grouped_qffn(x, offs, self.slots, self.lay)
+        xs = x.reshape(-1, x.shape[-1])                                                   # [N, Hd]
+        offs = torch.full((1,), xs.shape[0], dtype=torch.int32, device=x.device)
+        return grouped_qffn(xs, offs, self.slots, self.lay).view(x.shape)
