@@ -186,7 +186,14 @@ def q4_k_m(name: str):
 
 
 @pytest.mark.parametrize("mode", ["gpu", "fetch", "hybrid"])
-def test_q4_k_m_experts_move_into_q4k_planes_and_compute_the_files_function(wide, tmp_path, mode):
+def test_q4_k_m_experts_move_into_q4k_planes_and_compute_the_files_function(wide, tmp_path, mode, monkeypatch):
+    from hybrid.kernels import quant_gpu
+    real = quant_gpu.grouped_qffn
+
+    def rows_only(xs, *a, **k):              # the GPU's Triton kernel takes [N, Hd] (the dense MLP gets [B, T, Hd])
+        assert xs.dim() == 2
+        return real(xs, *a, **k)
+    monkeypatch.setattr(quant_gpu, "grouped_qffn", rows_only)
     path = write_gguf(wide, tmp_path / "m.gguf", experts=q4_k_m)
     assert GgufCheckpoint(path).native_format() == "q4k"
     oracle = dequantized_oracle(wide, tmp_path, types=q4_k_m)

@@ -95,3 +95,19 @@ def test_gate_prefetch_for_a_layer_with_no_share_goes_to_held_staging_slots(tiny
     x = out.stats.experts
     assert x.prefetched > 0 and x.prefetch_used > 0 and x.copied_ahead_used >= x.prefetch_used
     assert held and all(e.backend.cache.is_staging(s) for s in held) and e.backend.cache.held_count == 0
+
+
+def test_a_decode_wave_never_counts_held_staging_slots_as_room(tiny, monkeypatch):
+    """Mode fetch copies every miss: one decode wave where they fit the staging room, and slots held by the
+    previous layer's prefetch are not room (else two copies of one wave shared a slot). Copies nearly free in the
+    cost model: the prefetch copies all it guesses."""
+    import hybrid.offload.runtime as runtime
+    from cost_model.costs import CostModel
+    cheap = CostModel.defaults()
+    cheap.fetch_ms = 0.001
+    monkeypatch.setattr(runtime, "load_costs", lambda *a: (cheap, "copies nearly free"))
+    prompts = PROMPTS + [p[::-1] for p in PROMPTS]               # 6 x 4 picks: more than the 12 staging slots
+    ref = make(tiny, max_batch_size=6).generate(prompts, SamplingParams(max_new_tokens=8, stop_on_eos=False)).tokens
+    e = make(tiny, mode="fetch", prefetch="gate", cache_slots=16, max_batch_size=6)
+    out = e.generate(prompts, SamplingParams(max_new_tokens=8, stop_on_eos=False))
+    assert out.tokens == ref and out.stats.experts.copied_ahead > 0 and out.stats.experts.fetched > 0

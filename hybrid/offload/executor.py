@@ -167,9 +167,10 @@ class OffloadedExperts:
             c = self.planner.costs
             penalty = self.prefetcher.penalty_ms(layer, host[:, K:], self.cache.residents, c.fetch_ms,
                                                  c.cpu_ms(1) * self.feedback.cpu_scale(T))
-        room = len(self.cache.staging) + self.cache.room(layer, tokens) if small else None
         ahead = self.next.take_ahead(layer, tokens, not small)
-        wave_size = max(1, (len(self.cache.staging) - self.cache.held_count) // 2)   # held: copied ahead
+        staging = len(self.cache.staging) - self.cache.held_count        # held: copies made ahead (hits now)
+        room = staging + self.cache.room(layer, tokens) if small else None
+        wave_size = max(1, staging // 2)
         lanes = LaneState(self.copies.backlog_ms(), self.feedback.lag_ms(T), self.feedback.cpu_scale(T), penalty,
                           room, wave_size)
         return self.planner.plan(tokens, resident | ahead.keys() if ahead else resident, lanes), ahead

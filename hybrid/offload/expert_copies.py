@@ -33,6 +33,8 @@ class ExpertCopies:
         done. -> the wave's completion event (None on CPU or for no copies)."""
         if not wave:
             return None
+        if len({s for _, s in wave}) < len(wave):
+            raise RuntimeError(f"layer {layer}: two copies of one wave into one slot ({wave})")
         cache = self.cache
         after = [cache.free_event(s) for _, s in wave if cache.is_staging(s) and cache.free_event(s) is not None]
         done = self.lane.copy_many([(cache.view(s), self.store.buffers[layer][e]) for e, s in wave], after)
