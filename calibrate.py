@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cpu-tiles", default="auto", choices=["auto", "off"],
                     help="native kernel's AMX tile path for prefill-sized experts (as run.py's)")
     ap.add_argument("--cpu-prefetch", default="on", choices=["on", "off"],
-                    help="the tile path's software prefetch of the next weight rows (as run.py's)")
+                    help="the native kernel's software prefetch of the next weight rows (as run.py's)")
     a = ap.parse_args(argv)
     a.out = a.out or str(default_path(a.experts))
     default_path().parent.mkdir(parents=True, exist_ok=True)

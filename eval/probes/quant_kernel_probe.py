@@ -80,12 +80,13 @@ def gpu_rows(fmt: str, S: int = 256) -> list[dict]:
 
 
 def cpu_rows(fmt: str, n_host: int = 96, threads: int = 15, per_call: int = 6,
-             token_counts: tuple = (1, 4, 16)) -> list[dict]:
+             token_counts: tuple = (1, 4, 16), prefetch: bool = True) -> list[dict]:
     """`per_call` experts per kernel call, cycling through `n_host` distinct ones (1: one expert's weights stay
     in cache, the kernel's compute alone)."""
     quant = None if fmt == "bf16" else layout(CFG, fmt)
     host = slots_for(fmt, n_host, "cpu")
     k = CpuExperts("native", pool_threads=max(0, threads - 1), quant=quant, tiles="off", max_tokens=1 << 30)
+    k.lib.moe_set_prefetch(int(prefetch))
     torch.set_num_threads(threads)
     views = [split_planes(quant, host[j]) if quant else (host[j][:2 * I * H].view(2 * I, H),
                                                           host[j][2 * I * H:].view(H, I)) for j in range(n_host)]
@@ -114,11 +115,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=15)
     ap.add_argument("--distinct", type=int, default=96, help="distinct experts cycled through (1: in cache)")
     ap.add_argument("--formats", default="bf16,q8,q4")
+    ap.add_argument("--per-call", type=int, default=1, help="--cpu-only: experts per kernel call")
+    ap.add_argument("--no-prefetch", action="store_true", help="the kernel's software prefetch off")
     a = ap.parse_args()
     rows = []
     for fmt in a.formats.split(","):
         gpu = [] if a.cpu_only else gpu_rows(fmt)
-        cpu = cpu_rows(fmt, a.distinct, a.threads, 1, (1, 2, 4)) if a.cpu_only else cpu_rows(fmt)
+        cpu = cpu_rows(fmt, a.distinct, a.threads, a.per_call, (1, 2, 4), not a.no_prefetch) if a.cpu_only else cpu_rows(fmt)
         rows += gpu + cpu
     Path(a.out).write_text(json.dumps({**meta(), "rows": rows}, indent=1))
     print("lane format tile          tok/exp experts    ms  us/expert  GB/s  rel_err")

@@ -147,7 +147,7 @@ def engine_args(ap: argparse.ArgumentParser, batch_flag: str = "--batch-size", b
     ap.add_argument("--cpu-pool-spin-us", type=at_least(0), default=2000,
                     help="with a GPU: how long idle pool members spin before they sleep (the next layer's job "
                          "usually comes within it)")
-    ap.add_argument("--cpu-prefetch", default="on", choices=["on", "off"], help="the tile path's software prefetch")
+    ap.add_argument("--cpu-prefetch", default="on", choices=["on", "off"], help="native CPU kernel's software prefetch")
     ap.add_argument("--copy-ahead", default="on", choices=["on", "off"],
                     help="prefill: queue copies of the next layer's uncached experts behind this layer's, into the "
                          "PCIe lane's idle time before the next routing (modes fetch, hybrid)")

@@ -12,6 +12,7 @@
 // work to a pool of the library's own threads and returns at once (the runtime queues GPU work meanwhile).
 #include <cmath>
 #include <cstdint>
+#include <atomic>
 #include <cstring>
 #include <omp.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -329,7 +330,7 @@ int moe_cpu_threads(void) { return omp_get_max_threads(); }
 // 1 where the AMX tile path runs on this machine (compiled in, allowed by the OS), else 0.
 int moe_tiles(void) { return hw_tiles(); }
 
-// The tile path's software prefetch of the next weight rows: 1 on (the default), 0 off (for A/B measurements).
-void moe_set_prefetch(int on) { tile_prefetch.store(on, std::memory_order_relaxed); }
+// Software prefetch of the next weight rows (tile path and quantized vector path): 1 on (the default), 0 off.
+void moe_set_prefetch(int on) { weight_prefetch.store(on, std::memory_order_relaxed); }
 
 }

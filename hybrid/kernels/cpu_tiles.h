@@ -27,7 +27,6 @@ namespace {
 constexpr int TT = 16;                        // tokens per B tile; weight rows per A tile
 constexpr int TKV = 32;                       // bf16 values per tile row (64 bytes)
 constexpr int TBLOCK = TT * TKV;              // uint16 values per packed k-chunk of one token block
-std::atomic<int> tile_prefetch{1};            // software prefetch of the next weight rows (moe_set_prefetch)
 
 #if MOE_HW_TILES
 struct HwTiles {                              // C tiles 0, 1; A tile 4; B tiles 6, 7
@@ -155,7 +154,7 @@ void run_tile_phase(const Job &jb, int phase, long lo, long hi) {
     }
     const int K = phase == 1 ? H : I, N = phase == 1 ? 2 * I : H, nrb = N / TT;
     const uint16_t *xs = phase == 1 ? xp : hp;
-    const bool prefetch = tile_prefetch.load(std::memory_order_relaxed);
+    const bool prefetch = weight_prefetch.load(std::memory_order_relaxed);
     for (long r = lo; r < hi; r++) {
         const int j = (int)(r / nrb), rb = (int)(r % nrb), nb = (jb.counts[j] + TT - 1) / TT;
         const uint16_t *w = (phase == 1 ? w13[j] : w2[j]) + (size_t)rb * TT * K;

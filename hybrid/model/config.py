@@ -207,7 +207,8 @@ class RunConfig:
     cpu_pool: bool = True                 # native kernel on its own thread pool, started before the GPU work is queued
     cpu_tiles: str = "auto"               # native kernel's AMX tile path for prefill-sized experts: auto | off
     cpu_pool_spin_us: int = 2000          # GPU machines: idle pool members spin this long before they sleep
-    cpu_prefetch: bool = True             # tile path: software prefetch of the next weight rows into L2
+    cpu_prefetch: bool = True             # native kernel: software prefetch of the next weight rows into L2 (tile
+                                          # path; quantized vector path)
     copy_ahead: bool = True               # prefill: copy some of the next layer's experts behind this layer's copies
     costs_path: str | None = None         # calibration JSON; None = the default location
     static_decode: bool = True            # decode from static buffers over the whole cache (graph-ready)

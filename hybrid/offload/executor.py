@@ -170,9 +170,8 @@ class OffloadedExperts:
         ahead = self.next.take_ahead(layer, tokens, not small)
         staging = len(self.cache.staging) - self.cache.held_count        # held: copies made ahead (hits now)
         room = staging + self.cache.room(layer, tokens) if small else None
-        wave_size = max(1, staging // 2)
         lanes = LaneState(self.copies.backlog_ms(), self.feedback.lag_ms(T), self.feedback.cpu_scale(T), penalty,
-                          room, wave_size)
+                          room, max(1, staging // 2))
         return self.planner.plan(tokens, resident | ahead.keys() if ahead else resident, lanes), ahead
 
     def _decode(self, call, graph, hits, fetch, cpu, flat, counts, xh, host, job) -> torch.Tensor:
