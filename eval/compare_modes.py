@@ -44,7 +44,7 @@ def args(argv=None):
     ap.add_argument("--prompt-lens", default="128,256,512", help="comma-separated prompt tokens")
     ap.add_argument("--new-tokens", type=at_least(2), default=128, help="tokens generated per cell")
     ap.add_argument("--cache-policy", default="lfu", choices=CHOICES["cache_policy"], help="expert cache policy")
-    ap.add_argument("--cache-layout", default="layers", choices=CHOICES["cache_layout"],
+    ap.add_argument("--cache-layout", default="auto", choices=CHOICES["cache_layout"],
                     help="expert cache's slots: whole layers or an equal share per layer (run.py's --cache-layout)")
     ap.add_argument("--experts", default="auto", choices=CHOICES["experts"],
                     help="routed experts' format (as run.py's; auto: a GGUF's own, else bf16)")

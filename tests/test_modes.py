@@ -18,9 +18,10 @@ def gpu_run(tiny):
 
 @pytest.mark.parametrize("mode", ["fetch", "cpu", "hybrid"])
 @pytest.mark.parametrize("prefetch", ["none", "gate"])
-def test_mode_matches_gpu_mode(tiny, gpu_run, mode, prefetch):
+@pytest.mark.parametrize("layout", ["spread", "layers"])
+def test_mode_matches_gpu_mode(tiny, gpu_run, mode, prefetch, layout):
     ref, ref_logits = gpu_run
-    e = make(tiny, mode=mode, prefetch=prefetch, gpu_memory=budget_for(tiny, SLOTS))
+    e = make(tiny, mode=mode, prefetch=prefetch, gpu_memory=budget_for(tiny, SLOTS), cache_layout=layout)
     assert e.backend.cache.n_slots == SLOTS and e.backend.cpu.experts.kind == "native"
     batch3 = e.generate(PROMPTS, SamplingParams(max_new_tokens=10, stop_on_eos=False))
     assert batch3.tokens == ref.tokens

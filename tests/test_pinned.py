@@ -8,6 +8,14 @@ from hybrid.offload.expert_cache import layer_shares
 from hybrid.offload.pinned import PinnedLayers, tally
 
 
+def test_auto_layout_is_whole_layers_at_batch_1_only():
+    from hybrid.model.config import RunConfig
+    from hybrid.offload.runtime import cache_layout
+    assert cache_layout(RunConfig(max_batch_size=1)) == "layers"
+    assert cache_layout(RunConfig(max_batch_size=2)) == "spread"
+    assert cache_layout(RunConfig(max_batch_size=2, cache_layout="layers")) == "layers"
+
+
 def test_layer_shares_give_whole_layers_from_the_last_or_equal_shares():
     assert layer_shares(4, 9, 4, "layers") == [0, 1, 4, 4]
     assert layer_shares(4, 8, 4, "layers") == [0, 0, 4, 4]
@@ -28,7 +36,7 @@ def test_pinned_layers_skip_the_routing_sync_and_count_what_they_served(tiny, re
     """20 of 48 slots: the last MoE layer is whole (pinned), the one before has 4, the first none. The pinned
     layer never reaches the host's routing sync; its distinct experts per call are tallied on the device and
     counted as hits; the tokens equal mode gpu's."""
-    e = make(tiny, mode=mode, gpu_memory=budget_for(tiny, 20))
+    e = make(tiny, mode=mode, gpu_memory=budget_for(tiny, 20), cache_layout="layers")
     first, middle, last = e.cfg.moe_layers
     cache = e.backend.cache
     assert e.backend.pinned.layers == {last} and not cache.pinned(middle)
@@ -55,7 +63,7 @@ def test_pinned_layers_skip_the_routing_sync_and_count_what_they_served(tiny, re
 
 
 def test_every_layer_whole_runs_offloading_modes_as_mode_gpu(tiny, reference):
-    e = make(tiny, mode="hybrid", gpu_memory=budget_for(tiny, 48))
+    e = make(tiny, mode="hybrid", gpu_memory=budget_for(tiny, 48), cache_layout="layers")
     out = e.generate(PROMPTS, SamplingParams(max_new_tokens=8, stop_on_eos=False))
     assert out.tokens == reference
     x = out.stats.experts
@@ -84,7 +92,7 @@ def test_the_tally_kernel_counts_as_the_torch_path_does(monkeypatch):
 def test_gate_prefetch_for_a_layer_with_no_share_goes_to_held_staging_slots(tiny, reference, monkeypatch):
     """16 of 48 slots: the last MoE layer whole, the others none. The first layer's prefetch for the second copies
     into staging slots held until the second plans (as prefill's copies made ahead); exact, and used."""
-    e = make(tiny, mode="hybrid", prefetch="gate", gpu_memory=budget_for(tiny, 16))
+    e = make(tiny, mode="hybrid", prefetch="gate", gpu_memory=budget_for(tiny, 16), cache_layout="layers")
     first, middle, last = e.cfg.moe_layers
     assert [len(e.backend.cache.layer_slots[x]) for x in (first, middle, last)] == [0, 0, 16]
     held = []
@@ -108,6 +116,6 @@ def test_a_decode_wave_never_counts_held_staging_slots_as_room(tiny, monkeypatch
     monkeypatch.setattr(runtime, "load_costs", lambda *a: (cheap, "copies nearly free"))
     prompts = PROMPTS + [p[::-1] for p in PROMPTS]               # 6 x 4 picks: more than the 12 staging slots
     ref = make(tiny, max_batch_size=6).generate(prompts, SamplingParams(max_new_tokens=8, stop_on_eos=False)).tokens
-    e = make(tiny, mode="fetch", prefetch="gate", cache_slots=16, max_batch_size=6)
+    e = make(tiny, mode="fetch", prefetch="gate", cache_slots=16, max_batch_size=6, cache_layout="layers")
     out = e.generate(prompts, SamplingParams(max_new_tokens=8, stop_on_eos=False))
     assert out.tokens == ref and out.stats.experts.copied_ahead > 0 and out.stats.experts.fetched > 0

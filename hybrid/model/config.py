@@ -174,7 +174,7 @@ class ModelConfig:
 MODES = ("auto", "gpu", "fetch", "cpu", "hybrid")
 EXPERT_FORMATS = ("bf16", "q8", "q4", "q4k")   # routed experts: unquantized (compute dtype), 8-bit, 4-bit (quant.py)
 CHOICES = {"dtype": ("bfloat16", "float16", "float32"), "mode": MODES, "experts": ("auto",) + EXPERT_FORMATS,
-           "cache_policy": ("lfu", "lru", "static"), "cache_layout": ("layers", "spread"),
+           "cache_policy": ("lfu", "lru", "static"), "cache_layout": ("auto", "layers", "spread"),
            "prefetch": ("none", "gate", "mlp"), "cpu_kernel": ("auto", "native", "torch"),
            "cpu_tiles": ("auto", "off", "emulate")}
 AT_LEAST = {"max_batch_size": 1, "max_seq_len": 1, "prefill_chunk_tokens": 1, "cache_slots": 0, "cpu_threads": 1,
@@ -192,8 +192,9 @@ class RunConfig:
                                           # or moved from a GGUF's blocks) | auto (a GGUF's own, else bf16)
     gpu_memory: int | None = None         # bytes for everything on the compute device; None = no budget
     cache_policy: str = "lfu"             # lfu | lru | static
-    cache_layout: str = "layers"          # layers (the last MoE layers whole, run without the host) | spread
-                                          # (an equal share per layer): offload/expert_cache.py
+    cache_layout: str = "auto"            # layers (the last MoE layers whole, run without the host) | spread
+                                          # (an equal share per layer) | auto: layers at batch 1, else spread
+                                          # (offload/expert_cache.py)
     prefetch: str = "none"                # none | gate | mlp
     predictor_path: str | None = None     # trained predictors for prefetch mlp (default: by checkpoint)
     lookahead: bool = True                # with prefetch: on-demand copies pay for the prefetch they displace
