@@ -123,9 +123,8 @@ def engine_args(ap: argparse.ArgumentParser, batch_flag: str = "--batch-size", b
                          "default: mode auto takes the free memory less 512 MiB, other modes all free memory")
     ap.add_argument("--cache-policy", default="lfu", choices=CHOICES["cache_policy"],
                     help="GPU expert cache: LFU with decay, LRU, or static (the first experts loaded stay)")
-    ap.add_argument("--cache-layout", default="auto", choices=CHOICES["cache_layout"], help="expert cache slots: "
-                    "whole layers (the last ones, run without the host), an equal share per layer (spread), or "
-                    "auto: layers at batch 1, else spread")
+    ap.add_argument("--cache-layout", default="auto", choices=CHOICES["cache_layout"], help="expert cache: whole "
+                    "layers (run without the host), equal shares (spread), or auto: layers at batch 1, else spread")
     ap.add_argument("--prefetch", default="none", choices=CHOICES["prefetch"],
                     help="predict the next layer's experts with its router (gate) or a trained predictor (mlp)")
     ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
