@@ -55,7 +55,8 @@ def main() -> None:
               "cpu_kernel": engine.backend.cpu.experts.label if hasattr(engine.backend, "cpu") else None,
               "step_ms": step_ms, "moe_layers_ms_per_step": moe_ms,
               "between_layers_ms": between_layers_ms(rows), "process_threads": len(os.listdir("/proc/self/task")), "phases": summary, "stats": out.stats.summary(),
-              "mean_counts": {k: statistics.mean(r.get(k, 0) for r in rows) for k in ("n_hit", "n_fetch", "n_cpu", "n_ahead")}}
+              "mean_counts": {k: statistics.mean(r.get(k, 0) for r in rows) if rows else 0.0
+                              for k in ("n_hit", "n_fetch", "n_cpu", "n_ahead")}}
     print(f"threads in process {report['process_threads']} | step {step_ms:.2f} ms | MoE layers {moe_ms:.2f} ms/step | between layers "
           f"{report['between_layers_ms']:.3f} ms | counts {report['mean_counts']}")
     for k, v in summary.items():
