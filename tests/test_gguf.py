@@ -78,10 +78,14 @@ def gguf_tensors(ckpt: Checkpoint, split_kv_b: bool):
                                                        .float().numpy() for e in range(c.n_routed_experts)])
 
 
-def write_gguf(tiny, path, qtype=Q.F32, split_kv_b=True, drop=(), experts=None):
+LINEARS = {"attn_q": "self_attn.q_proj", "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+           "attn_output": "self_attn.o_proj"}                 # the matrices `linear` types (and the output head)
+
+
+def write_gguf(tiny, path, qtype=Q.F32, split_kv_b=True, drop=(), experts=None, linear=None):
     """The tiny checkpoint as a GGUF; 2-D and expert matrices in `qtype` (norms stay F32); tensors in `drop` left out;
-    experts(name) -> a block type for a routed or shared expert's or the dense MLP's tensor, written by ggml_blocks'
-    encoders."""
+    experts(name) -> a block type for a routed or shared expert's or the dense MLP's tensor, linear(name) -> one for
+    attention's q, kv_a and output projections and the output head, written by ggml_blocks' encoders."""
     ckpt = Checkpoint(tiny)
     w = GGUFWriter(str(path), "deepseek2")
     metadata(w, ckpt.config)
@@ -93,6 +97,9 @@ def write_gguf(tiny, path, qtype=Q.F32, split_kv_b=True, drop=(), experts=None):
             w.add_tensor(name, np.stack([ENCODE[t](m) for m in a]), raw_dtype=t)
         elif experts is not None and re.fullmatch(r"blk\.\d+\.ffn_(gate|up|down)(_shexp)?\.weight", name):
             t = experts(name)
+            w.add_tensor(name, ENCODE[t](a), raw_dtype=t)
+        elif linear is not None and re.fullmatch(rf"blk\.\d+\.({'|'.join(LINEARS)})\.weight|output\.weight", name):
+            t = linear(name)
             w.add_tensor(name, ENCODE[t](a), raw_dtype=t)
         elif qtype != Q.F32 and a.ndim >= 2 and a.shape[-1] % 32 == 0:
             w.add_tensor(name, quantize(a, qtype), raw_dtype=qtype)
@@ -150,10 +157,19 @@ def test_a_format_that_does_not_match_the_files_blocks_is_one_clear_error(tiny, 
         Engine(str(path), RunConfig(**RUN, experts="q4"), progress=False)
 
 
-def dequantized_oracle(tiny, tmp_path, qtype=None, types=None):
+def gguf_linear_name(name: str) -> str | None:
+    """The GGUF name of a Hugging Face name `write_gguf`'s linear(name) types, else None."""
+    if name == "lm_head.weight":
+        return "output.weight"
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+    g = m and next((g for g, hf in LINEARS.items() if hf == m[2]), None)
+    return g and f"blk.{m[1]}.{g}.weight"
+
+
+def dequantized_oracle(tiny, tmp_path, qtype=None, types=None, linear=None):
     """transformers on the tiny checkpoint with each 2-D tensor through gguf's quantizer (or, with types(name) ->
-    a block type, each routed expert, the shared experts and the dense MLP through ggml_blocks' encoders) and back
-    through gguf's dequantizer."""
+    a block type, each routed expert, the shared experts and the dense MLP through ggml_blocks' encoders, and with
+    linear(name) attention's projections and the output head) and back through gguf's dequantizer."""
     from transformers import AutoModelForCausalLM
     deq = tmp_path / "deq"
     deq.mkdir()
@@ -165,7 +181,10 @@ def dequantized_oracle(tiny, tmp_path, qtype=None, types=None):
         for name, t in tensors.items():
             a, m = t.float().numpy(), re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.\d+\.(\w+)\.weight", name)
             ffn = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.(shared_experts\.)?(\w+)_proj\.weight", name)
-            if types is not None and (m is not None or ffn is not None):
+            if linear is not None and gguf_linear_name(name):
+                kind = linear(gguf_linear_name(name))
+                tensors[name] = torch.from_numpy(dequantize(ENCODE[kind](a), kind).copy())
+            elif types is not None and (m is not None or ffn is not None):
                 g = f"blk.{m[1]}.{next(k for k, v in EXPERTS.items() if v == m[2])}.weight" if m is not None else \
                     f"blk.{ffn[1]}.ffn_{ffn[3]}{'_shexp' if ffn[2] else ''}.weight"
                 kind = types(g)
@@ -211,6 +230,64 @@ def test_q4_k_m_experts_move_into_q4k_planes_and_compute_the_files_function(wide
         with torch.no_grad():
             ref = oracle.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
         assert toks == ref[0, len(p):].tolist()
+
+
+def attention_blocks(name: str):
+    """Block types for attention's projections and the output head (each moves into a plane kind)."""
+    return {"attn_q": Q.Q4_K, "attn_kv_a_mqa": Q.Q8_0, "attn_output": Q.Q5_0}.get(name.split(".")[-2], Q.Q4_K)
+
+
+@pytest.mark.parametrize("mode", ["gpu", "hybrid"])
+def test_attention_and_output_head_stay_in_the_files_blocks_while_offloading(wide, tmp_path, mode):
+    """Q4_K, Q8_0 and Q5_0 projections and a Q4_K output head run from their blocks while offloading (dequantized
+    all resident) and compute the file's function: transformers with gguf's dequantized weights."""
+    from hybrid.kernels.quant_gpu import QuantizedLinear
+    path = write_gguf(wide, tmp_path / "m.gguf", experts=q4_k_m, linear=attention_blocks)
+    oracle = dequantized_oracle(wide, tmp_path, types=q4_k_m, linear=attention_blocks)
+    budget = None if mode == "gpu" else budget_for(wide, 20, experts="q4k")
+    e = Engine(str(path), RunConfig(**RUN, mode=mode, gpu_memory=budget, prefill_scratch=0), progress=False)
+    attn = [layer[1] for layer in e.model.layers]
+    kept = [isinstance(f, QuantizedLinear) for a in attn for f in (a.q_in, a.kv_in, a.o_proj)]
+    kept.append(isinstance(e.model.lm_head, QuantizedLinear))
+    assert all(kept) if mode != "gpu" else not any(kept) and all(a.in_proj is not None for a in attn)
+    prompts = [[1, 5, 900, 17, 33, 4, 8], [9, 8, 7]]
+    for p in prompts:
+        with torch.no_grad():
+            assert rel_err(e.logits(p), oracle(torch.tensor([p])).logits[0]) <= 1e-4
+    for p, toks in zip(prompts, e.generate(prompts, SamplingParams(max_new_tokens=8, stop_on_eos=False)).tokens):
+        with torch.no_grad():
+            ref = oracle.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        assert toks == ref[0, len(p):].tolist()
+
+
+def test_the_quantized_linear_kernel_computes_the_torch_path(wide, tmp_path):
+    """QuantizedLinear's Triton kernel (in Triton's interpreter) against the dequantized matrix, for each plane
+    kind the file's blocks move into, at decode and prefill row counts."""
+    from hybrid.kernels import quant_gpu
+    if quant_gpu.triton is None:
+        pytest.skip("Triton is not installed")
+    m = GgufCheckpoint(write_gguf(wide, tmp_path / "m.gguf", experts=q4_k_m, linear=attention_blocks))
+    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.kv_a_proj_with_mqa.weight",
+                 "model.layers.1.self_attn.o_proj.weight"):
+        mat = m.linear_layout(name)
+        lin = quant_gpu.QuantizedLinear(m.linear_planes(name, mat), mat)
+        for rows in (3, 130):
+            x = torch.randn(rows, mat.cols)
+            assert rel_err(quant_gpu.triton_linear(x, lin.planes, mat), lin(x)) <= 1e-5, (name, rows)
+
+
+def test_attention_in_blocks_counts_at_its_size_in_the_budget(wide, tmp_path):
+    """Attention's projections and the output head kept in blocks count at their planes' bytes in the plan."""
+    from hybrid.offload.runtime import device_weight_bytes
+    plain = GgufCheckpoint(write_gguf(wide, tmp_path / "p.gguf", experts=q4_k_m))
+    kept = GgufCheckpoint(write_gguf(wide, tmp_path / "k.gguf", experts=q4_k_m, linear=attention_blocks))
+    cfg = kept.config
+    names = [f"model.layers.{L}.{hf}.weight" for L in range(cfg.num_hidden_layers) for hf in LINEARS.values()]
+    mats = [kept.linear_layout(n) for n in names + ["lm_head.weight"]]
+    assert all(m is not None for m in mats) and {m.kind for m in mats} == {"q4k", "q8"}
+    assert all(plain.linear_layout(n) is None for n in names)                     # F32 in that file
+    saved = sum(m.rows * m.cols * 2 - m.nbytes for m in mats)
+    assert device_weight_bytes(cfg, kept, 2) == device_weight_bytes(cfg, plain, 2) - saved
 
 
 def test_shared_experts_in_blocks_count_at_their_size_in_the_budget(wide, tmp_path):

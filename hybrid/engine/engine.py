@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from ..kernels.cpu_load import core_watch, default_threads
-from ..kernels.quant_gpu import QuantizedFFN
+from ..kernels.quant_gpu import QuantizedFFN, QuantizedLinear
 from ..model.gguf_checkpoint import open_checkpoint
 from ..model.config import RunConfig
 from ..model.deepseek import DeepseekV2, StepState
@@ -46,7 +46,8 @@ def weight_getter(ckpt, device: torch.device, dtype: torch.dtype, bar,
     """The model's weights, streamed from the checkpoint (nothing but the model keeps a reference) to the device,
     the token-embedding table to host memory; with `quantized_ffn(layer, "shared" | "dense")`: while offloading
     (memory is what the cache lacks; all resident, the bf16 copies decode faster), a layer's shared experts or dense
-    MLP kept in a GGUF file's blocks where they fit a plane kind (GgufCheckpoint.ffn_layout), else None."""
+    MLP kept in a GGUF file's blocks where they fit a plane kind (GgufCheckpoint.ffn_layout), else None; and so
+    `quantized_linear(name)` for attention's projections and the output head (GgufCheckpoint.linear_layout)."""
     def weight(name: str) -> torch.Tensor:
         bar.update()
         t = ckpt.get(name)
@@ -58,7 +59,14 @@ def weight_getter(ckpt, device: torch.device, dtype: torch.dtype, bar,
             return None
         bar.update(3)
         return QuantizedFFN(ckpt.ffn_planes(layer, which, lay).to(device), lay)
-    weight.quantized_ffn = quantized_ffn
+
+    def quantized_linear(name: str) -> QuantizedLinear | None:
+        mat = ckpt.linear_layout(name) if offloading and hasattr(ckpt, "linear_layout") else None
+        if mat is None:
+            return None
+        bar.update()
+        return QuantizedLinear(ckpt.linear_planes(name, mat).to(device), mat)
+    weight.quantized_ffn, weight.quantized_linear = quantized_ffn, quantized_linear
     return weight
 
 

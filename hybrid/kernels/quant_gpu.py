@@ -9,13 +9,16 @@ graph), the active slots are found on the device. Intermediate values are rounde
 torch's path rounds them (after each linear, after silu, after the product). Prefill-sized groups whose slots
 the host knows go through quant_scratch.py instead.
 
-On a CPU device (tests) the same function runs in torch: each active slot's expert dequantized, then the FFN."""
+`QuantizedLinear` is one matrix in planes (a GGUF file's attention projections or output head): the same tile loop
+as the down kernel, for any rows. On a CPU device (tests) the same functions run in torch: each active slot's
+expert (or the matrix) dequantized, then the FFN (or F.linear)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..model.deepseek import gated_ffn
-from ..model.quant import ExpertLayout, Matrix, dequantize_expert
+from ..model.quant import ExpertLayout, Matrix, dequantize_expert, dequantize_matrix
 
 try:
     import triton
@@ -81,6 +84,18 @@ if triton is not None:
             acc = acc + tl.dot(x_lo, tl.trans(lo.to(dt)), input_precision=PREC)
             acc = acc + tl.dot(x_hi, tl.trans(hi.to(dt)), input_precision=PREC)
         return acc
+
+    @triton.jit
+    def _linear_kernel(x_ptr, y_ptr, M, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, N: tl.constexpr, K: tl.constexpr,
+                       KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+        n = tl.program_id(0) * BN + tl.arange(0, BN)                      # output columns (rows of W)
+        xrow = tl.program_id(1) * BM + tl.arange(0, BM)
+        rmask = xrow < M
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            acc = _dot_tile(acc, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, n, k0, K, KIND, BN, BK,
+                            PREC)
+        tl.store(y_ptr + xrow[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None])
 
     @triton.jit
     def _group_rows(bounds_ptr, order_ptr):
@@ -210,6 +225,43 @@ def grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tensor, lay:
     return torch_grouped_qffn(xs, offs, slots, lay)
 
 
+
+
+def triton_linear(xs: torch.Tensor, planes: torch.Tensor, mat: Matrix) -> torch.Tensor:
+    """xs [M, K] @ W^T -> [M, N] in xs's dtype, W [N, K] in planes [nbytes] (mat at offset 0, N % 16 == 0); fp32
+    accumulation."""
+    M, (N, K) = xs.shape[0], (mat.rows, mat.cols)
+    y = torch.empty(M, N, dtype=xs.dtype, device=xs.device)
+    if M == 0:
+        return y
+    small = M <= 128
+    bn = 32 if small else 64                              # output rows per program: a power of two dividing N
+    while bn > 16 and N % bn:
+        bn //= 2
+    bm, bk = (16, _block(K, 128)) if small else (64, _block(K, 64))
+    _linear_kernel[(N // bn, triton.cdiv(M, bm))](xs.contiguous(), y, M, *plane_pointers(planes[None], mat), N, K,
+                                                 KIND=mat.code, BM=bm, BN=bn, BK=bk,
+                                                 PREC="ieee" if xs.dtype == torch.float32 else "tf32")
+    return y
+
+
+class QuantizedLinear:
+    """x [..., K] -> x W^T [..., N] with W [N, K] kept in one matrix's planes (a GGUF file's attention projections
+    or output head, while offloading): a Triton kernel that dequantizes in registers on a GPU (capturable), the
+    dequantized matrix through F.linear on a CPU device."""
+
+    def __init__(self, planes: torch.Tensor, mat: Matrix):
+        self.planes, self.mat = planes, mat                        # uint8 [mat.nbytes] on the compute device
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xs = x.reshape(-1, self.mat.cols)                                                 # [M, K]
+        if xs.device.type == "cuda":
+            if triton is None:
+                raise RuntimeError("quantized weights on a GPU need Triton (pip install triton)")
+            y = triton_linear(xs, self.planes, self.mat)
+        else:
+            y = F.linear(xs, dequantize_matrix(self.planes, self.mat).to(xs.dtype))
+        return y.view(*x.shape[:-1], self.mat.rows)
 
 
 class QuantizedFFN:

@@ -75,6 +75,18 @@ def grouped_ffn(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: tor
     return torch._grouped_mm(fused.silu_mul(gu), w2.transpose(1, 2), offs=offs)      # [N, Hd]
 
 
+def quantized_linear(w: Weights, name: str):
+    """The matrix `name` as a callable x [..., K] -> x W^T that `w` keeps in quantized blocks (w.quantized_linear:
+    a GGUF file's, while offloading), or None."""
+    get = getattr(w, "quantized_linear", None)
+    return get(name) if get is not None else None
+
+
+def linear(w: Weights, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> x W^T for the matrix `name`: quantized_linear's where there is one, else w's tensor through F.linear."""
+    return quantized_linear(w, name) or partial(F.linear, weight=w(name))
+
+
 def quantized_ffn(w: Weights, layer: int, which: str):
     """The layer's shared experts ("shared") or dense MLP ("dense") as a callable FFN x [N, Hd] -> [N, Hd] that `w`
     keeps in quantized blocks (w.quantized_ffn: a GGUF file's, while offloading), or None: an MLP of w's tensors."""
@@ -112,22 +124,35 @@ class MLAttention:
         p = f"model.layers.{i}.self_attn"
         self.cfg, self.i = cfg, i
         H, C = cfg.num_attention_heads, cfg.kv_lora_rank
-        q_in = w(f"{p}.q_proj.weight" if cfg.q_lora_rank is None else f"{p}.q_a_proj.weight")    # [Q, Hd]
+        q_name = f"{p}.q_proj.weight" if cfg.q_lora_rank is None else f"{p}.q_a_proj.weight"
+        kv_name = f"{p}.kv_a_proj_with_mqa.weight"
         if cfg.q_lora_rank is not None:
             self.q_a_norm = RMSNorm(w(f"{p}.q_a_layernorm.weight"), 1e-6)
             self.q_b = w(f"{p}.q_b_proj.weight")
-        # x's two projections (q's, or q's low-rank input; the latent and the key's rope part) in one GEMV
-        self.in_proj = torch.cat([q_in, w(f"{p}.kv_a_proj_with_mqa.weight")])           # [Q + C + R, Hd]
-        self.q_rows = q_in.shape[0]
+        self.in_proj, self.q_in, self.kv_in = self._inputs(w, q_name, kv_name)
+        self.kv_rows = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         self.kv_norm = RMSNorm(w(f"{p}.kv_a_layernorm.weight"), 1e-6)
         kv_b = w(f"{p}.kv_b_proj.weight").view(H, cfg.qk_nope_head_dim + cfg.v_head_dim, C)
         self.w_uk = kv_b[:, :cfg.qk_nope_head_dim].contiguous()                          # [H, Dn, C]
         self.w_uv = kv_b[:, cfg.qk_nope_head_dim:].contiguous()                          # [H, Dv, C]
-        self.o_proj = w(f"{p}.o_proj.weight")                                           # [Hd, H*Dv]
+        self.o_proj = linear(w, f"{p}.o_proj.weight")                                   # [Hd, H*Dv]
+
+    @staticmethod
+    def _inputs(w: Weights, q_name: str, kv_name: str):
+        """x's two projections (q's, or q's low-rank input; the latent and the key's rope part): in one GEMV
+        ([Q + C + R, Hd], -> (it, None, None)), or each as `linear` gives it where a GGUF keeps one in its blocks
+        (-> (None, q's, kv's))."""
+        q_in, kv_in = quantized_linear(w, q_name), quantized_linear(w, kv_name)
+        if q_in is None and kv_in is None:
+            return torch.cat([w(q_name), w(kv_name)]), None, None
+        return None, q_in or partial(F.linear, weight=w(q_name)), kv_in or partial(F.linear, weight=w(kv_name))
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, Hd] -> (q [B, T, H*(Dn+R)], kv [B, T, C+R]), views of one output where the layout allows."""
-        q, kv = F.linear(x, self.in_proj).split([self.q_rows, self.in_proj.shape[0] - self.q_rows], dim=-1)
+        if self.in_proj is None:
+            q, kv = self.q_in(x), self.kv_in(x)
+        else:
+            q, kv = F.linear(x, self.in_proj).split([self.in_proj.shape[0] - self.kv_rows, self.kv_rows], dim=-1)
         if self.cfg.q_lora_rank is not None:
             q = F.linear(self.q_a_norm(q), self.q_b)
         return q, kv
@@ -151,7 +176,7 @@ class MLAttention:
                                   st.mask[:, :, t:t + block]) for t in range(0, T, block)]
             o_lat = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)              # [B, H, T, C]
         o = torch.einsum("bhtc,hvc->bthv", o_lat, self.w_uv).reshape(B, T, -1)          # [B, T, H*Dv]
-        return F.linear(o, self.o_proj)
+        return self.o_proj(o)
 
     def _attend(self, q_lat, q_pe, kc, kpe, mask) -> torch.Tensor:
         """One block of queries [B, H, t, C|R] against the latent cache kc [B, S, C], kpe [B, S, R] -> [B, H, t, C].
@@ -222,7 +247,7 @@ class DeepseekV2:
             self.layers.append((RMSNorm(w(f"{p}.input_layernorm.weight"), cfg.rms_norm_eps), MLAttention(cfg, w, i),
                                 RMSNorm(w(f"{p}.post_attention_layernorm.weight"), cfg.rms_norm_eps), mlp))
         self.norm = RMSNorm(w("model.norm.weight"), cfg.rms_norm_eps)
-        self.lm_head = w("lm_head.weight")
+        self.lm_head = linear(w, "lm_head.weight")
         moe = [m for *_, m in self.layers if isinstance(m, MoE)]
         # layer L -> scores [T, E] for layer L+1's experts from L's MoE input: the next router, or a trained predictor
         self.next_scores: dict[int, Callable] = {a.i: partial(F.linear, weight=b.gate) for a, b in zip(moe, moe[1:])}
@@ -253,7 +278,7 @@ class DeepseekV2:
             if st.rows is not None:
                 routed = torch.zeros_like(hf).index_copy_(0, st.rows, routed)
             x, h = out_norm.add(x, routed.view(B, T, Hd), shared.view(B, T, Hd))
-        yield F.linear(h[:, -1] if last_only else h, self.lm_head).float()
+        yield self.lm_head(h[:, -1] if last_only else h).float()
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, cache: LatentCache, st: StepState, last_only: bool = True,

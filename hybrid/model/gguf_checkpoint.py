@@ -12,7 +12,9 @@ and Q5_0 into q8, Q4_0 into q4, Q4_K into q4k; `native_format` names the format 
 q4k), which `--experts auto` takes; other expert types run dequantized (bf16). A layer's shared experts move the same
 way into one FFN's planes where their types fit a plane kind (`ffn_layout`: Q4_K_M's Q4_K gate/up and Q4_K, Q5_0
 or Q8_0 down; not its Q6_K downs), and so does the dense first layer's MLP; else they are dequantized with the other
-tensors (the engine keeps them in blocks only while offloading). The tokenizer and chat template
+tensors (the engine keeps them in blocks only while offloading), and so do attention's q, kv_a and output
+projections and the output head one matrix each (`linear_layout`; kv_b, absorbed into the attention, is dequantized).
+The tokenizer and chat template
 in the metadata are read by engine/gguf_tokenizer.py."""
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 from .checkpoint import Checkpoint, CheckpointError
 from .config import ModelConfig
 from . import ggml_blocks
-from .quant import MATRICES, ExpertLayout, ffn_layout
+from .quant import GROUP, MATRICES, SUPER, ExpertLayout, Matrix, ffn_layout
 
 CARRIED = {"q8": {"Q8_0", "Q5_0"}, "q4": {"Q4_0"}, "q4k": {"Q4_K"}}    # block types that move into each plane kind
 
@@ -175,6 +177,27 @@ class GgufCheckpoint:
     def ffn_planes(self, layer: int, which: str, lay: ExpertLayout) -> torch.Tensor:
         """A layer's shared experts or dense MLP in lay's planes (ffn_layout) -> [lay.nbytes]."""
         return self._planes(layer, FFNS[which], lay)[0]
+
+    def linear_layout(self, name: str) -> Matrix | None:
+        """The plane kind a matrix outside the experts (Hugging Face name: attention's projections, the output
+        head) moves into unchanged, as one Matrix at offset 0; None where its type has no plane kind (F32, F16,
+        Q6_K, ...), its rows fit no whole block of that kind, it has not a multiple of 16 rows, or the file has no
+        such tensor."""
+        src, expert = self._source(name)
+        t = self.tensors.get(src) if src is not None and expert is None else None
+        kind = None if t is None else next((k for k, c in CARRIED.items() if t.tensor_type.name in c), None)
+        if kind is None or len(t.shape) != 2:
+            return None
+        cols, rows = (int(n) for n in t.shape)                    # GGUF lists a matrix's shape columns first
+        fits = cols % (SUPER if kind == "q4k" else GROUP) == 0 and rows % 16 == 0     # (16: the kernel's tile)
+        return Matrix(rows, cols, kind, 0) if fits else None
+
+    def linear_planes(self, name: str, mat: Matrix) -> torch.Tensor:
+        """The matrix's blocks in mat's planes (linear_layout) -> [mat.nbytes] uint8."""
+        t = self.tensors[self._source(name)[0]]
+        raw = np.asarray(t.data).reshape(mat.rows, -1)
+        planes = ggml_blocks.planes(raw, t.tensor_type.name)
+        return torch.from_numpy(np.concatenate([np.ascontiguousarray(p).reshape(-1).view(np.uint8) for p in planes]))
 
     def _planes(self, layer: int, names: tuple[str, str, str], lay: ExpertLayout) -> torch.Tensor:
         """gate, up, down blocks of a layer (one tensor each: [E, R, cols] for the routed experts, [R, cols] for

@@ -61,15 +61,21 @@ def with_workspace(cfg: ModelConfig, run: RunConfig, device: torch.device, items
 
 
 def device_weight_bytes(cfg: ModelConfig, ckpt, itemsize: int) -> int:
-    """The non-expert weights on the device of an offloading run: at itemsize, but a GGUF file's shared experts and
-    dense MLPs where they stay in their blocks (GgufCheckpoint.ffn_layout; all resident they are dequantized too)."""
+    """The non-expert weights on the device of an offloading run: at itemsize, but a GGUF file's shared experts,
+    dense MLPs, attention projections and output head where they stay in their blocks (GgufCheckpoint.ffn_layout,
+    linear_layout; all resident they are dequantized too)."""
     total = device_weight_numel(cfg) * itemsize
     layout_of = getattr(ckpt, "ffn_layout", None)
     for layer in range(cfg.num_hidden_layers) if layout_of else ():
         lay = layout_of(layer, "shared" if cfg.is_moe_layer(layer) else "dense")
         if lay is not None:
             total -= 3 * lay.w2.rows * lay.w2.cols * itemsize - lay.nbytes
-    return total
+        for name in ("q_proj" if cfg.q_lora_rank is None else "q_a_proj", "kv_a_proj_with_mqa", "o_proj"):
+            mat = ckpt.linear_layout(f"model.layers.{layer}.self_attn.{name}.weight")
+            if mat is not None:
+                total -= mat.rows * mat.cols * itemsize - mat.nbytes
+    mat = ckpt.linear_layout("lm_head.weight") if layout_of else None
+    return total - (mat.rows * mat.cols * itemsize - mat.nbytes if mat is not None else 0)
 
 
 def memory_plan(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize: int, context: int,
