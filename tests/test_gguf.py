@@ -195,6 +195,18 @@ def dequantized_oracle(tiny, tmp_path, qtype=None, types=None, linear=None):
     return AutoModelForCausalLM.from_pretrained(str(deq), dtype=torch.float32).eval()
 
 
+def assert_same_function(e: Engine, oracle) -> None:
+    """The engine's logits (1e-4) and greedy tokens equal the transformers oracle's on two prompts."""
+    prompts = [[1, 5, 900, 17, 33, 4, 8], [9, 8, 7]]
+    for p in prompts:
+        with torch.no_grad():
+            assert rel_err(e.logits(p), oracle(torch.tensor([p])).logits[0]) <= 1e-4
+    for p, toks in zip(prompts, e.generate(prompts, SamplingParams(max_new_tokens=8, stop_on_eos=False)).tokens):
+        with torch.no_grad():
+            ref = oracle.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        assert toks == ref[0, len(p):].tolist()
+
+
 def q4_k_m(name: str):
     """Expert block types as llama-quantize's Q4_K_M gives V2-Lite: gate/up Q4_K, down Q5_0 or Q8_0 by layer
     (routed and shared experts and the dense MLP; the tiny downs' rows of 64 or 128 fit no Q4_K or Q6_K block
@@ -222,14 +234,7 @@ def test_q4_k_m_experts_move_into_q4k_planes_and_compute_the_files_function(wide
     quantized = [isinstance(m.shared, QuantizedFFN) for *_, m in e.model.layers[1:]]   # shared experts in blocks
     quantized.append(isinstance(e.model.layers[0][3], QuantizedFFN))                   # the dense MLP too
     assert all(quantized) if mode != "gpu" else not any(quantized)                    # (offloading only)
-    prompts = [[1, 5, 900, 17, 33, 4, 8], [9, 8, 7]]
-    for p in prompts:
-        with torch.no_grad():
-            assert rel_err(e.logits(p), oracle(torch.tensor([p])).logits[0]) <= 1e-4
-    for p, toks in zip(prompts, e.generate(prompts, SamplingParams(max_new_tokens=8, stop_on_eos=False)).tokens):
-        with torch.no_grad():
-            ref = oracle.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
-        assert toks == ref[0, len(p):].tolist()
+    assert_same_function(e, oracle)
 
 
 def attention_blocks(name: str):
@@ -250,14 +255,7 @@ def test_attention_and_output_head_stay_in_the_files_blocks_while_offloading(wid
     kept = [isinstance(f, QuantizedLinear) for a in attn for f in (a.q_in, a.kv_in, a.o_proj)]
     kept.append(isinstance(e.model.lm_head, QuantizedLinear))
     assert all(kept) if mode != "gpu" else not any(kept) and all(a.in_proj is not None for a in attn)
-    prompts = [[1, 5, 900, 17, 33, 4, 8], [9, 8, 7]]
-    for p in prompts:
-        with torch.no_grad():
-            assert rel_err(e.logits(p), oracle(torch.tensor([p])).logits[0]) <= 1e-4
-    for p, toks in zip(prompts, e.generate(prompts, SamplingParams(max_new_tokens=8, stop_on_eos=False)).tokens):
-        with torch.no_grad():
-            ref = oracle.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
-        assert toks == ref[0, len(p):].tolist()
+    assert_same_function(e, oracle)
 
 
 def test_the_quantized_linear_kernel_computes_the_torch_path(wide, tmp_path):
