@@ -9,6 +9,7 @@ source eval/device_setup.sh gguf_q4k q4k
 export PYTHONPATH=/dev/shm/llama-src/llama.cpp/gguf-py${PYTHONPATH:+:$PYTHONPATH}
 M=/dev/shm/gguf/model-Q4_K_M.gguf
 [ -f $M ] || { echo "error: $M is missing: run eval/gpu_llamacpp.sh first on this machine"; exit 2; }
+[ -f "$OUT/gguf_q4k/types.json" ] || python3 eval/probes/gguf_types.py $M --out "$OUT/gguf_q4k/types.json" | tail -4
 for b in $BUDGETS; do
   if [ "$b" = resident ]; then args=(--modes gpu); else args=(--gpu-memory "$b"); fi
   timeout "${CELL_TIMEOUT:-240}" python3 eval/compare_modes.py --model $M --experts q4k \
