@@ -225,8 +225,6 @@ def grouped_qffn(xs: torch.Tensor, offs: torch.Tensor, slots: torch.Tensor, lay:
     return torch_grouped_qffn(xs, offs, slots, lay)
 
 
-
-
 def triton_linear(xs: torch.Tensor, planes: torch.Tensor, mat: Matrix) -> torch.Tensor:
     """xs [M, K] @ W^T -> [M, N] in xs's dtype, W [N, K] in planes [nbytes] (mat at offset 0, N % 16 == 0); fp32
     accumulation."""
