@@ -119,3 +119,18 @@ def test_a_decode_wave_never_counts_held_staging_slots_as_room(tiny, monkeypatch
     e = make(tiny, mode="fetch", prefetch="gate", cache_slots=16, max_batch_size=6, cache_layout="layers")
     out = e.generate(prompts, SamplingParams(max_new_tokens=8, stop_on_eos=False))
     assert out.tokens == ref and out.stats.experts.copied_ahead > 0 and out.stats.experts.fetched > 0
+
+
+def test_the_phase_log_times_planned_layers_and_skips_whole_ones(tiny):
+    """The phase log (eval/probes/profile_layers.py) records every planned layer's spans, the CPU lane's among
+    them, and none for a whole layer."""
+    e = make(tiny, mode="hybrid", gpu_memory=budget_for(tiny, 20), cache_layout="layers")
+    log = e.backend.phases
+    log.enabled = True
+    e.generate(PROMPTS[:1], SamplingParams(max_new_tokens=6, stop_on_eos=False))
+    last = e.cfg.moe_layers[-1]
+    assert log.rows and all(r["layer"] != last for r in log.rows)
+    s = log.summary()
+    assert s["layers_logged"] == len(log.rows) and s["routed->planned"]["mean_ms"] >= 0
+    spans = [k for k in s if "->" in k]
+    assert "planned->cpu_start" in spans and "routed->cpu_end" in spans and s["cpu_ms_by_experts"]
