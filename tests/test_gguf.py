@@ -21,10 +21,10 @@ from hybrid.engine.tokenizer import TokenizerError, load_tokenizer
 from hybrid.kernels.quant_gpu import QuantizedFFN
 from hybrid.model.checkpoint import Checkpoint, CheckpointError
 from hybrid.model.config import RunConfig
-from hybrid.model.ggml_blocks import encode_q4_k, encode_q5_0
+from hybrid.model.ggml_blocks import encode_q4_k, encode_q5_0, encode_q6_k
 from hybrid.model.gguf_checkpoint import EXPERTS, GLOBAL, NAMES, GgufCheckpoint
 
-ENCODE = {Q.Q4_K: encode_q4_k, Q.Q5_0: encode_q5_0, Q.Q8_0: lambda m: quantize(m, Q.Q8_0)}
+ENCODE = {Q.Q4_K: encode_q4_k, Q.Q5_0: encode_q5_0, Q.Q6_K: encode_q6_k, Q.Q8_0: lambda m: quantize(m, Q.Q8_0)}
 PEER = ROOT.parent / "shared" / "peers" / "llamacpp"
 RUN = dict(dtype="float32", max_batch_size=3, max_seq_len=128)
 
@@ -239,12 +239,12 @@ def test_q4_k_m_experts_move_into_q4k_planes_and_compute_the_files_function(wide
 
 def attention_blocks(name: str):
     """Block types for attention's projections and the output head (each moves into a plane kind)."""
-    return {"attn_q": Q.Q4_K, "attn_kv_a_mqa": Q.Q8_0, "attn_output": Q.Q5_0}.get(name.split(".")[-2], Q.Q4_K)
+    return {"attn_q": Q.Q4_K, "attn_kv_a_mqa": Q.Q8_0, "attn_output": Q.Q5_0}.get(name.split(".")[-2], Q.Q6_K)
 
 
 @pytest.mark.parametrize("mode", ["gpu", "hybrid"])
 def test_attention_and_output_head_stay_in_the_files_blocks_while_offloading(wide, tmp_path, mode):
-    """Q4_K, Q8_0 and Q5_0 projections and a Q4_K output head run from their blocks while offloading (dequantized
+    """Q4_K, Q8_0 and Q5_0 projections and a Q6_K output head run from their blocks while offloading (dequantized
     all resident) and compute the file's function: transformers with gguf's dequantized weights."""
     from hybrid.kernels.quant_gpu import QuantizedLinear
     path = write_gguf(wide, tmp_path / "m.gguf", experts=q4_k_m, linear=attention_blocks)
@@ -266,7 +266,7 @@ def test_the_quantized_linear_kernel_computes_the_torch_path(wide, tmp_path):
         pytest.skip("Triton is not installed")
     m = GgufCheckpoint(write_gguf(wide, tmp_path / "m.gguf", experts=q4_k_m, linear=attention_blocks))
     for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.kv_a_proj_with_mqa.weight",
-                 "model.layers.1.self_attn.o_proj.weight"):
+                 "model.layers.1.self_attn.o_proj.weight", "lm_head.weight"):
         mat = m.linear_layout(name)
         lin = quant_gpu.QuantizedLinear(m.linear_planes(name, mat), mat)
         for rows in (3, 130):
@@ -282,7 +282,7 @@ def test_attention_in_blocks_counts_at_its_size_in_the_budget(wide, tmp_path):
     cfg = kept.config
     names = [f"model.layers.{L}.{hf}.weight" for L in range(cfg.num_hidden_layers) for hf in LINEARS.values()]
     mats = [kept.linear_layout(n) for n in names + ["lm_head.weight"]]
-    assert all(m is not None for m in mats) and {m.kind for m in mats} == {"q4k", "q8"}
+    assert all(m is not None for m in mats) and {m.kind for m in mats} == {"q4k", "q8", "q6k"}
     assert all(plain.linear_layout(n) is None for n in names)                     # F32 in that file
     saved = sum(m.rows * m.cols * 2 - m.nbytes for m in mats)
     assert device_weight_bytes(cfg, kept, 2) == device_weight_bytes(cfg, plain, 2) - saved
@@ -305,11 +305,17 @@ def test_shared_experts_in_blocks_count_at_their_size_in_the_budget(wide, tmp_pa
     assert f.ffn_layout(cfg.moe_layers[0], "shared") is None and device_weight_bytes(cfg, f, 2) == full
 
 
-def test_own_q4_k_and_q5_0_encoders_write_blocks_ggufs_dequantizer_reads():
+def test_own_q4_k_q5_0_and_q6_k_encoders_write_blocks_ggufs_dequantizer_reads():
+    """And Q6_K's blocks move into q6k planes that dequantize to exactly what gguf reads."""
+    from hybrid.model.ggml_blocks import q6k_planes
+    from hybrid.model.quant import Matrix, dequantize_matrix, plane_bytes
     w = np.random.default_rng(0).standard_normal((16, 512)).astype(np.float32)
-    for kind, tol in ((Q.Q4_K, 0.15), (Q.Q5_0, 0.07)):
+    for kind, tol in ((Q.Q4_K, 0.15), (Q.Q5_0, 0.07), (Q.Q6_K, 0.04)):
         back = dequantize(ENCODE[kind](w), kind)
         assert back.shape == w.shape and 0 < np.linalg.norm(back - w) / np.linalg.norm(w) < tol
+    raw = encode_q6_k(w)
+    moved = dequantize_matrix(plane_bytes(q6k_planes(raw)), Matrix(16, 512, "q6k", 0))
+    assert np.array_equal(moved.numpy(), dequantize(raw, Q.Q6_K))
 
 
 def test_other_architectures_and_broken_files_are_one_clear_error(tmp_path):

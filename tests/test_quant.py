@@ -109,15 +109,16 @@ def test_triton_grouped_kernel_matches_the_dequantized_reference(fmt):
     assert rel_err(ref[2:21], gated_ffn(xs[2:21], w13, w2)) <= 1e-6
 
 
-def test_a_shared_ffn_in_q4k_planes_down_included_runs_as_one_slot():
-    """A GGUF file's shared experts (QuantizedFFN): one FFN whose down projection is Q4_K too (2,816 rows in
+@pytest.mark.parametrize("down", ["q4k", "q6k"])
+def test_a_shared_ffn_in_q4k_planes_down_included_runs_as_one_slot(down):
+    """A GGUF file's shared experts (QuantizedFFN): one FFN whose down projection is Q4_K or Q6_K too (2,816 rows in
     V2-Lite: a whole number of 256-blocks), through the Triton kernel (interpreter) and its torch twin."""
     from hybrid.kernels import quant_gpu
     from hybrid.model import fused
     from hybrid.model.quant import ffn_layout
     g = torch.Generator().manual_seed(3)
     I, H = 512, 256
-    lay = ffn_layout(I, H, ("q4k", "q4k"), "shared")
+    lay = ffn_layout(I, H, ("q4k", down), "shared")
     planes = quantize_expert(lay, *(torch.randn(*s, generator=g) * .1 for s in ((I, H), (I, H), (H, I))))
     x = torch.randn(5, H)
     ffn = quant_gpu.QuantizedFFN(planes, lay)

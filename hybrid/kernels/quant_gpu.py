@@ -63,8 +63,17 @@ if triton is not None:
     def _dot_tile(acc, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, rows, k0, K: tl.constexpr,
                   KIND: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
         """acc [BM, BN] += x[xrow, k0:k0+BK] @ W[rows, k0:k0+BK]^T, W dequantized here: one scale (and min) per
-        32 columns, loaded once per group and broadcast."""
+        32 columns, loaded once per group and broadcast (q6k: one scale per 16, d times the int8 sc)."""
         dt = x_ptr.dtype.element_ty
+        if KIND == 4:
+            k = k0 + tl.arange(0, BK)
+            q = int8_float(tl.load(q_ptr + rows[:, None] * K + k[None, :]))                      # [BN, BK]
+            g = k0 // 16 + tl.arange(0, BK // 16)
+            s = (tl.load(sc_ptr + rows[:, None] * (K // 16) + g[None, :]).to(tl.float32)
+                 * tl.load(d_ptr + rows[:, None] * (K // 256) + (g // 16)[None, :]).to(tl.float32))  # [BN, BK/16]
+            w = tl.reshape(tl.reshape(q, (BN, BK // 16, 16)) * s[:, :, None], (BN, BK))
+            x = tl.load(x_ptr + xrow[:, None] * K + k[None, :], mask=rmask[:, None], other=0.0)
+            return acc + tl.dot(x, tl.trans(w.to(dt)), input_precision=PREC)
         d, m = _group_scales(d_ptr, m_ptr, sc_ptr, mn_ptr, rows, k0, K, BK, KIND)                  # [BN, G, 1]
         if KIND == 1:
             k = k0 + tl.arange(0, BK)

@@ -8,13 +8,17 @@ Blocks as ggml lays them out, per row of C weights (little-endian):
 - Q4_K, 256 in 144: fp16 d, fp16 dmin, 12 bytes of 6-bit scales sc[8] and mins mn[8], 128 bytes: each 32 holds a
   pair of sub-blocks (q of sub-block 2j in the low nibbles, of 2j + 1 in the high ones);
   w = d sc[j] q - dmin mn[j] for sub-block j.
+- Q6_K, 256 in 210: ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16], fp16 d; each half of 128 weights
+  takes 64 ql bytes (weights 0-31 / 64-95 of the half in their low / high nibbles, 32-63 / 96-127 in those of the
+  next 32 bytes) and 32 qh bytes (bits 2i..2i+1 of byte l: weight l + 32 i); w = d scales[j // 16] (q - 32).
 Moves change no value: Q5_0's q - 16 and Q8_0's q are int8, Q4_0 is the q4 plane with the min -8d, Q4_K's nibbles
-are reordered into the q4 plane's order and its two levels of scales kept as they are (quant.py's q4k)."""
+are reordered into the q4 plane's order and its two levels of scales kept as they are (quant.py's q4k), Q6_K's
+q - 32 widen to int8 beside its d and scales (quant.py's q6k)."""
 from __future__ import annotations
 
 import numpy as np
 
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q5_0": 22, "Q4_K": 144}
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q5_0": 22, "Q4_K": 144, "Q6_K": 210}
 
 
 def _blocks(raw: np.ndarray, kind: str) -> np.ndarray:
@@ -76,13 +80,28 @@ def q4k_planes(raw: np.ndarray) -> tuple[np.ndarray, ...]:
     return q.reshape(R, -1), _fp16(b[..., 0:2]), _fp16(b[..., 2:4]), sc.reshape(R, -1), mn.reshape(R, -1)
 
 
+def q6k_planes(raw: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Q6_K rows -> (q - 32 int8 [R, C], d fp16 [R, C/256], scales int8 [R, C/16])."""
+    b = _blocks(raw, "Q6_K")
+    R, S = b.shape[:2]
+    ql = b[..., :128].reshape(R, S, 2, 64)
+    qh = b[..., 128:192].reshape(R, S, 2, 32)
+    low = np.concatenate([ql[..., :32] & 15, ql[..., 32:] & 15, ql[..., :32] >> 4, ql[..., 32:] >> 4], axis=-1)
+    high = np.concatenate([(qh >> s) & 3 for s in (0, 2, 4, 6)], axis=-1)              # [R, S, 2, 128]
+    q = (low | (high << 4)).astype(np.int16) - 32
+    sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8)                          # [R, S, 16]
+    return q.astype(np.int8).reshape(R, -1), _fp16(b[..., 208:210]), sc.reshape(R, -1)
+
+
 def planes(raw: np.ndarray, block_type: str) -> tuple[np.ndarray, ...]:
     """Rows of blocks of one of BLOCK_BYTES' types -> the planes of the kind they move into (gguf_checkpoint's
-    CARRIED): Q8_0 and Q5_0 -> q8, Q4_0 -> q4, Q4_K -> q4k."""
+    CARRIED): Q8_0 and Q5_0 -> q8, Q4_0 -> q4, Q4_K -> q4k, Q6_K -> q6k."""
     if block_type == "Q4_0":
         return q4_planes(raw)
     if block_type == "Q4_K":
         return q4k_planes(raw)
+    if block_type == "Q6_K":
+        return q6k_planes(raw)
     return q8_planes(raw, block_type)
 
 
@@ -126,5 +145,26 @@ def encode_q4_k(w: np.ndarray) -> np.ndarray:
     q = np.clip(np.rint(q), 0, 15).astype(np.uint8).reshape(R, C // 256, 4, 2, 32)
     qs = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).reshape(R, C // 256, 128)
     out = np.concatenate([d[..., None].view(np.uint8), dmin[..., None].view(np.uint8), _pack_k_scales(sc, mn), qs],
+                         axis=-1)
+    return out.reshape(R, -1)
+
+
+def encode_q6_k(w: np.ndarray) -> np.ndarray:
+    """w [R, C] (C a multiple of 256) -> Q6_K rows [R, C/256 * 210]: each 16 weights' step (largest magnitude / 31)
+    rounded to an int8 multiple of the block's fp16 d, weights to nearest in -32..31."""
+    R, C = w.shape
+    S = C // 256
+    x = w.astype(np.float32).reshape(R, S, 16, 16)
+    step = np.abs(x).max(-1) / 31                                                     # [R, S, 16]
+    d = (step.max(-1) / 127).astype(np.float16)                                      # [R, S]
+    u = d.astype(np.float32)[..., None]
+    sc = np.clip(np.rint(np.divide(step, u, out=np.zeros_like(step), where=u > 0)), -128, 127).astype(np.int8)
+    scale = (u * sc)[..., None]                                                       # [R, S, 16, 1]
+    q = np.divide(x, scale, out=np.zeros_like(x), where=scale != 0)
+    q = (np.clip(np.rint(q), -32, 31) + 32).astype(np.uint8).reshape(R, S, 2, 4, 32)  # [.., half, quarter, l]
+    ql = np.concatenate([(q[..., 0, :] & 15) | ((q[..., 2, :] & 15) << 4),
+                         (q[..., 1, :] & 15) | ((q[..., 3, :] & 15) << 4)], axis=-1)   # [R, S, 2, 64]
+    qh = (q[..., 0, :] >> 4) | ((q[..., 1, :] >> 4) << 2) | ((q[..., 2, :] >> 4) << 4) | ((q[..., 3, :] >> 4) << 6)
+    out = np.concatenate([ql.reshape(R, S, 128), qh.reshape(R, S, 64), sc.view(np.uint8), d[..., None].view(np.uint8)],
                          axis=-1)
     return out.reshape(R, -1)

@@ -10,8 +10,9 @@ give kv_b_proj [H * (nope + v), kv_lora]. The config's YaRN `mscale` is not in t
 The routed experts' blocks move into quant.py's planes without requantizing (`layer_planes`, ggml_blocks.py): Q8_0
 and Q5_0 into q8, Q4_0 into q4, Q4_K into q4k; `native_format` names the format a file's expert types fit (Q4_K_M:
 q4k), which `--experts auto` takes; other expert types run dequantized (bf16). A layer's shared experts move the same
-way into one FFN's planes where their types fit a plane kind (`ffn_layout`: Q4_K_M's Q4_K gate/up and Q4_K, Q5_0
-or Q8_0 down; not its Q6_K downs), and so does the dense first layer's MLP; else they are dequantized with the other
+way into one FFN's planes where their types fit a plane kind (`ffn_layout`: Q4_K_M's Q4_K gate/up and Q4_K, Q6_K,
+Q5_0 or Q8_0 down; Q6_K into q6k, a kind for matrices outside the routed experts), and so does the dense first
+layer's MLP; else they are dequantized with the other
 tensors (the engine keeps them in blocks only while offloading), and so do attention's q, kv_a and output
 projections and the output head one matrix each (`linear_layout`; kv_b, absorbed into the attention, is dequantized).
 The tokenizer and chat template
@@ -31,7 +32,8 @@ from .config import ModelConfig
 from . import ggml_blocks
 from .quant import GROUP, MATRICES, SUPER, ExpertLayout, Matrix, ffn_layout
 
-CARRIED = {"q8": {"Q8_0", "Q5_0"}, "q4": {"Q4_0"}, "q4k": {"Q4_K"}}    # block types that move into each plane kind
+CARRIED = {"q8": {"Q8_0", "Q5_0"}, "q4": {"Q4_0"}, "q4k": {"Q4_K"},    # block types that move into each plane kind
+           "q6k": {"Q6_K"}}                                             # (q6k: outside the routed experts only)
 
 NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
          "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
@@ -163,7 +165,7 @@ class GgufCheckpoint:
 
     def ffn_layout(self, layer: int, which: str) -> ExpertLayout | None:
         """The planes a layer's shared experts (`which` "shared": one FFN of width n_shared x I) or dense MLP
-        ("dense") move into unchanged, or None where a block type has no plane kind (F32, F16, Q6_K, ...: they are
+        ("dense") move into unchanged, or None where a block type has no plane kind (F32, F16, Q5_K, ...: they are
         dequantized with the other tensors)."""
         t = [self.tensors.get(f"blk.{layer}.{k}.weight") for k in FFNS[which]]
         if None in t:
@@ -181,7 +183,7 @@ class GgufCheckpoint:
     def linear_layout(self, name: str) -> Matrix | None:
         """The plane kind a matrix outside the experts (Hugging Face name: attention's projections, the output
         head) moves into unchanged, as one Matrix at offset 0; None where its type has no plane kind (F32, F16,
-        Q6_K, ...), its rows fit no whole block of that kind, it has not a multiple of 16 rows, or the file has no
+        Q5_K, ...), its rows fit no whole block of that kind, it has not a multiple of 16 rows, or the file has no
         such tensor."""
         src, expert = self._source(name)
         t = self.tensors.get(src) if src is not None and expert is None else None
@@ -189,7 +191,7 @@ class GgufCheckpoint:
         if kind is None or len(t.shape) != 2:
             return None
         cols, rows = (int(n) for n in t.shape)                    # GGUF lists a matrix's shape columns first
-        fits = cols % (SUPER if kind == "q4k" else GROUP) == 0 and rows % 16 == 0     # (16: the kernel's tile)
+        fits = cols % (SUPER if kind in ("q4k", "q6k") else GROUP) == 0 and rows % 16 == 0  # (16: the kernel's tile)
         return Matrix(rows, cols, kind, 0) if fits else None
 
     def linear_planes(self, name: str, mat: Matrix) -> torch.Tensor:

@@ -8,6 +8,8 @@ stored as planes, one after another in the expert's byte buffer (a Matrix's `kin
   (m = -8d) and Q4_1 files can be carried without requantizing.
 - q4k: Q4_K, planar: nibbles as q4, fp16 d and dmin [R, C/256], 6-bit sc and mn (one byte each) [R, C/32];
   w = (d sc) q - dmin mn, each product exact in fp32 (ggml_blocks.py moves Q4_K blocks in, and encodes them).
+- q6k: Q6_K, planar: int8 q - 32 [R, C], fp16 d [R, C/256], int8 sc [R, C/16]; w = (d sc) q. Only for a GGUF
+  file's matrices outside the routed experts (its Q6_K shared downs and output head), on the GPU's kernels.
 An expert is w13 = [gate; up] ([2I, Hd]) then w2 = down ([Hd, I]). Format q4k is q4k gate/up with a q8 down (what
 llama.cpp's Q4_K_M holds for V2-Lite: its downs are Q5_0 or Q8_0, rows of 1,408 fitting no 256-block). The model's
 function with quantized experts is the model whose expert weights are `dequantize`d (in fp32, then cast)."""
@@ -25,20 +27,22 @@ from .config import EXPERT_FORMATS, ConfigError, ModelConfig
 GROUP = 32
 SUPER = 256                   # q4k's block of d and dmin
 FORMATS = EXPERT_FORMATS
-KINDS = {"q8": 1, "q4": 2, "q4k": 3}      # a matrix's kind -> its code in the kernels (cpu_quant.h, quant_gpu.py)
+KINDS = {"q8": 1, "q4": 2, "q4k": 3, "q6k": 4}   # a matrix's kind -> its code in the kernels (cpu_quant.h, quant_gpu.py;
+                                                # q6k: GPU only, for a GGUF file's Q6_K matrices outside the experts)
 MATRICES = {"q8": ("q8", "q8"), "q4": ("q4", "q4"), "q4k": ("q4k", "q8")}   # format -> kinds of (w13, w2)
 SCALE_PLANES = {                          # kind -> the planes after q, in order: (weights per value, dtype)
     "q8": ((GROUP, torch.float16),),
     "q4": ((GROUP, torch.float16), (GROUP, torch.float16)),
-    "q4k": ((SUPER, torch.float16), (SUPER, torch.float16), (GROUP, torch.uint8), (GROUP, torch.uint8))}
+    "q4k": ((SUPER, torch.float16), (SUPER, torch.float16), (GROUP, torch.uint8), (GROUP, torch.uint8)),
+    "q6k": ((SUPER, torch.float16), (16, torch.int8))}
 
 
 class Planes(NamedTuple):
     """Views of one matrix's planes; fields a kind lacks are None."""
-    q: torch.Tensor               # int8 [..., R, C] (q8) or nibbles uint8 [..., R, C/2]
-    d: torch.Tensor               # fp16 [..., R, C/32] (q4k: [..., R, C/256])
+    q: torch.Tensor               # int8 [..., R, C] (q8; q6k: q - 32) or nibbles uint8 [..., R, C/2]
+    d: torch.Tensor               # fp16 [..., R, C/32] (q4k, q6k: [..., R, C/256])
     m: torch.Tensor | None = None     # fp16 min [..., R, C/32] (q4); dmin [..., R, C/256] (q4k)
-    sc: torch.Tensor | None = None    # uint8 [..., R, C/32] (q4k)
+    sc: torch.Tensor | None = None    # uint8 [..., R, C/32] (q4k); int8 [..., R, C/16] (q6k)
     mn: torch.Tensor | None = None
 
 
@@ -56,7 +60,7 @@ class Matrix:
 
     @property
     def q_bytes(self) -> int:
-        return self.rows * self.cols // (1 if self.kind == "q8" else 2)
+        return self.rows * self.cols // (1 if self.kind in ("q8", "q6k") else 2)
 
     @property
     def scale_bytes(self) -> int:
@@ -75,6 +79,8 @@ class Matrix:
             n = R * (C // per) * dtype.itemsize
             scales.append(buf[..., at:at + n].view(dtype).reshape(*lead, R, C // per))
             at += n
+        if self.kind == "q6k":
+            return Planes(q.view(torch.int8), scales[0], None, scales[1])
         return Planes(q.view(torch.int8) if self.kind == "q8" else q, *scales)
 
 
@@ -127,8 +133,10 @@ def plane_bytes(planes) -> torch.Tensor:
 def quantize_matrix(w: torch.Tensor, kind: str) -> torch.Tensor:
     """w [R, C] (any float dtype) -> its planes as bytes [Matrix.nbytes], round to nearest."""
     R, C = w.shape
-    if kind == "q4k":
-        return plane_bytes(ggml_blocks.q4k_planes(ggml_blocks.encode_q4_k(w.float().numpy())))
+    if kind in ("q4k", "q6k"):
+        enc, planes = (ggml_blocks.encode_q4_k, ggml_blocks.q4k_planes) if kind == "q4k" else \
+            (ggml_blocks.encode_q6_k, ggml_blocks.q6k_planes)
+        return plane_bytes(planes(enc(w.float().numpy())))
     g = w.float().reshape(R, C // GROUP, GROUP)                                         # [R, G, 32]
     if kind == "q8":
         d = (g.abs().amax(-1) / 127).half()                                              # [R, G]
@@ -157,6 +165,10 @@ def group_scales(p: Planes, kind: str) -> tuple[torch.Tensor, torch.Tensor | Non
 def dequantize_matrix(buf: torch.Tensor, mat: Matrix) -> torch.Tensor:
     """buf [..., expert bytes] -> the matrix's weights [..., R, C] in float32."""
     p = mat.planes(buf)
+    if mat.kind == "q6k":
+        lead, R = p.q.shape[:-2], mat.rows
+        scale = p.d.float().repeat_interleave(SUPER // 16, -1) * p.sc.float()                # [..., R, C/16]
+        return (p.q.float().reshape(*lead, R, -1, 16) * scale[..., None]).reshape(*lead, R, mat.cols)
     d, m = group_scales(p, mat.kind)
     lead, R, G = p.q.shape[:-2], mat.rows, mat.cols // GROUP
     if mat.kind == "q8":
