@@ -12,11 +12,9 @@ and Q5_0 into q8, Q4_0 into q4, Q4_K into q4k; `native_format` names the format 
 q4k), which `--experts auto` takes; other expert types run dequantized (bf16). A layer's shared experts move the same
 way into one FFN's planes where their types fit a plane kind (`ffn_layout`: Q4_K_M's Q4_K gate/up and Q4_K, Q6_K,
 Q5_0 or Q8_0 down; Q6_K into q6k, a kind for matrices outside the routed experts), and so does the dense first
-layer's MLP; else they are dequantized with the other
-tensors (the engine keeps them in blocks only while offloading), and so do attention's q, kv_a and output
-projections and the output head one matrix each (`linear_layout`; kv_b, absorbed into the attention, is dequantized).
-The tokenizer and chat template
-in the metadata are read by engine/gguf_tokenizer.py."""
+layer's MLP, and attention's q, kv_a and output projections and the output head, one matrix each (`linear_layout`);
+the rest (kv_b, absorbed into the attention; norms; other block types) is dequantized. The engine keeps blocks only
+while offloading. The tokenizer and chat template in the metadata are read by engine/gguf_tokenizer.py."""
 from __future__ import annotations
 
 import hashlib
