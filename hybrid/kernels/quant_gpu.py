@@ -73,15 +73,16 @@ if triton is not None:
                  * tl.load(d_ptr + rows[:, None] * (K // 256) + (g // 16)[None, :]).to(tl.float32))  # [BN, BK/16]
             w = tl.reshape(tl.reshape(q, (BN, BK // 16, 16)) * s[:, :, None], (BN, BK))
             x = tl.load(x_ptr + xrow[:, None] * K + k[None, :], mask=rmask[:, None], other=0.0)
-            return acc + tl.dot(x, tl.trans(w.to(dt)), input_precision=PREC)
-        d, m = _group_scales(d_ptr, m_ptr, sc_ptr, mn_ptr, rows, k0, K, BK, KIND)                  # [BN, G, 1]
-        if KIND == 1:
+            acc = acc + tl.dot(x, tl.trans(w.to(dt)), input_precision=PREC)
+        elif KIND == 1:
+            d, m = _group_scales(d_ptr, m_ptr, sc_ptr, mn_ptr, rows, k0, K, BK, KIND)              # [BN, G, 1]
             k = k0 + tl.arange(0, BK)
             q = int8_float(tl.load(q_ptr + rows[:, None] * K + k[None, :]))                      # [BN, BK]
             w = tl.reshape(tl.reshape(q, (BN, BK // 32, 32)) * d, (BN, BK))
             x = tl.load(x_ptr + xrow[:, None] * K + k[None, :], mask=rmask[:, None], other=0.0)
             acc = acc + tl.dot(x, tl.trans(w.to(dt)), input_precision=PREC)
         else:
+            d, m = _group_scales(d_ptr, m_ptr, sc_ptr, mn_ptr, rows, k0, K, BK, KIND)              # [BN, G, 1]
             j = tl.arange(0, BK // 2)
             b = tl.reshape(tl.load(q_ptr + rows[:, None] * (K // 2) + (k0 // 2 + j)[None, :]).to(tl.int32),
                            (BN, BK // 32, 16))
