@@ -45,7 +45,8 @@ def args(argv=None):
     ap.add_argument("--new-tokens", type=at_least(2), default=128, help="tokens generated per cell")
     ap.add_argument("--cache-policy", default="lfu", choices=CHOICES["cache_policy"], help="expert cache policy")
     ap.add_argument("--cache-layout", default="auto", choices=CHOICES["cache_layout"],
-                    help="expert cache's slots: whole layers or an equal share per layer (run.py's --cache-layout)")
+                    help="expert cache's slots: whole layers, equal shares, or auto: whole layers at batch 1 "
+                         "(run.py's --cache-layout)")
     ap.add_argument("--experts", default="auto", choices=CHOICES["experts"],
                     help="routed experts' format (as run.py's; auto: a GGUF's own, else bf16)")
     ap.add_argument("--peers", default="", help=f"comma-separated, of {', '.join(PEERS)} (prompt: the shortest)")
