@@ -255,11 +255,12 @@ def triton_linear(xs: torch.Tensor, planes: torch.Tensor, mat: Matrix) -> torch.
 
 class QuantizedLinear:
     """x [..., K] -> x W^T [..., N] with W [N, K] kept in one matrix's planes (a GGUF file's attention projections
-    or output head, while offloading): a Triton kernel that dequantizes in registers on a GPU (capturable), the
-    dequantized matrix through F.linear on a CPU device."""
+    or output head, while offloading): a Triton kernel that dequantizes in registers on a GPU (capturable); on a CPU
+    device, where no GPU memory is saved, the matrix dequantized once (at its first call) through F.linear."""
 
     def __init__(self, planes: torch.Tensor, mat: Matrix):
         self.planes, self.mat = planes, mat                        # uint8 [mat.nbytes] on the compute device
+        self.dense: torch.Tensor | None = None                     # CPU device: the dequantized matrix [N, K]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xs = x.reshape(-1, self.mat.cols)                                                 # [M, K]
@@ -268,7 +269,9 @@ class QuantizedLinear:
                 raise RuntimeError("quantized weights on a GPU need Triton (pip install triton)")
             y = triton_linear(xs, self.planes, self.mat)
         else:
-            y = F.linear(xs, dequantize_matrix(self.planes, self.mat).to(xs.dtype))
+            if self.dense is None or self.dense.dtype != xs.dtype:
+                self.dense = dequantize_matrix(self.planes, self.mat).to(xs.dtype)
+            y = F.linear(xs, self.dense)
         return y.view(*x.shape[:-1], self.mat.rows)
 
 
