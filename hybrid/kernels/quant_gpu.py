@@ -163,10 +163,10 @@ if triton is not None:
             tl.store(y_ptr + xrow[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
-def _block(n: int, want: int) -> int:
-    """The largest power of two <= want dividing n (at least 32: one quantization group)."""
+def _block(n: int, want: int, least: int = 32) -> int:
+    """The largest power of two <= want dividing n, at least `least` (32: one quantization group)."""
     b = want
-    while b > 32 and n % b:
+    while b > least and n % b:
         b //= 2
     return b
 
@@ -243,9 +243,7 @@ def triton_linear(xs: torch.Tensor, planes: torch.Tensor, mat: Matrix) -> torch.
     if M == 0:
         return y
     small = M <= 128
-    bn = 32 if small else 64                              # output rows per program: a power of two dividing N
-    while bn > 16 and N % bn:
-        bn //= 2
+    bn = _block(N, 32 if small else 64, least=16)         # output rows per program (N % 16 == 0)
     bm, bk = (16, _block(K, 128)) if small else (64, _block(K, 64))
     _linear_kernel[(N // bn, triton.cdiv(M, bm))](xs.contiguous(), y, M, *plane_pointers(planes[None], mat), N, K,
                                                  KIND=mat.code, BM=bm, BN=bn, BK=bk,

@@ -28,7 +28,7 @@ import torch
 from .checkpoint import Checkpoint, CheckpointError
 from .config import ModelConfig
 from . import ggml_blocks
-from .quant import GROUP, MATRICES, SUPER, ExpertLayout, Matrix, ffn_layout
+from .quant import GROUP, MATRICES, SUPER, ExpertLayout, Matrix, ffn_layout, plane_bytes
 
 CARRIED = {"q8": {"Q8_0", "Q5_0"}, "q4": {"Q4_0"}, "q4k": {"Q4_K"},    # block types that move into each plane kind
            "q6k": {"Q6_K"}}                                             # (q6k: outside the routed experts only)
@@ -196,8 +196,7 @@ class GgufCheckpoint:
         """The matrix's blocks in mat's planes (linear_layout) -> [mat.nbytes] uint8."""
         t = self.tensors[self._source(name)[0]]
         raw = np.asarray(t.data).reshape(mat.rows, -1)
-        planes = ggml_blocks.planes(raw, t.tensor_type.name)
-        return torch.from_numpy(np.concatenate([np.ascontiguousarray(p).reshape(-1).view(np.uint8) for p in planes]))
+        return plane_bytes(ggml_blocks.planes(raw, t.tensor_type.name))
 
     def _planes(self, layer: int, names: tuple[str, str, str], lay: ExpertLayout) -> torch.Tensor:
         """gate, up, down blocks of a layer (one tensor each: [E, R, cols] for the routed experts, [R, cols] for
