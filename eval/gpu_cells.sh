@@ -8,7 +8,11 @@
 #             $OUT/ab/this.json, $OUT/ab/base.json; if this code fails there, the later parts run the older one;
 #   q4k8      the Q4_K_M file at 8 GiB, batch 1 and 16, prompts 128 and 512: $OUT/gguf_q4k/8GiB/results.json;
 #   q4ksmall  the Q4_K_M file at 6 and 4 GiB, batch 1, prompt 128: $OUT/gguf_q4k/<budget>/results.json;
-#   bf16      bf16 at 12 GiB, batch 1 and 16, prompt 128: $OUT/hybrid/results.json.
+#   bf16      bf16 at 12 GiB, batch 1 and 16, prompt 128: $OUT/hybrid/results.json;
+#   profile   phase logs (profile_layers.py) on the Q4_K_M file at 8 GiB, batch 1, hybrid with and without gate
+#             prefetch: $OUT/profile/{none,gate}.json;
+#   long      a 3,072-token prompt on the Q4_K_M file at 8 GiB, batch 1, hybrid (does the peak stay within the
+#             budget when prefill fills the workspace?): $OUT/gguf_q4k/8GiB_long/results.json.
 # MODES: the cells' modes (default hybrid,hybrid+gate; session 16's lease ran hybrid alone, ~9 minutes for all parts).
 #   [MODES=...] [PARTS=...] bash eval/gpu_cells.sh
 source eval/device_setup.sh gguf_q4k q4k
@@ -39,6 +43,18 @@ for part in ${PARTS:-ab q4k8 q4ksmall bf16}; do
         --gpu-memory 12GiB --batch-sizes 1,16 --prompt-lens 128 --new-tokens 64 --out-dir "$OUT/hybrid" 2>&1 \
         | grep -v "it/s\]" | tail -4
       rm -rf "$OUT/hybrid/refs" "$OUT/hybrid"/*.png "$OUT/hybrid"/*.csv ;;
-    *) echo "error: unknown part $part (ab, q4k8, q4ksmall, bf16)"; exit 2 ;;
+    profile)
+      mkdir -p "$OUT/profile"
+      for pf in none gate; do
+        timeout 100 python3 eval/probes/profile_layers.py --model $M --experts q4k --gpu-memory 8GiB \
+          --max-seq-len 640 --mode hybrid --prefetch $pf --batch-size 1 --out "$OUT/profile/$pf.json" 2>&1 \
+          | grep -vE "it/s|%\|" | tail -16
+      done ;;
+    long)
+      timeout 200 python3 eval/compare_modes.py --model $M --experts q4k --gpu-memory 8GiB --modes hybrid \
+        --batch-sizes 1 --prompt-lens 3072 --new-tokens 16 --out-dir "$OUT/gguf_q4k/8GiB_long" 2>&1 \
+        | grep -v "it/s\]" | tail -4
+      rm -rf "$OUT/gguf_q4k/8GiB_long/refs" "$OUT/gguf_q4k/8GiB_long"/*.png "$OUT/gguf_q4k/8GiB_long"/*.csv ;;
+    *) echo "error: unknown part $part (ab, q4k8, q4ksmall, bf16, profile, long)"; exit 2 ;;
   esac
 done

@@ -123,6 +123,7 @@ class OffloadedExperts:
         self.plan, self.predicted_ms = plan, plan.predicted_ms + self.feedback.bias_ms(T)
         self.phases.mark("planned")
         graph = self.layer_graphs(call) if plan.one_wave else None
+        self.phases.mark("graph")
         job = self.cpu_work.start(layer, plan.cpu, flat, counts, xh, K, graph and graph.host.cpu)
         hits = [(e, ahead[e] if e in ahead else self.cache.slot_of(layer, e)) for e in plan.hits]
         self.phases.note(n_hit=len(hits), n_fetch=len(plan.fetch), n_cpu=len(plan.cpu), n_ahead=len(ahead))

@@ -1,8 +1,9 @@
 """Host timestamps of each offloaded MoE layer's phases, to see what sits on a decode step's critical path.
 
 The executor marks: enter (forward called), settled (previous layer's bookkeeping done), routed (routing on the
-host: the one sync), planned, issued (copies queued), launched (rows laid out), queued (GPU expert work and
-prefetch queued), cpu_start / cpu_end (the CPU experts) and done (combine queued). Off by default; marks cost ~0.1 us each."""
+host: the one sync), planned, graph (the layer's graphs found), issued (copies queued), launched (rows laid out),
+queued (GPU expert work and prefetch queued), cpu_start / cpu_end (the CPU experts) and done (combine queued). Off by
+default; marks cost ~0.1 us each."""
 from __future__ import annotations
 
 import statistics
@@ -13,7 +14,9 @@ SPANS = (("enter", "routed", "wait for routing (GPU: previous layer's experts, a
          ("routed", "launched", "plan, copies issued, CPU work handed out"),
          ("routed", "planned", "plan"),
          ("planned", "issued", "CPU work handed out, slots admitted, copies issued"),
-         ("planned", "cpu_start", "CPU work handed out (the CPU lane starts)"),
+         ("planned", "graph", "the layer's graphs looked up"),
+         ("graph", "cpu_start", "CPU work handed out (the CPU lane starts)"),
+         ("cpu_start", "issued", "slots admitted, copies issued"),
          ("routed", "cpu_end", "routing to the CPU lane's end"),
          ("issued", "launched", "rows laid out, waits for in-flight hits queued"),
          ("launched", "queued", "GPU expert groups and prefetch queued"),
