@@ -133,4 +133,4 @@ def test_the_phase_log_times_planned_layers_and_skips_whole_ones(tiny):
     s = log.summary()
     assert s["layers_logged"] == len(log.rows) and s["routed->planned"]["mean_ms"] >= 0
     spans = [k for k in s if "->" in k]
-    assert "planned->cpu_start" in spans and "routed->cpu_end" in spans and s["cpu_ms_by_experts"]
+    assert "planned->graph" in spans and "graph->cpu_start" in spans and "routed->cpu_end" in spans and s["cpu_ms_by_experts"]
