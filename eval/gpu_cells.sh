@@ -28,7 +28,7 @@ for part in ${PARTS:-ab q4k8 q4ksmall bf16}; do
         dir=$ROOT; [ $v = base ] && dir=$ROOT/.ab_base
         echo "== $v"
         (cd "$dir" && timeout 100 python3 eval/probes/profile_layers.py --model $M --experts q4k --gpu-memory 8GiB \
-          --max-seq-len 640 --mode hybrid --batch-size 1 --out "$OUT/ab/$v.json" 2>&1 | grep -vE "it/s|%\|" | tail -13)
+          --max-seq-len 640 --mode hybrid --prefetch none --batch-size 1 --out "$OUT/ab/$v.json" 2>&1 | grep -vE "it/s|%\|" | tail -13)
       done
       [ -s "$OUT/ab/this.json" ] || { echo "this code failed: the cells run the older one"; cd "$ROOT/.ab_base"; } ;;
     q4k8)

@@ -117,6 +117,28 @@ def test_pool_runs_the_same_kernel_asynchronously(dtype, march):
     assert inline.lib.moe_pool_threads() >= 1          # one pool per process, sized by its first user
 
 
+def test_call_arrays_grow_and_a_started_job_holds_them():
+    import numpy as np
+    from hybrid.kernels.cpu_experts import CallArrays, pointer_table
+    a = CallArrays(experts=2, rows=3)
+    ptrs = np.arange(10, dtype=np.int64).reshape(5, 2)
+    addr = a.fill(ptrs, [0, 1, 2, 3, 4], [1, 1, 1, 1, 1], np.arange(5, dtype=np.int32))
+    assert a.w13[:5].tolist() == [0, 2, 4, 6, 8] and a.w2[:5].tolist() == [1, 3, 5, 7, 9]
+    assert a.xr[:5].tolist() == [0, 1, 2, 3, 4] and addr[0] == a.w13.ctypes.data and addr[4] == a.xr.ctypes.data
+    assert a.fill(ptrs[:1], [0], [2], None)[4] is None and a.ct[0] == 2
+    _, w13, w2, starts, counts = experts([1, 2], torch.float32)
+    views, x, out = list(zip(w13, w2)), torch.randn(2, 64), torch.empty(3, 64)
+    pooled = CpuExperts("native", pool_threads=2, tiles="off")
+    segs, rows = [(0, 0, 1), (1, 1, 2)], np.array([1, 0, 1], dtype=np.int32)
+    assert pooled.start_rows(x, rows, out, views, pointer_table(views), segs)
+    with pytest.raises(RuntimeError, match="still running"):      # its arrays are the running job's
+        pooled.start_rows(x, rows, out, views, pointer_table(views), segs)
+    pooled.wait()
+    ref = torch.empty(3, 64)
+    CpuExperts("native", tiles="off").run_rows(x, rows, ref, views, pointer_table(views), segs, torch.empty(3, 64))
+    assert torch.equal(out, ref)
+
+
 def test_start_rows_declines_what_the_pool_cannot_take():
     import numpy as np
     from hybrid.kernels.cpu_experts import pointer_table

@@ -16,6 +16,17 @@ def test_auto_layout_is_whole_layers_at_batch_1_only():
     assert cache_layout(RunConfig(max_batch_size=2, cache_layout="layers")) == "layers"
 
 
+def test_auto_prefetch_is_gate_in_hybrid_at_batch_1_only():
+    from hybrid.model.config import RunConfig
+    from hybrid.offload.runtime import prefetch_kind
+    assert RunConfig().prefetch == "auto"
+    assert prefetch_kind(RunConfig(mode="hybrid", max_batch_size=1)) == "gate"
+    assert prefetch_kind(RunConfig(mode="hybrid", max_batch_size=2)) == "none"
+    assert prefetch_kind(RunConfig(mode="fetch", max_batch_size=1)) == "none"
+    assert prefetch_kind(RunConfig(mode="hybrid", max_batch_size=4, prefetch="gate")) == "gate"
+    assert prefetch_kind(RunConfig(mode="hybrid", max_batch_size=1, prefetch="none")) == "none"
+
+
 def test_layer_shares_give_whole_layers_from_the_last_or_equal_shares():
     assert layer_shares(4, 9, 4, "layers") == [0, 1, 4, 4]
     assert layer_shares(4, 8, 4, "layers") == [0, 0, 4, 4]

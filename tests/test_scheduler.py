@@ -161,6 +161,12 @@ def test_cpu_rows_are_the_tail_of_the_full_layout():
     assert segs == lay.cpu_segments and rows.tolist() == (lay.perm[lay.cpu_start:] // K).tolist()
     assert [e for e, *_ in segs] == cpu and all(flat[K * t:K * t + K].tolist().count(e) for e, a, c in segs
                                                  for t in rows[a:a + c])
+    one = flat[:K]                                   # one token: the fast path gives what the layout does
+    counts1 = np.bincount(one, minlength=E)
+    cpu1 = [int(e) for e in one[1:]]
+    rows1, segs1 = cpu_rows(one, K, counts1, cpu1)
+    lay1 = layer_layout(one, counts1, [[(int(one[0]), 0)]], cpu1, 8)
+    assert segs1 == lay1.cpu_segments and rows1.tolist() == (lay1.perm[lay1.cpu_start:] // K).tolist() == [0, 0]
 
 
 def test_plans_carry_their_copy_waves():

@@ -125,8 +125,8 @@ def engine_args(ap: argparse.ArgumentParser, batch_flag: str = "--batch-size", b
                     help="GPU expert cache: LFU with decay, LRU, or static (the first experts loaded stay)")
     ap.add_argument("--cache-layout", default="auto", choices=CHOICES["cache_layout"], help="expert cache: whole "
                     "layers (run without the host), equal shares (spread), or auto: layers at batch 1, else spread")
-    ap.add_argument("--prefetch", default="none", choices=CHOICES["prefetch"],
-                    help="predict the next layer's experts with its router (gate) or a trained predictor (mlp)")
+    ap.add_argument("--prefetch", default="auto", choices=CHOICES["prefetch"],
+                    help="next layer's experts by its router (gate), a trained predictor (mlp); auto: gate in hybrid at batch 1")
     ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                     help="with prefetch: plan each layer alone (on-demand copies not charged for displaced prefetches)")
     ap.add_argument("--predictors", help="trained predictor file for --prefetch mlp (default: by checkpoint)")

@@ -7,6 +7,7 @@ where the CPU has it, on the same pool, so prefill's CPU lane starts as early as
 torch."""
 from __future__ import annotations
 
+import time
 import warnings
 from typing import List
 
@@ -39,6 +40,32 @@ with warnings.catch_warnings():             # torch 2.13 marks TorchScript depre
 def pointer_table(views: list[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
     """[E, 2] int64: the addresses of each expert's (w13, w2), for `CpuExperts.run_rows`."""
     return np.array([[w13.data_ptr(), w2.data_ptr()] for w13, w2 in views], dtype=np.int64)
+
+
+class CallArrays:
+    """The native call's small arrays (each expert's w13 and w2 address, segment starts and counts, input rows),
+    kept between calls at fixed addresses: numpy's `.ctypes` costs microseconds per array and call, on the
+    critical path of every layer's CPU lane. One call at a time uses them."""
+
+    def __init__(self, experts: int = 64, rows: int = 256):
+        self._make(experts, rows)
+
+    def _make(self, experts: int, rows: int) -> None:
+        self.w13, self.w2 = np.zeros(experts, np.int64), np.zeros(experts, np.int64)
+        self.st, self.ct, self.xr = np.zeros(experts, np.int32), np.zeros(experts, np.int32), np.zeros(rows, np.int32)
+        self.addr = [a.ctypes.data for a in (self.w13, self.w2, self.st, self.ct, self.xr)]
+
+    def fill(self, ptrs: np.ndarray, starts, counts, rows: np.ndarray | None) -> list:
+        """ptrs [n, 2], starts / counts [n], rows [r] or None -> the addresses of w13, w2, starts, counts, rows
+        (None for no rows)."""
+        n, r = len(counts), 0 if rows is None else rows.shape[0]
+        if n > self.st.shape[0] or r > self.xr.shape[0]:
+            self._make(max(n, 2 * self.st.shape[0]), max(r, 2 * self.xr.shape[0]))
+        self.w13[:n], self.w2[:n] = ptrs[:, 0], ptrs[:, 1]
+        self.st[:n], self.ct[:n] = starts, counts
+        if rows is not None:
+            self.xr[:r] = rows
+        return self.addr[:4] + [None if rows is None else self.addr[4]]
 
 
 class CpuExperts:
@@ -77,6 +104,8 @@ class CpuExperts:
         self.label = self.kind + ("+pool" if self.pool_threads else "") + ("", "+amx", "+amxemu")[self.tiles]
         self.scratch = torch.empty(0)
         self.pending: tuple | None = None       # the started job's arguments, alive until `wait`
+        self.arrays = CallArrays()
+        self.called = 0.0
 
     def _fits(self, x: torch.Tensor, inter: int) -> bool:
         """Whether the native kernel takes this dtype and these sizes at all."""
@@ -152,6 +181,7 @@ class CpuExperts:
 
     def _start(self, job: tuple) -> None:
         self.pending = job
+        self.called = time.perf_counter()        # the foreign call's start (the runtime's phase log reads it)
         err = self.lib.moe_pool_start(self.pool_threads, self.spin_ns, *job[0])
         if err:
             self.pending = None
@@ -164,7 +194,9 @@ class CpuExperts:
         return ns / 1e6
 
     def _args(self, x, rows, out, ptrs: np.ndarray, starts, counts, inter: int, tiles: int = 0) -> tuple:
-        """(ctypes arguments of moe_cpu_experts, the arrays they point into)."""
+        """(ctypes arguments of moe_cpu_experts, what they point into); ptrs [n, 2]: each expert's (w13, w2)."""
+        if self.pending is not None:
+            raise RuntimeError("the started CPU expert job is still running: wait for it first")
         n_rows, H = out.shape[0], x.shape[1]
         padded = 16 * sum((c + 15) // 16 for c in counts) if tiles else n_rows    # tile path: 16-token blocks
         in_f, gu_f = (padded * H // 2, padded * 2 * inter) if tiles else (n_rows * H, n_rows * 2 * inter)
@@ -173,13 +205,10 @@ class CpuExperts:
             self.scratch = torch.empty(max(need, 2 * self.scratch.numel()), dtype=torch.float32)
         base, f = self.scratch.data_ptr(), self.scratch.element_size()
         assert x.is_contiguous() and out.is_contiguous()
-        w13p, w2p = ptrs.T.copy()                                  # [n] each, contiguous
-        st, ct = np.array(starts, dtype=np.int32), np.array(counts, dtype=np.int32)
-        xr = None if rows is None else np.ascontiguousarray(rows, dtype=np.int32)
-        args = (DTYPES[x.dtype], len(ct), w13p.ctypes.data, w2p.ctypes.data, st.ctypes.data, ct.ctypes.data,
-                x.data_ptr(), None if xr is None else xr.ctypes.data, out.data_ptr(), n_rows, H, inter,
+        w13p, w2p, st, ct, xr = self.arrays.fill(ptrs, starts, counts, rows)
+        args = (DTYPES[x.dtype], len(counts), w13p, w2p, st, ct, x.data_ptr(), xr, out.data_ptr(), n_rows, H, inter,
                 base, base + in_f * f, base + (in_f + gu_f) * f, tiles, self.wfmt)
-        return args, (w13p, w2p, st, ct, xr, x, out, self.scratch)
+        return args, (x, out, self.scratch)
 
     def _native(self, x, rows, out, ptrs: np.ndarray, starts, counts, inter: int, pool: bool = True,
                 tiles: int = 0) -> None:

@@ -175,7 +175,7 @@ MODES = ("auto", "gpu", "fetch", "cpu", "hybrid")
 EXPERT_FORMATS = ("bf16", "q8", "q4", "q4k")   # routed experts: unquantized (compute dtype), 8-bit, 4-bit (quant.py)
 CHOICES = {"dtype": ("bfloat16", "float16", "float32"), "mode": MODES, "experts": ("auto",) + EXPERT_FORMATS,
            "cache_policy": ("lfu", "lru", "static"), "cache_layout": ("auto", "layers", "spread"),
-           "prefetch": ("none", "gate", "mlp"), "cpu_kernel": ("auto", "native", "torch"),
+           "prefetch": ("auto", "none", "gate", "mlp"), "cpu_kernel": ("auto", "native", "torch"),
            "cpu_tiles": ("auto", "off", "emulate")}
 AT_LEAST = {"max_batch_size": 1, "max_seq_len": 1, "prefill_chunk_tokens": 1, "cache_slots": 0, "cpu_threads": 1,
             "gpu_memory": 1, "prefill_graph_tokens": 0, "cpu_pool_spin_us": 0, "prefill_scratch": 0}
@@ -195,7 +195,7 @@ class RunConfig:
     cache_layout: str = "auto"            # layers (the last MoE layers whole, run without the host) | spread
                                           # (an equal share per layer) | auto: layers at batch 1, else spread
                                           # (offload/expert_cache.py)
-    prefetch: str = "none"                # none | gate | mlp
+    prefetch: str = "auto"                # none | gate | mlp | auto: gate in mode hybrid at batch 1, else none
     predictor_path: str | None = None     # trained predictors for prefetch mlp (default: by checkpoint)
     lookahead: bool = True                # with prefetch: on-demand copies pay for the prefetch they displace
     max_batch_size: int = 1

@@ -38,6 +38,7 @@ class CpuWork:
         if not self.lane.experts.start_rows(xh, rows, out, self.store.views[layer], self.ptrs[layer], segs):
             return None
         self.phases.mark("cpu_start")
+        self.phases.note(cpu_call=self.lane.experts.called)
         return out, t0, segs
 
     def finish(self, job, T: int, issued: float) -> torch.Tensor:

@@ -99,8 +99,7 @@ class OffloadedExperts:
         layer, idx = call.layer, call.idx
         if layer in self.pinned:
             return self.pinned.forward(call)
-        T, K = idx.shape
-        pred = call.pred if self.prefetcher else None
+        (T, K), pred = idx.shape, call.pred if self.prefetcher else None
         self.phases.start(layer)
         self.acct.settle()
         if self.prefetcher is not None:              # re-rank with the experts prefetched for this layer, while

@@ -45,6 +45,8 @@ def layer_layout(flat: np.ndarray, counts: np.ndarray, groups: list[list[tuple[i
 def cpu_rows(flat: np.ndarray, K: int, counts: np.ndarray, cpu: list[int]) -> tuple[np.ndarray, list]:
     """The CPU experts' rows in the order `layer_layout` sorts them, before the GPU groups are known: the token
     of each row [n] int32, and the segments (expert, first row, rows)."""
+    if flat.shape[0] == K:                       # one token: a row per expert, each of token 0
+        return np.zeros(len(cpu), dtype=np.int32), [(e, i, 1) for i, e in enumerate(cpu)]
     rank = np.full(counts.shape[0], len(cpu), dtype=np.int64)
     rank[cpu] = np.arange(len(cpu))
     c = counts[cpu]

@@ -2,8 +2,8 @@
 
 The executor marks: enter (forward called), settled (previous layer's bookkeeping done), routed (routing on the
 host: the one sync), planned, graph (the layer's graphs found), issued (copies queued), launched (rows laid out),
-queued (GPU expert work and prefetch queued), cpu_start / cpu_end (the CPU experts) and done (combine queued). Off by
-default; marks cost ~0.1 us each."""
+queued (GPU expert work and prefetch queued), cpu_call (the native call that starts the CPU lane), cpu_start /
+cpu_end (the CPU experts) and done (combine queued). Off by default; marks cost ~0.1 us each."""
 from __future__ import annotations
 
 import statistics
@@ -16,6 +16,8 @@ SPANS = (("enter", "routed", "wait for routing (GPU: previous layer's experts, a
          ("planned", "issued", "CPU work handed out, slots admitted, copies issued"),
          ("planned", "graph", "the layer's graphs looked up"),
          ("graph", "cpu_start", "CPU work handed out (the CPU lane starts)"),
+         ("graph", "cpu_call", "CPU work laid out (rows, arguments), up to the native call"),
+         ("cpu_call", "cpu_start", "the native call that starts the pool"),
          ("cpu_start", "issued", "slots admitted, copies issued"),
          ("routed", "cpu_end", "routing to the CPU lane's end"),
          ("issued", "launched", "rows laid out, waits for in-flight hits queued"),
