@@ -27,6 +27,14 @@ def test_auto_prefetch_is_gate_in_hybrid_at_batch_1_only():
     assert prefetch_kind(RunConfig(mode="hybrid", max_batch_size=1, prefetch="none")) == "none"
 
 
+def test_the_start_message_names_the_layout_and_the_prefetch_auto_chose(tiny, capsys):
+    from hybrid.engine.engine import Engine
+    from hybrid.model.config import RunConfig
+    Engine(str(tiny), RunConfig(dtype="float32", mode="hybrid", max_batch_size=1, max_seq_len=32), progress=True)
+    err = capsys.readouterr().err
+    assert "cache layout layers" in err and "prefetch gate" in err
+
+
 def test_layer_shares_give_whole_layers_from_the_last_or_equal_shares():
     assert layer_shares(4, 9, 4, "layers") == [0, 1, 4, 4]
     assert layer_shares(4, 8, 4, "layers") == [0, 0, 4, 4]

@@ -207,7 +207,7 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
                                copy_ahead=ahead, scratch_experts=plan.scratch_experts)
     if progress:
         print(f"cache layout {cache.layout}: {len(backend.pinned.layers)} of {len(cfg.moe_layers)} MoE layers whole "
-              "(run without the host)", file=sys.stderr)
+              f"(run without the host); prefetch {prefetch_kind(run)}", file=sys.stderr)
     return backend
 
 
