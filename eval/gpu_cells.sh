@@ -11,6 +11,8 @@
 #   bf16      bf16 at 12 GiB, batch 1 and 16, prompt 128: $OUT/hybrid/results.json;
 #   profile   phase logs (profile_layers.py) on the Q4_K_M file at 8 GiB, batch 1, hybrid with and without gate
 #             prefetch: $OUT/profile/{none,gate}.json;
+#   fetch16   a phase log of mode fetch at batch 16, 8 GiB, 64 tokens (does its PCIe backlog, the planner's input,
+#             grow with the run? eval/NOTES.md q2k (4)): $OUT/profile/fetch16.json;
 #   long      a 3,072-token prompt on the Q4_K_M file at 8 GiB, batch 1, hybrid (does the peak stay within the
 #             budget when prefill fills the workspace?): $OUT/gguf_q4k/8GiB_long/results.json.
 # MODES: the cells' modes (default hybrid,hybrid+gate; session 16's lease ran hybrid alone, ~9 minutes for all parts).
@@ -50,11 +52,15 @@ for part in ${PARTS:-ab q4k8 q4ksmall bf16}; do
           --max-seq-len 640 --mode hybrid --prefetch $pf --batch-size 1 --out "$OUT/profile/$pf.json" 2>&1 \
           | grep -vE "it/s|%\|" | tail -16
       done ;;
+    fetch16)
+      mkdir -p "$OUT/profile"
+      timeout 150 python3 eval/probes/profile_layers.py --model $M --experts q4k --gpu-memory 8GiB --max-seq-len 640 \
+        --mode fetch --batch-size 16 --out "$OUT/profile/fetch16.json" 2>&1 | grep -vE "it/s|%\|" | tail -8 ;;
     long)
       timeout 200 python3 eval/compare_modes.py --model $M --experts q4k --gpu-memory 8GiB --modes hybrid \
         --batch-sizes 1 --prompt-lens 3072 --new-tokens 16 --out-dir "$OUT/gguf_q4k/8GiB_long" 2>&1 \
         | grep -v "it/s\]" | tail -4
       rm -rf "$OUT/gguf_q4k/8GiB_long/refs" "$OUT/gguf_q4k/8GiB_long"/*.png "$OUT/gguf_q4k/8GiB_long"/*.csv ;;
-    *) echo "error: unknown part $part (ab, q4k8, q4ksmall, bf16, profile, long)"; exit 2 ;;
+    *) echo "error: unknown part $part (ab, q4k8, q4ksmall, bf16, profile, fetch16, long)"; exit 2 ;;
   esac
 done

@@ -153,3 +153,4 @@ def test_the_phase_log_times_planned_layers_and_skips_whole_ones(tiny):
     assert s["layers_logged"] == len(log.rows) and s["routed->planned"]["mean_ms"] >= 0
     spans = [k for k in s if "->" in k]
     assert "planned->graph" in spans and "graph->cpu_start" in spans and "routed->cpu_end" in spans and s["cpu_ms_by_experts"]
+    assert s["backlog_ms"]["layers"] > 0 and s["backlog_ms"]["max_ms"] >= s["backlog_ms"]["mean_ms"] >= 0

@@ -43,8 +43,7 @@ class OffloadedExperts:
                  copy_ahead: CopyAhead | None = None, scratch_experts: int = 0):
         self.cfg, self.store, self.cache, self.planner = cfg, store, cache, planner
         self.device, self.copy, self.cpu = device, CopyLane(device), cpu_lane
-        self.prefetcher, self.decode_tokens = prefetcher, decode_tokens
-        self.wants_guess = prefetcher is not None
+        self.prefetcher, self.decode_tokens, self.wants_guess = prefetcher, decode_tokens, prefetcher is not None
         pin = device.type == "cuda"
         self.routing = RoutingReadback(cfg.hidden_size, store.dtype, pin)
         self.index_buf = PinnedBuffer(1, torch.int32, pin)
@@ -172,6 +171,7 @@ class OffloadedExperts:
         room = staging + self.cache.room(layer, tokens) if small else None
         lanes = LaneState(self.copies.backlog_ms(), self.feedback.lag_ms(T), self.feedback.cpu_scale(T), penalty,
                           room, max(1, staging // 2))
+        self.phases.note(backlog_ms=lanes.backlog_ms)
         return self.planner.plan(tokens, resident | ahead.keys() if ahead else resident, lanes), ahead
 
     def _decode(self, call, graph, hits, fetch, cpu, flat, counts, xh, host, job) -> torch.Tensor:

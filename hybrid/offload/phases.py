@@ -54,6 +54,11 @@ class PhaseLog:
             if d:
                 out[f"{a}->{b}"] = {"what": what, "mean_ms": statistics.mean(d), "p50_ms": statistics.median(d),
                                     "layers": len(d)}
+        backlog = [r["backlog_ms"] for r in self.rows if "backlog_ms" in r]
+        if backlog:
+            out["backlog_ms"] = {"what": "the PCIe lane's modelled backlog when the layer planned (not a span)",
+                                 "mean_ms": statistics.mean(backlog), "p50_ms": statistics.median(backlog),
+                                 "max_ms": max(backlog), "layers": len(backlog)}
         lane = [(1000 * (r["cpu_end"] - r["cpu_start"]), r.get("n_cpu", 0)) for r in self.rows if "cpu_end" in r]
         by_n: dict[int, list[float]] = {}
         for ms, n in lane:
