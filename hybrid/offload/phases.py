@@ -47,7 +47,8 @@ class PhaseLog:
             self.cur.update(values)
 
     def summary(self) -> dict:
-        """Mean and median milliseconds of each span over the logged layers, and the CPU lane's ms per expert."""
+        """Mean and median milliseconds of each span over the logged layers, the PCIe backlog the layers planned
+        with, and the CPU lane's ms per expert."""
         out = {}
         for a, b, what in SPANS:
             d = [1000 * (r[b] - r[a]) for r in self.rows if a in r and b in r]
