@@ -88,8 +88,9 @@ def test_run_rows_reads_inputs_through_the_row_map(counts):
 def test_auto_tiles_follow_the_hardware_and_the_baseline_build_has_none():
     auto, off = CpuExperts("native"), CpuExperts("native", tiles="off")
     hw = auto.lib.moe_tiles()
-    assert auto.tiles == hw and auto.label == "native" + ("+amx" if hw else "")
-    assert off.tiles == 0 and off.label == "native"
+    dot = "+dot" if auto.lib.moe_dot() else ""
+    assert auto.tiles == hw and auto.label == "native" + ("+amx" if hw else "") + dot
+    assert off.tiles == 0 and off.label == "native" + dot
     assert CpuExperts("native", march=BASELINE).tiles == 0
 
 
@@ -100,7 +101,7 @@ def test_pool_runs_the_same_kernel_asynchronously(dtype, march):
     from hybrid.kernels.cpu_experts import pointer_table
     inline = CpuExperts("native", tiles="off", march=march)
     pooled = CpuExperts("native", pool_threads=3, tiles="off", march=march)
-    assert pooled.label == "native+pool" and inline.label == "native"
+    assert pooled.label.startswith("native+pool") and inline.label in ("native", "native+dot")
     for seed, counts in enumerate([[1, 2, 1], [4, 1], [3, 3, 2, 1]]):          # the pool is reused job after job
         _, w13, w2, starts, counts = experts(counts, dtype, seed=seed)
         views = list(zip(w13, w2))
@@ -154,7 +155,7 @@ def test_start_rows_declines_what_the_pool_cannot_take():
 def test_tile_path_matches_torch(counts):
     """The tile path (AMX where the CPU has it; here its emulation, which runs everywhere) against torch's bf16."""
     tiles = CpuExperts("native", max_tokens=8, tiles="emulate")
-    assert tiles.label == "native+amxemu"
+    assert tiles.label.startswith("native+amxemu")
     x, w13, w2, starts, counts = experts(counts, torch.bfloat16)
     ref, out = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
     torch_experts(x, ref, w13, w2, starts, counts)
@@ -212,3 +213,38 @@ def test_tile_path_only_where_it_applies():
     assert CpuExperts("native", tiles="off").tiles == 0
     with pytest.raises(ValueError, match="unknown tile setting"):
         CpuExperts("native", tiles="fast")
+
+
+@pytest.mark.parametrize("dot", ["off", "emulate", "auto"])
+@pytest.mark.parametrize("counts", [[1], [1, 2, 3, 4, 5], [6, 1]])
+def test_dot_path_matches_torch_and_the_plain_path(dot, counts):
+    """bf16 experts on the pair dot product (AVX512-BF16 where the CPU has it under "auto"; its emulation runs
+    everywhere) against torch's bf16, and its pool run against its inline run bit for bit."""
+    import numpy as np
+    from hybrid.kernels.cpu_experts import pointer_table
+    k = CpuExperts("native", tiles="off", dot=dot)
+    pooled = CpuExperts("native", tiles="off", dot=dot, pool_threads=3)
+    assert k.dot == {"off": 0, "emulate": 2, "auto": k.lib.moe_dot()}[dot]
+    x, w13, w2, starts, counts = experts(counts, torch.bfloat16, hidden=256, inter=128)
+    ref, out = torch.empty_like(x), torch.full_like(x, float("nan"))
+    torch_experts(x, ref, w13, w2, starts, counts)
+    k.run(x, out, w13, w2, starts, counts)
+    assert torch.isfinite(out).all() and rel_err(out, ref) <= 1e-2
+    views = list(zip(w13, w2))
+    segs = [(j, a, c) for j, (a, c) in enumerate(zip(starts, counts))]
+    rows = np.arange(sum(counts), dtype=np.int32)[::-1].copy()
+    inline, pool_out = torch.empty_like(x), torch.full_like(x, float("nan"))
+    k.run_rows(x, rows, inline, views, pointer_table(views), segs, torch.empty_like(x))
+    assert pooled.start_rows(x, rows, pool_out, views, pointer_table(views), segs)
+    pooled.wait()
+    assert torch.equal(pool_out, inline)
+
+
+def test_dot_path_setting_is_checked():
+    with pytest.raises(ValueError, match="unknown dot setting"):
+        CpuExperts("native", dot="fast")
+    assert CpuExperts("native", dot="emulate").label.endswith("+dotemu")
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()

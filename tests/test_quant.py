@@ -96,6 +96,35 @@ def test_cpu_kernel_reads_quantized_experts_exactly(fmt, march, pool):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dot", ["off", "emulate", "auto"])
+def test_cpu_dot_path_reads_quantized_experts_exactly(fmt, dot):
+    """Sizes in whole blocks of 128: at up to 2 tokens per expert on average, q4 / q4k gate-up (and q4 down) take
+    the bf16 dot-product path, which sums d (q x) + m x per group (so its sums differ from the plain path's); more
+    tokens take the plain path. Every path agrees with the dequantized reference, pool and inline bit for bit."""
+    inter = 128
+    cfg = ModelConfig.from_dict({**PRESETS["tiny"][0], "hidden_size": 256, "moe_intermediate_size": inter})
+    lay, g = layout(cfg, fmt), torch.Generator().manual_seed(1)
+    views = [split_planes(lay, quantize_expert(lay, *(torch.randn(*s, generator=g) * .1 for s in
+                                                     ((inter, 256), (inter, 256), (256, inter))))) for _ in range(3)]
+    for counts in ([1, 2, 3], [1, 5, 7]):
+        starts = [0, counts[0], counts[0] + counts[1]]
+        x = torch.randn(sum(counts), 256, generator=g).bfloat16()
+        ref = torch.cat([gated_ffn(x[s:s + c], *dequantize_parts(lay, *views[j], torch.bfloat16))
+                         for j, (s, c) in enumerate(zip(starts, counts))])
+        outs = []
+        for pool in (0, 2):
+            k = CpuExperts("native", pool_threads=pool, quant=lay, dot=dot)
+            out = torch.full_like(x, float("nan"))
+            k.run(x, out, [v[0] for v in views], [v[1] for v in views], starts, counts)
+            assert rel_err(out.float(), ref.float()) <= 1e-2
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1])
+        took = k.lib.moe_dot_layouts(1, 3, sum(counts), 256, inter, 0, lay.code, k.dot)
+        expect = {"q8": 0, "q4": 4 * 2 + 2, "q4k": 4 * 2}[fmt] if k.dot and sum(counts) <= 6 else 0
+        assert took == expect
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_triton_grouped_kernel_matches_the_dequantized_reference(fmt):
     """Runs in Triton's interpreter (conftest sets TRITON_INTERPRET): float32, empty slots, a slot with more rows
     than a block."""

@@ -22,6 +22,7 @@ NATIVE_MAX_TOKENS = 8          # tokens per expert up to which the native kernel
                                # slower at 16 than torch's AMX path on the GPU box: eval/probes/kernel_probe.py)
 KINDS = ("auto", "native", "torch")
 TILES = {"auto": None, "off": 0, "emulate": 2}      # emulate: the tile path in plain C++ (tests without AMX)
+DOTS = {"auto": None, "off": 0, "emulate": 2}       # the bf16 dot-product path; emulate: in plain C++ (tests)
 
 
 def _torch_experts(x: torch.Tensor, out: torch.Tensor, w13: List[torch.Tensor], w2: List[torch.Tensor],
@@ -76,17 +77,22 @@ class CpuExperts:
     kernel runs on the library's own thread pool: `start_rows` returns at once and `wait` collects the result,
     so the caller can queue GPU work meanwhile; idle pool threads spin `spin_us` before they sleep.
     tiles: "auto" (calls with more than max_tokens tokens on an expert take the AMX tile path where this machine
-    has it), "off", or "emulate" (the tile path's plain C++ emulation, for tests). march: the kernel's build
+    has it), "off", or "emulate" (the tile path's plain C++ emulation, for tests). dot: bf16 activations against
+    bf16, q4 or q4k weights on the pair dot product ("auto": where the CPU has AVX512-BF16), "off", or "emulate"
+    (its plain C++ emulation, for tests). march: the kernel's build
     target (tests also build a baseline without AVX-512 and AMX). quant: the layout of quantized experts (then
     w13 / w2 are their planes, quant.split_planes); the native kernel takes them at any token count, on its
     vector path."""
 
     def __init__(self, kind: str = "auto", max_tokens: int = NATIVE_MAX_TOKENS, pool_threads: int = 0,
-                 spin_us: int = 0, tiles: str = "auto", march: str = NATIVE, quant: ExpertLayout | None = None):
+                 spin_us: int = 0, tiles: str = "auto", march: str = NATIVE, quant: ExpertLayout | None = None,
+                 dot: str = "auto"):
         if kind not in KINDS:
             raise ValueError(f"unknown CPU expert kernel {kind!r}: choose one of {', '.join(KINDS)}")
         if tiles not in TILES:
             raise ValueError(f"unknown tile setting {tiles!r}: choose one of {', '.join(TILES)}")
+        if dot not in DOTS:
+            raise ValueError(f"unknown dot setting {dot!r}: choose one of {', '.join(DOTS)}")
         self.lib, self.why, self.quant = None, "", quant
         self.max_tokens = max_tokens if quant is None else 1 << 30
         self.wfmt = quant.code if quant else 0
@@ -101,7 +107,9 @@ class CpuExperts:
         self.pool_threads = pool_threads if self.lib is not None else 0
         self.spin_ns = 1000 * spin_us
         self.tiles = 0 if self.lib is None else TILES[tiles] if TILES[tiles] is not None else self.lib.moe_tiles()
-        self.label = self.kind + ("+pool" if self.pool_threads else "") + ("", "+amx", "+amxemu")[self.tiles]
+        self.dot = 0 if self.lib is None else DOTS[dot] if DOTS[dot] is not None else self.lib.moe_dot()
+        self.label = (self.kind + ("+pool" if self.pool_threads else "") + ("", "+amx", "+amxemu")[self.tiles]
+                      + ("", "+dot", "+dotemu")[self.dot])
         self.scratch = torch.empty(0)
         self.pending: tuple | None = None       # the started job's arguments, alive until `wait`
         self.arrays = CallArrays()
@@ -207,7 +215,7 @@ class CpuExperts:
         assert x.is_contiguous() and out.is_contiguous()
         w13p, w2p, st, ct, xr = self.arrays.fill(ptrs, starts, counts, rows)
         args = (DTYPES[x.dtype], len(counts), w13p, w2p, st, ct, x.data_ptr(), xr, out.data_ptr(), n_rows, H, inter,
-                base, base + in_f * f, base + (in_f + gu_f) * f, tiles, self.wfmt)
+                base, base + in_f * f, base + (in_f + gu_f) * f, tiles, self.wfmt, self.dot)
         return args, (x, out, self.scratch)
 
     def _native(self, x, rows, out, ptrs: np.ndarray, starts, counts, inter: int, pool: bool = True,

@@ -131,6 +131,8 @@ struct Job {                                  // one call's arguments (see moe_c
     float *xf, *gu, *h;
     int tiles = 0;                            // 0: vector path; 1: AMX tiles; 2: their emulation
     int wfmt = 0;                             // weights: 0 as the activations; else w13's kind + 4 w2's (cpu_quant.h)
+    int dot = 0;                              // bf16 dot-product path (cpu_dot.h): 0 off, 1 hardware, 2 emulated
+    int lay13 = 0, lay2 = 0;                  // its activation layouts for w13 / w2 (set_dot_layouts); 0: none
     const int *bexp = nullptr, *boff = nullptr;   // tile path: expert of each 16-token block, first block of each
     int nblocks = 0;
 
@@ -139,7 +141,7 @@ struct Job {                                  // one call's arguments (see moe_c
         switch (phase) {
             case 0: return rows;                  // input rows widened to fp32
             case 1: return (long)n * 2 * I / RB;  // blocks of RB gate and up rows of every expert
-            case 2: return (long)rows * I;        // silu(gate) * up
+            case 2: return lay2 ? (long)rows * (I / 128) : (long)rows * I;   // silu(gate) * up (per block)
             default: return (long)n * H / RB;     // blocks of RB down rows of every expert
         }
     }
@@ -202,6 +204,7 @@ void run_phase(const Job &jb, int phase, long lo, long hi) {
 
 }  // namespace
 
+#include "cpu_dot.h"
 #include "cpu_tiles.h"
 
 namespace {
@@ -225,6 +228,12 @@ inline void run_fmt(const Job &jb, int phase, long lo, long hi) {
 }
 
 inline void run_items(const Job &jb, int phase, long lo, long hi) {
+    if (jb.lay13) {
+#if MOE_HW_DOT
+        if (jb.dot == 1) return run_dot<HwDot>(jb, phase, lo, hi);
+#endif
+        return run_dot<EmuDot>(jb, phase, lo, hi);
+    }
 #if MOE_HW_TILES
     if (jb.tiles == 1) return run_tile_phase<HwTiles>(jb, phase, lo, hi);
 #endif
@@ -270,7 +279,8 @@ Pool *pool = nullptr;
 extern "C" {
 
 // Checks shared by both entry points: 0, or the error code the caller reports.
-static int check(int dtype, int H, int I, int tiles, int wfmt) {
+static int check(int dtype, int H, int I, int tiles, int wfmt, int dot) {
+    if (dot < 0 || dot > 2 || (dot == 1 && !MOE_HW_DOT)) return 7;
     if (H % 16 || I % 16) return 1;
     if (wfmt != 0 && wfmt != 5 && wfmt != 10 && wfmt != 7) return 6;
     if (wfmt && (tiles || H % (wfmt == 7 ? 256 : 32) || I % 32)) return 6;
@@ -286,11 +296,14 @@ static int check(int dtype, int H, int I, int tiles, int wfmt) {
 // bf16, H, I % 32 == 0; with P = 16 * sum(ceil(counts / 16)) padded rows, scratch xf [P*H/2], gu [P*2I], h [P*I/2].
 // wfmt 0: weights in the activations' dtype; else quantized (cpu_quant.h), w13's kind + 4 x w2's: 5 (q8, q8),
 // 10 (q4, q4), 7 (q4k, q8); vector path, H, I % 32 == 0 (q4k: H % 256); w13[j] / w2[j] point at their planes.
+// dot 1 / 2: bf16 activations against bf16, q4 or q4k weights take the dot-product path (cpu_dot.h; 1: AVX512-BF16,
+// where moe_dot() says so; 2: its emulation) where H, I % 128 == 0; 0: never.
 int moe_cpu_experts(int dtype, int n, const void *const *w13, const void *const *w2, const int *starts,
                     const int *counts, const void *x, const int *xrows, void *out, int rows, int H, int I,
-                    float *xf, float *gu, float *h, int tiles, int wfmt) {
-    if (int err = check(dtype, H, I, tiles, wfmt)) return err;
-    Job jb{dtype, n, w13, w2, starts, counts, x, xrows, out, rows, H, I, xf, gu, h, tiles, wfmt};
+                    float *xf, float *gu, float *h, int tiles, int wfmt, int dot) {
+    if (int err = check(dtype, H, I, tiles, wfmt, dot)) return err;
+    Job jb{dtype, n, w13, w2, starts, counts, x, xrows, out, rows, H, I, xf, gu, h, tiles, wfmt, dot};
+    set_dot_layouts(jb);
     std::vector<int> blocks;
     set_blocks(jb, blocks);
 #pragma omp parallel
@@ -304,11 +317,13 @@ int moe_cpu_experts(int dtype, int n, const void *const *w13, const void *const 
 // at once; moe_pool_wait() blocks until it is done. One job at a time; its buffers must outlive the wait.
 int moe_pool_start(int threads, long spin_ns, int dtype, int n, const void *const *w13, const void *const *w2,
                    const int *starts, const int *counts, const void *x, const int *xrows, void *out, int rows,
-                   int H, int I, float *xf, float *gu, float *h, int tiles, int wfmt) {
-    if (int err = check(dtype, H, I, tiles, wfmt)) return err;
+                   int H, int I, float *xf, float *gu, float *h, int tiles, int wfmt, int dot) {
+    if (int err = check(dtype, H, I, tiles, wfmt, dot)) return err;
     if (threads < 1) return 3;
     if (pool == nullptr) pool = new Pool(threads, spin_ns);
-    pool->start(Job{dtype, n, w13, w2, starts, counts, x, xrows, out, rows, H, I, xf, gu, h, tiles, wfmt});
+    Job jb{dtype, n, w13, w2, starts, counts, x, xrows, out, rows, H, I, xf, gu, h, tiles, wfmt, dot};
+    set_dot_layouts(jb);
+    pool->start(jb);
     return 0;
 }
 
@@ -329,6 +344,17 @@ int moe_cpu_threads(void) { return omp_get_max_threads(); }
 
 // 1 where the AMX tile path runs on this machine (compiled in, allowed by the OS), else 0.
 int moe_tiles(void) { return hw_tiles(); }
+
+// 1 where the dot-product path runs on AVX512-BF16 here (compiled in), else 0.
+int moe_dot(void) { return MOE_HW_DOT; }
+
+// The activation layouts (4 * w13's + w2's, set_dot_layouts) a job of these arguments reads; 0: the plain path.
+int moe_dot_layouts(int dtype, int n, int rows, int H, int I, int tiles, int wfmt, int dot) {
+    Job jb{};
+    jb.dtype = dtype, jb.n = n, jb.rows = rows, jb.H = H, jb.I = I, jb.tiles = tiles, jb.wfmt = wfmt, jb.dot = dot;
+    set_dot_layouts(jb);
+    return 4 * jb.lay13 + jb.lay2;
+}
 
 // Software prefetch of the next weight rows (tile path and quantized vector path): 1 on (the default), 0 off.
 void moe_set_prefetch(int on) { weight_prefetch.store(on, std::memory_order_relaxed); }

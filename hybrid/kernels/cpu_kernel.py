@@ -19,7 +19,7 @@ import torch
 from ..model.config import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
-HEADERS = [Path(__file__).with_name(h) for h in ("cpu_tiles.h", "cpu_pool.h", "cpu_quant.h")]
+HEADERS = [Path(__file__).with_name(h) for h in ("cpu_tiles.h", "cpu_pool.h", "cpu_quant.h", "cpu_dot.h")]
 FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-pthread", "-shared", "-fPIC", "-Wno-psabi"]
 COMPILER = "g++"
 NATIVE = "native"             # -march for the runtime's build; tests also build a baseline one (no AVX-512, no AMX)
@@ -76,7 +76,7 @@ def load(march: str = NATIVE) -> ctypes.CDLL:
         raise KernelUnavailable(f"cannot load {path}: {e}") from None
     P = ctypes.c_void_p
     lib.moe_cpu_experts.argtypes = [ctypes.c_int, ctypes.c_int, P, P, P, P, P, P, P, ctypes.c_int, ctypes.c_int,
-                                    ctypes.c_int, P, P, P, ctypes.c_int, ctypes.c_int]
+                                    ctypes.c_int, P, P, P, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.moe_cpu_experts.restype = ctypes.c_int
     lib.moe_pool_start.argtypes = [ctypes.c_int, ctypes.c_long] + lib.moe_cpu_experts.argtypes
     lib.moe_pool_start.restype = ctypes.c_int
@@ -87,6 +87,9 @@ def load(march: str = NATIVE) -> ctypes.CDLL:
     lib.moe_pool_limit.restype = None
     lib.moe_cpu_threads.restype = ctypes.c_int
     lib.moe_tiles.restype = ctypes.c_int
+    lib.moe_dot.restype = ctypes.c_int
+    lib.moe_dot_layouts.argtypes = [ctypes.c_int] * 8
+    lib.moe_dot_layouts.restype = ctypes.c_int
     lib.moe_set_prefetch.argtypes = [ctypes.c_int]
     lib.moe_set_prefetch.restype = None
     return lib

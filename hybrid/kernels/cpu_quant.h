@@ -173,7 +173,9 @@ inline void qtile(const QMat &w, long r0, const float *x, float *y, long ldt) {
 }
 
 // RB rows from r0 against T token rows of x, as rows_all_tokens does for unquantized weights. Up to TB tokens
-// dequantize in registers; more dequantize the RB rows once into a buffer (L1-sized) that every token block reads.
+// dequantize in registers one row at a time, so each row's bytes stream in address order, which the hardware
+// prefetcher follows: four interleaved 1-2 KB rows ran 1.1-1.3x slower from DRAM at 1-4 tokens (eval/results/
+// cpu_lane_h200). More tokens dequantize the RB rows once into a buffer (L1-sized) that every token block reads.
 template <int F>
 inline void qrows_all_tokens(const QMat &w, long r0, const float *x, int T_, float *y, long ldt) {
     const int K = w.C;
@@ -194,11 +196,11 @@ inline void qrows_all_tokens(const QMat &w, long r0, const float *x, int T_, flo
         rows_all_tokens(rows.data(), x, K, T_, y, ldt);
         return;
     }
-    switch (T_) {
-        case 4: qtile<F, RB, 4>(w, r0, x, y, ldt); break;
-        case 3: qtile<F, RB, 3>(w, r0, x, y, ldt); break;
-        case 2: qtile<F, RB, 2>(w, r0, x, y, ldt); break;
-        case 1: qtile<F, RB, 1>(w, r0, x, y, ldt); break;
+    for (int r = 0; r < RB; r++) switch (T_) {      // one row at a time (see above)
+        case 4: qtile<F, 1, 4>(w, r0 + r, x, y + r, ldt); break;
+        case 3: qtile<F, 1, 3>(w, r0 + r, x, y + r, ldt); break;
+        case 2: qtile<F, 1, 2>(w, r0 + r, x, y + r, ldt); break;
+        case 1: qtile<F, 1, 1>(w, r0 + r, x, y + r, ldt); break;
         default: break;
     }
 }
