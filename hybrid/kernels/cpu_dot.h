@@ -151,39 +151,35 @@ inline void dot_tile_bf16(const uint16_t *w, int K, const uint16_t *x, long xs, 
         for (int r = 0; r < RN; r++) y[t * ldt + r] = D::hsum(acc[r][t]);
 }
 
-// The same for q4 / q4k weights (F = 2 / 3) against blocked activations: per block, each row's four groups
-// dot the token's four parts, then their scales and minimums apply per group.
-template <class D, int F, int RN, int TN>
-inline void dot_tile_q4(const QMat &w, long r0, const uint16_t *x, long xs, float *y, long ldt) {
+// One q4 / q4k row (F = 2 / 3) against TN tokens of blocked activations: per block, the row's four groups dot the
+// token's four parts, then their scales and minimums apply per group.
+template <class D, int F, int TN>
+inline void dot_row_q4(const QMat &w, long r, const uint16_t *x, long xs, float *y, long ldt) {
     const int K = w.C, G = K / 32;
-    typename D::V acc[RN][TN];
-    for (int r = 0; r < RN; r++)
-        for (int t = 0; t < TN; t++) acc[r][t] = D::zero();
-    float d[RN][8], m[RN][8] = {};
+    typename D::V acc[TN];
+    for (int t = 0; t < TN; t++) acc[t] = D::zero();
+    float d[8], m[8] = {};
     const bool prefetch = weight_prefetch.load(std::memory_order_relaxed);
     for (int g0 = 0; g0 < G; g0 += 8) {
         const int n = G - g0 < 8 ? G - g0 : 8;                 // 4 or 8: K % 128 == 0
-        if (prefetch) qprefetch<F, RN>(w, r0 + RN, g0);
-        for (int r = 0; r < RN; r++) qscales<F>(w, r0 + r, g0, n, d[r], m[r]);
+        if (prefetch) qprefetch<F>(w, r + 1, g0);
+        qscales<F>(w, r, g0, n, d, m);
         for (int b = 0; b < n; b += 4) {
             const long blk = (g0 + b) / 4;
-            for (int r = 0; r < RN; r++) {
-                typename D::B q[4];
-                D::nibbles(w.q + (size_t)(r0 + r) * (K / 2) + blk * 64, q);
-                const typename D::V dv = D::quads(d[r] + b), mv = D::quads(m[r] + b);
-                for (int t = 0; t < TN; t++) {
-                    const uint16_t *xb = x + t * xs + blk * DBS;
-                    typename D::V s = D::dot(D::zero(), q[0], D::load(xb));
-                    s = D::dot(s, q[1], D::load(xb + 32));
-                    s = D::dot(s, q[2], D::load(xb + 64));
-                    s = D::dot(s, q[3], D::load(xb + 96));
-                    acc[r][t] = D::fma(mv, D::loadf(xb + DB), D::fma(s, dv, acc[r][t]));
-                }
+            typename D::B q[4];
+            D::nibbles(w.q + (size_t)r * (K / 2) + blk * 64, q);
+            const typename D::V dv = D::quads(d + b), mv = D::quads(m + b);
+            for (int t = 0; t < TN; t++) {
+                const uint16_t *xb = x + t * xs + blk * DBS;
+                typename D::V s = D::dot(D::zero(), q[0], D::load(xb));
+                s = D::dot(s, q[1], D::load(xb + 32));
+                s = D::dot(s, q[2], D::load(xb + 64));
+                s = D::dot(s, q[3], D::load(xb + 96));
+                acc[t] = D::fma(mv, D::loadf(xb + DB), D::fma(s, dv, acc[t]));
             }
         }
     }
-    for (int t = 0; t < TN; t++)
-        for (int r = 0; r < RN; r++) y[t * ldt + r] = D::hsum(acc[r][t]);
+    for (int t = 0; t < TN; t++) y[t * ldt] = D::hsum(acc[t]);
 }
 
 // RB weight rows from r0 (row-major bf16 `w` with K columns, or the q4-family matrix `qm`) against T tokens of
@@ -201,7 +197,7 @@ inline void dot_rows(const void *w, const QMat &qm, long r0, int K, int lay, con
 #define MOE_DOT_CASE(N) \
         case N: \
             if constexpr (F != 0) { \
-                for (int r = 0; r < RB; r++) dot_tile_q4<D, F, 1, N>(qm, r0 + r, xt, xs, yt + r, ldt); \
+                for (int r = 0; r < RB; r++) dot_row_q4<D, F, N>(qm, r0 + r, xt, xs, yt + r, ldt); \
             } else dot_tile_bf16<D, RB, N>(wr, K, xt, xs, yt, ldt); \
             break;
         switch (tn) {

@@ -46,14 +46,14 @@ def library_path(march: str = NATIVE) -> Path:
     return cache_dir() / "kernels" / f"cpu_kernel-{key}.so"
 
 
-def build(path: Path, march: str = NATIVE) -> Path:
-    """Compile the kernel for `-march=<march>` into `path` (atomically: concurrent builders never see a partial
-    file)."""
+def build(path: Path, march: str = NATIVE, source: Path = SOURCE) -> Path:
+    """Compile the kernel (`source`, its headers beside it) for `-march=<march>` into `path` (atomically: concurrent
+    builders never see a partial file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        res = subprocess.run([COMPILER, *FLAGS, f"-march={march}", str(SOURCE), "-o", tmp], capture_output=True,
+        res = subprocess.run([COMPILER, *FLAGS, f"-march={march}", str(source), "-o", tmp], capture_output=True,
                              text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:
         os.unlink(tmp)
@@ -65,9 +65,10 @@ def build(path: Path, march: str = NATIVE) -> Path:
     return path
 
 
-def load(march: str = NATIVE) -> ctypes.CDLL:
-    """The kernel library for `-march=<march>`, built first if this machine has none; raises KernelUnavailable."""
-    path = library_path(march)
+def load(march: str = NATIVE, path: Path | None = None) -> ctypes.CDLL:
+    """The kernel library for `-march=<march>`, built first if this machine has none (or the library at `path`,
+    built already); raises KernelUnavailable."""
+    path = path or library_path(march)
     if not path.exists():
         build(path, march)
     try:

@@ -122,54 +122,54 @@ inline void qgroup(const QMat &w, long r, int k, float d, float m, vf *out) {
     }
 }
 
-// Into L2, the cache lines of rows r..r+RN-1 (the next block) that hold groups g0..g0+7 and, every 32 groups,
-// their scales: a block's rows are read group by group, all RN at once, RN streams 1 row apart that the hardware
-// prefetcher follows badly (one thread streamed a 1-token q4 expert from DRAM at ~64% of its speed in cache, q4k
-// at ~50%). Past the matrix's end a prefetch reads nothing it may not: prefetches never fault.
-template <int F, int RN>
-inline void qprefetch(const QMat &w, long r, int g0) {
+// Into L2, the cache lines of row r (the next one) that hold groups g0..g0+7 and, every 32 groups, their scales.
+// Without it one thread streamed a 1-token 4-bit expert from DRAM 1.25-1.5x slower on the GPU box; farther ahead
+// gained nothing (eval/results/cpu_lane_h200). Past the matrix's end a prefetch reads nothing it may not:
+// prefetches never fault. Always inlined: GCC 12 deems a function of prefetches alone pure and drops calls to it.
+template <int F>
+__attribute__((always_inline)) inline void qprefetch(const QMat &w, long r, int g0) {
     const size_t row = F == 1 ? (size_t)w.C : (size_t)w.C / 2, G = w.C / 32;
-    for (int i = 0; i < RN; i++) {
-        const uint8_t *q = w.q + (r + i) * row + (size_t)g0 * (F == 1 ? 32 : 16);
-        for (int l = 0; l < (F == 1 ? 4 : 2); l++) __builtin_prefetch(q + 64 * l, 0, 2);
-        if (g0 % 32 == 0) {
-            const size_t g = (r + i) * G + g0;
-            if (F == 3) {
-                __builtin_prefetch(w.sc + g, 0, 2);
-                __builtin_prefetch(w.mn + g, 0, 2);
-            } else {
-                __builtin_prefetch(w.d + g, 0, 2);
-                if (F == 2) __builtin_prefetch(w.m + g, 0, 2);
-            }
+    const uint8_t *q = w.q + r * row + (size_t)g0 * (F == 1 ? 32 : 16);
+    for (int l = 0; l < (F == 1 ? 4 : 2); l++) __builtin_prefetch(q + 64 * l, 0, 2);
+    if (g0 % 32 == 0) {
+        const size_t g = r * G + g0;
+        if (F == 3) {
+            __builtin_prefetch(w.sc + g, 0, 2);
+            __builtin_prefetch(w.mn + g, 0, 2);
+        } else {
+            __builtin_prefetch(w.d + g, 0, 2);
+            if (F == 2) __builtin_prefetch(w.m + g, 0, 2);
         }
     }
 }
 
-// y[t * ldt + r] = sum_k W[r0 + r, k] * x[t * K + k] for r < RN, t < TN (K = w.C), 8 groups' scales at a time,
-// the next RN rows prefetched meanwhile.
-template <int F, int RN, int TN>
-inline void qtile(const QMat &w, long r0, const float *x, float *y, long ldt) {
+// y[t * ldt] = sum_k W[r, k] * x[t * K + k] for t < TN (K = w.C), 8 groups' scales at a time, the next row
+// prefetched meanwhile; one accumulator per vector of a group, so a group's multiply-adds do not wait on each other
+// (one core, one token: q8 1.2x, q4 / q4k 1.1x in cache).
+template <int F, int TN>
+inline void qrow(const QMat &w, long r, const float *x, float *y, long ldt) {
+    constexpr int NV = 32 / VL;
     const int K = w.C, G = K / 32;
-    vf acc[RN][TN] = {};
-    float d[RN][8], m[RN][8] = {};
+    vf acc[TN][NV] = {};
+    float d[8], m[8] = {};
     const bool prefetch = weight_prefetch.load(std::memory_order_relaxed);
     for (int g0 = 0; g0 < G; g0 += 8) {
         const int n = G - g0 < 8 ? G - g0 : 8;
-        if (prefetch) qprefetch<F, RN>(w, r0 + RN, g0);
-        for (int r = 0; r < RN; r++) qscales<F>(w, r0 + r, g0, n, d[r], m[r]);
+        if (prefetch) qprefetch<F>(w, r + 1, g0);
+        qscales<F>(w, r, g0, n, d, m);
         for (int j = 0; j < n; j++) {
             const int k = (g0 + j) * 32;
-            vf wv[RN][32 / VL];
-            for (int r = 0; r < RN; r++) qgroup<F>(w, r0 + r, k, d[r][j], m[r][j], wv[r]);
+            vf wv[NV];
+            qgroup<F>(w, r, k, d[j], m[j], wv);
             for (int t = 0; t < TN; t++)
-                for (int v = 0; v < 32 / VL; v++) {
-                    vf xv = load(x + (size_t)t * K + k + v * VL);
-                    for (int r = 0; r < RN; r++) acc[r][t] += wv[r][v] * xv;
-                }
+                for (int v = 0; v < NV; v++) acc[t][v] += wv[v] * load(x + (size_t)t * K + k + v * VL);
         }
     }
-    for (int t = 0; t < TN; t++)
-        for (int r = 0; r < RN; r++) y[t * ldt + r] = hsum(acc[r][t]);
+    for (int t = 0; t < TN; t++) {
+        vf sum = acc[t][0];
+        for (int v = 1; v < NV; v++) sum += acc[t][v];
+        y[t * ldt] = hsum(sum);
+    }
 }
 
 // RB rows from r0 against T token rows of x, as rows_all_tokens does for unquantized weights. Up to TB tokens
@@ -197,10 +197,10 @@ inline void qrows_all_tokens(const QMat &w, long r0, const float *x, int T_, flo
         return;
     }
     for (int r = 0; r < RB; r++) switch (T_) {      // one row at a time (see above)
-        case 4: qtile<F, 1, 4>(w, r0 + r, x, y + r, ldt); break;
-        case 3: qtile<F, 1, 3>(w, r0 + r, x, y + r, ldt); break;
-        case 2: qtile<F, 1, 2>(w, r0 + r, x, y + r, ldt); break;
-        case 1: qtile<F, 1, 1>(w, r0 + r, x, y + r, ldt); break;
+        case 4: qrow<F, 4>(w, r0 + r, x, y + r, ldt); break;
+        case 3: qrow<F, 3>(w, r0 + r, x, y + r, ldt); break;
+        case 2: qrow<F, 2>(w, r0 + r, x, y + r, ldt); break;
+        case 1: qrow<F, 1>(w, r0 + r, x, y + r, ldt); break;
         default: break;
     }
 }
