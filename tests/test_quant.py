@@ -96,8 +96,9 @@ def test_cpu_kernel_reads_quantized_experts_exactly(fmt, march, pool):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("dot", ["off", "emulate", "auto"])
-def test_cpu_dot_path_reads_quantized_experts_exactly(fmt, dot):
+@pytest.mark.parametrize("dot, march", [("off", "native"), ("emulate", "native"), ("auto", "native"),
+                                        ("emulate", "x86-64-v2")])
+def test_cpu_dot_path_reads_quantized_experts_exactly(fmt, dot, march):
     """Sizes in whole blocks of 128: at up to 2 tokens per expert on average, q4 / q4k gate-up (and q4 down) take
     the bf16 dot-product path, which sums d (q x) + m x per group (so its sums differ from the plain path's); more
     tokens take the plain path. Every path agrees with the dequantized reference, pool and inline bit for bit."""
@@ -113,7 +114,7 @@ def test_cpu_dot_path_reads_quantized_experts_exactly(fmt, dot):
                          for j, (s, c) in enumerate(zip(starts, counts))])
         outs = []
         for pool in (0, 2):
-            k = CpuExperts("native", pool_threads=pool, quant=lay, dot=dot)
+            k = CpuExperts("native", pool_threads=pool, quant=lay, dot=dot, march=march)
             out = torch.full_like(x, float("nan"))
             k.run(x, out, [v[0] for v in views], [v[1] for v in views], starts, counts)
             assert rel_err(out.float(), ref.float()) <= 1e-2
