@@ -18,8 +18,8 @@ from hybrid.engine.sampling import SamplingParams
 from hybrid.model.synthetic import PRESETS, write_checkpoint
 
 
-def engine_overheads(device: torch.device, dtype: str, kernel: str, pool: bool,
-                     tiles: str = "auto", prefetch: bool = True, experts: str = "bf16") -> tuple[float, float]:
+def engine_overheads(device: torch.device, dtype: str, kernel: str, pool: bool, tiles: str = "auto",
+                     prefetch: bool = True, experts: str = "bf16", dot: str = "auto") -> tuple[float, float]:
     """Per-MoE-layer fixed costs measured in the real runtime on a tiny model, whose expert math is negligible:
     (overhead of a layer whose experts are all cached, extra cost of handing a layer's experts to the CPU lane)."""
     config, shards = PRESETS["tiny"]
@@ -30,7 +30,7 @@ def engine_overheads(device: torch.device, dtype: str, kernel: str, pool: bool,
         for mode, slots in (("fetch", None), ("cpu", 0)):
             run = RunConfig(device=str(device), dtype=dtype, mode=mode, experts=experts, max_seq_len=64,
                             cache_slots=slots, cache_layout="spread",      # planned layers, none pinned
-                            cpu_kernel=kernel, cpu_pool=pool, cpu_tiles=tiles, cpu_prefetch=prefetch)
+                            cpu_kernel=kernel, cpu_pool=pool, cpu_tiles=tiles, cpu_prefetch=prefetch, cpu_dot=dot)
             e = Engine(str(path), run, progress=False)
             e.backend.guesses.max_picks = 0         # the planned layer's overhead: a taken guess skips it
             e.generate([[1, 2, 3, 4]], SamplingParams(max_new_tokens=4))
@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="native kernel's AMX tile path for prefill-sized experts (as run.py's)")
     ap.add_argument("--cpu-prefetch", default="on", choices=["on", "off"],
                     help="the native kernel's software prefetch of the next weight rows (as run.py's)")
+    ap.add_argument("--cpu-dot", default="auto", choices=["auto", "off"],
+                    help="native kernel's bf16 dot-product path for decode-sized experts (as run.py's)")
     a = ap.parse_args(argv)
     a.out = a.out or str(default_path(a.experts))
     default_path().parent.mkdir(parents=True, exist_ok=True)
@@ -82,10 +84,10 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"--experts {a.experts} needs --hidden and --inter to be multiples of 32 (q4k: --hidden "
                           "of 256)")
     model = measure(device, a.hidden, a.inter, dtype, a.threads, tokens, kernel=a.cpu_kernel, pool=pool,
-                    tiles=a.cpu_tiles, prefetch=prefetch, experts=a.experts)
+                    tiles=a.cpu_tiles, prefetch=prefetch, experts=a.experts, dot=a.cpu_dot)
     model.layer_overhead_ms, model.cpu_dispatch_ms = engine_overheads(device, str(dtype).split(".")[-1],
                                                                       a.cpu_kernel, pool, a.cpu_tiles, prefetch,
-                                                                      a.experts)
+                                                                      a.experts, a.cpu_dot)
     model.to_json(a.out)
     print(json.dumps({"fetch_ms": round(model.fetch_ms, 4), "layer_overhead_ms": round(model.layer_overhead_ms, 4),
                       "cpu_dispatch_ms": round(model.cpu_dispatch_ms, 4),

@@ -39,6 +39,15 @@ def wide(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def wide128(tmp_path_factory) -> Path:
+    """The tiny model with sizes in whole blocks of 128 (the CPU kernel's dot-product path) and a small vocabulary."""
+    config, shards = PRESETS["tiny"]
+    config = {**config, "hidden_size": 256, "moe_intermediate_size": 128, "vocab_size": 1024, "bos_token_id": 1,
+              "eos_token_id": 2}
+    return write_checkpoint(tmp_path_factory.mktemp("wide128"), config, shards, seed=3, progress=False)
+
+
+@pytest.fixture(scope="session")
 def reference(tiny):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32).eval()

@@ -100,6 +100,29 @@ def test_tile_path_runs_prefill_experts_on_the_pool_and_matches_torch(tiny, monk
     assert not any(ok and big > 8 for ok, big, label in took if "+amxemu" not in label)
 
 
+@pytest.mark.parametrize("experts", ["bf16", "q4"])
+def test_dot_path_runs_decode_experts_and_gives_the_plain_paths_tokens(wide128, experts, monkeypatch):
+    """bf16 decode puts 1-token experts on the CPU: with the kernel's dot-product path (emulated here; AVX512-BF16
+    on the GPU box) their jobs take its activation layouts, and the greedy tokens are the plain path's."""
+    from hybrid.kernels.cpu_experts import CpuExperts
+    took, orig = [], CpuExperts._args
+
+    def spy(self, *a, **kw):
+        args, keep = orig(self, *a, **kw)
+        took.append(self.lib.moe_dot_layouts(*(args[i] for i in (0, 1, 9, 10, 11, 15, 16, 17))))
+        return args, keep
+    monkeypatch.setattr(CpuExperts, "_args", spy)
+    tokens = {}
+    for dot in ("emulate", "off"):
+        run = RunConfig(dtype="bfloat16", mode="cpu", experts=experts, max_seq_len=48, cache_slots=0, cpu_dot=dot)
+        first = len(took)
+        out = Engine(str(wide128), run, progress=False).generate([[1, 17, 400, 23, 99, 5, 77, 300]],
+                                                                    SamplingParams(max_new_tokens=6, stop_on_eos=False))
+        tokens[dot] = out.tokens
+        assert len(took) > first and any(took[first:]) == (dot == "emulate")
+    assert tokens["emulate"] == tokens["off"]
+
+
 @pytest.mark.parametrize("mode", ["gpu", "hybrid"])
 def test_repeated_prompt_shapes_prefill_from_static_buffers_exactly(tiny, mode):
     kw = {"gpu_memory": budget_for(tiny, SLOTS)} if mode != "gpu" else {}

@@ -103,6 +103,28 @@ def model_and_tokenizer(a: argparse.Namespace, bytes_if_missing: bool = False):
         return load_tokenizer(a.model, "bytes")
 
 
+def cpu_lane_args(ap: argparse.ArgumentParser) -> None:
+    """The CPU lane's options (engine_args)."""
+    ap.add_argument("--cpu-threads", type=at_least(1),
+                    help="CPU threads (default: all cores but one with a GPU, all cores without; fewer while other "
+                         "processes keep cores busy)")
+    ap.add_argument("--cpu-kernel", default="auto", choices=CHOICES["cpu_kernel"],
+                    help="CPU experts: native kernel (built on first use) | torch | auto (native if it builds)")
+    ap.add_argument("--cpu-pool", default="on", choices=["on", "off"],
+                    help="native CPU kernel on its own thread pool, started before the layer's GPU work is queued "
+                         "(off: on torch's OpenMP team after it)")
+    ap.add_argument("--cpu-tiles", default="auto", choices=["auto", "off"],
+                    help="native CPU kernel's AMX tile path for experts of more than 8 tokens (prefill), where the "
+                         "CPU has AMX (off: torch's path for them)")
+    ap.add_argument("--cpu-dot", default="auto", choices=["auto", "off"],
+                    help="native CPU kernel's bf16 dot-product path for bf16 and 4-bit experts at decode sizes, "
+                         "where the CPU has AVX512-BF16 (off: its plain path)")
+    ap.add_argument("--cpu-pool-spin-us", type=at_least(0), default=2000,
+                    help="with a GPU: how long idle pool members spin before they sleep (the next layer's job "
+                         "usually comes within it)")
+    ap.add_argument("--cpu-prefetch", default="on", choices=["on", "off"], help="native CPU kernel's software prefetch")
+
+
 def engine_args(ap: argparse.ArgumentParser, batch_flag: str = "--batch-size", batch_default: int = 1,
                 batch_help: str = "sequences generated together") -> None:
     gpu = torch.cuda.is_available()
@@ -133,21 +155,7 @@ def engine_args(ap: argparse.ArgumentParser, batch_flag: str = "--batch-size", b
     ap.add_argument(batch_flag, dest="batch_size", metavar="N", type=at_least(1), default=batch_default,
                     help=batch_help)
     ap.add_argument("--max-seq-len", type=at_least(1), default=4096, help="KV cache tokens per sequence")
-    ap.add_argument("--cpu-threads", type=at_least(1),
-                    help="CPU threads (default: all cores but one with a GPU, all cores without; fewer while other "
-                         "processes keep cores busy)")
-    ap.add_argument("--cpu-kernel", default="auto", choices=CHOICES["cpu_kernel"],
-                    help="CPU experts: native kernel (built on first use) | torch | auto (native if it builds)")
-    ap.add_argument("--cpu-pool", default="on", choices=["on", "off"],
-                    help="native CPU kernel on its own thread pool, started before the layer's GPU work is queued "
-                         "(off: on torch's OpenMP team after it)")
-    ap.add_argument("--cpu-tiles", default="auto", choices=["auto", "off"],
-                    help="native CPU kernel's AMX tile path for experts of more than 8 tokens (prefill), where the "
-                         "CPU has AMX (off: torch's path for them)")
-    ap.add_argument("--cpu-pool-spin-us", type=at_least(0), default=2000,
-                    help="with a GPU: how long idle pool members spin before they sleep (the next layer's job "
-                         "usually comes within it)")
-    ap.add_argument("--cpu-prefetch", default="on", choices=["on", "off"], help="native CPU kernel's software prefetch")
+    cpu_lane_args(ap)
     ap.add_argument("--copy-ahead", default="on", choices=["on", "off"],
                     help="prefill: queue copies of the next layer's uncached experts behind this layer's, into the "
                          "PCIe lane's idle time before the next routing (modes fetch, hybrid)")
@@ -170,7 +178,8 @@ def run_config(a: argparse.Namespace) -> RunConfig:
     return RunConfig(device=a.device, dtype=dtype, mode=a.mode, experts=a.experts, gpu_memory=a.gpu_memory,
                      cache_policy=a.cache_policy, cache_layout=a.cache_layout, prefetch=a.prefetch,
                      max_batch_size=a.batch_size, max_seq_len=a.max_seq_len, cpu_threads=a.cpu_threads,
-                     cpu_kernel=a.cpu_kernel, cpu_pool=a.cpu_pool == "on", cpu_tiles=a.cpu_tiles, copy_ahead=a.copy_ahead == "on",
+                     cpu_kernel=a.cpu_kernel, cpu_pool=a.cpu_pool == "on", cpu_tiles=a.cpu_tiles, cpu_dot=a.cpu_dot,
+                     copy_ahead=a.copy_ahead == "on",
                      cpu_pool_spin_us=a.cpu_pool_spin_us, cpu_prefetch=a.cpu_prefetch == "on", costs_path=a.costs,
                      predictor_path=a.predictors, lookahead=a.lookahead,
                      prefill_graph_tokens=a.prefill_graph_tokens, prefill_scratch=a.prefill_scratch,

@@ -176,7 +176,7 @@ EXPERT_FORMATS = ("bf16", "q8", "q4", "q4k")   # routed experts: unquantized (co
 CHOICES = {"dtype": ("bfloat16", "float16", "float32"), "mode": MODES, "experts": ("auto",) + EXPERT_FORMATS,
            "cache_policy": ("lfu", "lru", "static"), "cache_layout": ("auto", "layers", "spread"),
            "prefetch": ("auto", "none", "gate", "mlp"), "cpu_kernel": ("auto", "native", "torch"),
-           "cpu_tiles": ("auto", "off", "emulate")}
+           "cpu_tiles": ("auto", "off", "emulate"), "cpu_dot": ("auto", "off", "emulate")}
 AT_LEAST = {"max_batch_size": 1, "max_seq_len": 1, "prefill_chunk_tokens": 1, "cache_slots": 0, "cpu_threads": 1,
             "gpu_memory": 1, "prefill_graph_tokens": 0, "cpu_pool_spin_us": 0, "prefill_scratch": 0}
 
@@ -207,6 +207,8 @@ class RunConfig:
     cpu_kernel: str = "auto"              # CPU experts: native (built kernel) | torch | auto (native if it builds)
     cpu_pool: bool = True                 # native kernel on its own thread pool, started before the GPU work is queued
     cpu_tiles: str = "auto"               # native kernel's AMX tile path for prefill-sized experts: auto | off
+    cpu_dot: str = "auto"                 # native kernel's bf16 dot-product path (AVX512-BF16) for bf16 and 4-bit
+                                          # experts at decode sizes: auto | off | emulate (plain C++, for tests)
     cpu_pool_spin_us: int = 2000          # GPU machines: idle pool members spin this long before they sleep
     cpu_prefetch: bool = True             # native kernel: software prefetch of the next weight rows into L2 (tile
                                           # path; quantized vector path)

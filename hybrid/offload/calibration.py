@@ -176,12 +176,12 @@ class Bench:
 def measure(device: torch.device, hidden: int = 2048, inter: int = 1408, dtype: torch.dtype = torch.bfloat16,
             threads: int | None = None, tokens=TOKENS, n_host: int = 96, progress: bool = True,
             kernel: str = "auto", pool: bool = True, tiles: str = "auto", prefetch: bool = True,
-            experts: str = "bf16") -> CostModel:
+            experts: str = "bf16", dot: str = "auto") -> CostModel:
     """Run every microbenchmark and fit the curves for experts in format `experts`; CPU experts run with the
     thread setting the runtime uses."""
     from .lanes import CpuLane
     bench = Bench(device, hidden, inter, dtype, n_host, experts)
-    lane = CpuLane(threads, device.type == "cuda", kernel, pool, tiles, prefetch=prefetch, quant=bench.quant)
+    lane = CpuLane(threads, device.type == "cuda", kernel, pool, tiles, prefetch=prefetch, quant=bench.quant, dot=dot)
     bench.cpu_run = lane.experts.run
     steps = tqdm(total=3 * len(tokens) + 2, desc="calibrating", disable=not progress)
     fetch = bench.fetch_ms()

@@ -54,7 +54,7 @@ class CpuLane:
     while torch's team runs CPU experts."""
 
     def __init__(self, threads: int | None = None, cuda: bool = True, kernel: str = "auto", pool: bool = True,
-                 tiles: str = "auto", spin_us: int = 2000, prefetch: bool = True, quant=None):
+                 tiles: str = "auto", spin_us: int = 2000, prefetch: bool = True, quant=None, dot: str = "auto"):
         from ..kernels.cpu_experts import CpuExperts
         from ..kernels.cpu_load import default_threads
         if threads or cuda:
@@ -67,10 +67,9 @@ class CpuLane:
         members = self.members(self.threads)
         spin = spin_us if cuda else 0
         self.experts = CpuExperts(kernel, pool_threads=members if pool else 0, spin_us=spin,
-                                  tiles=tiles, quant=quant)
+                                  tiles=tiles, quant=quant, dot=dot)
         if self.experts.lib is not None:
             self.experts.lib.moe_set_prefetch(int(prefetch))
-
 
     def members(self, threads: int) -> int:
         """Pool members for a team of `threads`: one fewer on a GPU machine (the driving thread joins)."""

@@ -189,7 +189,7 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
             cache.view(slot).copy_(store.buffer(layer, e))
             cache.table.set(layer, e, slot)
     lane = CpuLane(run.cpu_threads, cuda, run.cpu_kernel, run.cpu_pool, run.cpu_tiles, run.cpu_pool_spin_us,
-                   run.cpu_prefetch, quant)
+                   run.cpu_prefetch, quant, run.cpu_dot)
     if lane.experts.why and progress:
         print(f"CPU experts: torch path ({lane.experts.why})", file=sys.stderr)
     if run.costs_path is not None and not os.path.exists(run.costs_path):
