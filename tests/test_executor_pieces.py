@@ -46,8 +46,28 @@ def test_copies_land_in_their_slots_and_are_counted():
         assert torch.all(cache.view(s) == 1000.0 * layer + e)
     x = acct.stats.experts
     assert x.fetched == 2 and x.fetched_bytes == 2 * CFG.expert_numel * 4
-    assert before + 2 * copies.fetch_ms / 1000 <= copies.until <= time.perf_counter() + 2 * copies.fetch_ms / 1000
-    assert copies.backlog_ms() <= 2 * copies.fetch_ms                          # the lane's clock runs
+    assert before + copies.fetch_ms / 1000 <= copies.until <= time.perf_counter() + 2 * copies.fetch_ms / 1000
+    assert copies.backlog_ms() == 0.0          # the model's clock ran ahead, but the copies have landed (on CPU at once)
+
+
+def test_the_lanes_clock_follows_the_model_until_the_last_copy_lands():
+    """The modelled backlog stands while the last wave is in flight and drops to none once it has landed, so
+    copies faster than the model leave no backlog that grows with the run."""
+    import time
+    cache, acct, copies = pieces()
+    pending = {"done": False}
+    copies.lane = SimpleNamespace(copy_many=lambda pairs, after: "event", done=lambda ev: ev is None or pending["done"])
+    copies.fetch_ms = 50.0                                             # the model far slower than this test's steps
+    layer = CFG.moe_layers[0]
+    for e in range(3):                                                 # three waves of one copy, back to back
+        copies.issue(layer, [(e, copies.slot_for(layer, e, {}))])
+    assert copies.backlog_ms() > 2 * copies.fetch_ms                   # in flight: the model's three copies
+    start = time.perf_counter()
+    pending["done"] = True
+    assert copies.backlog_ms() == 0.0 and start <= copies.clock() <= time.perf_counter()
+    pending["done"] = False
+    copies.issue(layer, [(3, copies.slot_for(layer, 3, {}))])          # the next wave's model starts from now
+    assert 0.5 * copies.fetch_ms <= copies.backlog_ms() <= copies.fetch_ms
 
 
 def test_a_full_share_sends_copies_to_staging_and_holds_release_slots():

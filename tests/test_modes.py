@@ -79,6 +79,18 @@ def test_hybrid_uses_both_layer_paths_and_stays_exact(tiny, gpu_run, monkeypatch
     assert any(len(p.waves) > 1 for p in plans)                             # prefill: a GEMM per wave
 
 
+def test_fetch_modes_predictions_do_not_grow_with_the_run(tiny):
+    """Copies faster than the cost model (a model of 20 ms per copy; on CPU they land at once) leave no backlog:
+    each layer's prediction is its own copies', however long the run (session 8's fetch-mode sweep predicted 65 ms
+    per layer against 10.9 measured, more the longer the run)."""
+    e = make(tiny, mode="fetch", gpu_memory=budget_for(tiny, 4))
+    e.backend.planner.costs.fetch_ms = e.backend.copies.fetch_ms = 20.0
+    out = e.generate(PROMPTS[:1], SamplingParams(max_new_tokens=32, stop_on_eos=False))
+    pred = out.stats.layer_pred_ms
+    assert len(pred) > 32 and max(pred) <= e.cfg.n_routed_experts * 20.0 + 5.0
+    assert e.backend.copies.backlog_ms() == 0.0
+
+
 def test_tile_path_runs_prefill_experts_on_the_pool_and_matches_torch(tiny, monkeypatch):
     """bf16 prefill puts more than 8 tokens on CPU experts: with the kernel's tile path (emulated here; AMX on
     the GPU box) the pool takes them as the layer starts, and the logits match torch's CPU path."""

@@ -18,10 +18,20 @@ class ExpertCopies:
         self.lane, self.cache, self.store, self.acct, self.fetch_ms = lane, cache, store, acct, fetch_ms
         self.expert_bytes = store.expert_bytes
         self.until = 0.0                 # when the copies queued so far should be done (perf_counter, s)
+        self.last = None                 # the last wave's completion event (the stream runs waves in order)
+
+    def clock(self) -> float:
+        """When the copies queued so far should be done (perf_counter, s), by the cost model, pulled back to now
+        once the last one has landed: copies faster than modelled would otherwise leave a backlog that grows with
+        the run (fetch mode's layer predictions did)."""
+        now = time.perf_counter()
+        if self.until > now and self.lane.done(self.last):
+            self.until = now
+        return self.until
 
     def backlog_ms(self) -> float:
         """Copy time still queued on the lane, by the cost model."""
-        return max(0.0, 1000 * (self.until - time.perf_counter()))
+        return max(0.0, 1000 * (self.clock() - time.perf_counter()))
 
     def slot_for(self, layer: int, e: int, protected) -> int:
         """The layer's cache admits the expert (evicting none in `protected`), or it goes to a staging slot."""
@@ -38,7 +48,8 @@ class ExpertCopies:
         cache = self.cache
         after = [cache.free_event(s) for _, s in wave if cache.is_staging(s) and cache.free_event(s) is not None]
         done = self.lane.copy_many([(cache.view(s), self.store.buffers[layer][e]) for e, s in wave], after)
-        self.until = max(self.until, time.perf_counter()) + len(wave) * self.fetch_ms / 1000
+        self.until = max(self.clock(), time.perf_counter()) + len(wave) * self.fetch_ms / 1000
+        self.last = done
         for _, s in wave:
             cache.copied_into(s, done)
         self.acct.copies(len(wave), self.expert_bytes)

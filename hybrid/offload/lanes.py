@@ -36,6 +36,11 @@ class CopyLane:
         return self.event(self.stream)
 
     @staticmethod
+    def done(ev) -> bool:
+        """Whether the work before event `ev` has finished (None: nothing pending, as on CPU)."""
+        return ev is None or ev.query()
+
+    @staticmethod
     def wait(ev) -> None:
         if ev is not None:
             torch.cuda.current_stream().wait_event(ev)

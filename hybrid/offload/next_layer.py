@@ -38,7 +38,7 @@ class NextLayerCopies:
         the PCIe lane's idle time before this prefill layer's routing."""
         ahead = self.ahead.pop(layer, {})
         if self.policy is not None and prefill and layer != self.first:
-            self.policy.observe(1000 * (time.perf_counter() - self.copies.until))
+            self.policy.observe(1000 * (time.perf_counter() - self.copies.clock()))
         for e in [e for e in ahead if e not in tokens]:
             self.cache.release(ahead.pop(e))     # a later copy into the slot queues behind this one
         return ahead
