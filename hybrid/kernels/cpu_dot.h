@@ -3,7 +3,8 @@
 //
 // Included once by cpu_kernel.cpp, after `Job`, `QMat`, `qscales`, `qprefetch` and `run_fmt`. The plain vector path
 // spends ~5 instructions per 16 weights on a 4-bit weight (widen, convert, scale, then the multiply-add); at one
-// token per expert that, not DRAM, bounds a 4-bit expert on 15 cores. Here a 4-bit weight q (0..15) is looked up as a
+// token per expert those and the read order, not DRAM bandwidth, bound a 4-bit expert on 15 cores (eval/results/
+// cpu_lane_h200). Here a 4-bit weight q (0..15) is looked up as a
 // bf16 value (exact) by a word permute, the pair dot product multiplies it by the bf16 activation, and the scales
 // come per group of 32 out of the sum: w x = (d q + m) x summed over a group is d (sum q x) + m (sum x). Activations
 // of a bf16 model are bf16 values (the intermediate h is rounded to bf16 where torch rounds it), so every product
