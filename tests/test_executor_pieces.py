@@ -47,7 +47,7 @@ def test_copies_land_in_their_slots_and_are_counted():
     x = acct.stats.experts
     assert x.fetched == 2 and x.fetched_bytes == 2 * CFG.expert_numel * 4
     assert before + copies.fetch_ms / 1000 <= copies.until <= time.perf_counter() + 2 * copies.fetch_ms / 1000
-    assert copies.backlog_ms() == 0.0          # the model's clock ran ahead, but the copies have landed (on CPU at once)
+    assert copies.backlog_ms() == 0.0        # the model's clock ran ahead, but the copies landed (on CPU, at once)
 
 
 def test_the_lanes_clock_follows_the_model_until_the_last_copy_lands():
@@ -56,7 +56,8 @@ def test_the_lanes_clock_follows_the_model_until_the_last_copy_lands():
     import time
     cache, acct, copies = pieces()
     pending = {"done": False}
-    copies.lane = SimpleNamespace(copy_many=lambda pairs, after: "event", done=lambda ev: ev is None or pending["done"])
+    copies.lane = SimpleNamespace(copy_many=lambda pairs, after: "event",
+                                  done=lambda ev: ev is None or pending["done"])
     copies.fetch_ms = 50.0                                             # the model far slower than this test's steps
     layer = CFG.moe_layers[0]
     for e in range(3):                                                 # three waves of one copy, back to back

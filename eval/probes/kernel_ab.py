@@ -1,7 +1,7 @@
 """This checkout's native CPU kernel against a git revision's (the same entry points), alternating on one machine:
 both builds run the same calls round after round, so the machine's drift falls on both. Experts of V2-Lite's shape,
-`--per-call` per call, at `--tokens` per expert, from `--distinct` experts (1: its weights stay in cache, one core's compute;
-48: from DRAM). One JSON object with a row per format, distinct, tokens; a table at the end.
+`--per-call` per call, at `--tokens` per expert, from `--distinct` experts (1: its weights stay in cache, one core's
+compute; 48: from DRAM). One JSON object with a row per format, distinct, tokens; a table at the end.
 
     python eval/probes/kernel_ab.py --base HEAD~1 [--formats q8,q4k,q4 --dot auto --threads 1 --out ab.json]
     python eval/probes/kernel_ab.py --base .kbase --threads 15 --distinct 96 --per-call 6   # sources in .kbase/"""
@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from eval.common import ROOT, meta  # noqa: E402
-from eval.probes.quant_kernel_probe import CFG, H, I, slots_for  # noqa: E402
+from eval.probes.quant_kernel_probe import CFG, H, expert_views, slots_for  # noqa: E402
 from hybrid.kernels import cpu_kernel  # noqa: E402
 from hybrid.kernels.cpu_experts import CpuExperts  # noqa: E402
-from hybrid.model.quant import layout, split_planes  # noqa: E402
+from hybrid.model.quant import layout  # noqa: E402
 
 
 def base_library(base: str, folder: Path):
@@ -77,10 +77,7 @@ def main() -> None:
                                            max_tokens=1 << 30, dot=a.dot)
                 kernels[name].lib = lib
             for distinct in map(int, a.distinct.split(",")):
-                host = slots_for(fmt, distinct, "cpu")
-                views = [split_planes(quant, host[j]) if quant else (host[j][:2 * I * H].view(2 * I, H),
-                                                                      host[j][2 * I * H:].view(H, I))
-                         for j in range(distinct)]
+                views = expert_views(quant, slots_for(fmt, distinct, "cpu"))
                 for tokens in map(int, a.tokens.split(",")):
                     us = {name: [] for name in libs}
                     for _ in range(a.rounds):

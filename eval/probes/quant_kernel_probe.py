@@ -40,6 +40,12 @@ def slots_for(fmt: str, n: int, device) -> torch.Tensor:
     return row.to(device).expand(n, -1).contiguous()
 
 
+def expert_views(quant, host: torch.Tensor) -> list[tuple]:
+    """Each expert row of `host` (slots_for) as its (w13, w2): quantized planes, or bf16 matrices."""
+    return [split_planes(quant, row) if quant else (row[:2 * I * H].view(2 * I, H), row[2 * I * H:].view(H, I))
+            for row in host]
+
+
 def gpu_ms(ffn, xs, offs, graph: bool, reps: int = 50) -> float:
     return gpu_median_ms(lambda: ffn(xs, offs), reps, graph)
 
@@ -91,8 +97,7 @@ def cpu_rows(fmt: str, n_host: int = 96, threads: int = 15, per_call: int = 6,
                    dot=dot)
     k.lib.moe_set_prefetch(int(prefetch))
     torch.set_num_threads(threads)
-    views = [split_planes(quant, host[j]) if quant else (host[j][:2 * I * H].view(2 * I, H),
-                                                          host[j][2 * I * H:].view(H, I)) for j in range(n_host)]
+    views = expert_views(quant, host)
     rows = []
     for tokens in token_counts:
         x = torch.randn(tokens * per_call, H).bfloat16()

@@ -238,11 +238,8 @@ void run_dot_phase(const Job &jb, int phase, long lo, long hi) {
         for (long it = lo; it < hi; it++) {             // one block of 128 intermediate values of one token
             const long t = it / (I / DB), c0 = (it % (I / DB)) * DB;
             float v[DB];
-            for (int c = 0; c < DB; c++) {
-                const float g = round_as<uint16_t>(jb.gu[t * 2 * I + c0 + c]);
-                const float u = round_as<uint16_t>(jb.gu[t * 2 * I + I + c0 + c]);
-                v[c] = round_as<uint16_t>(round_as<uint16_t>(g / (1.f + std::exp(-g))) * u);
-            }
+            const float *g = jb.gu + t * 2 * I + c0;
+            for (int c = 0; c < DB; c++) v[c] = gated<uint16_t>(g[c], g[I + c]);
             if (jb.lay2 == 1) for (int c = 0; c < DB; c++) hd[t * hs + c0 + c] = to_bf16(v[c]);
             else block_activations(v, hd + t * hs + c0 / DB * DBS);
         }

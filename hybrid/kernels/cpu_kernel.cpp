@@ -149,6 +149,13 @@ struct Job {                                  // one call's arguments (see moe_c
 
 #include "cpu_quant.h"
 
+// silu(gate) * up from the gate and up rows' fp32 sums, rounded to W wherever torch's W path rounds.
+template <typename W>
+inline float gated(float gate, float up) {
+    const float g = round_as<W>(gate), u = round_as<W>(up);
+    return round_as<W>(round_as<W>(g / (1.f + std::exp(-g))) * u);
+}
+
 // Items [lo, hi) of one phase. xf [rows, H]: input as fp32; gu [rows, 2I]: gate | up; h [rows, I]: silu(gate) * up.
 // W: the activations' type (and the weights' where F == 0); F, F2: w13's and w2's kinds (Job::wfmt).
 template <typename W, int F, int F2>
@@ -177,9 +184,7 @@ void run_phase(const Job &jb, int phase, long lo, long hi) {
     } else if (phase == 2) {
         for (long r = lo; r < hi; r++) {
             long t = r / I, i = r % I;
-            float g = round_as<W>(gu[t * 2 * I + i]), u = round_as<W>(gu[t * 2 * I + I + i]);
-            float s = round_as<W>(g / (1.f + std::exp(-g)));
-            h[r] = round_as<W>(s * u);
+            h[r] = gated<W>(gu[t * 2 * I + i], gu[t * 2 * I + I + i]);
         }
     } else {
         W *out = (W *)jb.out;
