@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> None:
         with PeakGpu() as peak:               # the whole machine's GPU memory: the server's, on a box of its own
             r = asyncio.run(level(a.url, model, prompts, c, max(a.requests, c), a))
         rows.append({**r, "peak_gpu_gib": peak.peak})
+        write_results(Path(a.out_dir), rows, FIELDS)      # after each level: a run stopped later keeps these
         print(f"{a.system} c={c:<3} {r['output_tok_s']:8.1f} tok/s  TTFT p50 {r['ttft_ms_p50']:7.0f} ms  "
               f"ITL p50 {r['itl_ms_p50']:6.1f} ms  failed {r['failed']}", flush=True)
-    write_results(Path(a.out_dir), rows, FIELDS)
 
 
 if __name__ == "__main__":

@@ -249,6 +249,24 @@ def test_load_test_script_measures_each_concurrency_level(server, tmp_path):
     assert (tmp_path / "serve.png").stat().st_size > 10_000
 
 
+def test_load_test_keeps_the_levels_measured_before_it_is_stopped(tmp_path, monkeypatch):
+    import sys
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "eval"))
+    import serve_bench
+
+    async def level(url, model, prompts, clients, requests, a):
+        if clients > 1:
+            raise KeyboardInterrupt          # as a timeout's signal would stop it during the second level
+        return {"system": a.system, "concurrency": clients, "requests": requests, "failed": 0, "output_tok_s": 1.0,
+                "ttft_ms_p50": 1.0, "itl_ms_p50": 1.0}
+    monkeypatch.setattr(serve_bench, "level", level)
+    with pytest.raises(KeyboardInterrupt):
+        serve_bench.main(["--model", "m", "--concurrency", "1,4", "--out-dir", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["concurrency"] for r in rows] == [1]
+
+
 def test_serve_names_the_address_it_cannot_listen_on(tiny):
     import serve
     from hybrid.model.config import ConfigError
