@@ -95,7 +95,18 @@ def meta() -> dict:
     return {"code_sha256": code_digest(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.executable).name] + sys.argv), "commit": commit,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "cpu_mhz_mean": cpu_mhz(), "loadavg": list(os.getloadavg())}
+
+
+def cpu_mhz() -> float | None:
+    """The mean clock of the host's CPUs now (/proc/cpuinfo), None where that is not readable."""
+    try:
+        mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.startswith("cpu MHz")]
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(sum(mhz) / len(mhz), 1) if mhz else None
 
 
 def hf_peer(model_dir: str, prompts: list[list[int]], new_tokens: int, max_memory: dict | None = None) -> dict:

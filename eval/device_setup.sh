@@ -5,6 +5,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 HYBRID_CACHE=/dev/shm/hc HYBRID_TOKENIZER=$PWD/.tok
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/$1"
 python3 -m hybrid.kernels.cpu_kernel >/dev/null
+python3 eval/probes/host_speed.py --line     # the host's clock, load and speed at small steps (machines differ 2x)
 [ -f /dev/shm/v2lite/config.json ] || \
   python3 -m hybrid.model.synthetic --preset v2-lite --out /dev/shm/v2lite --tokenizer .tok 2>/dev/null
 SETUP_FMT=${2:-bf16}

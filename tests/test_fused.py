@@ -170,3 +170,15 @@ def test_gemv_experts_match_the_grouped_ffn(groups):
     ref = torch.cat([gated_ffn(xs[a:b], slots[s, :2 * I * H].view(2 * I, H), slots[s, 2 * I * H:].view(H, I))
                      for s, (a, b) in enumerate(zip(bounds, bounds[1:]))])
     assert rel_err(gemv_grouped_ffn(xs, offs, slots, bn=16, groups=groups), ref) <= 1e-5
+
+
+def test_upload_ring_returns_each_array_and_reuses_its_slots_in_turn():
+    import numpy as np
+    from hybrid.kernels.host_read import UploadRing
+    ring = UploadRing(torch.device("cpu"), capacity=4, slots=3)
+    got = [ring(np.arange(i, i + 1 + i % 4, dtype=np.int32)) for i in range(7)]
+    for i in (4, 5, 6):                          # the last `slots` uploads still stand, each in its own slot
+        assert got[i].tolist() == list(range(i, i + 1 + i % 4))
+    assert got[6].data_ptr() == got[3].data_ptr() and ring.next == 7 % 3
+    with pytest.raises(ValueError, match="do not fit"):
+        ring(np.zeros(5, dtype=np.int32))

@@ -204,6 +204,43 @@ def test_overloaded_when_the_waiting_room_is_full(tiny):
         b.close()
 
 
+def test_a_burst_of_requests_joins_in_one_prefill(tiny, monkeypatch):
+    from hybrid.server.batcher import JOIN_QUIET_S, Batcher
+    joins, join = [], Slots.join
+    monkeypatch.setattr(Slots, "join", lambda self, ps, news: joins.append(len(ps)) or join(self, ps, news))
+    b = Batcher(make(tiny, max_batch_size=8)).start()
+    try:
+        tok, seqs = ByteTokenizer(), []
+        for i in range(6):                       # arrivals a few ms apart, as HTTP requests of one burst come
+            seqs.append(Sequence([5 + i, 6, 7], SamplingParams(3, stop_on_eos=False), TextStream(tok, []),
+                                 lambda ev: None))
+            b.submit(seqs[-1])
+            time.sleep(JOIN_QUIET_S / 4)
+        while not all(q.done for q in seqs):
+            time.sleep(0.01)
+    finally:
+        b.close()
+    assert joins == [6]
+
+
+def test_waiting_requests_join_once_their_burst_is_over_or_they_fill_the_rows(tiny):
+    from hybrid.server.batcher import JOIN_QUIET_S, JOIN_WAIT_S, Batcher
+    b = Batcher(make(tiny, max_batch_size=3))
+    tok = ByteTokenizer()
+    assert b.join_delay(0.0) == float("inf")
+    seqs = [Sequence([1], SamplingParams(2), TextStream(tok, []), lambda ev: None) for _ in range(3)]
+    for i, q in enumerate(seqs):
+        q.submitted = 100.0 + i * JOIN_QUIET_S / 2
+    b.waiting.extend(seqs[:2])
+    newest = seqs[1].submitted
+    assert b.join_delay(newest) == pytest.approx(JOIN_QUIET_S)              # the burst may go on
+    assert b.join_delay(newest + JOIN_QUIET_S) <= 0                         # quiet: join
+    b.waiting[1].submitted = 100.0 + JOIN_WAIT_S                            # arrivals that never pause
+    assert b.join_delay(100.0 + JOIN_WAIT_S) <= 0                           # the oldest has waited long enough
+    b.waiting.append(seqs[2])
+    assert b.join_delay(0.0) == 0.0                                         # they fill the free rows
+
+
 def test_rows_joining_and_leaving_compute_what_each_sequence_computes_alone(tiny):
     e = make(tiny, max_batch_size=4, max_seq_len=40)
     prompts = [[5, 6, 7, 8, 9], [100, 200, 300], list(range(1, 25)), [42], [7] * 12, [3, 1, 4, 1, 5]]

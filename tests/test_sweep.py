@@ -126,3 +126,15 @@ def test_a_killed_sweep_leaves_no_job_running(tiny, tmp_path):
     proc.wait()
     gone, alive = psutil.wait_procs(children, timeout=20)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_results_name_the_host_state_and_the_host_probe_times_small_steps():
+    sys.path.insert(0, str(ROOT / "eval"))
+    from common import meta
+    m = meta()
+    assert len(m["loadavg"]) == 3 and (m["cpu_mhz_mean"] is None or m["cpu_mhz_mean"] > 0)
+    out = subprocess.run([sys.executable, str(ROOT / "eval" / "probes" / "host_speed.py"), "--line"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("host: ")
+    host = json.loads(out[len("host: "):])
+    assert all(host[k] > 0 for k in ("python_plan_us", "numpy_routing_us", "torch_index_select_us"))

@@ -6,6 +6,7 @@ layout would wait for that layer's fetches, and its CPU experts' results for the
 kernels read the few kilobytes from host memory instead. Each has a torch twin, which CPU devices run."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..model import fused
@@ -50,3 +51,31 @@ def merge_rows(ys: torch.Tensor, src: torch.Tensor, start: torch.Tensor) -> None
         return
     block = 1024
     _merge_kernel[(R, fused.triton.cdiv(Hd, block))](ys, src, start, Hd, BLOCK=block)
+
+
+class UploadRing:
+    """Small int32 arrays for the device, through page-locked host slots that `load` reads (no copy engine, so
+    nothing waits behind expert copies). A slot is rewritten only once the device has passed the event recorded
+    behind its last read; the device copy it returns stays valid until `slots` more uploads. On a CPU device the
+    arrays are copied as they are."""
+
+    def __init__(self, device: torch.device, capacity: int, slots: int = 16):
+        self.cuda = device.type == "cuda"
+        self.host = torch.empty(slots, capacity, dtype=torch.int32, pin_memory=self.cuda)
+        self.dev = torch.empty(slots, capacity, dtype=torch.int32, device=device)
+        self.events: list = [None] * slots
+        self.next = 0
+
+    def __call__(self, values: np.ndarray) -> torch.Tensor:
+        n = values.shape[0]
+        if n > self.host.shape[1]:
+            raise ValueError(f"{n} values do not fit an upload slot of {self.host.shape[1]}")
+        i, self.next = self.next, (self.next + 1) % len(self.events)
+        if self.events[i] is not None:
+            self.events[i].synchronize()
+        self.host[i, :n].numpy()[:] = values
+        load(self.dev[i, :n], self.host[i, :n])
+        if self.cuda:
+            self.events[i] = torch.cuda.Event()
+            self.events[i].record()
+        return self.dev[i, :n]

@@ -10,6 +10,7 @@ import torch
 
 from ..model.deepseek import grouped_ffn
 from ..model.quant import ExpertLayout, Matrix, dequantize_expert
+from .host_read import UploadRing
 from .quant_gpu import plane_pointers, triton
 
 CHUNK = 8                     # experts dequantized at once by default (a scratch of 138 MB for V2-Lite in bf16)
@@ -58,6 +59,7 @@ class ScratchFFN:
         self.slots, self.lay, self.cuda, self.chunk = slots, lay, slots.device.type == "cuda", chunk
         self.w13 = torch.empty(chunk, 2 * I, Hd, dtype=dtype, device=slots.device)
         self.w2 = torch.empty(chunk, Hd, I, dtype=dtype, device=slots.device)
+        self.upload = UploadRing(slots.device, chunk)      # ids and offsets: not behind the copy engine's queue
 
     def _dequantize(self, ids: np.ndarray) -> None:
         n = ids.shape[0]
@@ -65,13 +67,9 @@ class ScratchFFN:
             for i, s in enumerate(ids.tolist()):
                 self.w13[i], self.w2[i] = dequantize_expert(self.lay, self.slots[s], self.w13.dtype)
             return
-        dev = self._upload(ids)
+        dev = self.upload(ids)
         _dequant_matrix(self.slots, self.lay.w13, dev, self.w13[:n])
         _dequant_matrix(self.slots, self.lay.w2, dev, self.w2[:n])
-
-    def _upload(self, values: np.ndarray) -> torch.Tensor:
-        host = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32))
-        return host.pin_memory().to(self.slots.device, non_blocking=True) if self.cuda else host
 
     def __call__(self, xs: torch.Tensor, slot_ends: np.ndarray) -> torch.Tensor:
         counts = np.diff(slot_ends, prepend=0)
@@ -83,7 +81,7 @@ class ScratchFFN:
             n, rows = ids.shape[0], counts[ids]
             r1 = r0 + int(rows.sum())
             self._dequantize(ids)
-            offs = self._upload(np.cumsum(rows))
+            offs = self.upload(np.cumsum(rows))
             ys[r0:r1] = grouped_ffn(xs[r0:r1], offs, self.w13[:n], self.w2[:n])
             r0 = r1
         return ys

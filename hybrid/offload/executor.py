@@ -103,11 +103,11 @@ class OffloadedExperts:
         self.acct.settle()
         if self.prefetcher is not None:              # re-rank with the experts prefetched for this layer, while
             self.cache.prepare(layer)                # the GPU still runs its attention (off the critical path)
+        for sample in self.timer.finished():                 # earlier layers' times, read while the GPU routes
+            self.feedback.note_layer(*sample)
         self.phases.mark("settled")
         host, xh = self.routing.take(call, pred is not None)         # the one sync
         start = self.timer.mark()
-        for sample in self.timer.finished():                 # earlier layers' times, now on the host
-            self.feedback.note_layer(*sample)
         self.phases.mark("routed")
         flat = host[:, :K].reshape(-1)                                                    # [T*K]
         counts = np.bincount(flat, minlength=self.cfg.n_routed_experts)

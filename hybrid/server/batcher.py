@@ -3,10 +3,17 @@
 Each iteration admits waiting sequences while the batch has free rows and cache room (their prompts prefilled
 together, up to JOIN_TOKENS padded tokens at a time: engine/slots.py), runs one decode step over every running
 sequence, and frees the rows of those that finished, stopped or were cancelled (their client went away). Requests
-beyond the waiting room are refused."""
+beyond the waiting room are refused.
+
+Requests that come in a burst join in one prefill: an offloaded prefill streams nearly every expert of a layer
+whether it holds one prompt or sixteen, so a burst split into a prefill of the first arrival and one of the rest
+costs the rest a second prefill (a burst of 16 split as 1 + 13 + 2 on loopback). Waiting requests join once none
+has arrived for JOIN_QUIET_S, the oldest has waited JOIN_WAIT_S, or they fill the free rows; meanwhile the running
+sequences take their decode steps."""
 from __future__ import annotations
 
 import threading
+import time
 import traceback
 from collections import deque
 
@@ -21,6 +28,8 @@ from .sequence import Sequence
 
 JOIN_TOKENS = 2048      # padded prompt tokens prefilled in one join: more waits for the next iteration, so running
                         # sequences' next tokens are not held up behind one long joint prefill
+JOIN_QUIET_S = 0.010    # a burst is over once no request has arrived for this long
+JOIN_WAIT_S = 0.050     # the longest a request waits for the rest of its burst
 
 
 class Overloaded(RuntimeError):
@@ -68,8 +77,11 @@ class Batcher:
         """Iterate until `close()`, or until `stop()` holds (asked while idle, every half second)."""
         while True:
             with self.cond:
-                while not self.closed and not self.waiting and self.slots.n == 0 and not stop():
-                    self.cond.wait(0.5)
+                while not self.closed and self.slots.n == 0 and not stop():
+                    delay = self.join_delay(time.perf_counter())
+                    if delay <= 0:
+                        break
+                    self.cond.wait(min(delay, 0.5))
                 if self.closed or stop():
                     break
             try:
@@ -93,7 +105,18 @@ class Batcher:
             self._retire()
             self.metrics.iteration(stats, self.slots.n, len(self.waiting))
 
+    def join_delay(self, now: float) -> float:
+        """Seconds until the waiting requests join (<= 0: now; inf: none waits). Call holding `cond`."""
+        if not self.waiting:
+            return float("inf")
+        if len(self.waiting) >= self.slots.rows - self.slots.n:
+            return 0.0
+        return min(self.waiting[-1].submitted + JOIN_QUIET_S, self.waiting[0].submitted + JOIN_WAIT_S) - now
+
     def _admit(self) -> None:
+        with self.cond:
+            if self.join_delay(time.perf_counter()) > 0:
+                return
         while True:
             joining = self._next_joining()
             if not joining:
