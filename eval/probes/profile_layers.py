@@ -78,4 +78,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from hybrid.engine.errors import friendly
+    friendly(main)
