@@ -56,10 +56,11 @@ def merge_rows(ys: torch.Tensor, src: torch.Tensor, start: torch.Tensor) -> None
 class UploadRing:
     """Small int32 arrays for the device, through page-locked host slots that `load` reads (no copy engine, so
     nothing waits behind expert copies). A slot is rewritten only once the device has passed the event recorded
-    behind its last read; the device copy it returns stays valid until `slots` more uploads. On a CPU device the
-    arrays are copied as they are."""
+    behind its last read; the device copy it returns stays valid until `slots` more uploads. The default ring
+    outlasts a layer's uploads (prefill's scratch: two per 8 experts), so the host does not wait on it while the
+    layer's routing sync orders the layers. On a CPU device the arrays are copied as they are."""
 
-    def __init__(self, device: torch.device, capacity: int, slots: int = 16):
+    def __init__(self, device: torch.device, capacity: int, slots: int = 64):
         self.cuda = device.type == "cuda"
         self.host = torch.empty(slots, capacity, dtype=torch.int32, pin_memory=self.cuda)
         self.dev = torch.empty(slots, capacity, dtype=torch.int32, device=device)
