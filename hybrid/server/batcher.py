@@ -7,7 +7,7 @@ beyond the waiting room are refused.
 
 Requests that come in a burst join in one prefill: an offloaded prefill streams nearly every expert of a layer
 whether it holds one prompt or sixteen, so a burst split into a prefill of the first arrival and one of the rest
-costs the rest a second prefill (a burst of 16 split as 1 + 13 + 2 on loopback). Waiting requests join once none
+costs the rest a second prefill (16 clients at once on loopback joined as 7 + 9, then 2 + 14). Waiting requests join once none
 has arrived for JOIN_QUIET_S, the oldest has waited JOIN_WAIT_S, or they fill the free rows; meanwhile the running
 sequences take their decode steps."""
 from __future__ import annotations
