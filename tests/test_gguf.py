@@ -136,9 +136,9 @@ def test_quantized_gguf_equals_transformers_with_ggufs_dequantized_weights(tiny,
         assert toks == ref[0, len(p):].tolist()
 
 
-@pytest.mark.parametrize("qtype, fmt", [(Q.Q8_0, "q8"), (Q.Q4_0, "q4")])
+@pytest.mark.parametrize("qtype, fmt", [(Q.Q8_0, "q8"), (Q.Q4_0, "q4"), (Q.Q5_0, "q5")])
 @pytest.mark.parametrize("mode", ["gpu", "fetch", "hybrid"])
-def test_q8_0_and_q4_0_experts_are_carried_without_requantizing(tiny, tmp_path, qtype, fmt, mode):
+def test_q8_0_q4_0_and_q5_0_experts_are_carried_without_requantizing(tiny, tmp_path, qtype, fmt, mode):
     path = write_gguf(tiny, tmp_path / "q.gguf", qtype, split_kv_b=False)
     oracle = dequantized_oracle(tiny, tmp_path, qtype)
     budget = None if mode == "gpu" else budget_for(tiny, 20, experts=fmt)
@@ -282,7 +282,7 @@ def test_attention_in_blocks_counts_at_its_size_in_the_budget(wide, tmp_path):
     cfg = kept.config
     names = [f"model.layers.{L}.{hf}.weight" for L in range(cfg.num_hidden_layers) for hf in LINEARS.values()]
     mats = [kept.linear_layout(n) for n in names + ["lm_head.weight"]]
-    assert all(m is not None for m in mats) and {m.kind for m in mats} == {"q4k", "q8", "q6k"}
+    assert all(m is not None for m in mats) and {m.kind for m in mats} == {"q4k", "q8", "q5", "q6k"}
     assert all(plain.linear_layout(n) is None for n in names)                     # F32 in that file
     saved = sum(m.rows * m.cols * 2 - m.nbytes for m in mats)
     assert device_weight_bytes(cfg, kept, 2) == device_weight_bytes(cfg, plain, 2) - saved
@@ -299,7 +299,9 @@ def test_shared_experts_in_blocks_count_at_their_size_in_the_budget(wide, tmp_pa
     shared = 3 * cfg.hidden_size * cfg.moe_intermediate_size * cfg.n_shared_experts * 2
     lays = [m.ffn_layout(L, "shared") for L in cfg.moe_layers]
     dense = m.ffn_layout(0, "dense")
-    assert all(lay is not None and lay.w13.kind == "q4k" and lay.w2.kind == "q8" for lay in lays + [dense])
+    downs = {L: "q8" if L % 2 else "q5" for L in range(cfg.num_hidden_layers)}       # Q8_0 / Q5_0 as they are
+    assert all(lay is not None and lay.w13.kind == "q4k" and lay.w2.kind == downs[L]
+               for L, lay in zip(cfg.moe_layers + [0], lays + [dense]))
     saved = sum(shared - lay.nbytes for lay in lays) + 3 * cfg.hidden_size * cfg.intermediate_size * 2 - dense.nbytes
     assert device_weight_bytes(cfg, m, 2) == full - saved < full
     assert f.ffn_layout(cfg.moe_layers[0], "shared") is None and device_weight_bytes(cfg, f, 2) == full

@@ -14,12 +14,12 @@ from hybrid.model.checkpoint import Checkpoint
 from hybrid.model.config import ConfigError, ModelConfig
 from hybrid.model.deepseek import gated_ffn
 from hybrid.model.quant import (GROUP, Matrix, dequantize_expert, dequantize_matrix, dequantize_parts, layout,
-                                quantize_expert, quantize_matrix, split_planes)
+                                plane_bytes, quantize_expert, quantize_matrix, split_planes)
 from hybrid.model.synthetic import PRESETS
 from hybrid.offload.quantized import quantized_path
 
 CFG = ModelConfig.from_dict({**PRESETS["tiny"][0], "hidden_size": 256, "moe_intermediate_size": 64})
-FORMATS = ["q8", "q4", "q4k"]
+FORMATS = ["q8", "q5", "q4", "q4k"]
 GREEDY = SamplingParams(max_new_tokens=10, stop_on_eos=False)
 
 
@@ -32,7 +32,8 @@ def experts(fmt, n=5, seed=0):
                                              torch.randn(H, I, generator=g) * .1) for _ in range(n)])
 
 
-@pytest.mark.parametrize("kind, bits, tol", [("q8", 8.5, 0.01), ("q4", 5, 0.12), ("q4k", 4.625, 0.12)])
+@pytest.mark.parametrize("kind, bits, tol", [("q8", 8.5, 0.01), ("q5", 5.5, 0.06), ("q4", 5, 0.12),
+                                             ("q4k", 4.625, 0.12)])
 def test_quantization_round_trips_and_requantizing_changes_nothing(kind, bits, tol):
     w = torch.randn(64, 512) * 0.02
     mat = Matrix(64, 512, kind, 0)
@@ -64,6 +65,22 @@ def test_formats_need_rows_in_whole_groups():
         layout(ModelConfig.from_dict({**PRESETS["tiny"][0], "moe_intermediate_size": 48}), "q4")
     with pytest.raises(ConfigError, match="multiple of 256"):
         layout(ModelConfig.from_dict(PRESETS["tiny"][0]), "q4k")
+
+
+def test_q5_holds_q5_0_blocks_as_they_are_and_dequantizes_as_gguf_does():
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+    from hybrid.model.ggml_blocks import encode_q5_0, planes
+    w = torch.randn(64, 256) * 0.02
+    raw = encode_q5_0(w.numpy())
+    want = torch.from_numpy(dequantize(raw, Q.Q5_0))
+    mat = Matrix(64, 256, "q5", 0)
+    moved = plane_bytes(planes(raw, "Q5_0", "q5"))
+    assert moved.numel() == raw.nbytes == mat.nbytes                 # the blocks' bytes, planar
+    assert torch.equal(dequantize_matrix(moved, mat), want)
+    assert torch.equal(quantize_matrix(w, "q5"), moved)
+    q8 = Matrix(64, 256, "q8", 0)                                    # beside Q8_0 in one tensor: widened, the same
+    assert torch.equal(dequantize_matrix(plane_bytes(planes(raw, "Q5_0", "q8")), q8), want)
 
 
 def test_q4k_is_q4_k_gate_up_with_a_q8_down_and_dequantizes_as_gguf_does():
@@ -121,7 +138,7 @@ def test_cpu_dot_path_reads_quantized_experts_exactly(fmt, dot, march):
             outs.append(out)
         assert torch.equal(outs[0], outs[1])
         took = k.lib.moe_dot_layouts(1, 3, sum(counts), 256, inter, 0, lay.code, k.dot)
-        expect = {"q8": 0, "q4": 4 * 2 + 2, "q4k": 4 * 2}[fmt] if k.dot and sum(counts) <= 6 else 0
+        expect = {"q8": 0, "q5": 0, "q4": 4 * 2 + 2, "q4k": 4 * 2}[fmt] if k.dot and sum(counts) <= 6 else 0
         assert took == expect
 
 
@@ -184,7 +201,7 @@ def dequantized_model(path, fmt: str, out):
 
 @pytest.fixture(scope="module")
 def dequantized(tiny, tmp_path_factory):
-    return {fmt: dequantized_model(tiny, fmt, tmp_path_factory.mktemp(f"deq_{fmt}")) for fmt in ("q8", "q4")}
+    return {fmt: dequantized_model(tiny, fmt, tmp_path_factory.mktemp(f"deq_{fmt}")) for fmt in ("q8", "q5", "q4")}
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +222,7 @@ def test_q4k_quantized_from_a_checkpoint_computes_the_dequantized_function(wide,
                                            min_new_tokens=10)[0, len(p):].tolist()
 
 
-@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("fmt", ["q8", "q5", "q4"])
 def test_resident_quantized_engine_equals_transformers_with_dequantized_experts(tiny, dequantized, fmt):
     e = make(tiny, experts=fmt)
     for p in PROMPTS:
@@ -222,13 +239,13 @@ def test_resident_quantized_engine_equals_transformers_with_dequantized_experts(
 @pytest.fixture(scope="module")
 def resident(tiny):
     runs = {}
-    for fmt in ("q8", "q4"):
+    for fmt in ("q8", "q5", "q4"):
         e = make(tiny, experts=fmt)
         runs[fmt] = e.generate(PROMPTS, GREEDY).tokens, e.logits(PROMPTS[0])
     return runs
 
 
-@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("fmt", ["q8", "q5", "q4"])
 @pytest.mark.parametrize("mode", ["fetch", "cpu", "hybrid"])
 @pytest.mark.parametrize("prefetch", ["none", "gate"])
 def test_every_mode_computes_the_same_quantized_function(tiny, resident, fmt, mode, prefetch):

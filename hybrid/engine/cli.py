@@ -134,9 +134,10 @@ def engine_args(ap: argparse.ArgumentParser, batch_flag: str = "--batch-size", b
                     help="where routed experts run: gpu (all resident), fetch (copied over PCIe), cpu, hybrid "
                          "(per expert, by the cost model), auto (gpu if the model fits, else hybrid)")
     ap.add_argument("--experts", default="auto", choices=CHOICES["experts"],
-                    help="routed experts' format: bf16 (as in the checkpoint, in the compute dtype), q8, q4 or q4k "
-                         "(8/4-bit groups of 32; q4k: Q4_K gate/up, 8-bit down; quantized once and kept in the cache "
-                         "folder, or moved from a GGUF's blocks); auto: a GGUF's own format, else bf16")
+                    help="routed experts' format: bf16 (as in the checkpoint, in the compute dtype), q8, q5, q4 or "
+                         "q4k (8/5/4-bit groups of 32, as Q8_0 / Q5_0 / Q4_1; q4k: Q4_K gate/up, 8-bit down; quantized "
+                         "once and kept in the cache folder, or moved from a GGUF's blocks); auto: a GGUF's own format, "
+                         "else bf16")
     ap.add_argument("--device", default="cuda" if gpu else "cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--dtype", default=None, choices=CHOICES["dtype"],
                     help="compute dtype (default: bfloat16 on a GPU, float32 on the CPU)")

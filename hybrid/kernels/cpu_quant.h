@@ -2,6 +2,7 @@
 // planes, groups of 32 along each row. F = 1 (q8): int8 q [R, C], fp16 d [R, C/32]; w = d q.
 // F = 2 (q4): nibbles [R, C/2] (byte i of a group: q[i] low, q[i + 16] high), fp16 d, m [R, C/32]; w = d q + m.
 // F = 3 (q4k): nibbles as q4, fp16 d, dmin [R, C/256], uint8 sc, mn [R, C/32]; w = (d sc) q - dmin mn.
+// F = 5 (q5): nibbles as q4, fp16 d [R, C/32], uint32 qh [R, C/32] (bit i: q[i]'s fifth bit); w = d q - 16 d, exact.
 // Weights are dequantized in registers, in fp32 (d q is exact, + m rounds once, as in torch's reference), and used
 // as they are: with bf16 activations they are not rounded to bf16 as a bf16 copy of the dequantized model would
 // hold them (that rounding cost 1.3x the kernel's time; it changes products by at most 2^-9 relative, the order of
@@ -15,6 +16,7 @@ struct QMat {
     const uint16_t *d, *m;                    // fp16 bits (q4k: d and dmin per 256 columns)
     const uint8_t *sc, *mn;                   // q4k: 6-bit scale and min per 32 columns
     int C;                                    // columns (the reduction length)
+    const uint8_t *qh = nullptr;              // q5: each group's fifth bits, a little-endian uint32
 };
 
 template <int F>
@@ -27,6 +29,7 @@ inline QMat qmat(const void *base, int R, int C) {
         const uint8_t *sc = (const uint8_t *)(d + 2 * groups / 8);
         return QMat{b, d, d + groups / 8, sc, sc + groups, C};
     }
+    if (F == 5) return QMat{b, d, nullptr, nullptr, nullptr, C, (const uint8_t *)(d + groups)};
     return QMat{b, d, F == 2 ? d + groups : nullptr, nullptr, nullptr, C};
 }
 
@@ -101,13 +104,24 @@ inline void qscales(const QMat &w, long r, int g0, int n, float *d, float *m) {
     if (n == 8) {
         _mm256_storeu_ps(d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w.d + g))));
         if (F == 2) _mm256_storeu_ps(m, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w.m + g))));
+        if (F == 5) _mm256_storeu_ps(m, _mm256_mul_ps(_mm256_loadu_ps(d), _mm256_set1_ps(-16.f)));
         return;
     }
 #endif
     for (int j = 0; j < n; j++) {
         d[j] = from_fp16(w.d[g + j]);
         if (F == 2) m[j] = from_fp16(w.m[g + j]);
+        if (F == 5) m[j] = -16.f * d[j];
     }
+}
+
+// 16 where bit `first + i` of a q5 group's fifth bits is set, else 0, for lanes i < VL.
+inline vf fifth_bits(const uint8_t *qh, int first) {
+    uint32_t h;
+    std::memcpy(&h, qh, 4);
+    vu idx, hv = (vu){} + h;
+    for (int i = 0; i < VL; i++) idx[i] = (uint32_t)(first + i);
+    return __builtin_convertvector((hv >> idx) & 1u, vf) * 16.f;
 }
 
 // Row r's weights at columns k..k+31 (k % 32 == 0) as 32 / VL fp32 vectors, in column order, given its scales.
@@ -118,7 +132,11 @@ inline void qgroup(const QMat &w, long r, int k, float d, float m, vf *out) {
         for (int v = 0; v < 32 / VL; v++) out[v] = widen_s8(q + v * VL) * d;
     } else {
         const uint8_t *q = w.q + (size_t)r * (w.C / 2) + k / 2;
-        for (int v = 0; v < 32 / VL; v++) out[v] = nibbles(q + (v * VL) % 16, v * VL / 16) * d + m;
+        for (int v = 0; v < 32 / VL; v++) {
+            vf n = nibbles(q + (v * VL) % 16, v * VL / 16);
+            if (F == 5) n += fifth_bits(w.qh + ((size_t)r * (w.C / 32) + k / 32) * 4, v * VL);
+            out[v] = n * d + m;
+        }
     }
 }
 
@@ -139,6 +157,7 @@ __attribute__((always_inline)) inline void qprefetch(const QMat &w, long r, int 
         } else {
             __builtin_prefetch(w.d + g, 0, 2);
             if (F == 2) __builtin_prefetch(w.m + g, 0, 2);
+            if (F == 5) __builtin_prefetch(w.qh + 4 * g, 0, 2);
         }
     }
 }

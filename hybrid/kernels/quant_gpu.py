@@ -1,5 +1,5 @@
-"""Grouped expert FFNs over quantized expert slots (quant.py's q8 / q4 planes): Triton kernels that dequantize
-in registers and multiply on tensor cores, with fp32 accumulation.
+"""Grouped expert FFNs over quantized expert slots (quant.py's q8 / q5 / q4 / q4k planes): Triton kernels that
+dequantize in registers and multiply on tensor cores, with fp32 accumulation.
 
 `grouped_qffn(xs, offs, slots, lay)` is the quantized twin of deepseek.grouped_ffn: rows of xs grouped by slot
 (group g ends at offs[g]) through each slot's expert. Two kernels: gate and up together, whose programs write
@@ -60,6 +60,22 @@ if triton is not None:
         return d[:, :, None], m[:, :, None]
 
     @triton.jit
+    def q5_halves(q_ptr, d_ptr, qh_ptr, rows, k0, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """q5 weights of `rows` at columns k0..k0+BK in fp32, as the q4 branch orders them: ([BN, BK/2] columns
+        g*32 + i, [BN, BK/2] columns g*32 + 16 + i), i < 16; w = d (q - 16), q's fifth bit from qh."""
+        gi = rows[:, None] * (K // 32) + (k0 // 32 + tl.arange(0, BK // 32))[None, :]               # [BN, G]
+        d = tl.load(d_ptr + gi).to(tl.float32)[:, :, None]                                          # [BN, G, 1]
+        qh = tl.load(qh_ptr + gi)[:, :, None]                                                       # int32
+        j = tl.arange(0, BK // 2)
+        b = tl.reshape(tl.load(q_ptr + rows[:, None] * (K // 2) + (k0 // 2 + j)[None, :]).to(tl.int32),
+                       (BN, BK // 32, 16))
+        i = tl.arange(0, 16)[None, None, :]
+        lo = (b & 15) | (((qh >> i) & 1) << 4)
+        hi = (b >> 4) | (((qh >> (i + 16)) & 1) << 4)
+        return (tl.reshape((nibble_float(lo) - 16.0) * d, (BN, BK // 2)),
+                tl.reshape((nibble_float(hi) - 16.0) * d, (BN, BK // 2)))
+
+    @triton.jit
     def _dot_tile(acc, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, rows, k0, K: tl.constexpr,
                   KIND: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
         """acc [BM, BN] += x[xrow, k0:k0+BK] @ W[rows, k0:k0+BK]^T, W dequantized here: one scale (and min) per
@@ -81,6 +97,14 @@ if triton is not None:
             w = tl.reshape(tl.reshape(q, (BN, BK // 32, 32)) * d, (BN, BK))
             x = tl.load(x_ptr + xrow[:, None] * K + k[None, :], mask=rmask[:, None], other=0.0)
             acc = acc + tl.dot(x, tl.trans(w.to(dt)), input_precision=PREC)
+        elif KIND == 5:
+            lo, hi = q5_halves(q_ptr, d_ptr, m_ptr, rows, k0, K, BN, BK)
+            j = tl.arange(0, BK // 2)
+            klo = k0 + (j // 16) * 32 + j % 16
+            x_lo = tl.load(x_ptr + xrow[:, None] * K + klo[None, :], mask=rmask[:, None], other=0.0)
+            x_hi = tl.load(x_ptr + xrow[:, None] * K + (klo + 16)[None, :], mask=rmask[:, None], other=0.0)
+            acc = acc + tl.dot(x_lo, tl.trans(lo.to(dt)), input_precision=PREC)
+            acc = acc + tl.dot(x_hi, tl.trans(hi.to(dt)), input_precision=PREC)
         else:
             d, m = _group_scales(d_ptr, m_ptr, sc_ptr, mn_ptr, rows, k0, K, BK, KIND)              # [BN, G, 1]
             j = tl.arange(0, BK // 2)
@@ -114,17 +138,18 @@ if triton is not None:
         return s, tl.load(bounds_ptr + s), tl.load(bounds_ptr + s + 1)
 
     @triton.jit
-    def slot_planes(q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s, slot_bytes):
-        """The plane pointers of slot s (slots are rows of slot_bytes bytes; d and m hold fp16)."""
+    def slot_planes(q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s, slot_bytes, KIND: tl.constexpr):
+        """The plane pointers of slot s (slots are rows of slot_bytes bytes; d and m hold fp16, q5's qh in m's
+        place int32)."""
         off = s.to(tl.int64) * slot_bytes
-        return q_ptr + off, d_ptr + off // 2, m_ptr + off // 2, sc_ptr + off, mn_ptr + off
+        return q_ptr + off, d_ptr + off // 2, m_ptr + off // (4 if KIND == 5 else 2), sc_ptr + off, mn_ptr + off
 
     @triton.jit
     def _gate_up_kernel(x_ptr, h_ptr, bounds_ptr, order_ptr, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, slot_bytes,
                         I: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         BK: tl.constexpr, PREC: tl.constexpr):
         s, start, end = _group_rows(bounds_ptr, order_ptr)
-        q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr = slot_planes(q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s, slot_bytes)
+        q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr = slot_planes(q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s, slot_bytes, KIND)
         n = tl.program_id(0) * BN + tl.arange(0, BN)  # output columns; the slot's [2I, K] holds gate rows, then up
         dt = x_ptr.dtype.element_ty
         r0 = start
@@ -149,7 +174,7 @@ if triton is not None:
                      N: tl.constexpr, K: tl.constexpr, KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      BK: tl.constexpr, PREC: tl.constexpr):
         s, start, end = _group_rows(bounds_ptr, order_ptr)
-        q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr = slot_planes(q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s, slot_bytes)
+        q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr = slot_planes(q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s, slot_bytes, KIND)
         n = tl.program_id(0) * BN + tl.arange(0, BN)
         r0 = start
         while r0 < end:
@@ -172,8 +197,11 @@ def _block(n: int, want: int, least: int = 32) -> int:
 
 
 def plane_pointers(slots: torch.Tensor, mat: Matrix) -> tuple[torch.Tensor, ...]:
-    """Base pointers' tensors for the kernels: q, d, m, sc, mn of slot 0 (a plane the kind lacks: q, unused)."""
+    """Base pointers' tensors for the kernels: q, d, m, sc, mn of slot 0 (q5: its qh in m's place; a plane the kind
+    lacks: q, unused)."""
     p = mat.planes(slots[:1])
+    if mat.kind == "q5":
+        p = p._replace(m=p.sc, sc=None)
     return tuple(p.q if t is None else t for t in p)
 
 

@@ -19,14 +19,14 @@ MIN_ROWS = 128                # groups of fewer rows stay on quant_gpu's fused k
 if triton is not None:
     import triton.language as tl
 
-    from .quant_gpu import group_scale, int8_float, nibble_float, slot_planes
+    from .quant_gpu import group_scale, int8_float, nibble_float, q5_halves, slot_planes
 
     @triton.jit
     def _dequant_kernel(q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, ids_ptr, out_ptr, slot_bytes, R: tl.constexpr,
                         C: tl.constexpr, KIND: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
         """out[i, rows, cols] = matrix of slot ids[i], dequantized (a block of BR rows x BC columns)."""
         s = tl.load(ids_ptr + tl.program_id(0)).to(tl.int64)
-        q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr = slot_planes(q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s, slot_bytes)
+        q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr = slot_planes(q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s, slot_bytes, KIND)
         out_ptr += tl.program_id(0).to(tl.int64) * R * C
         r = tl.program_id(1) * BR + tl.arange(0, BR)[:, None]                                    # [BR, 1]
         if KIND == 1:
@@ -34,6 +34,13 @@ if triton is not None:
             d, _ = group_scale(d_ptr, m_ptr, sc_ptr, mn_ptr, r * (C // 32) + c // 32, 0, KIND)
             w = int8_float(tl.load(q_ptr + r * C + c)) * d
             tl.store(out_ptr + r * C + c, w.to(out_ptr.dtype.element_ty))
+        elif KIND == 5:
+            rows = tl.program_id(1) * BR + tl.arange(0, BR)
+            lo, hi = q5_halves(q_ptr, d_ptr, m_ptr, rows, tl.program_id(2) * BC, C, BR, BC)             # [BR, BC/2]
+            j = tl.arange(0, BC // 2)[None, :]
+            col = tl.program_id(2) * BC + (j // 16) * 32 + j % 16
+            tl.store(out_ptr + r * C + col, lo.to(out_ptr.dtype.element_ty))
+            tl.store(out_ptr + r * C + col + 16, hi.to(out_ptr.dtype.element_ty))
         else:
             j = tl.program_id(2) * (BC // 2) + tl.arange(0, BC // 2)[None, :]                    # byte in the row
             b = tl.load(q_ptr + r * (C // 2) + j).to(tl.int32)

@@ -172,7 +172,7 @@ class ModelConfig:
 
 
 MODES = ("auto", "gpu", "fetch", "cpu", "hybrid")
-EXPERT_FORMATS = ("bf16", "q8", "q4", "q4k")   # routed experts: unquantized (compute dtype), 8-bit, 4-bit (quant.py)
+EXPERT_FORMATS = ("bf16", "q8", "q5", "q4", "q4k")   # routed experts: unquantized (compute dtype), 8-, 5-, 4-bit (quant.py)
 CHOICES = {"dtype": ("bfloat16", "float16", "float32"), "mode": MODES, "experts": ("auto",) + EXPERT_FORMATS,
            "cache_policy": ("lfu", "lru", "static"), "cache_layout": ("auto", "layers", "spread"),
            "prefetch": ("auto", "none", "gate", "mlp"), "cpu_kernel": ("auto", "native", "torch"),

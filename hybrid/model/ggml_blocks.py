@@ -11,7 +11,8 @@ Blocks as ggml lays them out, per row of C weights (little-endian):
 - Q6_K, 256 in 210: ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16], fp16 d; each half of 128 weights
   takes 64 ql bytes (weights 0-31 / 64-95 of the half in their low / high nibbles, 32-63 / 96-127 in those of the
   next 32 bytes) and 32 qh bytes (bits 2i..2i+1 of byte l: weight l + 32 i); w = d scales[j // 16] (q - 32).
-Moves change no value: Q5_0's q - 16 and Q8_0's q are int8, Q4_0 is the q4 plane with the min -8d, Q4_K's nibbles
+Moves change no value: Q5_0's nibbles, fifth bits and d move as they are into q5 (or, beside Q8_0 in one tensor,
+its q - 16 widen to int8 in q8), Q8_0's q are int8, Q4_0 is the q4 plane with the min -8d, Q4_K's nibbles
 are reordered into the q4 plane's order and its two levels of scales kept as they are (quant.py's q4k), Q6_K's
 q - 32 widen to int8 beside its d and scales (quant.py's q6k)."""
 from __future__ import annotations
@@ -54,6 +55,14 @@ def q8_planes(raw: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
     return q.view(np.int8).reshape(R, -1), d
 
 
+def q5_planes(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q5_0 rows -> (nibbles [R, C/2], d fp16 [R, C/32], qh int32 [R, C/32]), the blocks' own bytes."""
+    b = _blocks(raw, "Q5_0")
+    R = b.shape[0]
+    qh = np.ascontiguousarray(b[..., 2:6]).view(np.int32)[..., 0]                      # [R, G]
+    return np.ascontiguousarray(b[..., 6:]).reshape(R, -1), _fp16(b[..., :2]), qh
+
+
 def q4_planes(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Q4_0 rows -> (nibbles [R, C/2], d, m = -8 d fp16 [R, C/32])."""
     b = _blocks(raw, "Q4_0")
@@ -93,9 +102,11 @@ def q6k_planes(raw: np.ndarray) -> tuple[np.ndarray, ...]:
     return q.astype(np.int8).reshape(R, -1), _fp16(b[..., 208:210]), sc.reshape(R, -1)
 
 
-def planes(raw: np.ndarray, block_type: str) -> tuple[np.ndarray, ...]:
-    """Rows of blocks of one of BLOCK_BYTES' types -> the planes of the kind they move into (gguf_checkpoint's
-    CARRIED): Q8_0 and Q5_0 -> q8, Q4_0 -> q4, Q4_K -> q4k, Q6_K -> q6k."""
+def planes(raw: np.ndarray, block_type: str, kind: str) -> tuple[np.ndarray, ...]:
+    """Rows of blocks of one of BLOCK_BYTES' types -> the planes of `kind` (gguf_checkpoint's CARRIED): Q8_0 -> q8,
+    Q5_0 -> q5 or q8, Q4_0 -> q4, Q4_K -> q4k, Q6_K -> q6k."""
+    if kind == "q5":
+        return q5_planes(raw)
     if block_type == "Q4_0":
         return q4_planes(raw)
     if block_type == "Q4_K":

@@ -8,8 +8,9 @@ give kv_b_proj [H * (nope + v), kv_lora]. The config's YaRN `mscale` is not in t
 `mscale_all_dim` (as in DeepSeek-V2 and V2-Lite).
 
 The routed experts' blocks move into quant.py's planes without requantizing (`layer_planes`, ggml_blocks.py): Q8_0
-and Q5_0 into q8, Q4_0 into q4, Q4_K into q4k; `native_format` names the format a file's expert types fit (Q4_K_M:
-q4k), which `--experts auto` takes; other expert types run dequantized (bf16). A layer's shared experts move the same
+into q8, Q5_0 into q5 (into q8 where a tensor mixes it with Q8_0, as Q4_K_M's downs do across layers), Q4_0 into q4,
+Q4_K into q4k; `native_format` names the format a file's expert types fit (Q5_0: q5; Q4_K_M: q4k), which
+`--experts auto` takes; other expert types run dequantized (bf16). A layer's shared experts move the same
 way into one FFN's planes where their types fit a plane kind (`ffn_layout`: Q4_K_M's Q4_K gate/up and Q4_K, Q6_K,
 Q5_0 or Q8_0 down; Q6_K into q6k, a kind for matrices outside the routed experts), and so does the dense first
 layer's MLP, and attention's q, kv_a and output projections and the output head, one matrix each (`linear_layout`);
@@ -30,8 +31,8 @@ from .config import ModelConfig
 from . import ggml_blocks
 from .quant import GROUP, MATRICES, SUPER, ExpertLayout, Matrix, ffn_layout, plane_bytes
 
-CARRIED = {"q8": {"Q8_0", "Q5_0"}, "q4": {"Q4_0"}, "q4k": {"Q4_K"},    # block types that move into each plane kind
-           "q6k": {"Q6_K"}}                                             # (q6k: outside the routed experts only)
+CARRIED = {"q5": {"Q5_0"}, "q8": {"Q8_0", "Q5_0"}, "q4": {"Q4_0"},   # block types that move into each plane kind,
+           "q4k": {"Q4_K"}, "q6k": {"Q6_K"}}                       # first fit first (q6k: outside the routed experts)
 
 NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
          "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
@@ -196,7 +197,7 @@ class GgufCheckpoint:
         """The matrix's blocks in mat's planes (linear_layout) -> [mat.nbytes] uint8."""
         t = self.tensors[self._source(name)[0]]
         raw = np.asarray(t.data).reshape(mat.rows, -1)
-        return plane_bytes(ggml_blocks.planes(raw, t.tensor_type.name))
+        return plane_bytes(ggml_blocks.planes(raw, t.tensor_type.name, mat.kind))
 
     def _planes(self, layer: int, names: tuple[str, str, str], lay: ExpertLayout) -> torch.Tensor:
         """gate, up, down blocks of a layer (one tensor each: [E, R, cols] for the routed experts, [R, cols] for
@@ -208,7 +209,8 @@ class GgufCheckpoint:
                 raw, block = self._expert_blocks(f"blk.{layer}.{k}.weight", mat.kind, lay.fmt)  # [E, R, row bytes]
                 raw = raw if raw.ndim == 3 else raw[None]
                 E, R = raw.shape[:2]
-                per.append([p.reshape(E, R, -1) for p in ggml_blocks.planes(raw.reshape(E * R, -1), block)])
+                moved = ggml_blocks.planes(raw.reshape(E * R, -1), block, mat.kind)
+                per.append([p.reshape(E, R, -1) for p in moved])
             joined = [np.concatenate(p, axis=1) for p in zip(*per)]                  # gate's rows, then up's
             parts += [np.ascontiguousarray(p).reshape(p.shape[0], -1).view(np.uint8) for p in joined]
         return torch.from_numpy(np.concatenate(parts, axis=1))

@@ -2,7 +2,10 @@
 
 A quantized matrix [R, C] is cut into groups of GROUP = 32 weights along each row (llama.cpp's block size) and
 stored as planes, one after another in the expert's byte buffer (a Matrix's `kind`):
-- q8: int8 q [R, C], fp16 scale d [R, C/32]; w = d * q (llama.cpp's Q8_0, planar; Q5_0 moves in as q - 16).
+- q8: int8 q [R, C], fp16 scale d [R, C/32]; w = d * q (llama.cpp's Q8_0, planar; Q5_0 moves in as q - 16 where a
+  tensor mixes it with Q8_0).
+- q5: nibbles [R, C/2] as q4, fp16 d [R, C/32], int32 qh [R, C/32] (bit i: q[i]'s fifth bit); w = d * (q - 16)
+  (Q5_0, planar).
 - q4: nibbles [R, C/2], fp16 scale d and fp16 min m [R, C/32]; w = d * q + m, q in 0..15 (Q4_1, planar). Within a
   group byte i holds q[i] in its low nibble and q[i + 16] in its high one, as in ggml's blocks, so Q4_0
   (m = -8d) and Q4_1 files can be carried without requantizing.
@@ -27,13 +30,16 @@ from .config import EXPERT_FORMATS, ConfigError, ModelConfig
 GROUP = 32
 SUPER = 256                   # q4k's block of d and dmin
 FORMATS = EXPERT_FORMATS
-KINDS = {"q8": 1, "q4": 2, "q4k": 3, "q6k": 4}   # a matrix's kind -> its code in the kernels (cpu_quant.h, quant_gpu.py;
-                                                # q6k: GPU only, for a GGUF file's Q6_K matrices outside the experts)
-MATRICES = {"q8": ("q8", "q8"), "q4": ("q4", "q4"), "q4k": ("q4k", "q8")}   # format -> kinds of (w13, w2)
+KINDS = {"q8": 1, "q4": 2, "q4k": 3, "q6k": 4, "q5": 5}   # a matrix's kind -> its code in the kernels (cpu_quant.h,
+                                                        # quant_gpu.py; q6k: GPU only, for a GGUF file's Q6_K
+                                                        # matrices outside the experts)
+MATRICES = {"q5": ("q5", "q5"), "q8": ("q8", "q8"), "q4": ("q4", "q4"),   # format -> kinds of (w13, w2), in the
+            "q4k": ("q4k", "q8")}                                          # order a GGUF's blocks are matched
 SCALE_PLANES = {                          # kind -> the planes after q, in order: (weights per value, dtype)
     "q8": ((GROUP, torch.float16),),
     "q4": ((GROUP, torch.float16), (GROUP, torch.float16)),
     "q4k": ((SUPER, torch.float16), (SUPER, torch.float16), (GROUP, torch.uint8), (GROUP, torch.uint8)),
+    "q5": ((GROUP, torch.float16), (GROUP, torch.int32)),
     "q6k": ((SUPER, torch.float16), (16, torch.int8))}
 
 
@@ -42,8 +48,8 @@ class Planes(NamedTuple):
     q: torch.Tensor               # int8 [..., R, C] (q8; q6k: q - 32) or nibbles uint8 [..., R, C/2]
     d: torch.Tensor               # fp16 [..., R, C/32] (q4k, q6k: [..., R, C/256])
     m: torch.Tensor | None = None     # fp16 min [..., R, C/32] (q4); dmin [..., R, C/256] (q4k)
-    sc: torch.Tensor | None = None    # uint8 [..., R, C/32] (q4k); int8 [..., R, C/16] (q6k)
-    mn: torch.Tensor | None = None
+    sc: torch.Tensor | None = None    # uint8 [..., R, C/32] (q4k); int8 [..., R, C/16] (q6k); q5: its qh, int32
+    mn: torch.Tensor | None = None    # [..., R, C/32] (bit i: q[i]'s fifth bit)
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,8 @@ class Matrix:
             at += n
         if self.kind == "q6k":
             return Planes(q.view(torch.int8), scales[0], None, scales[1])
+        if self.kind == "q5":
+            return Planes(q, scales[0], None, scales[1])
         return Planes(q.view(torch.int8) if self.kind == "q8" else q, *scales)
 
 
@@ -133,9 +141,10 @@ def plane_bytes(planes) -> torch.Tensor:
 def quantize_matrix(w: torch.Tensor, kind: str) -> torch.Tensor:
     """w [R, C] (any float dtype) -> its planes as bytes [Matrix.nbytes], round to nearest."""
     R, C = w.shape
-    if kind in ("q4k", "q6k"):
-        enc, planes = (ggml_blocks.encode_q4_k, ggml_blocks.q4k_planes) if kind == "q4k" else \
-            (ggml_blocks.encode_q6_k, ggml_blocks.q6k_planes)
+    if kind in ("q4k", "q6k", "q5"):
+        enc, planes = {"q4k": (ggml_blocks.encode_q4_k, ggml_blocks.q4k_planes),
+                       "q6k": (ggml_blocks.encode_q6_k, ggml_blocks.q6k_planes),
+                       "q5": (ggml_blocks.encode_q5_0, ggml_blocks.q5_planes)}[kind]
         return plane_bytes(planes(enc(w.float().numpy())))
     g = w.float().reshape(R, C // GROUP, GROUP)                                         # [R, G, 32]
     if kind == "q8":
@@ -169,6 +178,12 @@ def dequantize_matrix(buf: torch.Tensor, mat: Matrix) -> torch.Tensor:
         lead, R = p.q.shape[:-2], mat.rows
         scale = p.d.float().repeat_interleave(SUPER // 16, -1) * p.sc.float()                # [..., R, C/16]
         return (p.q.float().reshape(*lead, R, -1, 16) * scale[..., None]).reshape(*lead, R, mat.cols)
+    if mat.kind == "q5":
+        lead, R, G = p.q.shape[:-2], mat.rows, mat.cols // GROUP
+        b = p.q.reshape(*lead, R, G, GROUP // 2)
+        bits = (p.sc[..., None] >> torch.arange(GROUP, device=b.device, dtype=torch.int32)) & 1    # [..., R, G, 32]
+        q = torch.cat([b & 15, b >> 4], dim=-1).to(torch.int32) + 16 * bits - 16
+        return (q.float() * p.d.float()[..., None]).reshape(*lead, R, mat.cols)
     d, m = group_scales(p, mat.kind)
     lead, R, G = p.q.shape[:-2], mat.rows, mat.cols // GROUP
     if mat.kind == "q8":
