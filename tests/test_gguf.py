@@ -237,6 +237,33 @@ def test_q4_k_m_experts_move_into_q4k_planes_and_compute_the_files_function(wide
     assert_same_function(e, oracle)
 
 
+def test_whole_layers_hold_their_own_q5_downs_and_more_of_them_fit(wide, tmp_path):
+    """Under whole layers, a Q4_K_M file's layers with Q5_0 downs are held at their own size (q5 downs, not widened
+    to q8), smallest first: a budget of 30 widened slots holds two whole layers (one of them with q5 downs) where
+    widened it held one, and the engine still computes the file's function."""
+    from hybrid.model.quant import layout
+    from hybrid.offload.budget import plan_memory
+    from hybrid.offload.runtime import device_weight_bytes, staging_slots
+    path = write_gguf(wide, tmp_path / "m.gguf", experts=q4_k_m)
+    oracle = dequantized_oracle(wide, tmp_path, types=q4_k_m)
+    ckpt = GgufCheckpoint(path)
+    plan = plan_memory(ckpt.config, 1 << 40, 3, 128, 4, 4096, staging_slots(ckpt.config), margin=0,
+                       slot_bytes=layout(ckpt.config, "q4k").nbytes, weights=device_weight_bytes(ckpt.config, ckpt, 4))
+    run = RunConfig(**RUN, mode="hybrid", cache_layout="layers", prefill_scratch=0,
+                    gpu_memory=plan.budget - (plan.n_slots - 30) * plan.slot_bytes)      # 30 widened slots
+    e = Engine(str(path), run, progress=False)
+    cache, wide_lay = e.backend.cache, layout(e.cfg, "q4k")
+    downs = {L: cache.whole[L].w2.kind for L in cache.whole}
+    assert e.backend.pinned.layers == set(cache.whole) == {2, 3} and downs == {2: "q5", 3: "q8"}
+    assert cache.whole[2].nbytes < wide_lay.nbytes == cache.whole[3].nbytes
+    assert 16 * (cache.whole[2].nbytes + wide_lay.nbytes) <= 30 * wide_lay.nbytes < 32 * wide_lay.nbytes
+    assert_same_function(e, oracle)
+    assert e.generate([[1, 5, 900]], SamplingParams(max_new_tokens=4, stop_on_eos=False)).stats.experts.misses > 0
+    resident = Engine(str(path), RunConfig(**RUN, mode="gpu"), progress=False)       # all resident: the same sizes
+    assert [resident.backend.ffn[L].keywords["slots"].shape[1] for L in (1, 2, 3)] == \
+        [wide_lay.nbytes, cache.whole[2].nbytes, wide_lay.nbytes]
+
+
 def attention_blocks(name: str):
     """Block types for attention's projections and the output head (each moves into a plane kind)."""
     return {"attn_q": Q.Q4_K, "attn_kv_a_mqa": Q.Q8_0, "attn_output": Q.Q5_0}.get(name.split(".")[-2], Q.Q6_K)

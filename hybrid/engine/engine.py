@@ -93,7 +93,7 @@ class Engine:
         self.mode_note = ""                    # what mode auto chose, and why
         if self.run.mode == "auto":
             self.run, self.mode_note = choose_mode(self.cfg, self.run, self.device, self.dtype.itemsize,
-                                                   self.context_bytes)
+                                                   self.context_bytes, self.ckpt)
         self.run = with_workspace(self.cfg, self.run, self.device, self.dtype.itemsize, self.context_bytes)
         self.backend = build_backend(self.cfg, self.ckpt, self.run, self.device, self.dtype, progress,
                                      self.context_bytes)

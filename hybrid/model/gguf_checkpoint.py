@@ -162,6 +162,14 @@ class GgufCheckpoint:
         """A layer's experts in lay's planes, moved from the file's blocks without requantizing -> [E, lay.nbytes]."""
         return self._planes(layer, EXPERT_FFN, lay)
 
+    def layer_layout(self, layer: int, lay: ExpertLayout) -> ExpertLayout:
+        """The layout this layer's experts move into at their own size: lay, but with a q5 down where lay's down is
+        q8 and the layer's down blocks are all Q5_0 (Q4_K_M's downs are Q5_0 in some layers, Q8_0 in others)."""
+        t = self.tensors.get(f"blk.{layer}.ffn_down_exps.weight")
+        if t is None or lay.w2.kind != "q8" or t.tensor_type.name not in CARRIED["q5"]:
+            return lay
+        return ffn_layout(lay.w2.cols, lay.w2.rows, (lay.w13.kind, "q5"), lay.fmt)
+
     def ffn_layout(self, layer: int, which: str) -> ExpertLayout | None:
         """The planes a layer's shared experts (`which` "shared": one FFN of width n_shared x I) or dense MLP
         ("dense") move into unchanged, or None where a block type has no plane kind (F32, F16, Q5_K, ...: they are

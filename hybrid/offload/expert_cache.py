@@ -24,29 +24,40 @@ class ExpertCache:
     ahead for the next layer (hold / release). Staging slots are never looked up by expert."""
 
     def __init__(self, cfg: ModelConfig, n_slots: int, n_staging: int, dtype: torch.dtype, device,
-                 policy: str = "lfu", quant: ExpertLayout | None = None, layout: str = "spread"):
+                 policy: str = "lfu", quant: ExpertLayout | None = None, layout: str = "spread",
+                 whole: dict[int, ExpertLayout] | None = None):
+        """n_slots: the layers' shares of slots of quant's size; whole (layout `layers`): layers held whole apart
+        from them, each in a tensor of its own layout's size (a GGUF's, smaller than quant's: whole_layers)."""
         self.cfg, self.quant, self.device, self.layout = cfg, quant, torch.device(device), layout
+        self.whole, E = whole or {}, cfg.n_routed_experts
         layers = cfg.moe_layers
-        n_slots = min(n_slots, len(layers) * cfg.n_routed_experts)
+        rest = [layer for layer in layers if layer not in self.whole]
+        n_slots = min(n_slots, len(rest) * E)
         row, dtype = (cfg.expert_numel, dtype) if quant is None else (quant.nbytes, torch.uint8)
         self._slots = torch.empty(n_slots + n_staging, row, dtype=dtype, device=device)
         self.layer_slots: dict[int, list[int]] = {}
         s = 0
-        for layer, n in zip(layers, layer_shares(len(layers), n_slots, cfg.n_routed_experts, layout)):
+        for layer, n in zip(rest, layer_shares(len(rest), n_slots, E, layout)):
             self.layer_slots[layer] = list(range(s, s + n))
             s += n
         self.n_slots = n_slots
         self.staging = list(range(n_slots, n_slots + n_staging))
+        self._apart = {layer: torch.empty(E, lay.nbytes, dtype=torch.uint8, device=device)
+                       for layer, lay in self.whole.items()}             # whole layers' own slots
+        s = n_slots + n_staging
+        for layer in self._apart:
+            self.layer_slots[layer] = list(range(s, s + E))
+            s += E
         self._next_staging = 0
         self._held: set[int] = set()        # staging slots with a copy made ahead for the next layer, not yet read
         self._where: dict[tuple[int, int], int] = {}
-        self._owner: list[tuple[int, int] | None] = [None] * (n_slots + n_staging)
+        self._owner: list[tuple[int, int] | None] = [None] * s
         self._policies = {layer: make_policy(policy) for layer in layers}
-        self._ready: list = [None] * (n_slots + n_staging)     # event of the last copy into each slot
-        self._free: list = [None] * (n_slots + n_staging)      # event after the last compute from each slot
+        self._ready: list = [None] * s                       # event of the last copy into each slot
+        self._free: list = [None] * s                        # event after the last compute from each slot
         self._resident: dict[int, set[int]] = {layer: set() for layer in layers}
         self._order: dict[int, list | None] = {layer: None for layer in layers}     # prepared eviction order
-        self._views = list(self._slots.unbind(0))                                    # slot s as a [numel] view
+        self._views = list(self._slots.unbind(0)) + [v for t in self._apart.values() for v in t.unbind(0)]
         self.table = SlotTable(cfg.num_hidden_layers, cfg.n_routed_experts, device)  # what graphs may read
 
     @property
@@ -78,11 +89,13 @@ class ExpertCache:
 
     def share_ffn(self, layer: int):
         """The grouped FFN over a pinned layer's share, indexed by expert: ffn(xs [N, Hd], offs [E]) -> [N, Hd]."""
+        if layer in self._apart:
+            return slot_ffn(self._apart[layer], self.cfg, self.whole[layer])
         share = self.layer_slots[layer]
         return slot_ffn(self._slots[share[0]:share[-1] + 1], self.cfg, self.quant)
 
     def is_staging(self, slot: int) -> bool:
-        return slot >= self.n_slots
+        return self.n_slots <= slot < self.n_slots + len(self.staging)
 
     def value_fn(self, layer: int):
         """The layer's policy's value of an expert (higher: keep), or None if the policy has no such notion."""
@@ -230,3 +243,15 @@ def layer_shares(n_layers: int, n_slots: int, experts: int, layout: str) -> list
     if rest:
         shares[-whole - 1] = rest
     return shares[-n_layers:]
+
+
+def whole_layers(sizes: dict[int, int], experts: int, cache_bytes: int, slot_bytes: int) -> tuple[list[int], int]:
+    """Layers held whole at their own size (`sizes`: bytes of one expert of each layer), smallest first and, among
+    equal ones, the last first (layer_shares' order), and the slots of `slot_bytes` left in `cache_bytes`."""
+    whole, used = [], 0
+    for layer in sorted(sizes, key=lambda layer: (sizes[layer], -layer)):
+        if used + experts * sizes[layer] > cache_bytes:
+            break
+        whole.append(layer)
+        used += experts * sizes[layer]
+    return whole, (cache_bytes - used) // slot_bytes

@@ -38,11 +38,13 @@ def pin_in_place(t: torch.Tensor) -> bool:
 class ExpertStore:
     """flat[layer_row, expert] is one expert: gate [I, Hd], up [I, Hd] (together w13), down [Hd, I], in the compute
     dtype; or, with `quant`, the expert's quantized planes (uint8, quant.py), made once and kept on disk
-    (quantized.py). `views[layer][e]` = (w13, w2): weight matrices, or each matrix's planes."""
+    (quantized.py); a layer in `layouts` (a GGUF's, at its own size, no larger than quant) in its own layout, at the
+    start of its rows. `views[layer][e]` = (w13, w2): weight matrices, or each matrix's planes."""
 
     def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, pin: bool,
-                 progress: bool = True, threads: int = 8, quant: ExpertLayout | None = None):
-        self.cfg, self.quant, self.dtype = cfg, quant, dtype
+                 progress: bool = True, threads: int = 8, quant: ExpertLayout | None = None,
+                 layouts: dict[int, ExpertLayout] | None = None):
+        self.cfg, self.quant, self.dtype, self.layouts = cfg, quant, dtype, layouts or {}
         self.rows = {layer: r for r, layer in enumerate(cfg.moe_layers)}
         E = cfg.n_routed_experts
         self.numel, store_dtype = (cfg.expert_numel, dtype) if quant is None else (quant.nbytes, torch.uint8)
@@ -57,7 +59,7 @@ class ExpertStore:
                               desc="experts -> host", disable=not progress):
                     pass
         else:
-            self.path = load_quantized(self.flat, self.rows, cfg, ckpt, quant, progress, threads)
+            self.path = load_quantized(self.flat, self.rows, cfg, ckpt, quant, progress, threads, self.layouts)
         self.views = {layer: [self.weights(layer, e) for e in range(E)] for layer in self.rows}
         self.pinned = pin and all(pin_in_place(self.flat[r]) for r in range(len(self.rows)))
         if pin and not self.pinned:
@@ -81,9 +83,13 @@ class ExpertStore:
         """The layer's experts [E, one expert]."""
         return self.flat[self.rows[layer]]
 
+    def layout(self, layer: int) -> ExpertLayout | None:
+        """The layout of the layer's experts (None: unquantized)."""
+        return self.layouts.get(layer, self.quant)
+
     def weights(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         buf = self.buffer(layer, e)
-        return split_expert(buf, self.cfg) if self.quant is None else split_planes(self.quant, buf)
+        return split_expert(buf, self.cfg) if self.quant is None else split_planes(self.layout(layer), buf)
 
 
 def raw(t: torch.Tensor) -> np.ndarray:

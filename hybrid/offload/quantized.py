@@ -58,19 +58,23 @@ def quantize_into(flat: torch.Tensor, layers: dict[int, int], ckpt: Checkpoint, 
 
 
 def carry_into(flat: torch.Tensor, layers: dict[int, int], ckpt, lay: ExpertLayout, progress: bool,
-               threads: int) -> None:
-    """A GGUF's experts, block for block (no requantizing: gguf_checkpoint.layer_planes), a layer per thread."""
+               threads: int, layouts: dict[int, ExpertLayout] | None = None) -> None:
+    """A GGUF's experts, block for block (no requantizing: gguf_checkpoint.layer_planes), a layer per thread, each
+    in its layout in `layouts` (default: lay), at the start of its rows."""
     def one(layer: int) -> None:
-        flat[layers[layer]].copy_(ckpt.layer_planes(layer, lay))
+        own = (layouts or {}).get(layer, lay)
+        flat[layers[layer], :, :own.nbytes].copy_(ckpt.layer_planes(layer, own))
     _on_threads(one, list(layers), threads, f"experts <- {ckpt.path.name}", progress)
 
 
 def load_quantized(flat: torch.Tensor, layers: dict[int, int], cfg: ModelConfig, ckpt: Checkpoint,
-                   lay: ExpertLayout, progress: bool = True, threads: int = 8) -> Path:
+                   lay: ExpertLayout, progress: bool = True, threads: int = 8,
+                   layouts: dict[int, ExpertLayout] | None = None) -> Path:
     """Fill flat [moe layers, experts, lay.nbytes] (uint8) with the checkpoint's experts in lay.fmt: carried from
-    a GGUF's blocks, from the file kept on disk, or quantized now (then written there). -> the file's path."""
+    a GGUF's blocks (a layer in `layouts` in its own, no larger than lay), from the file kept on disk, or quantized
+    now (then written there). -> the file's path."""
     if hasattr(ckpt, "layer_planes"):
-        carry_into(flat, layers, ckpt, lay, progress, threads)
+        carry_into(flat, layers, ckpt, lay, progress, threads, layouts)
         return ckpt.path
     path = quantized_path(ckpt, lay.fmt)
     if path.exists() and read_file(path, flat, layers, progress):

@@ -64,8 +64,10 @@ class ResidentExperts:
         E = cfg.n_routed_experts
         self.E, self.ffn = E, {}
         for layer in tqdm(cfg.moe_layers, desc="experts -> device", disable=not progress):
-            if quant is not None:
-                slots = host.layer(layer).to(device)                         # [E, bytes]
+            if quant is not None:                                             # [E, bytes] in the layer's layout
+                own = host.layout(layer)
+                slots = torch.empty(E, own.nbytes, dtype=torch.uint8, device=device)
+                slots.copy_(host.layer(layer)[:, :own.nbytes])
             else:
                 slots = torch.empty(E, cfg.expert_numel, dtype=dtype, device=device)
                 for e in range(E):
@@ -73,7 +75,7 @@ class ResidentExperts:
                     g, u, d = read_expert(ckpt, layer, e)
                     for dst, src in ((w13[:g.shape[0]], g), (w13[g.shape[0]:], u), (w2, d)):
                         dst.copy_(src)
-            self.ffn[layer] = slot_ffn(slots, cfg, quant)
+            self.ffn[layer] = slot_ffn(slots, cfg, quant if quant is None else host.layout(layer))
 
     capturable = True
 

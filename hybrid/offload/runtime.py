@@ -121,9 +121,20 @@ def machine_fingerprint(device: torch.device, threads: int | None, kernel: str, 
     return fingerprint(device, threads, kernel, experts)
 
 
-def experts_bytes(cfg: ModelConfig, run: RunConfig, itemsize: int) -> int:
-    """Every routed expert in the run's format."""
-    return len(cfg.moe_layers) * cfg.n_routed_experts * expert_bytes(cfg, run.experts, itemsize)
+def experts_bytes(cfg: ModelConfig, run: RunConfig, itemsize: int, ckpt=None) -> int:
+    """Every routed expert in the run's format (each layer of `ckpt` in its own layout: own_layouts)."""
+    per, own = expert_bytes(cfg, run.experts, itemsize), own_layouts(cfg, ckpt, quant_layout(cfg, run))
+    return cfg.n_routed_experts * sum(own[layer].nbytes if layer in own else per for layer in cfg.moe_layers)
+
+
+def own_layouts(cfg: ModelConfig, ckpt, quant: ExpertLayout | None) -> dict[int, ExpertLayout]:
+    """The layers whose experts a GGUF holds smaller than quant's layout (Q4_K_M's Q5_0 downs: q5, not widened to
+    q8), in their own layouts."""
+    own = getattr(ckpt, "layer_layout", None)
+    if quant is None or own is None:
+        return {}
+    layouts = {layer: own(layer, quant) for layer in cfg.moe_layers}
+    return {layer: lay for layer, lay in layouts.items() if lay != quant}
 
 
 def quant_layout(cfg: ModelConfig, run: RunConfig) -> ExpertLayout | None:
@@ -131,7 +142,7 @@ def quant_layout(cfg: ModelConfig, run: RunConfig) -> ExpertLayout | None:
 
 
 def choose_mode(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize: int,
-                context: int) -> tuple[RunConfig, str]:
+                context: int, ckpt=None) -> tuple[RunConfig, str]:
     """Mode auto: everything resident if the experts fit (the free GPU memory, or --gpu-memory), else hybrid
     with a budget of the free memory less AUTO_MARGIN. -> (the run with a concrete mode, one line saying why)."""
     if device.type != "cuda":
@@ -142,7 +153,7 @@ def choose_mode(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize
         room = memory_plan(cfg, trial, device, itemsize, context).cache_bytes
     except BudgetError:
         room = 0
-    need = experts_bytes(cfg, run, itemsize)
+    need = experts_bytes(cfg, run, itemsize, ckpt)
     if need <= room:
         return replace(run, mode="gpu"), f"mode auto: gpu, every expert resident ({size(need)} fit in {size(budget)})"
     return replace(run, mode="hybrid", gpu_memory=budget), \
@@ -159,12 +170,13 @@ def build_backend(cfg: ModelConfig, ckpt: Checkpoint, run: RunConfig, device: to
     if device.type == "cuda" and run.gpu_memory is not None:
         limit_allocator(plan, device)
     if run.mode == "gpu":
-        need = experts_bytes(cfg, run, itemsize)
+        need = experts_bytes(cfg, run, itemsize, ckpt)
         if run.gpu_memory is not None and need > plan.cache_bytes:
             raise BudgetError(f"mode gpu keeps every expert resident ({size(need)}) but the budget "
                               f"leaves {size(plan.cache_bytes)} for them: use --mode auto|fetch|cpu|hybrid")
         quant = quant_layout(cfg, run)
-        host = None if quant is None else ExpertStore(cfg, ckpt, dtype, pin=False, progress=progress, quant=quant)
+        host = None if quant is None else ExpertStore(cfg, ckpt, dtype, pin=False, progress=progress, quant=quant,
+                                                      layouts=own_layouts(cfg, ckpt, quant))
         return ResidentExperts(cfg, ckpt, device, dtype, progress, quant, host)
     return build_offloaded(cfg, ckpt, run, device, dtype, plan, progress)
 
@@ -178,16 +190,20 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
     from ..planning.scheduler import PLANNERS
     cuda = device.type == "cuda"
     quant = quant_layout(cfg, run)
-    store = ExpertStore(cfg, ckpt, dtype, pin=cuda, progress=progress, quant=quant)
     n_slots = plan.n_slots if run.cache_slots is None else min(plan.n_slots, run.cache_slots)
-    cache = ExpertCache(cfg, n_slots, staging_slots(cfg), dtype, device, run.cache_policy, quant, cache_layout(run))
+    whole, n_slots = own_size_layers(cfg, ckpt, quant, cache_layout(run), n_slots, plan.slot_bytes)
+    store = ExpertStore(cfg, ckpt, dtype, pin=cuda, progress=progress, quant=quant, layouts=whole)
+    cache = ExpertCache(cfg, n_slots, staging_slots(cfg), dtype, device, run.cache_policy, quant, cache_layout(run),
+                        whole)
     for layer in cfg.moe_layers:
         for e in range(cfg.n_routed_experts):
             slot = cache.place(layer, e)
             if slot is None:
                 break
-            cache.view(slot).copy_(store.buffer(layer, e))
-            cache.table.set(layer, e, slot)
+            view = cache.view(slot)
+            view.copy_(store.buffer(layer, e)[:view.numel()])
+            if layer not in whole:
+                cache.table.set(layer, e, slot)
     lane = CpuLane(run.cpu_threads, cuda, run.cpu_kernel, run.cpu_pool, run.cpu_tiles, run.cpu_pool_spin_us,
                    run.cpu_prefetch, quant, run.cpu_dot)
     if lane.experts.why and progress:
@@ -209,6 +225,21 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
         print(f"cache layout {cache.layout}: {len(backend.pinned.layers)} of {len(cfg.moe_layers)} MoE layers whole "
               f"(run without the host); prefetch {prefetch_kind(run)}", file=sys.stderr)
     return backend
+
+
+def own_size_layers(cfg: ModelConfig, ckpt, quant: ExpertLayout | None, layout: str, n_slots: int,
+                    slot_bytes: int) -> tuple[dict[int, ExpertLayout], int]:
+    """Under whole layers, a GGUF whose layers' experts are smaller in their own layouts than in quant's (Q4_K_M's
+    Q5_0 downs as q5, not widened to q8): the layers held whole at their own size, smallest first, in the bytes of
+    n_slots slots ({layer: its layout}), and the slots of quant's size left. Else ({}, n_slots)."""
+    from .expert_cache import whole_layers
+    own = own_layouts(cfg, ckpt, quant)
+    if not own or layout != "layers":
+        return {}, n_slots
+    layouts = {layer: own.get(layer, quant) for layer in cfg.moe_layers}
+    whole, left = whole_layers({layer: lay.nbytes for layer, lay in layouts.items()}, cfg.n_routed_experts,
+                               n_slots * slot_bytes, slot_bytes)
+    return {layer: layouts[layer] for layer in whole}, left
 
 
 def cache_layout(run: RunConfig) -> str:
