@@ -29,32 +29,21 @@ class ExpertCache:
         """n_slots: the layers' shares of slots of quant's size; whole (layout `layers`): layers held whole apart
         from them, each in a tensor of its own layout's size (a GGUF's, smaller than quant's: whole_layers)."""
         self.cfg, self.quant, self.device, self.layout = cfg, quant, torch.device(device), layout
-        self.whole, E = whole or {}, cfg.n_routed_experts
-        layers = cfg.moe_layers
+        self.whole, E, layers = whole or {}, cfg.n_routed_experts, cfg.moe_layers
         rest = [layer for layer in layers if layer not in self.whole]
         n_slots = min(n_slots, len(rest) * E)
         row, dtype = (cfg.expert_numel, dtype) if quant is None else (quant.nbytes, torch.uint8)
         self._slots = torch.empty(n_slots + n_staging, row, dtype=dtype, device=device)
-        self.layer_slots: dict[int, list[int]] = {}
-        s = 0
-        for layer, n in zip(rest, layer_shares(len(rest), n_slots, E, layout)):
-            self.layer_slots[layer] = list(range(s, s + n))
-            s += n
-        self.n_slots = n_slots
-        self.staging = list(range(n_slots, n_slots + n_staging))
+        self.layer_slots, s = slot_ids(rest, list(self.whole), n_slots, n_staging, E, layout)
+        self.n_slots, self.staging = n_slots, list(range(n_slots, n_slots + n_staging))
         self._apart = {layer: torch.empty(E, lay.nbytes, dtype=torch.uint8, device=device)
                        for layer, lay in self.whole.items()}             # whole layers' own slots
-        s = n_slots + n_staging
-        for layer in self._apart:
-            self.layer_slots[layer] = list(range(s, s + E))
-            s += E
         self._next_staging = 0
         self._held: set[int] = set()        # staging slots with a copy made ahead for the next layer, not yet read
         self._where: dict[tuple[int, int], int] = {}
         self._owner: list[tuple[int, int] | None] = [None] * s
         self._policies = {layer: make_policy(policy) for layer in layers}
-        self._ready: list = [None] * s                       # event of the last copy into each slot
-        self._free: list = [None] * s                        # event after the last compute from each slot
+        self._ready, self._free = [None] * s, [None] * s     # events: each slot's last copy in, last read
         self._resident: dict[int, set[int]] = {layer: set() for layer in layers}
         self._order: dict[int, list | None] = {layer: None for layer in layers}     # prepared eviction order
         self._views = list(self._slots.unbind(0)) + [v for t in self._apart.values() for v in t.unbind(0)]
@@ -228,6 +217,19 @@ class ExpertCache:
         """For quantized slots, prefill's FFN over a bf16 scratch of `experts` experts: ffn(xs, slot_ends (host));
         None for unquantized slots or no scratch."""
         return None if self.quant is None or experts < 1 else ScratchFFN(self._slots, self.quant, dtype, experts)
+
+
+def slot_ids(rest: list[int], whole: list[int], n_slots: int, n_staging: int, experts: int,
+             layout: str) -> tuple[dict[int, list[int]], int]:
+    """Slot ids per layer (the layers `rest` share the n_slots common ones, layer_shares; the staging ring follows;
+    then each layer in `whole` has `experts` of its own) -> (ids per layer, how many ids in all)."""
+    ids, s = {}, 0
+    for layer, n in zip(rest, layer_shares(len(rest), n_slots, experts, layout)):
+        ids[layer], s = list(range(s, s + n)), s + n
+    s = n_slots + n_staging
+    for layer in whole:
+        ids[layer], s = list(range(s, s + experts)), s + experts
+    return ids, s
 
 
 def layer_shares(n_layers: int, n_slots: int, experts: int, layout: str) -> list[int]:
