@@ -339,3 +339,44 @@ def test_prefill_scratch_takes_at_most_a_quarter_of_the_cache_room(tiny):
         p = plan(base + room)
         assert p.scratch_experts == min(8, room // (4 * per)) and p.scratch_experts * per <= room / 4
     assert plan(base + 40 * per, want=0).scratch_experts == 0 and "prefill scratch: 8" in plan(1 << 40).describe()
+
+
+AOT = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from hybrid.kernels import quant_gpu, quant_scratch
+target, planes = GPUTarget("cuda", 90, 32), ("q_ptr", "d_ptr", "m_ptr", "sc_ptr", "mn_ptr")
+def types(kind):
+    return dict(zip(planes, ("*u8", "*fp16", "*i32" if kind == 5 else "*fp16", "*u8", "*u8")))
+for kind in (1, 2, 3, 5):
+    tile = {"KIND": kind, "BM": 16, "BN": 32, "BK": 128, "PREC": "tf32"}
+    for fn, rows, extra in ((quant_gpu._gate_up_kernel, ("x_ptr", "h_ptr"), {"I": 64, "K": 256}),
+                            (quant_gpu._down_kernel, ("h_ptr", "y_ptr"), {"N": 256, "K": 64})):
+        sig = {**dict.fromkeys(rows, "*bf16"), "bounds_ptr": "*i32", "order_ptr": "*i32", **types(kind),
+               "slot_bytes": "i64", **dict.fromkeys([*extra, *tile], "constexpr")}
+        triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={**extra, **tile}), target=target)
+    sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", **types(kind),
+           **dict.fromkeys(("N", "K", *tile), "constexpr")}
+    triton.compile(triton.compiler.ASTSource(fn=quant_gpu._linear_kernel, signature=sig,
+                                             constexprs={"N": 64, "K": 256, **tile}), target=target)
+    sig = {**types(kind), "ids_ptr": "*i32", "out_ptr": "*bf16", "slot_bytes": "i64",
+           **dict.fromkeys(("R", "C", "KIND", "BR", "BC"), "constexpr")}
+    triton.compile(triton.compiler.ASTSource(fn=quant_scratch._dequant_kernel, signature=sig,
+                                             constexprs={"R": 64, "C": 256, "KIND": kind, "BR": 8, "BC": 128}),
+                   target=target)
+print("compiled")
+"""
+
+
+def test_quantized_kernels_compile_for_the_h200():
+    """The grouped decode kernels, the linear kernel and prefill's dequantize kernel for every expert plane kind,
+    compiled ahead of time for the GPU box's Hopper (sm_90) by Triton's own ptxas: a kernel the interpreter runs
+    may still fail to compile there (conftest turns the interpreter on for this process: a child runs without)."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", AOT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-2000:]

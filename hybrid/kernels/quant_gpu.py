@@ -142,7 +142,11 @@ if triton is not None:
         """The plane pointers of slot s (slots are rows of slot_bytes bytes; d and m hold fp16, q5's qh in m's
         place int32)."""
         off = s.to(tl.int64) * slot_bytes
-        return q_ptr + off, d_ptr + off // 2, m_ptr + off // (4 if KIND == 5 else 2), sc_ptr + off, mn_ptr + off
+        if KIND == 5:
+            m_ptr = m_ptr + off // 4
+        else:
+            m_ptr = m_ptr + off // 2
+        return q_ptr + off, d_ptr + off // 2, m_ptr, sc_ptr + off, mn_ptr + off
 
     @triton.jit
     def _gate_up_kernel(x_ptr, h_ptr, bounds_ptr, order_ptr, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, slot_bytes,
