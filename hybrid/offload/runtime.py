@@ -222,8 +222,9 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
     backend = OffloadedExperts(cfg, store, cache, planner, device, lane, prefetch, decode_tokens=run.max_batch_size,
                                copy_ahead=ahead, scratch_experts=plan.scratch_experts)
     if progress:
+        own = f", {len(whole)} at their own size, {cache.n_slots} common slots" if whole else ""
         print(f"cache layout {cache.layout}: {len(backend.pinned.layers)} of {len(cfg.moe_layers)} MoE layers whole "
-              f"(run without the host); prefetch {prefetch_kind(run)}", file=sys.stderr)
+              f"(run without the host{own}); prefetch {prefetch_kind(run)}", file=sys.stderr)
     return backend
 
 
