@@ -237,20 +237,46 @@ def test_q4_k_m_experts_move_into_q4k_planes_and_compute_the_files_function(wide
     assert_same_function(e, oracle)
 
 
+def gguf_budget(ckpt: GgufCheckpoint, slots: int) -> int:
+    """A --gpu-memory that leaves `slots` q4k slots for this file (its non-expert weights at their size; float32,
+    batch 3 x 128 tokens, no margin)."""
+    from hybrid.model.quant import layout
+    from hybrid.offload.budget import plan_memory
+    from hybrid.offload.runtime import device_weight_bytes, staging_slots
+    cfg = ckpt.config
+    plan = plan_memory(cfg, 1 << 40, 3, 128, 4, 4096, staging_slots(cfg), margin=0,
+                       slot_bytes=layout(cfg, "q4k").nbytes, weights=device_weight_bytes(cfg, ckpt, 4))
+    return plan.budget - (plan.n_slots - slots) * plan.slot_bytes
+
+
+@pytest.mark.parametrize("mode", ["fetch", "hybrid"])
+def test_planned_layers_read_their_own_q5_downs_from_the_common_slots(wide, tmp_path, mode):
+    """Equal shares of 12 slots: a Q5_0 layer's fetched experts move at their own size into the common slots and
+    run there (and on the CPU lane) in their own layout, beside Q8_0 layers', computing the file's function."""
+    from hybrid.model.quant import layout
+    path = write_gguf(wide, tmp_path / "m.gguf", experts=q4_k_m)
+    e = Engine(str(path), RunConfig(**RUN, mode=mode, cache_layout="spread", prefill_scratch=0,
+                                    gpu_memory=gguf_budget(GgufCheckpoint(path), 12)), progress=False)
+    assert e.backend.store.layout(2).w2.kind == "q5" and e.backend.store.layout(1).w2.kind == "q8"
+    prompt = [(37 * i) % 1000 + 3 for i in range(40)]
+    x = e.generate([prompt], SamplingParams(max_new_tokens=8, stop_on_eos=False)).stats.experts
+    assert x.misses > 0
+    if mode == "fetch":
+        assert 0 < x.fetched_bytes < x.fetched * layout(e.cfg, "q4k").nbytes
+    else:
+        assert x.cpu_experts > 0
+    assert_same_function(e, dequantized_oracle(wide, tmp_path, types=q4_k_m))
+
+
 def test_whole_layers_hold_their_own_q5_downs_and_more_of_them_fit(wide, tmp_path):
     """Under whole layers, a Q4_K_M file's layers with Q5_0 downs are held at their own size (q5 downs, not widened
     to q8), smallest first: a budget of 30 widened slots holds two whole layers (one of them with q5 downs) where
     widened it held one, and the engine still computes the file's function."""
     from hybrid.model.quant import layout
-    from hybrid.offload.budget import plan_memory
-    from hybrid.offload.runtime import device_weight_bytes, staging_slots
     path = write_gguf(wide, tmp_path / "m.gguf", experts=q4_k_m)
     oracle = dequantized_oracle(wide, tmp_path, types=q4_k_m)
-    ckpt = GgufCheckpoint(path)
-    plan = plan_memory(ckpt.config, 1 << 40, 3, 128, 4, 4096, staging_slots(ckpt.config), margin=0,
-                       slot_bytes=layout(ckpt.config, "q4k").nbytes, weights=device_weight_bytes(ckpt.config, ckpt, 4))
     run = RunConfig(**RUN, mode="hybrid", cache_layout="layers", prefill_scratch=0,
-                    gpu_memory=plan.budget - (plan.n_slots - 30) * plan.slot_bytes)      # 30 widened slots
+                    gpu_memory=gguf_budget(GgufCheckpoint(path), 30))                  # 30 widened slots
     e = Engine(str(path), run, progress=False)
     cache, wide_lay = e.backend.cache, layout(e.cfg, "q4k")
     downs = {L: cache.whole[L].w2.kind for L in cache.whole}

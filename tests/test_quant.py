@@ -320,7 +320,7 @@ def test_long_prefill_takes_the_scratch_path_and_stays_exact(tiny):
     e = make(tiny, experts="q4", mode="fetch", prefill_scratch=8, gpu_memory=budget_for(tiny, 20, experts="q4", scratch=8))
     assert e.backend.cache.n_slots == 20 and e.backend.waves.scratch.chunk == 8
     calls, scratch = [], e.backend.waves.scratch
-    e.backend.waves.scratch = lambda xs, ends: calls.append(xs.shape[0]) or scratch(xs, ends)
+    e.backend.waves.scratch = lambda xs, ends, lay: calls.append(xs.shape[0]) or scratch(xs, ends, lay)
     prompt = [(7 * i) % 500 + 3 for i in range(100)]
     assert rel_err(e.logits(prompt), make(tiny, experts="q4").logits(prompt)) <= 1e-4
     assert calls and min(calls) >= 128
@@ -380,3 +380,21 @@ def test_quantized_kernels_compile_for_the_h200():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", AOT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dot, march", [("off", "native"), ("emulate", "native"), ("off", "x86-64-v2")])
+def test_cpu_kernel_reads_q4k_gate_up_with_a_q5_down(dot, march):
+    """A Q4_K_M layer with Q5_0 downs as the file holds it: q4k gate/up (on the dot path where it runs) and a q5
+    down, against the dequantized reference; at 1 and 7 tokens per expert."""
+    from hybrid.model.quant import ffn_layout
+    lay, g = ffn_layout(128, 256, ("q4k", "q5"), "q4k"), torch.Generator().manual_seed(2)
+    views = [split_planes(lay, quantize_expert(lay, *(torch.randn(*s, generator=g) * .1 for s in
+                                                     ((128, 256), (128, 256), (256, 128))))) for _ in range(2)]
+    for counts in ([1, 1], [7, 3]):
+        x = torch.randn(sum(counts), 256, generator=g).bfloat16()
+        ref = torch.cat([gated_ffn(x[s:s + c], *dequantize_parts(lay, *views[j], torch.bfloat16))
+                         for j, (s, c) in enumerate(zip([0, counts[0]], counts))])
+        k = CpuExperts("native", pool_threads=2, quant=lay, dot=dot, march=march)
+        out = torch.full_like(x, float("nan"))
+        k.run(x, out, [v[0] for v in views], [v[1] for v in views], [0, counts[0]], counts)
+        assert lay.code == 3 + 4 * 5 and rel_err(out.float(), ref.float()) <= 1e-2

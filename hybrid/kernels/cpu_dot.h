@@ -243,7 +243,7 @@ void run_dot_phase(const Job &jb, int phase, long lo, long hi) {
             if (jb.lay2 == 1) for (int c = 0; c < DB; c++) hd[t * hs + c0 + c] = to_bf16(v[c]);
             else block_activations(v, hd + t * hs + c0 / DB * DBS);
         }
-    } else if constexpr (F2 != 1) {
+    } else if constexpr (F2 == 0 || F2 == 2) {     // downs on this path: bf16 or q4
         uint16_t *out = (uint16_t *)jb.out;
         for (long r = lo; r < hi; r++) {
             int j, o;
@@ -267,6 +267,7 @@ template <class D>
 inline void run_dot(const Job &jb, int phase, long lo, long hi) {
     if (jb.wfmt == 2 + 4 * 2) run_dot_phase<D, 2, 2>(jb, phase, lo, hi);
     else if (jb.wfmt == 3 + 4 * 1) run_dot_phase<D, 3, 1>(jb, phase, lo, hi);
+    else if (jb.wfmt == 3 + 4 * 5) run_dot_phase<D, 3, 5>(jb, phase, lo, hi);
     else run_dot_phase<D, 0, 0>(jb, phase, lo, hi);
 }
 
@@ -284,7 +285,7 @@ inline void set_dot_layouts(Job &jb) {
     if (jb.wfmt != 0 && jb.rows > DOT_Q4_MAX_MEAN * jb.n) return;
     if (jb.wfmt == 0) jb.lay13 = jb.lay2 = 1;
     else if (jb.wfmt == 2 + 4 * 2) jb.lay13 = jb.lay2 = 2;
-    else if (jb.wfmt == 3 + 4 * 1) jb.lay13 = 2;
+    else if (jb.wfmt == 3 + 4 * 1 || jb.wfmt == 3 + 4 * 5) jb.lay13 = 2;
 }
 
 }  // namespace

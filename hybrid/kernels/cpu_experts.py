@@ -115,6 +115,11 @@ class CpuExperts:
         self.arrays = CallArrays()
         self.called = 0.0
 
+    def use(self, quant: ExpertLayout | None) -> None:
+        """The layout of the experts in the calls that follow (a GGUF's layers may hold different downs)."""
+        if quant is not self.quant:
+            self.quant, self.wfmt = quant, quant.code if quant else 0
+
     def _fits(self, x: torch.Tensor, inter: int) -> bool:
         """Whether the native kernel takes this dtype and these sizes at all."""
         q = 32 if self.quant else 16

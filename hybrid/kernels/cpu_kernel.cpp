@@ -230,6 +230,7 @@ inline void run_fmt(const Job &jb, int phase, long lo, long hi) {
     else if (jb.wfmt == 2 + 4 * 2) run_phase<W, 2, 2>(jb, phase, lo, hi);
     else if (jb.wfmt == 3 + 4 * 1) run_phase<W, 3, 1>(jb, phase, lo, hi);
     else if (jb.wfmt == 5 + 4 * 5) run_phase<W, 5, 5>(jb, phase, lo, hi);
+    else if (jb.wfmt == 3 + 4 * 5) run_phase<W, 3, 5>(jb, phase, lo, hi);
     else run_phase<W, 0, 0>(jb, phase, lo, hi);
 }
 
@@ -288,8 +289,8 @@ extern "C" {
 static int check(int dtype, int H, int I, int tiles, int wfmt, int dot) {
     if (dot < 0 || dot > 2 || (dot == 1 && !MOE_HW_DOT)) return 7;
     if (H % 16 || I % 16) return 1;
-    if (wfmt != 0 && wfmt != 5 && wfmt != 10 && wfmt != 7 && wfmt != 25) return 6;
-    if (wfmt && (tiles || H % (wfmt == 7 ? 256 : 32) || I % 32)) return 6;
+    if (wfmt != 0 && wfmt != 5 && wfmt != 10 && wfmt != 7 && wfmt != 25 && wfmt != 23) return 6;
+    if (wfmt && (tiles || H % (wfmt % 4 == 3 ? 256 : 32) || I % 32)) return 6;
     if (dtype != 0 && dtype != 1) return 2;
     if (tiles < 0 || tiles > 2 || (tiles && (dtype != 1 || H % 32 || I % 32))) return 4;
     if (tiles == 1 && !hw_tiles()) return 5;
@@ -301,8 +302,8 @@ static int check(int dtype, int H, int I, int tiles, int wfmt, int dot) {
 // tiles 0: vector path, scratch xf [rows*H], gu [rows*2I], h [rows*I] floats. tiles 1 (AMX) / 2 (emulated):
 // bf16, H, I % 32 == 0; with P = 16 * sum(ceil(counts / 16)) padded rows, scratch xf [P*H/2], gu [P*2I], h [P*I/2].
 // wfmt 0: weights in the activations' dtype; else quantized (cpu_quant.h), w13's kind + 4 x w2's: 5 (q8, q8),
-// 10 (q4, q4), 7 (q4k, q8), 25 (q5, q5); vector path, H, I % 32 == 0 (q4k: H % 256); w13[j] / w2[j] point at their
-// planes.
+// 10 (q4, q4), 7 (q4k, q8), 25 (q5, q5), 23 (q4k, q5); vector path, H, I % 32 == 0 (q4k: H % 256); w13[j] / w2[j]
+// point at their planes.
 // dot 1 / 2: bf16 activations against bf16, q4 or q4k weights take the dot-product path (cpu_dot.h; 1: AVX512-BF16,
 // where moe_dot() says so; 2: its emulation) where H, I % 128 == 0; 0: never.
 int moe_cpu_experts(int dtype, int n, const void *const *w13, const void *const *w2, const int *starts,

@@ -59,7 +59,7 @@ def _dequant_matrix(slots: torch.Tensor, mat: Matrix, ids: torch.Tensor, out: to
 
 
 class ScratchFFN:
-    """ffn(xs [N, Hd], slot_ends [S] (host: cumulative rows per slot)) -> [N, Hd], for the slots of `slots`."""
+    """ffn(xs [N, Hd], slot_ends [S] (host: cumulative rows per slot)[, lay]) -> [N, Hd], for the slots of `slots`."""
 
     def __init__(self, slots: torch.Tensor, lay: ExpertLayout, dtype: torch.dtype, chunk: int = CHUNK):
         I, Hd = lay.w2.cols, lay.w2.rows
@@ -68,17 +68,18 @@ class ScratchFFN:
         self.w2 = torch.empty(chunk, Hd, I, dtype=dtype, device=slots.device)
         self.upload = UploadRing(slots.device, chunk)      # ids and offsets: not behind the copy engine's queue
 
-    def _dequantize(self, ids: np.ndarray) -> None:
+    def _dequantize(self, ids: np.ndarray, lay: ExpertLayout) -> None:
         n = ids.shape[0]
         if not self.cuda:
             for i, s in enumerate(ids.tolist()):
-                self.w13[i], self.w2[i] = dequantize_expert(self.lay, self.slots[s], self.w13.dtype)
+                self.w13[i], self.w2[i] = dequantize_expert(lay, self.slots[s], self.w13.dtype)
             return
         dev = self.upload(ids)
-        _dequant_matrix(self.slots, self.lay.w13, dev, self.w13[:n])
-        _dequant_matrix(self.slots, self.lay.w2, dev, self.w2[:n])
+        _dequant_matrix(self.slots, lay.w13, dev, self.w13[:n])
+        _dequant_matrix(self.slots, lay.w2, dev, self.w2[:n])
 
-    def __call__(self, xs: torch.Tensor, slot_ends: np.ndarray) -> torch.Tensor:
+    def __call__(self, xs: torch.Tensor, slot_ends: np.ndarray, lay: ExpertLayout | None = None) -> torch.Tensor:
+        """`lay`: the layout of the experts in the slots it reads (default: the one it was made with)."""
         counts = np.diff(slot_ends, prepend=0)
         active = np.flatnonzero(counts)
         ys = torch.empty_like(xs)
@@ -87,7 +88,7 @@ class ScratchFFN:
             ids = active[c:c + self.chunk]
             n, rows = ids.shape[0], counts[ids]
             r1 = r0 + int(rows.sum())
-            self._dequantize(ids)
+            self._dequantize(ids, lay or self.lay)
             offs = self.upload(np.cumsum(rows))
             ys[r0:r1] = grouped_ffn(xs[r0:r1], offs, self.w13[:n], self.w2[:n])
             r0 = r1

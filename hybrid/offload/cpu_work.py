@@ -34,6 +34,7 @@ class CpuWork:
             return None
         rows, segs = cpu_rows(flat, K, counts, cpu)
         out = self._out(rows.shape[0], into)
+        self.lane.experts.use(self.store.layout(layer))
         t0 = time.perf_counter()
         if not self.lane.experts.start_rows(xh, rows, out, self.store.views[layer], self.ptrs[layer], segs):
             return None
@@ -63,6 +64,7 @@ class CpuWork:
         self.phases.mark("cpu_start")
         t0 = time.perf_counter()
         self.feedback.note_lag(xh.shape[0], 1000 * (t0 - issued))
+        self.lane.experts.use(self.store.layout(layer))
         self.lane.experts.run_rows(xh, rows, out, self.store.views[layer], self.ptrs[layer], lay.cpu_segments,
                                    self.host_in.rows(n))
         self.acct.cpu_call(xh.shape[0], 1000 * (time.perf_counter() - t0), [c for _, _, c in lay.cpu_segments])

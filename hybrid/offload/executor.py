@@ -19,7 +19,7 @@ from ..planning.prefetch import Prefetcher
 from ..planning.scheduler import LaneState, LayerPlan
 from .accounting import Accounting, LayerOutcome
 from .cpu_work import CpuWork
-from .expert_cache import ExpertCache
+from .expert_cache import ExpertCache, LayerFFNs
 from .expert_copies import ExpertCopies
 from .expert_store import ExpertStore
 from .guesses import GUESS_TOKENS, Guesses
@@ -47,7 +47,7 @@ class OffloadedExperts:
         pin = device.type == "cuda"
         self.routing = RoutingReadback(cfg.hidden_size, store.dtype, pin)
         self.index_buf = PinnedBuffer(1, torch.int32, pin)
-        self.ffn = cache.grouped()
+        self.ffn = LayerFFNs(cache, store.layout)             # ffn(layer): over the common slots
         self.timer = LayerTimer(self.copy.cuda)
         self.phases = PhaseLog()
         self.plan: LayerPlan | None = None     # the current layer's plan
@@ -64,7 +64,7 @@ class OffloadedExperts:
         self.layer_graphs = LayerGraphs(self.ffn, cache.n_total, cfg.hidden_size, self.copy.cuda)
         # decode's guesses (guesses.py), launched by the step's graphs (engine/graphs.py) before forward
         self.guesses = Guesses(cache, self.ffn, cfg.num_experts_per_tok * GUESS_TOKENS)
-        self.waves = WaveGroups(self.copies, self.ffn, cache.scratch_ffn(store.dtype, scratch_experts))
+        self.waves = WaveGroups(self.copies, self.ffn, cache.scratch_ffn(store.dtype, scratch_experts), store.layout)
 
     def set_threads(self, threads: int) -> None:
         self.cpu.set_threads(threads)

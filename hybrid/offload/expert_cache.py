@@ -209,9 +209,9 @@ class ExpertCache:
         for pol in self._policies.values():
             pol.tick()
 
-    def grouped(self):
-        """The grouped FFN over every slot, for GEMMs over slots: ffn(xs [N, Hd], offs [S]) -> [N, Hd]."""
-        return slot_ffn(self._slots, self.cfg, self.quant)
+    def grouped(self, lay: ExpertLayout | None = None):
+        """ffn(xs [N, Hd], offs [S]) -> [N, Hd] over every common slot, its experts in `lay` (default: quant)."""
+        return slot_ffn(self._slots, self.cfg, lay or self.quant)
 
     def scratch_ffn(self, dtype: torch.dtype, experts: int) -> ScratchFFN | None:
         """For quantized slots, prefill's FFN over a bf16 scratch of `experts` experts: ffn(xs, slot_ends (host));
@@ -257,3 +257,17 @@ def whole_layers(sizes: dict[int, int], experts: int, cache_bytes: int, slot_byt
         whole.append(layer)
         used += experts * sizes[layer]
     return whole, (cache_bytes - used) // slot_bytes
+
+
+class LayerFFNs:
+    """ffns(layer): the grouped FFN over the cache's common slots in the layer's own expert layout (store.layout: a
+    GGUF's layers may hold Q5_0 or Q8_0 downs in slots of one size), one per layout."""
+
+    def __init__(self, cache: ExpertCache, layout_of):
+        self.cache, self.layout_of, self.by = cache, layout_of, {}
+
+    def __call__(self, layer: int):
+        lay = self.layout_of(layer)
+        if lay not in self.by:
+            self.by[lay] = self.cache.grouped(lay)
+        return self.by[lay]

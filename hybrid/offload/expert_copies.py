@@ -16,7 +16,6 @@ Wave = list[tuple[int, int]]        # (expert, slot) pairs copied back to back
 class ExpertCopies:
     def __init__(self, lane: CopyLane, cache: ExpertCache, store: ExpertStore, acct: Accounting, fetch_ms: float):
         self.lane, self.cache, self.store, self.acct, self.fetch_ms = lane, cache, store, acct, fetch_ms
-        self.expert_bytes = store.expert_bytes
         self.until = 0.0                 # when the copies queued so far should be done (perf_counter, s)
         self.last = None                 # the last wave's completion event (the stream runs waves in order)
 
@@ -47,12 +46,13 @@ class ExpertCopies:
             raise RuntimeError(f"layer {layer}: two copies of one wave into one slot ({wave})")
         cache = self.cache
         after = [cache.free_event(s) for _, s in wave if cache.is_staging(s) and cache.free_event(s) is not None]
-        done = self.lane.copy_many([(cache.view(s), self.store.buffers[layer][e]) for e, s in wave], after)
+        bufs = self.store.buffers[layer]                 # each at the layer's own size (Q4_K_M's q5 downs)
+        done = self.lane.copy_many([(cache.view(s)[:bufs[e].numel()], bufs[e]) for e, s in wave], after)
         self.until = max(self.clock(), time.perf_counter()) + len(wave) * self.fetch_ms / 1000
         self.last = done
         for _, s in wave:
             cache.copied_into(s, done)
-        self.acct.copies(len(wave), self.expert_bytes)
+        self.acct.copies(len(wave), self.store.nbytes_of(layer))
         return done
 
     def admit_and_issue(self, layer: int, experts: list[int], tokens: dict[int, int]) -> Wave:

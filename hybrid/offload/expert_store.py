@@ -51,7 +51,8 @@ class ExpertStore:
         self.expert_bytes = self.numel * torch.empty(0, dtype=store_dtype).element_size()
         check_host_ram(len(self.rows) * E * self.expert_bytes, psutil.virtual_memory().available)
         self.flat = huge_page_tensor((len(self.rows), E, self.numel), store_dtype)
-        self.buffers = {layer: list(self.flat[r].unbind(0)) for layer, r in self.rows.items()}
+        self.buffers = {layer: list(self.flat[r, :, :self.nbytes_of(layer)].unbind(0)) if quant is not None
+                        else list(self.flat[r].unbind(0)) for layer, r in self.rows.items()}
         if quant is None:
             keys = [(layer, e) for layer in cfg.moe_layers for e in range(E)]
             with ThreadPoolExecutor(threads) as ex:
@@ -86,6 +87,10 @@ class ExpertStore:
     def layout(self, layer: int) -> ExpertLayout | None:
         """The layout of the layer's experts (None: unquantized)."""
         return self.layouts.get(layer, self.quant)
+
+    def nbytes_of(self, layer: int) -> int:
+        """Bytes of one of the layer's experts (a buffer's length)."""
+        return self.expert_bytes if self.quant is None else self.layout(layer).nbytes
 
     def weights(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         buf = self.buffer(layer, e)

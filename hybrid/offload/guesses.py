@@ -39,7 +39,7 @@ class Guesses:
         if not self.wanted(call):
             return
         slots = self.cache.table.lookup(call.layer, call.idx)                            # [T, K]
-        out = grouped_experts(call.x, slots, call.w, self.ffn, self.cache.n_total)     # [T, Hd]
+        out = grouped_experts(call.x, slots, call.w, self.ffn(call.layer), self.cache.n_total)     # [T, Hd]
         if call.static:
             self.static[id(call)] = out
         else:

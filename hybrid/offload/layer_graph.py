@@ -38,7 +38,7 @@ class LayerGraph:
     def __init__(self, call, ffn, n_slots: int, host: HostRows, capture: bool, pool=None):
         T, K = call.idx.shape
         self.call, self.K, self.R, self.S = call, K, T * K, n_slots
-        self.ffn = ffn                       # the grouped FFN over every slot (ExpertCache.grouped)
+        self.ffn = ffn                       # the grouped FFN over every common slot in the layer's layout
         self.host = host
         dev = call.x.device
         self.index = torch.zeros(host.index.shape[0], dtype=torch.int32, device=dev)
@@ -120,7 +120,8 @@ class LayerGraphs:
         if R not in self.host:
             self.host[R] = HostRows(R, self.n_slots, self.hidden, call.x.dtype, self.cuda)
         if not (call.static and self.cuda):
-            return LayerGraph(call, self.ffn, self.n_slots, self.host[R], capture=False)
+            return LayerGraph(call, self.ffn(call.layer), self.n_slots, self.host[R], capture=False)
         if id(call) not in self.captured:
-            self.captured[id(call)] = LayerGraph(call, self.ffn, self.n_slots, self.host[R], True, self.pool)
+            self.captured[id(call)] = LayerGraph(call, self.ffn(call.layer), self.n_slots, self.host[R], True,
+                                                 self.pool)
         return self.captured[id(call)]

@@ -192,7 +192,8 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
     quant = quant_layout(cfg, run)
     n_slots = plan.n_slots if run.cache_slots is None else min(plan.n_slots, run.cache_slots)
     whole, n_slots = own_size_layers(cfg, ckpt, quant, cache_layout(run), n_slots, plan.slot_bytes)
-    store = ExpertStore(cfg, ckpt, dtype, pin=cuda, progress=progress, quant=quant, layouts=whole)
+    store = ExpertStore(cfg, ckpt, dtype, pin=cuda, progress=progress, quant=quant,
+                        layouts=own_layouts(cfg, ckpt, quant))
     cache = ExpertCache(cfg, n_slots, staging_slots(cfg), dtype, device, run.cache_policy, quant, cache_layout(run),
                         whole)
     for layer in cfg.moe_layers:
@@ -200,8 +201,8 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
             slot = cache.place(layer, e)
             if slot is None:
                 break
-            view = cache.view(slot)
-            view.copy_(store.buffer(layer, e)[:view.numel()])
+            buf = store.buffer(layer, e)
+            cache.view(slot)[:buf.numel()].copy_(buf)
             if layer not in whole:
                 cache.table.set(layer, e, slot)
     lane = CpuLane(run.cpu_threads, cuda, run.cpu_kernel, run.cpu_pool, run.cpu_tiles, run.cpu_pool_spin_us,

@@ -7,26 +7,28 @@ from .expert_copies import ExpertCopies
 
 
 class WaveGroups:
-    def __init__(self, copies: ExpertCopies, ffn, scratch):
-        self.copies, self.ffn, self.scratch = copies, ffn, scratch
+    def __init__(self, copies: ExpertCopies, ffn, scratch, layout_of):
+        """ffn(layer): the grouped FFN in the layer's layout (LayerFFNs); scratch: prefill's ScratchFFN or None;
+        layout_of(layer): the layer's expert layout, which the scratch dequantizes."""
+        self.copies, self.ffn, self.scratch, self.layout_of = copies, ffn, scratch, layout_of
 
     def run(self, layer: int, hits, waves, lay, offs, xs, ys) -> None:
         """ys rows of every GPU group (lay.rows), each behind its copies; offs [G, S] on the device."""
         self.copies.wait_landed(hits)
-        self._group(0, lay, offs, xs, ys)
+        self._group(layer, 0, lay, offs, xs, ys)
         self.copies.read_queued(hits)                # copies made ahead sit in staging slots
         for i, wave in enumerate(waves):
             self.copies.wait_landed(wave)
-            self._group(i + 1, lay, offs, xs, ys)
+            self._group(layer, i + 1, lay, offs, xs, ys)
             self.copies.read_queued(wave)
             if i + 2 < len(waves):
                 self.copies.issue(layer, waves[i + 2])
 
-    def _group(self, g: int, lay, offs, xs, ys) -> None:
+    def _group(self, layer: int, g: int, lay, offs, xs, ys) -> None:
         a, b = lay.rows[g]
         if b == a:
             return
         if self.scratch is not None and b - a >= SCRATCH_MIN_ROWS:
-            ys[a:b] = self.scratch(xs[a:b], lay.offs[g])
+            ys[a:b] = self.scratch(xs[a:b], lay.offs[g], self.layout_of(layer))
         else:
-            ys[a:b] = self.ffn(xs[a:b], offs[g])
+            ys[a:b] = self.ffn(layer)(xs[a:b], offs[g])
