@@ -249,6 +249,17 @@ def gguf_budget(ckpt: GgufCheckpoint, slots: int) -> int:
     return plan.budget - (plan.n_slots - slots) * plan.slot_bytes
 
 
+def test_only_q4k_layers_take_their_own_q5_downs(wide, tmp_path):
+    """The kernels take q4k gate/up with a q5 or a q8 down: a q8 file whose downs mix Q5_0 and Q8_0 stays q8."""
+    from hybrid.model.quant import layout
+    m = GgufCheckpoint(write_gguf(wide, tmp_path / "m.gguf", experts=q4_k_m))
+    q = GgufCheckpoint(write_gguf(wide, tmp_path / "q.gguf",
+                                  experts=lambda n: q4_k_m(n) if "down" in n else Q.Q8_0))
+    cfg, q4k = m.config, layout(m.config, "q4k")
+    assert m.layer_layout(2, q4k).w2.kind == "q5" and m.layer_layout(1, q4k).w2.kind == "q8"
+    assert q.native_format() == "q8" and q.layer_layout(2, layout(cfg, "q8")) == layout(cfg, "q8")
+
+
 @pytest.mark.parametrize("mode", ["fetch", "hybrid"])
 def test_planned_layers_read_their_own_q5_downs_from_the_common_slots(wide, tmp_path, mode):
     """Equal shares of 12 slots: a Q5_0 layer's fetched experts move at their own size into the common slots and

@@ -163,10 +163,11 @@ class GgufCheckpoint:
         return self._planes(layer, EXPERT_FFN, lay)
 
     def layer_layout(self, layer: int, lay: ExpertLayout) -> ExpertLayout:
-        """The layout this layer's experts move into at their own size: lay, but with a q5 down where lay's down is
-        q8 and the layer's down blocks are all Q5_0 (Q4_K_M's downs are Q5_0 in some layers, Q8_0 in others)."""
+        """The layout this layer's experts move into at their own size: lay, but with a q5 down where lay is q4k (a
+        q8 down) and the layer's down blocks are all Q5_0 (Q4_K_M's downs are Q5_0 in some layers, Q8_0 in others;
+        the kernels take q4k gate/up with either)."""
         t = self.tensors.get(f"blk.{layer}.ffn_down_exps.weight")
-        if t is None or lay.w2.kind != "q8" or t.tensor_type.name not in CARRIED["q5"]:
+        if t is None or (lay.w13.kind, lay.w2.kind) != ("q4k", "q8") or t.tensor_type.name not in CARRIED["q5"]:
             return lay
         return ffn_layout(lay.w2.cols, lay.w2.rows, (lay.w13.kind, "q5"), lay.fmt)
 
