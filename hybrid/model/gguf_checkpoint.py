@@ -10,11 +10,12 @@ give kv_b_proj [H * (nope + v), kv_lora]. The config's YaRN `mscale` is not in t
 The routed experts' blocks move into quant.py's planes without requantizing (`layer_planes`, ggml_blocks.py): Q8_0
 into q8, Q5_0 into q5, Q4_0 into q4, Q4_K into q4k; `native_format` names the format a file's expert types fit
 (Q5_0: q5; Q4_K_M: q4k, whose Q5_0 downs each layer keeps as q5: `layer_layout`), which `--experts auto` takes;
-other expert types run dequantized (bf16). A layer's shared experts move the same way into one FFN's planes
-where their types fit a plane kind (`ffn_layout`: Q4_K_M's Q4_K gate/up and Q4_K, Q6_K, Q5_0 or Q8_0 down; Q6_K into q6k, a kind for matrices outside the routed experts), and so does the dense first
-layer's MLP, and attention's q, kv_a and output projections and the output head, one matrix each (`linear_layout`);
-the rest (kv_b, absorbed into the attention; norms; other block types) is dequantized. The engine keeps blocks only
-while offloading. The tokenizer and chat template in the metadata are read by engine/gguf_tokenizer.py."""
+other expert types run dequantized (bf16). A layer's shared experts move the same way into one FFN's planes where
+their types fit a plane kind (`ffn_layout`: Q4_K_M's Q4_K gate/up and Q4_K, Q6_K, Q5_0 or Q8_0 down; Q6_K into q6k,
+a kind for matrices outside the routed experts), and so does the dense first layer's MLP, and attention's q, kv_a
+and output projections and the output head, one matrix each (`linear_layout`); the rest (kv_b, absorbed into the
+attention; norms; other block types) is dequantized. The engine keeps blocks only while offloading. The tokenizer
+and chat template in the metadata are read by engine/gguf_tokenizer.py."""
 from __future__ import annotations
 
 import hashlib
