@@ -14,7 +14,8 @@ stored as planes, one after another in the expert's byte buffer (a Matrix's `kin
 - q6k: Q6_K, planar: int8 q - 32 [R, C], fp16 d [R, C/256], int8 sc [R, C/16]; w = (d sc) q. Only for a GGUF
   file's matrices outside the routed experts (its Q6_K shared downs and output head), on the GPU's kernels.
 An expert is w13 = [gate; up] ([2I, Hd]) then w2 = down ([Hd, I]). Format q4k is q4k gate/up with a q8 down (what
-llama.cpp's Q4_K_M holds for V2-Lite: its downs are Q5_0 or Q8_0, rows of 1,408 fitting no 256-block). The model's
+llama.cpp's Q4_K_M holds for V2-Lite: its downs are Q5_0 or Q8_0, rows of 1,408 fitting no 256-block; a GGUF's Q5_0
+layers keep a q5 down: gguf_checkpoint.layer_layout). The model's
 function with quantized experts is the model whose expert weights are `dequantize`d (in fp32, then cast)."""
 from __future__ import annotations
 
