@@ -192,3 +192,26 @@ def test_the_all_hits_plan_is_what_every_planner_plans_for_a_cached_layer():
             full, fast = planner.plan(tokens, set(range(64)), lanes), planner.all_hits(tokens)
             assert sorted(fast.hits) == sorted(full.hits) == sorted(tokens) and not fast.fetch and not fast.cpu
             assert abs(fast.predicted_ms - full.predicted_ms) < 1e-9 and fast.one_wave and full.one_wave
+
+
+def test_a_layers_smaller_experts_scale_its_copies_and_cpu_experts_and_stay_exact():
+    """A GGUF layer whose experts are smaller than the calibrated format's (bytes_scale < 1): copies and CPU experts
+    cost that share of the calibrated time, in the exact search as in brute force, and in every planner."""
+    r = random.Random(3)
+    for i in range(150):
+        c, (tokens, cached) = costs(i), case(r)
+        if space(tokens, cached) > EXACT_LIMIT:
+            continue
+        lanes = LaneState(bytes_scale=0.83)
+        plan = MakespanPlanner(c).plan(tokens, cached, lanes)
+        hits, misses = [e for e in tokens if e in cached], [e for e in tokens if e not in cached]
+        best = min(makespan(c, tokens, hits, [e for e, b in zip(misses, bits) if not b],
+                            [e for e, b in zip(misses, bits) if b], bytes_scale=0.83)
+                   for bits in product((0, 1), repeat=len(misses)))
+        assert abs(plan.predicted_ms - best) < 1e-9
+        if misses:
+            assert plan.predicted_ms <= MakespanPlanner(c).plan(tokens, cached).predicted_ms
+    tokens = {1: 1, 2: 1, 3: 1}
+    fetch, cpu = FetchPlanner(c), CpuPlanner(c)
+    assert fetch.plan(tokens, set(), LaneState(bytes_scale=0.5)).predicted_ms < fetch.plan(tokens, set()).predicted_ms
+    assert cpu.plan(tokens, set(), LaneState(bytes_scale=0.5)).predicted_ms < cpu.plan(tokens, set()).predicted_ms

@@ -49,26 +49,29 @@ class LaneState:
                                     # layer): charged per fetch when choosing, not in predicted_ms
     max_fetch: int | None = None    # copies the executor's fast path takes (planners with a CPU lane keep to it)
     wave_size: int = 1 << 30        # copies per wave where they do not fit the fast path
+    bytes_scale: float = 1.0        # the layer's expert bytes / the calibrated format's (a GGUF layer's own, smaller
+                                    # down): copies and CPU experts cost that much of the calibrated time
 
     def key(self) -> tuple:
         r = lambda ms: round(ms / STEP_MS) * STEP_MS  # noqa: E731
         return (r(self.backlog_ms), r(self.cpu_lag_ms), round(self.cpu_scale / 0.05) * 0.05,
-                r(self.fetch_penalty_ms), self.max_fetch)
+                r(self.fetch_penalty_ms), self.max_fetch, round(self.bytes_scale, 3))
 
 
 def makespan(costs: CostModel, tokens: dict[int, int], hits: list[int], fetch: list[int], cpu: list[int],
-             backlog_ms: float = 0.0, cpu_lag_ms: float = 0.0, cpu_scale: float = 1.0) -> float:
+             backlog_ms: float = 0.0, cpu_lag_ms: float = 0.0, cpu_scale: float = 1.0,
+             bytes_scale: float = 1.0) -> float:
     """Predicted layer time: the slowest of the GPU lane (fed by the PCIe lane, which first drains `backlog_ms`
     of copies queued earlier) and the CPU lane (which starts `cpu_lag_ms` after the copies are issued and runs
     at `cpu_scale` times the calibrated cost)."""
     gpu = sum(costs.gpu_ms(tokens[e]) for e in hits) + sum(costs.gpu_ms(tokens[e]) for e in fetch)
     if fetch:
-        pcie = backlog_ms + len(fetch) * costs.fetch_ms
+        pcie = backlog_ms + len(fetch) * costs.fetch_ms * bytes_scale
         gpu = max(gpu, pcie + min(costs.gpu_ms(tokens[e]) for e in fetch))
     lane_cpu = 0.0
     if cpu:
         lane_cpu = costs.cpu_lane_ms(costs.xfer_ms(sum(tokens[e] for e in cpu)),
-                                     sum(costs.cpu_ms(tokens[e]) for e in cpu), cpu_lag_ms, cpu_scale)
+                                     sum(costs.cpu_ms(tokens[e]) for e in cpu), cpu_lag_ms, cpu_scale * bytes_scale)
     return costs.layer_overhead_ms + max(gpu, lane_cpu)
 
 
@@ -94,8 +97,8 @@ class FetchPlanner:
         """tokens: expert -> rows routed to it; cached: experts resident on the GPU."""
         hits = [e for e in tokens if e in cached]
         fetch = [e for e in tokens if e not in cached]
-        return LayerPlan(hits, fetch, [], makespan(self.costs, tokens, hits, fetch, [],
-                                                   lanes.backlog_ms)).with_waves(lanes)
+        return LayerPlan(hits, fetch, [], makespan(self.costs, tokens, hits, fetch, [], lanes.backlog_ms,
+                                                   bytes_scale=lanes.bytes_scale)).with_waves(lanes)
 
 
 class CpuPlanner(FetchPlanner):
@@ -105,7 +108,7 @@ class CpuPlanner(FetchPlanner):
         hits = [e for e in tokens if e in cached]
         cpu = [e for e in tokens if e not in cached]
         return LayerPlan(hits, [], cpu, makespan(self.costs, tokens, hits, [], cpu, 0.0, lanes.cpu_lag_ms,
-                                                 lanes.cpu_scale)).with_waves(lanes)
+                                                 lanes.cpu_scale, lanes.bytes_scale)).with_waves(lanes)
 
 
 class MakespanPlanner(FetchPlanner):
@@ -135,7 +138,8 @@ class MakespanPlanner(FetchPlanner):
         fetch = [e for g, m in zip(groups.values(), picks) for e in g[m:]]
         return LayerPlan(hits, fetch, cpu, t).with_waves(lanes)
 
-    def _search(self, hit_ns, groups, backlog, lag, scale, penalty, max_fetch) -> tuple[tuple[int, ...], float]:
+    def _search(self, hit_ns, groups, backlog, lag, scale, penalty, max_fetch,
+                bytes_scale) -> tuple[tuple[int, ...], float]:
         """Best count per token-count group to run on the CPU, and its predicted makespan."""
         sizes = [s for _, s in groups]
         misses = sum(sizes)
@@ -144,8 +148,8 @@ class MakespanPlanner(FetchPlanner):
         for s in sizes:
             space *= s + 1
         if space > EXACT_LIMIT:
-            return self._scan(hit_ns, groups, backlog, lag, scale, penalty, least_cpu)
-        c = self.costs
+            return self._scan(hit_ns, groups, backlog, lag, scale, penalty, least_cpu, bytes_scale)
+        c, fetch_ms, scale = self.costs, self.costs.fetch_ms * bytes_scale, scale * bytes_scale
         ns = [n for n, _ in groups]
         unit_cpu, unit_gpu = [c.cpu_ms(n) for n in ns], [c.gpu_ms(n) for n in ns]
         gpu_hits = sum(c.gpu_ms(n) for n in hit_ns)
@@ -155,7 +159,7 @@ class MakespanPlanner(FetchPlanner):
             gpu = gpu_hits + sum(u * (s - m) for u, s, m in zip(unit_gpu, sizes, picks))
             if nf:
                 first = min(u for u, s, m in zip(unit_gpu, sizes, picks) if m < s)
-                gpu = max(gpu, backlog + nf * c.fetch_ms + first)
+                gpu = max(gpu, backlog + nf * fetch_ms + first)
             lane = 0.0
             if any(picks):
                 lane = c.cpu_lane_ms(c.xfer_ms(sum(n * m for n, m in zip(ns, picks))),
@@ -166,9 +170,10 @@ class MakespanPlanner(FetchPlanner):
         scored = ((tuple(p), makespan_of(p)) for p in candidates)
         return min(scored, key=lambda pt: pt[1] + penalty * (misses - sum(pt[0])))
 
-    def _scan(self, hit_ns, groups, backlog, lag, scale, penalty, least_cpu) -> tuple[tuple[int, ...], float]:
+    def _scan(self, hit_ns, groups, backlog, lag, scale, penalty, least_cpu,
+              bytes_scale) -> tuple[tuple[int, ...], float]:
         """The CPU takes the k misses with the fewest tokens, k = least_cpu..all, each costed in O(1)."""
-        c = self.costs
+        c, fetch_ms, scale = self.costs, self.costs.fetch_ms * bytes_scale, scale * bytes_scale
         ns = [n for n, s in groups for _ in range(s)]                     # misses, fewest tokens first
         gpu_of, cpu_of = [self._ms("gpu_ms", n) for n in ns], [self._ms("cpu_ms", n) for n in ns]
         gpu_all = sum(self._ms("gpu_ms", n) for n in hit_ns) + sum(gpu_of)
@@ -182,7 +187,7 @@ class MakespanPlanner(FetchPlanner):
             nf = len(ns) - k
             gpu = gpu_all - gpu_moved
             if nf:
-                gpu = max(gpu, backlog + nf * c.fetch_ms + gpu_of[k])
+                gpu = max(gpu, backlog + nf * fetch_ms + gpu_of[k])
             lane = c.cpu_lane_ms(self._ms("xfer_ms", rows), cpu_sum, lag, scale) if k else 0.0
             t = c.layer_overhead_ms + max(gpu, lane)
             if t + penalty * nf < best + penalty * (len(ns) - best_k) or k == least_cpu:
