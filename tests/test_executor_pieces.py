@@ -24,7 +24,7 @@ def fake_store():
     flat = torch.stack([torch.stack([torch.full((CFG.expert_numel,), 1000.0 * L + e)
                                      for e in range(CFG.n_routed_experts)]) for L in CFG.moe_layers])
     return SimpleNamespace(flat=flat, numel=CFG.expert_numel, expert_bytes=CFG.expert_numel * 4,
-                           nbytes_of=lambda layer: CFG.expert_numel * 4,
+                           nbytes_of=lambda layer: CFG.expert_numel * 4, size_ratio=lambda layer: 1.0,
                            buffers={L: list(flat[r].unbind(0)) for r, L in enumerate(CFG.moe_layers)})
 
 

@@ -48,8 +48,8 @@ class ExpertCopies:
         after = [cache.free_event(s) for _, s in wave if cache.is_staging(s) and cache.free_event(s) is not None]
         bufs = self.store.buffers[layer]                 # each at the layer's own size (Q4_K_M's q5 downs)
         done = self.lane.copy_many([(cache.view(s)[:bufs[e].numel()], bufs[e]) for e, s in wave], after)
-        scale = self.store.nbytes_of(layer) / self.store.expert_bytes          # the layer's own size
-        self.until = max(self.clock(), time.perf_counter()) + len(wave) * self.fetch_ms * scale / 1000
+        ms = len(wave) * self.fetch_ms * self.store.size_ratio(layer)           # at the layer's own size
+        self.until = max(self.clock(), time.perf_counter()) + ms / 1000
         self.last = done
         for _, s in wave:
             cache.copied_into(s, done)

@@ -92,6 +92,11 @@ class ExpertStore:
         """Bytes of one of the layer's experts (a buffer's length)."""
         return self.expert_bytes if self.quant is None else self.layout(layer).nbytes
 
+    def size_ratio(self, layer: int) -> float:
+        """The layer's expert bytes against a whole row's (the calibrated format's): what its copies and CPU
+        experts cost of the calibrated time."""
+        return self.nbytes_of(layer) / self.expert_bytes
+
     def weights(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         buf = self.buffer(layer, e)
         return split_expert(buf, self.cfg) if self.quant is None else split_planes(self.layout(layer), buf)

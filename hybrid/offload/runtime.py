@@ -191,9 +191,9 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
     cuda = device.type == "cuda"
     quant = quant_layout(cfg, run)
     n_slots = plan.n_slots if run.cache_slots is None else min(plan.n_slots, run.cache_slots)
-    whole, n_slots = own_size_layers(cfg, ckpt, quant, cache_layout(run), n_slots, plan.slot_bytes)
-    store = ExpertStore(cfg, ckpt, dtype, pin=cuda, progress=progress, quant=quant,
-                        layouts=own_layouts(cfg, ckpt, quant))
+    own = own_layouts(cfg, ckpt, quant)
+    whole, n_slots = own_size_layers(cfg, own, quant, cache_layout(run), n_slots, plan.slot_bytes)
+    store = ExpertStore(cfg, ckpt, dtype, pin=cuda, progress=progress, quant=quant, layouts=own)
     cache = ExpertCache(cfg, n_slots, staging_slots(cfg), dtype, device, run.cache_policy, quant, cache_layout(run),
                         whole)
     for layer in cfg.moe_layers:
@@ -229,13 +229,12 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
     return backend
 
 
-def own_size_layers(cfg: ModelConfig, ckpt, quant: ExpertLayout | None, layout: str, n_slots: int,
-                    slot_bytes: int) -> tuple[dict[int, ExpertLayout], int]:
-    """Under whole layers, a GGUF whose layers' experts are smaller in their own layouts than in quant's (Q4_K_M's
-    Q5_0 downs as q5, not widened to q8): the layers held whole at their own size, smallest first, in the bytes of
-    n_slots slots ({layer: its layout}), and the slots of quant's size left. Else ({}, n_slots)."""
+def own_size_layers(cfg: ModelConfig, own: dict[int, ExpertLayout], quant: ExpertLayout | None, layout: str,
+                    n_slots: int, slot_bytes: int) -> tuple[dict[int, ExpertLayout], int]:
+    """Under whole layers, where some layers' experts are smaller in their own layouts (`own`: own_layouts, e.g.
+    Q4_K_M's Q5_0 downs as q5) than in quant's: the layers held whole at their own size, smallest first, in the
+    bytes of n_slots slots ({layer: its layout}), and the slots of quant's size left. Else ({}, n_slots)."""
     from .expert_cache import whole_layers
-    own = own_layouts(cfg, ckpt, quant)
     if not own or layout != "layers":
         return {}, n_slots
     layouts = {layer: own.get(layer, quant) for layer in cfg.moe_layers}
