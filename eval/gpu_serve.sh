@@ -30,7 +30,9 @@ serve_and_bench() {       # NAME PORT COMMAND...: start the server, wait until i
     --concurrency "$LEVELS" --requests "${REQUESTS:-32}" --max-tokens "${MAX_TOKENS:-128}" \
     --out-dir "$OUT/serve/$name" 2>&1 | tail -6
   kill $pid; wait $pid 2>/dev/null
-  tail -c 2000 "$OUT/serve/$name/server.log" > "$OUT/serve/$name/server.tail"; rm "$OUT/serve/$name/server.log"
+  # the device returns at most 8 files a call: the JSON holds what the CSV does
+  tail -c 2000 "$OUT/serve/$name/server.log" > "$OUT/serve/$name/server.tail"
+  rm -f "$OUT/serve/$name/server.log" "$OUT/serve/$name/results.csv"
 }
 
 # shellcheck disable=SC2086

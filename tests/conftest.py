@@ -65,13 +65,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def budget_for(tiny, slots, batch=3, seq=128, experts="bf16", scratch=0):
-    """A --gpu-memory for the checkpoint that leaves exactly `slots` expert-cache slots (float32, no margin), with
-    a prefill scratch of `scratch` experts for quantized ones (pass the same as RunConfig.prefill_scratch)."""
+def budget_for(tiny, slots, batch=3, seq=128, experts="bf16", scratch=0, itemsize=4):
+    """A --gpu-memory for the checkpoint that leaves exactly `slots` expert-cache slots (float32, or the dtype of
+    `itemsize` bytes; no margin), with a prefill scratch of `scratch` experts for quantized ones (pass the same as
+    RunConfig.prefill_scratch)."""
     cfg = Checkpoint(tiny).config
-    p = plan_memory(cfg, 1 << 40, batch, seq, 4, 4096, staging_slots(cfg), margin=0,
-                    slot_bytes=expert_bytes(cfg, experts, 4),
-                    scratch_expert=0 if experts == "bf16" else cfg.expert_numel * 4, scratch_experts=scratch)
+    p = plan_memory(cfg, 1 << 40, batch, seq, itemsize, 4096, staging_slots(cfg), margin=0,
+                    slot_bytes=expert_bytes(cfg, experts, itemsize),
+                    scratch_expert=0 if experts == "bf16" else cfg.expert_numel * itemsize, scratch_experts=scratch)
     return p.budget - (p.n_slots - slots) * p.slot_bytes
 
 

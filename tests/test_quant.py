@@ -398,3 +398,53 @@ def test_cpu_kernel_reads_q4k_gate_up_with_a_q5_down(dot, march):
         out = torch.full_like(x, float("nan"))
         k.run(x, out, [v[0] for v in views], [v[1] for v in views], [0, counts[0]], counts)
         assert lay.code == 3 + 4 * 5 and rel_err(out.float(), ref.float()) <= 1e-2
+
+
+@pytest.mark.parametrize("fmt", FORMATS + ["q4k+q5"])
+@pytest.mark.parametrize("tiles, march", [("emulate", "native"), ("auto", "native"), ("emulate", "x86-64-v2")])
+def test_cpu_tile_path_reads_quantized_experts(fmt, tiles, march):
+    """More than QUANT_TILE_TOKENS tokens per expert on average, bf16 activations: the tile path (AMX where the CPU
+    has it, else its emulation), the weights dequantized to bf16 16 rows at a time, against the dequantized
+    reference; pool and inline bit for bit; fewer tokens stay on the vector path."""
+    from hybrid.kernels.cpu_experts import QUANT_TILE_TOKENS
+    from hybrid.model.quant import ffn_layout
+    lay = ffn_layout(128, 256, ("q4k", "q5"), "q4k") if fmt == "q4k+q5" else layout(ModelConfig.from_dict(
+        {**PRESETS["tiny"][0], "hidden_size": 256, "moe_intermediate_size": 128}), fmt)
+    g = torch.Generator().manual_seed(3)
+    views = [split_planes(lay, quantize_expert(lay, *(torch.randn(*s, generator=g) * .1 for s in
+                                                     ((128, 256), (128, 256), (256, 128))))) for _ in range(3)]
+    counts = [QUANT_TILE_TOKENS + 1, 2, 40]
+    starts = [0, counts[0], counts[0] + counts[1]]
+    x = torch.randn(sum(counts), 256, generator=g).bfloat16()
+    ref = torch.cat([gated_ffn(x[s:s + c], *dequantize_parts(lay, *views[j], torch.bfloat16))
+                     for j, (s, c) in enumerate(zip(starts, counts))])
+    outs = []
+    for pool in (0, 2):
+        k = CpuExperts("native", pool_threads=pool, quant=lay, tiles=tiles, march=march)
+        assert k._mode(x, 128, counts) == k.tiles and k._mode(x, 128, [2 * QUANT_TILE_TOKENS - 1, 1]) == 0
+        out = torch.full_like(x, float("nan"))
+        k.run(x, out, [v[0] for v in views], [v[1] for v in views], starts, counts)
+        assert torch.isfinite(out).all() and rel_err(out.float(), ref.float()) <= 1e-2
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    if tiles == "emulate":
+        assert k.tiles == 2
+    assert CpuExperts("native", quant=lay, tiles="off")._mode(x, 128, counts) == 0     # no tiles: vector path
+
+
+def test_engine_prefill_on_the_quantized_tile_path(tiny):
+    """bf16, mode cpu, a prompt long enough that the CPU lane's calls average more than QUANT_TILE_TOKENS tokens per
+    expert: they take the tile path (emulated here, so every CPU runs it) and give the vector path's logits up to
+    bf16 rounding of the weights."""
+    prompt = list(range(10, 74))                                      # 64 tokens x 4 picks / 16 experts
+    logits, modes = {}, []
+    for tiles in ("off", "emulate"):
+        e = make(tiny, experts="q4", mode="cpu", dtype="bfloat16", cpu_tiles=tiles,
+                 gpu_memory=budget_for(tiny, 20, experts="q4", itemsize=2))
+        assert e.backend.cache.n_slots < 3 * 16                     # misses: the CPU lane runs them
+        k = e.backend.cpu.experts
+        pick = k._mode
+        k._mode = lambda *a, pick=pick: modes.append((tiles, pick(*a))) or modes[-1][1]
+        logits[tiles] = e.logits(prompt).float()
+    assert ("emulate", 2) in modes and all(m == 0 for t, m in modes if t == "off")
+    assert rel_err(logits["emulate"], logits["off"]) <= 2e-2

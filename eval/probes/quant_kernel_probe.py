@@ -3,10 +3,11 @@ q8 / q4 Triton) at decode and prefill row counts, replayed from a CUDA graph whe
 the native CPU kernel per format at 1-16 tokens per expert with weights from DRAM. Each GPU result is checked
 against the dequantized reference. One JSON object with every row; a table at the end. `--cpu-only` times the CPU
 kernel alone, one expert per call (with `--distinct 1 --threads 1`: one core's compute, the weights in cache), at
-`--tokens` per expert, once per `--dot` setting (the bf16 dot-product path, cpu_dot.h).
+`--tokens` per expert, once per `--dot` setting (the bf16 dot-product path, cpu_dot.h) and `--tiles` setting (the
+tile path, cpu_tiles.h, which quantized calls take above 8 tokens per expert where the CPU has AMX).
 
     python eval/probes/quant_kernel_probe.py [--out probe.json] [--cpu-only --threads 1 --distinct 1 --formats q4
-        --dot off,auto --tokens 1,2,4]"""
+        --dot off,auto --tiles off,auto --tokens 1,2,4]"""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +15,7 @@ import json
 import statistics
 import sys
 import time
+from itertools import product
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -88,12 +90,13 @@ def gpu_rows(fmt: str, S: int = 256) -> list[dict]:
 
 
 def cpu_rows(fmt: str, n_host: int = 96, threads: int = 15, per_call: int = 6,
-             token_counts: tuple = (1, 4, 16), prefetch: bool = True, dot: str = "auto") -> list[dict]:
+             token_counts: tuple = (1, 4, 16), prefetch: bool = True, dot: str = "auto",
+             tiles: str = "off") -> list[dict]:
     """`per_call` experts per kernel call, cycling through `n_host` distinct ones (1: one expert's weights stay
-    in cache, the kernel's compute alone); dot: the bf16 dot-product path's setting."""
+    in cache, the kernel's compute alone); dot, tiles: the dot-product and tile paths' settings."""
     quant = None if fmt == "bf16" else layout(CFG, fmt)
     host = slots_for(fmt, n_host, "cpu")
-    k = CpuExperts("native", pool_threads=max(0, threads - 1), quant=quant, tiles="off", max_tokens=1 << 30,
+    k = CpuExperts("native", pool_threads=max(0, threads - 1), quant=quant, tiles=tiles, max_tokens=1 << 30,
                    dot=dot)
     k.lib.moe_set_prefetch(int(prefetch))
     torch.set_num_threads(threads)
@@ -111,6 +114,7 @@ def cpu_rows(fmt: str, n_host: int = 96, threads: int = 15, per_call: int = 6,
             times.append(1000 * (time.perf_counter() - t))
         ms = statistics.median(times[3:])
         rows.append({"lane": "cpu", "format": fmt, "tile": k.label, "tokens_per_expert": tokens,
+                     "path": ("vector", "tiles", "tiles (emulated)")[k._mode(x, I, [tokens] * per_call) or 0],
                      "experts": per_call, "ms": ms,
                      "threads": threads, "distinct_experts": n_host, "us_per_expert": 1000 * ms / per_call,
                      "weight_gb_s": per_call * expert_bytes(CFG, fmt, 2) / ms / 1e6})
@@ -127,21 +131,22 @@ def main() -> None:
     ap.add_argument("--per-call", type=int, default=1, help="--cpu-only: experts per kernel call")
     ap.add_argument("--no-prefetch", action="store_true", help="the kernel's software prefetch off")
     ap.add_argument("--dot", default="auto", help="--cpu-only: the dot-product path's settings, e.g. off,auto")
+    ap.add_argument("--tiles", default="off", help="--cpu-only: the tile path's settings, e.g. off,auto")
     ap.add_argument("--tokens", default="1,2,4", help="--cpu-only: tokens per expert, e.g. 1,4,16")
     a = ap.parse_args()
     rows = []
     for fmt in a.formats.split(","):
         rows += [] if a.cpu_only else gpu_rows(fmt) + cpu_rows(fmt)
-        for dot in a.dot.split(",") if a.cpu_only else []:
+        for dot, tiles in product(a.dot.split(","), a.tiles.split(",")) if a.cpu_only else []:
             rows += cpu_rows(fmt, a.distinct, a.threads, a.per_call, tuple(map(int, a.tokens.split(","))),
-                             not a.no_prefetch, dot)
+                             not a.no_prefetch, dot, tiles)
     Path(a.out).write_text(json.dumps({**meta(), "rows": rows}, indent=1))
-    print("lane format tile               tok/exp experts    ms  us/expert  GB/s  rel_err")
+    print("lane format tile               tok/exp experts    ms  us/expert  GB/s  rel_err / path")
     for r in rows:
         if "error" in r:
             print(f"{r['lane']:4} {r['format']:5} {str(r['tile']):14} failed: {r['error'][-160:]}")
             continue
-        err = "" if r.get("rel_err") is None else f"{r['rel_err']:.2e}"
+        err = r.get("path", "") if r.get("rel_err") is None else f"{r['rel_err']:.2e}"
         print(f"{r['lane']:4} {r['format']:5} {str(r.get('tile')):19}{r['tokens_per_expert']:7} {r['experts']:7} "
               f"{r['ms']:7.3f} {r['us_per_expert']:8.1f} {r['weight_gb_s']:7.1f}  {err}")
 

@@ -20,6 +20,8 @@ from .cpu_kernel import DTYPES, NATIVE, KernelUnavailable, load
 
 NATIVE_MAX_TOKENS = 8          # tokens per expert up to which the native kernel is used (faster at 1-8 tokens,
                                # slower at 16 than torch's AMX path on the GPU box: eval/probes/kernel_probe.py)
+QUANT_TILE_TOKENS = 8          # quantized experts: a call with more tokens per expert on average takes the tile path
+                               # (one core, V2-Lite q4k: level at 6, 1.2-1.3x at 8, 3.1-3.5x at 48, 5x at 128)
 KINDS = ("auto", "native", "torch")
 TILES = {"auto": None, "off": 0, "emulate": 2}      # emulate: the tile path in plain C++ (tests without AMX)
 DOTS = {"auto": None, "off": 0, "emulate": 2}       # the bf16 dot-product path; emulate: in plain C++ (tests)
@@ -81,8 +83,9 @@ class CpuExperts:
     bf16, q4 or q4k weights on the pair dot product ("auto": where the CPU has AVX512-BF16), "off", or "emulate"
     (its plain C++ emulation, for tests). march: the kernel's build
     target (tests also build a baseline without AVX-512 and AMX). quant: the layout of quantized experts (then
-    w13 / w2 are their planes, quant.split_planes); the native kernel takes them at any token count, on its
-    vector path."""
+    w13 / w2 are their planes, quant.split_planes); the native kernel takes them at any token count: on its
+    vector path, or with bf16 activations and more than QUANT_TILE_TOKENS tokens per expert on average, on the tile
+    path (weights dequantized to bf16, as the GPU's prefill scratch holds them)."""
 
     def __init__(self, kind: str = "auto", max_tokens: int = NATIVE_MAX_TOKENS, pool_threads: int = 0,
                  spin_us: int = 0, tiles: str = "auto", march: str = NATIVE, quant: ExpertLayout | None = None,
@@ -94,7 +97,7 @@ class CpuExperts:
         if dot not in DOTS:
             raise ValueError(f"unknown dot setting {dot!r}: choose one of {', '.join(DOTS)}")
         self.lib, self.why, self.quant = None, "", quant
-        self.max_tokens = max_tokens if quant is None else 1 << 30
+        self.max_tokens = max_tokens if quant is None else 1 << 30          # the vector path's limit
         self.wfmt = quant.code if quant else 0
         if kind != "torch":
             try:
@@ -139,10 +142,11 @@ class CpuExperts:
         """How the native kernel runs a call: 0 vector path, 1/2 tile path (AMX / emulated), None: not at all."""
         if not self._fits(x, inter):
             return None
-        if max(counts) <= self.max_tokens:
-            return 0
         ok = self.tiles and x.dtype == torch.bfloat16 and x.shape[1] % 32 == 0 and inter % 32 == 0
-        return self.tiles if ok else None
+        big = sum(counts) > QUANT_TILE_TOKENS * len(counts) if self.quant else max(counts) > self.max_tokens
+        if ok and big:
+            return self.tiles
+        return 0 if max(counts) <= self.max_tokens else None
 
     def run(self, x: torch.Tensor, out: torch.Tensor, w13: list, w2: list, starts: list, counts: list) -> None:
         """x, out: [rows, H]; expert j (weights w13[j] [2I, H], w2[j] [H, I]) owns rows starts[j]..+counts[j]."""

@@ -5,7 +5,8 @@
 // intermediate values are rounded to bf16 where torch's bf16 path rounds them (after each linear, after silu, after
 // the product), so the result is torch's up to the order of the sums.
 //
-// Experts with more tokens (prefill) take the tile path of cpu_tiles.h (bf16 only; AMX hardware or its emulation).
+// Experts with more tokens (prefill) take the tile path of cpu_tiles.h (bf16 activations; AMX hardware or its
+// emulation; quantized weights dequantized 16 rows at a time).
 //
 // Threads, two ways: moe_cpu_experts uses the calling thread's OpenMP team (built with -fopenmp and loaded after
 // torch, the library binds to the libgomp torch loaded, so that is torch's team); moe_pool_start hands the same
@@ -290,7 +291,7 @@ static int check(int dtype, int H, int I, int tiles, int wfmt, int dot) {
     if (dot < 0 || dot > 2 || (dot == 1 && !MOE_HW_DOT)) return 7;
     if (H % 16 || I % 16) return 1;
     if (wfmt != 0 && wfmt != 5 && wfmt != 10 && wfmt != 7 && wfmt != 25 && wfmt != 23) return 6;
-    if (wfmt && (tiles || H % (wfmt % 4 == 3 ? 256 : 32) || I % 32)) return 6;
+    if (wfmt && (H % (wfmt % 4 == 3 ? 256 : 32) || I % 32)) return 6;
     if (dtype != 0 && dtype != 1) return 2;
     if (tiles < 0 || tiles > 2 || (tiles && (dtype != 1 || H % 32 || I % 32))) return 4;
     if (tiles == 1 && !hw_tiles()) return 5;

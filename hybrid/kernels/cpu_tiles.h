@@ -1,4 +1,5 @@
-// The tile path of cpu_kernel.cpp: bf16 CPU experts with more than a few tokens (prefill), on AMX tile registers.
+// The tile path of cpu_kernel.cpp: CPU experts with more than a few tokens (prefill), bf16 activations, on AMX tile
+// registers. Quantized weights are dequantized 16 rows at a time into a bf16 buffer the tiles read.
 //
 // Included once by cpu_kernel.cpp, after `Job`, `to_bf16`, `round_as`. A weight matrix W [N, K] is read straight
 // from memory as A tiles (16 rows x 32 values, row stride K); the expert's tokens are packed once per phase into
@@ -119,6 +120,56 @@ inline void tile_rows(const uint16_t *w, int K, const uint16_t *xb, bool two, fl
     if (two) P::store1(c1);
 }
 
+// Rows r0..r0+15 of a quantized matrix (kind F, cpu_quant.h) dequantized into `out` [16, K] bf16, each weight
+// rounded once to bf16 as a bf16 copy of the dequantized model holds it (the GPU's prefill scratch does the same).
+template <int F>
+inline void dequant_tile_rows(const QMat &w, long r0, uint16_t *out) {
+    const int K = w.C;
+    typedef uint16_t vh __attribute__((vector_size(2 * VL)));
+    float d[8], m[8] = {};
+    for (int r = 0; r < TT; r++)
+        for (int g0 = 0; g0 < K / 32; g0 += 8) {
+            const int n = K / 32 - g0 < 8 ? K / 32 - g0 : 8;
+            qscales<F>(w, r0 + r, g0, n, d, m);
+            for (int j = 0; j < n; j++) {
+                vf v[32 / VL];
+                qgroup<F>(w, r0 + r, (g0 + j) * 32, d[j], m[j], v);
+                uint16_t *o = out + (size_t)r * K + (g0 + j) * 32;
+                for (int i = 0; i < 32 / VL; i++) {      // to_bf16 lane by lane (finite values: no NaN case)
+                    vu u;
+                    std::memcpy(&u, &v[i], sizeof u);
+                    const vh h = __builtin_convertvector((u + 0x7fffu + ((u >> 16) & 1u)) >> 16, vh);
+                    std::memcpy(o + i * VL, &h, sizeof h);
+                }
+            }
+        }
+}
+
+// The kind of w13 (phase 1) or w2 (phase 3) in Job::wfmt = w13's kind + 4 w2's: 5 (q8), 10 (q4), 7 (q4k, q8
+// down), 25 (q5), 23 (q4k, q5 down).
+inline int matrix_kind(int wfmt, int phase) {
+    if (wfmt == 25) return 5;
+    if (wfmt == 23) return phase == 1 ? 3 : 5;
+    return phase == 1 ? wfmt % 4 : wfmt / 4;
+}
+
+// The 16 weight rows from row rb * 16 of expert j's matrix in `phase` (1: w13 [2I, H], 3: w2 [H, I]) as bf16
+// rows of K: where they are for bf16 weights, else dequantized into this thread's buffer.
+inline const uint16_t *tile_weights(const Job &jb, int phase, int j, int rb) {
+    const int K = phase == 1 ? jb.H : jb.I, N = phase == 1 ? 2 * jb.I : jb.H;
+    const void *base = phase == 1 ? jb.w13[j] : jb.w2[j];
+    if (!jb.wfmt) return (const uint16_t *)base + (size_t)rb * TT * K;
+    thread_local std::vector<uint16_t> buf;
+    buf.resize((size_t)TT * K);
+    switch (matrix_kind(jb.wfmt, phase)) {
+        case 1: dequant_tile_rows<1>(qmat<1>(base, N, K), (long)rb * TT, buf.data()); break;
+        case 2: dequant_tile_rows<2>(qmat<2>(base, N, K), (long)rb * TT, buf.data()); break;
+        case 3: dequant_tile_rows<3>(qmat<3>(base, N, K), (long)rb * TT, buf.data()); break;
+        default: dequant_tile_rows<5>(qmat<5>(base, N, K), (long)rb * TT, buf.data()); break;
+    }
+    return buf.data();
+}
+
 // Items [lo, hi) of one phase of the tile path (see Job::size): 16-token blocks in phases 0 and 2, blocks of
 // 16 weight rows in 1 and 3. Scratch, by padded token row p (16 per block):
 // xf -> packed input (uint16, 16 x H per block), gu [p, 2I] fp32 gate | up, h -> packed silu(gate) * up.
@@ -157,9 +208,9 @@ void run_tile_phase(const Job &jb, int phase, long lo, long hi) {
     const bool prefetch = weight_prefetch.load(std::memory_order_relaxed);
     for (long r = lo; r < hi; r++) {
         const int j = (int)(r / nrb), rb = (int)(r % nrb), nb = (jb.counts[j] + TT - 1) / TT;
-        const uint16_t *w = (phase == 1 ? w13[j] : w2[j]) + (size_t)rb * TT * K;
+        const uint16_t *w = tile_weights(jb, phase, j, rb);
         const char *pf = nullptr;
-        if (prefetch && r + 1 < hi) {
+        if (prefetch && !jb.wfmt && r + 1 < hi) {
             const int jn = (int)((r + 1) / nrb), rn = (int)((r + 1) % nrb);
             pf = (const char *)((phase == 1 ? w13[jn] : w2[jn]) + (size_t)rn * TT * K);
         }

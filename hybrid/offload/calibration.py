@@ -19,6 +19,7 @@ from ..model.quant import layout, quantize_expert, split_planes
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 GRAPH_TOKENS = 16             # expert calls up to this many tokens are timed as graph replays (decode steps)
+GPU_GROUP = 8                 # GPU experts are timed in groups of this many (prefill's waves and scratch chunks)
 
 
 def cpu_model() -> str:
@@ -67,7 +68,7 @@ def _median_ms(fn, reps: int, cuda: bool, before=None) -> float:
 
 class Bench:
     """Expert-shaped buffers in a weight format: `n_host` distinct experts in host memory (pinned on CUDA) and
-    one device slot."""
+    GPU_GROUP device slots."""
 
     def __init__(self, device: torch.device, hidden: int, inter: int, dtype: torch.dtype, n_host: int,
                  experts: str = "bf16"):
@@ -82,7 +83,8 @@ class Bench:
         self.host.copy_(one.expand(n_host, -1))             # distinct addresses are what matters, not values
         if self.cuda:
             self.host = self.host.pin_memory()
-        self.slot = torch.empty(one.numel(), dtype=one.dtype, device=device)
+        self.slots = torch.empty(GPU_GROUP, one.numel(), dtype=one.dtype, device=device)
+        self.slot = self.slots[0]
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.cpu_run = None             # the runtime's CPU-expert call (CpuExperts.run), set by measure()
 
@@ -107,15 +109,19 @@ class Bench:
         return _median_ms(one, reps, self.cuda)
 
     def gpu_ms(self, n: int, reps: int = 20) -> float:
-        """One expert of n tokens on the device, through the runtime's grouped FFN over one slot."""
+        """One expert of n tokens on the device, as the runtime runs it: the grouped FFN over GPU_GROUP slots of
+        n rows each, per expert. The executor runs a layer's experts in groups (decode's hits and fetches, prefill's
+        waves and scratch chunks of 8); one expert alone leaves most of the GPU idle (on the H200, q4k at 32-64
+        rows: 0.30 ms alone, while mode gpu's whole 512-token prefill, 64 experts a layer, took 31 ms)."""
         from .resident import slot_ffn
-        x = torch.randn(n, self.hidden, device=self.device).to(self.dtype)
-        offs = torch.tensor([n], dtype=torch.int32, device=self.device)
+        G = self.slots.shape[0]
+        x = torch.randn(G * n, self.hidden, device=self.device).to(self.dtype)
+        offs = torch.arange(n, G * n + 1, n, dtype=torch.int32, device=self.device)       # [G]
         if self.quant is not None and n >= SCRATCH_MIN_ROWS:      # as the executor runs prefill-sized groups
-            scratch, ends = ScratchFFN(self.slot[None], self.quant, self.dtype), np.array([n])
+            scratch, ends = ScratchFFN(self.slots, self.quant, self.dtype, G), np.arange(n, G * n + 1, n)
             ffn = lambda x, _: scratch(x, ends)  # noqa: E731
         else:
-            ffn = slot_ffn(self.slot[None], self.ffn_cfg, self.quant)
+            ffn = slot_ffn(self.slots, self.ffn_cfg, self.quant)
         ffn(x, offs)
         run = lambda: ffn(x, offs)  # noqa: E731
         if self.cuda and n <= GRAPH_TOKENS:                 # decode: the runtime replays it from a CUDA graph
@@ -123,7 +129,7 @@ class Bench:
             with torch.cuda.graph(graph):
                 ffn(x, offs)
             run = graph.replay
-        return _median_ms(run, reps, self.cuda)
+        return _median_ms(run, reps, self.cuda) / G
 
     def cpu_ms(self, n: int, experts: int = 1, reps: int = 24) -> float:
         """One call of the runtime's CPU path over `experts` distinct experts of n tokens each (weights from
