@@ -96,12 +96,35 @@ def test_auto_tiles_follow_the_hardware_and_the_baseline_build_has_none():
 
 @pytest.mark.parametrize("march", ["native", BASELINE])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pool_runs_the_same_kernel_asynchronously(dtype, march):
-    import numpy as np
-    from hybrid.kernels.cpu_experts import pointer_table
+@pytest.mark.parametrize("joins", [1, 0])
+def test_pool_runs_the_same_kernel_asynchronously(dtype, march, joins):
+    """Whether the waiting thread joins the job (a CPU machine) or only watches it finish (a GPU machine's driving
+    thread), the pool's result is the inline kernel's, bit for bit."""
     inline = CpuExperts("native", tiles="off", march=march)
     pooled = CpuExperts("native", pool_threads=3, tiles="off", march=march)
     assert pooled.label.startswith("native+pool") and inline.label in ("native", "native+dot")
+    before = pooled.lib.moe_pool_caller_joins(joins)
+    try:
+        _check_pool_jobs(inline, pooled, dtype)
+    finally:
+        assert pooled.lib.moe_pool_caller_joins(before) == joins
+    assert inline.lib.moe_pool_threads() >= 1          # one pool per process, sized by its first user
+
+
+def test_a_gpu_machines_lane_waits_without_joining():
+    from hybrid.offload.lanes import CpuLane
+    threads = torch.get_num_threads()
+    try:
+        for cuda, joins in ((True, 0), (False, 1)):
+            lane = CpuLane(threads=2, cuda=cuda, tiles="off")
+            assert lane.experts.lib.moe_pool_caller_joins(1) == joins
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_pool_jobs(inline, pooled, dtype):
+    import numpy as np
+    from hybrid.kernels.cpu_experts import pointer_table
     for seed, counts in enumerate([[1, 2, 1], [4, 1], [3, 3, 2, 1]]):          # the pool is reused job after job
         _, w13, w2, starts, counts = experts(counts, dtype, seed=seed)
         views = list(zip(w13, w2))
@@ -115,7 +138,6 @@ def test_pool_runs_the_same_kernel_asynchronously(dtype, march):
         assert pooled.start_rows(x, rows, out, views, pointer_table(views), segs)
         assert pooled.wait() > 0
         assert torch.equal(out, ref)                  # same rows, same sums: bit for bit, whatever the split
-    assert inline.lib.moe_pool_threads() >= 1          # one pool per process, sized by its first user
 
 
 def test_call_arrays_grow_and_a_started_job_holds_them():

@@ -345,6 +345,10 @@ void moe_pool_park(void) {
 
 int moe_pool_threads(void) { return pool == nullptr ? 0 : pool->size(); }
 
+// Whether moe_pool_wait's caller works on the job (1, the default) or waits for the members (0); -> the setting
+// before.
+int moe_pool_caller_joins(int on) { return caller_joins.exchange(on != 0, std::memory_order_relaxed); }
+
 // How many pool members take the next jobs (at least 1; the rest sleep): fewer while other processes keep cores
 // busy. Call between jobs.
 void moe_pool_limit(int members) { members_wanted.store(members > 1 ? members : 1, std::memory_order_relaxed); }

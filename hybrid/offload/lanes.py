@@ -65,9 +65,11 @@ class CpuLane:
         if threads or cuda:
             torch.set_num_threads(threads or default_threads(cuda))
         self.threads = torch.get_num_threads()
-        # a layer's CPU experts; with the pool, started before the GPU work is queued. The pool has one member
-        # fewer than the team: the driving thread joins the job in `wait`, once its host work is done. Idle
-        # members spin 2 ms on a GPU machine (the next layer's job follows within it), sleep at once on a CPU one.
+        # a layer's CPU experts; with the pool, started before the GPU work is queued. On a GPU machine the pool
+        # has one member fewer than the threads: the driving thread keeps a core for its host work and, in `wait`,
+        # watches the job finish without joining it (its caches stay warm for the next layer's host steps; cpu_pool.h);
+        # on a CPU machine it joins. Idle members spin 2 ms on a GPU machine (the next layer's job follows within
+        # it), sleep at once on a CPU one.
         self.cuda = cuda
         members = self.members(self.threads)
         spin = spin_us if cuda else 0
@@ -75,9 +77,10 @@ class CpuLane:
                                   tiles=tiles, quant=quant, dot=dot)
         if self.experts.lib is not None:
             self.experts.lib.moe_set_prefetch(int(prefetch))
+            self.experts.lib.moe_pool_caller_joins(int(not cuda))
 
     def members(self, threads: int) -> int:
-        """Pool members for a team of `threads`: one fewer on a GPU machine (the driving thread joins)."""
+        """Pool members for `threads` threads: one fewer on a GPU machine (the driving thread's core)."""
         return max(1, threads - 1) if self.cuda else threads
 
     def set_threads(self, threads: int) -> None:
