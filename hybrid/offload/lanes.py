@@ -48,10 +48,10 @@ class CopyLane:
 
 class CpuLane:
     """A layer's CPU experts. By default on the native kernel's own thread pool, handed over right after planning
-    so that they run while the driving thread admits slots, issues copies and queues the GPU work, which it then
-    joins (`CpuExperts.start_rows` / `wait`); with AMX (the kernel's tile path) that includes prefill's experts of
-    many tokens. Calls the pool does not take (experts of more than 8 tokens without AMX, no compiler) run on the
-    driving thread's OpenMP team after the GPU work is queued.
+    so that they run while the driving thread admits slots, issues copies and queues the GPU work, then waits for
+    (`CpuExperts.start_rows` / `wait`); with AMX (the kernel's tile path) that includes prefill's experts of many
+    tokens, quantized ones too. Calls the pool does not take (bf16 experts of more than 8 tokens without AMX, no
+    compiler) run on the driving thread's OpenMP team after the GPU work is queued.
 
     Measured on the H200 box (eval/NOTES.md): a Python worker thread cost a hand-off (queue, wake-up, GIL) of
     0.1-0.4 ms per layer, and two busy teams push libgomp past one thread per core, where it stops spinning between
