@@ -32,6 +32,32 @@ def experts(fmt, n=5, seed=0):
                                              torch.randn(H, I, generator=g) * .1) for _ in range(n)])
 
 
+def expert_views(lay, inter, g, n=3):
+    """n experts of hidden 256 in layout `lay`, drawn from generator g, as (w13, w2) planes."""
+    return [split_planes(lay, quantize_expert(lay, *(torch.randn(*s, generator=g) * .1 for s in
+                                                     ((inter, 256), (inter, 256), (256, inter))))) for _ in range(n)]
+
+
+def dequantized_ref(lay, views, x, starts, counts, dtype=torch.bfloat16):
+    """The experts' rows computed by torch on the dequantized weights."""
+    return torch.cat([gated_ffn(x[s:s + c], *dequantize_parts(lay, *views[j], dtype))
+                      for j, (s, c) in enumerate(zip(starts, counts))])
+
+
+def inline_and_pooled(lay, views, x, starts, counts, **kw) -> CpuExperts:
+    """The native kernel inline and on a pool of 2 (CpuExperts options `kw`): each within bf16's rounding of the
+    dequantized reference, the two bit for bit; -> the pooled one."""
+    ref, outs = dequantized_ref(lay, views, x, starts, counts), []
+    for pool in (0, 2):
+        k = CpuExperts("native", pool_threads=pool, quant=lay, **kw)
+        out = torch.full_like(x, float("nan"))
+        k.run(x, out, [v[0] for v in views], [v[1] for v in views], starts, counts)
+        assert torch.isfinite(out).all() and rel_err(out.float(), ref.float()) <= 1e-2
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    return k
+
+
 @pytest.mark.parametrize("kind, bits, tol", [("q8", 8.5, 0.01), ("q5", 5.5, 0.06), ("q4", 5, 0.12),
                                              ("q4k", 4.625, 0.12)])
 def test_quantization_round_trips_and_requantizing_changes_nothing(kind, bits, tol):
@@ -107,8 +133,7 @@ def test_cpu_kernel_reads_quantized_experts_exactly(fmt, march, pool):
         x = torch.randn(26, 256).to(dt)
         out = torch.empty_like(x)
         k.run(x, out, [v[0] for v in views], [v[1] for v in views], starts, counts)
-        ref = torch.cat([gated_ffn(x[s:s + c], *dequantize_parts(lay, *views[j], dt))
-                         for j, (s, c) in enumerate(zip(starts, counts))])
+        ref = dequantized_ref(lay, views, x, starts, counts, dt)
         assert rel_err(out.float(), ref.float()) <= tol
 
 
@@ -122,21 +147,11 @@ def test_cpu_dot_path_reads_quantized_experts_exactly(fmt, dot, march):
     inter = 128
     cfg = ModelConfig.from_dict({**PRESETS["tiny"][0], "hidden_size": 256, "moe_intermediate_size": inter})
     lay, g = layout(cfg, fmt), torch.Generator().manual_seed(1)
-    views = [split_planes(lay, quantize_expert(lay, *(torch.randn(*s, generator=g) * .1 for s in
-                                                     ((inter, 256), (inter, 256), (256, inter))))) for _ in range(3)]
+    views = expert_views(lay, inter, g)
     for counts in ([1, 2, 3], [1, 5, 7]):
         starts = [0, counts[0], counts[0] + counts[1]]
         x = torch.randn(sum(counts), 256, generator=g).bfloat16()
-        ref = torch.cat([gated_ffn(x[s:s + c], *dequantize_parts(lay, *views[j], torch.bfloat16))
-                         for j, (s, c) in enumerate(zip(starts, counts))])
-        outs = []
-        for pool in (0, 2):
-            k = CpuExperts("native", pool_threads=pool, quant=lay, dot=dot, march=march)
-            out = torch.full_like(x, float("nan"))
-            k.run(x, out, [v[0] for v in views], [v[1] for v in views], starts, counts)
-            assert rel_err(out.float(), ref.float()) <= 1e-2
-            outs.append(out)
-        assert torch.equal(outs[0], outs[1])
+        k = inline_and_pooled(lay, views, x, starts, counts, dot=dot, march=march)
         took = k.lib.moe_dot_layouts(1, 3, sum(counts), 256, inter, 0, lay.code, k.dot)
         expect = {"q8": 0, "q5": 0, "q4": 4 * 2 + 2, "q4k": 4 * 2}[fmt] if k.dot and sum(counts) <= 6 else 0
         assert took == expect
@@ -388,16 +403,11 @@ def test_cpu_kernel_reads_q4k_gate_up_with_a_q5_down(dot, march):
     down, against the dequantized reference; at 1 and 7 tokens per expert."""
     from hybrid.model.quant import ffn_layout
     lay, g = ffn_layout(128, 256, ("q4k", "q5"), "q4k"), torch.Generator().manual_seed(2)
-    views = [split_planes(lay, quantize_expert(lay, *(torch.randn(*s, generator=g) * .1 for s in
-                                                     ((128, 256), (128, 256), (256, 128))))) for _ in range(2)]
+    views = expert_views(lay, 128, g, 2)
     for counts in ([1, 1], [7, 3]):
         x = torch.randn(sum(counts), 256, generator=g).bfloat16()
-        ref = torch.cat([gated_ffn(x[s:s + c], *dequantize_parts(lay, *views[j], torch.bfloat16))
-                         for j, (s, c) in enumerate(zip([0, counts[0]], counts))])
-        k = CpuExperts("native", pool_threads=2, quant=lay, dot=dot, march=march)
-        out = torch.full_like(x, float("nan"))
-        k.run(x, out, [v[0] for v in views], [v[1] for v in views], [0, counts[0]], counts)
-        assert lay.code == 3 + 4 * 5 and rel_err(out.float(), ref.float()) <= 1e-2
+        inline_and_pooled(lay, views, x, [0, counts[0]], counts, dot=dot, march=march)
+    assert lay.code == 3 + 4 * 5
 
 
 @pytest.mark.parametrize("fmt", FORMATS + ["q4k+q5"])
@@ -411,22 +421,12 @@ def test_cpu_tile_path_reads_quantized_experts(fmt, tiles, march):
     lay = ffn_layout(128, 256, ("q4k", "q5"), "q4k") if fmt == "q4k+q5" else layout(ModelConfig.from_dict(
         {**PRESETS["tiny"][0], "hidden_size": 256, "moe_intermediate_size": 128}), fmt)
     g = torch.Generator().manual_seed(3)
-    views = [split_planes(lay, quantize_expert(lay, *(torch.randn(*s, generator=g) * .1 for s in
-                                                     ((128, 256), (128, 256), (256, 128))))) for _ in range(3)]
+    views = expert_views(lay, 128, g)
     counts = [QUANT_TILE_TOKENS + 1, 2, 40]
     starts = [0, counts[0], counts[0] + counts[1]]
     x = torch.randn(sum(counts), 256, generator=g).bfloat16()
-    ref = torch.cat([gated_ffn(x[s:s + c], *dequantize_parts(lay, *views[j], torch.bfloat16))
-                     for j, (s, c) in enumerate(zip(starts, counts))])
-    outs = []
-    for pool in (0, 2):
-        k = CpuExperts("native", pool_threads=pool, quant=lay, tiles=tiles, march=march)
-        assert k._mode(x, 128, counts) == k.tiles and k._mode(x, 128, [2 * QUANT_TILE_TOKENS - 1, 1]) == 0
-        out = torch.full_like(x, float("nan"))
-        k.run(x, out, [v[0] for v in views], [v[1] for v in views], starts, counts)
-        assert torch.isfinite(out).all() and rel_err(out.float(), ref.float()) <= 1e-2
-        outs.append(out)
-    assert torch.equal(outs[0], outs[1])
+    k = inline_and_pooled(lay, views, x, starts, counts, tiles=tiles, march=march)
+    assert k._mode(x, 128, counts) == k.tiles and k._mode(x, 128, [2 * QUANT_TILE_TOKENS - 1, 1]) == 0
     if tiles == "emulate":
         assert k.tiles == 2
     assert CpuExperts("native", quant=lay, tiles="off")._mode(x, 128, counts) == 0     # no tiles: vector path

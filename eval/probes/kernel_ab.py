@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--dot", default="auto", choices=["auto", "off"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--distinct", default="1,48")
+    ap.add_argument("--tiles", default="off", choices=["auto", "off"], help="the tile path (AMX), which quantized "
+                    "calls take above 8 tokens per expert")
     ap.add_argument("--tokens", default="1,4")
     ap.add_argument("--per-call", type=int, default=1, help="experts per kernel call")
     ap.add_argument("--rounds", type=int, default=8)
@@ -73,7 +75,7 @@ def main() -> None:
             quant = None if fmt == "bf16" else layout(CFG, fmt)
             kernels = {}
             for name, lib in libs.items():
-                kernels[name] = CpuExperts("native", pool_threads=a.threads - 1, quant=quant, tiles="off",
+                kernels[name] = CpuExperts("native", pool_threads=a.threads - 1, quant=quant, tiles=a.tiles,
                                            max_tokens=1 << 30, dot=a.dot)
                 kernels[name].lib = lib
             for distinct in map(int, a.distinct.split(",")):

@@ -191,6 +191,24 @@ inline void qrow(const QMat &w, long r, const float *x, float *y, long ldt) {
     }
 }
 
+// Rows r0..r0+rows-1 of w dequantized group by group: put(r, k, v) takes row r0+r's weights at columns k..k+31
+// (v: 32 / VL fp32 vectors in column order).
+template <int F, typename Put>
+__attribute__((always_inline)) inline void dequant_rows(const QMat &w, long r0, int rows, Put put) {
+    const int K = w.C;
+    float d[8], m[8] = {};
+    for (int r = 0; r < rows; r++)
+        for (int g0 = 0; g0 < K / 32; g0 += 8) {
+            const int n = K / 32 - g0 < 8 ? K / 32 - g0 : 8;
+            qscales<F>(w, r0 + r, g0, n, d, m);
+            for (int j = 0; j < n; j++) {
+                vf v[32 / VL];
+                qgroup<F>(w, r0 + r, (g0 + j) * 32, d[j], m[j], v);
+                put(r, (g0 + j) * 32, v);
+            }
+        }
+}
+
 // RB rows from r0 against T token rows of x, as rows_all_tokens does for unquantized weights. Up to TB tokens
 // dequantize in registers one row at a time, so each row's bytes stream in address order, which the hardware
 // prefetcher follows: four interleaved 1-2 KB rows ran 1.1-1.3x slower from DRAM at 1-4 tokens (eval/results/
@@ -201,17 +219,9 @@ inline void qrows_all_tokens(const QMat &w, long r0, const float *x, int T_, flo
     if (T_ > TB) {
         thread_local std::vector<float> rows;
         rows.resize((size_t)RB * K);
-        float d[8], m[8] = {};
-        for (int r = 0; r < RB; r++)
-            for (int g0 = 0; g0 < K / 32; g0 += 8) {
-                const int n = K / 32 - g0 < 8 ? K / 32 - g0 : 8;
-                qscales<F>(w, r0 + r, g0, n, d, m);
-                for (int j = 0; j < n; j++) {
-                    vf v[32 / VL];
-                    qgroup<F>(w, r0 + r, (g0 + j) * 32, d[j], m[j], v);
-                    std::memcpy(rows.data() + (size_t)r * K + (g0 + j) * 32, v, sizeof v);
-                }
-            }
+        dequant_rows<F>(w, r0, RB, [&](int r, int k, const vf *v) {
+            std::memcpy(rows.data() + (size_t)r * K + k, v, 32 * sizeof(float));
+        });
         rows_all_tokens(rows.data(), x, K, T_, y, ldt);
         return;
     }

@@ -124,25 +124,17 @@ inline void tile_rows(const uint16_t *w, int K, const uint16_t *xb, bool two, fl
 // rounded once to bf16 as a bf16 copy of the dequantized model holds it (the GPU's prefill scratch does the same).
 template <int F>
 inline void dequant_tile_rows(const QMat &w, long r0, uint16_t *out) {
-    const int K = w.C;
     typedef uint16_t vh __attribute__((vector_size(2 * VL)));
-    float d[8], m[8] = {};
-    for (int r = 0; r < TT; r++)
-        for (int g0 = 0; g0 < K / 32; g0 += 8) {
-            const int n = K / 32 - g0 < 8 ? K / 32 - g0 : 8;
-            qscales<F>(w, r0 + r, g0, n, d, m);
-            for (int j = 0; j < n; j++) {
-                vf v[32 / VL];
-                qgroup<F>(w, r0 + r, (g0 + j) * 32, d[j], m[j], v);
-                uint16_t *o = out + (size_t)r * K + (g0 + j) * 32;
-                for (int i = 0; i < 32 / VL; i++) {      // to_bf16 lane by lane (finite values: no NaN case)
-                    vu u;
-                    std::memcpy(&u, &v[i], sizeof u);
-                    const vh h = __builtin_convertvector((u + 0x7fffu + ((u >> 16) & 1u)) >> 16, vh);
-                    std::memcpy(o + i * VL, &h, sizeof h);
-                }
-            }
+    const size_t K = w.C;
+    dequant_rows<F>(w, r0, TT, [out, K](int r, int k, const vf *v) {
+        uint16_t *o = out + r * K + k;
+        for (int i = 0; i < 32 / VL; i++) {              // to_bf16 lane by lane (finite values: no NaN case)
+            vu u;
+            std::memcpy(&u, &v[i], sizeof u);
+            const vh h = __builtin_convertvector((u + 0x7fffu + ((u >> 16) & 1u)) >> 16, vh);
+            std::memcpy(o + i * VL, &h, sizeof h);
         }
+    });
 }
 
 // The kind of w13 (phase 1) or w2 (phase 3) in Job::wfmt = w13's kind + 4 w2's: 5 (q8), 10 (q4), 7 (q4k, q8
