@@ -96,28 +96,28 @@ def test_auto_tiles_follow_the_hardware_and_the_baseline_build_has_none():
 
 @pytest.mark.parametrize("march", ["native", BASELINE])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("joins", [1, 0])
-def test_pool_runs_the_same_kernel_asynchronously(dtype, march, joins):
-    """Whether the waiting thread joins the job (a CPU machine) or only watches it finish (a GPU machine's driving
-    thread), the pool's result is the inline kernel's, bit for bit."""
+@pytest.mark.parametrize("join_above", [0, 1 << 30])
+def test_pool_runs_the_same_kernel_asynchronously(dtype, march, join_above):
+    """Whether the waiting thread joins the job (a CPU machine; a GPU machine's larger jobs) or only watches it
+    finish (a GPU machine's decode jobs), the pool's result is the inline kernel's, bit for bit."""
     inline = CpuExperts("native", tiles="off", march=march)
     pooled = CpuExperts("native", pool_threads=3, tiles="off", march=march)
     assert pooled.label.startswith("native+pool") and inline.label in ("native", "native+dot")
-    before = pooled.lib.moe_pool_caller_joins(joins)
+    before = pooled.lib.moe_pool_join_above(join_above)
     try:
         _check_pool_jobs(inline, pooled, dtype)
     finally:
-        assert pooled.lib.moe_pool_caller_joins(before) == joins
+        assert pooled.lib.moe_pool_join_above(before) == join_above
     assert inline.lib.moe_pool_threads() >= 1          # one pool per process, sized by its first user
 
 
-def test_a_gpu_machines_lane_waits_without_joining():
-    from hybrid.offload.lanes import CpuLane
+def test_a_gpu_machines_lane_joins_only_large_jobs():
+    from hybrid.offload.lanes import JOIN_ABOVE_ROWS, CpuLane
     threads = torch.get_num_threads()
     try:
-        for cuda, joins in ((True, 0), (False, 1)):
+        for cuda, above in ((True, JOIN_ABOVE_ROWS), (False, 0)):
             lane = CpuLane(threads=2, cuda=cuda, tiles="off")
-            assert lane.experts.lib.moe_pool_caller_joins(1) == joins
+            assert lane.experts.lib.moe_pool_join_above(0) == above
     finally:
         torch.set_num_threads(threads)
 

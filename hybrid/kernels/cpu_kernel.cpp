@@ -345,9 +345,9 @@ void moe_pool_park(void) {
 
 int moe_pool_threads(void) { return pool == nullptr ? 0 : pool->size(); }
 
-// Whether moe_pool_wait's caller works on the job (1, the default) or waits for the members (0); -> the setting
-// before.
-int moe_pool_caller_joins(int on) { return caller_joins.exchange(on != 0, std::memory_order_relaxed); }
+// moe_pool_wait's caller works on jobs of more than `rows` rows (0, the default: on every job) and only waits for
+// the members on the others; -> the setting before.
+int moe_pool_join_above(int rows) { return join_above.exchange(rows > 0 ? rows : 0, std::memory_order_relaxed); }
 
 // How many pool members take the next jobs (at least 1; the rest sleep): fewer while other processes keep cores
 // busy. Call between jobs.

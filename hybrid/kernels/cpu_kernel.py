@@ -86,8 +86,8 @@ def load(march: str = NATIVE, path: Path | None = None) -> ctypes.CDLL:
     lib.moe_pool_park.restype = None
     lib.moe_pool_limit.argtypes = [ctypes.c_int]
     lib.moe_pool_limit.restype = None
-    lib.moe_pool_caller_joins.argtypes = [ctypes.c_int]
-    lib.moe_pool_caller_joins.restype = ctypes.c_int
+    lib.moe_pool_join_above.argtypes = [ctypes.c_int]
+    lib.moe_pool_join_above.restype = ctypes.c_int
     lib.moe_cpu_threads.restype = ctypes.c_int
     lib.moe_tiles.restype = ctypes.c_int
     lib.moe_dot.restype = ctypes.c_int

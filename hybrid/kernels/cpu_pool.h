@@ -12,7 +12,7 @@
 namespace {
 
 std::atomic<int> members_wanted{INT_MAX};     // members that take jobs (moe_pool_limit); the others sleep
-std::atomic<int> caller_joins{1};             // whether `wait` works on the job (moe_pool_caller_joins)
+std::atomic<int> join_above{0};               // `wait` works on jobs of more rows than this (moe_pool_join_above)
 constexpr long STALL_NS = 1000000;            // a caller that does not join takes work after this long without progress
 
 inline void relax() {
@@ -29,8 +29,9 @@ inline long now_ns() {
 }
 
 // A team of threads of its own, outside OpenMP and Python: `start` hands it a job and returns at once, so the
-// calling thread can go on queueing GPU work; `wait` makes the calling thread join the job until it is done, or
-// (caller_joins 0: a GPU machine's driving thread, whose host work follows) only watch it finish.
+// calling thread can go on queueing GPU work; `wait` makes the calling thread join the job until it is done, or,
+// for a job of at most `join_above` rows (a GPU machine's decode, short, with the caller's host work to follow),
+// only watch it finish.
 // Work is taken in chunks from a counter per phase, and a phase starts once the previous one is complete, so a
 // member may join at any time (the caller joins late, after its host work). Idle members spin for `spin_ns`
 // after a job (the next layer's job comes within ~1 ms at decode), then sleep until woken. Members numbered
@@ -66,7 +67,7 @@ class Pool {
     void park() { park_.store(true, std::memory_order_relaxed); }   // idle members sleep now, not after spin_ns
 
     long wait() {                             // -> ns from start to the end of the job
-        if (caller_joins.load(std::memory_order_relaxed)) work();
+        if (job_.rows > join_above.load(std::memory_order_relaxed)) work();
         else watch();
         return now_ns() - t0_;
     }

@@ -3,9 +3,14 @@
 On a CPU compute device the copy lane degenerates to plain synchronous copies (no streams, no events)."""
 from __future__ import annotations
 
-
 import numpy as np
 import torch
+
+# A GPU machine's driving thread joins the CPU lane's jobs of more rows than this; a decode layer's job at batch 1
+# (a row per CPU expert, ~0.5 ms on 15 threads) is too short for its share to repay what joining costs its next
+# host steps: it streams that share of the weights through its own caches (the first Python call after such a job
+# took 47 us instead of 14 on the development machine). Batch 16's and prefill's jobs keep all hands.
+JOIN_ABOVE_ROWS = 8
 
 
 class CopyLane:
@@ -67,9 +72,8 @@ class CpuLane:
         self.threads = torch.get_num_threads()
         # a layer's CPU experts; with the pool, started before the GPU work is queued. On a GPU machine the pool
         # has one member fewer than the threads: the driving thread keeps a core for its host work and, in `wait`,
-        # watches the job finish without joining it (its caches stay warm for the next layer's host steps; cpu_pool.h);
-        # on a CPU machine it joins. Idle members spin 2 ms on a GPU machine (the next layer's job follows within
-        # it), sleep at once on a CPU one.
+        # joins only jobs of more than JOIN_ABOVE_ROWS rows (cpu_pool.h); on a CPU machine it joins every job. Idle
+        # members spin 2 ms on a GPU machine (the next layer's job follows within it), sleep at once on a CPU one.
         self.cuda = cuda
         members = self.members(self.threads)
         spin = spin_us if cuda else 0
@@ -77,7 +81,7 @@ class CpuLane:
                                   tiles=tiles, quant=quant, dot=dot)
         if self.experts.lib is not None:
             self.experts.lib.moe_set_prefetch(int(prefetch))
-            self.experts.lib.moe_pool_caller_joins(int(not cuda))
+            self.experts.lib.moe_pool_join_above(JOIN_ABOVE_ROWS if cuda else 0)
 
     def members(self, threads: int) -> int:
         """Pool members for `threads` threads: one fewer on a GPU machine (the driving thread's core)."""
