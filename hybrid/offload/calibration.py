@@ -16,6 +16,7 @@ from cost_model.costs import CostModel, Curve
 from ..kernels.quant_scratch import MIN_ROWS as SCRATCH_MIN_ROWS, ScratchFFN
 from ..model.config import cache_dir
 from ..model.quant import layout, quantize_expert, split_planes
+from .expert_store import huge_page_tensor, pin_in_place
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 GRAPH_TOKENS = 16             # expert calls up to this many tokens are timed as graph replays (decode steps)
@@ -79,14 +80,22 @@ class Bench:
         ws = [torch.randn(inter, hidden) * 0.02, torch.randn(inter, hidden) * 0.02, torch.randn(hidden, inter) * 0.02]
         one = torch.cat([w.reshape(-1) for w in ws]).to(dtype) if self.quant is None else \
             quantize_expert(self.quant, *ws)
-        self.host = torch.empty(n_host, one.numel(), dtype=one.dtype)
+        self.host = huge_page_tensor((n_host, one.numel()), one.dtype)        # as the expert store holds them
         self.host.copy_(one.expand(n_host, -1))             # distinct addresses are what matters, not values
-        if self.cuda:
+        self.registered = self.cuda and pin_in_place(self.host)
+        if self.cuda and not self.registered:
             self.host = self.host.pin_memory()
         self.slots = torch.empty(GPU_GROUP, one.numel(), dtype=one.dtype, device=device)
         self.slot = self.slots[0]
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.cpu_run = None             # the runtime's CPU-expert call (CpuExperts.run), set by measure()
+
+    def close(self) -> None:
+        """Undo the page-locking in place (before the memory goes), once no copy reads it."""
+        if self.registered:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
+            self.registered = False
 
     def views(self, buf):
         if self.quant is not None:
@@ -190,23 +199,19 @@ def measure(device: torch.device, hidden: int = 2048, inter: int = 1408, dtype: 
     lane = CpuLane(threads, device.type == "cuda", kernel, pool, tiles, prefetch=prefetch, quant=bench.quant, dot=dot)
     bench.cpu_run = lane.experts.run
     steps = tqdm(total=3 * len(tokens) + 2, desc="calibrating", disable=not progress)
-    fetch = bench.fetch_ms()
-    steps.update()
-    gpu = {}
-    for n in tokens:
-        gpu[n] = bench.gpu_ms(n)
+    try:
+        fetch = bench.fetch_ms()
         steps.update()
-    cpu = {}
-    for n in tokens:
-        cpu[n] = bench.cpu_marginal_ms(n)
+        gpu, cpu, xfer = {}, {}, {}
+        for curve, measure_one in ((gpu, bench.gpu_ms), (cpu, bench.cpu_marginal_ms), (xfer, bench.xfer_ms)):
+            for n in tokens:
+                curve[n] = measure_one(n)
+                steps.update()
+        overhead = layer_overhead_ms(device, hidden)      # a first estimate; calibrate.py measures the runtime
         steps.update()
-    xfer = {}
-    for n in tokens:
-        xfer[n] = bench.xfer_ms(n)
-        steps.update()
-    overhead = layer_overhead_ms(device, hidden)          # a first estimate; calibrate.py measures the runtime
-    steps.update()
-    steps.close()
+    finally:
+        steps.close()
+        bench.close()
     return CostModel(fetch_ms=fetch, gpu_ms=Curve.fit(gpu), cpu_ms=Curve.fit(cpu), xfer_ms=Curve.fit(xfer),
                      layer_overhead_ms=overhead,
                      fingerprint=fingerprint(device, threads or lane.threads, lane.experts.label, experts),
