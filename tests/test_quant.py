@@ -432,14 +432,15 @@ def test_cpu_tile_path_reads_quantized_experts(fmt, tiles, march):
     assert CpuExperts("native", quant=lay, tiles="off")._mode(x, 128, counts) == 0     # no tiles: vector path
 
 
-def test_engine_prefill_on_the_quantized_tile_path(tiny):
-    """bf16, mode cpu, a prompt long enough that the CPU lane's calls average more than QUANT_TILE_TOKENS tokens per
-    expert: they take the tile path (emulated here, so every CPU runs it) and give the vector path's logits up to
-    bf16 rounding of the weights."""
+@pytest.mark.parametrize("mode", ["cpu", "hybrid"])
+def test_engine_prefill_on_the_quantized_tile_path(tiny, mode):
+    """bf16, a prompt long enough that the CPU lane's calls average more than QUANT_TILE_TOKENS tokens per expert:
+    they take the tile path (emulated here, so every CPU runs it) and give the vector path's logits up to bf16
+    rounding of the weights."""
     prompt = list(range(10, 74))                                      # 64 tokens x 4 picks / 16 experts
     logits, modes = {}, []
     for tiles in ("off", "emulate"):
-        e = make(tiny, experts="q4", mode="cpu", dtype="bfloat16", cpu_tiles=tiles,
+        e = make(tiny, experts="q4", mode=mode, dtype="bfloat16", cpu_tiles=tiles,
                  gpu_memory=budget_for(tiny, 20, experts="q4", itemsize=2))
         assert e.backend.cache.n_slots < 3 * 16                     # misses: the CPU lane runs them
         k = e.backend.cpu.experts
