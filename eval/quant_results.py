@@ -86,10 +86,12 @@ def main() -> None:
     rows.sort(key=lambda r: (r["gpu_budget_gib"], r["batch_size"], r["prompt_tokens"], r["system"], r["weights"]))
     write_results(d, rows, FIELDS)
     plot(rows, d)
-    print(f"{'GiB':>5} {'bs':>3} {'len':>4}  {'system':<10}{'weights':<8}{'decode':>8}{'prefill':>9}{'peak':>6}")
+    print(f"{'GiB':>5} {'bs':>3} {'len':>4}  {'system':<10}{'weights':<8}{'setting':<22}{'decode':>8}{'prefill':>9}"
+          f"{'peak':>6}")
     for r in rows:
         print(f"{r['gpu_budget_gib']:5.0f} {r['batch_size']:3} {r['prompt_tokens']:4}  {r['system']:<10}"
-              f"{r['weights']:<8}{r['decode_tok_s'] or 0:8.1f}{r['prefill_tok_s']:9.0f}{r['peak_gpu_gib']:6.2f}")
+              f"{r['weights']:<8}{str(r['setting'])[:21]:<22}{r['decode_tok_s'] or 0:8.1f}{r['prefill_tok_s']:9.0f}"
+              f"{r['peak_gpu_gib']:6.2f}")
 
 
 if __name__ == "__main__":
