@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from eval.common import cpu_mhz, meta  # noqa: E402
+from eval.common import meta  # noqa: E402
 
 
 def median_us(fn, reps: int = 2000, rounds: int = 5) -> float:

@@ -88,7 +88,7 @@ def main() -> None:
                     med = {name: statistics.median(v) for name, v in us.items()}
                     rows.append({"format": fmt, "distinct": distinct, "tokens": tokens, "base_us": med["base"],
                                  "this_us": med["this"], "ratio": med["this"] / med["base"], "rounds": us})
-    Path(a.out).write_text(json.dumps({**meta(), "base": a.base, "dot": a.dot, "threads": a.threads,
+    Path(a.out).write_text(json.dumps({**meta(), "base": a.base, "dot": a.dot, "tiles": a.tiles, "threads": a.threads,
                                       "per_call": a.per_call, "rows": rows},
                                       indent=1))
     print("format distinct tokens  base us  this us  this/base   (us per expert)")

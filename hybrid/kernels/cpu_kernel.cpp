@@ -291,7 +291,7 @@ static int check(int dtype, int H, int I, int tiles, int wfmt, int dot) {
     if (dot < 0 || dot > 2 || (dot == 1 && !MOE_HW_DOT)) return 7;
     if (H % 16 || I % 16) return 1;
     if (wfmt != 0 && wfmt != 5 && wfmt != 10 && wfmt != 7 && wfmt != 25 && wfmt != 23) return 6;
-    if (wfmt && (H % (wfmt % 4 == 3 ? 256 : 32) || I % 32)) return 6;
+    if (wfmt && (H % (matrix_kind(wfmt, 1) == 3 ? 256 : 32) || I % 32)) return 6;
     if (dtype != 0 && dtype != 1) return 2;
     if (tiles < 0 || tiles > 2 || (tiles && (dtype != 1 || H % 32 || I % 32))) return 4;
     if (tiles == 1 && !hw_tiles()) return 5;

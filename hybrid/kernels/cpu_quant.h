@@ -19,6 +19,14 @@ struct QMat {
     const uint8_t *qh = nullptr;              // q5: each group's fifth bits, a little-endian uint32
 };
 
+// The kind of w13 (phase 1) or w2 (phase 3) in Job::wfmt = w13's kind + 4 w2's: 5 (q8), 10 (q4), 7 (q4k, q8
+// down), 25 (q5), 23 (q4k, q5 down).
+inline int matrix_kind(int wfmt, int phase) {
+    if (wfmt == 25) return 5;
+    if (wfmt == 23) return phase == 1 ? 3 : 5;
+    return phase == 1 ? wfmt % 4 : wfmt / 4;
+}
+
 template <int F>
 inline QMat qmat(const void *base, int R, int C) {
     const uint8_t *b = (const uint8_t *)base;

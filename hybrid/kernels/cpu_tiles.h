@@ -137,14 +137,6 @@ inline void dequant_tile_rows(const QMat &w, long r0, uint16_t *out) {
     });
 }
 
-// The kind of w13 (phase 1) or w2 (phase 3) in Job::wfmt = w13's kind + 4 w2's: 5 (q8), 10 (q4), 7 (q4k, q8
-// down), 25 (q5), 23 (q4k, q5 down).
-inline int matrix_kind(int wfmt, int phase) {
-    if (wfmt == 25) return 5;
-    if (wfmt == 23) return phase == 1 ? 3 : 5;
-    return phase == 1 ? wfmt % 4 : wfmt / 4;
-}
-
 // The 16 weight rows from row rb * 16 of expert j's matrix in `phase` (1: w13 [2I, H], 3: w2 [H, I]) as bf16
 // rows of K: where they are for bf16 weights, else dequantized into this thread's buffer.
 inline const uint16_t *tile_weights(const Job &jb, int phase, int j, int rb) {

@@ -64,8 +64,8 @@ class ResidentExperts:
         E = cfg.n_routed_experts
         self.E, self.ffn = E, {}
         for layer in tqdm(cfg.moe_layers, desc="experts -> device", disable=not progress):
-            if quant is not None:                                             # [E, bytes] in the layer's layout
-                own = host.layout(layer)
+            own = None if quant is None else host.layout(layer)             # the layer's own layout
+            if own is not None:                                               # [E, bytes] in it
                 slots = torch.empty(E, own.nbytes, dtype=torch.uint8, device=device)
                 slots.copy_(host.layer(layer)[:, :own.nbytes])
             else:
@@ -75,7 +75,7 @@ class ResidentExperts:
                     g, u, d = read_expert(ckpt, layer, e)
                     for dst, src in ((w13[:g.shape[0]], g), (w13[g.shape[0]:], u), (w2, d)):
                         dst.copy_(src)
-            self.ffn[layer] = slot_ffn(slots, cfg, quant if quant is None else host.layout(layer))
+            self.ffn[layer] = slot_ffn(slots, cfg, own)
 
     capturable = True
 
