@@ -215,3 +215,19 @@ def test_a_layers_smaller_experts_scale_its_copies_and_cpu_experts_and_stay_exac
     fetch, cpu = FetchPlanner(c), CpuPlanner(c)
     assert fetch.plan(tokens, set(), LaneState(bytes_scale=0.5)).predicted_ms < fetch.plan(tokens, set()).predicted_ms
     assert cpu.plan(tokens, set(), LaneState(bytes_scale=0.5)).predicted_ms < cpu.plan(tokens, set()).predicted_ms
+
+
+def test_the_memo_stays_bounded_over_a_long_run_and_its_plans_are_a_fresh_planners():
+    """A server runs batch-16 layers for hours and their keys hardly repeat: the memo is emptied at MEMO_LIMIT,
+    and a plan after that is the one a fresh planner makes."""
+    r = random.Random(5)
+    c, planner = costs(5), MakespanPlanner(costs(5))
+    planner.MEMO_LIMIT = 50
+    for i in range(400):
+        tokens = {e: r.randint(1, 4) for e in r.sample(range(64), r.randint(20, 50))}
+        cached = set(r.sample(sorted(tokens), len(tokens) // 2))
+        lanes = LaneState(cpu_lag_ms=r.choice([0.0, 0.1, 0.2]))
+        plan, fresh = planner.plan(tokens, cached, lanes), MakespanPlanner(c).plan(tokens, cached, lanes)
+        assert len(planner.memo) <= 50
+        assert (plan.hits, plan.fetch, plan.cpu) == (fresh.hits, fresh.fetch, fresh.cpu)
+        assert plan.predicted_ms == fresh.predicted_ms

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import make
+from conftest import budget_for, make
 from hybrid.engine.sampling import SamplingParams
 from hybrid.engine.slots import Slots
 from hybrid.engine.tokenizer import ByteTokenizer
@@ -27,6 +27,7 @@ def server(tiny):
     import serve
     app, batcher, _, _ = serve.build(["--model", str(tiny), "--device", "cpu", "--dtype", "float32", "--tokenizer",
                                       "bytes", "--max-batch-size", "16", "--max-seq-len", "160", "--mode", "gpu"])
+    batcher.warm_up()                             # as serve.py's main does before it listens
     batcher.start()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -221,6 +222,31 @@ def test_a_burst_of_requests_joins_in_one_prefill(tiny, monkeypatch):
     finally:
         b.close()
     assert joins == [6]
+
+
+def test_the_warm_up_runs_every_batch_size_then_leaves_the_rows_free_and_the_results_unchanged(tiny):
+    from hybrid.server.batcher import Batcher
+    prompts, params = [[5, 6, 7], [42] * 9], SamplingParams(6, stop_on_eos=False)
+    run = dict(max_batch_size=4, max_seq_len=64, mode="hybrid", gpu_memory=budget_for(tiny, 6, batch=4, seq=64))
+    want = [make(tiny, **run).generate([p], params).tokens[0] for p in prompts]
+    b = Batcher(make(tiny, **run))
+    joins = []
+    with step_sizes(b, joins) as sizes:
+        assert b.warm_up(prompt_tokens=20) > 0
+    assert joins == [4, 1] and sizes == [4, 3, 2, 1, 1]          # a step at every batch size, and one alone
+    assert b.slots.n == 0 and not b.waiting and not any(b.metrics.totals.values())
+    assert b"hybrid_generation_tokens_total 0.0" in b.metrics.render()
+    b.start()
+    try:
+        tok, got = ByteTokenizer(), []
+        seqs = [Sequence(p, params, TextStream(tok, []), lambda ev: None) for p in prompts]
+        for q in seqs:
+            b.submit(q)
+        while not all(q.done for q in seqs):
+            time.sleep(0.01)
+    finally:
+        b.close()
+    assert [q.tokens for q in seqs] == want
 
 
 def test_waiting_requests_join_once_their_burst_is_over_or_they_fill_the_rows(tiny):

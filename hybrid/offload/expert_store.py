@@ -62,6 +62,7 @@ class ExpertStore:
         else:
             self.path = load_quantized(self.flat, self.rows, cfg, ckpt, quant, progress, threads, self.layouts)
         self.views = {layer: [self.weights(layer, e) for e in range(E)] for layer in self.rows}
+        self.ratios = {layer: self.nbytes_of(layer) / self.expert_bytes for layer in self.rows}   # hot path
         self.pinned = pin and all(pin_in_place(self.flat[r]) for r in range(len(self.rows)))
         if pin and not self.pinned:
             raise RuntimeError("cudaHostRegister failed: cannot page-lock the expert store")
@@ -95,7 +96,7 @@ class ExpertStore:
     def size_ratio(self, layer: int) -> float:
         """The layer's expert bytes against a whole row's (the calibrated format's): what its copies and CPU
         experts cost of the calibrated time."""
-        return self.nbytes_of(layer) / self.expert_bytes
+        return self.ratios[layer]
 
     def weights(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         buf = self.buffer(layer, e)

@@ -118,27 +118,47 @@ class MakespanPlanner(FetchPlanner):
     layer is a copy not made ahead for the next one, whose CPU lane it would have spared. `max_fetch` caps the
     copies (the executor's staging room). Misses with equal token counts are interchangeable, so a candidate is
     how many of each count go to the CPU. Small spaces are searched exhaustively (exact); larger ones scan the
-    CPU taking the k smallest misses, k = 0..all, in O(misses). Decisions depend only on the token counts, so
-    they are memoised."""
+    CPU taking the k smallest misses, k = 0..all, in O(misses). Decisions depend only on the misses' token counts
+    and the hits' GPU time, so they are memoised (batch 1 repeats a few keys; batch 16 hardly repeats one, so the
+    memo is emptied when it grows past MEMO_LIMIT). Costs per token count come from tables: this runs at every
+    planned layer's routing sync, on the critical path."""
+
+    MEMO_LIMIT = 4096
 
     def __init__(self, costs: CostModel | None = None):
         super().__init__(costs)
         self.memo: dict[tuple, tuple[tuple[int, ...], float]] = {}
+        self.tables: dict[str, list[float]] = {}
+
+    def _table(self, curve: str, upto: int) -> list[float]:
+        """[curve(0), curve(1), ..., curve(upto)] (token counts -> ms), grown as larger counts come."""
+        t = self.tables.setdefault(curve, [0.0])
+        if len(t) <= upto:
+            f = getattr(self.costs, curve)
+            t.extend(f(n) for n in range(len(t), upto + 1))
+        return t
 
     def plan(self, tokens: dict[int, int], cached: set[int], lanes: LaneState = LaneState()) -> LayerPlan:
-        hits = [e for e in tokens if e in cached]
-        groups: dict[int, list[int]] = {}
-        for e in sorted((e for e in tokens if e not in cached), key=lambda e: tokens[e]):
-            groups.setdefault(tokens[e], []).append(e)
-        key = (tuple(sorted(tokens[e] for e in hits)), tuple((n, len(g)) for n, g in groups.items()), *lanes.key())
+        hits, groups = [], {}
+        for e, n in tokens.items():
+            if e in cached:
+                hits.append(e)
+            else:
+                groups.setdefault(n, []).append(e)
+        groups = dict(sorted(groups.items()))
+        gpu = self._table("gpu_ms", max(tokens.values(), default=0))
+        gpu_hits = sum(gpu[tokens[e]] for e in hits)
+        key = (gpu_hits, tuple((n, len(g)) for n, g in groups.items()), *lanes.key())
         if key not in self.memo:
+            if len(self.memo) >= self.MEMO_LIMIT:
+                self.memo.clear()
             self.memo[key] = self._search(*key)
         picks, t = self.memo[key]
         cpu = [e for g, m in zip(groups.values(), picks) for e in g[:m]]
         fetch = [e for g, m in zip(groups.values(), picks) for e in g[m:]]
         return LayerPlan(hits, fetch, cpu, t).with_waves(lanes)
 
-    def _search(self, hit_ns, groups, backlog, lag, scale, penalty, max_fetch,
+    def _search(self, gpu_hits, groups, backlog, lag, scale, penalty, max_fetch,
                 bytes_scale) -> tuple[tuple[int, ...], float]:
         """Best count per token-count group to run on the CPU, and its predicted makespan."""
         sizes = [s for _, s in groups]
@@ -148,11 +168,10 @@ class MakespanPlanner(FetchPlanner):
         for s in sizes:
             space *= s + 1
         if space > EXACT_LIMIT:
-            return self._scan(hit_ns, groups, backlog, lag, scale, penalty, least_cpu, bytes_scale)
+            return self._scan(gpu_hits, groups, backlog, lag, scale, penalty, least_cpu, bytes_scale)
         c, fetch_ms, scale = self.costs, self.costs.fetch_ms * bytes_scale, scale * bytes_scale
         ns = [n for n, _ in groups]
         unit_cpu, unit_gpu = [c.cpu_ms(n) for n in ns], [c.gpu_ms(n) for n in ns]
-        gpu_hits = sum(c.gpu_ms(n) for n in hit_ns)
 
         def makespan_of(picks) -> float:
             nf = misses - sum(picks)
@@ -170,27 +189,29 @@ class MakespanPlanner(FetchPlanner):
         scored = ((tuple(p), makespan_of(p)) for p in candidates)
         return min(scored, key=lambda pt: pt[1] + penalty * (misses - sum(pt[0])))
 
-    def _scan(self, hit_ns, groups, backlog, lag, scale, penalty, least_cpu,
+    def _scan(self, gpu_hits, groups, backlog, lag, scale, penalty, least_cpu,
               bytes_scale) -> tuple[tuple[int, ...], float]:
         """The CPU takes the k misses with the fewest tokens, k = least_cpu..all, each costed in O(1)."""
         c, fetch_ms, scale = self.costs, self.costs.fetch_ms * bytes_scale, scale * bytes_scale
         ns = [n for n, s in groups for _ in range(s)]                     # misses, fewest tokens first
-        gpu_of, cpu_of = [self._ms("gpu_ms", n) for n in ns], [self._ms("cpu_ms", n) for n in ns]
-        gpu_all = sum(self._ms("gpu_ms", n) for n in hit_ns) + sum(gpu_of)
+        gpu_t, cpu_t = self._table("gpu_ms", ns[-1]), self._table("cpu_ms", ns[-1])
+        gpu_of, cpu_of = [gpu_t[n] for n in ns], [cpu_t[n] for n in ns]
+        gpu_all = gpu_hits + sum(gpu_of)
+        fixed, over, m = lag + scale * c.cpu_dispatch_ms, c.layer_overhead_ms, len(ns)
         best, best_k = float("inf"), 0
         rows = cpu_sum = gpu_moved = 0.0
-        for k in range(len(ns) + 1):
+        for k in range(m + 1):
             if k:
                 rows, cpu_sum, gpu_moved = rows + ns[k - 1], cpu_sum + cpu_of[k - 1], gpu_moved + gpu_of[k - 1]
             if k < least_cpu:
                 continue
-            nf = len(ns) - k
+            nf = m - k
             gpu = gpu_all - gpu_moved
             if nf:
                 gpu = max(gpu, backlog + nf * fetch_ms + gpu_of[k])
-            lane = c.cpu_lane_ms(self._ms("xfer_ms", rows), cpu_sum, lag, scale) if k else 0.0
-            t = c.layer_overhead_ms + max(gpu, lane)
-            if t + penalty * nf < best + penalty * (len(ns) - best_k) or k == least_cpu:
+            lane = fixed + scale * (self._ms("xfer_ms", rows) + cpu_sum) if k else 0.0
+            t = over + max(gpu, lane)
+            if t + penalty * nf < best + penalty * (m - best_k) or k == least_cpu:
                 best, best_k = t, k
         return self._prefix([s for _, s in groups], best_k), best
 
