@@ -238,7 +238,7 @@ def test_the_warm_up_runs_every_batch_size_then_leaves_the_rows_free_and_the_res
     assert b"hybrid_generation_tokens_total 0.0" in b.metrics.render()
     b.start()
     try:
-        tok, got = ByteTokenizer(), []
+        tok = ByteTokenizer()
         seqs = [Sequence(p, params, TextStream(tok, []), lambda ev: None) for p in prompts]
         for q in seqs:
             b.submit(q)

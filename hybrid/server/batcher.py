@@ -54,9 +54,9 @@ class Batcher:
     def warm_up(self, prompt_tokens: int = 64) -> float:
         """Before the first request: a joint prefill of a full batch of made-up prompts (prompt_tokens each), a
         decode step at every batch size from full down to one, then one prompt alone and its step: kernels compile
-        and each batch size's decode graphs are captured now, not in the first requests' latency (on the GPU box
-        the first requests after start waited ~2 s for their first token). Metrics do not count it; the rows end
-        free. -> seconds it took."""
+        and each batch size's decode graphs are captured now, not in the first requests' latency (on the GPU box,
+        without it, one request in ten at the first concurrency level measured waited ~2 s for its first token).
+        Metrics do not count it; the rows end free. -> seconds it took."""
         t0 = time.perf_counter()
         vocab, cap = self.engine.cfg.vocab_size, self.slots.cap
         gen = torch.Generator().manual_seed(0)
