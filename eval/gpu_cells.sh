@@ -16,8 +16,9 @@
 #             grow with the run? eval/NOTES.md q2k (4)): $OUT/profile/fetch16.json;
 #   hybrid16  a phase log of hybrid at batch 16, 8 GiB (where a batch-16 step's time goes between the planned layers'
 #             spans and the GPU's pieces): $OUT/profile/hybrid16.json;
-#   trace     prefill traces (prefill_trace.py: torch.profiler and the phase log) on the Q4_K_M file at 8 GiB, hybrid,
-#             batch 16 prompt 128 and batch 1 prompt 512 (where TTFT goes): $OUT/trace/prefill_b<bs>_p<len>.json;
+#   trace     prefill traces with 4 decode steps (prefill_trace.py: torch.profiler and the phase log) on the Q4_K_M
+#             file at 8 GiB, hybrid, batch 16 prompt 128 and batch 1 prompt 512 (where TTFT goes; how long a copy
+#             takes while the CPU lane runs): $OUT/trace/prefill_b<bs>_p<len>.json;
 #   long      a 3,072-token prompt on the Q4_K_M file at 8 GiB, batch 1, hybrid (does the peak stay within the
 #             budget when prefill fills the workspace?): $OUT/gguf_q4k/8GiB_long/results.json.
 # MODES: the cells' modes (default hybrid,hybrid+gate; session 16's lease ran hybrid alone, ~9 minutes for all parts).
@@ -70,7 +71,8 @@ for part in ${PARTS:-ab q4k8 q4ksmall bf16}; do
       for cell in "16 128" "1 512"; do
         read -r bs len <<< "$cell"
         timeout 150 python3 eval/probes/prefill_trace.py --model $M --experts q4k --gpu-memory 8GiB --max-seq-len 640 \
-          --mode hybrid --batch-size "$bs" --prompt-len "$len" --out "$OUT/trace/prefill_b${bs}_p${len}.json" 2>&1 \
+          --mode hybrid --batch-size "$bs" --prompt-len "$len" --decode-steps 4 \
+          --out "$OUT/trace/prefill_b${bs}_p${len}.json" 2>&1 \
           | grep -vE "it/s|%\|" | tail -12
       done ;;
     long)
