@@ -4,9 +4,9 @@
 # engine, e.g. `git archive <commit> hybrid cost_model eval run.py calibrate.py | tar -x -C .ab_base`). PARTS, in
 # order (default "ab q4k8 q4ksmall bf16"; each call must end within the device's 10 minutes: with both modes, give
 # each part a call of its own):
-#   ab        batch-1 decode at 8 GiB on the Q4_K_M file, this code, the older one, this code again, phase logs
-#             (profile_layers.py): $OUT/ab/{this,base,this2}.json; if this code fails there, the later parts run the
-#             older one;
+#   ab        decode at 8 GiB on the Q4_K_M file (batch AB_BATCH, default 1), this code, the older one, this code
+#             again, phase logs (profile_layers.py): $OUT/ab/{this,base,this2}.json; if this code fails there, the
+#             later parts run the older one;
 #   q4k8      the Q4_K_M file at 8 GiB, batch 1 and 16, prompts 128 and 512: $OUT/gguf_q4k/8GiB/results.json;
 #   q4ksmall  the Q4_K_M file at 6 and 4 GiB, batch 1, prompt 128: $OUT/gguf_q4k/<budget>/results.json;
 #   bf16      bf16 at 12 GiB, batch 1 and 16, prompt 128: $OUT/hybrid/results.json;
@@ -36,7 +36,8 @@ for part in ${PARTS:-ab q4k8 q4ksmall bf16}; do
         dir=$ROOT; [ $v = base ] && dir=$ROOT/.ab_base
         echo "== $v"; python3 "$ROOT/eval/probes/host_speed.py" --line
         (cd "$dir" && timeout 100 python3 eval/probes/profile_layers.py --model $M --experts q4k --gpu-memory 8GiB \
-          --max-seq-len 640 --mode hybrid --prefetch none --batch-size 1 --out "$OUT/ab/$v.json" 2>&1 | grep -vE "it/s|%\|" | tail -13)
+          --max-seq-len 640 --mode hybrid --prefetch none --batch-size "${AB_BATCH:-1}" --out "$OUT/ab/$v.json" 2>&1 \
+          | grep -vE "it/s|%\|" | tail -13)
       done
       [ -s "$OUT/ab/this.json" ] || { echo "this code failed: the cells run the older one"; cd "$ROOT/.ab_base"; } ;;
     q4k8)
