@@ -34,7 +34,8 @@ def make_engine(a, mode: str, batch: int, seq: int) -> Engine:
     run = RunConfig(device="cuda" if cuda else "cpu", dtype="bfloat16" if cuda else "float32", mode=mode,
                     experts=a.experts,
                     prefetch=prefetch or "none", gpu_memory=a.gpu_memory if cuda and mode != "gpu" else None,
-                    cache_policy=a.cache_policy, cache_layout=a.cache_layout, max_batch_size=batch, max_seq_len=seq)
+                    cache_policy=a.cache_policy, cache_layout=a.cache_layout, max_batch_size=batch, max_seq_len=seq,
+                    prefill_graph_tokens=None if getattr(a, "prefill_graphs", "on") == "on" else 0)
     return Engine(a.model, run, progress=False)
 
 

@@ -23,7 +23,8 @@ from hybrid.model.config import CHOICES, ConfigError
 
 MODES = ("gpu", "fetch", "cpu", "hybrid")
 PEERS = ("transformers", "transformers+accelerate")
-SETTINGS = ("checkpoint", "gpu_budget_gib", "tokens_asked", "cache_policy", "cache_layout", "experts", "code_sha256")
+SETTINGS = ("checkpoint", "gpu_budget_gib", "tokens_asked", "cache_policy", "cache_layout", "experts", "prefill_graphs",
+            "code_sha256")
 FIELDS = ("mode", "batch_size", "prompt_tokens", "new_tokens", "ttft_ms", "ttft_first_ms", "tpot_ms_mean",
           "tpot_ms_p50", "tpot_ms_p90", "decode_tok_s", "e2e_tok_s", "prefill_tok_s", "peak_gpu_gib", "hit_rate",
           "gb_over_pcie", "cpu_share", "cpu_ms_per_expert", "prefetch_recall", "layer_pred_ms_mean",
@@ -47,6 +48,9 @@ def args(argv=None):
     ap.add_argument("--cache-layout", default="auto", choices=CHOICES["cache_layout"],
                     help="expert cache's slots: whole layers, equal shares, or auto: whole layers at batch 1 "
                          "(run.py's --cache-layout)")
+    ap.add_argument("--prefill-graphs", default="on", choices=["on", "off"],
+                    help="replay prefills of a shape seen before from CUDA graphs (off: every prefill eager, as a "
+                         "prompt of a new length runs, and as the server runs)")
     ap.add_argument("--experts", default="auto", choices=CHOICES["experts"],
                     help="routed experts' format (as run.py's; auto: a GGUF's own, else bf16)")
     ap.add_argument("--peers", default="", help=f"comma-separated, of {', '.join(PEERS)} (prompt: the shortest)")
@@ -92,7 +96,7 @@ def job_settings(a, mode: str, identity: str, code: str) -> dict:
     return {"checkpoint": identity, "gpu_budget_gib": None if resident else a.gpu_memory / 2**30,
             "tokens_asked": tokens.get(mode, a.new_tokens), "cache_policy": a.cache_policy,
             "cache_layout": None if resident else a.cache_layout, "experts": a.experts,
-            "code_sha256": code}
+            "prefill_graphs": a.prefill_graphs, "code_sha256": code}
 
 
 def key(row: dict) -> tuple:

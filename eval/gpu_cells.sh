@@ -19,6 +19,8 @@
 #   trace     prefill traces with 4 decode steps (prefill_trace.py: torch.profiler and the phase log) on the Q4_K_M
 #             file at 8 GiB, hybrid, batch 16 prompt 128 and batch 1 prompt 512 (where TTFT goes; how long a copy
 #             takes while the CPU lane runs): $OUT/trace/prefill_b<bs>_p<len>.json;
+#   eager     the 8 GiB cells with every prefill eager (--prefill-graphs off: a prompt of a new length, once its
+#             kernels are compiled; the server always): $OUT/gguf_q4k/8GiB_eager/results.json;
 #   long      a 3,072-token prompt on the Q4_K_M file at 8 GiB, batch 1, hybrid (does the peak stay within the
 #             budget when prefill fills the workspace?): $OUT/gguf_q4k/8GiB_long/results.json.
 # MODES: the cells' modes (default hybrid,hybrid+gate; session 16's lease ran hybrid alone, ~9 minutes for all parts).
@@ -76,11 +78,16 @@ for part in ${PARTS:-ab q4k8 q4ksmall bf16}; do
           --out "$OUT/trace/prefill_b${bs}_p${len}.json" 2>&1 \
           | grep -vE "it/s|%\|" | tail -12
       done ;;
+    eager)
+      timeout 200 python3 eval/compare_modes.py --model $M --experts q4k --gpu-memory 8GiB --modes hybrid \
+        --batch-sizes 1,16 --prompt-lens 128,512 --new-tokens 16 --prefill-graphs off \
+        --out-dir "$OUT/gguf_q4k/8GiB_eager" 2>&1 | grep -v "it/s\]" | tail -6
+      rm -rf "$OUT/gguf_q4k/8GiB_eager/refs" "$OUT/gguf_q4k/8GiB_eager"/*.png "$OUT/gguf_q4k/8GiB_eager"/*.csv ;;
     long)
       timeout 200 python3 eval/compare_modes.py --model $M --experts q4k --gpu-memory 8GiB --modes hybrid \
         --batch-sizes 1 --prompt-lens 3072 --new-tokens 16 --out-dir "$OUT/gguf_q4k/8GiB_long" 2>&1 \
         | grep -v "it/s\]" | tail -4
       rm -rf "$OUT/gguf_q4k/8GiB_long/refs" "$OUT/gguf_q4k/8GiB_long"/*.png "$OUT/gguf_q4k/8GiB_long"/*.csv ;;
-    *) echo "error: unknown part $part (ab, q4k8, q4ksmall, bf16, profile, fetch16, hybrid16, trace, long)"; exit 2 ;;
+    *) echo "error: unknown part $part (ab, q4k8, q4ksmall, bf16, profile, fetch16, hybrid16, trace, eager, long)"; exit 2 ;;
   esac
 done

@@ -54,6 +54,7 @@ def test_sweep_writes_json_csv_and_plots_and_resumes(tiny, tmp_path):
         assert {"tpot_ms_p50", "tpot_ms_p90", "e2e_tok_s", "peak_gpu_gib", "gb_over_pcie", "cpu_share"} <= set(x)
         assert x["checkpoint"] == Checkpoint(tiny).identity() and x["tokens_asked"] == 4
         assert x["experts"] == "bf16" and x["cache_policy"] == "lfu" and len(x["code_sha256"]) == 16
+        assert x["prefill_graphs"] == "on"
     with open(tmp_path / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
     for png in ("latency.png", "throughput.png", "traffic.png", "cost_model.png"):
@@ -138,3 +139,14 @@ def test_results_name_the_host_state_and_the_host_probe_times_small_steps():
     assert out.startswith("host: ")
     host = json.loads(out[len("host: "):])
     assert all(host[k] > 0 for k in ("python_plan_us", "numpy_routing_us", "torch_index_select_us"))
+
+
+def test_cells_with_prefill_graphs_off_run_every_prefill_eagerly(tiny):
+    """--prefill-graphs off (the TTFT of a prompt of a new length): the cell's engine keeps no prefill graphs."""
+    from types import SimpleNamespace
+    sys.path.insert(0, str(ROOT / "eval"))
+    from cells import make_engine
+    a = SimpleNamespace(model=str(tiny), experts="bf16", gpu_memory=None, cache_policy="lfu", cache_layout="auto",
+                        prefill_graphs="off")
+    e = make_engine(a, "hybrid", 1, 64)
+    assert e.run.prefill_graph_tokens == 0 and e.prefiller is None
