@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
     app, batcher, host, port = build(argv)
-    print(f"warmed up in {batcher.warm_up():.1f} s (kernels compiled, decode graphs of 1 and all rows captured)",
-          file=sys.stderr)
+    print(f"warmed up in {batcher.warm_up():.1f} s (kernels compiled, decode graphs captured)", file=sys.stderr)
     web = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
 
     def listen() -> None:

@@ -19,6 +19,8 @@
 #   trace     prefill traces with 4 decode steps (prefill_trace.py: torch.profiler and the phase log) on the Q4_K_M
 #             file at 8 GiB, hybrid, batch 16 prompt 128 and batch 1 prompt 512 (where TTFT goes; how long a copy
 #             takes while the CPU lane runs): $OUT/trace/prefill_b<bs>_p<len>.json;
+#   batches   eval/probes/batch_sizes_check.py: continuous batching on the GPU (decode graphs of every batch size in one
+#             shared pool) against each sequence alone, tiny model, modes gpu and hybrid: $OUT/batch_sizes_check.json;
 #   eager     the 8 GiB cells with every prefill eager (--prefill-graphs off: a prompt of a new length, once its
 #             kernels are compiled; the server always): $OUT/gguf_q4k/8GiB_eager/results.json;
 #   long      a 3,072-token prompt on the Q4_K_M file at 8 GiB, batch 1, hybrid (does the peak stay within the
@@ -78,6 +80,8 @@ for part in ${PARTS:-ab q4k8 q4ksmall bf16}; do
           --out "$OUT/trace/prefill_b${bs}_p${len}.json" 2>&1 \
           | grep -vE "it/s|%\|" | tail -12
       done ;;
+    batches)
+      timeout 120 python3 eval/probes/batch_sizes_check.py --out "$OUT/batch_sizes_check.json" 2>&1 | tail -3 ;;
     eager)
       timeout 200 python3 eval/compare_modes.py --model $M --experts q4k --gpu-memory 8GiB --modes hybrid \
         --batch-sizes 1,16 --prompt-lens 128,512 --new-tokens 16 --prefill-graphs off \
@@ -88,6 +92,6 @@ for part in ${PARTS:-ab q4k8 q4ksmall bf16}; do
         --batch-sizes 1 --prompt-lens 3072 --new-tokens 16 --out-dir "$OUT/gguf_q4k/8GiB_long" 2>&1 \
         | grep -v "it/s\]" | tail -4
       rm -rf "$OUT/gguf_q4k/8GiB_long/refs" "$OUT/gguf_q4k/8GiB_long"/*.png "$OUT/gguf_q4k/8GiB_long"/*.csv ;;
-    *) echo "error: unknown part $part (ab, q4k8, q4ksmall, bf16, profile, fetch16, hybrid16, trace, eager, long)"; exit 2 ;;
+    *) echo "error: unknown part $part (ab, q4k8, q4ksmall, bf16, profile, fetch16, hybrid16, trace, batches, eager, long)"; exit 2 ;;
   esac
 done

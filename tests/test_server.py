@@ -224,7 +224,7 @@ def test_a_burst_of_requests_joins_in_one_prefill(tiny, monkeypatch):
     assert joins == [6]
 
 
-def test_the_warm_up_runs_the_full_batch_and_one_then_leaves_the_rows_free_and_the_results_unchanged(tiny):
+def test_the_warm_up_runs_every_batch_size_then_leaves_the_rows_free_and_the_results_unchanged(tiny):
     from hybrid.server.batcher import Batcher
     prompts, params = [[5, 6, 7], [42] * 9], SamplingParams(6, stop_on_eos=False)
     run = dict(max_batch_size=4, max_seq_len=64, mode="hybrid", gpu_memory=budget_for(tiny, 6, batch=4, seq=64))
@@ -233,7 +233,7 @@ def test_the_warm_up_runs_the_full_batch_and_one_then_leaves_the_rows_free_and_t
     joins = []
     with step_sizes(b, joins) as sizes:
         assert b.warm_up(prompt_tokens=20) > 0
-    assert joins == [4, 1] and sizes == [4, 1]                   # the full batch and one alone, a step each
+    assert joins == [4, 1] and sizes == [4, 3, 2, 1, 1]          # a step at every batch size, and one alone
     assert b.slots.n == 0 and not b.waiting and not any(b.metrics.totals.values())
     assert b"hybrid_generation_tokens_total 0.0" in b.metrics.render()
     b.start()

@@ -141,16 +141,20 @@ class StaticStep:
 
 
 class DecodeRunner:
-    """Keeps one StaticStep per batch size over the engine's persistent latent cache."""
+    """Keeps one StaticStep per batch size over the engine's persistent latent cache. The steps share one graph
+    pool: a server meets every batch size up to its maximum, and a pool each would hold their sum. Sharing is safe
+    as the steps run one at a time and each step's outputs are read before the next runs (the offloaded layers'
+    graphs share theirs across batch sizes the same way: layer_graph.LayerGraphs)."""
 
     def __init__(self, model: DeepseekV2, cache: LatentCache, device, capture: bool):
         self.model, self.cache, self.device, self.capture = model, cache, device, capture
         self.steps: dict[int, StaticStep] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
 
     def __call__(self, tok: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
         B = tok.shape[0]
         if B not in self.steps:
-            self.steps[B] = StaticStep(self.model, self.cache, B, self.device, self.capture)
+            self.steps[B] = StaticStep(self.model, self.cache, B, self.device, self.capture, pool=self.pool)
         step = self.steps[B]
         step.load(tok[:, None], positions, mask, start)
         return step.run()

@@ -52,25 +52,27 @@ class Batcher:
 
     @torch.no_grad()
     def warm_up(self, prompt_tokens: int = 64) -> float:
-        """Before the first request: a joint prefill of a full batch of made-up prompts (prompt_tokens each) and a
-        decode step, then one prompt alone and its step, so that the kernels of both sizes compile and both batch
-        sizes' decode graphs are captured now, not in the first requests' latency (on the GPU box, without it, one
-        request in ten at the first concurrency level measured waited ~2 s for its first token). Other batch sizes
-        are captured when they first occur: each holds a graph memory pool of its own, which the memory plan does
-        not count. Metrics do not count the warm-up; the rows end free. -> seconds it took."""
+        """Before the first request: a joint prefill of a full batch of made-up prompts (prompt_tokens each), a
+        decode step at every batch size from full down to one, then one prompt alone and its step, so that the
+        kernels of both prefill sizes compile and every batch size's decode graphs are captured now (into one
+        graph pool, engine/graphs.DecodeRunner), not in the first requests' latency (on the GPU box, without it,
+        one request in ten at the first concurrency level measured waited ~2 s for its first token). Metrics do
+        not count it; the rows end free. -> seconds it took."""
         t0 = time.perf_counter()
         vocab, cap = self.engine.cfg.vocab_size, self.slots.cap
         gen = torch.Generator().manual_seed(0)
-        P = max(1, min(prompt_tokens, cap - 2))
+        P = max(1, min(prompt_tokens, cap // 2))
         for k in (self.slots.rows, 1):
+            news = [min(k + 1, cap - P)] * k
             prompts = [torch.randint(vocab, (P,), generator=gen).tolist() for _ in range(k)]
             stats = RunStats(self.engine.run.mode, k, P, self.engine.device.type)
             self.engine.backend.begin(stats)
             try:
-                if self.slots.fits([P] * k, [2] * k):
-                    self.slots.join(prompts, [2] * k)
-                    self.slots.step([0] * k)
+                if self.slots.fits([P] * k, news):
+                    self.slots.join(prompts, news)
                 while self.slots.n:
+                    if self.slots.left[0] > 0:
+                        self.slots.step([0] * self.slots.n)
                     self.slots.leave(self.slots.n - 1)
             finally:
                 self.engine.backend.end(stats)
