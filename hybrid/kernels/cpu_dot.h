@@ -183,6 +183,51 @@ inline void dot_row_q4(const QMat &w, long r, const uint16_t *x, long xs, float 
     for (int t = 0; t < TN; t++) y[t * ldt] = D::hsum(acc[t]);
 }
 
+// Gate row r and up row r + I of a q4 / q4k w13 (F = 2 / 3) side by side, each summed exactly as dot_row_q4 sums
+// it: the two rows are I rows (a page or more) apart, so each is a stream of its own for the hardware prefetcher
+// (two rows of one page interleaved were slower, eval/results/cpu_lane_h200), and the token's activations are
+// loaded once for both.
+template <class D, int F, int TN>
+inline void dot_pair_q4(const QMat &w, long r, long r2, const uint16_t *x, long xs, float *y, float *y2, long ldt) {
+    const int K = w.C, G = K / 32;
+    typename D::V acc[TN], acc2[TN];
+    for (int t = 0; t < TN; t++) acc[t] = acc2[t] = D::zero();
+    float d[8], m[8] = {}, d2[8], m2[8] = {};
+    const bool prefetch = weight_prefetch.load(std::memory_order_relaxed);
+    for (int g0 = 0; g0 < G; g0 += 8) {
+        const int n = G - g0 < 8 ? G - g0 : 8;
+        if (prefetch) {
+            qprefetch<F>(w, r + 1, g0);
+            qprefetch<F>(w, r2 + 1, g0);
+        }
+        qscales<F>(w, r, g0, n, d, m);
+        qscales<F>(w, r2, g0, n, d2, m2);
+        for (int b = 0; b < n; b += 4) {
+            const long blk = (g0 + b) / 4;
+            typename D::B q[4], q2[4];
+            D::nibbles(w.q + (size_t)r * (K / 2) + blk * 64, q);
+            D::nibbles(w.q + (size_t)r2 * (K / 2) + blk * 64, q2);
+            const typename D::V dv = D::quads(d + b), mv = D::quads(m + b);
+            const typename D::V dv2 = D::quads(d2 + b), mv2 = D::quads(m2 + b);
+            for (int t = 0; t < TN; t++) {
+                const uint16_t *xb = x + t * xs + blk * DBS;
+                const typename D::B x0 = D::load(xb), x1 = D::load(xb + 32), x2 = D::load(xb + 64),
+                                    x3 = D::load(xb + 96);
+                const typename D::V xsum = D::loadf(xb + DB);
+                typename D::V s = D::dot(D::dot(D::dot(D::dot(D::zero(), q[0], x0), q[1], x1), q[2], x2), q[3], x3);
+                typename D::V s2 = D::dot(D::dot(D::dot(D::dot(D::zero(), q2[0], x0), q2[1], x1), q2[2], x2),
+                                          q2[3], x3);
+                acc[t] = D::fma(mv, xsum, D::fma(s, dv, acc[t]));
+                acc2[t] = D::fma(mv2, xsum, D::fma(s2, dv2, acc2[t]));
+            }
+        }
+    }
+    for (int t = 0; t < TN; t++) {
+        y[t * ldt] = D::hsum(acc[t]);
+        y2[t * ldt] = D::hsum(acc2[t]);
+    }
+}
+
 // RB weight rows from r0 (row-major bf16 `w` with K columns, or the q4-family matrix `qm`) against T tokens of
 // activations in layout `lay` (1 natural, 2 blocked), in blocks of up to TB tokens. 4-bit rows go one at a time
 // (qrows_all_tokens says why); bf16 rows (4 KB, a page each) in register tiles of RB.
@@ -209,6 +254,27 @@ inline void dot_rows(const void *w, const QMat &qm, long r0, int K, int lay, con
     }
 }
 
+// RB gate rows from r0 of a q4 / q4k w13 and the RB up rows I below them (dot_pair_q4), against T tokens of blocked
+// activations in blocks of up to TB tokens: y row r0 + r and r0 + r + I.
+template <class D, int F>
+inline void dot_pairs(const QMat &qm, long r0, int I, const uint16_t *x, int T, float *y, long ldt) {
+    const long xs = (long)qm.C / DB * DBS;
+    for (int t0 = 0; t0 < T; t0 += TB) {
+        const int tn = T - t0 < TB ? T - t0 : TB;
+        const uint16_t *xt = x + t0 * xs;
+        float *yt = y + t0 * ldt;
+#define MOE_PAIR_CASE(N) \
+        case N: \
+            for (int r = 0; r < RB; r++) dot_pair_q4<D, F, N>(qm, r0 + r, r0 + r + I, xt, xs, yt + r, yt + r + I, ldt); \
+            break;
+        switch (tn) {
+            MOE_PAIR_CASE(1) MOE_PAIR_CASE(2) MOE_PAIR_CASE(3) MOE_PAIR_CASE(4)
+            default: break;
+        }
+#undef MOE_PAIR_CASE
+    }
+}
+
 // Items [lo, hi) of one phase of a job on this path (Job::lay13 / lay2 say which layout each matrix reads; a w2
 // with none, q8, takes the plain path's phases 2 and 3). Scratch: xf holds the blocked or natural input, h the
 // intermediate likewise when w2 reads it.
@@ -226,11 +292,15 @@ void run_dot_phase(const Job &jb, int phase, long lo, long hi) {
     } else if (phase == 1) {
         for (long r = lo; r < hi; r++) {
             int j, i;
-            split(r, 2 * I / RB, j, i);
-            QMat qm{};
-            if constexpr (F != 0) qm = qmat<F>(jb.w13[j], 2 * I, H);
-            dot_rows<D, F>(jb.w13[j], qm, (long)i * RB, H, jb.lay13, xd + jb.starts[j] * xs, jb.counts[j],
-                           jb.gu + (size_t)jb.starts[j] * 2 * I + i * RB, 2 * I);
+            if constexpr (F != 0) {                     // 4-bit: gate and up rows in pairs (Job::size)
+                split(r, I / RB, j, i);
+                dot_pairs<D, F>(qmat<F>(jb.w13[j], 2 * I, H), (long)i * RB, I, xd + jb.starts[j] * xs,
+                                jb.counts[j], jb.gu + (size_t)jb.starts[j] * 2 * I + i * RB, 2 * I);
+            } else {
+                split(r, 2 * I / RB, j, i);
+                dot_rows<D, F>(jb.w13[j], QMat{}, (long)i * RB, H, jb.lay13, xd + jb.starts[j] * xs, jb.counts[j],
+                               jb.gu + (size_t)jb.starts[j] * 2 * I + i * RB, 2 * I);
+            }
         }
     } else if (F2 == 1 || !jb.lay2) {
         run_phase<uint16_t, F, F2>(jb, phase, lo, hi);

@@ -141,7 +141,8 @@ struct Job {                                  // one call's arguments (see moe_c
         if (tiles) return phase == 0 || phase == 2 ? (long)nblocks : (long)n * (phase == 1 ? 2 * I : H) / 16;
         switch (phase) {
             case 0: return rows;                  // input rows widened to fp32
-            case 1: return (long)n * 2 * I / RB;  // blocks of RB gate and up rows of every expert
+            case 1: return (long)n * (lay13 == 2 ? I : 2 * I) / RB;   // blocks of RB gate and up rows of every
+                                                                       // expert; 4-bit dot path: gate / up pairs
             case 2: return lay2 ? (long)rows * (I / 128) : (long)rows * I;   // silu(gate) * up (per block)
             default: return (long)n * H / RB;     // blocks of RB down rows of every expert
         }
