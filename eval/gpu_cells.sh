@@ -92,6 +92,7 @@ for part in ${PARTS:-ab q4k8 q4ksmall bf16}; do
         --batch-sizes 1 --prompt-lens 3072 --new-tokens 16 --out-dir "$OUT/gguf_q4k/8GiB_long" 2>&1 \
         | grep -v "it/s\]" | tail -4
       rm -rf "$OUT/gguf_q4k/8GiB_long/refs" "$OUT/gguf_q4k/8GiB_long"/*.png "$OUT/gguf_q4k/8GiB_long"/*.csv ;;
-    *) echo "error: unknown part $part (ab, q4k8, q4ksmall, bf16, profile, fetch16, hybrid16, trace, batches, eager, long)"; exit 2 ;;
+    *) echo "error: unknown part $part (ab, q4k8, q4ksmall, bf16, profile, fetch16, hybrid16, trace, batches, eager," \
+            "long)"; exit 2 ;;
   esac
 done

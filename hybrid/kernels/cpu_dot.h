@@ -265,7 +265,8 @@ inline void dot_pairs(const QMat &qm, long r0, int I, const uint16_t *x, int T, 
         float *yt = y + t0 * ldt;
 #define MOE_PAIR_CASE(N) \
         case N: \
-            for (int r = 0; r < RB; r++) dot_pair_q4<D, F, N>(qm, r0 + r, r0 + r + I, xt, xs, yt + r, yt + r + I, ldt); \
+            for (int r = 0; r < RB; r++) \
+                dot_pair_q4<D, F, N>(qm, r0 + r, r0 + r + I, xt, xs, yt + r, yt + r + I, ldt); \
             break;
         switch (tn) {
             MOE_PAIR_CASE(1) MOE_PAIR_CASE(2) MOE_PAIR_CASE(3) MOE_PAIR_CASE(4)
