@@ -53,16 +53,16 @@ class Batcher:
     @torch.no_grad()
     def warm_up(self, prompt_tokens: int = 64) -> float:
         """Before the first request: a joint prefill of a full batch of made-up prompts (prompt_tokens each), a
-        decode step at every batch size from full down to one, then one prompt alone and its step, so that the
-        kernels of both prefill sizes compile and every batch size's decode graphs are captured now (into one
-        graph pool, engine/graphs.DecodeRunner), not in the first requests' latency (on the GPU box, without it,
-        one request in ten at the first concurrency level measured waited ~2 s for its first token). Metrics do
-        not count it; the rows end free. -> seconds it took."""
+        decode step at every batch size from full down to one, then one shorter prompt of odd length alone and its
+        step (Triton specialises integer arguments on their divisibility by 16): kernels compile and every batch
+        size's decode graphs are captured now (one shared pool: engine/graphs.DecodeRunner), not in the first
+        requests' latency (on the GPU box, without it, one request in ten at the first concurrency level measured
+        waited ~2 s for its first token). Metrics do not count it; the rows end free. -> seconds it took."""
         t0 = time.perf_counter()
         vocab, cap = self.engine.cfg.vocab_size, self.slots.cap
         gen = torch.Generator().manual_seed(0)
-        P = max(1, min(prompt_tokens, cap // 2))
-        for k in (self.slots.rows, 1):
+        full = max(1, min(prompt_tokens, cap // 2))
+        for k, P in ((self.slots.rows, full), (1, full * 3 // 5 | 1)):
             news = [min(k + 1, cap - P)] * k
             prompts = [torch.randint(vocab, (P,), generator=gen).tolist() for _ in range(k)]
             stats = RunStats(self.engine.run.mode, k, P, self.engine.device.type)
