@@ -1,8 +1,9 @@
 """Does continuous batching compute on the GPU what each sequence computes alone? The CPU tests check it without
 CUDA graphs; here the decode steps of every batch size replay from graphs that share one memory pool
-(engine/graphs.DecodeRunner), in mode gpu and offloaded (hybrid within a budget: the layer graphs too). Sequences
-join and leave a running batch (engine/slots.py) so that the batch size goes up and down, and each one's greedy
-tokens and last logits are compared with the same prompt generated alone. One JSON object; exit 1 on a mismatch.
+(engine/graphs.DecodeRunner), in mode gpu and offloaded (hybrid with 6 cache slots: the layer graphs too), on the
+small synthetic model in float32. Sequences join and leave a running batch (engine/slots.py) so that the batch size
+goes up and down, and each one's greedy tokens are compared with the same prompt generated alone. One JSON object;
+exit 1 on a mismatch.
 
     python eval/probes/batch_sizes_check.py [--out check.json]"""
 from __future__ import annotations
@@ -74,7 +75,7 @@ def main() -> None:
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device: --device cpu runs the same without graphs (as the tests do)")
     with tempfile.TemporaryDirectory() as d:
-        config, shards = PRESETS["tiny"]
+        config, shards = PRESETS["small"]              # rows of 128 and more, as the GPU kernels expect
         model = write_checkpoint(d, config, shards, seed=1, progress=False)
         rows = [check(model, "gpu", a.device), check(model, "hybrid", a.device)]
     report = {**meta(), "rows": rows}
