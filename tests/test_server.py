@@ -268,33 +268,17 @@ def test_waiting_requests_join_once_their_burst_is_over_or_they_fill_the_rows(ti
 
 
 def test_rows_joining_and_leaving_compute_what_each_sequence_computes_alone(tiny):
+    from eval.probes.batch_sizes_check import batched         # the same loop runs on the GPU box, with graphs
     e = make(tiny, max_batch_size=4, max_seq_len=40)
     prompts = [[5, 6, 7, 8, 9], [100, 200, 300], list(range(1, 25)), [42], [7] * 12, [3, 1, 4, 1, 5]]
     new = [10, 12, 6, 15, 8, 9]
     alone = [e.generate([p], SamplingParams(n, stop_on_eos=False)).tokens[0] for p, n in zip(prompts, new)]
-    slots, out, row_of, todo, shifts, joins = Slots(e), {}, {}, list(range(len(prompts))), [], []
+    shifts = []
     e.cache.shift = (lambda f: lambda rows, by, length: shifts.append(by) or f(rows, by, length))(e.cache.shift)
-    for step in range(200):
-        k = 2 if step % 4 == 0 else 1            # sometimes two prompts join in one prefill
-        if todo and step % 2 == 0 and slots.fits([len(prompts[i]) for i in todo[:k]], [new[i] for i in todo[:k]]):
-            joining, todo = todo[:k], todo[k:]
-            joins.append(len(joining))
-            r0, logits = slots.join([prompts[i] for i in joining], [new[i] for i in joining])
-            for j, i in enumerate(joining):
-                row_of[r0 + j], out[i] = i, [int(logits[j].argmax())]
-        if slots.n:
-            logits = slots.step([out[row_of[r]][-1] for r in range(slots.n)])
-            for r in range(slots.n):
-                out[row_of[r]].append(int(logits[r].argmax()))
-            for r in reversed(range(slots.n)):
-                if len(out[row_of[r]]) >= new[row_of[r]]:
-                    last = slots.leave(r)
-                    row_of[r] = row_of[last]
-        if not todo and slots.n == 0:
-            break
-    assert [out[i][:new[i]] for i in range(len(prompts))] == alone
+    out, sizes, joins = batched(e, prompts, new, per_join=lambda step: 2 if step % 4 == 0 else 1)
+    assert out == alone
     assert any(b > 0 for b in shifts) and any(b < 0 for b in shifts)     # made room both ways
-    assert 2 in joins
+    assert 2 in joins and set(sizes) == {1, 2, 3, 4}
 
 
 def test_load_test_script_measures_each_concurrency_level(server, tmp_path):

@@ -28,14 +28,16 @@ PROMPTS = [[5, 6, 7, 8, 9], [100, 200, 300], list(range(1, 25)), [42], [7] * 12,
 NEW = [10, 12, 6, 15, 8, 9, 11, 5]
 
 
-def batched(e: Engine) -> tuple[dict[int, list[int]], list[int]]:
-    """Every prompt through one Slots: two join at a time every other step, each leaves after its tokens. ->
-    greedy tokens per prompt, and the batch size of every step."""
-    slots, out, row_of, todo, sizes = Slots(e), {}, {}, list(range(len(PROMPTS))), []
+def batched(e: Engine, prompts: list[list[int]], new: list[int], per_join=lambda step: 2):
+    """Every prompt through one Slots: `per_join(step)` of them join every other step while they fit, each leaves
+    after its `new` tokens. -> greedy tokens per prompt, the batch size of every step, the size of every join."""
+    slots, out, row_of, todo, sizes, joins = Slots(e), {}, {}, list(range(len(prompts))), [], []
     for step in range(400):
-        if todo and step % 2 == 0 and slots.fits([len(PROMPTS[i]) for i in todo[:2]], [NEW[i] for i in todo[:2]]):
-            joining, todo = todo[:2], todo[2:]
-            r0, logits = slots.join([PROMPTS[i] for i in joining], [NEW[i] for i in joining])
+        k = per_join(step)
+        if todo and step % 2 == 0 and slots.fits([len(prompts[i]) for i in todo[:k]], [new[i] for i in todo[:k]]):
+            joining, todo = todo[:k], todo[k:]
+            joins.append(len(joining))
+            r0, logits = slots.join([prompts[i] for i in joining], [new[i] for i in joining])
             for j, i in enumerate(joining):
                 row_of[r0 + j], out[i] = i, [int(logits[j].argmax())]
         if slots.n:
@@ -44,12 +46,12 @@ def batched(e: Engine) -> tuple[dict[int, list[int]], list[int]]:
             for r in range(slots.n):
                 out[row_of[r]].append(int(logits[r].argmax()))
             for r in reversed(range(slots.n)):
-                if len(out[row_of[r]]) >= NEW[row_of[r]]:
+                if len(out[row_of[r]]) >= new[row_of[r]]:
                     moved = slots.leave(r)
                     row_of[r] = row_of[moved]
         if not todo and slots.n == 0:
             break
-    return out, sizes
+    return [out[i][:new[i]] for i in range(len(prompts))], sizes, joins
 
 
 def check(model: Path, mode: str, device: str) -> dict:
@@ -60,8 +62,8 @@ def check(model: Path, mode: str, device: str) -> dict:
     alone = [alone_e.generate([p], SamplingParams(n, stop_on_eos=False)).tokens[0] for p, n in zip(PROMPTS, NEW)]
     del alone_e
     e = Engine(str(model), RunConfig(**run, prefill_graph_tokens=0), progress=False)
-    out, sizes = batched(e)
-    same = [out[i][:NEW[i]] == alone[i] for i in range(len(PROMPTS))]
+    out, sizes, _ = batched(e, PROMPTS, NEW)
+    same = [out[i] == alone[i] for i in range(len(PROMPTS))]
     return {"mode": mode, "batch_sizes_stepped": sorted(set(sizes)), "steps": len(sizes),
             "graphs_captured": sorted(e.decoder.steps) if e.decoder is not None else [],
             "identical": all(same), "identical_per_prompt": same}
