@@ -35,7 +35,7 @@ def make_engine(a, mode: str, batch: int, seq: int) -> Engine:
                     experts=a.experts,
                     prefetch=prefetch or "none", gpu_memory=a.gpu_memory if cuda and mode != "gpu" else None,
                     cache_policy=a.cache_policy, cache_layout=a.cache_layout, max_batch_size=batch, max_seq_len=seq,
-                    prefill_graph_tokens=None if getattr(a, "prefill_graphs", "on") == "on" else 0)
+                    prefill_graph_tokens=None if a.prefill_graphs == "on" else 0)
     return Engine(a.model, run, progress=False)
 
 

@@ -20,7 +20,7 @@
 #             file at 8 GiB, hybrid, batch 16 prompt 128 and batch 1 prompt 512 (where TTFT goes; how long a copy
 #             takes while the CPU lane runs): $OUT/trace/prefill_b<bs>_p<len>.json;
 #   batches   eval/probes/batch_sizes_check.py: continuous batching on the GPU (decode graphs of every batch size in one
-#             shared pool) against each sequence alone, tiny model, modes gpu and hybrid: $OUT/batch_sizes_check.json;
+#             shared pool) against each sequence alone, small model, modes gpu and hybrid: $OUT/batch_sizes_check.json;
 #   eager     the 8 GiB cells with every prefill eager (--prefill-graphs off: a prompt of a new length, once its
 #             kernels are compiled; the server always): $OUT/gguf_q4k/8GiB_eager/results.json;
 #   long      a 3,072-token prompt on the Q4_K_M file at 8 GiB, batch 1, hybrid (does the peak stay within the

@@ -56,12 +56,12 @@ def batched(e: Engine, prompts: list[list[int]], new: list[int], per_join=lambda
 
 def check(model: Path, mode: str, device: str) -> dict:
     """Mode gpu, or hybrid with 6 cache slots (most experts offloaded), on `device`."""
-    run = dict(device=device, dtype="float32", mode=mode, max_batch_size=4, max_seq_len=64,
-               cache_slots=6 if mode == "hybrid" else None)
-    alone_e = Engine(str(model), RunConfig(**run, prefill_graph_tokens=0), progress=False)
+    run = RunConfig(device=device, dtype="float32", mode=mode, max_batch_size=4, max_seq_len=64,
+                    cache_slots=6 if mode == "hybrid" else None, prefill_graph_tokens=0)
+    alone_e = Engine(str(model), run, progress=False)
     alone = [alone_e.generate([p], SamplingParams(n, stop_on_eos=False)).tokens[0] for p, n in zip(PROMPTS, NEW)]
     del alone_e
-    e = Engine(str(model), RunConfig(**run, prefill_graph_tokens=0), progress=False)
+    e = Engine(str(model), run, progress=False)
     out, sizes, _ = batched(e, PROMPTS, NEW)
     same = [out[i] == alone[i] for i in range(len(PROMPTS))]
     return {"mode": mode, "batch_sizes_stepped": sorted(set(sizes)), "steps": len(sizes),
