@@ -140,6 +140,23 @@ def _check_pool_jobs(inline, pooled, dtype):
         assert torch.equal(out, ref)                  # same rows, same sums: bit for bit, whatever the split
 
 
+def test_a_jobs_time_ends_with_its_last_item_not_with_the_callers_return():
+    """The lane's time feeds the planner's CPU-cost correction: a caller that comes back late (prefill's launches)
+    must not make the lane look slower than it ran."""
+    import time
+
+    import numpy as np
+    from hybrid.kernels.cpu_experts import pointer_table
+    _, w13, w2, starts, counts = experts([2, 1], torch.float32)
+    views, x = list(zip(w13, w2)), torch.randn(3, 64)
+    pooled = CpuExperts("native", pool_threads=2, tiles="off")
+    segs, rows = [(0, 0, 2), (1, 2, 1)], np.array([0, 1, 2], dtype=np.int32)
+    assert pooled.start_rows(x, rows, torch.empty(3, 64), views, pointer_table(views), segs)
+    time.sleep(0.3)                                   # the members finish meanwhile
+    ms = pooled.wait()
+    assert 0 < ms < 150
+
+
 def test_call_arrays_grow_and_a_started_job_holds_them():
     import numpy as np
     from hybrid.kernels.cpu_experts import CallArrays, pointer_table

@@ -14,6 +14,7 @@ import torch
 from ..model.deepseek import DeepseekV2, MoECall, StepState
 from ..model.latent_cache import LatentCache
 from ..offload.budget import GRAPH_TOKENS_KEPT
+from ..offload.layer_graph import warm_stream
 
 
 class StaticStep:
@@ -77,7 +78,7 @@ class StaticStep:
     def _capture(self) -> None:
         backend = self.model.experts
         warm = backend.forward if backend.capturable else backend.warm
-        side = torch.cuda.Stream()
+        side = warm_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
@@ -117,7 +118,7 @@ class StaticStep:
 
     @staticmethod
     def _capture_guess(guess, call: MoECall, pool) -> torch.cuda.CUDAGraph:
-        side = torch.cuda.Stream()
+        side = warm_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             guess(call)                                       # warm-up: Triton compiles, the allocator settles

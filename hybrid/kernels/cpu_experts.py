@@ -205,7 +205,8 @@ class CpuExperts:
             raise RuntimeError(f"native CPU expert kernel refused its input (code {err})")
 
     def wait(self) -> float:
-        """Block until the started job is done; -> its time on the pool in ms."""
+        """Block until the started job is done; -> its time on the pool in ms, from its start to its last item
+        (not to this call's return: a caller that comes back late does not lengthen it)."""
         ns = self.lib.moe_pool_wait()
         self.pending = None
         return ns / 1e6

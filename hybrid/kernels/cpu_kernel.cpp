@@ -324,7 +324,8 @@ int moe_cpu_experts(int dtype, int n, const void *const *w13, const void *const 
 }
 
 // The same work on the library's own thread pool (created by the first call with `threads` members), returning
-// at once; moe_pool_wait() blocks until it is done. One job at a time; its buffers must outlive the wait.
+// at once; moe_pool_wait() blocks until it is done (-> ns from start to its last item). One job at a time; its
+// buffers must outlive the wait.
 int moe_pool_start(int threads, long spin_ns, int dtype, int n, const void *const *w13, const void *const *w2,
                    const int *starts, const int *counts, const void *x, const int *xrows, void *out, int rows,
                    int H, int I, float *xf, float *gu, float *h, int tiles, int wfmt, int dot) {

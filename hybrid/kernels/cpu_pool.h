@@ -57,6 +57,7 @@ class Pool {
             grain_[p] = n / (4 * team) > 1 ? n / (4 * team) : 1;
             progress_[p].next.store(0, std::memory_order_relaxed);
             progress_[p].done.store(0, std::memory_order_relaxed);
+            progress_[p].end.store(t0_, std::memory_order_relaxed);
         }
         gen_.fetch_add(1);                                    // even: open
 #if defined(__cpp_lib_atomic_wait)
@@ -66,17 +67,25 @@ class Pool {
 
     void park() { park_.store(true, std::memory_order_relaxed); }   // idle members sleep now, not after spin_ns
 
-    long wait() {                             // -> ns from start to the end of the job
+    // -> ns from start to the job's last item done: the lane's own time, not when the caller came back to it (in
+    // prefill the caller joins after milliseconds of launches, long after the members finished)
+    long wait() {
         if (job_.rows > join_above.load(std::memory_order_relaxed)) work();
         else watch();
-        return now_ns() - t0_;
+        long end = t0_;
+        for (int p = 0; p < 4; p++) {
+            const long e = progress_[p].end.load(std::memory_order_acquire);
+            end = e > end ? e : end;
+        }
+        return end - t0_;
     }
 
   private:
     struct alignas(64) Progress {
         std::atomic<long> next{0};            // first item not yet taken
         std::atomic<long> done{0};            // items finished
-        char pad[64 - 2 * sizeof(std::atomic<long>)];
+        std::atomic<long> end{0};             // when the last of them finished (now_ns)
+        char pad[64 - 3 * sizeof(std::atomic<long>)];
     };
 
     void work() {
@@ -86,7 +95,8 @@ class Pool {
             for (long lo; (lo = progress_[p].next.fetch_add(g, std::memory_order_relaxed)) < n;) {
                 long hi = lo + g < n ? lo + g : n;
                 run_items(job_, p, lo, hi);
-                progress_[p].done.fetch_add(hi - lo, std::memory_order_release);
+                if (progress_[p].done.fetch_add(hi - lo, std::memory_order_acq_rel) + (hi - lo) == n)
+                    progress_[p].end.store(now_ns(), std::memory_order_release);
             }
             while (progress_[p].done.load(std::memory_order_acquire) < n) relax();
         }

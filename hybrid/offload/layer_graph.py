@@ -15,6 +15,20 @@ import torch
 from ..kernels import host_read
 
 
+_WARM_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def warm_stream() -> torch.cuda.Stream:
+    """The one side stream on which every graph's warm-up pass runs, on the current device. torch keeps a cuBLAS
+    workspace (32 MiB on the H200) for each stream that ran a matmul, for the life of the process: a fresh stream per
+    capture (up to torch's pool of 32) held ~0.8 GiB once a server had captured every batch size, and it ran out of
+    its 8 GiB budget."""
+    dev = torch.cuda.current_device()
+    if dev not in _WARM_STREAMS:
+        _WARM_STREAMS[dev] = torch.cuda.Stream()
+    return _WARM_STREAMS[dev]
+
+
 def combine(x: torch.Tensor, tok: torch.Tensor, ys: torch.Tensor, wsort: torch.Tensor) -> torch.Tensor:
     """Sum each token's expert outputs ys [T*K, Hd] (sorted rows, token tok [T*K]) weighted by wsort [T*K, 1]."""
     return torch.zeros_like(x).index_add_(0, tok, (ys * wsort).to(x.dtype))
@@ -66,7 +80,7 @@ class LayerGraph:
         self.out = combine(self.call.x, self.tok, ys, self.wsort)                          # [T, Hd]
 
     def _capture(self, pool) -> None:
-        side = torch.cuda.Stream()
+        side = warm_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._hits()
