@@ -311,12 +311,13 @@ def test_quality_script_compares_each_format_with_the_unquantized_experts(tiny, 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_triton_dequantize_kernel_writes_the_dequantized_matrices(fmt):
+    from hybrid.kernels.quant_gpu import plane_pointers
     from hybrid.kernels.quant_scratch import _dequant_matrix
     lay, slots = experts(fmt, 4)
     ids = torch.tensor([3, 1], dtype=torch.int32)
     for mat in (lay.w13, lay.w2):
         out = torch.empty(2, mat.rows, mat.cols)
-        _dequant_matrix(slots, mat, ids, out)
+        _dequant_matrix(slots, mat, plane_pointers(slots, mat), ids, out)
         assert torch.equal(out, dequantize_matrix(slots[[3, 1]], mat))
 
 
@@ -327,15 +328,19 @@ def test_scratch_ffn_chunks_active_slots_and_matches_the_reference():
     assert (counts > 0).sum() > CHUNK
     offs = counts.cumsum(0).to(torch.int32)
     xs = torch.randn(int(counts.sum()), 256)
-    got = ScratchFFN(slots, lay, torch.float32)(xs, offs.numpy())
-    assert rel_err(got, torch_grouped_qffn(xs, offs, slots, lay)) <= 1e-6
+    ref = torch_grouped_qffn(xs, offs, slots, lay)
+    assert rel_err(ScratchFFN(slots, lay, torch.float32)(xs, offs.numpy()), ref) <= 1e-6
+    kernels = ScratchFFN(slots, lay, torch.float32)
+    kernels.cuda = True                  # a GPU's route: the Triton kernel (here in its interpreter), one upload a chunk
+    out = torch.full_like(xs, float("nan"))
+    assert kernels(xs, offs.numpy(), out=out) is out and rel_err(out, ref) <= 1e-6
 
 
 def test_long_prefill_takes_the_scratch_path_and_stays_exact(tiny):
     e = make(tiny, experts="q4", mode="fetch", prefill_scratch=8, gpu_memory=budget_for(tiny, 20, experts="q4", scratch=8))
     assert e.backend.cache.n_slots == 20 and e.backend.waves.scratch.chunk == 8
     calls, scratch = [], e.backend.waves.scratch
-    e.backend.waves.scratch = lambda xs, ends, lay: calls.append(xs.shape[0]) or scratch(xs, ends, lay)
+    e.backend.waves.scratch = lambda xs, ends, lay, out: calls.append(xs.shape[0]) or scratch(xs, ends, lay, out=out)
     prompt = [(7 * i) % 500 + 3 for i in range(100)]
     assert rel_err(e.logits(prompt), make(tiny, experts="q4").logits(prompt)) <= 1e-4
     assert calls and min(calls) >= 128

@@ -150,3 +150,16 @@ def test_cells_with_prefill_graphs_off_run_every_prefill_eagerly(tiny):
                         prefill_graphs="off")
     e = make_engine(a, "hybrid", 1, 64)
     assert e.run.prefill_graph_tokens == 0 and e.prefiller is None
+
+
+def test_the_prefill_traces_host_op_ranking_counts_the_driving_threads_ops_inside_each_window():
+    sys.path.insert(0, str(ROOT / "eval" / "probes"))
+    from prefill_trace import host_ops
+    op = lambda ts, dur, name, tid=1, cat="cpu_op": {"ph": "X", "ts": ts, "dur": dur, "name": name, "tid": tid,  # noqa
+                                                      "cat": cat}
+    events = [{"name": "prefill_trace_mark", "tid": 1}, op(10, 5, "a"), op(12, 1, "launch", cat="cuda_runtime"),
+              op(30, 9, "outside"), op(52, 4, "a"), op(53, 50, "other thread", tid=2), op(55, 2, "b", cat="kernel")]
+    res = host_ops(events, [(0, 20), (50, 60)])
+    ranked = {(t["cat"], t["name"]): (t["ms_per_layer"], t["calls_per_layer"]) for t in res["top"]}
+    assert ranked == {("cpu_op", "a"): (0.0045, 1.0), ("cuda_runtime", "launch"): (0.0005, 0.5)}
+    assert res["layers"] == 2 and res["mean_window_ms"] == 0.015 and host_ops(events, []) == {}

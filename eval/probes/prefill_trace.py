@@ -84,30 +84,42 @@ def analyse(events: list[dict], rows: list[dict], offset: float) -> dict:
             "cpu_lane_busy_ms": busy_ms(cpu, first_moe, hi), "layers": layers}
 
 
-def host_gap(events: list[dict], rows: list[dict], offset: float, top: int = 12) -> dict:
-    """From one MoE layer's end on the host (`done`) to the next layer's start (`enter`): the driving thread's
-    CPU ops and CUDA runtime calls in that gap, by total time per layer (nested ops count in their parents too)."""
-    us = lambda t: 1e6 * t + offset  # noqa: E731
-    mark = next(e for e in events if e.get("name") == "prefill_trace_mark")
-    gaps = [(us(r["done"]), us(n["enter"])) for r, n in zip(rows, rows[1:]) if "done" in r and "enter" in n]
-    if not gaps:
+def host_ops(events: list[dict], windows: list[tuple[float, float]], top: int = 12) -> dict:
+    """The driving thread's CPU ops and CUDA runtime calls inside the windows (us, sorted, disjoint), by total time
+    per window (nested ops count in their parents too)."""
+    if not windows:
         return {}
-    starts = [a for a, _ in gaps]
+    mark = next(e for e in events if e.get("name") == "prefill_trace_mark")
+    starts = [a for a, _ in windows]
     total: dict[tuple[str, str], list] = {}
     for e in events:
         if e.get("ph") != "X" or e.get("tid") != mark.get("tid") or e.get("cat") not in ("cpu_op", "cuda_runtime",
                                                                                           "cuda_driver"):
             continue
         i = bisect.bisect_right(starts, e["ts"]) - 1
-        if i >= 0 and e["ts"] < gaps[i][1]:
+        if i >= 0 and e["ts"] < windows[i][1]:
             t = total.setdefault((e["cat"], e["name"]), [0.0, 0])
             t[0] += e.get("dur", 0.0)
             t[1] += 1
-    n = len(gaps)
+    n = len(windows)
     ranked = sorted(total.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"mean_gap_ms": sum(b - a for a, b in gaps) / n / 1000, "layers": n,
+    return {"mean_window_ms": sum(b - a for a, b in windows) / n / 1000, "layers": n,
             "top": [{"cat": c, "name": m, "ms_per_layer": t / n / 1000, "calls_per_layer": k / n}
                     for (c, m), (t, k) in ranked]}
+
+
+def host_gap(events: list[dict], rows: list[dict], offset: float) -> dict:
+    """From one MoE layer's end on the host (`done`) to the next layer's start (`enter`): host_ops there."""
+    us = lambda t: 1e6 * t + offset  # noqa: E731
+    return host_ops(events, [(us(r["done"]), us(n["enter"])) for r, n in zip(rows, rows[1:])
+                             if "done" in r and "enter" in n])
+
+
+def host_in_layer(events: list[dict], rows: list[dict], offset: float) -> dict:
+    """From a MoE layer's routing on the host to its end (`routed` -> `done`: plan, copies, the GPU side's
+    launches, the CPU lane's join): host_ops there."""
+    us = lambda t: 1e6 * t + offset  # noqa: E731
+    return host_ops(events, [(us(r["routed"]), us(r["done"])) for r in rows if "routed" in r and "done" in r])
 
 
 def timeline(events: list[dict], rows: list[dict], offset: float, which: tuple[int, ...] = (5, 6)) -> list[dict]:
@@ -140,11 +152,13 @@ def table(res: dict) -> None:
               f"{f(r['host_done_ms'])}  {f(r['span_ms'])}")
     spans = [r["span_ms"] for r in res["layers"]]
     print(f"median layer span {statistics.median(spans):.2f} ms")
-    gap = res.get("host_gap") or {}
-    if gap:
-        print(f"host gap (layer done -> next layer entered) {gap['mean_gap_ms']:.3f} ms; per layer there:")
-        for t in gap["top"]:
-            print(f"  {t['ms_per_layer']:7.3f} ms {t['calls_per_layer']:6.1f} x  {t['cat']:<12} {t['name'][:60]}")
+    for key, what in (("host_gap", "host gap (layer done -> next layer entered)"),
+                      ("host_in_layer", "host in a layer (routed -> done)")):
+        ops = res.get(key) or {}
+        if ops:
+            print(f"{what} {ops['mean_window_ms']:.3f} ms; per layer there:")
+            for t in ops["top"]:
+                print(f"  {t['ms_per_layer']:7.3f} ms {t['calls_per_layer']:6.1f} x  {t['cat']:<12} {t['name'][:60]}")
 
 
 def decode_summary(layers: list[dict]) -> dict:
@@ -178,6 +192,7 @@ def main() -> None:
     res = {**meta(), "mode": a.mode, "prefetch": a.prefetch, "batch_size": a.batch_size, "prompt_len": a.prompt_len,
            "ttft_ms_untraced": untraced, "ttft_ms_runs": [1000 * s.ttft_s for s in runs], "stats_untraced": gen, "allocator_3_runs": syncs,
            "phases": phases, **analyse(events, rows, offset), "host_gap": host_gap(events, rows, offset),
+           "host_in_layer": host_in_layer(events, rows, offset),
            "timeline": timeline(events, rows, offset)}
     print(f"copied ahead {gen['copied_ahead']} (used {gen['copied_ahead_used']}) | hit rate {gen['hit_rate']:.3f} | "
           f"on CPU {gen['experts_on_cpu']} | fetched {gen['experts_fetched']}")

@@ -51,45 +51,56 @@ if triton is not None:
             tl.store(out_ptr + r * C + col + 16, (nibble_float(b >> 4) * d + m).to(out_ptr.dtype.element_ty))
 
 
-def _dequant_matrix(slots: torch.Tensor, mat: Matrix, ids: torch.Tensor, out: torch.Tensor) -> None:
+def _dequant_matrix(slots: torch.Tensor, mat: Matrix, planes: tuple, ids: torch.Tensor, out: torch.Tensor) -> None:
+    """planes: plane_pointers(slots, mat), which the caller keeps (a dozen tensor views, each call's host time)."""
     BR, BC = 8, 256 if mat.cols % 256 == 0 else 128 if mat.cols % 128 == 0 else 32
-    _dequant_kernel[(ids.shape[0], mat.rows // BR, mat.cols // BC)](*plane_pointers(slots, mat), ids, out,
-                                                                    slots.stride(0), mat.rows, mat.cols,
-                                                                    KIND=mat.code, BR=BR, BC=BC)
+    _dequant_kernel[(ids.shape[0], mat.rows // BR, mat.cols // BC)](*planes, ids, out, slots.stride(0), mat.rows,
+                                                                    mat.cols, KIND=mat.code, BR=BR, BC=BC)
 
 
 class ScratchFFN:
-    """ffn(xs [N, Hd], slot_ends [S] (host: cumulative rows per slot)[, lay]) -> [N, Hd], for the slots of `slots`."""
+    """ffn(xs [N, Hd], slot_ends [S] (host: cumulative rows per slot)[, lay, out]) -> [N, Hd], for the slots of
+    `slots`. Per chunk of experts: one upload (their slot ids and row offsets), two dequantizations, the grouped
+    FFN, one copy into the output rows: prefill at batch 16 launches these one by one from the host, which sets
+    its pace there (eval/results/resident_h200)."""
 
     def __init__(self, slots: torch.Tensor, lay: ExpertLayout, dtype: torch.dtype, chunk: int = CHUNK):
         I, Hd = lay.w2.cols, lay.w2.rows
         self.slots, self.lay, self.cuda, self.chunk = slots, lay, slots.device.type == "cuda", chunk
         self.w13 = torch.empty(chunk, 2 * I, Hd, dtype=dtype, device=slots.device)
         self.w2 = torch.empty(chunk, Hd, I, dtype=dtype, device=slots.device)
-        self.upload = UploadRing(slots.device, chunk)      # ids and offsets: not behind the copy engine's queue
+        self.upload = UploadRing(slots.device, 2 * chunk)  # ids and offsets: not behind the copy engine's queue
+        self.planes: dict[Matrix, tuple] = {}
 
-    def _dequantize(self, ids: np.ndarray, lay: ExpertLayout) -> None:
+    def _planes(self, mat: Matrix) -> tuple:
+        if mat not in self.planes:
+            self.planes[mat] = plane_pointers(self.slots, mat)
+        return self.planes[mat]
+
+    def _dequantize(self, ids: np.ndarray, dev: torch.Tensor, lay: ExpertLayout) -> None:
+        """The experts in slots `ids` (host) into the scratch's first rows; dev: the same ids on the device."""
         n = ids.shape[0]
         if not self.cuda:
             for i, s in enumerate(ids.tolist()):
                 self.w13[i], self.w2[i] = dequantize_expert(lay, self.slots[s], self.w13.dtype)
             return
-        dev = self.upload(ids)
-        _dequant_matrix(self.slots, lay.w13, dev, self.w13[:n])
-        _dequant_matrix(self.slots, lay.w2, dev, self.w2[:n])
+        _dequant_matrix(self.slots, lay.w13, self._planes(lay.w13), dev, self.w13[:n])
+        _dequant_matrix(self.slots, lay.w2, self._planes(lay.w2), dev, self.w2[:n])
 
-    def __call__(self, xs: torch.Tensor, slot_ends: np.ndarray, lay: ExpertLayout | None = None) -> torch.Tensor:
-        """`lay`: the layout of the experts in the slots it reads (default: the one it was made with)."""
+    def __call__(self, xs: torch.Tensor, slot_ends: np.ndarray, lay: ExpertLayout | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """`lay`: the layout of the experts in the slots it reads (default: the one it was made with); `out`: the
+        rows [N, Hd] to write (default: new ones)."""
         counts = np.diff(slot_ends, prepend=0)
         active = np.flatnonzero(counts)
-        ys = torch.empty_like(xs)
+        ys = torch.empty_like(xs) if out is None else out
         r0 = 0
         for c in range(0, active.shape[0], self.chunk):
             ids = active[c:c + self.chunk]
             n, rows = ids.shape[0], counts[ids]
             r1 = r0 + int(rows.sum())
-            self._dequantize(ids, lay or self.lay)
-            offs = self.upload(np.cumsum(rows))
-            ys[r0:r1] = grouped_ffn(xs[r0:r1], offs, self.w13[:n], self.w2[:n])
+            dev = self.upload(np.concatenate([ids, np.cumsum(rows)]))                   # [2n]: ids | offsets
+            self._dequantize(ids, dev[:n], lay or self.lay)
+            ys[r0:r1] = grouped_ffn(xs[r0:r1], dev[n:], self.w13[:n], self.w2[:n])
             r0 = r1
         return ys

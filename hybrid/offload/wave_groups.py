@@ -29,6 +29,6 @@ class WaveGroups:
         if b == a:
             return
         if self.scratch is not None and b - a >= SCRATCH_MIN_ROWS:
-            ys[a:b] = self.scratch(xs[a:b], lay.offs[g], self.layout_of(layer))
+            self.scratch(xs[a:b], lay.offs[g], self.layout_of(layer), out=ys[a:b])
         else:
             ys[a:b] = self.ffn(layer)(xs[a:b], offs[g])
