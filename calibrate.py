@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
                                                                       a.cpu_kernel, pool, a.cpu_tiles, prefetch,
                                                                       a.experts, a.cpu_dot)
     model.to_json(a.out)
-    print(json.dumps({"fetch_ms": round(model.fetch_ms, 4), "layer_overhead_ms": round(model.layer_overhead_ms, 4),
+    print(json.dumps({"fetch_ms": round(model.fetch_ms, 4), "fetch_latency_ms": round(model.fetch_latency_ms, 4),
+                      "layer_overhead_ms": round(model.layer_overhead_ms, 4),
                       "cpu_dispatch_ms": round(model.cpu_dispatch_ms, 4),
                       **{f"{k}@{n}": round(getattr(model, k)(n), 4) for k in ("gpu_ms", "cpu_ms", "xfer_ms")
                          for n in (1, 16, 128, 512)}}, indent=1))

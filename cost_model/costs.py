@@ -39,12 +39,13 @@ class Curve:
 @dataclass
 class CostModel:
     """Milliseconds for one expert on each lane, as a function of the tokens routed to it."""
-    fetch_ms: float                 # host -> GPU copy of one expert (pinned, copy stream)
+    fetch_ms: float                 # host -> GPU copy of one more expert (pinned, copy stream, back to back)
     gpu_ms: Curve                   # expert FFN on the GPU
     cpu_ms: Curve                   # what one more expert adds to the CPU lane (measured while PCIe is busy)
     xfer_ms: Curve                  # activations GPU -> CPU -> GPU for a number of rows
     layer_overhead_ms: float = 0.0  # routing sync and bookkeeping per MoE layer
     cpu_dispatch_ms: float = 0.0    # handing a layer's CPU work to the CPU lane and getting it back
+    fetch_latency_ms: float = 0.0   # a layer's first copy on top of fetch_ms: issuing it, PCIe's start
     fingerprint: dict = field(default_factory=dict)
     source: str = "defaults"
 
@@ -54,6 +55,11 @@ class CostModel:
         return cls(fetch_ms=0.33, gpu_ms=Curve([1, 512, 4096], [0.07, 0.08, 0.14]),
                    cpu_ms=Curve([1, 4, 16, 64, 512], [0.36, 0.40, 0.45, 0.70, 4.0]),
                    xfer_ms=Curve([1, 128, 4096], [0.02, 0.035, 0.4]), layer_overhead_ms=0.4, cpu_dispatch_ms=0.1)
+
+    def pcie_ms(self, n: int, bytes_scale: float = 1.0) -> float:
+        """The PCIe lane's time for n experts issued back to back (bytes_scale: their size against the
+        calibrated expert's)."""
+        return self.fetch_latency_ms + n * self.fetch_ms * bytes_scale if n else 0.0
 
     def cpu_lane_ms(self, xfer_ms: float, experts_ms: float, lag_ms: float = 0.0, scale: float = 1.0) -> float:
         """A layer's CPU lane: it starts `lag_ms` after the copies are issued, then hands the work over, moves the
@@ -70,6 +76,7 @@ class CostModel:
         curves = {k: Curve(**d[k]) for k in ("gpu_ms", "cpu_ms", "xfer_ms")}
         return cls(fetch_ms=float(d["fetch_ms"]), layer_overhead_ms=float(d.get("layer_overhead_ms", 0.0)),
                    cpu_dispatch_ms=float(d.get("cpu_dispatch_ms", 0.0)),
+                   fetch_latency_ms=float(d.get("fetch_latency_ms", 0.0)),
                    fingerprint=dict(d.get("fingerprint", {})), source=d.get("source", "calibrated"), **curves)
 
 

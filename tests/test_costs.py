@@ -45,6 +45,7 @@ def test_calibration_measures_and_reloads(tmp_path):
     m.to_json(tmp_path / "c.json")
     back, _ = load_costs(tmp_path / "c.json", fingerprint(dev, 1, m.fingerprint["cpu_kernel"]))
     assert back.source == "calibrated" and json.loads((tmp_path / "c.json").read_text())["fetch_ms"] == m.fetch_ms
+    assert m.fetch_latency_ms >= 0 and back.fetch_latency_ms == m.fetch_latency_ms      # a start, then each copy
 
 
 def test_calibrate_script_measures_runtime_overheads(tmp_path):

@@ -12,7 +12,8 @@ def costs(seed=0):
     r = random.Random(seed)
     return CostModel(fetch_ms=r.uniform(0.2, 0.5), gpu_ms=Curve([1, 512], [0.07, r.uniform(0.08, 0.2)]),
                      cpu_ms=Curve([1, 16, 512], [r.uniform(0.2, 0.5), r.uniform(0.4, 0.9), r.uniform(3, 8)]),
-                     xfer_ms=Curve([1, 512], [0.02, 0.1]), layer_overhead_ms=0.05)
+                     xfer_ms=Curve([1, 512], [0.02, 0.1]), layer_overhead_ms=0.05,
+                     fetch_latency_ms=r.choice([0.0, 0.05, 0.2]))
 
 
 def case(r):
@@ -231,3 +232,13 @@ def test_the_memo_stays_bounded_over_a_long_run_and_its_plans_are_a_fresh_planne
         assert len(planner.memo) <= 50
         assert (plan.hits, plan.fetch, plan.cpu) == (fresh.hits, fresh.fetch, fresh.cpu)
         assert plan.predicted_ms == fresh.predicted_ms
+
+
+def test_the_pcie_lane_costs_one_start_per_layer_then_each_copy():
+    c = costs(3)
+    c.fetch_latency_ms, tokens = 0.2, {1: 1, 2: 1, 3: 1}
+    assert c.pcie_ms(0) == 0 and abs(c.pcie_ms(3) - (0.2 + 3 * c.fetch_ms)) < 1e-12
+    assert abs(c.pcie_ms(2, bytes_scale=0.5) - (0.2 + c.fetch_ms)) < 1e-12
+    only_fetch = makespan(c, tokens, [], [1, 2, 3], [])
+    c.fetch_latency_ms = 0.0
+    assert abs(only_fetch - makespan(c, tokens, [], [1, 2, 3], []) - 0.2) < 1e-12

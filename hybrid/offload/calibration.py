@@ -103,19 +103,30 @@ class Bench:
         h, i = self.hidden, self.inter
         return buf[:2 * i * h].view(2 * i, h), buf[2 * i * h:].view(h, i)
 
-    def fetch_ms(self, reps: int = 32) -> float:
+    def fetch_ms(self, reps: int = 32) -> tuple[float, float]:
+        """-> (ms per expert copied back to back, ms a lone copy takes on top of that). The executor issues a
+        layer's copies together, so the PCIe lane's cost is a start plus the marginal copy: timed alone, a copy's
+        time also held its issue by the host (0.168 ms against 0.123 per q4k expert back to back on the box's
+        slow phase, eval/results/resident_h200), and the planner priced every fetch 37% high."""
         k = [0]
 
-        def one():
-            k[0] = (k[0] + 1) % self.host.shape[0]
-            if self.cuda:
-                with torch.cuda.stream(self.stream):
-                    self.slot.copy_(self.host[k[0]], non_blocking=True)
-                torch.cuda.current_stream().wait_stream(self.stream)
-            else:
-                self.slot.copy_(self.host[k[0]])
-        one()
-        return _median_ms(one, reps, self.cuda)
+        def copies(n: int):
+            def run():
+                k[0] = (k[0] + n) % self.host.shape[0]           # distinct host experts, as a layer's misses
+                src = [self.host[(k[0] + i) % self.host.shape[0]] for i in range(n)]
+                if self.cuda:
+                    with torch.cuda.stream(self.stream):
+                        for i in range(n):
+                            self.slots[i].copy_(src[i], non_blocking=True)
+                    torch.cuda.current_stream().wait_stream(self.stream)
+                else:
+                    for i in range(n):
+                        self.slots[i].copy_(src[i])
+            return run
+        one, group = copies(1), copies(GPU_GROUP)
+        one(), group()
+        alone, each = _median_ms(one, reps, self.cuda), _median_ms(group, reps, self.cuda) / GPU_GROUP
+        return each, max(0.0, alone - each)
 
     def gpu_ms(self, n: int, reps: int = 20) -> float:
         """One expert of n tokens on the device, as the runtime runs it: the grouped FFN over GPU_GROUP slots of
@@ -200,7 +211,7 @@ def measure(device: torch.device, hidden: int = 2048, inter: int = 1408, dtype: 
     bench.cpu_run = lane.experts.run
     steps = tqdm(total=3 * len(tokens) + 2, desc="calibrating", disable=not progress)
     try:
-        fetch = bench.fetch_ms()
+        fetch, latency = bench.fetch_ms()
         steps.update()
         gpu, cpu, xfer = {}, {}, {}
         for curve, measure_one in ((gpu, bench.gpu_ms), (cpu, bench.cpu_marginal_ms), (xfer, bench.xfer_ms)):
@@ -213,7 +224,7 @@ def measure(device: torch.device, hidden: int = 2048, inter: int = 1408, dtype: 
         steps.close()
         bench.close()
     return CostModel(fetch_ms=fetch, gpu_ms=Curve.fit(gpu), cpu_ms=Curve.fit(cpu), xfer_ms=Curve.fit(xfer),
-                     layer_overhead_ms=overhead,
+                     layer_overhead_ms=overhead, fetch_latency_ms=latency,
                      fingerprint=fingerprint(device, threads or lane.threads, lane.experts.label, experts),
                      source="calibrated")
 
