@@ -49,6 +49,7 @@ class CpuWork:
         ms = self.lane.experts.wait()
         self.acct.cpu_call(T, ms, [c for _, _, c in segs])
         self.phases.mark("cpu_end")
+        self.phases.note(cpu_lane_ms=ms)
         return out
 
     def _out(self, n: int, into: torch.Tensor | None) -> torch.Tensor:

@@ -48,7 +48,7 @@ class PhaseLog:
 
     def summary(self) -> dict:
         """Mean and median milliseconds of each span over the logged layers, the PCIe backlog the layers planned
-        with, and the CPU lane's ms per expert."""
+        with, the pool's own time for the CPU experts, and the CPU lane's ms by its number of experts."""
         out = {}
         for a, b, what in SPANS:
             d = [1000 * (r[b] - r[a]) for r in self.rows if a in r and b in r]
@@ -60,7 +60,14 @@ class PhaseLog:
             out["backlog_ms"] = {"what": "the PCIe lane's modelled backlog when the layer planned (not a span)",
                                  "mean_ms": statistics.mean(backlog), "p50_ms": statistics.median(backlog),
                                  "max_ms": max(backlog), "layers": len(backlog)}
-        lane = [(1000 * (r["cpu_end"] - r["cpu_start"]), r.get("n_cpu", 0)) for r in self.rows if "cpu_end" in r]
+        own = [r["cpu_lane_ms"] for r in self.rows if "cpu_lane_ms" in r]
+        if own:
+            out["cpu_lane_ms"] = {"what": "the pool's own time for the CPU experts (cpu_start -> cpu_end also holds "
+                                          "the driving thread's way back to it)",
+                                  "mean_ms": statistics.mean(own), "p50_ms": statistics.median(own),
+                                  "layers": len(own)}
+        lane = [(r.get("cpu_lane_ms", 1000 * (r["cpu_end"] - r["cpu_start"])), r.get("n_cpu", 0))
+                for r in self.rows if "cpu_end" in r]
         by_n: dict[int, list[float]] = {}
         for ms, n in lane:
             by_n.setdefault(n, []).append(ms)
