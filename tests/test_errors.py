@@ -194,3 +194,15 @@ def test_mode_auto_leaves_a_margin_and_refuses_a_full_gpu():
     assert auto_budget(8 * 2**30, 3 * 2**30) == 3 * 2**30                    # --gpu-memory wins
     with pytest.raises(BudgetError, match="mode auto: only 300.0 MiB of GPU memory is free"):
         auto_budget(300 * 2**20, None)
+
+
+def test_running_out_of_gpu_memory_inside_the_budget_is_one_line_not_a_traceback(capsys):
+    from hybrid.engine.errors import friendly
+
+    def main():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 32.00 MiB.\nmore detail")
+    with pytest.raises(SystemExit) as exit_:
+        friendly(main)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and len(lines) == 1 and lines[0].startswith("error: the GPU ran out of memory")
+    assert "Tried to allocate 32.00 MiB" in lines[0] and "--gpu-memory" in lines[0]
