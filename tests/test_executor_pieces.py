@@ -172,6 +172,8 @@ def test_the_slot_table_holds_only_landed_experts():
     staged = copies.slot_for(other, 2, {2: 1, 3: 1})                         # 3 is needed too: 2 goes to staging
     cache.landed(other, [(2, staged)])                                       # staging slots never enter it
     assert cache.is_staging(staged) and table.mirror[other, 2] == -1
+    for row in (layer, other):                       # the host's check (a set) and the table the GPU reads agree
+        assert table.held[row] == {int(e) for e in (table.mirror[row] >= 0).nonzero()[0]}
 
 
 def test_the_lookup_kernel_reads_the_table_as_the_torch_path_does(monkeypatch):

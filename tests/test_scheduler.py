@@ -242,3 +242,13 @@ def test_the_pcie_lane_costs_one_start_per_layer_then_each_copy():
     only_fetch = makespan(c, tokens, [], [1, 2, 3], [])
     c.fetch_latency_ms = 0.0
     assert abs(only_fetch - makespan(c, tokens, [], [1, 2, 3], []) - 0.2) < 1e-12
+
+
+def test_room_past_the_misses_plans_alike_and_shares_one_memo_entry():
+    c, tokens = costs(4), {1: 1, 2: 1, 3: 1, 4: 1, 5: 1, 6: 1}
+    p = MakespanPlanner(c)
+    plans = [p.plan(tokens, {1}, LaneState(max_fetch=room)) for room in (5, 9, 40)]
+    assert len(p.memo) == 1 and all((q.fetch, q.cpu, q.predicted_ms) == (plans[0].fetch, plans[0].cpu,
+                                                                          plans[0].predicted_ms) for q in plans)
+    p.plan(tokens, {1}, LaneState(max_fetch=2))                  # fewer than the 5 misses: a decision of its own
+    assert len(p.memo) == 2

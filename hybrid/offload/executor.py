@@ -113,7 +113,7 @@ class OffloadedExperts:
         counts = np.bincount(flat, minlength=self.cfg.n_routed_experts)
         nz = np.flatnonzero(counts)
         tokens = dict(zip(nz.tolist(), counts[nz].tolist()))
-        guessed = self.guesses.take(call, flat)
+        guessed = self.guesses.take(call, tokens)
         if guessed is not None:
             return self._all_cached(call, host, tokens, guessed)
         small = T <= self.decode_tokens              # decode: every copy in one wave, bounded by the staging room

@@ -7,7 +7,6 @@ otherwise it is dropped (picks without a slot read slot 0) and the layer runs th
 resident backend's own computation (grouped over slots, one combine), so a taken guess equals mode gpu's output."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .expert_cache import ExpertCache
@@ -45,13 +44,13 @@ class Guesses:
         else:
             self.eager = (call, out)
 
-    def take(self, call, flat: np.ndarray) -> torch.Tensor | None:
-        """The guess for `call` if the table it read covered every pick (flat [T*K] expert ids), else None."""
+    def take(self, call, experts) -> torch.Tensor | None:
+        """The guess for `call` if the table it read covered every pick (`experts`: the ids picked), else None."""
         if call.static:
             out = self.static.get(id(call))
         else:
             out = self.eager[1] if self.eager and self.eager[0] is call else None
             self.eager = None
-        if out is None or not self.cache.table.covers(call.layer, flat):
+        if out is None or not self.cache.table.covers(call.layer, experts):
             return None
         return out

@@ -149,6 +149,10 @@ class MakespanPlanner(FetchPlanner):
         gpu = self._table("gpu_ms", max(tokens.values(), default=0))
         gpu_hits = sum(gpu[tokens[e]] for e in hits)
         key = (gpu_hits, tuple((n, len(g)) for n, g in groups.items()), *lanes.key())
+        misses = len(tokens) - len(hits)
+        if lanes.max_fetch is not None and lanes.max_fetch > misses:      # any room past the misses plans alike:
+            key = key[:6] + (misses,) + key[7:]                           # one memo entry for them (batch 1's
+                                                                          # room changes at every eviction)
         if key not in self.memo:
             if len(self.memo) >= self.MEMO_LIMIT:
                 self.memo.clear()
