@@ -227,3 +227,12 @@ def test_every_graph_capture_warms_up_on_one_stream_per_device(monkeypatch):
     assert all(layer_graph.warm_stream() is first for _ in range(20)) and len(made) == 1
     device[0] = 1
     assert layer_graph.warm_stream() is not first and len(made) == 2
+
+
+def test_prefill_waves_are_whole_scratch_chunks():
+    """A wave of 9 through an 8-expert scratch ran as chunks of 8 and 1, each launched from the host."""
+    from hybrid.offload.wave_groups import WaveGroups
+    chunked = WaveGroups(None, None, SimpleNamespace(chunk=8), None)
+    assert [chunked.wave_size(s) for s in (18, 16, 14, 40, 1, 0)] == [8, 8, 7, 16, 1, 1]
+    plain = WaveGroups(None, None, None, None)
+    assert [plain.wave_size(s) for s in (18, 40, 1)] == [9, 20, 1]

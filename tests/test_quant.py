@@ -340,7 +340,14 @@ def test_long_prefill_takes_the_scratch_path_and_stays_exact(tiny):
     e = make(tiny, experts="q4", mode="fetch", prefill_scratch=8, gpu_memory=budget_for(tiny, 20, experts="q4", scratch=8))
     assert e.backend.cache.n_slots == 20 and e.backend.waves.scratch.chunk == 8
     calls, scratch = [], e.backend.waves.scratch
-    e.backend.waves.scratch = lambda xs, ends, lay, out: calls.append(xs.shape[0]) or scratch(xs, ends, lay, out=out)
+
+    class Spy:                               # the scratch, counting the rows of each call
+        chunk = scratch.chunk
+
+        def __call__(self, xs, ends, lay, out):
+            calls.append(xs.shape[0])
+            return scratch(xs, ends, lay, out=out)
+    e.backend.waves.scratch = Spy()
     prompt = [(7 * i) % 500 + 3 for i in range(100)]
     assert rel_err(e.logits(prompt), make(tiny, experts="q4").logits(prompt)) <= 1e-4
     assert calls and min(calls) >= 128

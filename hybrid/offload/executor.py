@@ -170,7 +170,7 @@ class OffloadedExperts:
         staging = len(self.cache.staging) - self.cache.held_count        # held: copies made ahead (hits now)
         room = staging + self.cache.room(layer, tokens) if small else None
         lanes = LaneState(self.copies.backlog_ms(), self.feedback.lag_ms(T), self.feedback.cpu_scale(T), penalty,
-                          room, max(1, staging // 2), self.store.size_ratio(layer))
+                          room, self.waves.wave_size(staging), self.store.size_ratio(layer))
         self.phases.note(backlog_ms=lanes.backlog_ms)
         return self.planner.plan(tokens, resident | ahead.keys() if ahead else resident, lanes), ahead
 

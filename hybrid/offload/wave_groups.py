@@ -12,6 +12,15 @@ class WaveGroups:
         layout_of(layer): the layer's expert layout, which the scratch dequantizes."""
         self.copies, self.ffn, self.scratch, self.layout_of = copies, ffn, scratch, layout_of
 
+    def wave_size(self, staging: int) -> int:
+        """Copies per wave with `staging` free staging slots: half of them (one wave lands while the previous one
+        computes), a whole number of scratch chunks where there is a scratch: with 18 slots, waves of 9 went
+        through the 8-expert scratch as a chunk of 8 and a chunk of 1, and the host's launches per chunk set
+        prefill's pace (eval/results/resident_h200: 12 chunks for 52 fetched experts instead of 7)."""
+        half = max(1, staging // 2)
+        chunk = self.scratch.chunk if self.scratch is not None else 0
+        return half - half % chunk if chunk and half > chunk else half
+
     def run(self, layer: int, hits, waves, lay, offs, xs, ys) -> None:
         """ys rows of every GPU group (lay.rows), each behind its copies; offs [G, S] on the device."""
         self.copies.wait_landed(hits)
