@@ -56,9 +56,15 @@ def main(argv: list[str] | None = None) -> None:
     import threading
     import time
 
+    import torch
     import uvicorn
     app, batcher, host, port = build(argv)
-    print(f"warmed up in {batcher.warm_up():.1f} s (kernels compiled, decode graphs captured)", file=sys.stderr)
+    took = batcher.warm_up()
+    held = ""
+    if torch.cuda.is_available():        # the captured graphs' buffers stay: what the memory plan's margin holds
+        held = f"; torch holds {torch.cuda.memory_reserved() / 2**30:.2f} GiB, peaked at " \
+               f"{torch.cuda.max_memory_reserved() / 2**30:.2f}"
+    print(f"warmed up in {took:.1f} s (kernels compiled, decode graphs captured{held})", file=sys.stderr)
     web = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
 
     def listen() -> None:
