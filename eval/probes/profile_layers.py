@@ -63,6 +63,8 @@ def main() -> None:
         if isinstance(v, dict) and "mean_ms" in v:
             print(f"  {k:22s} mean {v['mean_ms']:.3f}  p50 {v['p50_ms']:.3f} ms  ({v['what']})")
     print(f"  CPU lane ms by experts per call: {summary['cpu_ms_by_experts']}")
+    planned_with = {k: round(summary[k]["p50"], 3) for k in ("cpu_scale", "cpu_lag_ms", "room") if k in summary}
+    print(f"  the planner's lane state (p50): {planned_with}")
     st = report["stats"]
     print(f"  layer time predicted {st.get('layer_pred_ms_mean', 0):.3f} vs measured {st.get('layer_meas_ms_mean', 0):.3f} ms"
           f" | hit {st.get('hit_rate', 0):.3f} | prefetched {st.get('prefetched', 0)} used {st.get('prefetch_used', 0)}")

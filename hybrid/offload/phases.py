@@ -60,6 +60,12 @@ class PhaseLog:
             out["backlog_ms"] = {"what": "the PCIe lane's modelled backlog when the layer planned (not a span)",
                                  "mean_ms": statistics.mean(backlog), "p50_ms": statistics.median(backlog),
                                  "max_ms": max(backlog), "layers": len(backlog)}
+        for key, what in (("cpu_scale", "the CPU-cost correction the layers planned with (measured / modelled)"),
+                          ("cpu_lag_ms", "the CPU lane's start after the copies, as the layers planned with"),
+                          ("room", "copies the decode path had room for (-1: prefill's waves)")):
+            v = [r[key] for r in self.rows if key in r]
+            if v:
+                out[key] = {"what": what, "mean": statistics.mean(v), "p50": statistics.median(v), "layers": len(v)}
         own = [r["cpu_lane_ms"] for r in self.rows if "cpu_lane_ms" in r]
         if own:
             out["cpu_lane_ms"] = {"what": "the pool's own time for the CPU experts (cpu_start -> cpu_end also holds "
