@@ -4,6 +4,8 @@ from collections import Counter
 from itertools import product
 from math import prod
 
+import pytest
+
 from cost_model.costs import CostModel, Curve
 from hybrid.planning.scheduler import EXACT_LIMIT, CpuPlanner, FetchPlanner, LaneState, MakespanPlanner, makespan
 
@@ -147,12 +149,14 @@ def test_a_late_cpu_lane_moves_misses_to_pcie_and_is_costed():
     assert abs(slow.predicted_ms - makespan(c, tokens, slow.hits, slow.fetch, slow.cpu, 0.0, 0.0, 2.0)) < 1e-9
 
 
-def test_cpu_rows_are_the_tail_of_the_full_layout():
+@pytest.mark.parametrize("tokens", [7, 100])      # plain Python (<= PYTHON_PICKS picks) and NumPy
+def test_cpu_rows_are_the_tail_of_the_full_layout(tokens):
     import numpy as np
-    from hybrid.offload.layer_layout import cpu_rows, layer_layout
+    from hybrid.offload.layer_layout import PYTHON_PICKS, cpu_rows, layer_layout
     rng = np.random.default_rng(1)
     K, E = 3, 12
-    flat = np.concatenate([rng.choice(E, K, replace=False) for _ in range(7)])        # 7 tokens, top-3
+    flat = np.concatenate([rng.choice(E, K, replace=False) for _ in range(tokens)])   # top-3
+    assert (flat.shape[0] <= PYTHON_PICKS) == (tokens == 7)
     counts = np.bincount(flat, minlength=E)
     used = [int(e) for e in np.flatnonzero(counts)]
     hits, fetch, cpu = used[:3], used[3:5], used[5:][::-1]
@@ -160,8 +164,8 @@ def test_cpu_rows_are_the_tail_of_the_full_layout():
     lay = layer_layout(flat, counts, [[(e, i) for i, e in enumerate(hits)], [(e, 5 + i) for i, e in enumerate(fetch)]],
                        cpu, 8)
     assert segs == lay.cpu_segments and rows.tolist() == (lay.perm[lay.cpu_start:] // K).tolist()
-    assert [e for e, *_ in segs] == cpu and all(flat[K * t:K * t + K].tolist().count(e) for e, a, c in segs
-                                                 for t in rows[a:a + c])
+    assert rows.dtype == np.int32 and [e for e, *_ in segs] == cpu
+    assert all(flat[K * t:K * t + K].tolist().count(e) for e, a, c in segs for t in rows[a:a + c])
     one = flat[:K]                                   # one token: the fast path gives what the layout does
     counts1 = np.bincount(one, minlength=E)
     cpu1 = [int(e) for e in one[1:]]
