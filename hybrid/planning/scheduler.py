@@ -52,10 +52,13 @@ class LaneState:
     bytes_scale: float = 1.0        # the layer's expert bytes / the calibrated format's (a GGUF layer's own, smaller
                                     # down): copies and CPU experts cost that much of the calibrated time
 
-    def key(self) -> tuple:
+    def key(self, misses: int | None = None) -> tuple:
+        """What a plan depends on, rounded for the memo; with `misses`, a room past them counts as them (it cannot
+        change the plan; batch 1's room changes at every eviction)."""
         r = lambda ms: round(ms / STEP_MS) * STEP_MS  # noqa: E731
+        room = self.max_fetch if self.max_fetch is None or misses is None else min(self.max_fetch, misses)
         return (r(self.backlog_ms), r(self.cpu_lag_ms), round(self.cpu_scale / 0.05) * 0.05,
-                r(self.fetch_penalty_ms), self.max_fetch, round(self.bytes_scale, 3))
+                r(self.fetch_penalty_ms), room, round(self.bytes_scale, 3))
 
 
 def makespan(costs: CostModel, tokens: dict[int, int], hits: list[int], fetch: list[int], cpu: list[int],
@@ -148,11 +151,7 @@ class MakespanPlanner(FetchPlanner):
         groups = dict(sorted(groups.items()))
         gpu = self._table("gpu_ms", max(tokens.values(), default=0))
         gpu_hits = sum(gpu[tokens[e]] for e in hits)
-        key = (gpu_hits, tuple((n, len(g)) for n, g in groups.items()), *lanes.key())
-        misses = len(tokens) - len(hits)
-        if lanes.max_fetch is not None and lanes.max_fetch > misses:      # any room past the misses plans alike:
-            key = key[:6] + (misses,) + key[7:]                           # one memo entry for them (batch 1's
-                                                                          # room changes at every eviction)
+        key = (gpu_hits, tuple((n, len(g)) for n, g in groups.items()), *lanes.key(len(tokens) - len(hits)))
         if key not in self.memo:
             if len(self.memo) >= self.MEMO_LIMIT:
                 self.memo.clear()
