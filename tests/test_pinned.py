@@ -155,4 +155,4 @@ def test_the_phase_log_times_planned_layers_and_skips_whole_ones(tiny):
     assert "planned->graph" in spans and "graph->cpu_start" in spans and "routed->cpu_end" in spans and s["cpu_ms_by_experts"]
     assert s["backlog_ms"]["layers"] > 0 and s["backlog_ms"]["max_ms"] >= s["backlog_ms"]["mean_ms"] >= 0
     assert s["cpu_lane_ms"]["layers"] > 0 and s["cpu_lane_ms"]["p50_ms"] > 0       # the pool's own time
-    assert 0.4 <= s["cpu_scale"]["p50"] <= 2.5 and s["room"]["layers"] == s["backlog_ms"]["layers"]  # what it planned with
+    assert 0.4 <= s["cpu_scale"]["p50"] <= 2.5 and 0 < s["room"]["layers"] < s["backlog_ms"]["layers"]  # decode's room

@@ -171,8 +171,7 @@ class OffloadedExperts:
         room = staging + self.cache.room(layer, tokens) if small else None
         lanes = LaneState(self.copies.backlog_ms(), self.feedback.lag_ms(T), self.feedback.cpu_scale(T), penalty,
                           room, self.waves.wave_size(staging), self.store.size_ratio(layer))
-        self.phases.note(backlog_ms=lanes.backlog_ms, cpu_scale=lanes.cpu_scale, cpu_lag_ms=lanes.cpu_lag_ms,
-                         room=-1 if room is None else room)
+        self.phases.note(backlog_ms=lanes.backlog_ms, cpu_scale=lanes.cpu_scale, cpu_lag_ms=lanes.cpu_lag_ms, room=room)
         return self.planner.plan(tokens, resident | ahead.keys() if ahead else resident, lanes), ahead
 
     def _decode(self, call, graph, hits, fetch, cpu, flat, counts, xh, host, job) -> torch.Tensor:

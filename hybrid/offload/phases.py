@@ -62,8 +62,8 @@ class PhaseLog:
                                  "max_ms": max(backlog), "layers": len(backlog)}
         for key, what in (("cpu_scale", "the CPU-cost correction the layers planned with (measured / modelled)"),
                           ("cpu_lag_ms", "the CPU lane's start after the copies, as the layers planned with"),
-                          ("room", "copies the decode path had room for (-1: prefill's waves)")):
-            v = [r[key] for r in self.rows if key in r]
+                          ("room", "copies the decode path had room for (decode layers)")):
+            v = [r[key] for r in self.rows if r.get(key) is not None]
             if v:
                 out[key] = {"what": what, "mean": statistics.mean(v), "p50": statistics.median(v), "layers": len(v)}
         own = [r["cpu_lane_ms"] for r in self.rows if "cpu_lane_ms" in r]
