@@ -216,8 +216,8 @@ def test_prefetched_experts_enter_the_slot_table_before_landing_and_the_guess_wa
 
 
 def test_every_graph_capture_warms_up_on_one_stream_per_device(monkeypatch):
-    """torch keeps a cuBLAS workspace for each stream that ran a matmul: a fresh stream per capture held ~0.8 GiB
-    once a server had captured every batch size (eval/results/resident_h200)."""
+    """torch keeps a cuBLAS workspace (32 MiB) for each stream that ran a matmul: with a fresh stream per capture a
+    server capturing every batch size would hold up to 1 GiB of them outside its memory plan."""
     from hybrid.offload import layer_graph
     made, device = [], [0]
     monkeypatch.setattr(layer_graph, "_WARM_STREAMS", {})

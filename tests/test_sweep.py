@@ -163,3 +163,17 @@ def test_the_prefill_traces_host_op_ranking_counts_the_driving_threads_ops_insid
     ranked = {(t["cat"], t["name"]): (t["ms_per_layer"], t["calls_per_layer"]) for t in res["top"]}
     assert ranked == {("cpu_op", "a"): (0.0045, 1.0), ("cuda_runtime", "launch"): (0.0005, 0.5)}
     assert res["layers"] == 2 and res["mean_window_ms"] == 0.015 and host_ops(events, []) == {}
+
+
+def test_the_warmup_memory_probe_sums_live_blocks_by_the_projects_frame_that_allocated_them():
+    sys.path.insert(0, str(ROOT / "eval" / "probes"))
+    from warmup_memory import live_by_owner
+    here = {"filename": "/x/hybrid/offload/layer_graph.py", "line": 70, "name": "_hits"}
+    torch_frame = {"filename": "/venv/torch/functional.py", "line": 3, "name": "einsum"}
+    blocks = [{"size": 3 << 30, "state": "active_allocated", "frames": [torch_frame, here]},
+              {"size": 1 << 30, "state": "active_allocated", "frames": [here]},
+              {"size": 5 << 30, "state": "inactive", "frames": [here]},
+              {"size": 1 << 29, "state": "active_allocated", "frames": [torch_frame]}]
+    rows = live_by_owner({"segments": [{"blocks": blocks[:2]}, {"blocks": blocks[2:]}]})
+    assert rows == [{"owner": "offload/layer_graph.py:70 _hits", "gib": 4.0, "blocks": 2},
+                    {"owner": "/venv/torch/functional.py:3", "gib": 0.5, "blocks": 1}]

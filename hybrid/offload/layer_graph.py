@@ -20,9 +20,9 @@ _WARM_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 def warm_stream() -> torch.cuda.Stream:
     """The one side stream on which every graph's warm-up pass runs, on the current device. torch keeps a cuBLAS
-    workspace (32 MiB on the H200) for each stream that ran a matmul, for the life of the process: a fresh stream per
-    capture (up to torch's pool of 32) held ~0.8 GiB once a server had captured every batch size, and it ran out of
-    its 8 GiB budget."""
+    workspace (32 MiB on the H200) for each stream that ran a matmul, for the life of the process: with a fresh
+    stream per capture (up to torch's pool of 32), a server capturing every batch size would hold up to 1 GiB of
+    them outside its memory plan."""
     dev = torch.cuda.current_device()
     if dev not in _WARM_STREAMS:
         _WARM_STREAMS[dev] = torch.cuda.Stream()
