@@ -53,7 +53,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("warmup_memory needs a CUDA GPU")
     import serve
-    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=200_000)   # every live block's stack
     _, batcher, _, _ = serve.build(argv[cut + 1:])
     loaded = torch.cuda.memory_allocated() / GiB
     error = None
