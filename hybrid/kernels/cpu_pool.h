@@ -84,7 +84,7 @@ class Pool {
     struct alignas(64) Progress {
         std::atomic<long> next{0};            // first item not yet taken
         std::atomic<long> done{0};            // items finished
-        std::atomic<long> end{0};             // when the last of them finished (now_ns)
+        std::atomic<long> end{0};             // when the latest of them finished (now_ns)
         char pad[64 - 3 * sizeof(std::atomic<long>)];
     };
 
@@ -95,8 +95,12 @@ class Pool {
             for (long lo; (lo = progress_[p].next.fetch_add(g, std::memory_order_relaxed)) < n;) {
                 long hi = lo + g < n ? lo + g : n;
                 run_items(job_, p, lo, hi);
-                if (progress_[p].done.fetch_add(hi - lo, std::memory_order_acq_rel) + (hi - lo) == n)
-                    progress_[p].end.store(now_ns(), std::memory_order_release);
+                // the phase's latest finish, written before `done` counts the items (release): a waiter that
+                // sees every item done sees every finish time too
+                const long t = now_ns();
+                long seen = progress_[p].end.load(std::memory_order_relaxed);
+                while (seen < t && !progress_[p].end.compare_exchange_weak(seen, t, std::memory_order_relaxed)) {}
+                progress_[p].done.fetch_add(hi - lo, std::memory_order_release);
             }
             while (progress_[p].done.load(std::memory_order_acquire) < n) relax();
         }
