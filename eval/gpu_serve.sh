@@ -36,7 +36,7 @@ serve_and_bench() {       # NAME PORT COMMAND...: start the server, wait until i
   rm -f "$OUT/serve/$name/server.log" "$OUT/serve/$name/results.csv"
 }
 
-if [ -n "${WARMUP_PROBE:-}" ]; then   # where the warm-up's GPU memory goes, by allocating frame (eval/probes/warmup_memory.py)
+if [ -n "${WARMUP_PROBE:-}" ]; then   # where the warm-up's GPU memory goes, by allocating frame
   mkdir -p "$OUT/serve"
   # shellcheck disable=SC2086
   timeout 240 python3 eval/probes/warmup_memory.py --out "$OUT/serve/warmup_memory.json" -- $SERVE_ARGS \
