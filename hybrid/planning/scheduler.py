@@ -172,8 +172,7 @@ class MakespanPlanner(FetchPlanner):
             space *= s + 1
         if space > EXACT_LIMIT:
             return self._scan(gpu_hits, groups, backlog, lag, scale, penalty, least_cpu, bytes_scale)
-        c, fetch_ms, scale = self.costs, self.costs.fetch_ms * bytes_scale, scale * bytes_scale
-        latency = c.fetch_latency_ms
+        c, scale = self.costs, scale * bytes_scale
         ns = [n for n, _ in groups]
         unit_cpu, unit_gpu = [c.cpu_ms(n) for n in ns], [c.gpu_ms(n) for n in ns]
 
@@ -182,7 +181,7 @@ class MakespanPlanner(FetchPlanner):
             gpu = gpu_hits + sum(u * (s - m) for u, s, m in zip(unit_gpu, sizes, picks))
             if nf:
                 first = min(u for u, s, m in zip(unit_gpu, sizes, picks) if m < s)
-                gpu = max(gpu, backlog + latency + nf * fetch_ms + first)
+                gpu = max(gpu, backlog + c.pcie_ms(nf, bytes_scale) + first)
             lane = 0.0
             if any(picks):
                 lane = c.cpu_lane_ms(c.xfer_ms(sum(n * m for n, m in zip(ns, picks))),
@@ -196,8 +195,7 @@ class MakespanPlanner(FetchPlanner):
     def _scan(self, gpu_hits, groups, backlog, lag, scale, penalty, least_cpu,
               bytes_scale) -> tuple[tuple[int, ...], float]:
         """The CPU takes the k misses with the fewest tokens, k = least_cpu..all, each costed in O(1)."""
-        c, fetch_ms, scale = self.costs, self.costs.fetch_ms * bytes_scale, scale * bytes_scale
-        latency = c.fetch_latency_ms
+        c, scale = self.costs, scale * bytes_scale
         ns = [n for n, s in groups for _ in range(s)]                     # misses, fewest tokens first
         gpu_t, cpu_t = self._table("gpu_ms", ns[-1]), self._table("cpu_ms", ns[-1])
         gpu_of, cpu_of = [gpu_t[n] for n in ns], [cpu_t[n] for n in ns]
@@ -213,7 +211,7 @@ class MakespanPlanner(FetchPlanner):
             nf = m - k
             gpu = gpu_all - gpu_moved
             if nf:
-                gpu = max(gpu, backlog + latency + nf * fetch_ms + gpu_of[k])
+                gpu = max(gpu, backlog + c.pcie_ms(nf, bytes_scale) + gpu_of[k])
             lane = fixed + scale * (self._ms("xfer_ms", rows) + cpu_sum) if k else 0.0
             t = over + max(gpu, lane)
             if t + penalty * nf < best + penalty * (m - best_k) or k == least_cpu:
