@@ -24,7 +24,8 @@ if fused.triton is not None:
         i = tl.arange(0, BLOCK)
         m = i < N
         e = tl.load(idx_ptr + i, mask=m, other=0)
-        s = tl.load(table_ptr + row * E + e, mask=m, other=0)
+        ok = m & (e >= 0) & (e < E)
+        s = tl.load(table_ptr + row * E + e, mask=ok, other=0)
         tl.store(out_ptr + i, tl.maximum(s, 0).to(tl.int64), mask=m)
 
 
@@ -63,11 +64,16 @@ class SlotTable:
 
     def lookup(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         """idx [T, K] expert ids -> their slots [T, K] int64, 0 where the table has none (a guess then dropped),
-        read when the GPU runs it (capturable)."""
+        read when the GPU runs it (capturable). Ids outside [0, E) read no memory and give 0: a decode graph's
+        capture warms its guess on the routing buffer of a piece captured but not yet run, which holds whatever
+        the shared graph pool last kept there (the twelfth lease's illegal address in the server's warm-up)."""
+        E = self.host.shape[1]
         if not fused.on_triton(idx):         # a copy of the row (capturable; on a GPU behind the expert copies)
-            return self.host[layer].to(idx.device, non_blocking=True)[idx].clamp_min(0).long()
+            row = self.host[layer].to(idx.device, non_blocking=True)                           # [E]
+            ok = (idx >= 0) & (idx < E)
+            return torch.where(ok, row[idx.clamp(0, E - 1)], 0).clamp_min(0).long()
         out = torch.empty_like(idx, dtype=torch.int64)
         n = idx.numel()
-        _lookup_kernel[(1,)](self.host, idx.contiguous(), out, layer, n, E=self.host.shape[1],
+        _lookup_kernel[(1,)](self.host, idx.contiguous(), out, layer, n, E=E,
                              BLOCK=max(16, fused.triton.next_power_of_2(n)))
         return out
