@@ -51,6 +51,25 @@ def build(argv: list[str] | None = None):
     return make_app(batcher, tok, name), batcher, a.host, a.port
 
 
+def device_memory(engine) -> str:
+    """After the warm-up: the GPU memory held, torch's and outside its allocator (context, kernel modules, graph
+    executables), against the budget; a warning line where the peak passes it."""
+    import torch
+
+    from hybrid.offload.runtime import outside_allocator_bytes
+    GiB = 2**30
+    outside = outside_allocator_bytes(engine.device)
+    peak = torch.cuda.max_memory_reserved() + outside
+    line = (f"GPU memory after the warm-up: torch holds {torch.cuda.memory_reserved() / GiB:.2f} GiB (peaked at "
+            f"{torch.cuda.max_memory_reserved() / GiB:.2f}), outside its allocator {outside / GiB:.2f} (planned "
+            f"{engine.context_bytes / GiB:.2f}): peak {peak / GiB:.2f}")
+    budget = engine.run.gpu_memory
+    if budget is not None and peak > budget:
+        line += (f"\nwarning: the peak passes the {budget / GiB:.2f} GiB budget by {(peak - budget) / GiB:.2f} GiB "
+                 f"(memory outside torch's allocator grew past the plan's context and margin)")
+    return line
+
+
 def main(argv: list[str] | None = None) -> None:
     """HTTP on a thread of its own, the batcher's loop on this one (Batcher says why) until Ctrl-C."""
     import threading
@@ -60,11 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
     app, batcher, host, port = build(argv)
     took = batcher.warm_up()
-    held = ""
-    if torch.cuda.is_available():        # the captured graphs' buffers stay: what the memory plan's margin holds
-        held = f"; torch holds {torch.cuda.memory_reserved() / 2**30:.2f} GiB, peaked at " \
-               f"{torch.cuda.max_memory_reserved() / 2**30:.2f}"
-    print(f"warmed up in {took:.1f} s (kernels compiled, decode graphs captured{held})", file=sys.stderr)
+    print(f"warmed up in {took:.1f} s (kernels compiled, decode graphs captured)", file=sys.stderr)
+    if torch.cuda.is_available():
+        print(device_memory(batcher.engine), file=sys.stderr)
     web = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
 
     def listen() -> None:

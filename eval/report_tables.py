@@ -42,7 +42,7 @@ def main() -> None:
                             ("Time per output token, p90 ms", "tpot_ms_p90", ".1f"),
                             ("Time to first token, ms", "ttft_ms", ".0f"),
                             ("Prefill throughput, prompt tok/s", "prefill_tok_s", ".0f"),
-                            ("Peak GPU memory, GiB (torch reserved + CUDA context)", "peak_gpu_gib", ".2f"),
+                            ("Peak GPU memory, GiB (torch reserved + outside its allocator)", "peak_gpu_gib", ".2f"),
                             ("Median relative error of predicted vs measured MoE layer time",
                              "layer_time_median_rel_err", ".2f")):
         print(f"\n**{title}**\n\n{grid(rows, key, fmt)}")

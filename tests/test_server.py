@@ -357,3 +357,24 @@ def test_text_streams_decode_a_few_tokens_each_and_give_the_whole_decode(tokeniz
     text = "".join(s.add(t)[0] for t in ids) + s.flush()
     tok.decode = decode
     assert text == decode(ids) and max(longest) <= 8
+
+
+def test_the_memory_line_after_the_warm_up_warns_when_memory_outside_the_allocator_passes_the_budget(monkeypatch):
+    """serve.py's line after the warm-up: the peak is torch's peak plus what lies outside its allocator now (kernel
+    modules and graph executables grow it past the planned context); past --gpu-memory it adds a warning line."""
+    import types
+
+    import torch
+
+    import serve
+    from hybrid.offload import runtime
+    GiB = 2**30
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: int(7.0 * GiB))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: int(7.25 * GiB))
+    engine = types.SimpleNamespace(device=torch.device("cuda"), context_bytes=GiB // 2,
+                                   run=types.SimpleNamespace(gpu_memory=8 * GiB))
+    for outside, over in ((GiB // 2, False), (GiB, True)):
+        monkeypatch.setattr(runtime, "outside_allocator_bytes", lambda device, b=outside: b)
+        line = serve.device_memory(engine)
+        assert f"peak {7.25 + outside / GiB:.2f}" in line and ("warning:" in line) == over
+    assert "by 0.25 GiB" in line

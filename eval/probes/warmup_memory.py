@@ -3,7 +3,10 @@ as serve.py does (its own arguments after `--`), records the CUDA caching alloca
 (a joint prefill of a full batch, a decode step at every batch size), and, whether it finishes or runs out of
 memory, sums the live blocks by the first frame of this project that allocated them. Against the memory plan it
 prints: which tensors sit outside the plan (the twelfth lease's server held ~0.7 GiB more than planned when its
-warm-up ran out of 8 GiB). One JSON object; CUDA only.
+warm-up ran out of 8 GiB), and the memory outside torch's allocator after loading and after each decode step's
+capture, with the graphs made so far (the thirteenth lease's server peaked at 8.32-8.40 GiB by nvidia-smi while
+torch held 7.29: kernel modules or graph executables, which the plan counts only as the context measured at
+start). One JSON object; CUDA only.
 
     python eval/probes/warmup_memory.py --out mem.json -- --model FILE.gguf --gpu-memory 8GiB --max-batch-size 16"""
 from __future__ import annotations
@@ -44,6 +47,32 @@ def live_by_owner(snapshot: dict, top: int = 25) -> list[dict]:
     return [{"owner": k, "gib": v[0] / GiB, "blocks": v[1]} for k, v in ranked]
 
 
+def outside_allocator() -> int:
+    """Device memory in use outside torch's caching allocator (context, loaded kernel modules, graph executables):
+    the device's used memory less what the allocator holds (this process alone on the GPU)."""
+    free, total = torch.cuda.mem_get_info()
+    return total - free - torch.cuda.memory_reserved()
+
+
+def watch_captures(log: list[dict]) -> None:
+    """Log the memory outside the allocator and the graphs made so far after each decode step's capture."""
+    from hybrid.engine import graphs
+    made = [0]
+    end = torch.cuda.CUDAGraph.capture_end
+
+    def counted(self, *a, **k):
+        made[0] += 1
+        return end(self, *a, **k)
+    torch.cuda.CUDAGraph.capture_end = counted
+    capture = graphs.StaticStep._capture
+
+    def logged(self):
+        capture(self)
+        log.append({"batch": self.x.shape[0], "graphs": made[0], "outside_gib": outside_allocator() / GiB,
+                    "reserved_gib": torch.cuda.memory_reserved() / GiB})
+    graphs.StaticStep._capture = logged
+
+
 def main() -> None:
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -54,8 +83,10 @@ def main() -> None:
         sys.exit("warmup_memory needs a CUDA GPU")
     import serve
     torch.cuda.memory._record_memory_history(stacks="python", max_entries=200_000)   # every live block's stack
+    captures: list[dict] = []
+    watch_captures(captures)
     _, batcher, _, _ = serve.build(argv[cut + 1:])
-    loaded = torch.cuda.memory_allocated() / GiB
+    loaded, outside_loaded = torch.cuda.memory_allocated() / GiB, outside_allocator() / GiB
     error = None
     try:
         batcher.warm_up()
@@ -64,10 +95,17 @@ def main() -> None:
     res = {**meta(), "serve_args": argv[cut + 1:], "error": error, "allocated_after_load_gib": loaded,
            "allocated_gib": torch.cuda.memory_allocated() / GiB,
            "max_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
+           "context_planned_gib": batcher.engine.context_bytes / GiB, "outside_after_load_gib": outside_loaded,
+           "outside_gib": outside_allocator() / GiB, "captures": captures,
            "live": live_by_owner(torch.cuda.memory._snapshot())}
     print(f"after load {loaded:.2f} GiB allocated; after the warm-up {res['allocated_gib']:.2f} "
           f"(peak reserved {res['max_reserved_gib']:.2f}){'; ' + error if error else ''}")
-    for row in res["live"]:
+    print(f"outside the allocator: planned {res['context_planned_gib']:.3f} GiB, after load {outside_loaded:.3f}, "
+          f"after the warm-up {res['outside_gib']:.3f}")
+    for c in captures:
+        print(f"  batch {c['batch']:3d}: {c['graphs']:5d} graphs, outside {c['outside_gib']:.3f} GiB, "
+              f"reserved {c['reserved_gib']:.3f}")
+    for row in res["live"][:8]:
         print(f"  {row['gib']:7.3f} GiB {row['blocks']:6d} blocks  {row['owner']}")
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2))

@@ -17,7 +17,7 @@ from ..model.deepseek import DeepseekV2, StepState
 from ..model.latent_cache import LatentCache
 from ..model.embedding import EMBED
 from ..model.layout import model_specs
-from ..offload.runtime import build_backend, choose_mode, cuda_context_bytes, with_workspace
+from ..offload.runtime import build_backend, choose_mode, cuda_context_bytes, outside_allocator_bytes, with_workspace
 from ..offload.stats import RunStats
 from .graphs import DecodeRunner, PrefillRunner
 from .sampling import Sampler, SamplingParams
@@ -259,7 +259,9 @@ class Engine:
     def _finish(self, stats: RunStats) -> None:
         self.backend.end(stats)
         if self.device.type == "cuda":
-            stats.peak_gpu_bytes = torch.cuda.max_memory_reserved(self.device) + self.context_bytes
+            # what lies outside the allocator only grows (modules, graphs): as it is now, not as planned
+            outside = max(self.context_bytes, outside_allocator_bytes(self.device))
+            stats.peak_gpu_bytes = torch.cuda.max_memory_reserved(self.device) + outside
 
     @torch.no_grad()
     def logits(self, prompt: list[int]) -> torch.Tensor:

@@ -28,6 +28,13 @@ def cuda_context_bytes(device: torch.device) -> int:
     """Device memory in use before torch allocates anything (context, libraries): outside the allocator."""
     torch.cuda.init()
     torch.empty(1, device=device)
+    return outside_allocator_bytes(device)
+
+
+def outside_allocator_bytes(device: torch.device) -> int:
+    """Device memory in use outside torch's caching allocator: the context, and what grows after it (kernel modules
+    loaded on first use, CUDA graph executables). The device's used memory less the allocator's: this process's
+    where it has the GPU to itself (the benchmarks' case), an over-estimate where others share it."""
     free, total = torch.cuda.mem_get_info(device)
     return total - free - torch.cuda.memory_reserved(device)
 
