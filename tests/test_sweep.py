@@ -165,6 +165,20 @@ def test_the_prefill_traces_host_op_ranking_counts_the_driving_threads_ops_insid
     assert res["layers"] == 2 and res["mean_window_ms"] == 0.015 and host_ops(events, []) == {}
 
 
+def test_the_prefill_traces_timeline_keeps_the_lane_notes_apart_from_the_host_timestamps():
+    """A phase-log row holds timestamps and notes (counts, the lane state a layer planned with): only timestamps
+    become ms after the routing (the thirteenth lease's traces had turned the notes into times)."""
+    sys.path.insert(0, str(ROOT / "eval" / "probes"))
+    from prefill_trace import timeline
+    rows = [{"layer": 1, "enter": 1.0, "routed": 1.001, "done": 1.003, "n_cpu": 3, "cpu_scale": 1.2,
+             "backlog_ms": 0.5}, {"layer": 2, "routed": 1.005}]
+    kernel = {"ph": "X", "cat": "kernel", "ts": 1.002e6, "dur": 100, "name": "k", "tid": 7}
+    (row,) = timeline([kernel], rows, 0.0, which=(0,))
+    assert row["host_marks_ms"] == pytest.approx({"enter": -1.0, "routed": 0.0, "done": 2.0})
+    assert row["notes"] == {"n_cpu": 3, "cpu_scale": 1.2, "backlog_ms": 0.5} and row["span_ms"] == pytest.approx(4.0)
+    assert [op["name"] for op in row["gpu"]] == ["k"]
+
+
 def test_the_warmup_memory_probe_sums_live_blocks_by_the_projects_frame_that_allocated_them():
     sys.path.insert(0, str(ROOT / "eval" / "probes"))
     from warmup_memory import live_by_owner

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from eval.common import meta, probe_args, probe_engine  # noqa: E402
 from hybrid.engine.sampling import SamplingParams  # noqa: E402
+from hybrid.offload.phases import MARKS  # noqa: E402
 
 BIG_COPY = 1 << 20          # bytes: an expert copy, not an index or activation upload
 
@@ -132,11 +133,13 @@ def timeline(events: list[dict], rows: list[dict], offset: float, which: tuple[i
         if i + 1 >= len(rows):
             continue
         a, b = us(rows[i]["routed"]), us(rows[i + 1]["routed"])
-        marks = {k: (us(v) - a) / 1000 for k, v in rows[i].items() if isinstance(v, float) and k not in ("layer",)}
+        marks = {k: (us(v) - a) / 1000 for k, v in rows[i].items() if k in MARKS}
+        notes = {k: v for k, v in rows[i].items() if k not in MARKS and k != "layer"}      # counts, lane state
         ops = [{"t": round((e["ts"] - a) / 1000, 4), "dur": round(e.get("dur", 0) / 1000, 4), "stream": e.get("tid"),
                 "name": e["name"][:48], "bytes": e.get("args", {}).get("bytes")}
                for e in sorted(gpu, key=lambda e: e["ts"]) if a <= e["ts"] < b]
-        out.append({"layer": rows[i]["layer"], "span_ms": (b - a) / 1000, "host_marks_ms": marks, "gpu": ops})
+        out.append({"layer": rows[i]["layer"], "span_ms": (b - a) / 1000, "host_marks_ms": marks, "notes": notes,
+                    "gpu": ops})
     return out
 
 

@@ -27,6 +27,10 @@ SPANS = (("enter", "routed", "wait for routing (GPU: previous layer's experts, a
          ("cpu_end", "done", "CPU results shipped, combine queued"))
 
 
+MARKS = ("enter", "settled", "routed", "planned", "graph", "issued", "launched", "queued", "cpu_call", "cpu_start",
+         "cpu_end", "done")          # the host timestamps (perf_counter seconds); a row's other keys are notes
+
+
 class PhaseLog:
     def __init__(self, enabled: bool = False):
         self.enabled = enabled
