@@ -65,8 +65,10 @@ def device_memory(engine) -> str:
             f"{engine.context_bytes / GiB:.2f}): peak {peak / GiB:.2f}")
     budget = engine.run.gpu_memory
     if budget is not None and peak > budget:
-        line += (f"\nwarning: the peak passes the {budget / GiB:.2f} GiB budget by {(peak - budget) / GiB:.2f} GiB "
-                 f"(memory outside torch's allocator grew past the plan's context and margin)")
+        over = peak - budget
+        line += (f"\nwarning: the peak passes the {budget / GiB:.2f} GiB budget by {over / GiB:.2f} GiB (memory "
+                 f"outside torch's allocator grew past the plan's context); to stay within it, start with "
+                 f"--gpu-memory {(budget - over) / GiB:.2f}GiB")
     return line
 
 
@@ -75,12 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     import threading
     import time
 
-    import torch
     import uvicorn
     app, batcher, host, port = build(argv)
     took = batcher.warm_up()
     print(f"warmed up in {took:.1f} s (kernels compiled, decode graphs captured)", file=sys.stderr)
-    if torch.cuda.is_available():
+    if batcher.engine.device.type == "cuda":
         print(device_memory(batcher.engine), file=sys.stderr)
     web = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
 

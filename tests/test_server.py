@@ -377,4 +377,4 @@ def test_the_memory_line_after_the_warm_up_warns_when_memory_outside_the_allocat
         monkeypatch.setattr(runtime, "outside_allocator_bytes", lambda device, b=outside: b)
         line = serve.device_memory(engine)
         assert f"peak {7.25 + outside / GiB:.2f}" in line and ("warning:" in line) == over
-    assert "by 0.25 GiB" in line
+    assert "by 0.25 GiB" in line and "--gpu-memory 7.75GiB" in line

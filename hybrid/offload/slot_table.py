@@ -66,7 +66,7 @@ class SlotTable:
         """idx [T, K] expert ids -> their slots [T, K] int64, 0 where the table has none (a guess then dropped),
         read when the GPU runs it (capturable). Ids outside [0, E) read no memory and give 0: a decode graph's
         capture warms its guess on the routing buffer of a piece captured but not yet run, which holds whatever
-        the shared graph pool last kept there (the twelfth lease's illegal address in the server's warm-up)."""
+        the shared graph pool last kept there (the thirteenth lease's illegal address in the server's warm-up)."""
         E = self.host.shape[1]
         if not fused.on_triton(idx):         # a copy of the row (capturable; on a GPU behind the expert copies)
             row = self.host[layer].to(idx.device, non_blocking=True)                           # [E]
