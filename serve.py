@@ -15,6 +15,7 @@ from pathlib import Path
 from hybrid.engine.cli import ArgParser, at_least, check_paths, engine_args, model_and_tokenizer, run_config
 from hybrid.engine.engine import Engine
 from hybrid.model.config import ConfigError
+from hybrid.server import outside_memory
 
 
 def parser() -> ArgParser:
@@ -31,7 +32,9 @@ def parser() -> ArgParser:
 
 
 def build(argv: list[str] | None = None):
-    """-> (FastAPI app, batcher, host, port) from the command line; nothing served yet."""
+    """-> (FastAPI app, batcher, host, port, the setting's key in outside_memory) from the command line; nothing
+    served yet. With --gpu-memory on a GPU, the plan reserves what this setting's last warm-up grew outside torch's
+    allocator."""
     a = parser().parse_args(argv)
     try:
         import fastapi  # noqa: F401
@@ -43,22 +46,35 @@ def build(argv: list[str] | None = None):
     check_paths(a, inputs=("model", "costs", "predictors", *(() if a.tokenizer == "bytes" else ("tokenizer",))))
     run = replace(run_config(a), prefill_chunk_tokens=JOIN_TOKENS)   # no prefill is larger: its workspace, no more
     tok = model_and_tokenizer(a, bytes_if_missing=True)
-    engine = Engine(a.model, run)
+    key = memory_key(a.model, run)
+    reserve = outside_memory.reserved(key) if run.gpu_memory is not None else 0
+    if reserve:
+        print(f"memory: the context includes {reserve / 2**20:.0f} MiB that this setting's last warm-up grew outside "
+              f"torch's allocator (kernel modules, graph executables)", file=sys.stderr)
+    engine = Engine(a.model, run, reserve=reserve)
     if engine.mode_note:
         print(engine.mode_note, file=sys.stderr)
     name = a.served_model_name or Path(a.model).name
     batcher = Batcher(engine, max_waiting=a.max_waiting)
-    return make_app(batcher, tok, name), batcher, a.host, a.port
+    return make_app(batcher, tok, name), batcher, a.host, a.port, key
 
 
-def device_memory(engine) -> str:
+def memory_key(model: str, run) -> str:
+    import torch
+    gpu = torch.cuda.get_device_name(torch.device(run.device)) if run.device.startswith("cuda") else "cpu"
+    return outside_memory.setting_key(model, run, gpu, torch.__version__)
+
+
+def device_memory(engine, key: str) -> str:
     """After the warm-up: the GPU memory held, torch's and outside its allocator (context, kernel modules, graph
-    executables), against the budget; a warning line where the peak passes it."""
+    executables), against the budget, with a warning line where the peak passes it; the growth outside the
+    allocator is remembered for the setting (outside_memory), for the next start's plan."""
     import torch
 
     from hybrid.offload.runtime import outside_allocator_bytes
     GiB = 2**30
     outside = outside_allocator_bytes(engine.device)
+    outside_memory.remember(key, outside - engine.context_start)
     peak = torch.cuda.max_memory_reserved() + outside
     line = (f"GPU memory after the warm-up: torch holds {torch.cuda.memory_reserved() / GiB:.2f} GiB (peaked at "
             f"{torch.cuda.max_memory_reserved() / GiB:.2f}), outside its allocator {outside / GiB:.2f} (planned "
@@ -67,8 +83,8 @@ def device_memory(engine) -> str:
     if budget is not None and peak > budget:
         over = peak - budget
         line += (f"\nwarning: the peak passes the {budget / GiB:.2f} GiB budget by {over / GiB:.2f} GiB (memory "
-                 f"outside torch's allocator grew past the plan's context); to stay within it, start with "
-                 f"--gpu-memory {(budget - over) / GiB:.2f}GiB")
+                 f"outside torch's allocator grew past the plan's context); the next start with these settings "
+                 f"reserves it, or start now with --gpu-memory {(budget - over) / GiB:.2f}GiB")
     return line
 
 
@@ -78,11 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     import time
 
     import uvicorn
-    app, batcher, host, port = build(argv)
+    app, batcher, host, port, key = build(argv)
     took = batcher.warm_up()
     print(f"warmed up in {took:.1f} s (kernels compiled, decode graphs captured)", file=sys.stderr)
     if batcher.engine.device.type == "cuda":
-        print(device_memory(batcher.engine), file=sys.stderr)
+        print(device_memory(batcher.engine, key), file=sys.stderr)
     web = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
 
     def listen() -> None:

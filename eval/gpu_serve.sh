@@ -4,7 +4,9 @@
 # levels, into $OUT/serve/<system>/. Carry `.tok` and `.whl`: wheels of fastapi, uvicorn, prometheus_client and httpx
 # for the box's Python, which has no package registry (`pip download --only-binary=:all: --python-version 3.12 ...`).
 #   bash eval/gpu_serve.sh "--model /dev/shm/v2lite --mode gpu" "1,4,8,16"
-# WARMUP_PROBE=1 first runs eval/probes/warmup_memory.py with the same arguments ($OUT/serve/warmup_memory.json).
+# First eval/probes/warmup_memory.py with the same arguments ($OUT/serve/warmup_memory.json; WARMUP_PROBE=0 skips
+# it): its warm-up also stores what the setting grows outside torch's allocator (hybrid/server/outside_memory.py),
+# so the server started after it plans with that and keeps within --gpu-memory (a first start does not).
 #   CALIBRATE=q4k bash eval/gpu_serve.sh "--model /dev/shm/gguf/model-Q4_K_M.gguf --gpu-memory 8GiB --prefetch gate" \
 #       "1,4,8,16" "-ncmoe 9"
 SERVE_ARGS=$1; LEVELS=${2:-1,4,8,16}; PEER_ARGS=${3:-}
@@ -36,7 +38,7 @@ serve_and_bench() {       # NAME PORT COMMAND...: start the server, wait until i
   rm -f "$OUT/serve/$name/server.log" "$OUT/serve/$name/results.csv"
 }
 
-if [ -n "${WARMUP_PROBE:-}" ]; then   # where the warm-up's GPU memory goes, by allocating frame
+if [ "${WARMUP_PROBE:-1}" != 0 ]; then   # where the warm-up's GPU memory goes, by allocating frame
   mkdir -p "$OUT/serve"
   # shellcheck disable=SC2086
   timeout 240 python3 eval/probes/warmup_memory.py --out "$OUT/serve/warmup_memory.json" -- $SERVE_ARGS \

@@ -25,8 +25,8 @@ from hybrid.server.text import TextStream
 def server(tiny):
     import uvicorn
     import serve
-    app, batcher, _, _ = serve.build(["--model", str(tiny), "--device", "cpu", "--dtype", "float32", "--tokenizer",
-                                      "bytes", "--max-batch-size", "16", "--max-seq-len", "160", "--mode", "gpu"])
+    app, batcher, *_ = serve.build(["--model", str(tiny), "--device", "cpu", "--dtype", "float32", "--tokenizer",
+                                    "bytes", "--max-batch-size", "16", "--max-seq-len", "160", "--mode", "gpu"])
     batcher.warm_up()                             # as serve.py's main does before it listens
     batcher.start()
     with socket.socket() as s:
@@ -359,22 +359,55 @@ def test_text_streams_decode_a_few_tokens_each_and_give_the_whole_decode(tokeniz
     assert text == decode(ids) and max(longest) <= 8
 
 
-def test_the_memory_line_after_the_warm_up_warns_when_memory_outside_the_allocator_passes_the_budget(monkeypatch):
+def test_the_memory_line_after_the_warm_up_warns_and_remembers_the_growth_outside_the_allocator(tmp_path,
+                                                                                               monkeypatch):
     """serve.py's line after the warm-up: the peak is torch's peak plus what lies outside its allocator now (kernel
-    modules and graph executables grow it past the planned context); past --gpu-memory it adds a warning line."""
+    modules and graph executables grow it past the context measured at start); past --gpu-memory it adds a warning
+    line. Either way the growth is stored for the setting, and the next start's plan reserves it."""
     import types
 
     import torch
 
     import serve
     from hybrid.offload import runtime
+    from hybrid.server import outside_memory
+    monkeypatch.setenv("HYBRID_CACHE", str(tmp_path))
     GiB = 2**30
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: int(7.0 * GiB))
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: int(7.25 * GiB))
-    engine = types.SimpleNamespace(device=torch.device("cuda"), context_bytes=GiB // 2,
+    engine = types.SimpleNamespace(device=torch.device("cuda"), context_bytes=GiB // 2, context_start=GiB // 2,
                                    run=types.SimpleNamespace(gpu_memory=8 * GiB))
     for outside, over in ((GiB // 2, False), (GiB, True)):
         monkeypatch.setattr(runtime, "outside_allocator_bytes", lambda device, b=outside: b)
-        line = serve.device_memory(engine)
+        line = serve.device_memory(engine, "setting")
         assert f"peak {7.25 + outside / GiB:.2f}" in line and ("warning:" in line) == over
+        assert outside_memory.reserved("setting") == outside - GiB // 2
     assert "by 0.25 GiB" in line and "--gpu-memory 7.75GiB" in line
+
+
+def test_a_start_reserves_what_its_settings_last_warm_up_grew_outside_the_allocator(tiny, tmp_path, monkeypatch):
+    """The key leaves the budget out (a smaller --gpu-memory captures the same graphs) and keeps what shapes the
+    graphs; the stored growth becomes part of the plan's context only with a budget, and the cache is smaller by it."""
+    import serve
+    from hybrid.server import outside_memory
+    monkeypatch.setenv("HYBRID_CACHE", str(tmp_path))
+    assert outside_memory.reserved("anything") == 0
+    (tmp_path / outside_memory.FILE).write_text("not json")
+    assert outside_memory.reserved("anything") == 0
+    base = ["--model", str(tiny), "--device", "cpu", "--dtype", "float32", "--tokenizer", "bytes",
+            "--max-seq-len", "64", "--mode", "hybrid"]
+    args = base + ["--max-batch-size", "2"]
+    budget = budget_for(tiny, 20, batch=2, seq=64)
+    _, batcher, *_, key = serve.build(args + ["--gpu-memory", str(budget)])
+    slots = batcher.engine.backend.cache.n_slots
+    *_, key_smaller = serve.build(args + ["--gpu-memory", str(budget - 1000)])
+    *_, key_wider = serve.build(base + ["--max-batch-size", "3", "--gpu-memory", str(budget_for(tiny, 20, batch=3,
+                                                                                               seq=64))])
+    assert key == key_smaller != key_wider
+    from hybrid.model.quant import expert_bytes
+    slot = expert_bytes(batcher.engine.cfg, "bf16", 4)                   # float32 experts
+    outside_memory.remember(key, 3 * slot)
+    _, again, *_ = serve.build(args + ["--gpu-memory", str(budget)])
+    assert again.engine.context_bytes == 3 * slot and again.engine.backend.cache.n_slots == slots - 3
+    _, unbounded, *_ = serve.build(args)
+    assert unbounded.engine.context_bytes == 0

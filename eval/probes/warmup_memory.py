@@ -48,10 +48,8 @@ def live_by_owner(snapshot: dict, top: int = 25) -> list[dict]:
 
 
 def outside_allocator() -> int:
-    """Device memory in use outside torch's caching allocator (context, loaded kernel modules, graph executables):
-    the device's used memory less what the allocator holds (this process alone on the GPU)."""
-    free, total = torch.cuda.mem_get_info()
-    return total - free - torch.cuda.memory_reserved()
+    from hybrid.offload.runtime import outside_allocator_bytes
+    return outside_allocator_bytes(torch.device("cuda"))
 
 
 def watch_captures(log: list[dict]) -> None:
@@ -85,7 +83,7 @@ def main() -> None:
     torch.cuda.memory._record_memory_history(stacks="python", max_entries=200_000)   # every live block's stack
     captures: list[dict] = []
     watch_captures(captures)
-    _, batcher, _, _ = serve.build(argv[cut + 1:])
+    _, batcher, _, _, key = serve.build(argv[cut + 1:])
     loaded, outside_loaded = torch.cuda.memory_allocated() / GiB, outside_allocator() / GiB
     error = None
     try:
@@ -95,6 +93,7 @@ def main() -> None:
     res = {**meta(), "serve_args": argv[cut + 1:], "error": error, "allocated_after_load_gib": loaded,
            "allocated_gib": torch.cuda.memory_allocated() / GiB,
            "max_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
+           "context_start_gib": batcher.engine.context_start / GiB,
            "context_planned_gib": batcher.engine.context_bytes / GiB, "outside_after_load_gib": outside_loaded,
            "outside_gib": outside_allocator() / GiB, "captures": captures,
            "live": live_by_owner(torch.cuda.memory._snapshot())}
@@ -102,6 +101,8 @@ def main() -> None:
           f"(peak reserved {res['max_reserved_gib']:.2f}){'; ' + error if error else ''}")
     print(f"outside the allocator: planned {res['context_planned_gib']:.3f} GiB, after load {outside_loaded:.3f}, "
           f"after the warm-up {res['outside_gib']:.3f}")
+    if error is None:        # what the setting grew outside the allocator: stored for the next start's plan
+        print(serve.device_memory(batcher.engine, key))
     for c in captures:
         print(f"  batch {c['batch']:3d}: {c['graphs']:5d} graphs, outside {c['outside_gib']:.3f} GiB, "
               f"reserved {c['reserved_gib']:.3f}")

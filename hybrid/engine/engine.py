@@ -78,7 +78,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Engine:
-    def __init__(self, model_dir: str, run: RunConfig | None = None, progress: bool = True):
+    def __init__(self, model_dir: str, run: RunConfig | None = None, progress: bool = True, reserve: int = 0):
+        """reserve: device bytes the plan adds to the context for what grows outside torch's allocator later."""
         self.run = run or RunConfig()
         self.device = resolve_device(self.run.device)
         self.dtype = DTYPES[self.run.dtype]
@@ -87,7 +88,8 @@ class Engine:
         self.ckpt.check_shapes(model_specs(self.cfg))
         if self.run.experts == "auto":         # a GGUF's own block format, moved in as it is; else bf16
             self.run = replace(self.run, experts=self.ckpt.native_format())
-        self.context_bytes = cuda_context_bytes(self.device) if self.device.type == "cuda" else 0
+        self.context_start = cuda_context_bytes(self.device) if self.device.type == "cuda" else 0
+        self.context_bytes = self.context_start + reserve       # what the memory plan counts outside the allocator
         self.most_threads = self.run.cpu_threads or default_threads(self.device.type == "cuda")
         torch.set_num_threads(self.most_threads)
         self.mode_note = ""                    # what mode auto chose, and why
@@ -99,7 +101,6 @@ class Engine:
                                      self.context_bytes)
         names = model_specs(self.cfg, experts=False)
         bar = tqdm(total=len(names), desc="weights -> device", disable=not progress)
-
         self.model = DeepseekV2(self.cfg, weight_getter(self.ckpt, self.device, self.dtype, bar,
                                                         self.run.mode != "gpu"), self.backend, self.device)
         bar.close()
@@ -260,7 +261,7 @@ class Engine:
         self.backend.end(stats)
         if self.device.type == "cuda":
             # what lies outside the allocator only grows (modules, graphs): as it is now, not as planned
-            outside = max(self.context_bytes, outside_allocator_bytes(self.device))
+            outside = max(self.context_start, outside_allocator_bytes(self.device))
             stats.peak_gpu_bytes = torch.cuda.max_memory_reserved(self.device) + outside
 
     @torch.no_grad()

@@ -1,0 +1,56 @@
+"""What a server's warm-up leaves on the GPU outside torch's caching allocator, remembered per machine and setting,
+so that the next start's memory plan counts it.
+
+The memory plan counts the CUDA context as measured at start. After it, kernel modules load on first use and every
+captured CUDA graph's executable takes device memory the allocator never sees: on the H200 box a server at 8 GiB
+(decode graphs for batch sizes 1-16) grew ~0.5 GiB past its start's context and peaked at 8.32-8.40 GiB. The first
+start with a setting measures that growth after its warm-up and stores it; later starts with the same setting
+reserve it in the plan (as part of the context), so their expert cache is smaller by that much and the peak stays
+within --gpu-memory. The stored figure is replaced by each start's measurement."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..model.config import RunConfig, cache_dir
+
+FILE = "outside-memory.json"
+SHAPING = ("device", "dtype", "mode", "experts", "cache_layout", "prefetch", "max_batch_size", "max_seq_len",
+           "cuda_graphs", "static_decode")     # the run fields that decide which graphs and kernels a warm-up makes
+
+
+def setting_key(model: str, run: RunConfig, gpu: str, torch_version: str) -> str:
+    """The machine's GPU and torch, the checkpoint, and the run fields that shape the graphs (not the budget: a
+    start with a smaller --gpu-memory captures the same graphs)."""
+    fields = ",".join(f"{name}={getattr(run, name)}" for name in SHAPING)
+    return f"{gpu}|torch {torch_version}|{Path(model).resolve()}|{fields}"
+
+
+def _path() -> Path:
+    return cache_dir() / FILE
+
+
+def _read() -> dict:
+    try:
+        data = json.loads(_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def reserved(key: str) -> int:
+    """Bytes to reserve for the setting: its last measured growth, 0 if none was stored."""
+    value = _read().get(key, 0)
+    return int(value) if isinstance(value, (int, float)) and value > 0 else 0
+
+
+def remember(key: str, growth: int) -> None:
+    """Store the setting's measured growth (bytes past the start's context), replacing the last one."""
+    data = _read()
+    data[key] = max(0, int(growth))
+    path = _path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
