@@ -61,7 +61,8 @@ def build(argv: list[str] | None = None):
 
 def memory_key(model: str, run) -> str:
     import torch
-    gpu = torch.cuda.get_device_name(torch.device(run.device)) if run.device.startswith("cuda") else "cpu"
+    cuda = run.device.startswith("cuda") and torch.cuda.is_available()      # else the engine says what is wrong
+    gpu = torch.cuda.get_device_name(torch.device(run.device)) if cuda else "none"
     return outside_memory.setting_key(model, run, gpu, torch.__version__)
 
 

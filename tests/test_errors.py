@@ -75,6 +75,9 @@ def test_prompt_longer_than_context(tiny):
 def test_no_cuda_for_a_gpu_device(tiny):
     with pytest.raises(EngineError, match="no CUDA GPU is visible"):
         Engine(str(tiny), RunConfig(device="cuda"), progress=False)
+    import serve                     # the server's setting key does not ask torch for a GPU that is not there
+    with pytest.raises(EngineError, match="no CUDA GPU is visible"):
+        serve.build(["--model", str(tiny), "--device", "cuda", "--tokenizer", "bytes"])
 
 
 def test_budget_too_small_for_non_expert_weights(tiny):
