@@ -75,7 +75,7 @@ def device_memory(engine, key: str) -> str:
     from hybrid.offload.runtime import outside_allocator_bytes
     GiB = 2**30
     outside = outside_allocator_bytes(engine.device)
-    outside_memory.remember(key, outside - engine.context_start)
+    stored = outside_memory.remember(key, outside - engine.context_start)
     peak = torch.cuda.max_memory_reserved() + outside
     line = (f"GPU memory after the warm-up: torch holds {torch.cuda.memory_reserved() / GiB:.2f} GiB (peaked at "
             f"{torch.cuda.max_memory_reserved() / GiB:.2f}), outside its allocator {outside / GiB:.2f} (planned "
@@ -84,8 +84,9 @@ def device_memory(engine, key: str) -> str:
     if budget is not None and peak > budget:
         over = peak - budget
         line += (f"\nwarning: the peak passes the {budget / GiB:.2f} GiB budget by {over / GiB:.2f} GiB (memory "
-                 f"outside torch's allocator grew past the plan's context); the next start with these settings "
-                 f"reserves it, or start now with --gpu-memory {(budget - over) / GiB:.2f}GiB")
+                 f"outside torch's allocator grew past the plan's context); "
+                 + ("the next start with these settings reserves it, or " if stored else "")
+                 + f"start with --gpu-memory {(budget - over) / GiB:.2f}GiB")
     return line
 
 

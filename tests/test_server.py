@@ -382,7 +382,10 @@ def test_the_memory_line_after_the_warm_up_warns_and_remembers_the_growth_outsid
         line = serve.device_memory(engine, "setting")
         assert f"peak {7.25 + outside / GiB:.2f}" in line and ("warning:" in line) == over
         assert outside_memory.reserved("setting") == outside - GiB // 2
-    assert "by 0.25 GiB" in line and "--gpu-memory 7.75GiB" in line
+    assert "by 0.25 GiB" in line and "--gpu-memory 7.75GiB" in line and "next start" in line
+    monkeypatch.setenv("HYBRID_CACHE", str(tmp_path / outside_memory.FILE / "under a file"))   # cannot be written
+    line = serve.device_memory(engine, "setting")
+    assert "warning:" in line and "next start" not in line
 
 
 def test_a_start_reserves_what_its_settings_last_warm_up_grew_outside_the_allocator(tiny, tmp_path, monkeypatch):

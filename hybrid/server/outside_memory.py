@@ -45,12 +45,17 @@ def reserved(key: str) -> int:
     return int(value) if isinstance(value, (int, float)) and value > 0 else 0
 
 
-def remember(key: str, growth: int) -> None:
-    """Store the setting's measured growth (bytes past the start's context), replacing the last one."""
+def remember(key: str, growth: int) -> bool:
+    """Store the setting's measured growth (bytes past the start's context), replacing the last one. -> whether it
+    was stored (a cache folder that cannot be written costs the next start its reserve, not this server its run)."""
     data = _read()
     data[key] = max(0, int(growth))
     path = _path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        return False
+    return True
