@@ -26,8 +26,8 @@ PEERS = ("transformers", "transformers+accelerate")
 SETTINGS = ("checkpoint", "gpu_budget_gib", "tokens_asked", "cache_policy", "cache_layout", "experts", "prefill_graphs",
             "code_sha256")
 FIELDS = ("mode", "batch_size", "prompt_tokens", "new_tokens", "ttft_ms", "ttft_first_ms", "tpot_ms_mean",
-          "tpot_ms_p50", "tpot_ms_p90", "decode_tok_s", "e2e_tok_s", "prefill_tok_s", "peak_gpu_gib", "hit_rate",
-          "gb_over_pcie", "cpu_share", "cpu_ms_per_expert", "prefetch_recall", "layer_pred_ms_mean",
+          "tpot_ms_p50", "tpot_ms_p90", "decode_tok_s", "e2e_tok_s", "prefill_tok_s", "peak_gpu_gib", "outside_gpu_gib",
+          "hit_rate", "gb_over_pcie", "cpu_share", "cpu_ms_per_expert", "prefetch_recall", "layer_pred_ms_mean",
           "layer_meas_ms_mean", "layer_time_median_rel_err", "layer_time_median_rel_err_model", "logits_rel_err_vs_gpu",
           "logits_rel_err_vs_fp32",
           "tokens_identical_prefix", *SETTINGS, "error")

@@ -261,8 +261,8 @@ class Engine:
         self.backend.end(stats)
         if self.device.type == "cuda":
             # what lies outside the allocator only grows (modules, graphs): as it is now, not as planned
-            outside = max(self.context_start, outside_allocator_bytes(self.device))
-            stats.peak_gpu_bytes = torch.cuda.max_memory_reserved(self.device) + outside
+            stats.outside_gpu_bytes = max(self.context_start, outside_allocator_bytes(self.device))
+            stats.peak_gpu_bytes = torch.cuda.max_memory_reserved(self.device) + stats.outside_gpu_bytes
 
     @torch.no_grad()
     def logits(self, prompt: list[int]) -> torch.Tensor:

@@ -52,6 +52,7 @@ class RunStats:
     ttft_s: float = 0.0
     step_s: list = field(default_factory=list)
     peak_gpu_bytes: int = 0
+    outside_gpu_bytes: int = 0        # of the peak: device memory outside torch's allocator at the end (context+)
     experts: ExpertCounters = field(default_factory=ExpertCounters)
     layer_pred_ms: list = field(default_factory=list)
     layer_meas_ms: list = field(default_factory=list)
@@ -80,7 +81,8 @@ class RunStats:
             "e2e_tok_s": self.batch_size * self.new_tokens / (self.ttft_s + self.decode_s)
             if self.new_tokens else 0.0,
             "prefill_tok_s": self.batch_size * self.prompt_tokens / self.ttft_s if self.ttft_s else 0.0,
-            "peak_gpu_gib": self.peak_gpu_bytes / 2**30, "hit_rate": e.hit_rate,
+            "peak_gpu_gib": self.peak_gpu_bytes / 2**30, "outside_gpu_gib": self.outside_gpu_bytes / 2**30,
+            "hit_rate": e.hit_rate,
             "experts_fetched": e.fetched, "gb_over_pcie": e.fetched_bytes / 1e9, "experts_on_cpu": e.cpu_experts,
             "cpu_share": e.cpu_experts / e.misses if e.misses else 0.0,
             "cpu_ms_per_expert": 1000 * e.cpu_busy_s / e.cpu_experts if e.cpu_experts else 0.0,
