@@ -152,7 +152,9 @@ def test_the_phase_log_times_planned_layers_and_skips_whole_ones(tiny):
     s = log.summary()
     assert s["layers_logged"] == len(log.rows) and s["routed->planned"]["mean_ms"] >= 0
     spans = [k for k in s if "->" in k]
-    assert "planned->graph" in spans and "graph->cpu_start" in spans and "routed->cpu_end" in spans and s["cpu_ms_by_experts"]
+    assert "planned->graph" in spans and "routed->cpu_start" in spans and "routed->cpu_end" in spans and s["cpu_ms_by_experts"]
+    both = [r for r in log.rows if "issued" in r and "cpu_start" in r]       # decode: copies out before the CPU lane
+    assert both and all(r["issued"] <= r["cpu_start"] for r in both)
     assert s["backlog_ms"]["layers"] > 0 and s["backlog_ms"]["max_ms"] >= s["backlog_ms"]["mean_ms"] >= 0
     assert s["cpu_lane_ms"]["layers"] > 0 and s["cpu_lane_ms"]["p50_ms"] > 0       # the pool's own time
     assert 0.4 <= s["cpu_scale"]["p50"] <= 2.5 and 0 < s["room"]["layers"] < s["backlog_ms"]["layers"]  # decode's room

@@ -27,7 +27,7 @@ class CpuWork:
 
     def start(self, layer: int, cpu: list[int], flat: np.ndarray, counts: np.ndarray, xh: torch.Tensor, K: int,
               into: torch.Tensor | None = None):
-        """Hand the layer's CPU experts to the pool now, before any copy or GPU work is queued, their rows
+        """Hand the layer's CPU experts to the pool now, before the GPU work is queued, their rows
         computed into `into`'s first rows (default: a buffer of this lane's); -> what `finish` needs, or None
         where they do not fit the pool (then `run` computes them later)."""
         if not cpu or not self.lane.experts.pool_threads:

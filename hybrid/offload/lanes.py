@@ -6,11 +6,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# A GPU machine's driving thread joins the CPU lane's jobs of more rows than this; a decode layer's job at batch 1
-# (a row per CPU expert, ~0.5 ms on 15 threads) is too short for its share to repay what joining costs its next
-# host steps: it streams that share of the weights through its own caches (the first Python call after such a job
-# took 47 us instead of 14 on the development machine). Batch 16's and prefill's jobs keep all hands.
-JOIN_ABOVE_ROWS = 8
+# A GPU machine's driving thread joins the CPU lane's jobs of more rows than this: prefill's, not decode's (at most
+# batch 16 x top-6 rows). A decode job (~0.5 ms at batch 1, ~1.3 at batch 16 on 15 threads) is too short for one
+# more worker to repay what joining costs the host steps that follow it: the driving thread streams its share of
+# the weights through its own caches, and the next layer's plan, CPU rows and copy issue, all on the path to the
+# next CPU job, then run cold (the first Python call after a joined job took 47 us instead of 14 on the development
+# machine; at batch 16 on the box those steps took ~0.7 ms a layer, 3-5x their time in a loop).
+JOIN_ABOVE_ROWS = 96
 
 
 class CopyLane:
@@ -53,7 +55,8 @@ class CopyLane:
 
 class CpuLane:
     """A layer's CPU experts. By default on the native kernel's own thread pool, handed over right after planning
-    so that they run while the driving thread admits slots, issues copies and queues the GPU work, then waits for
+    (at decode, right after the copies are issued) so that they run while the driving thread queues the GPU work
+    (and in prefill admits slots and issues copies), then waits for
     (`CpuExperts.start_rows` / `wait`); with AMX (the kernel's tile path) that includes prefill's experts of many
     tokens, quantized ones too. Calls the pool does not take (bf16 experts of more than 8 tokens without AMX, no
     compiler) run on the driving thread's OpenMP team after the GPU work is queued.
