@@ -51,6 +51,34 @@ def test_copies_land_in_their_slots_and_are_counted():
     assert copies.backlog_ms() == 0.0        # the model's clock ran ahead, but the copies landed (on CPU, at once)
 
 
+def test_copies_issued_through_a_driver_call_move_each_experts_bytes_into_its_slot():
+    """The GPU's copy path (driver_copy.py) on the CPU: the same (dst, src, bytes) calls, made by memmove; a slot
+    larger than its expert keeps its tail; a failed call raises, naming the driver's error."""
+    import ctypes
+    from hybrid.offload.driver_copy import DriverCopy
+    calls = []
+
+    def memmove(dst, src, n, stream):
+        calls.append((n, stream))
+        ctypes.memmove(dst, src, n)
+        return 0
+    cache, acct, copies = pieces()
+    copies.lane = CopyLane(torch.device("cpu"), driver=DriverCopy(memmove))
+    layer = CFG.moe_layers[1]
+    for slot in range(cache.n_total):
+        cache.view(slot).fill_(-1.0)
+    short = copies.store.buffers[layer][5][: CFG.expert_numel // 2]       # a layer whose experts are smaller
+    copies.store.buffers[layer][5] = short
+    wave = copies.admit_and_issue(layer, [4, 5], {4: 1, 5: 1})
+    assert calls == [(CFG.expert_numel * 4, 0), (CFG.expert_numel * 2, 0)]
+    for e, s in wave:
+        n = copies.store.buffers[layer][e].numel()
+        assert torch.all(cache.view(s)[:n] == 1000.0 * layer + e) and torch.all(cache.view(s)[n:] == -1.0)
+    with pytest.raises(RuntimeError, match="driver error 700"):
+        DriverCopy(lambda *a: 700)(0, [(0, 0, 8)])
+    assert DriverCopy.load() is None or callable(DriverCopy.load().fn)
+
+
 def test_the_lanes_clock_follows_the_model_until_the_last_copy_lands():
     """The modelled backlog stands while the last wave is in flight and drops to none once it has landed, so
     copies faster than the model leave no backlog that grows with the run."""

@@ -58,7 +58,8 @@ def test_hybrid_records_predicted_and_measured_layer_times(tiny):
     from hybrid.planning.lane_feedback import LAG_CAP_MS, PREFILL_LAG_CAP_MS
     caps = {T: LAG_CAP_MS if T <= fb.decode_tokens else PREFILL_LAG_CAP_MS for T in fb.lag}
     assert fb.lag and all(-caps[T] <= v <= caps[T] for T, v in fb.lag.items())     # decode / prefill caps
-    assert fb.lag[len(PROMPTS)] < 0          # decode: the pool starts the CPU lane before the copies are issued
+    assert fb.lag[len(PROMPTS)] >= 0         # decode: the copies are issued before the pool starts the CPU lane
+    assert all(v < 0 for T, v in fb.lag.items() if T > fb.decode_tokens)    # prefill: the CPU lane starts first
 
 
 def test_gpu_mode_refuses_a_budget_that_cannot_hold_every_expert(tiny):

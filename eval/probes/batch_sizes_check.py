@@ -2,8 +2,9 @@
 CUDA graphs; here the decode steps of every batch size replay from graphs that share one memory pool
 (engine/graphs.DecodeRunner), in mode gpu and offloaded (hybrid with 6 cache slots: the layer graphs too), on the
 small synthetic model in float32. Sequences join and leave a running batch (engine/slots.py) so that the batch size
-goes up and down, and each one's greedy tokens are compared with the same prompt generated alone. One JSON object;
-exit 1 on a mismatch.
+goes up and down, and each one's greedy tokens are compared with the same prompt generated alone; and hybrid's
+prompts alone with mode gpu's (its expert copies and CPU experts compute the same function). One JSON object; exit 1
+on a mismatch.
 
     python eval/probes/batch_sizes_check.py [--out check.json]"""
 from __future__ import annotations
@@ -66,7 +67,7 @@ def check(model: Path, mode: str, device: str) -> dict:
     same = [out[i] == alone[i] for i in range(len(PROMPTS))]
     return {"mode": mode, "batch_sizes_stepped": sorted(set(sizes)), "steps": len(sizes),
             "graphs_captured": sorted(e.decoder.steps) if e.decoder is not None else [],
-            "identical": all(same), "identical_per_prompt": same}
+            "identical": all(same), "identical_per_prompt": same, "alone": alone}
 
 
 def main() -> None:
@@ -80,13 +81,15 @@ def main() -> None:
         config, shards = PRESETS["small"]              # rows of 128 and more, as the GPU kernels expect
         model = write_checkpoint(d, config, shards, seed=1, progress=False)
         rows = [check(model, "gpu", a.device), check(model, "hybrid", a.device)]
-    report = {**meta(), "rows": rows}
+    modes_agree = rows[0]["alone"] == rows[1]["alone"]        # the offloaded copies and CPU experts: the same tokens
+    report = {**meta(), "rows": rows, "hybrid_alone_equals_gpu_alone": modes_agree}
     for r in rows:
         print(f"{r['mode']:7s} batch sizes {r['batch_sizes_stepped']} over {r['steps']} steps, graphs "
               f"{r['graphs_captured']}: {'identical' if r['identical'] else 'DIFFERENT'} to each prompt alone")
+    print(f"hybrid alone {'equals' if modes_agree else 'DIFFERS FROM'} gpu alone (greedy tokens of every prompt)")
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=2))
-    sys.exit(0 if all(r["identical"] for r in rows) else 1)
+    sys.exit(0 if all(r["identical"] for r in rows) and modes_agree else 1)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ class ExpertCopies:
         cache = self.cache
         after = [cache.free_event(s) for _, s in wave if cache.is_staging(s) and cache.free_event(s) is not None]
         bufs = self.store.buffers[layer]                 # each at the layer's own size (Q4_K_M's q5 downs)
-        done = self.lane.copy_many([(cache.view(s)[:bufs[e].numel()], bufs[e]) for e, s in wave], after)
+        done = self.lane.copy_many([(cache.view(s), bufs[e]) for e, s in wave], after)
         ms = len(wave) * self.fetch_ms * self.store.size_ratio(layer)           # at the layer's own size
         self.until = max(self.clock(), time.perf_counter()) + ms / 1000
         self.last = done

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .driver_copy import DriverCopy
+
 # A GPU machine's driving thread joins the CPU lane's jobs of more rows than this: prefill's, not decode's (at most
 # batch 16 x top-6 rows). A decode job (~0.5 ms at batch 1, ~1.3 at batch 16 on 15 threads) is too short for one
 # more worker to repay what joining costs the host steps that follow it: the driving thread streams its share of
@@ -16,9 +18,11 @@ JOIN_ABOVE_ROWS = 96
 
 
 class CopyLane:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, driver: DriverCopy | None = None):
+        """driver: how copies are issued where not through torch (default on a GPU: the CUDA driver's own call)."""
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.driver = driver or (DriverCopy.load() if self.cuda else None)
 
     def event(self, stream=None):
         """An event recorded now on `stream` (default: the compute stream); None on CPU."""
@@ -29,17 +33,20 @@ class CopyLane:
         return ev
 
     def copy_many(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: list) -> object:
-        """dst <- src for each pair, back to back on the copy stream once every event in `after` has fired;
-        returns one completion event for all of them."""
-        if not self.cuda:
+        """The bytes of each src into the start of its dst (flat, contiguous, at least as large), back to back on
+        the copy stream once every event in `after` has fired; returns one completion event for all of them."""
+        for ev in {id(ev): ev for ev in after if ev is not None}.values():    # staging slots read by one layer
+            self.stream.wait_event(ev)                                        # share its event
+        if self.driver is not None:
+            self.driver(self.stream.cuda_stream if self.cuda else 0,
+                        [(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size()) for dst, src in pairs])
+        elif not self.cuda:
             for dst, src in pairs:
-                dst.copy_(src)
-            return None
-        for ev in {id(ev): ev for ev in after}.values():      # staging slots read by one layer share its event
-            self.stream.wait_event(ev)
-        with torch.cuda.stream(self.stream):
-            for dst, src in pairs:
-                dst.copy_(src, non_blocking=True)
+                dst[:src.numel()].copy_(src)
+        else:
+            with torch.cuda.stream(self.stream):
+                for dst, src in pairs:
+                    dst[:src.numel()].copy_(src, non_blocking=True)
         return self.event(self.stream)
 
     @staticmethod
