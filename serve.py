@@ -46,11 +46,13 @@ def build(argv: list[str] | None = None):
     check_paths(a, inputs=("model", "costs", "predictors", *(() if a.tokenizer == "bytes" else ("tokenizer",))))
     run = replace(run_config(a), prefill_chunk_tokens=JOIN_TOKENS)   # no prefill is larger: its workspace, no more
     tok = model_and_tokenizer(a, bytes_if_missing=True)
-    key = memory_key(a.model, run)
-    reserve = outside_memory.reserved(key) if run.gpu_memory is not None else 0
+    key, gpu = memory_key(a.model, run)
+    reserve, measured = outside_memory.reserve(key, run, gpu) if run.gpu_memory is not None else (0, True)
     if reserve:
-        print(f"memory: the context includes {reserve / 2**20:.0f} MiB that this setting's last warm-up grew outside "
-              f"torch's allocator (kernel modules, graph executables)", file=sys.stderr)
+        what = "that this setting's last warm-up grew" if measured else \
+            "estimated (first start with this setting here; its warm-up measures it for the next) to grow"
+        print(f"memory: the context includes {reserve / 2**20:.0f} MiB {what} outside torch's allocator (kernel "
+              f"modules, graph executables)", file=sys.stderr)
     engine = Engine(a.model, run, reserve=reserve)
     if engine.mode_note:
         print(engine.mode_note, file=sys.stderr)
@@ -59,11 +61,12 @@ def build(argv: list[str] | None = None):
     return make_app(batcher, tok, name), batcher, a.host, a.port, key
 
 
-def memory_key(model: str, run) -> str:
+def memory_key(model: str, run) -> tuple[str, bool]:
+    """-> (the setting's key in outside_memory, whether it runs on a GPU)."""
     import torch
     cuda = run.device.startswith("cuda") and torch.cuda.is_available()      # else the engine says what is wrong
     gpu = torch.cuda.get_device_name(torch.device(run.device)) if cuda else "none"
-    return outside_memory.setting_key(model, run, gpu, torch.__version__)
+    return outside_memory.setting_key(model, run, gpu, torch.__version__), cuda
 
 
 def device_memory(engine, key: str) -> str:

@@ -6,9 +6,12 @@
 #   bash eval/gpu_serve.sh "--model /dev/shm/v2lite --mode gpu" "1,4,8,16"
 # First eval/probes/warmup_memory.py with the same arguments ($OUT/serve/warmup_memory.json; WARMUP_PROBE=0 skips
 # it): its warm-up also stores what the setting grows outside torch's allocator (hybrid/server/outside_memory.py),
-# so the server started after it plans with that and keeps within --gpu-memory (a first start does not).
+# so the server started after it plans with that and keeps within --gpu-memory (a first start plans with an
+# estimate: hybrid/server/outside_memory.first_start).
 #   CALIBRATE=q4k bash eval/gpu_serve.sh "--model /dev/shm/gguf/model-Q4_K_M.gguf --gpu-memory 8GiB --prefetch gate" \
 #       "1,4,8,16" "-ncmoe 9"
+# After our server, eval/probes/batcher_probe.py runs the same setting's engine and batcher without HTTP at the same
+# levels ($OUT/serve/batcher_probe.json; BATCHER_PROBE=0 skips it).
 SERVE_ARGS=$1; LEVELS=${2:-1,4,8,16}; PEER_ARGS=${3:-}
 source eval/device_setup.sh serve "${CALIBRATE:-none}"
 [ -d /dev/shm/llama-src/llama.cpp/gguf-py ] && export PYTHONPATH=/dev/shm/llama-src/llama.cpp/gguf-py${PYTHONPATH:+:$PYTHONPATH}
@@ -46,6 +49,12 @@ if [ "${WARMUP_PROBE:-1}" != 0 ]; then   # where the warm-up's GPU memory goes, 
 fi
 # shellcheck disable=SC2086
 serve_and_bench this 8011 python3 serve.py $SERVE_ARGS --max-batch-size 16 --max-seq-len 1024 --port 8011
+if [ "${BATCHER_PROBE:-1}" != 0 ]; then  # the same engine and batcher, no HTTP: what the HTTP side costs the steps
+  # shellcheck disable=SC2086
+  timeout 200 python3 eval/probes/batcher_probe.py --out "$OUT/serve/batcher_probe.json" --concurrency "$LEVELS" \
+    --requests "${REQUESTS:-32}" --max-tokens "${MAX_TOKENS:-128}" -- $SERVE_ARGS --max-batch-size 16 \
+    --max-seq-len 1024 2>&1 | grep -E "^batcher|rror" | tail -6
+fi
 if [ -n "$PEER_ARGS" ]; then
   # shellcheck disable=SC2086
   serve_and_bench llama-server 8012 /dev/shm/llama.cpp/build/bin/llama-server -m /dev/shm/gguf/model-Q4_K_M.gguf \

@@ -414,3 +414,35 @@ def test_a_start_reserves_what_its_settings_last_warm_up_grew_outside_the_alloca
     assert again.engine.context_bytes == 3 * slot and again.engine.backend.cache.n_slots == slots - 3
     _, unbounded, *_ = serve.build(args)
     assert unbounded.engine.context_bytes == 0
+
+
+def test_a_first_start_on_a_gpu_reserves_an_estimate_until_its_setting_is_measured(tmp_path, monkeypatch):
+    """Nothing stored: a GPU start reserves the modules and every batch size's graphs (more for more batch sizes), a
+    CPU start nothing; once a warm-up has stored the setting's growth, that figure, measured, on either."""
+    from types import SimpleNamespace
+    from hybrid.server import outside_memory as om
+    monkeypatch.setenv("HYBRID_CACHE", str(tmp_path))
+    small, large = SimpleNamespace(max_batch_size=4), SimpleNamespace(max_batch_size=16)
+    first, measured = om.reserve("k", large, gpu=True)
+    assert not measured and first == om.first_start(large) > om.first_start(small) > om.MODULES_BYTES
+    assert om.reserve("k", large, gpu=False) == (0, True)
+    om.remember("k", 12345)
+    assert om.reserve("k", large, gpu=True) == om.reserve("k", large, gpu=False) == (12345, True)
+
+
+def test_the_batcher_probe_runs_the_servers_engine_without_http(tiny):
+    """eval/probes/batcher_probe.py: clients submit straight to the batcher, each client's next request as its last
+    one ends, until every request has run; the level's figures come from the sequences' own token times."""
+    import sys
+    import serve
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT))
+    from eval.probes.batcher_probe import level
+    app, batcher, *_ = serve.build(["--model", str(tiny), "--device", "cpu", "--dtype", "float32", "--tokenizer",
+                                    "bytes", "--max-batch-size", "4", "--max-seq-len", "400", "--mode", "gpu"])
+    prompts = [[{"role": "user", "content": "hello"}], [{"role": "user", "content": "a longer question"}]]
+    with step_sizes(batcher) as sizes:
+        r = level(batcher, app.state.tokenizer, prompts, clients=3, requests=5, max_tokens=4)
+    assert r["requests"] == 5 and r["completion_tokens"] == 20 and max(sizes) == 3
+    assert r["output_tok_s"] > 0 and 0 < r["itl_ms_p50"] <= r["itl_ms_p90"] and r["ttft_ms_p50"] > 0
+    assert batcher.running == 0 and not batcher.waiting

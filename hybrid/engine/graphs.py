@@ -39,6 +39,8 @@ class StaticStep:
         self.guesses: list[torch.cuda.CUDAGraph | None] = []     # per MoE call: its backend's guess, if it makes one
         self.routed: torch.Tensor | None = None     # every layer's routed output, read by the piece after it
         self.logits: torch.Tensor | None = None
+        self.moe: list | None = None                # every offloaded layer's x, idx, w, pred (or None): _shared
+        self.shared: dict[int, MoECall] = {}        # layer -> its MoE call over those buffers
 
     def load(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, start: int = 0) -> None:
         """ids, positions [B, T]; mask as StepState.mask; start: the cache slot written (decode only)."""
@@ -56,10 +58,29 @@ class StaticStep:
         in_graph = getattr(self.model.experts, "in_graph", None)
         return isinstance(item, MoECall) and in_graph is not None and in_graph(item)
 
+    def _shared(self, call: MoECall) -> MoECall:
+        """The layer's call over the step's own MoE buffers, filled from `call`'s (inside the piece being captured,
+        or now when eager): every offloaded layer of the step reads the same addresses, so one set of layer graphs
+        (offload/layer_graph.py) serves them all, where a set per layer held ~0.4 GiB of a server's 8 (graph
+        executables and their buffers at every batch size, the fourteenth lease). One call object per layer."""
+        if self.moe is None:
+            self.moe = [torch.empty_like(t) for t in (call.x, call.idx, call.w)] + [None]
+        if call.pred is not None and self.moe[3] is None:
+            self.moe[3] = torch.empty_like(call.pred)
+        for dst, src in zip(self.moe, (call.x, call.idx, call.w, call.pred)):
+            if src is not None:
+                dst.copy_(src)
+        if call.layer not in self.shared:
+            x, idx, w, pred = self.moe
+            self.shared[call.layer] = MoECall(call.layer, x, idx, w, pred if call.pred is not None else None,
+                                              static=True)
+        return self.shared[call.layer]
+
     def _answer(self, call: MoECall) -> torch.Tensor:
         """An eager step's MoE call: the backend's guess (offloaded decode), then its answer."""
         if self._in_graph(call):
             return self.model.experts.forward(call)
+        call = self._shared(call)
         guesses = getattr(self.model.experts, "guesses", None)
         wanted = guesses is not None and guesses.wanted(call)
         self._before(call, (lambda: guesses.run(call)) if wanted else None)
@@ -98,7 +119,6 @@ class StaticStep:
         self.pieces.append(g)
         guesses = getattr(backend, "guesses", None)
         while isinstance(item, MoECall):
-            item.static = True
             self.calls.append(item)
             wanted = guesses is not None and guesses.wanted(item)
             self.guesses.append(self._capture_guess(guesses.run, item, pool) if wanted else None)
@@ -111,10 +131,11 @@ class StaticStep:
         self.logits = item
 
     def _through(self, gen, item):
-        """Answer the pinned layers' calls in the piece being captured, up to the next call the host must see."""
+        """Answer the pinned layers' calls in the piece being captured, up to the next call the host must see
+        (over the step's shared buffers)."""
         while self._in_graph(item):
             item = gen.send(self.model.experts.forward(item))
-        return item
+        return self._shared(item) if isinstance(item, MoECall) else item
 
     @staticmethod
     def _capture_guess(guess, call: MoECall, pool) -> torch.cuda.CUDAGraph:

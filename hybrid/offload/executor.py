@@ -122,9 +122,8 @@ class OffloadedExperts:
         self.phases.mark("planned")
         graph = self.layer_graphs(call) if plan.one_wave else None
         self.phases.mark("graph")
-        if plan.one_wave:          # decode: the copies before the CPU lane starts (while it streams weights,
-            fetch = self.copies.admit_and_issue(layer, plan.fetch, tokens)    # admitting and issuing slowed ~4x)
-            self.issued = time.perf_counter()
+        if plan.one_wave:          # decode: copies out before the CPU lane streams weights (which slows the host)
+            fetch, self.issued = self.copies.admit_and_issue(layer, plan.fetch, tokens), time.perf_counter()
             self.phases.mark("issued")
         job = self.cpu_work.start(layer, plan.cpu, flat, counts, xh, K, graph and graph.host.cpu)
         hits = [(e, ahead[e] if e in ahead else self.cache.slot_of(layer, e)) for e in plan.hits]

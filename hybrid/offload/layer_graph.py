@@ -120,12 +120,13 @@ class LayerGraph:
 
 
 class LayerGraphs:
-    """The decode layer graphs: captured once per static MoE call on a GPU, built per call otherwise; their host
-    buffers kept per row count."""
+    """The decode layer graphs, one set per static step's MoE buffers and expert layout, shared by every offloaded
+    layer of the step (engine/graphs.StaticStep._shared gives them one set of addresses): captured on a GPU, run
+    eagerly elsewhere; built per call for calls not from a static step. Host buffers kept per row count."""
 
     def __init__(self, ffn, n_slots: int, hidden: int, cuda: bool):
         self.ffn, self.n_slots, self.hidden, self.cuda = ffn, n_slots, hidden, cuda
-        self.captured: dict[int, LayerGraph] = {}          # id(static MoECall) -> its graphs
+        self.captured: dict[tuple, LayerGraph] = {}        # (the step's MoE input buffer, layout) -> its graphs
         self.host: dict[int, HostRows] = {}
         self.pool = torch.cuda.graph_pool_handle() if cuda else None
 
@@ -133,9 +134,10 @@ class LayerGraphs:
         R = call.idx.numel()
         if R not in self.host:
             self.host[R] = HostRows(R, self.n_slots, self.hidden, call.x.dtype, self.cuda)
-        if not (call.static and self.cuda):
+        if not call.static:
             return LayerGraph(call, self.ffn(call.layer), self.n_slots, self.host[R], capture=False)
-        if id(call) not in self.captured:
-            self.captured[id(call)] = LayerGraph(call, self.ffn(call.layer), self.n_slots, self.host[R], True,
-                                                 self.pool)
-        return self.captured[id(call)]
+        key = (call.x.data_ptr(), self.ffn.layout_of(call.layer))
+        if key not in self.captured:
+            self.captured[key] = LayerGraph(call, self.ffn(call.layer), self.n_slots, self.host[R], self.cuda,
+                                            self.pool)
+        return self.captured[key]

@@ -21,7 +21,7 @@ from .text import TextStream
 
 def make_app(batcher: Batcher, tokenizer, model_name: str) -> FastAPI:
     app = FastAPI(title="hybrid-moe", version="1")
-    app.state.model_name = model_name
+    app.state.model_name, app.state.tokenizer = model_name, tokenizer
     served = Served(batcher, tokenizer, model_name)
     created = int(time.time())
 

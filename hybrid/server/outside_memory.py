@@ -6,7 +6,8 @@ captured CUDA graph's executable takes device memory the allocator never sees: o
 (decode graphs for batch sizes 1-16) grew ~0.5 GiB past its start's context and peaked at 8.32-8.40 GiB. The first
 start with a setting measures that growth after its warm-up and stores it; later starts with the same setting
 reserve it in the plan (as part of the context), so their expert cache is smaller by that much and the peak stays
-within --gpu-memory. The stored figure is replaced by each start's measurement."""
+within --gpu-memory. The stored figure is replaced by each start's measurement. A first start on a GPU reserves an
+estimate made from the fourteenth lease's measurement (first_start)."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,9 @@ from pathlib import Path
 from ..model.config import RunConfig, cache_dir
 
 FILE = "outside-memory.json"
+MODULES_BYTES = 256 * 2**20     # kernel modules loaded after the start: 0.25 GiB on the H200 box (fourteenth lease)
+GRAPH_BYTES = 160 * 2**10       # one captured graph's executable: ~157 KB there (1,615 decode graphs, 0.242 GiB)
+GRAPHS_PER_BATCH = 64           # decode graphs a batch size captures, at most (V2-Lite: ~27 pieces, a few more)
 SHAPING = ("device", "dtype", "mode", "experts", "cache_layout", "prefetch", "max_batch_size", "max_seq_len",
            "cuda_graphs", "static_decode")     # the run fields that decide which graphs and kernels a warm-up makes
 
@@ -43,6 +47,21 @@ def reserved(key: str) -> int:
     """Bytes to reserve for the setting: its last measured growth, 0 if none was stored."""
     value = _read().get(key, 0)
     return int(value) if isinstance(value, (int, float)) and value > 0 else 0
+
+
+def first_start(run: RunConfig) -> int:
+    """A first start's reserve on a GPU, before this machine has measured the setting: the modules, and the decode
+    graphs of every batch size up to the run's largest."""
+    return MODULES_BYTES + run.max_batch_size * GRAPHS_PER_BATCH * GRAPH_BYTES
+
+
+def reserve(key: str, run: RunConfig, gpu: bool) -> tuple[int, bool]:
+    """-> (bytes the plan reserves for the setting, whether they were measured): the stored growth, else on a GPU
+    first_start's estimate, else none (a CPU device grows nothing outside an allocator)."""
+    stored = reserved(key)
+    if stored or not gpu:
+        return stored, True
+    return first_start(run), False
 
 
 def remember(key: str, growth: int) -> bool:
