@@ -266,3 +266,24 @@ def test_prefill_waves_are_whole_scratch_chunks():
     assert [chunked.wave_size(s) for s in (18, 16, 14, 40, 1, 0)] == [8, 8, 7, 16, 1, 1]
     plain = WaveGroups(None, None, None, None)
     assert [plain.wave_size(s) for s in (18, 40, 1)] == [9, 20, 1]
+
+
+def test_a_static_steps_layers_share_one_set_of_layer_graphs_captured_only_with_graphs_on():
+    """Calls over one step's buffers (graphs.StaticStep._shared) get one LayerGraph per expert layout, whatever the
+    layer; calls from elsewhere one each; with --cuda-graphs off nothing is captured, even on a GPU."""
+    from hybrid.offload.layer_graph import LayerGraphs
+
+    class Ffn:
+        def __call__(self, layer):
+            return None
+
+        def layout_of(self, layer):
+            return "q5" if layer == 3 else "q4"
+    x, idx, w = torch.zeros(2, 8), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3)
+    call = lambda layer, static=True: SimpleNamespace(layer=layer, x=x, idx=idx, w=w, static=static)  # noqa: E731
+    off = LayerGraphs(Ffn(), 4, 8, cuda=True, capture=False)           # a GPU run with --cuda-graphs off
+    assert not off.capture and off.pool is None
+    graphs = LayerGraphs(Ffn(), 4, 8, cuda=False)
+    one = graphs(call(1))
+    assert graphs(call(2)) is one and graphs(call(3)) is not one and not one.graphs
+    assert graphs(call(1, static=False)) is not one

@@ -40,7 +40,7 @@ class OffloadedExperts:
 
     def __init__(self, cfg: ModelConfig, store: ExpertStore, cache: ExpertCache, planner, device: torch.device,
                  cpu_lane: CpuLane, prefetcher: Prefetcher | None = None, decode_tokens: int = 16,
-                 copy_ahead: CopyAhead | None = None, scratch_experts: int = 0):
+                 copy_ahead: CopyAhead | None = None, scratch_experts: int = 0, graphs: bool = True):
         self.cfg, self.store, self.cache, self.planner = cfg, store, cache, planner
         self.device, self.copy, self.cpu = device, CopyLane(device), cpu_lane
         self.prefetcher, self.decode_tokens, self.wants_guess = prefetcher, decode_tokens, prefetcher is not None
@@ -61,7 +61,7 @@ class OffloadedExperts:
         self.next = NextLayerCopies(cfg.moe_layers, cfg.n_routed_experts, cache, self.copies, self.acct,
                                     planner.costs, prefetcher, copy_ahead)
         self.cpu_work = CpuWork(cpu_lane, store, self.feedback, self.acct, self.phases, cfg.hidden_size, pin)
-        self.layer_graphs = LayerGraphs(self.ffn, cache.n_total, cfg.hidden_size, self.copy.cuda)
+        self.layer_graphs = LayerGraphs(self.ffn, cache.n_total, cfg.hidden_size, self.copy.cuda, graphs)
         # decode's guesses (guesses.py), launched by the step's graphs (engine/graphs.py) before forward
         self.guesses = Guesses(cache, self.ffn, cfg.num_experts_per_tok * GUESS_TOKENS)
         self.waves = WaveGroups(self.copies, self.ffn, cache.scratch_ffn(store.dtype, scratch_experts), store.layout)

@@ -124,11 +124,13 @@ class LayerGraphs:
     layer of the step (engine/graphs.StaticStep._shared gives them one set of addresses): captured on a GPU, run
     eagerly elsewhere; built per call for calls not from a static step. Host buffers kept per row count."""
 
-    def __init__(self, ffn, n_slots: int, hidden: int, cuda: bool):
+    def __init__(self, ffn, n_slots: int, hidden: int, cuda: bool, capture: bool = True):
+        """capture: on CUDA, capture the graphs (else run them eagerly: --cuda-graphs off)."""
         self.ffn, self.n_slots, self.hidden, self.cuda = ffn, n_slots, hidden, cuda
+        self.capture = cuda and capture
         self.captured: dict[tuple, LayerGraph] = {}        # (the step's MoE input buffer, layout) -> its graphs
         self.host: dict[int, HostRows] = {}
-        self.pool = torch.cuda.graph_pool_handle() if cuda else None
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
 
     def __call__(self, call) -> LayerGraph:
         R = call.idx.numel()
@@ -138,6 +140,6 @@ class LayerGraphs:
             return LayerGraph(call, self.ffn(call.layer), self.n_slots, self.host[R], capture=False)
         key = (call.x.data_ptr(), self.ffn.layout_of(call.layer))
         if key not in self.captured:
-            self.captured[key] = LayerGraph(call, self.ffn(call.layer), self.n_slots, self.host[R], self.cuda,
+            self.captured[key] = LayerGraph(call, self.ffn(call.layer), self.n_slots, self.host[R], self.capture,
                                             self.pool)
         return self.captured[key]

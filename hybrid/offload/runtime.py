@@ -228,7 +228,7 @@ def build_offloaded(cfg, ckpt, run, device, dtype, plan: MemoryPlan, progress: b
         print(f"memory: {plan.describe(len(cfg.moe_layers) * cfg.n_routed_experts)}", file=sys.stderr)
     ahead = CopyAhead(costs.fetch_ms, staging_slots(cfg) // 3) if run.copy_ahead and run.mode != "cpu" else None
     backend = OffloadedExperts(cfg, store, cache, planner, device, lane, prefetch, decode_tokens=run.max_batch_size,
-                               copy_ahead=ahead, scratch_experts=plan.scratch_experts)
+                               copy_ahead=ahead, scratch_experts=plan.scratch_experts, graphs=run.cuda_graphs)
     if progress:
         own = f", {len(whole)} at their own size, {cache.n_slots} common slots" if whole else ""
         print(f"cache layout {cache.layout}: {len(backend.pinned.layers)} of {len(cfg.moe_layers)} MoE layers whole "
