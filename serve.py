@@ -64,8 +64,10 @@ def build(argv: list[str] | None = None):
 def memory_key(model: str, run) -> tuple[str, bool]:
     """-> (the setting's key in outside_memory, whether it runs on a GPU)."""
     import torch
+
+    from hybrid.engine.engine import resolve_device
     cuda = run.device.startswith("cuda") and torch.cuda.is_available()      # else the engine says what is wrong
-    gpu = torch.cuda.get_device_name(torch.device(run.device)) if cuda else "none"
+    gpu = torch.cuda.get_device_name(resolve_device(run.device)) if cuda else "none"
     return outside_memory.setting_key(model, run, gpu, torch.__version__), cuda
 
 

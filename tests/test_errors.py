@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -78,6 +79,18 @@ def test_no_cuda_for_a_gpu_device(tiny):
     import serve                     # the server's setting key does not ask torch for a GPU that is not there
     with pytest.raises(EngineError, match="no CUDA GPU is visible"):
         serve.build(["--model", str(tiny), "--device", "cuda", "--tokenizer", "bytes"])
+
+
+def test_a_gpu_index_past_the_visible_ones_is_named(monkeypatch):
+    import torch
+    from hybrid.engine.engine import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(EngineError, match=r"'cuda:2' asked for, but the visible GPUs are cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+    import serve                     # the server names it too, before it asks torch for the GPU's name
+    with pytest.raises(EngineError, match="visible GPUs are cuda:0 to cuda:1"):
+        serve.memory_key("model", SimpleNamespace(device="cuda:2"))
 
 
 def test_budget_too_small_for_non_expert_weights(tiny):

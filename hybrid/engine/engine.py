@@ -71,9 +71,17 @@ def weight_getter(ckpt, device: torch.device, dtype: torch.dtype, bar,
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device, made the thread's current CUDA device: the engine's events, streams and the driver's copies
+    (offload/driver_copy.py) go to the current device's context."""
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise EngineError(f"device {name!r} asked for, but no CUDA GPU is visible: use --device cpu")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if dev.index is not None and not 0 <= dev.index < n:
+            raise EngineError(f"device {name!r} asked for, but the visible GPUs are cuda:0 to cuda:{n - 1}")
+        torch.cuda.set_device(dev)
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
