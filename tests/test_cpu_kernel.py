@@ -111,13 +111,18 @@ def test_pool_runs_the_same_kernel_asynchronously(dtype, march, join_above):
     assert inline.lib.moe_pool_threads() >= 1          # one pool per process, sized by its first user
 
 
-def test_a_gpu_machines_lane_joins_only_large_jobs():
-    from hybrid.offload.lanes import JOIN_ABOVE_ROWS, CpuLane
+def test_a_gpu_machines_driving_thread_joins_prefill_jobs_and_watches_decode_ones():
+    from hybrid.offload.lanes import NEVER, CpuLane
     threads = torch.get_num_threads()
     try:
-        for cuda, above in ((True, JOIN_ABOVE_ROWS), (False, 0)):
+        for cuda in (True, False):
             lane = CpuLane(threads=2, cuda=cuda, tiles="off")
-            assert lane.experts.lib.moe_pool_join_above(0) == above
+            told = []
+            for prefill in (False, False, True, False):
+                lane.join(prefill)
+                told.append(lane.experts.lib.moe_pool_join_above(0))       # what the pool holds (then reset)
+                lane.joins = True
+            assert told == ([NEVER, NEVER, 0, NEVER] if cuda else [0, 0, 0, 0])
     finally:
         torch.set_num_threads(threads)
 

@@ -82,10 +82,17 @@ def test_no_cuda_for_a_gpu_device(tiny):
 
 
 def test_a_gpu_index_past_the_visible_ones_is_named(monkeypatch):
+    """(With two GPUs faked:) "cuda" is the current one and "cuda:1" the second, each made current by its index
+    (set_device refuses a device without one); "cuda:2" is one error line."""
     import torch
     from hybrid.engine.engine import resolve_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    made = []
+    monkeypatch.setattr(torch.cuda, "set_device", made.append)
+    assert (resolve_device("cuda"), resolve_device("cuda:1"), made) == (torch.device("cuda:0"), torch.device("cuda:1"),
+                                                                        [0, 1])
     with pytest.raises(EngineError, match=r"'cuda:2' asked for, but the visible GPUs are cuda:0 to cuda:1"):
         resolve_device("cuda:2")
     import serve                     # the server names it too, before it asks torch for the GPU's name

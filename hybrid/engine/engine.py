@@ -80,8 +80,9 @@ def resolve_device(name: str) -> torch.device:
         n = torch.cuda.device_count()
         if dev.index is not None and not 0 <= dev.index < n:
             raise EngineError(f"device {name!r} asked for, but the visible GPUs are cuda:0 to cuda:{n - 1}")
-        torch.cuda.set_device(dev)
-        dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index is None:                  # "cuda": the current one (set_device wants an index)
+            dev = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(dev.index)
     return dev
 
 

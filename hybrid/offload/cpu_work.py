@@ -26,12 +26,14 @@ class CpuWork:
         self.host_out = PinnedBuffer(hidden, store.dtype, pin)
 
     def start(self, layer: int, cpu: list[int], flat: np.ndarray, counts: np.ndarray, xh: torch.Tensor, K: int,
-              into: torch.Tensor | None = None):
+              into: torch.Tensor | None = None, join: bool = True):
         """Hand the layer's CPU experts to the pool now, before the GPU work is queued, their rows
         computed into `into`'s first rows (default: a buffer of this lane's); -> what `finish` needs, or None
-        where they do not fit the pool (then `run` computes them later)."""
+        where they do not fit the pool (then `run` computes them later). join: whether the driving thread joins
+        the job when it waits for it (prefill; CpuLane.join)."""
         if not cpu or not self.lane.experts.pool_threads:
             return None
+        self.lane.join(join)
         rows, segs = cpu_rows(flat, K, counts, cpu)
         out = self._out(rows.shape[0], into)
         self.lane.experts.use(self.store.layout(layer))

@@ -125,7 +125,7 @@ class OffloadedExperts:
         if plan.one_wave:          # decode: copies out before the CPU lane streams weights (which slows the host)
             fetch, self.issued = self.copies.admit_and_issue(layer, plan.fetch, tokens), time.perf_counter()
             self.phases.mark("issued")
-        job = self.cpu_work.start(layer, plan.cpu, flat, counts, xh, K, graph and graph.host.cpu)
+        job = self.cpu_work.start(layer, plan.cpu, flat, counts, xh, K, graph and graph.host.cpu, join=not small)
         hits = [(e, ahead[e] if e in ahead else self.cache.slot_of(layer, e)) for e in plan.hits]
         self.phases.note(n_hit=len(hits), n_fetch=len(plan.fetch), n_cpu=len(plan.cpu), n_ahead=len(ahead))
         if plan.one_wave:

@@ -8,13 +8,13 @@ import torch
 
 from .driver_copy import DriverCopy
 
-# A GPU machine's driving thread joins the CPU lane's jobs of more rows than this: prefill's, not decode's (at most
-# batch 16 x top-6 rows). A decode job (~0.5 ms at batch 1, ~1.3 at batch 16 on 15 threads) is too short for one
-# more worker to repay what joining costs the host steps that follow it: the driving thread streams its share of
-# the weights through its own caches, and the next layer's plan, CPU rows and copy issue, all on the path to the
-# next CPU job, then run cold (the first Python call after a joined job took 47 us instead of 14 on the development
-# machine; at batch 16 on the box those steps took ~0.7 ms a layer, 3-5x their time in a loop).
-JOIN_ABOVE_ROWS = 96
+# A GPU machine's driving thread joins the CPU lane's prefill jobs, not its decode jobs (`CpuLane.join`). A decode
+# job (~0.5 ms at batch 1, ~1.3 at batch 16 on 15 threads) is too short for one more worker to repay what joining
+# costs the host steps after it: the driving thread streams its share of the weights through its own caches, and
+# the next layer's plan, copy issue and CPU rows, all on the path to the next CPU job, then run cold (the first
+# Python call after a joined job took 47 us instead of 14 on the development machine). By row counts the two
+# overlap (a batch-16 decode job has up to 96 rows, a 128-token prompt's ~50), so the executor says which it is.
+NEVER = 1 << 30                  # join_above for jobs the driving thread only watches
 
 
 class CopyLane:
@@ -82,8 +82,8 @@ class CpuLane:
         self.threads = torch.get_num_threads()
         # a layer's CPU experts; with the pool, started before the GPU work is queued. On a GPU machine the pool
         # has one member fewer than the threads: the driving thread keeps a core for its host work and, in `wait`,
-        # joins only jobs of more than JOIN_ABOVE_ROWS rows (cpu_pool.h); on a CPU machine it joins every job. Idle
-        # members spin 2 ms on a GPU machine (the next layer's job follows within it), sleep at once on a CPU one.
+        # joins only prefill's jobs (`join`, cpu_pool.h); on a CPU machine it joins every job. Idle members spin
+        # 2 ms on a GPU machine (the next layer's job follows within it), sleep at once on a CPU one.
         self.cuda = cuda
         members = self.members(self.threads)
         spin = spin_us if cuda else 0
@@ -91,7 +91,16 @@ class CpuLane:
                                   tiles=tiles, quant=quant, dot=dot)
         if self.experts.lib is not None:
             self.experts.lib.moe_set_prefetch(int(prefetch))
-            self.experts.lib.moe_pool_join_above(JOIN_ABOVE_ROWS if cuda else 0)
+            self.experts.lib.moe_pool_join_above(0)
+        self.joins = True                # what the pool was last told (a ctypes call only when it changes)
+
+    def join(self, on: bool) -> None:
+        """Whether the driving thread joins the next jobs in `wait` (prefill) or only watches them (decode); a CPU
+        machine's always joins (its cores have no other work)."""
+        on = on or not self.cuda
+        if on != self.joins and self.experts.lib is not None:
+            self.experts.lib.moe_pool_join_above(0 if on else NEVER)
+            self.joins = on
 
     def members(self, threads: int) -> int:
         """Pool members for `threads` threads: one fewer on a GPU machine (the driving thread's core)."""
