@@ -422,9 +422,11 @@ def test_a_first_start_on_a_gpu_reserves_an_estimate_until_its_setting_is_measur
     from types import SimpleNamespace
     from hybrid.server import outside_memory as om
     monkeypatch.setenv("HYBRID_CACHE", str(tmp_path))
-    small, large = SimpleNamespace(max_batch_size=4), SimpleNamespace(max_batch_size=16)
+    small, large = SimpleNamespace(max_batch_size=4, mode="auto"), SimpleNamespace(max_batch_size=16, mode="hybrid")
     first, measured = om.reserve("k", large, gpu=True)
     assert not measured and first == om.first_start(large) > om.first_start(small) > om.MODULES_BYTES
+    resident = SimpleNamespace(max_batch_size=16, mode="gpu")              # a whole step is one graph
+    assert om.MODULES_BYTES < om.first_start(resident) < om.first_start(small)
     assert om.reserve("k", large, gpu=False) == (0, True)
     om.remember("k", 12345)
     assert om.reserve("k", large, gpu=True) == om.reserve("k", large, gpu=False) == (12345, True)

@@ -19,7 +19,8 @@ from ..model.config import RunConfig, cache_dir
 FILE = "outside-memory.json"
 MODULES_BYTES = 256 * 2**20     # kernel modules loaded after the start: 0.25 GiB on the H200 box (fourteenth lease)
 GRAPH_BYTES = 160 * 2**10       # one captured graph's executable: ~157 KB there (1,615 decode graphs, 0.242 GiB)
-GRAPHS_PER_BATCH = 64           # decode graphs a batch size captures, at most (V2-Lite: ~27 pieces, a few more)
+GRAPHS_PER_BATCH = 64           # decode graphs a batch size captures offloading, at most (V2-Lite: ~27 pieces and a
+                                # few layer graphs); all resident (mode gpu), a whole step is one graph
 SHAPING = ("device", "dtype", "mode", "experts", "cache_layout", "prefetch", "max_batch_size", "max_seq_len",
            "cuda_graphs", "static_decode")     # the run fields that decide which graphs and kernels a warm-up makes
 
@@ -51,8 +52,9 @@ def reserved(key: str) -> int:
 
 def first_start(run: RunConfig) -> int:
     """A first start's reserve on a GPU, before this machine has measured the setting: the modules, and the decode
-    graphs of every batch size up to the run's largest."""
-    return MODULES_BYTES + run.max_batch_size * GRAPHS_PER_BATCH * GRAPH_BYTES
+    graphs of every batch size up to the run's largest (mode auto counts as offloading)."""
+    per_batch = 1 if run.mode == "gpu" else GRAPHS_PER_BATCH
+    return MODULES_BYTES + run.max_batch_size * per_batch * GRAPH_BYTES
 
 
 def reserve(key: str, run: RunConfig, gpu: bool) -> tuple[int, bool]:
