@@ -322,6 +322,36 @@ def test_attention_and_output_head_stay_in_the_files_blocks_while_offloading(wid
     assert_same_function(e, oracle)
 
 
+def test_all_resident_keeps_the_files_blocks_only_where_its_budget_needs_them(wide, tmp_path):
+    """Mode gpu with a --gpu-memory that holds every expert beside the non-expert weights in the file's blocks but
+    not beside their float copies keeps the blocks (attention, output head, shared experts, dense MLP) and computes
+    the file's function; a budget that holds the copies takes them (they decode faster); less than the blocks need
+    is refused."""
+    from dataclasses import replace
+    from hybrid.kernels.quant_gpu import QuantizedLinear
+    from hybrid.offload.budget import BudgetError
+    from hybrid.offload.mode_choice import resident_room
+    from hybrid.offload.runtime import experts_bytes
+    path = write_gguf(wide, tmp_path / "m.gguf", experts=q4_k_m, linear=attention_blocks)
+    ckpt = GgufCheckpoint(path)
+    cfg, big = ckpt.config, 1 << 40
+    run = RunConfig(**RUN, mode="gpu", experts="q4k", gpu_memory=big, prefill_scratch=0, prefill_chunk_tokens=256)
+    need = experts_bytes(cfg, run, 4, ckpt)
+    fixed = {b: big - resident_room(cfg, replace(run, file_blocks=b), torch.device("cpu"), 4, 0, ckpt)
+             for b in (False, True)}
+    assert fixed[True] < fixed[False]
+    oracle = dequantized_oracle(wide, tmp_path, types=q4_k_m, linear=attention_blocks)
+    for budget, blocks in ((fixed[True] + need, True), (fixed[False] + need, False)):
+        e = Engine(str(path), replace(run, experts="auto", gpu_memory=budget), progress=False)
+        kept = [isinstance(m, QuantizedLinear) for m in (e.model.lm_head, e.model.layers[1][1].o_proj)]
+        kept.append(isinstance(e.model.layers[1][3].shared, QuantizedFFN))
+        assert e.run.file_blocks == blocks and kept == [blocks] * 3 and ("file's blocks" in e.mode_note) == blocks
+        if blocks:
+            assert_same_function(e, oracle)
+    with pytest.raises(BudgetError, match="mode gpu keeps every expert resident"):
+        Engine(str(path), replace(run, experts="auto", gpu_memory=fixed[True] + need - 4096), progress=False)
+
+
 def test_the_quantized_linear_kernel_computes_the_torch_path(wide, tmp_path):
     """QuantizedLinear's Triton kernel (in Triton's interpreter) against the dequantized matrix, for each plane
     kind the file's blocks move into, at decode and prefill row counts."""

@@ -17,7 +17,8 @@ from ..model.deepseek import DeepseekV2, StepState
 from ..model.latent_cache import LatentCache
 from ..model.embedding import EMBED
 from ..model.layout import model_specs
-from ..offload.runtime import build_backend, choose_mode, cuda_context_bytes, outside_allocator_bytes, with_workspace
+from ..offload.mode_choice import concrete_run
+from ..offload.runtime import build_backend, cuda_context_bytes, outside_allocator_bytes, with_workspace
 from ..offload.stats import RunStats
 from .graphs import DecodeRunner, PrefillRunner
 from .sampling import Sampler, SamplingParams
@@ -101,17 +102,16 @@ class Engine:
         self.context_bytes = self.context_start + reserve       # what the memory plan counts outside the allocator
         self.most_threads = self.run.cpu_threads or default_threads(self.device.type == "cuda")
         torch.set_num_threads(self.most_threads)
-        self.mode_note = ""                    # what mode auto chose, and why
-        if self.run.mode == "auto":
-            self.run, self.mode_note = choose_mode(self.cfg, self.run, self.device, self.dtype.itemsize,
-                                                   self.context_bytes, self.ckpt)
+        self.run, self.mode_note = concrete_run(self.cfg, self.run, self.device, self.dtype.itemsize,
+                                                self.context_bytes, self.ckpt)      # the note: what auto chose, why
         self.run = with_workspace(self.cfg, self.run, self.device, self.dtype.itemsize, self.context_bytes)
         self.backend = build_backend(self.cfg, self.ckpt, self.run, self.device, self.dtype, progress,
                                      self.context_bytes)
         names = model_specs(self.cfg, experts=False)
         bar = tqdm(total=len(names), desc="weights -> device", disable=not progress)
-        self.model = DeepseekV2(self.cfg, weight_getter(self.ckpt, self.device, self.dtype, bar,
-                                                        self.run.mode != "gpu"), self.backend, self.device)
+        blocks = self.run.mode != "gpu" or self.run.file_blocks
+        self.model = DeepseekV2(self.cfg, weight_getter(self.ckpt, self.device, self.dtype, bar, blocks),
+                                self.backend, self.device)
         bar.close()
         if self.run.prefetch == "mlp":
             self.install_predictors(self.run.predictor_path)

@@ -218,6 +218,8 @@ class RunConfig:
     cuda_graphs: bool = True              # on CUDA, replay static decode steps from captured graphs
     prefill_scratch: int | None = None    # quantized experts offloaded: experts prefill dequantizes at once into a
                                           # bf16 scratch (0: none; None: up to 8, at most 1/4 of the cache's room)
+    file_blocks: bool = False             # mode gpu: a GGUF's non-expert weights stay in its blocks (set where their
+                                          # copies in the compute dtype would not fit gpu_memory; offloading always)
     prefill_graph_tokens: int | None = None   # whole-prompt prefills of <= this many tokens (batch x length) whose
                                           # shape was seen before run from static buffers (graphs on CUDA); 0: never;
                                           # None: the largest of 512/256/128 whose graphs take <= 1/24 of gpu_memory

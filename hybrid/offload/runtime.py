@@ -148,32 +148,13 @@ def quant_layout(cfg: ModelConfig, run: RunConfig) -> ExpertLayout | None:
     return None if run.experts == "bf16" else layout(cfg, run.experts)
 
 
-def choose_mode(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsize: int,
-                context: int, ckpt=None) -> tuple[RunConfig, str]:
-    """Mode auto: everything resident if the experts fit (the free GPU memory, or --gpu-memory), else hybrid
-    with a budget of the free memory less AUTO_MARGIN. -> (the run with a concrete mode, one line saying why)."""
-    if device.type != "cuda":
-        return replace(run, mode="gpu"), "mode auto: no GPU, everything resident on the CPU"
-    budget = auto_budget(torch.cuda.mem_get_info(device)[0] + context, run.gpu_memory)
-    trial = replace(run, mode="gpu", gpu_memory=budget)
-    try:
-        room = memory_plan(cfg, trial, device, itemsize, context).cache_bytes
-    except BudgetError:
-        room = 0
-    need = experts_bytes(cfg, run, itemsize, ckpt)
-    if need <= room:
-        return replace(run, mode="gpu"), f"mode auto: gpu, every expert resident ({size(need)} fit in {size(budget)})"
-    return replace(run, mode="hybrid", gpu_memory=budget), \
-        f"mode auto: hybrid within {size(budget)} (the experts need {size(need)}, {size(room)} would fit)"
-
-
 def build_backend(cfg: ModelConfig, ckpt: Checkpoint, run: RunConfig, device: torch.device,
                   dtype: torch.dtype, progress: bool = True, context: int = 0):
-    """The ExpertBackend for run.mode (a concrete mode: see choose_mode). `context` is the device memory the CUDA
+    """The ExpertBackend for run.mode (a concrete mode: see mode_choice.py). `context` is the device memory the CUDA
     context holds (outside the allocator, inside the budget)."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
     plan = memory_plan(cfg, run, device, itemsize, context,
-                       device_weight_bytes(cfg, ckpt, itemsize) if run.mode != "gpu" else None)
+                       device_weight_bytes(cfg, ckpt, itemsize) if run.mode != "gpu" or run.file_blocks else None)
     if device.type == "cuda" and run.gpu_memory is not None:
         limit_allocator(plan, device)
     if run.mode == "gpu":
