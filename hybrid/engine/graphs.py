@@ -80,7 +80,8 @@ class StaticStep:
         """An eager step's MoE call: the backend's guess (offloaded decode), then its answer."""
         if self._in_graph(call):
             return self.model.experts.forward(call)
-        call = self._shared(call)
+        if not self.model.experts.capturable:            # an offloading backend: its layer graphs are shared
+            call = self._shared(call)
         guesses = getattr(self.model.experts, "guesses", None)
         wanted = guesses is not None and guesses.wanted(call)
         self._before(call, (lambda: guesses.run(call)) if wanted else None)
