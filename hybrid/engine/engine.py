@@ -109,9 +109,8 @@ class Engine:
                                      self.context_bytes)
         names = model_specs(self.cfg, experts=False)
         bar = tqdm(total=len(names), desc="weights -> device", disable=not progress)
-        blocks = self.run.mode != "gpu" or self.run.file_blocks
-        self.model = DeepseekV2(self.cfg, weight_getter(self.ckpt, self.device, self.dtype, bar, blocks),
-                                self.backend, self.device)
+        self.model = DeepseekV2(self.cfg, weight_getter(self.ckpt, self.device, self.dtype, bar,
+                                                        self.run.weights_in_blocks), self.backend, self.device)
         bar.close()
         if self.run.prefetch == "mlp":
             self.install_predictors(self.run.predictor_path)

@@ -224,6 +224,11 @@ class RunConfig:
                                           # shape was seen before run from static buffers (graphs on CUDA); 0: never;
                                           # None: the largest of 512/256/128 whose graphs take <= 1/24 of gpu_memory
 
+    @property
+    def weights_in_blocks(self) -> bool:
+        """Whether a GGUF's non-expert weights stay in its blocks (of a concrete mode): offloading, or file_blocks."""
+        return self.mode != "gpu" or self.file_blocks
+
     def __post_init__(self) -> None:
         if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
             raise ConfigError(f"device {self.device!r} is not supported: cpu, cuda or cuda:N")

@@ -16,9 +16,10 @@ def resident_room(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsi
                   ckpt=None) -> int:
     """Bytes the run's budget leaves all resident for the experts, with the non-expert weights in the compute dtype
     or, where run.file_blocks, in a GGUF's blocks; 0 where not even the rest fits."""
-    weights = device_weight_bytes(cfg, ckpt, itemsize) if run.file_blocks else None
+    resident = replace(run, mode="gpu")
+    weights = device_weight_bytes(cfg, ckpt, itemsize) if resident.weights_in_blocks else None
     try:
-        return memory_plan(cfg, replace(run, mode="gpu"), device, itemsize, context, weights).cache_bytes
+        return memory_plan(cfg, resident, device, itemsize, context, weights).cache_bytes
     except BudgetError:
         return 0
 

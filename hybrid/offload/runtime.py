@@ -154,7 +154,7 @@ def build_backend(cfg: ModelConfig, ckpt: Checkpoint, run: RunConfig, device: to
     context holds (outside the allocator, inside the budget)."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
     plan = memory_plan(cfg, run, device, itemsize, context,
-                       device_weight_bytes(cfg, ckpt, itemsize) if run.mode != "gpu" or run.file_blocks else None)
+                       device_weight_bytes(cfg, ckpt, itemsize) if run.weights_in_blocks else None)
     if device.type == "cuda" and run.gpu_memory is not None:
         limit_allocator(plan, device)
     if run.mode == "gpu":
