@@ -15,7 +15,7 @@ from pathlib import Path
 from hybrid.engine.cli import ArgParser, at_least, check_paths, engine_args, model_and_tokenizer, run_config
 from hybrid.engine.engine import Engine
 from hybrid.model.config import ConfigError
-from hybrid.server import outside_memory
+from hybrid.engine import outside_memory
 
 
 def parser() -> ArgParser:
@@ -46,29 +46,14 @@ def build(argv: list[str] | None = None):
     check_paths(a, inputs=("model", "costs", "predictors", *(() if a.tokenizer == "bytes" else ("tokenizer",))))
     run = replace(run_config(a), prefill_chunk_tokens=JOIN_TOKENS)   # no prefill is larger: its workspace, no more
     tok = model_and_tokenizer(a, bytes_if_missing=True)
-    key, gpu = memory_key(a.model, run)
-    reserve, measured = outside_memory.reserve(key, run, gpu) if run.gpu_memory is not None else (0, True)
-    if reserve:
-        what = "that this setting's last warm-up grew" if measured else \
-            "estimated (first start with this setting here; its warm-up measures it for the next) to grow"
-        print(f"memory: the context includes {reserve / 2**20:.0f} MiB {what} outside torch's allocator (kernel "
-              f"modules, graph executables)", file=sys.stderr)
-    engine = Engine(a.model, run, reserve=reserve)
+    engine = Engine(a.model, run)
+    if engine.outside.reserve:
+        print(engine.outside.note(), file=sys.stderr)
     if engine.mode_note:
         print(engine.mode_note, file=sys.stderr)
     name = a.served_model_name or Path(a.model).name
     batcher = Batcher(engine, max_waiting=a.max_waiting)
-    return make_app(batcher, tok, name), batcher, a.host, a.port, key
-
-
-def memory_key(model: str, run) -> tuple[str, bool]:
-    """-> (the setting's key in outside_memory, whether it runs on a GPU)."""
-    import torch
-
-    from hybrid.engine.engine import resolve_device
-    cuda = run.device.startswith("cuda") and torch.cuda.is_available()      # else the engine says what is wrong
-    gpu = torch.cuda.get_device_name(resolve_device(run.device)) if cuda else "none"
-    return outside_memory.setting_key(model, run, gpu, torch.__version__), cuda
+    return make_app(batcher, tok, name), batcher, a.host, a.port, engine.outside.key
 
 
 def device_memory(engine, key: str) -> str:

@@ -28,12 +28,23 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+OFFLOAD_BUDGET = 12 * 2**30          # the offload modes' budget where --gpu-memory is not given
+
+
+def cell_budget(a, mode: str) -> int | None:
+    """A cell's GPU budget: --gpu-memory or 12 GiB for the offload modes, mode auto (which picks gpu or hybrid
+    within it, as run.py's default does) and accelerate; none for mode gpu (all resident) and transformers."""
+    if mode == "transformers" or mode.partition("+")[0] == "gpu":
+        return None
+    return a.gpu_memory if a.gpu_memory is not None else OFFLOAD_BUDGET
+
+
 def make_engine(a, mode: str, batch: int, seq: int) -> Engine:
-    mode, _, prefetch = mode.partition("+")
     cuda = torch.cuda.is_available()
+    budget = cell_budget(a, mode) if cuda else None
+    mode, _, prefetch = mode.partition("+")
     run = RunConfig(device="cuda" if cuda else "cpu", dtype="bfloat16" if cuda else "float32", mode=mode,
-                    experts=a.experts,
-                    prefetch=prefetch or "none", gpu_memory=a.gpu_memory if cuda and mode != "gpu" else None,
+                    experts=a.experts, prefetch=prefetch or "none", gpu_memory=budget,
                     cache_policy=a.cache_policy, cache_layout=a.cache_layout, max_batch_size=batch, max_seq_len=seq,
                     prefill_graph_tokens=None if a.prefill_graphs == "on" else 0)
     return Engine(a.model, run, progress=False)
@@ -60,7 +71,8 @@ def cell(e: Engine, mode: str, prompts: list[list[int]], new: int) -> dict:
     before = allocator_syncs()
     out = e.generate(prompts, SamplingParams(max_new_tokens=new, stop_on_eos=False))
     s = out.stats
-    row = {**s.summary(), "mode": mode, **{k: v - before[k] for k, v in allocator_syncs().items()}}
+    row = {**s.summary(), "mode": mode, "ran_as": e.run.mode, "weights_in_blocks": e.run.weights_in_blocks,
+           **{k: v - before[k] for k, v in allocator_syncs().items()}}
     lane = getattr(e.backend, "cpu", None)
     if lane is not None:
         row["cpu_kernel"] = lane.experts.label
@@ -98,7 +110,7 @@ def run_job(a) -> None:
     tok = load_tokenizer(a.model, a.tokenizer)
     rows: list[dict] = []
     if mode.startswith("transformers"):
-        mm = None if mode == "transformers" else {0: a.gpu_memory, "cpu": 200 * 2**30}
+        mm = None if mode == "transformers" else {0: cell_budget(a, mode), "cpu": 200 * 2**30}
         prompts = load_prompts(a.prompts, tok, min(lens), batch)
         rows.append(hf_peer(a.model, prompts, a.peer_new_tokens if mm is None else a.accelerate_new_tokens, mm))
         write_atomic(Path(a.rows), json.dumps(rows))

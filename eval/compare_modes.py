@@ -16,12 +16,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cells import cell_budget
 from common import DEFAULT_PROMPTS, ROOT, code_digest, die_with_parent, write_results
 from hybrid.model.gguf_checkpoint import open_checkpoint
 from hybrid.engine.cli import ArgParser, at_least, parse_bytes
 from hybrid.model.config import CHOICES, ConfigError
 
-MODES = ("gpu", "fetch", "cpu", "hybrid")
+MODES = ("gpu", "fetch", "cpu", "hybrid", "auto")     # auto: gpu or hybrid within the budget (run.py's default)
 PEERS = ("transformers", "transformers+accelerate")
 SETTINGS = ("checkpoint", "gpu_budget_gib", "tokens_asked", "cache_policy", "cache_layout", "experts", "prefill_graphs",
             "code_sha256")
@@ -38,7 +39,9 @@ def args(argv=None):
     ap.add_argument("--model", required=True, help="checkpoint directory or .gguf file")
     ap.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's own)")
     ap.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="JSONL: {messages: [...]} or {text: ...}")
-    ap.add_argument("--gpu-memory", type=parse_bytes, default=parse_bytes("12GiB"), help="budget of offload modes")
+    ap.add_argument("--gpu-memory", type=parse_bytes,
+                    help="GPU budget of the offload modes and of mode auto (default 12GiB); mode gpu runs all "
+                         "resident without one")
     ap.add_argument("--modes", default="gpu,fetch,cpu,hybrid,hybrid+gate",
                     help=f"comma-separated, each of {', '.join(MODES)}, optionally +gate or +mlp (prefetch)")
     ap.add_argument("--batch-sizes", default="1,4,8,16", help="comma-separated")
@@ -93,7 +96,8 @@ def job_settings(a, mode: str, identity: str, code: str) -> dict:
     """What defines a cell besides (mode, batch, prompt length): stored in its row, part of its key."""
     resident = mode == "gpu" or mode == "transformers"
     tokens = {"transformers": a.peer_new_tokens, "transformers+accelerate": a.accelerate_new_tokens}
-    return {"checkpoint": identity, "gpu_budget_gib": None if resident else a.gpu_memory / 2**30,
+    budget = cell_budget(a, mode)
+    return {"checkpoint": identity, "gpu_budget_gib": None if budget is None else budget / 2**30,
             "tokens_asked": tokens.get(mode, a.new_tokens), "cache_policy": a.cache_policy,
             "cache_layout": None if resident else a.cache_layout, "experts": a.experts,
             "prefill_graphs": a.prefill_graphs, "code_sha256": code}

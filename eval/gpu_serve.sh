@@ -5,9 +5,9 @@
 # for the box's Python, which has no package registry (`pip download --only-binary=:all: --python-version 3.12 ...`).
 #   bash eval/gpu_serve.sh "--model /dev/shm/v2lite --mode gpu" "1,4,8,16"
 # First eval/probes/warmup_memory.py with the same arguments ($OUT/serve/warmup_memory.json; WARMUP_PROBE=0 skips
-# it): its warm-up also stores what the setting grows outside torch's allocator (hybrid/server/outside_memory.py),
+# it): its warm-up also stores what the setting grows outside torch's allocator (hybrid/engine/outside_memory.py),
 # so the server started after it plans with that and keeps within --gpu-memory (a first start plans with an
-# estimate: hybrid/server/outside_memory.first_start).
+# estimate: hybrid/engine/outside_memory.first_start).
 #   CALIBRATE=q4k bash eval/gpu_serve.sh "--model /dev/shm/gguf/model-Q4_K_M.gguf --gpu-memory 8GiB --prefetch gate" \
 #       "1,4,8,16" "-ncmoe 9"
 # After our server, eval/probes/batcher_probe.py runs the same setting's engine and batcher without HTTP at the same

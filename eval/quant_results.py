@@ -34,12 +34,15 @@ def ours(raw: Path) -> list[dict]:
     return rows
 
 
-def llamacpp(path: Path, budgets: list[float]) -> list[dict]:
-    """llama.cpp's rows (eval/llamacpp_bench.py's JSON) at the budgets their peaks fit; decode may be one figure
-    or one per prompt length."""
-    peer = json.loads(path.read_text())
+def llamacpp(d: Path, budgets: list[float]) -> list[dict]:
+    """llama.cpp's Q4_K_M rows (eval/llamacpp_bench.py's JSON: llamacpp.json, and llamacpp_*.json of more settings
+    from the same lease; not the bf16 file's) at the budgets their peaks fit; decode may be one figure or one per
+    prompt length."""
+    files = [f for f in sorted(d.glob("llamacpp*.json")) if "bf16" not in f.name]
+    peers = [json.loads(f.read_text()) for f in files]
+    same_run = all(p["same_run"] for p in peers)
     best: dict[tuple, dict] = {}
-    for s in peer["rows"]:
+    for s in (row for p in peers for row in p["rows"]):
         fits = [b for b in budgets if s["peak_gpu_gib"] is not None and s["peak_gpu_gib"] <= b]
         if not fits:
             continue
@@ -54,7 +57,7 @@ def llamacpp(path: Path, budgets: list[float]) -> list[dict]:
                          "batch_size": batch, "prompt_tokens": int(prompt),
                          "decode_tok_s": dec.get(prompt) if isinstance(dec, dict) else dec,
                          "prefill_tok_s": pre, "ttft_ms": 1000 * int(prompt) * batch / pre,
-                         "peak_gpu_gib": s["peak_gpu_gib"], "same_run": peer["same_run"]})
+                         "peak_gpu_gib": s["peak_gpu_gib"], "same_run": same_run})
     return rows
 
 
@@ -82,7 +85,7 @@ def main() -> None:
     ap.add_argument("--dir", default=str(ROOT / "eval" / "results" / "quant_h200"), help="results folder")
     d = Path(ap.parse_args().dir)
     mine = ours(d / "raw")
-    rows = mine + llamacpp(d / "llamacpp.json", sorted({r["gpu_budget_gib"] for r in mine}))
+    rows = mine + llamacpp(d, sorted({r["gpu_budget_gib"] for r in mine}))
     rows.sort(key=lambda r: (r["gpu_budget_gib"], r["batch_size"], r["prompt_tokens"], r["system"], r["weights"]))
     write_results(d, rows, FIELDS)
     plot(rows, d)

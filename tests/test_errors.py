@@ -81,7 +81,7 @@ def test_no_cuda_for_a_gpu_device(tiny):
         serve.build(["--model", str(tiny), "--device", "cuda", "--tokenizer", "bytes"])
 
 
-def test_a_gpu_index_past_the_visible_ones_is_named(monkeypatch):
+def test_a_gpu_index_past_the_visible_ones_is_named(tiny, monkeypatch):
     """(With two GPUs faked:) "cuda" is the current one and "cuda:1" the second, each made current by its index
     (set_device refuses a device without one); "cuda:2" is one error line."""
     import torch
@@ -95,9 +95,9 @@ def test_a_gpu_index_past_the_visible_ones_is_named(monkeypatch):
                                                                         [0, 1])
     with pytest.raises(EngineError, match=r"'cuda:2' asked for, but the visible GPUs are cuda:0 to cuda:1"):
         resolve_device("cuda:2")
-    import serve                     # the server names it too, before it asks torch for the GPU's name
+    import serve                     # the server names it too, before anything asks torch for the GPU's name
     with pytest.raises(EngineError, match="visible GPUs are cuda:0 to cuda:1"):
-        serve.memory_key("model", SimpleNamespace(device="cuda:2"))
+        serve.build(["--model", str(tiny), "--device", "cuda:2", "--tokenizer", "bytes"])
 
 
 def test_budget_too_small_for_non_expert_weights(tiny):

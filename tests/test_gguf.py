@@ -368,6 +368,29 @@ def test_the_quantized_linear_kernel_computes_the_torch_path(wide, tmp_path):
             assert rel_err(quant_gpu.triton_linear(x, lin.planes, mat), lin(x)) <= 1e-5, (name, rows)
 
 
+def test_a_decode_sized_linear_splits_its_columns_and_sums_the_parts_the_same_for_every_row_count():
+    """At 1-128 rows a matrix of few output rows splits K over more programs (kv_a: 18 programs of 16 tiles on a
+    GPU of 132 SMs), fp32 partial sums added in a fixed order: for each plane kind the split kernel (in Triton's
+    interpreter) computes the dequantized matrix's product, and a row's result does not depend on how many rows
+    run beside it (a sequence's tokens are the same alone and in a batch)."""
+    from hybrid.kernels import quant_gpu
+    from hybrid.model.quant import Matrix, dequantize_matrix, quantize_matrix
+    if quant_gpu.triton is None:
+        pytest.skip("Triton is not installed")
+    assert [quant_gpu.k_split(p, 16, 132) for p in (18, 64, 96, 3200)] == [8, 8, 4, 1]
+    assert quant_gpu.k_split(18, 2, 132) == 1 and quant_gpu.k_split(2, 8, 1) == 2
+    torch.manual_seed(0)
+    N, K = 32, 1024                                                     # 1 program, 8 tiles of 128: 4 parts
+    x = torch.randn(16, K)
+    for kind in ("q4", "q8", "q5", "q4k", "q6k"):
+        mat = Matrix(N, K, kind, 0)
+        planes = quantize_matrix(torch.randn(N, K) * 0.05, kind)
+        want = x @ dequantize_matrix(planes, mat).float().T                                  # [16, N]
+        y = quant_gpu.triton_linear(x, planes, mat)
+        assert rel_err(y, want) <= 1e-5, kind
+        assert torch.equal(quant_gpu.triton_linear(x[:1], planes, mat), y[:1]), kind
+
+
 def test_attention_in_blocks_counts_at_its_size_in_the_budget(wide, tmp_path):
     """Attention's projections and the output head kept in blocks count at their planes' bytes in the plan."""
     from hybrid.offload.runtime import device_weight_bytes

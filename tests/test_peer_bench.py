@@ -55,7 +55,9 @@ def test_each_llamacpp_setting_goes_to_the_smallest_budget_its_peak_fits(tmp_pat
     rows = [{"setting": s, "ncmoe": n, "peak_gpu_gib": p, "batch_size": 1, "prefill_tok_s": {"128": 1000.0},
              "decode_tok_s": 90.0 - n} for s, n, p in (("a", 0, 10.7), ("b", 9, 7.9), ("c", 13, 6.6), ("d", 15, 5.9),
                                                        ("e", 21, 3.8), ("f", 22, None))]
-    f = tmp_path / "llamacpp.json"
-    f.write_text(json.dumps({"same_run": True, "rows": rows}))
-    placed = {r["gpu_budget_gib"]: r["setting"] for r in quant_results.llamacpp(f, [4.0, 6.0, 8.0, 12.0])}
+    (tmp_path / "llamacpp.json").write_text(json.dumps({"same_run": True, "rows": rows[:2] + rows[5:]}))
+    (tmp_path / "llamacpp_small.json").write_text(json.dumps({"same_run": True, "rows": rows[2:5]}))   # more settings
+    bf16 = [{**rows[0], "setting": "bf16", "ncmoe": 0, "peak_gpu_gib": 3.0}]
+    (tmp_path / "llamacpp_bf16.json").write_text(json.dumps({"same_run": True, "rows": bf16}))  # other weights: not read
+    placed = {r["gpu_budget_gib"]: r["setting"] for r in quant_results.llamacpp(tmp_path, [4.0, 6.0, 8.0, 12.0])}
     assert placed == {4.0: "e", 6.0: "d", 8.0: "b", 12.0: "a"}            # fewest experts on the CPU that fit

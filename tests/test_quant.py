@@ -383,23 +383,29 @@ for kind in (1, 2, 3, 5):
         sig = {**dict.fromkeys(rows, "*bf16"), "bounds_ptr": "*i32", "order_ptr": "*i32", **types(kind),
                "slot_bytes": "i64", **dict.fromkeys([*extra, *tile], "constexpr")}
         triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={**extra, **tile}), target=target)
-    sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", **types(kind),
-           **dict.fromkeys(("N", "K", *tile), "constexpr")}
-    triton.compile(triton.compiler.ASTSource(fn=quant_gpu._linear_kernel, signature=sig,
-                                             constexprs={"N": 64, "K": 256, **tile}), target=target)
+    for y, split in (("*bf16", 1), ("*fp32", 4)):
+        sig = {"x_ptr": "*bf16", "y_ptr": y, "M": "i32", **types(kind),
+               **dict.fromkeys(("N", "K", *tile, "KSPLIT"), "constexpr")}
+        triton.compile(triton.compiler.ASTSource(fn=quant_gpu._linear_kernel, signature=sig,
+                                                 constexprs={"N": 64, "K": 1024, **tile, "KSPLIT": split}),
+                       target=target)
     sig = {**types(kind), "ids_ptr": "*i32", "out_ptr": "*bf16", "slot_bytes": "i64",
            **dict.fromkeys(("R", "C", "KIND", "BR", "BC"), "constexpr")}
     triton.compile(triton.compiler.ASTSource(fn=quant_scratch._dequant_kernel, signature=sig,
                                              constexprs={"R": 64, "C": 256, "KIND": kind, "BR": 8, "BC": 128}),
                    target=target)
+sig = {"part_ptr": "*fp32", "y_ptr": "*bf16", "MN": "i32", "KSPLIT": "constexpr", "B": "constexpr"}
+triton.compile(triton.compiler.ASTSource(fn=quant_gpu._split_sum, signature=sig, constexprs={"KSPLIT": 4, "B": 1024}),
+               target=target)
 print("compiled")
 """
 
 
 def test_quantized_kernels_compile_for_the_h200():
-    """The grouped decode kernels, the linear kernel and prefill's dequantize kernel for every expert plane kind,
-    compiled ahead of time for the GPU box's Hopper (sm_90) by Triton's own ptxas: a kernel the interpreter runs
-    may still fail to compile there (conftest turns the interpreter on for this process: a child runs without)."""
+    """The grouped decode kernels, the linear kernel (whole, and split over K with its sum) and prefill's dequantize
+    kernel for every expert plane kind, compiled ahead of time for the GPU box's Hopper (sm_90) by Triton's own
+    ptxas: a kernel the interpreter runs may still fail to compile there (conftest turns the interpreter on for this
+    process: a child runs without)."""
     import os
     import subprocess
     import sys

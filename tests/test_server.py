@@ -370,7 +370,7 @@ def test_the_memory_line_after_the_warm_up_warns_and_remembers_the_growth_outsid
 
     import serve
     from hybrid.offload import runtime
-    from hybrid.server import outside_memory
+    from hybrid.engine import outside_memory
     monkeypatch.setenv("HYBRID_CACHE", str(tmp_path))
     GiB = 2**30
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: int(7.0 * GiB))
@@ -392,7 +392,7 @@ def test_a_start_reserves_what_its_settings_last_warm_up_grew_outside_the_alloca
     """The key leaves the budget out (a smaller --gpu-memory captures the same graphs) and keeps what shapes the
     graphs; the stored growth becomes part of the plan's context only with a budget, and the cache is smaller by it."""
     import serve
-    from hybrid.server import outside_memory
+    from hybrid.engine import outside_memory
     monkeypatch.setenv("HYBRID_CACHE", str(tmp_path))
     assert outside_memory.reserved("anything") == 0
     (tmp_path / outside_memory.FILE).write_text("not json")
@@ -420,7 +420,7 @@ def test_a_first_start_on_a_gpu_reserves_an_estimate_until_its_setting_is_measur
     """Nothing stored: a GPU start reserves the modules and every batch size's graphs (more for more batch sizes), a
     CPU start nothing; once a warm-up has stored the setting's growth, that figure, measured, on either."""
     from types import SimpleNamespace
-    from hybrid.server import outside_memory as om
+    from hybrid.engine import outside_memory as om
     monkeypatch.setenv("HYBRID_CACHE", str(tmp_path))
     small, large = SimpleNamespace(max_batch_size=4, mode="auto"), SimpleNamespace(max_batch_size=16, mode="hybrid")
     first, measured = om.reserve("k", large, gpu=True)
@@ -430,6 +430,33 @@ def test_a_first_start_on_a_gpu_reserves_an_estimate_until_its_setting_is_measur
     assert om.reserve("k", large, gpu=False) == (0, True)
     om.remember("k", 12345)
     assert om.reserve("k", large, gpu=True) == om.reserve("k", large, gpu=False) == (12345, True)
+    om.remember("k", 100)                        # a run that grew less (shorter prompts) keeps the largest
+    assert om.reserved("k") == 12345
+    om.remember("k", 20000)
+    assert om.reserved("k") == 20000
+
+
+def test_every_engine_with_a_budget_reserves_what_its_setting_grew_before(tiny, tmp_path, monkeypatch):
+    """Not only the server: run.py's and the sweep's engines plan with the setting's stored growth outside the
+    allocator (the fifteenth lease's 6 and 4 GiB cells, which reserved nothing, peaked 0.07 / 0.06 GiB over), and
+    say so; without a budget, or with a reserve asked for, nothing stored applies."""
+    from hybrid.engine import outside_memory as om
+    from hybrid.engine.engine import Engine
+    from hybrid.model.config import RunConfig
+    from hybrid.model.quant import expert_bytes
+    monkeypatch.setenv("HYBRID_CACHE", str(tmp_path))
+    budget = budget_for(tiny, 20)
+    first = make(tiny, mode="hybrid", gpu_memory=budget)
+    assert first.outside.reserve == 0 and first.outside.note() == ""
+    slot = expert_bytes(first.cfg, "bf16", 4)
+    om.remember(first.outside.key, 2 * slot)
+    again = make(tiny, mode="hybrid", gpu_memory=budget)
+    assert again.outside == om.Outside(first.outside.key, 2 * slot, True)
+    assert again.backend.cache.n_slots == first.backend.cache.n_slots - 2 and "MiB" in again.outside.note()
+    assert make(tiny, mode="hybrid").outside.reserve == 0
+    run = RunConfig(dtype="float32", max_batch_size=3, max_seq_len=128, mode="hybrid", gpu_memory=budget)
+    asked = Engine(str(tiny), run, progress=False, reserve=0)
+    assert asked.outside.reserve == 0 and asked.backend.cache.n_slots == first.backend.cache.n_slots
 
 
 def test_the_batcher_probe_runs_the_servers_engine_without_http(tiny):

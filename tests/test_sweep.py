@@ -152,6 +152,30 @@ def test_cells_with_prefill_graphs_off_run_every_prefill_eagerly(tiny):
     assert e.run.prefill_graph_tokens == 0 and e.prefiller is None
 
 
+def test_the_sweeps_budget_applies_to_every_mode_but_the_resident_ones():
+    """Offload modes, mode auto and accelerate run at --gpu-memory or 12 GiB; mode gpu and transformers without a
+    budget (the fifteenth lease's `--modes gpu --gpu-memory 11.5GiB` was the resident cell: mode auto is the one
+    that picks the resident step within a budget); each row's settings name the budget its cell ran under."""
+    from types import SimpleNamespace
+    sys.path.insert(0, str(ROOT / "eval"))
+    from cells import OFFLOAD_BUDGET, cell_budget
+    from compare_modes import job_settings
+    modes = ("gpu", "auto", "hybrid+gate", "transformers", "transformers+accelerate")
+    given, unset = SimpleNamespace(gpu_memory=11 * 2**30), SimpleNamespace(gpu_memory=None)
+    assert [cell_budget(given, m) for m in modes] == [None, 11 * 2**30, 11 * 2**30, None, 11 * 2**30]
+    assert [cell_budget(unset, m) for m in modes] == [None, OFFLOAD_BUDGET, OFFLOAD_BUDGET, None, OFFLOAD_BUDGET]
+    a = SimpleNamespace(gpu_memory=11 * 2**30, new_tokens=8, peer_new_tokens=4, accelerate_new_tokens=2,
+                        cache_policy="lfu", cache_layout="auto", experts="q4k", prefill_graphs="on")
+    assert [job_settings(a, m, "ckpt", "code")["gpu_budget_gib"] for m in ("gpu", "auto")] == [None, 11.0]
+
+
+def test_a_sweep_cell_of_mode_auto_says_what_it_ran_as(tiny, tmp_path):
+    r = sweep(tiny, tmp_path, "auto")
+    assert r.returncode == 0, r.stderr[-800:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert rows and all(row["mode"] == "auto" and row["ran_as"] == "gpu" for row in rows)
+
+
 def test_the_prefill_traces_host_op_ranking_counts_the_driving_threads_ops_inside_each_window():
     sys.path.insert(0, str(ROOT / "eval" / "probes"))
     from prefill_trace import host_ops

@@ -18,8 +18,9 @@ from ..model.latent_cache import LatentCache
 from ..model.embedding import EMBED
 from ..model.layout import model_specs
 from ..offload.mode_choice import concrete_run
-from ..offload.runtime import build_backend, cuda_context_bytes, outside_allocator_bytes, with_workspace
+from ..offload.runtime import build_backend, cuda_context_bytes, with_workspace
 from ..offload.stats import RunStats
+from . import outside_memory
 from .graphs import DecodeRunner, PrefillRunner
 from .sampling import Sampler, SamplingParams
 
@@ -88,8 +89,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Engine:
-    def __init__(self, model_dir: str, run: RunConfig | None = None, progress: bool = True, reserve: int = 0):
-        """reserve: device bytes the plan adds to the context for what grows outside torch's allocator later."""
+    def __init__(self, model_dir: str, run: RunConfig | None = None, progress: bool = True, reserve: int | None = None):
+        """reserve: device bytes the plan adds to the context for what grows outside torch's allocator later;
+        None: with a budget, what this setting grew here before, else on a GPU an estimate (outside_memory.py)."""
         self.run = run or RunConfig()
         self.device = resolve_device(self.run.device)
         self.dtype = DTYPES[self.run.dtype]
@@ -99,7 +101,8 @@ class Engine:
         if self.run.experts == "auto":         # a GGUF's own block format, moved in as it is; else bf16
             self.run = replace(self.run, experts=self.ckpt.native_format())
         self.context_start = cuda_context_bytes(self.device) if self.device.type == "cuda" else 0
-        self.context_bytes = self.context_start + reserve       # what the memory plan counts outside the allocator
+        self.outside = outside_memory.plan(model_dir, self.run, self.device, reserve)
+        self.context_bytes = self.context_start + self.outside.reserve      # the plan's count outside the allocator
         self.most_threads = self.run.cpu_threads or default_threads(self.device.type == "cuda")
         torch.set_num_threads(self.most_threads)
         self.run, self.mode_note = concrete_run(self.cfg, self.run, self.device, self.dtype.itemsize,
@@ -268,8 +271,7 @@ class Engine:
     def _finish(self, stats: RunStats) -> None:
         self.backend.end(stats)
         if self.device.type == "cuda":
-            # what lies outside the allocator only grows (modules, graphs): as it is now, not as planned
-            stats.outside_gpu_bytes = max(self.context_start, outside_allocator_bytes(self.device))
+            stats.outside_gpu_bytes = outside_memory.measure(self.outside.key, self.device, self.context_start)
             stats.peak_gpu_bytes = torch.cuda.max_memory_reserved(self.device) + stats.outside_gpu_bytes
 
     @torch.no_grad()

@@ -14,6 +14,8 @@ as the down kernel, for any rows. On a CPU device (tests) the same functions run
 expert (or the matrix) dequantized, then the FFN (or F.linear)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -121,15 +123,30 @@ if triton is not None:
 
     @triton.jit
     def _linear_kernel(x_ptr, y_ptr, M, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, N: tl.constexpr, K: tl.constexpr,
-                       KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                       KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                       KSPLIT: tl.constexpr = 1):
+        """y [M, N] = x W^T; with KSPLIT > 1, program (.., .., s) writes the fp32 partial sum over the s-th
+        K / KSPLIT columns into y [KSPLIT, M, N] (_split_sum adds them)."""
         n = tl.program_id(0) * BN + tl.arange(0, BN)                      # output columns (rows of W)
         xrow = tl.program_id(1) * BM + tl.arange(0, BM)
         rmask = xrow < M
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
+        k_start = tl.program_id(2) * (K // KSPLIT)
+        for k0 in range(k_start, k_start + K // KSPLIT, BK):
             acc = _dot_tile(acc, x_ptr, xrow, rmask, q_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, n, k0, K, KIND, BN, BK,
                             PREC)
-        tl.store(y_ptr + xrow[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None])
+        out = y_ptr + tl.program_id(2) * M * N
+        tl.store(out + xrow[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None])
+
+    @triton.jit
+    def _split_sum(part_ptr, y_ptr, MN, KSPLIT: tl.constexpr, B: tl.constexpr):
+        """y [MN] = the sum of part [KSPLIT, MN] in fp32, in split order (deterministic), cast to y's dtype."""
+        i = tl.program_id(0) * B + tl.arange(0, B)
+        mask = i < MN
+        acc = tl.zeros((B,), dtype=tl.float32)
+        for s in range(KSPLIT):
+            acc += tl.load(part_ptr + s * MN + i, mask=mask, other=0.0)
+        tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _group_rows(bounds_ptr, order_ptr):
@@ -277,10 +294,38 @@ def triton_linear(xs: torch.Tensor, planes: torch.Tensor, mat: Matrix) -> torch.
     small = M <= 128
     bn = _block(N, 32 if small else 64, least=16)         # output rows per program (N % 16 == 0)
     bm, bk = (16, _block(K, 128)) if small else (64, _block(K, 64))
-    _linear_kernel[(N // bn, triton.cdiv(M, bm))](xs.contiguous(), y, M, *plane_pointers(planes[None], mat), N, K,
-                                                 KIND=mat.code, BM=bm, BN=bn, BK=bk,
-                                                 PREC="ieee" if xs.dtype == torch.float32 else "tf32")
+    split = k_split(N // bn, K // bk, sm_count(xs.device)) if small else 1
+    part = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=xs.device)    # [S, M, N]
+    _linear_kernel[(N // bn, triton.cdiv(M, bm), split)](xs.contiguous(), part, M,
+                                                        *plane_pointers(planes[None], mat), N, K, KIND=mat.code,
+                                                        BM=bm, BN=bn, BK=bk, KSPLIT=split,
+                                                        PREC="ieee" if xs.dtype == torch.float32 else "tf32")
+    if split > 1:
+        _split_sum[(triton.cdiv(M * N, 1024),)](part, y, M * N, KSPLIT=split, B=1024)
     return y
+
+
+def k_split(programs: int, k_tiles: int, sms: int) -> int:
+    """How many parts a decode-sized linear's K splits into: a power of two dividing the K tiles, each part at
+    least two tiles, the programs at most 4 per SM. At one to sixteen rows a matrix of a few hundred output rows
+    (V2-Lite's kv_a: 18 programs of 16 tiles each) otherwise runs its tiles one after another on a few SMs. It
+    depends on the matrix and the GPU, not on the row count: a row's sum is the same in every batch."""
+    split = 1
+    while k_tiles % (2 * split) == 0 and k_tiles // (2 * split) >= 2 and programs * 2 * split <= 4 * sms:
+        split *= 2
+    return split
+
+
+@functools.cache
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """The GPU's streaming multiprocessors (132 on the H200; the same figure for a CPU tensor in Triton's
+    interpreter, so that tests split as the H200 does)."""
+    return _sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 132
 
 
 class QuantizedLinear:

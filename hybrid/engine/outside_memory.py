@@ -1,20 +1,25 @@
-"""What a server's warm-up leaves on the GPU outside torch's caching allocator, remembered per machine and setting,
-so that the next start's memory plan counts it.
+"""What an engine leaves on the GPU outside torch's caching allocator, remembered per machine and setting, so that
+the next start's memory plan counts it.
 
 The memory plan counts the CUDA context as measured at start. After it, kernel modules load on first use and every
 captured CUDA graph's executable takes device memory the allocator never sees: on the H200 box a server at 8 GiB
-(decode graphs for batch sizes 1-16) grew ~0.5 GiB past its start's context and peaked at 8.32-8.40 GiB. The first
-start with a setting measures that growth after its warm-up and stores it; later starts with the same setting
-reserve it in the plan (as part of the context), so their expert cache is smaller by that much and the peak stays
-within --gpu-memory. The stored figure is replaced by each start's measurement. A first start on a GPU reserves an
-estimate made from the fourteenth lease's measurement (first_start)."""
+(decode graphs for batch sizes 1-16) grew ~0.5 GiB past its start's context and peaked at 8.32-8.40 GiB, and run.py's
+cells at 6 and 4 GiB peaked at 6.07 and 4.06 (~0.25 GiB grown, the fifteenth lease). Each run and each server
+warm-up measures that growth and stores the largest seen for its setting; later starts with the same setting and a
+budget reserve it in the plan (as part of the context), so their expert cache is smaller by that much and the peak
+stays within --gpu-memory. A first start on a GPU reserves an estimate made from the fourteenth lease's measurement
+(first_start)."""
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..model.config import RunConfig, cache_dir
+from ..offload.runtime import outside_allocator_bytes
 
 FILE = "outside-memory.json"
 MODULES_BYTES = 256 * 2**20     # kernel modules loaded after the start: 0.25 GiB on the H200 box (fourteenth lease)
@@ -57,6 +62,35 @@ def first_start(run: RunConfig) -> int:
     return MODULES_BYTES + run.max_batch_size * per_batch * GRAPH_BYTES
 
 
+@dataclass(frozen=True)
+class Outside:
+    """An engine's plan for memory outside the allocator: its setting's key, the bytes reserved, and whether they
+    were measured here (else first_start's estimate, or asked for)."""
+    key: str
+    reserve: int
+    measured: bool
+
+    def note(self) -> str:
+        """One line on what the plan reserved, or "" when nothing."""
+        if not self.reserve:
+            return ""
+        what = "that this setting grew here before" if self.measured else \
+            "estimated (the first start with this setting here measures it for the next) to grow"
+        return (f"memory: the context includes {self.reserve / 2**20:.0f} MiB {what} outside torch's allocator "
+                "(kernel modules, graph executables)")
+
+
+def plan(model: str, run: RunConfig, device: torch.device, asked: int | None = None) -> Outside:
+    """The reserve of an engine on `device`: `asked` if given, else with a budget `reserve`'s, else none."""
+    gpu = device.type == "cuda"
+    key = setting_key(model, run, torch.cuda.get_device_name(device) if gpu else "none", torch.__version__)
+    if asked is not None:
+        return Outside(key, asked, False)
+    if run.gpu_memory is None:
+        return Outside(key, 0, True)
+    return Outside(key, *reserve(key, run, gpu))
+
+
 def reserve(key: str, run: RunConfig, gpu: bool) -> tuple[int, bool]:
     """-> (bytes the plan reserves for the setting, whether they were measured): the stored growth, else on a GPU
     first_start's estimate, else none (a CPU device grows nothing outside an allocator)."""
@@ -67,10 +101,13 @@ def reserve(key: str, run: RunConfig, gpu: bool) -> tuple[int, bool]:
 
 
 def remember(key: str, growth: int) -> bool:
-    """Store the setting's measured growth (bytes past the start's context), replacing the last one. -> whether it
-    was stored (a cache folder that cannot be written costs the next start its reserve, not this server its run)."""
+    """Store the setting's measured growth (bytes past the start's context) where it is the largest seen (a run
+    with shorter prompts captures fewer graphs). -> whether it is stored (a cache folder that cannot be written
+    costs the next start its reserve, not this run)."""
     data = _read()
-    data[key] = max(0, int(growth))
+    if int(growth) <= reserved(key):
+        return True
+    data[key] = int(growth)
     path = _path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,3 +117,11 @@ def remember(key: str, growth: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def measure(key: str, device: torch.device, context_start: int) -> int:
+    """After a run: the device memory outside the allocator now (it only grows: kernel modules, graphs), its growth
+    past the start's context remembered for the setting. -> those bytes."""
+    outside = max(context_start, outside_allocator_bytes(device))
+    remember(key, outside - context_start)
+    return outside
