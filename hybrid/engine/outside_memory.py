@@ -49,10 +49,14 @@ def _read() -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def reserved(key: str) -> int:
-    """Bytes to reserve for the setting: its last measured growth, 0 if none was stored."""
-    value = _read().get(key, 0)
+def _stored(data: dict, key: str) -> int:
+    value = data.get(key, 0)
     return int(value) if isinstance(value, (int, float)) and value > 0 else 0
+
+
+def reserved(key: str) -> int:
+    """Bytes to reserve for the setting: its largest measured growth, 0 if none was stored."""
+    return _stored(_read(), key)
 
 
 def first_start(run: RunConfig) -> int:
@@ -105,7 +109,7 @@ def remember(key: str, growth: int) -> bool:
     with shorter prompts captures fewer graphs). -> whether it is stored (a cache folder that cannot be written
     costs the next start its reserve, not this run)."""
     data = _read()
-    if int(growth) <= reserved(key):
+    if int(growth) <= _stored(data, key):
         return True
     data[key] = int(growth)
     path = _path()

@@ -59,12 +59,10 @@ def concrete_run(cfg: ModelConfig, run: RunConfig, device: torch.device, itemsiz
                  ckpt=None) -> tuple[RunConfig, str]:
     """The run with mode auto decided (choose_mode) and, all resident with a budget, where a GGUF's non-expert
     weights live (resident_weights) -> (run, a line saying what was chosen and why, or "")."""
-    note = ""
-    if run.mode == "auto":
-        run, note = choose_mode(cfg, run, device, itemsize, context, ckpt)
-    blocks = run.file_blocks
-    run = resident_weights(cfg, run, device, itemsize, context, ckpt)
-    if run.file_blocks and not blocks:
-        note = "mode gpu: the non-expert weights stay in the file's blocks (their copies in the compute dtype, " \
-               "which decode faster, would not fit --gpu-memory beside every expert)"
-    return run, note
+    if run.mode == "auto":               # choose_mode has placed the weights of the resident run it picks
+        return choose_mode(cfg, run, device, itemsize, context, ckpt)
+    placed = resident_weights(cfg, run, device, itemsize, context, ckpt)
+    if placed.file_blocks and not run.file_blocks:
+        return placed, "mode gpu: the non-expert weights stay in the file's blocks (their copies in the compute " \
+                       "dtype, which decode faster, would not fit --gpu-memory beside every expert)"
+    return placed, ""
